@@ -149,14 +149,51 @@ class SpatialSelfAttention(nn.Module):
         return x+h_
 
 
+def einsum_attention(q, k, v, mask=None):
+    """Upstream's attention, kept as the readable reference for `sdpa_attention`.
+
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); mask: (B, Tk) bool, True = may attend.
+    Computed exactly as upstream did, on (B·nh, T, hs), so that with this backend the model is
+    bit-for-bit upstream's. It materialises the (B·nh, Tq, Tk) score matrix, which is what makes
+    512² batches run out of memory; the tests check that both backends agree within fp tolerance.
+    """
+    B, nh = q.shape[:2]
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B·nh, T, hs)
+    sim = einsum('b i d, b j d -> b i j', q, k) * q.shape[-1] ** -0.5
+    if exists(mask):
+        sim.masked_fill_(~mask.repeat_interleave(nh, dim=0)[:, None, :], -torch.finfo(sim.dtype).max)
+    # attention, what we cannot get enough of
+    out = einsum('b i j, b j d -> b i d', sim.softmax(dim=-1), v)
+    return out.unflatten(0, (B, nh))
+
+
+def sdpa_attention(q, k, v, mask=None):
+    """Same contract as `einsum_attention`, on PyTorch's fused kernels (flash / memory-efficient)."""
+    attn_mask = mask[:, None, None, :] if exists(mask) else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "einsum": einsum_attention}
+
+
 class CrossAttention(nn.Module):
-    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.):
+    """Multi-head attention of SD's transformer blocks.
+
+    `attn1` of each block is self-attention (`context is None`: the image attends to itself),
+    `attn2` is cross-attention (the image attends to the text tokens). For consistent batches a
+    `SharedKV` policy can be set on self-attention layers (`kv_sharing`, see
+    ldm/modules/consistency.py); it only decides *which* keys/values each image reads, the layer
+    keeps owning the weights. Cross-attention never consults it.
+    """
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0., backend="sdpa"):
         super().__init__()
         inner_dim = dim_head * heads
         context_dim = default(context_dim, query_dim)
 
         self.scale = dim_head ** -0.5
         self.heads = heads
+        self.attend = ATTENTION_BACKENDS[backend]
+        self.kv_sharing = None  # a SharedKV policy, or None for plain attention
 
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
@@ -168,29 +205,20 @@ class CrossAttention(nn.Module):
         )
 
     def forward(self, x, context=None, mask=None):
-        h = self.heads
-
+        is_self_attention = context is None
         q = self.to_q(x)
         context = default(context, x)
         k = self.to_k(context)
         v = self.to_v(context)
+        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads) for t in (q, k, v))  # (B, nh, T, hs)
 
-        q, k, v = map(lambda t: rearrange(t, 'b n (h d) -> (b h) n d', h=h), (q, k, v))
-
-        sim = einsum('b i d, b j d -> b i j', q, k) * self.scale
-
-        if exists(mask):
-            mask = rearrange(mask, 'b ... -> b (...)')
-            max_neg_value = -torch.finfo(sim.dtype).max
-            mask = repeat(mask, 'b j -> (b h) () j', h=h)
-            sim.masked_fill_(~mask, max_neg_value)
-
-        # attention, what we cannot get enough of
-        attn = sim.softmax(dim=-1)
-
-        out = einsum('b i j, b j d -> b i d', attn, v)
-        out = rearrange(out, '(b h) n d -> b n (h d)', h=h)
-        return self.to_out(out)
+        if is_self_attention and self.kv_sharing is not None:
+            # Consistent batches: let each image's queries also read other images' keys/values.
+            # Only here, where an image looks at itself; the text pathway (attn2) stays exact.
+            out = self.kv_sharing(q, k, v, self.attend, mask)
+        else:
+            out = self.attend(q, k, v, mask)
+        return self.to_out(rearrange(out, 'b h n d -> b n (h d)'))
 
 
 class BasicTransformerBlock(nn.Module):

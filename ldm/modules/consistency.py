@@ -1,0 +1,359 @@
+"""Consistent self-attention: make the images of one batch show the same object, without training.
+
+Why this works (task.md, question 1)
+------------------------------------
+In every transformer block of SD's UNet, `attn1` is *self*-attention: each latent pixel (query)
+gathers appearance from the pixels (keys/values) of its own image. That is where an image
+agrees with itself - the left eye matches the right eye, all four chair legs share one wood.
+If a pixel may also read the keys/values of the *other* images in the batch, those images
+become part of "itself": the colour of the chair, the shape of the face are pulled towards
+what the other images are drawing, and the batch settles on one appearance. The queries stay
+per image, so each image still asks its own questions at its own positions: layout and pose
+can differ while appearance is shared.
+
+Cross-attention (`attn2`, the text) is left alone: it is the only way the prompt enters the
+UNet, and changing it would change *what* is drawn, not make the images agree on *how*.
+
+Classifier-free guidance runs `[uncond; cond]` in one batch (see
+ldm/models/diffusion/guidance.py). Sharing stays inside each half: an unconditional image
+reading conditional keys would leak the prompt into the unconditional estimate, and guidance
+(`e_u + s·(e_c - e_u)`) would then amplify the wrong difference.
+
+Which layers (question 4) is a choice by UNet resolution level, not by token count, so it holds
+at any image size: `outer` = full latent resolution (64² at 512 px), `middle` = half (32²),
+`inner` = quarter (16²) plus the middle block (8²). See CONSISTENCY_NOTES.md for measurements.
+
+Design: the attention module owns the weights; a `SharedKV` policy object decides what each
+image attends to. One policy instance is set on the chosen self-attention layers by
+`enable_consistent_attention` and removed by `disable_consistent_attention` (or use the
+`consistent_attention` context manager, which restores the model in `finally`). No globals,
+nothing is threaded through `forward` signatures (gradient checkpointing forwards positional
+arguments only, a keyword mode would get lost), and the model with no policy set is exactly
+the plain model.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Group(str, enum.Enum):
+    """UNet resolution groups of self-attention layers."""
+    OUTER = "outer"    # level 0: full latent resolution
+    MIDDLE = "middle"  # level 1: half resolution
+    INNER = "inner"    # level >= 2 and the middle block
+
+
+class Half(str, enum.Enum):
+    """Which side of the UNet shares: the encoder (input blocks), the decoder (output blocks) or both.
+    The middle block sits between the two and shares whenever `inner` is enabled."""
+    ENCODER = "encoder"
+    DECODER = "decoder"
+    BOTH = "both"
+
+
+class ShareMode(str, enum.Enum):
+    ALL = "all"        # every image reads the tokens of all images of its half: O(N²)
+    ANCHOR = "anchor"  # every image reads itself + the first k images; anchors stay exact: O(N)
+    SAMPLE = "sample"  # every image reads itself + a random fraction of the others' tokens
+
+
+class CfgPolicy(str, enum.Enum):
+    BOTH = "both"  # uncond and cond halves each share within themselves
+    COND = "cond"  # only the cond half shares; uncond runs plain, so guidance amplifies the shared look
+
+
+def _enum_choices(enum_cls):
+    return [member.value for member in enum_cls]
+
+
+GROUP_CHOICES = _enum_choices(Group)
+HALF_CHOICES = _enum_choices(Half)
+MODE_CHOICES = _enum_choices(ShareMode)
+CFG_CHOICES = _enum_choices(CfgPolicy)
+
+
+@dataclass(frozen=True)
+class ConsistentAttentionConfig:
+    """What the user chose. Validated once, here."""
+    groups: frozenset = frozenset({Group.MIDDLE, Group.INNER})
+    half: Half = Half.BOTH
+    mode: ShareMode = ShareMode.ALL
+    n_anchors: int = 1
+    sample_rate: float = 0.5
+    window: tuple = (0.0, 1.0)  # fraction of the trajectory, 0 = pure noise, 1 = clean image
+    cfg: CfgPolicy = CfgPolicy.BOTH
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "groups", frozenset(Group(g) for g in self.groups))
+        object.__setattr__(self, "half", Half(self.half))
+        object.__setattr__(self, "mode", ShareMode(self.mode))
+        object.__setattr__(self, "cfg", CfgPolicy(self.cfg))
+        object.__setattr__(self, "window", tuple(float(w) for w in self.window))
+        if not self.groups:
+            raise ValueError("no attention group selected: choose from " + ", ".join(GROUP_CHOICES))
+        if self.n_anchors < 1:
+            raise ValueError(f"anchor count must be >= 1, got {self.n_anchors}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
+        start, end = self.window
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"step window must satisfy 0 <= start < end <= 1, got {start}:{end}")
+
+    def describe(self) -> dict:
+        """Plain-data form, for logs and PNG metadata."""
+        return {"groups": sorted(g.value for g in self.groups), "half": self.half.value,
+                "mode": self.mode.value, "n_anchors": self.n_anchors, "sample_rate": self.sample_rate,
+                "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed}
+
+
+def parse_groups(text: str) -> frozenset:
+    """'outer,middle' -> {Group.OUTER, Group.MIDDLE}; 'all' -> every group."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return frozenset(Group)
+    unknown = [n for n in names if n not in GROUP_CHOICES]
+    if unknown or not names:
+        raise ValueError(f"unknown attention group(s) {unknown or [text]}: use a comma-separated "
+                         f"subset of {', '.join(GROUP_CHOICES)} (or 'all')")
+    return frozenset(Group(n) for n in names)
+
+
+def parse_window(text: str) -> tuple:
+    """'0:0.6' -> (0.0, 0.6): share during the first 60 % of the trajectory."""
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"step window must look like START:END with fractions, e.g. 0:0.6, got {text!r}")
+    return start, end
+
+
+# --------------------------------------------------------------------------------------------
+# The policy: which keys/values each image's queries read
+# --------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class SharedKV:
+    """Attention over the keys/values of several images. Set on `CrossAttention.kv_sharing`.
+
+    The batch is read as consecutive groups of `images_per_group` images (one group per CFG
+    half: the batch is `[uncond; cond]`, or a single group when guidance is off or the halves
+    run separately). Images never read across groups.
+    """
+    config: ConsistentAttentionConfig
+    images_per_group: int
+    active: bool = True  # set per UNet call from the step window
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    hook: object = None  # the UNet pre-hook that sets `active`; removed on disable
+
+    def __call__(self, q, k, v, attend, mask=None):
+        """q, k, v: (B, nh, T, hs), B = groups · images_per_group. Returns (B, nh, T, hs)."""
+        n = self.images_per_group
+        if not self.active or n == 1:
+            return attend(q, k, v, mask)
+        if mask is not None:
+            raise NotImplementedError("shared keys/values with an attention mask")
+        B = q.shape[0]
+        if B % n:
+            raise ValueError(f"batch of {B} is not a whole number of groups of {n} images; "
+                             f"enable consistent attention with the number of images per CFG half")
+        split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (G, N, nh, T, hs)
+        q, k, v = split(q), split(k), split(v)
+        if self.config.cfg is CfgPolicy.COND and q.shape[0] == 2:
+            # [uncond; cond]: the unconditional half stays plain
+            plain = attend(q[0], k[0], v[0])[None]
+            out = torch.cat([plain, self._share(q[1:], k[1:], v[1:], attend)])
+        else:
+            out = self._share(q, k, v, attend)
+        return out.reshape(B, *out.shape[2:])
+
+    def _share(self, q, k, v, attend):
+        mode = self.config.mode
+        if mode is ShareMode.ALL:
+            return joint_attention(q, k, v, attend)
+        if mode is ShareMode.ANCHOR:
+            return anchor_attention(q, k, v, attend, self.config.n_anchors)
+        return sampled_attention(q, k, v, attend, self.config.sample_rate, self.generator)
+
+
+def _fold(t):
+    """(G, N, nh, T, hs) -> (G, nh, N·T, hs): the images of a group become one token sequence."""
+    G, N, nh, T, hs = t.shape
+    return t.transpose(1, 2).reshape(G, nh, N * T, hs)
+
+
+def _unfold(t, N):
+    """(G, nh, N·T, hs) -> (G, N, nh, T, hs)."""
+    G, nh, NT, hs = t.shape
+    return t.reshape(G, nh, N, NT // N, hs).transpose(1, 2)
+
+
+def joint_attention(q, k, v, attend):
+    """Every image reads all tokens of its group. Folding the images into one sequence lets the
+    fused kernel do it without ever materialising the (N·T)² score matrix."""
+    N = q.shape[1]
+    return _unfold(attend(_fold(q), _fold(k), _fold(v)), N)
+
+
+def anchor_attention(q, k, v, attend, n_anchors):
+    """The first `n_anchors` images of a group are computed exactly as without sharing; every
+    other image reads its own tokens plus the anchors' tokens. Cost grows O(N), and the anchors
+    fix one appearance the rest of the batch follows."""
+    G, N, nh, T, hs = q.shape
+    a = min(n_anchors, N)
+    flat = lambda t: t.reshape(-1, *t.shape[2:])  # (G·n, nh, T, hs)
+    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(G, a, nh, T, hs)
+    if a == N:
+        return anchors
+    with_anchors = lambda t: torch.cat(
+        [t[:, a:], _fold(t[:, :a])[:, None].expand(G, N - a, nh, a * T, hs)], dim=3)  # (G, N-a, nh, (1+a)T, hs)
+    rest = attend(flat(q[:, a:]), flat(with_anchors(k)), flat(with_anchors(v)))
+    return torch.cat([anchors, rest.reshape(G, N - a, nh, T, hs)], dim=1)
+
+
+def sampled_attention(q, k, v, attend, rate, generator):
+    """StoryDiffusion's consistent self-attention: every image reads its own tokens plus a random
+    `rate` fraction of each other image's tokens (one random subset per image and UNet call, the
+    same subset for every reader). rate=1 reads everything, like `joint_attention`."""
+    G, N, nh, T, hs = q.shape
+    m = max(1, round(rate * T))
+    picked = torch.rand(N, T, generator=generator).argsort(dim=1)[:, :m].to(k.device)  # (N, m)
+    others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], device=k.device)  # (N, N-1)
+
+    def with_pool(t):
+        pool = torch.stack([t[:, j, :, picked[j]] for j in range(N)], dim=1)  # (G, N, nh, m, hs)
+        from_others = pool[:, others].transpose(2, 3).reshape(G, N, nh, (N - 1) * m, hs)
+        return torch.cat([t, from_others], dim=3)  # (G, N, nh, T + (N-1)m, hs)
+
+    flat = lambda t: t.reshape(G * N, *t.shape[2:])
+    return attend(flat(q), flat(with_pool(k)), flat(with_pool(v))).reshape(G, N, nh, T, hs)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the self-attention layers are, and switching the policy on and off
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention layer of the UNet and its place in it."""
+    name: str    # module path, e.g. "input_blocks.1.1.transformer_blocks.0.attn1"
+    side: str    # "encoder", "middle" or "decoder"
+    level: int   # 0 = full latent resolution, 1 = half, ...
+
+    @property
+    def group(self) -> Group:
+        if self.side == "middle" or self.level >= 2:
+            return Group.INNER
+        return Group.OUTER if self.level == 0 else Group.MIDDLE
+
+    def selected_by(self, config: ConsistentAttentionConfig) -> bool:
+        if self.group not in config.groups:
+            return False
+        return self.side == "middle" or config.half in (Half.BOTH, Half(self.side))
+
+
+def unet_of(model):
+    """The UNetModel inside a LatentDiffusion/DDPM model, or the model itself."""
+    return getattr(getattr(model, "model", None), "diffusion_model", model)
+
+
+def self_attention_sites(model):
+    """[(AttentionSite, CrossAttention)] for every `attn1` of the UNet, in forward order.
+
+    The resolution level is found by walking the blocks and counting the resamplers before each
+    one, so it follows the UNet's structure, not a token count that changes with image size."""
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    unet = unet_of(model)
+
+    def sites_in(block, prefix, side, level):
+        for name, module in block.named_modules(prefix=prefix):
+            if isinstance(module, SpatialTransformer):
+                for i, tb in enumerate(module.transformer_blocks):
+                    yield AttentionSite(f"{name}.transformer_blocks.{i}.attn1", side, level), tb.attn1
+
+    def has(block, kind):
+        return any(isinstance(m, kind) for m in block.modules())
+
+    sites, level = [], 0
+    for i, block in enumerate(unet.input_blocks):
+        sites += sites_in(block, f"input_blocks.{i}", "encoder", level)
+        level += has(block, Downsample)
+    sites += sites_in(unet.middle_block, "middle_block", "middle", level)
+    for i, block in enumerate(unet.output_blocks):
+        sites += sites_in(block, f"output_blocks.{i}", "decoder", level)
+        level -= has(block, Upsample)
+    return sites
+
+
+def enable_consistent_attention(model, config: ConsistentAttentionConfig, images_per_group: int) -> SharedKV:
+    """Set one SharedKV policy on the selected self-attention layers of `model`'s UNet.
+
+    `images_per_group`: images per CFG half (the user's batch size). Returns the policy; the
+    step window is applied by a forward pre-hook on the UNet that reads the timestep."""
+    if images_per_group < 1:
+        raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
+    disable_consistent_attention(model)
+    unet = unet_of(model)
+    policy = SharedKV(config, images_per_group)
+    selected = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
+    if not selected:
+        raise ValueError(f"this UNet has no self-attention layer in groups "
+                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+    for _, attn in selected:
+        attn.kv_sharing = policy
+    num_timesteps = getattr(model, "num_timesteps", 1000)
+    policy.hook = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: _start_unet_call(policy, args, kwargs, num_timesteps), with_kwargs=True)
+    log.info("consistent attention on %d of %d self-attention layers: %s",
+             len(selected), len(self_attention_sites(model)), config.describe())
+    return policy
+
+
+def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
+    """Once per UNet call: is this step inside the window, and a fresh, reproducible draw of the
+    sampled tokens. Progress 0 is pure noise, 1 the clean image; layout and identity form early."""
+    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
+    t = int(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else int(timesteps)
+    progress = 1.0 - t / num_timesteps
+    start, end = policy.config.window
+    policy.active = start <= progress <= end
+    policy.generator.manual_seed(policy.config.seed * 100_003 + t)
+
+
+def disable_consistent_attention(model) -> None:
+    """Back to plain self-attention everywhere."""
+    for module in unet_of(model).modules():
+        policy = getattr(module, "kv_sharing", None)
+        if policy is not None:
+            if policy.hook is not None:
+                policy.hook.remove()
+            module.kv_sharing = None
+
+
+@contextmanager
+def consistent_attention(model, config: ConsistentAttentionConfig | None, images_per_group: int):
+    """`with consistent_attention(model, cfg, n): ...` - enabled inside, restored in `finally`.
+    `config=None` is a no-op, so callers need no branch."""
+    if config is None:
+        yield None
+        return
+    policy = enable_consistent_attention(model, config, images_per_group)
+    try:
+        yield policy
+    finally:
+        disable_consistent_attention(model)
+
+
+__all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
+           "AttentionSite", "self_attention_sites", "enable_consistent_attention",
+           "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
+           "joint_attention", "anchor_attention", "sampled_attention"]

@@ -1,0 +1,285 @@
+"""Invariants of consistent self-attention (ldm/modules/consistency.py), checked bit-exactly on the
+tiny UNet (same attention layout as SD v1, random weights) on CPU."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.modules.attention import CrossAttention, einsum_attention, sdpa_attention
+from ldm.modules.consistency import (
+    CfgPolicy, ConsistentAttentionConfig, Group, Half, SharedKV, ShareMode, anchor_attention,
+    consistent_attention, disable_consistent_attention, enable_consistent_attention,
+    joint_attention, parse_groups, parse_window, sampled_attention, self_attention_sites)
+from ldm.util import instantiate_from_config
+
+TINY = "configs/stable-diffusion/v1-tiny.yaml"
+FULL = "configs/stable-diffusion/v1-inference.yaml"
+MODES = [ShareMode.ALL, ShareMode.ANCHOR, ShareMode.SAMPLE]
+ALL_GROUPS = frozenset(Group)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(TINY).model.params.unet_config
+    model = instantiate_from_config(cfg).eval()
+    # the tiny UNet starts with zeroed output convolutions (zero_module); give every layer weight
+    # so that attention differences reach the output
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def inputs(batch, seed=0, t=500):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    context = torch.randn(batch, 77, 32, generator=g)
+    return x, torch.full((batch,), t), context
+
+
+def run(unet, x, t, c, config=None, images_per_group=None):
+    with torch.no_grad(), consistent_attention(unet, config, images_per_group or x.shape[0]):
+        return unet(x, t, context=c)
+
+
+def config(**kw):
+    kw.setdefault("groups", ALL_GROUPS)
+    return ConsistentAttentionConfig(**kw)
+
+
+# --- the attention kernels -------------------------------------------------------------------
+
+def test_sdpa_matches_einsum_reference():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 4, 50, 16, generator=g) for _ in range(3))
+    mask = torch.rand(3, 50, generator=g) > 0.3
+    torch.testing.assert_close(sdpa_attention(q, k, v), einsum_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa_attention(q, k, v, mask), einsum_attention(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context_dim", [None, 32])
+def test_crossattention_backends_agree(context_dim):
+    torch.manual_seed(0)
+    sdpa = CrossAttention(64, context_dim=context_dim, heads=4, dim_head=16)
+    ref = CrossAttention(64, context_dim=context_dim, heads=4, dim_head=16, backend="einsum")
+    ref.load_state_dict(sdpa.state_dict())
+    x, c = torch.randn(2, 30, 64), torch.randn(2, 7, context_dim or 64)
+    torch.testing.assert_close(sdpa(x, context=c), ref(x, context=c), rtol=1e-5, atol=1e-5)
+    if context_dim is None:
+        torch.testing.assert_close(sdpa(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_joint_attention_reads_all_images_of_the_group():
+    # reference: for each image, plain attention over the concatenated tokens of its group
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 2, 10, 8, generator=g) for _ in range(3))  # (G, N, nh, T, hs)
+    out = joint_attention(q, k, v, einsum_attention)
+    for gi in range(2):
+        keys = torch.cat(list(k[gi]), dim=1)[None]  # (1, nh, N·T, hs)
+        vals = torch.cat(list(v[gi]), dim=1)[None]
+        for n in range(3):
+            expected = einsum_attention(q[gi, n][None], keys, vals)[0]
+            torch.testing.assert_close(out[gi, n], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_anchor_attention_reads_self_and_anchors():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2, 6, 8, generator=g) for _ in range(3))
+    out = anchor_attention(q, k, v, einsum_attention, n_anchors=2)
+    for n in range(4):
+        readable = [n] if n < 2 else [n, 0, 1]
+        keys = torch.cat([k[0, j] for j in readable], dim=1)[None]
+        vals = torch.cat([v[0, j] for j in readable], dim=1)[None]
+        torch.testing.assert_close(out[0, n], einsum_attention(q[0, n][None], keys, vals)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_everything_equals_joint_attention():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 2, 10, 8, generator=g) for _ in range(3))
+    full = sampled_attention(q, k, v, einsum_attention, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(full, joint_attention(q, k, v, einsum_attention), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 2, 16, 8, generator=g) for _ in range(3))
+    draw = lambda seed: sampled_attention(q, k, v, sdpa_attention, 0.25, torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+
+
+# --- where the layers are --------------------------------------------------------------------
+
+def count_groups(sites):
+    counts = {}
+    for site, _ in sites:
+        counts[(site.group.value, site.side)] = counts.get((site.group.value, site.side), 0) + 1
+    return counts
+
+
+SD_V1_LAYOUT = {("outer", "encoder"): 2, ("outer", "decoder"): 3,
+                ("middle", "encoder"): 2, ("middle", "decoder"): 3,
+                ("inner", "encoder"): 2, ("inner", "middle"): 1, ("inner", "decoder"): 3}
+
+
+def test_groups_of_the_full_sd_v1_unet():
+    cfg = OmegaConf.load(FULL).model.params.unet_config
+    with torch.device("meta"):
+        full = instantiate_from_config(cfg)
+    assert count_groups(self_attention_sites(full)) == SD_V1_LAYOUT
+
+
+def test_tiny_unet_has_the_sd_v1_layout(unet):
+    assert count_groups(self_attention_sites(unet)) == SD_V1_LAYOUT
+
+
+@pytest.mark.parametrize("groups,half", [({"outer"}, "both"), ({"middle", "inner"}, "decoder"),
+                                         ({"inner"}, "encoder")])
+def test_enable_selects_exactly_the_chosen_layers(unet, groups, half):
+    cfg = ConsistentAttentionConfig(groups=groups, half=half)
+    policy = enable_consistent_attention(unet, cfg, 2)
+    try:
+        for site, attn in self_attention_sites(unet):
+            chosen = site.group.value in groups and (site.side == "middle" or half in ("both", site.side))
+            assert (attn.kv_sharing is policy) == chosen, site
+        for name, module in unet.named_modules():  # cross-attention never gets a policy
+            if name.endswith("attn2"):
+                assert module.kv_sharing is None
+    finally:
+        disable_consistent_attention(unet)
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(unet))
+    assert not unet._forward_pre_hooks
+
+
+# --- invariants on the whole UNet --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_single_image_is_exactly_vanilla(unet, mode):
+    x, t, c = inputs(1)
+    assert torch.equal(run(unet, x, t, c, config(mode=mode)), run(unet, x, t, c))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sharing_changes_a_batch(unet, mode):
+    x, t, c = inputs(4)
+    shared, plain = run(unet, x, t, c, config(mode=mode)), run(unet, x, t, c)
+    assert (shared[1:] - plain[1:]).abs().max() > 1e-4
+
+
+def test_disabled_model_is_exactly_the_plain_model(unet):
+    x, t, c = inputs(3)
+    before = run(unet, x, t, c)
+    run(unet, x, t, c, config())  # enable, run, disable
+    assert torch.equal(run(unet, x, t, c), before)
+
+
+def test_only_self_attention_consults_the_policy():
+    torch.manual_seed(0)
+    attn = CrossAttention(64, heads=4, dim_head=16)
+    x, c = torch.randn(4, 30, 64), torch.randn(4, 7, 64)
+    plain_cross, plain_self = attn(x, context=c), attn(x)
+    attn.kv_sharing = SharedKV(config(), images_per_group=4)
+    assert torch.equal(attn(x, context=c), plain_cross)  # a context is given: cross-attention, exact
+    assert not torch.equal(attn(x), plain_self)          # context is None: self-attention shares
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cfg_halves_never_mix(unet, mode):
+    n = 3
+    x, t, c = inputs(2 * n)
+    x2, _, c2 = inputs(2 * n, seed=9)
+    cfg = config(mode=mode)
+    base = run(unet, x, t, c, cfg, n)
+    # new content in the cond half: the uncond half is untouched, and vice versa
+    cond_changed = run(unet, torch.cat([x[:n], x2[n:]]), t, torch.cat([c[:n], c2[n:]]), cfg, n)
+    uncond_changed = run(unet, torch.cat([x2[:n], x[n:]]), t, torch.cat([c2[:n], c[n:]]), cfg, n)
+    assert torch.equal(cond_changed[:n], base[:n])
+    assert torch.equal(uncond_changed[n:], base[n:])
+    assert not torch.equal(cond_changed[n:], base[n:])
+
+
+def test_cond_only_policy_leaves_uncond_half_plain(unet):
+    n = 3
+    x, t, c = inputs(2 * n)
+    out = run(unet, x, t, c, config(cfg=CfgPolicy.COND), n)
+    plain = run(unet, x, t, c)
+    assert torch.equal(out[:n], plain[:n])
+    assert not torch.equal(out[n:], plain[n:])
+
+
+@pytest.mark.parametrize("n_anchors", [1, 2])
+def test_anchor_images_are_exactly_vanilla(unet, n_anchors):
+    n = 4
+    x, t, c = inputs(2 * n)
+    out = run(unet, x, t, c, config(mode=ShareMode.ANCHOR, n_anchors=n_anchors), n)
+    plain = run(unet, x, t, c)
+    for half in (0, n):
+        assert torch.equal(out[half:half + n_anchors], plain[half:half + n_anchors])
+        assert not torch.equal(out[half + n_anchors:half + n], plain[half + n_anchors:half + n])
+
+
+def test_step_window(unet):
+    cfg = config(window=(0.0, 0.5))  # only the noisier half of the trajectory
+    x, t_early, c = inputs(3, t=900)  # progress 0.1: inside
+    _, t_late, _ = inputs(3, t=100)   # progress 0.9: outside
+    assert not torch.equal(run(unet, x, t_early, c, cfg), run(unet, x, t_early, c))
+    assert torch.equal(run(unet, x, t_late, c, cfg), run(unet, x, t_late, c))
+
+
+def test_batch_must_hold_whole_groups(unet):
+    x, t, c = inputs(3)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        run(unet, x, t, c, config(), images_per_group=2)
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(unet))  # restored
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def test_parsing_and_validation():
+    assert parse_groups("outer, inner") == {Group.OUTER, Group.INNER}
+    assert parse_groups("all") == ALL_GROUPS
+    assert parse_window("0:0.6") == (0.0, 0.6)
+    for bad in ["outer,nope", ""]:
+        with pytest.raises(ValueError, match="group"):
+            parse_groups(bad)
+    with pytest.raises(ValueError, match="START:END"):
+        parse_window("0.6")
+    with pytest.raises(ValueError, match="window"):
+        ConsistentAttentionConfig(window=(0.7, 0.2))
+    with pytest.raises(ValueError, match="sample rate"):
+        ConsistentAttentionConfig(sample_rate=0)
+    with pytest.raises(ValueError, match="anchor"):
+        ConsistentAttentionConfig(n_anchors=0)
+    with pytest.raises(ValueError):
+        ConsistentAttentionConfig(mode="everything")
+    assert ConsistentAttentionConfig(half="decoder").half is Half.DECODER
+
+
+def upstream_crossattention_forward(self, x, context=None):
+    """CrossAttention.forward as upstream (veandoer/sd ea73eb0) wrote it, for the parity test."""
+    from einops import rearrange
+    h = self.heads
+    q = self.to_q(x)
+    context = x if context is None else context
+    k, v = self.to_k(context), self.to_v(context)
+    q, k, v = map(lambda t: rearrange(t, 'b n (h d) -> (b h) n d', h=h), (q, k, v))
+    sim = torch.einsum('b i d, b j d -> b i j', q, k) * self.scale
+    attn = sim.softmax(dim=-1)
+    out = torch.einsum('b i j, b j d -> b i d', attn, v)
+    out = rearrange(out, '(b h) n d -> b n (h d)', h=h)
+    return self.to_out(out)
+
+
+@pytest.mark.parametrize("backend,exact", [("einsum", True), ("sdpa", False)])
+def test_plain_attention_matches_upstream(backend, exact):
+    torch.manual_seed(0)
+    attn = CrossAttention(64, context_dim=32, heads=4, dim_head=16, backend=backend)
+    x, c = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    ours, theirs = attn(x, context=c), upstream_crossattention_forward(attn, x, context=c)
+    if exact:
+        assert torch.equal(ours, theirs)
+    else:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
