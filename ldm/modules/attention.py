@@ -176,6 +176,14 @@ def sdpa_attention(q, k, v, mask=None):
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "einsum": einsum_attention}
 
 
+def set_attention_backend(model, backend):
+    """Switch every CrossAttention of `model` to `backend` ("sdpa" or "einsum"); returns the count."""
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    for layer in layers:
+        layer.attend = ATTENTION_BACKENDS[backend]
+    return len(layers)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of SD's transformer blocks.
 
