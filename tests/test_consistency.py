@@ -283,3 +283,38 @@ def test_plain_attention_matches_upstream(backend, exact):
         assert torch.equal(ours, theirs)
     else:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def parse_cli(argv, images=4):
+    import argparse
+    from ldm.modules.consistency import add_arguments, config_from_arguments
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=42)
+    add_arguments(parser)
+    return config_from_arguments(parser.parse_args(argv), parser, images)
+
+
+def test_cli_flags_build_the_config():
+    assert parse_cli([]) is None
+    default = parse_cli(["--consistent-attn"])
+    assert default == ConsistentAttentionConfig(seed=42)
+    cfg = parse_cli(["--consistent-attn", "--share-groups", "outer", "--share-mode", "anchor",
+                     "--share-anchors", "2", "--share-window", "0:0.6", "--share-cfg", "cond",
+                     "--share-blocks", "decoder"])
+    assert cfg == ConsistentAttentionConfig(groups={"outer"}, mode="anchor", n_anchors=2, window=(0, 0.6),
+                                            cfg="cond", half="decoder", seed=42)
+    assert parse_cli(["--consistent-attn"], images=1) is None  # nothing to share: plain sampling
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--share-mode", "anchor"], "only take effect with --consistent-attn"),
+    (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
+    (["--consistent-attn", "--share-window", "0.8:0.2"], "step window"),
+    (["--consistent-attn", "--share-rate", "1.5"], "sample rate"),
+    (["--consistent-attn", "--share-mode", "everything"], "invalid choice"),
+])
+def test_cli_rejects_bad_flags_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_cli(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -353,7 +353,67 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
         disable_consistent_attention(model)
 
 
+# --------------------------------------------------------------------------------------------
+# Command line (shared by scripts/txt2img.py and scripts/img2img.py)
+# --------------------------------------------------------------------------------------------
+
+SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "share_rate",
+               "share_window", "share_cfg")
+
+
+def add_arguments(parser):
+    defaults = ConsistentAttentionConfig()
+    group = parser.add_argument_group("consistent attention (images of a batch share self-attention keys/values)")
+    group.add_argument("--consistent-attn", action="store_true",
+                       help="make the images of each batch consistent (same object, face, style); "
+                            "defaults: groups %s, mode %s" % (",".join(sorted(g.value for g in defaults.groups)),
+                                                             defaults.mode.value))
+    group.add_argument("--share-groups", metavar="GROUPS",
+                       help="comma-separated UNet resolution groups that share: "
+                            f"{', '.join(GROUP_CHOICES)} or all")
+    group.add_argument("--share-blocks", choices=HALF_CHOICES,
+                       help="share in the encoder (input blocks), the decoder (output blocks) or both")
+    group.add_argument("--share-mode", choices=MODE_CHOICES,
+                       help="all: read every image of the batch; anchor: read the first K images; "
+                            "sample: read a random fraction of the other images' tokens")
+    group.add_argument("--share-anchors", type=int, metavar="K", help="anchor images for --share-mode anchor")
+    group.add_argument("--share-rate", type=float, metavar="R",
+                       help="fraction of each other image's tokens read in --share-mode sample, in (0, 1]")
+    group.add_argument("--share-window", metavar="START:END",
+                       help="share only during this fraction of the sampling trajectory, 0 = noise, "
+                            "1 = image (e.g. 0:0.6)")
+    group.add_argument("--share-cfg", choices=CFG_CHOICES,
+                       help="both: uncond and cond halves share, each within itself; cond: only the cond half")
+
+
+def config_from_arguments(opt, parser, images_per_batch):
+    """The ConsistentAttentionConfig the flags ask for, or None. Bad values end in parser.error."""
+    given = [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+    if not opt.consistent_attn:
+        if given:
+            parser.error(f"{', '.join(given)} only take effect with --consistent-attn; add it")
+        return None
+    if images_per_batch == 1:
+        log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
+                    "(use --n_samples 2 or more)")
+        return None
+    chosen = {"seed": getattr(opt, "seed", 0)}
+    try:
+        if opt.share_groups is not None:
+            chosen["groups"] = parse_groups(opt.share_groups)
+        if opt.share_window is not None:
+            chosen["window"] = parse_window(opt.share_window)
+        for flag, field_name in [("share_blocks", "half"), ("share_mode", "mode"), ("share_anchors", "n_anchors"),
+                                 ("share_rate", "sample_rate"), ("share_cfg", "cfg")]:
+            if getattr(opt, flag) is not None:
+                chosen[field_name] = getattr(opt, flag)
+        return ConsistentAttentionConfig(**chosen)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
            "AttentionSite", "self_attention_sites", "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
-           "joint_attention", "anchor_attention", "sampled_attention"]
+           "joint_attention", "anchor_attention", "sampled_attention",
+           "add_arguments", "config_from_arguments"]
