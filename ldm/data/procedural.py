@@ -267,7 +267,7 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
             w = max(1, round(size / 32)) * _SS
             d.rectangle(box(0.30, 0.38, 0.48, 0.56), outline=g, width=w)
             d.rectangle(box(0.52, 0.38, 0.70, 0.56), outline=g, width=w)
-            d.rectangle(box(0.47, 0.44, 0.53, 0.48), fill=g)                 # bridge
+            d.rectangle(box(0.47, 0.43, 0.53, 0.49), fill=g)                 # bridge
     else:
         col = _shade(COLOURS[a["colour"]], shade)
         bw, bh = _FURNITURE_BOX[(scene.kind, a["size"])]
@@ -284,26 +284,34 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
         else:
             y1 = _FLOOR
             y0 = y1 - bh
-            t = max(1.5, 0.06 * size) / size       # leg thickness, fraction of the image
+            # furniture is snapped to the target pixel grid: flat parts >= 2 px thick
+            X0, W = round(x0 * size), round(bw * size)
+            Y1, H = round(_FLOOR * size), round(bh * size)
+            Y0 = Y1 - H
+            t = max(2, round(0.06 * size))                                  # leg thickness
 
-            def part(u0, v0, u1, v1):              # fractions of the object's box
-                d.rectangle(fbox(x0 + u0 * bw, y0 + v0 * bh, x0 + u1 * bw, y0 + v1 * bh),
-                            fill=col)
+            def px(c0, r0, c1, r1):                # target pixels, end exclusive
+                d.rectangle([c0 * _SS, r0 * _SS, c1 * _SS - 1, r1 * _SS - 1], fill=col)
 
-            tu = t / bw
             if scene.kind == "chair":
-                part(0, 0, 1.3 * tu, 0.56)                                   # backrest
-                part(0, 0.50, 1, 0.50 + max(0.11, 1.2 * t / bh))             # seat
-                leg_top, feet = 0.6, (0.0, 1 - tu)
+                seat0 = Y0 + round(0.5 * H)
+                seat1 = seat0 + max(t, round(0.11 * H))
+                px(X0, Y0, X0 + t, seat0)                                   # backrest
+                px(X0, seat0, X0 + W, seat1)                                # seat
+                leg_top, feet = seat1, (X0, X0 + W - t)
             else:
-                part(0, 0, 1, max(0.16, 1.5 * t / bh))                       # table top
-                leg_top, feet = 0.15, (0.05, 0.95 - tu)
+                top1 = Y0 + max(t + 1, round(0.16 * H))
+                px(X0, Y0, X0 + W, top1)                                    # table top
+                inset = round(0.05 * W)
+                leg_top, feet = top1, (X0 + inset, X0 + W - inset - t)
             if a["legs"] == "four":
-                for u in feet:
-                    part(u, leg_top, u + tu, 1)
+                for c in feet:
+                    px(c, leg_top, c + t, Y1)
             else:
-                part(0.5 - tu / 2, leg_top, 0.5 + tu / 2, 1)                 # pedestal
-                part(0.18, 1 - max(0.07, t / bh), 0.82, 1)                   # its foot
+                c = X0 + (W - t) // 2
+                px(c, leg_top, c + t, Y1)                                   # pedestal
+                f = round(0.18 * W)
+                px(X0 + f, Y1 - max(1, round(size / 32)), X0 + W - f, Y1)   # its foot
     return np.asarray(img.reduce(_SS), dtype=np.uint8)
 
 
@@ -542,23 +550,50 @@ def _read_face(img: np.ndarray) -> dict[str, str]:
         out["hair_style"] = "long" if side_is_hair else "short"
         out["hair_colour"] = hair
     out["eye_colour"] = _nearest(c["eyes"], EYES)
-    out["glasses"] = ("yes" if _dist(c["glasses"], GLASSES_COLOUR) < _dist(c["glasses"], skin_rgb)
+    # glasses: frame pixels darker than the skin by > 40% of the skin-to-frame distance
+    # (not "nearest of the two": blur lightens the thin frame lines)
+    out["glasses"] = ("yes" if _dist(c["glasses"], skin_rgb) > 0.4 * _dist(GLASSES_COLOUR, skin_rgb)
                       else "no")
     out["shirt"] = _nearest(c["shirt"], COLOURS)
     out["background"] = _nearest(c["background"], COLOURS)
     return {k: out[k] for k in ATTRIBUTES["face"]}
 
 
-_SEG_THRESHOLD = 40.0   # RGB distance from the background that counts as object
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3x3 box filter (edge padded) of an HxWxC float array."""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    H, W = x.shape[:2]
+    return sum(p[i:i + H, j:j + W] for i in range(3) for j in range(3)) / 9.0
 
 
 def _segment(img: np.ndarray):
-    """(background rgb, boolean object mask) for furniture/shape scenes."""
-    H = img.shape[0]
-    rows = max(1, H // 16)
-    bg = np.median(img[:rows].reshape(-1, 3).astype(np.float64), axis=0)
-    mask = np.linalg.norm(img.astype(np.float64) - bg, axis=-1) > _SEG_THRESHOLD
+    """(background rgb, boolean object mask) for furniture/shape scenes.
+
+    Background = median of the top rows (no object reaches them). The object colour is
+    the median of the pixels clearly different from it (> 60 RGB units, and > 40 after a
+    3x3 box filter, which rejects isolated noisy pixels); the mask is every pixel of the box-filtered image nearer to the object colour
+    than to the background. The box filter makes this robust to pixel noise while keeping
+    2-pixel legs (they stay > half object colour).
+    """
+    x = img.astype(np.float64)
+    rows = max(1, img.shape[0] // 16)
+    bg = np.median(x[:rows].reshape(-1, 3), axis=0)
+    sm = _box3(x)
+    d_bg = np.linalg.norm(sm - bg, axis=-1)
+    far = (d_bg > 40.0) & (np.linalg.norm(x - bg, axis=-1) > 60.0)
+    if far.sum() < 4:
+        return bg, np.zeros(img.shape[:2], bool)
+    obj = np.median(x[far], axis=0)
+    mask = np.linalg.norm(sm - obj, axis=-1) < d_bg
     return bg, mask
+
+
+def _core(img: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Object pixels least mixed with the background (anti-aliased or blurred edges): the
+    half of the mask farthest from the background colour."""
+    x = img.astype(np.float64)[mask]
+    d = np.linalg.norm(x - bg, axis=-1)
+    return x[d >= np.quantile(d, 0.5)]
 
 
 def _bbox(mask: np.ndarray, q: float = 0.01):
@@ -576,14 +611,7 @@ def _read_object(img: np.ndarray, kind: str) -> dict[str, str]:
         out.update({k: "unknown" for k in ATTRIBUTES[kind] if k != "background"})
         return {k: out[k] for k in ATTRIBUTES[kind]}
     x0, y0, x1, y1 = _bbox(mask)
-    # colour: median of the object's pixels, eroded one step so edges do not count
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    pix = img[inner if inner.sum() >= 4 else mask].astype(np.float64)
-    out["colour"] = _nearest(np.median(pix, axis=0), COLOURS)
+    out["colour"] = _nearest(np.median(_core(img, bg, mask), axis=0), COLOURS)
     cx = (x0 + x1) / 2 / W
     out["position"] = min(_POS_X, key=lambda p: abs(_POS_X[p] - cx))
     bw, bh = (x1 - x0) / W, (y1 - y0) / H
@@ -620,9 +648,9 @@ def read_attributes(image, kind: str) -> dict[str, str]:
     fixed region of the face layout (cheeks+neck for skin, top of head for hair, irises,
     shirt, top corners for background); bald = top of head closer to skin than to any hair
     colour; long = region beside the jaw closer to hair than to background; glasses = bridge
-    and rim pixels closer to the frame colour than to skin. Furniture/shapes: the
-    background is the median of the top rows, the object is every pixel farther than 40
-    RGB units from it; colour = median of the (eroded) object pixels, position = nearest
+    and rim pixels far from the skin colour (towards the frame colour). Furniture/shapes: the
+    background is the median of the top rows, the object is segmented by colour
+    against it (see ``_segment``); colour = median of the object pixels least mixed with the background, position = nearest
     of left/center/right to the bounding box centre, size = bounding box height against
     the midpoint between small and large, legs = object mass in the central vs. outer
     thirds of the band under the seat/top, shape = triangle if the object is much narrower a quarter from its top than a
@@ -640,12 +668,12 @@ def read_attributes(image, kind: str) -> dict[str, str]:
 def _object_colour(img: np.ndarray, kind: str) -> np.ndarray:
     """Colour signature of the object, in [0, 1] units: faces concatenate the median
     colours of skin, hair (top of head), eyes and shirt; other kinds give the mean colour
-    of the segmented object (background colour if nothing is segmented)."""
+    of the segmented object's core pixels (background colour if nothing is segmented)."""
     if kind == "face":
         c = _face_colours(img)
         return np.concatenate([c[k] for k in ("skin", "hair_top", "eyes", "shirt")]) / 255.0
     bg, mask = _segment(img)
-    return (img[mask].astype(np.float64).mean(0) if mask.any() else bg) / 255.0
+    return (_core(img, bg, mask).mean(0) if mask.sum() >= 4 else bg) / 255.0
 
 
 def consistency_score(images, kind: str) -> dict:
