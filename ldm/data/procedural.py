@@ -1,0 +1,808 @@
+"""Procedural text-to-image data: small flat-colour scenes of faces, chairs and tables.
+
+Stable Diffusion weights cannot be downloaded in this project, so a small text-to-image
+model is trained from scratch on these scenes and the "consistent self-attention" work is
+benchmarked on it. This module provides both sides of that:
+
+* generation: ``sample_scene`` draws a :class:`Scene` (an object kind plus a dict of
+  discrete attributes), ``render`` draws it (numpy + PIL only, deterministic),
+  ``caption`` names the object and a random subset of its attributes in short English,
+  and :class:`ProceduralScenes` is a torch ``Dataset`` returning
+  ``{"image": float32 HxWx3 in [-1, 1], "caption": str, "kind": str}`` for the
+  LatentDiffusion training loop (``first_stage_key: image``, ``cond_stage_key: caption``).
+* measurement without a classifier: ``read_attributes`` reads every attribute back from
+  the pixels of an image (clean render or model sample) using the known scene layout;
+  ``consistency_score``, ``diversity_score`` and ``fidelity`` build on it.
+
+Design choices that make attributes readable at 32x32: large areas of flat colour, a
+colour vocabulary of well separated named colours (every attribute is read as the
+nearest vocabulary colour of the median pixel of a region), faces drawn at a fixed
+layout (so their parts are at known places) and furniture/shapes on a uniform
+background (so they can be segmented by their difference to the background colour).
+
+Unnamed attributes vary freely; in addition every scene has a small continuous jitter
+(horizontal offset for furniture/shapes, a global brightness factor for all kinds) so that
+two scenes with the same attributes are not pixel-identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+try:  # torch is only needed for the Dataset class
+    from torch.utils.data import Dataset
+except Exception:  # pragma: no cover
+    Dataset = object
+
+__all__ = [
+    "KINDS", "ALL_KINDS", "COLOURS", "SKIN", "HAIR", "EYES", "ATTRIBUTES",
+    "Scene", "sample_scene", "render", "caption", "caption_with_attributes",
+    "parse_caption", "vocabulary", "read_attributes", "consistency_score",
+    "diversity_score", "fidelity", "ProceduralScenes",
+]
+
+# ----------------------------------------------------------------------------------------
+# vocabularies
+# ----------------------------------------------------------------------------------------
+
+#: general colours (object colour, shirt, background). Minimum pairwise RGB distance ~88.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 220, 40),
+    "green": (40, 160, 60),
+    "blue": (35, 75, 215),
+    "purple": (135, 55, 175),
+    "pink": (245, 140, 200),
+    "brown": (120, 70, 30),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
+#: skin tones of faces (chosen far from every hair colour)
+SKIN: dict[str, tuple[int, int, int]] = {
+    "pale": (250, 220, 190),
+    "tan": (210, 155, 105),
+    "dark": (105, 65, 40),
+}
+#: hair colours ("none" for bald faces is not drawn)
+HAIR: dict[str, tuple[int, int, int]] = {
+    "black": (25, 25, 25),
+    "blond": (250, 225, 90),
+    "red": (190, 50, 25),
+    "gray": (140, 140, 140),
+    "blue": (35, 75, 215),
+}
+EYES: dict[str, tuple[int, int, int]] = {
+    "blue": (35, 75, 215),
+    "green": (40, 160, 60),
+    "brown": (110, 60, 25),
+}
+GLASSES_COLOUR = (20, 20, 20)
+MOUTH_COLOUR = (160, 40, 50)
+
+KINDS = ("face", "chair", "table")
+ALL_KINDS = ("face", "chair", "table", "shape")
+
+#: attribute name -> vocabulary, per kind (order = canonical order)
+ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
+    "face": {
+        "skin": tuple(SKIN),
+        "hair_style": ("short", "long", "bald"),
+        "hair_colour": tuple(HAIR) + ("none",),
+        "eye_colour": tuple(EYES),
+        "glasses": ("yes", "no"),
+        "shirt": tuple(COLOURS),
+        "background": tuple(COLOURS),
+    },
+    "chair": {
+        "colour": tuple(COLOURS),
+        "legs": ("four", "single"),
+        "size": ("small", "large"),
+        "position": ("left", "center", "right"),
+        "background": tuple(COLOURS),
+    },
+    "table": {
+        "colour": tuple(COLOURS),
+        "legs": ("four", "single"),
+        "size": ("small", "large"),
+        "position": ("left", "center", "right"),
+        "background": tuple(COLOURS),
+    },
+    "shape": {
+        "shape": ("circle", "square", "triangle"),
+        "colour": tuple(COLOURS),
+        "size": ("small", "large"),
+        "position": ("left", "center", "right"),
+        "background": tuple(COLOURS),
+    },
+}
+
+_POS_X = {"left": 0.27, "center": 0.5, "right": 0.73}
+# bounding box (width, height) as fractions of the image size
+_FURNITURE_BOX = {
+    ("chair", "large"): (0.30, 0.72), ("chair", "small"): (0.22, 0.45),
+    ("table", "large"): (0.46, 0.46), ("table", "small"): (0.32, 0.28),
+    ("shape", "large"): (0.44, 0.44), ("shape", "small"): (0.26, 0.26),
+}
+_FLOOR = 0.92          # bottom of furniture, fraction of the height
+_SHAPE_CY = 0.55       # vertical centre of shapes
+_MAX_DX = 0.03         # horizontal jitter of furniture/shapes (fraction of the width)
+_SHADE = 0.06          # brightness jitter: colours are multiplied by 1 +- _SHADE
+_SS = 4                # supersampling factor of the renderer (anti-aliased edges)
+
+
+def _dist(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+
+
+# ----------------------------------------------------------------------------------------
+# scenes
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """One scene: the object ``kind`` and its discrete ``attributes`` (name -> value).
+
+    ``jitter`` = (dx, shade) is the continuous nuisance variation: dx shifts furniture and
+    shapes horizontally (fraction of the width), shade multiplies every colour. A Scene
+    may also hold only a subset of the attributes (e.g. the attributes a prompt names, see
+    :func:`parse_caption` and :func:`fidelity`); it is immutable and hashable.
+    """
+    kind: str
+    attributes: Mapping[str, str]
+    jitter: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+        object.__setattr__(self, "jitter", tuple(float(v) for v in self.jitter))
+
+    def __hash__(self):
+        return hash((self.kind, tuple(sorted(self.attributes.items())), self.jitter))
+
+    def __eq__(self, other):
+        if not isinstance(other, Scene):
+            return NotImplemented
+        return (self.kind == other.kind and dict(self.attributes) == dict(other.attributes)
+                and self.jitter == other.jitter)
+
+    def __getitem__(self, key: str) -> str:
+        return self.attributes[key]
+
+
+def _choice(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def sample_scene(rng: np.random.Generator | int | None = None, kind: str | None = None,
+                 kinds: Sequence[str] = KINDS) -> Scene:
+    """Draw a random scene (uniform over the vocabularies, with legibility constraints).
+
+    ``kind`` fixes the object kind; otherwise it is drawn uniformly from ``kinds``.
+    Constraints: the background differs from the object colour (furniture/shapes) and
+    from the shirt and hair colour (faces), so objects stay visible and readable.
+    """
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    kind = kind if kind is not None else _choice(rng, tuple(kinds))
+    if kind not in ATTRIBUTES:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {ALL_KINDS}")
+    a: dict[str, str] = {}
+    if kind == "face":
+        a["skin"] = _choice(rng, tuple(SKIN))
+        a["hair_style"] = _choice(rng, ("short", "long", "bald"))
+        a["hair_colour"] = "none" if a["hair_style"] == "bald" else _choice(rng, tuple(HAIR))
+        a["eye_colour"] = _choice(rng, tuple(EYES))
+        a["glasses"] = _choice(rng, ("yes", "no"))
+        a["shirt"] = _choice(rng, tuple(COLOURS))
+        hair_rgb = HAIR.get(a["hair_colour"])
+        bgs = [c for c in COLOURS if c != a["shirt"]
+               and (hair_rgb is None or _dist(COLOURS[c], hair_rgb) > 60)]
+        a["background"] = _choice(rng, bgs)
+        dx = 0.0
+    else:
+        if kind == "shape":
+            a["shape"] = _choice(rng, ("circle", "square", "triangle"))
+        a["colour"] = _choice(rng, tuple(COLOURS))
+        if kind != "shape":
+            a["legs"] = _choice(rng, ("four", "single"))
+        a["size"] = _choice(rng, ("small", "large"))
+        a["position"] = _choice(rng, ("left", "center", "right"))
+        a["background"] = _choice(rng, [c for c in COLOURS if c != a["colour"]])
+        dx = float(rng.uniform(-_MAX_DX, _MAX_DX))
+    shade = float(rng.uniform(1 - _SHADE, 1 + _SHADE))
+    # canonical attribute order
+    a = {k: a[k] for k in ATTRIBUTES[kind]}
+    return Scene(kind, a, (round(dx, 4), round(shade, 4)))
+
+
+# ----------------------------------------------------------------------------------------
+# rendering
+# ----------------------------------------------------------------------------------------
+
+def _shade(rgb, s):
+    return tuple(int(min(255, max(0, round(c * s)))) for c in rgb)
+
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+    """Draw ``scene`` as a ``size`` x ``size`` RGB uint8 array (deterministic).
+
+    Drawn with PIL at ``4 * size`` and box-downsampled, so edges are anti-aliased while
+    the interiors of all parts are flat colour.
+    """
+    S = int(size) * _SS
+    dx, shade = scene.jitter
+    a = scene.attributes
+    bg = _shade(COLOURS[a["background"]], shade)
+    img = Image.new("RGB", (S, S), bg)
+    d = ImageDraw.Draw(img)
+
+    def box(x0, y0, x1, y1):  # fractions -> canvas pixels, snapped to the target grid
+        return [round(x0 * size) * _SS, round(y0 * size) * _SS,
+                round(x1 * size) * _SS - 1, round(y1 * size) * _SS - 1]
+
+    def fbox(x0, y0, x1, y1):  # fractions -> canvas pixels, sub-pixel precision
+        return [x0 * S, y0 * S, x1 * S - 1, y1 * S - 1]
+
+    if scene.kind == "face":
+        skin = _shade(SKIN[a["skin"]], shade)
+        style = a["hair_style"]
+        hair = _shade(HAIR[a["hair_colour"]], shade) if style != "bald" else None
+        if style == "long":
+            d.rounded_rectangle(box(0.16, 0.13, 0.84, 0.82), radius=0.14 * S, fill=hair)
+        d.ellipse(fbox(0.10, 0.80, 0.90, 1.30), fill=_shade(COLOURS[a["shirt"]], shade))
+        d.rectangle(box(0.41, 0.66, 0.59, 0.84), fill=skin)                 # neck
+        d.ellipse(fbox(0.26, 0.16, 0.74, 0.74), fill=skin)                  # head
+        if hair is not None:                                                # hair cap
+            d.pieslice(fbox(0.24, 0.11, 0.76, 0.61), 180, 360, fill=hair)
+        eye = _shade(EYES[a["eye_colour"]], shade)
+        d.ellipse(fbox(0.33, 0.41, 0.45, 0.52), fill=eye)
+        d.ellipse(fbox(0.55, 0.41, 0.67, 0.52), fill=eye)
+        d.rectangle(box(0.42, 0.62, 0.58, 0.66), fill=_shade(MOUTH_COLOUR, shade))
+        if a["glasses"] == "yes":
+            g = _shade(GLASSES_COLOUR, shade)
+            w = max(1, round(size / 32)) * _SS
+            d.rectangle(box(0.30, 0.38, 0.48, 0.56), outline=g, width=w)
+            d.rectangle(box(0.52, 0.38, 0.70, 0.56), outline=g, width=w)
+            d.rectangle(box(0.47, 0.43, 0.53, 0.49), fill=g)                 # bridge
+    else:
+        col = _shade(COLOURS[a["colour"]], shade)
+        bw, bh = _FURNITURE_BOX[(scene.kind, a["size"])]
+        cx = _POS_X[a["position"]] + dx
+        x0, x1 = cx - bw / 2, cx + bw / 2
+        if scene.kind == "shape":
+            y0, y1 = _SHAPE_CY - bh / 2, _SHAPE_CY + bh / 2
+            if a["shape"] == "circle":
+                d.ellipse(fbox(x0, y0, x1, y1), fill=col)
+            elif a["shape"] == "square":
+                d.rectangle(fbox(x0, y0, x1, y1), fill=col)
+            else:
+                d.polygon([(x0 * S, y1 * S), (x1 * S, y1 * S), (cx * S, y0 * S)], fill=col)
+        else:
+            y1 = _FLOOR
+            y0 = y1 - bh
+            # furniture is snapped to the target pixel grid: flat parts >= 2 px thick
+            X0, W = round(x0 * size), round(bw * size)
+            Y1, H = round(_FLOOR * size), round(bh * size)
+            Y0 = Y1 - H
+            t = max(2, round(0.06 * size))                                  # leg thickness
+
+            def px(c0, r0, c1, r1):                # target pixels, end exclusive
+                d.rectangle([c0 * _SS, r0 * _SS, c1 * _SS - 1, r1 * _SS - 1], fill=col)
+
+            if scene.kind == "chair":
+                seat0 = Y0 + round(0.5 * H)
+                seat1 = seat0 + max(t, round(0.11 * H))
+                px(X0, Y0, X0 + t, seat0)                                   # backrest
+                px(X0, seat0, X0 + W, seat1)                                # seat
+                leg_top, feet = seat1, (X0, X0 + W - t)
+            else:
+                top1 = Y0 + max(t + 1, round(0.16 * H))
+                px(X0, Y0, X0 + W, top1)                                    # table top
+                inset = round(0.05 * W)
+                leg_top, feet = top1, (X0 + inset, X0 + W - inset - t)
+            if a["legs"] == "four":
+                for c in feet:
+                    px(c, leg_top, c + t, Y1)
+            else:
+                c = X0 + (W - t) // 2
+                px(c, leg_top, c + t, Y1)                                   # pedestal
+                f = round(0.18 * W)
+                px(X0 + f, Y1 - max(1, round(size / 32)), X0 + W - f, Y1)   # its foot
+    return np.asarray(img.reduce(_SS), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------
+# captions
+# ----------------------------------------------------------------------------------------
+
+_POS_PHRASE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+_LEG_PHRASE = {"four": "with four legs", "single": "with a single leg"}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _namable(scene: Scene) -> list[str]:
+    a = scene.attributes
+    names = [k for k in ATTRIBUTES[scene.kind] if k in a]
+    if scene.kind == "face" and a.get("hair_colour") == "none":
+        names.remove("hair_colour")
+    if scene.kind == "shape":
+        names.remove("shape")   # always named: it is the object word
+    return names
+
+
+def _phrase(kind: str, named: Mapping[str, str]) -> str:
+    """Caption text naming exactly the attributes in ``named``."""
+    if kind == "face":
+        pre = "bald face" if named.get("hair_style") == "bald" else "face"
+        withs = []
+        if "skin" in named:
+            withs.append(f"{named['skin']} skin")
+        style = named.get("hair_style") if named.get("hair_style") != "bald" else None
+        hc = named.get("hair_colour")
+        if style or hc:
+            withs.append(" ".join(w for w in (style, hc) if w) + " hair")
+        if "eye_colour" in named:
+            withs.append(f"{named['eye_colour']} eyes")
+        if "glasses" in named:
+            withs.append("glasses" if named["glasses"] == "yes" else "no glasses")
+        text = f"a {pre}"
+        if withs:
+            text += " with " + _join(withs)
+        if "shirt" in named:
+            text += f", wearing {_article(named['shirt'])} {named['shirt']} shirt"
+    else:
+        noun = named["shape"] if kind == "shape" else kind
+        adjs = [named[k] for k in ("size", "colour") if k in named]
+        words = adjs + [noun]
+        text = f"{_article(words[0])} " + " ".join(words)
+        if "legs" in named:
+            text += " " + _LEG_PHRASE[named["legs"]]
+        if "position" in named:
+            text += " " + _POS_PHRASE[named["position"]]
+    if "background" in named:
+        text += f", on {_article(named['background'])} {named['background']} background"
+    return text
+
+
+def caption_with_attributes(scene: Scene, rng: np.random.Generator | int | None = None,
+                            p_empty: float = 0.1) -> tuple[str, dict[str, str]]:
+    """Caption ``scene`` and return ``(text, named)``: the attributes the text names.
+
+    With probability ``p_empty`` the caption is "" (for classifier-free guidance
+    training) and ``named`` is empty. Otherwise the number of named attributes is uniform
+    in 0..n (so "a chair" alone is common) and which ones is a random subset; the object
+    word is always present. Unnamed attributes vary freely in the data.
+    """
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    if rng.random() < p_empty:
+        return "", {}
+    names = _namable(scene)
+    k = int(rng.integers(len(names) + 1))
+    chosen = set(rng.permutation(len(names))[:k].tolist())
+    named = {n: scene.attributes[n] for i, n in enumerate(names) if i in chosen}
+    if scene.kind == "shape":
+        named["shape"] = scene.attributes["shape"]
+    named = {n: named[n] for n in ATTRIBUTES[scene.kind] if n in named}
+    return _phrase(scene.kind, named), named
+
+
+def caption(scene: Scene, rng: np.random.Generator | int | None = None,
+            p_empty: float = 0.1) -> str:
+    """Short English caption of ``scene`` naming a random subset of attributes (see
+    :func:`caption_with_attributes`); "" with probability ``p_empty``."""
+    return caption_with_attributes(scene, rng, p_empty)[0]
+
+
+def describe(kind: str, **attributes: str) -> str:
+    """Caption naming exactly the given attributes, e.g. for benchmark prompts:
+    ``describe("chair", colour="red", position="left") == "a red chair on the left"``."""
+    for k, v in attributes.items():
+        if v not in ATTRIBUTES[kind].get(k, ()):
+            raise ValueError(f"bad attribute {k}={v!r} for {kind}")
+    named = {n: attributes[n] for n in ATTRIBUTES[kind] if n in attributes}
+    if kind == "shape" and "shape" not in named:
+        raise ValueError("a shape prompt must name the shape")
+    return _phrase(kind, named)
+
+
+_SHAPE_WORDS = ("circle", "square", "triangle")
+
+
+def parse_caption(text: str) -> Scene | None:
+    """Inverse of the captioner: the kind and the attributes named in ``text``.
+
+    Returns a partial :class:`Scene` (only named attributes) or None for "" / unknown text.
+    Works on any caption this module produces (and :func:`describe` prompts).
+    """
+    t = text.strip().lower()
+    m = re.match(r"^an? (?:(bald) )?face\b", t)
+    if m:
+        a: dict[str, str] = {}
+        if m.group(1):
+            a["hair_style"] = "bald"
+        if mm := re.search(r"\b(\w+) skin\b", t):
+            a["skin"] = mm.group(1)
+        if mm := re.search(r"\b((?:short|long) )?((?:%s) )?hair\b"
+                           % "|".join(HAIR), t):
+            if mm.group(1):
+                a["hair_style"] = mm.group(1).strip()
+            if mm.group(2):
+                a["hair_colour"] = mm.group(2).strip()
+        if mm := re.search(r"\b(\w+) eyes\b", t):
+            a["eye_colour"] = mm.group(1)
+        if re.search(r"\bno glasses\b", t):
+            a["glasses"] = "no"
+        elif re.search(r"\bglasses\b", t):
+            a["glasses"] = "yes"
+        if mm := re.search(r"wearing an? (\w+) shirt", t):
+            a["shirt"] = mm.group(1)
+        kind = "face"
+    else:
+        m = re.match(r"^an? (?:(small|large) )?(?:(\w+) )?(chair|table|%s)\b"
+                     % "|".join(_SHAPE_WORDS), t)
+        if not m:
+            return None
+        a = {}
+        noun = m.group(3)
+        kind = "shape" if noun in _SHAPE_WORDS else noun
+        if kind == "shape":
+            a["shape"] = noun
+        if m.group(1):
+            a["size"] = m.group(1)
+        if m.group(2):
+            a["colour"] = m.group(2)
+        for v, p in _LEG_PHRASE.items():
+            if p in t:
+                a["legs"] = v
+        for v, p in _POS_PHRASE.items():
+            if p in t:
+                a["position"] = v
+    if mm := re.search(r"on an? (\w+) background", t):
+        a["background"] = mm.group(1)
+    a = {n: a[n] for n in ATTRIBUTES[kind] if n in a}
+    return Scene(kind, a)
+
+
+def vocabulary() -> list[str]:
+    """Sorted list of every word a caption can contain (punctuation stripped)."""
+    words = {"a", "an", "with", "and", "on", "the", "in", "wearing", "shirt", "background",
+             "face", "bald", "skin", "hair", "eyes", "glasses", "no", "chair", "table",
+             "legs", "leg", "four", "single", "left", "right", "center"}
+    words |= set(_SHAPE_WORDS) | set(COLOURS) | set(SKIN) | set(HAIR) | set(EYES)
+    words |= {"short", "long", "small", "large"}
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------
+# reading attributes back from pixels
+# ----------------------------------------------------------------------------------------
+
+def _to_uint8(image) -> np.ndarray:
+    """HxWx3 array (uint8 0..255, or float in [-1, 1]) or CxHxW torch tensor -> uint8."""
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    x = np.asarray(image)
+    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3:
+        x = x.transpose(1, 2, 0)
+    if x.dtype != np.uint8:
+        x = np.clip((x.astype(np.float64) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    return x
+
+
+def _nearest(rgb, vocab: Mapping[str, tuple[int, int, int]]) -> str:
+    names = list(vocab)
+    pal = np.asarray([vocab[n] for n in names], np.float64)
+    return names[int(np.argmin(((pal - np.asarray(rgb, np.float64)) ** 2).sum(-1)))]
+
+
+def _region(img: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
+    """Pixels of a region given in fractions; at least one pixel wide/high."""
+    H, W = img.shape[:2]
+    c0, r0 = int(np.floor(x0 * W)), int(np.floor(y0 * H))
+    c1, r1 = max(c0 + 1, int(np.ceil(x1 * W))), max(r0 + 1, int(np.ceil(y1 * H)))
+    return img[r0:r1, c0:c1].reshape(-1, 3).astype(np.float64)
+
+
+def _median(*regions) -> np.ndarray:
+    return np.median(np.concatenate(regions, 0), axis=0)
+
+
+# Face regions (fractions), placed with margin inside the parts they sample.
+_FACE_REGIONS = {
+    "background": [(0.0, 0.0, 0.12, 0.30), (0.88, 0.0, 1.0, 0.30)],
+    "skin": [(0.33, 0.57, 0.40, 0.61), (0.60, 0.57, 0.67, 0.61), (0.44, 0.69, 0.56, 0.78)],
+    "hair_top": [(0.40, 0.20, 0.60, 0.28)],
+    "hair_side": [(0.18, 0.56, 0.24, 0.75), (0.76, 0.56, 0.82, 0.75)],
+    "eyes": [(0.37, 0.45, 0.41, 0.48), (0.59, 0.45, 0.63, 0.48)],
+    "glasses": [(0.47, 0.44, 0.53, 0.48), (0.34, 0.38, 0.44, 0.40), (0.56, 0.38, 0.66, 0.40)],
+    "shirt": [(0.30, 0.90, 0.70, 1.0)],
+}
+
+
+def _face_colours(img: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: _median(*[_region(img, *r) for r in rs]) for k, rs in _FACE_REGIONS.items()}
+
+
+def _read_face(img: np.ndarray) -> dict[str, str]:
+    c = _face_colours(img)
+    out = {"skin": _nearest(c["skin"], SKIN)}
+    skin_rgb = c["skin"]
+    # bald if the top of the head is nearer to the (measured) skin than to any hair colour
+    top = dict(HAIR)
+    top["__skin__"] = tuple(skin_rgb)
+    hair = _nearest(c["hair_top"], top)
+    if hair == "__skin__":
+        out["hair_style"], out["hair_colour"] = "bald", "none"
+    else:
+        side_is_hair = _dist(c["hair_side"], c["hair_top"]) < _dist(c["hair_side"],
+                                                                    c["background"])
+        out["hair_style"] = "long" if side_is_hair else "short"
+        out["hair_colour"] = hair
+    out["eye_colour"] = _nearest(c["eyes"], EYES)
+    # glasses: frame pixels darker than the skin by > 40% of the skin-to-frame distance
+    # (not "nearest of the two": blur lightens the thin frame lines)
+    out["glasses"] = ("yes" if _dist(c["glasses"], skin_rgb) > 0.4 * _dist(GLASSES_COLOUR, skin_rgb)
+                      else "no")
+    out["shirt"] = _nearest(c["shirt"], COLOURS)
+    out["background"] = _nearest(c["background"], COLOURS)
+    return {k: out[k] for k in ATTRIBUTES["face"]}
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3x3 box filter (edge padded) of an HxWxC float array."""
+    p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    H, W = x.shape[:2]
+    return sum(p[i:i + H, j:j + W] for i in range(3) for j in range(3)) / 9.0
+
+
+def _segment(img: np.ndarray):
+    """(background rgb, boolean object mask) for furniture/shape scenes.
+
+    Background = median of the top rows (no object reaches them). The object colour is
+    the median of the pixels clearly different from it (> 60 RGB units, and > 40 after a
+    3x3 box filter, which rejects isolated noisy pixels); the mask is every pixel of the box-filtered image nearer to the object colour
+    than to the background. The box filter makes this robust to pixel noise while keeping
+    2-pixel legs (they stay > half object colour).
+    """
+    x = img.astype(np.float64)
+    rows = max(1, img.shape[0] // 16)
+    bg = np.median(x[:rows].reshape(-1, 3), axis=0)
+    sm = _box3(x)
+    d_bg = np.linalg.norm(sm - bg, axis=-1)
+    far = (d_bg > 40.0) & (np.linalg.norm(x - bg, axis=-1) > 60.0)
+    if far.sum() < 4:
+        return bg, np.zeros(img.shape[:2], bool)
+    obj = np.median(x[far], axis=0)
+    mask = np.linalg.norm(sm - obj, axis=-1) < d_bg
+    return bg, mask
+
+
+def _core(img: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Object pixels least mixed with the background (anti-aliased or blurred edges): the
+    half of the mask farthest from the background colour."""
+    x = img.astype(np.float64)[mask]
+    d = np.linalg.norm(x - bg, axis=-1)
+    return x[d >= np.quantile(d, 0.5)]
+
+
+def _bbox(mask: np.ndarray, q: float = 0.01):
+    ys, xs = np.nonzero(mask)
+    x0, x1 = np.quantile(xs, [q, 1 - q])
+    y0, y1 = np.quantile(ys, [q, 1 - q])
+    return float(x0), float(y0), float(x1) + 1, float(y1) + 1
+
+
+def _read_object(img: np.ndarray, kind: str) -> dict[str, str]:
+    H, W = img.shape[:2]
+    bg, mask = _segment(img)
+    out = {"background": _nearest(bg, COLOURS)}
+    if mask.sum() < 4:      # nothing there: unreadable
+        out.update({k: "unknown" for k in ATTRIBUTES[kind] if k != "background"})
+        return {k: out[k] for k in ATTRIBUTES[kind]}
+    x0, y0, x1, y1 = _bbox(mask)
+    out["colour"] = _nearest(np.median(_core(img, bg, mask), axis=0), COLOURS)
+    cx = (x0 + x1) / 2 / W
+    out["position"] = min(_POS_X, key=lambda p: abs(_POS_X[p] - cx))
+    bw, bh = (x1 - x0) / W, (y1 - y0) / H
+    small, large = _FURNITURE_BOX[(kind, "small")], _FURNITURE_BOX[(kind, "large")]
+    out["size"] = "large" if bh > (small[1] + large[1]) / 2 else "small"
+    if kind == "shape":
+        crop = mask[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
+        h = crop.shape[0]
+        w_top = crop[int(0.25 * h)].mean()          # width a quarter from the top ...
+        w_bot = crop[min(h - 1, int(0.75 * h))].mean()   # ... and from the bottom
+        if w_top < 0.7 * w_bot:
+            out["shape"] = "triangle"
+        else:
+            out["shape"] = "square" if crop.mean() > 0.9 else "circle"
+    else:
+        # legs: in the band under the seat / table top, is the object in the middle
+        # (pedestal) or at the sides (four legs)?
+        r0 = int(round(y0 + 0.66 * (y1 - y0)))
+        r1 = max(r0 + 1, int(round(y0 + 0.88 * (y1 - y0))))
+        band = mask[r0:r1].astype(np.float64)
+        cols = (np.arange(W) + 0.5 - x0) / max(x1 - x0, 1e-6)
+        centre = band[:, (cols > 0.35) & (cols < 0.65)].mean() if band.size else 0.0
+        sides = band[:, ((cols > -0.05) & (cols < 0.25)) | ((cols > 0.75) & (cols < 1.05))]
+        sides = sides.mean() if sides.size else 0.0
+        out["legs"] = "single" if centre > sides else "four"
+    return {k: out[k] for k in ATTRIBUTES[kind]}
+
+
+def read_attributes(image, kind: str) -> dict[str, str]:
+    """Estimate every attribute of a ``kind`` scene from pixels alone (no classifier).
+
+    ``image``: HxWx3 uint8, or float in [-1, 1] (model output), any square size.
+    Faces: each colour attribute is the nearest vocabulary colour of the median pixel of a
+    fixed region of the face layout (cheeks+neck for skin, top of head for hair, irises,
+    shirt, top corners for background); bald = top of head closer to skin than to any hair
+    colour; long = region beside the jaw closer to hair than to background; glasses = bridge
+    and rim pixels far from the skin colour (towards the frame colour). Furniture/shapes: the
+    background is the median of the top rows, the object is segmented by colour
+    against it (see ``_segment``); colour = median of the object pixels least mixed with the background, position = nearest
+    of left/center/right to the bounding box centre, size = bounding box height against
+    the midpoint between small and large, legs = object mass in the central vs. outer
+    thirds of the band under the seat/top, shape = triangle if the object is much narrower a quarter from its top than a
+    quarter from its bottom, else square/circle by the fill ratio of its bounding box.
+    Values are from :data:`ATTRIBUTES`; "unknown" where no object is found.
+
+    Measured (300 random scenes per kind, seed 1): 100% of attributes of clean renders
+    at 32 and 64 px for face/chair/table/shape; with Gaussian pixel noise sigma=25 100%
+    (faces, chairs, tables) / 97% (shapes); with blur radius 1 px + noise sigma=25
+    98% / 95% / 96% / 96% (object colour of thin furniture suffers first).
+    """
+    img = _to_uint8(image)
+    return _read_face(img) if kind == "face" else _read_object(img, kind)
+
+
+# ----------------------------------------------------------------------------------------
+# batch metrics
+# ----------------------------------------------------------------------------------------
+
+def _object_colour(img: np.ndarray, kind: str) -> np.ndarray:
+    """Colour signature of the object, in [0, 1] units: faces concatenate the median
+    colours of skin, hair (top of head), eyes and shirt; other kinds give the mean colour
+    of the segmented object's core pixels (background colour if nothing is segmented)."""
+    if kind == "face":
+        c = _face_colours(img)
+        return np.concatenate([c[k] for k in ("skin", "hair_top", "eyes", "shirt")]) / 255.0
+    bg, mask = _segment(img)
+    return (_core(img, bg, mask).mean(0) if mask.sum() >= 4 else bg) / 255.0
+
+
+def consistency_score(images, kind: str) -> dict:
+    """Consistency of a batch of images that should all show the same ``kind`` object.
+
+    Returns a dict with
+      * ``agreement`` (float in [1/N, 1], higher = more consistent): the attributes of
+        every image are read with :func:`read_attributes`; for each attribute the fraction
+        of images whose value equals the batch's majority value; mean over attributes.
+        1.0 means every readable attribute is identical across the batch.
+      * ``per_attribute``: that fraction for each attribute.
+      * ``colour_spread`` (float >= 0, lower = more consistent): mean pairwise Euclidean
+        distance between the images' object colour signatures in RGB scaled to [0, 1]
+        (for faces the RMS over the parts skin, hair, eyes, shirt, i.e. the distance of the
+        concatenated colours divided by 2). 0 means identical colours; the maximum
+        distance of two RGB colours is sqrt(3) ~ 1.73; neighbouring vocabulary colours
+        are ~0.35 apart.
+      * ``attributes``: the list of read attribute dicts.
+    """
+    imgs = [_to_uint8(x) for x in images]
+    reads = [read_attributes(x, kind) for x in imgs]
+    per = {}
+    for k in ATTRIBUTES[kind]:
+        vals = [r[k] for r in reads]
+        per[k] = max(vals.count(v) for v in set(vals)) / len(vals)
+    sig = np.stack([_object_colour(x, kind) for x in imgs])
+    if kind == "face":
+        sig = sig / 2.0     # 4 parts -> RMS distance per part
+    n = len(sig)
+    if n > 1:
+        dmat = np.linalg.norm(sig[:, None] - sig[None], axis=-1)
+        spread = float(dmat[np.triu_indices(n, 1)].mean())
+    else:
+        spread = 0.0
+    return {"agreement": float(np.mean(list(per.values()))), "per_attribute": per,
+            "colour_spread": spread, "attributes": reads}
+
+
+def diversity_score(images) -> float:
+    """Mean pairwise mean-absolute pixel difference of a batch, in [0, 1] units.
+
+    A guard against degenerate "consistency": identical copies score 0. Two random scenes
+    typically score 0.2-0.4; the same scene re-rendered with different jitter ~0.02-0.1.
+    """
+    x = np.stack([_to_uint8(im).astype(np.float32) / 255.0 for im in images])
+    n = len(x)
+    if n < 2:
+        return 0.0
+    flat = x.reshape(n, -1)
+    total = 0.0
+    for i in range(n - 1):
+        total += float(np.abs(flat[i + 1:] - flat[i]).mean(axis=1).sum())
+    return total / (n * (n - 1) / 2)
+
+
+def fidelity(images, caption_scene: Scene | str) -> float:
+    """Fraction of the attributes NAMED in the prompt that are read back correctly,
+    averaged over the images and the named attributes.
+
+    ``caption_scene``: a (partial) :class:`Scene` holding the named attributes, or the
+    caption text itself (parsed with :func:`parse_caption`). NaN if nothing is named.
+    """
+    if isinstance(caption_scene, str):
+        caption_scene = parse_caption(caption_scene)
+        if caption_scene is None:
+            return float("nan")
+    named = dict(caption_scene.attributes)
+    if not named:
+        return float("nan")
+    hits = []
+    for im in images:
+        r = read_attributes(im, caption_scene.kind)
+        hits += [r[k] == v for k, v in named.items()]
+    return float(np.mean(hits))
+
+
+# ----------------------------------------------------------------------------------------
+# torch dataset
+# ----------------------------------------------------------------------------------------
+
+class ProceduralScenes(Dataset):
+    """Map-style dataset of procedural scenes for LatentDiffusion training.
+
+    ``__getitem__(i)`` is deterministic in ``(seed, i)`` and returns
+    ``{"image": float32 HxWx3 in [-1, 1], "caption": str, "kind": str}``. Use
+    ``first_stage_key: image`` and ``cond_stage_key: caption`` in the model config, and a
+    different ``seed`` for the validation split. Example data config::
+
+        data:
+          target: main.DataModuleFromConfig
+          params:
+            batch_size: 64
+            train:
+              target: ldm.data.procedural.ProceduralScenes
+              params: {size: 32, length: 100000, seed: 0}
+            validation:
+              target: ldm.data.procedural.ProceduralScenes
+              params: {size: 32, length: 512, seed: 1}
+    """
+
+    def __init__(self, size: int = 32, length: int = 100000, seed: int = 0,
+                 kinds: Sequence[str] = KINDS, p_empty: float = 0.1):
+        self.size = int(size)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.kinds = tuple(str(k) for k in kinds)
+        for k in self.kinds:
+            if k not in ATTRIBUTES:
+                raise ValueError(f"unknown kind {k!r}")
+        self.p_empty = float(p_empty)
+
+    def __len__(self):
+        return self.length
+
+    def scene(self, i: int) -> tuple[Scene, str, dict[str, str]]:
+        """(scene, caption, named attributes) of item ``i``."""
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, int(i)])
+        sc = sample_scene(rng, kinds=self.kinds)
+        text, named = caption_with_attributes(sc, rng, self.p_empty)
+        return sc, text, named
+
+    def __getitem__(self, i: int) -> dict:
+        sc, text, _ = self.scene(i)
+        img = render(sc, self.size).astype(np.float32) / 127.5 - 1.0
+        return {"image": img, "caption": text, "kind": sc.kind}
