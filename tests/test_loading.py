@@ -1,6 +1,5 @@
 """Checkpoint loading (ldm.util): file formats, the weights-only allow-list, key remapping, missing weights."""
 import logging
-import os
 
 import numpy as np
 import pytest

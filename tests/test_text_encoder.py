@@ -12,6 +12,7 @@ from ldm.modules.encoders.modules import (
 from ldm.util import instantiate_from_config
 
 BOS, EOS = 49406, 49407
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,6 +51,7 @@ def test_tokenizer_pads_with_endoftext_and_truncates_to_77():
 
 def test_tokenizer_is_built_once():
     assert build_clip_tokenizer() is build_clip_tokenizer()
+    assert build_clip_tokenizer(model_max_length=77) is FrozenCLIPEmbedder(text_config=TINY_TEXT).tokenizer
 
 
 def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):

@@ -213,13 +213,17 @@ def _clip_tokenizer_class():
         return CLIPTokenizer
 
 
-@functools.lru_cache(maxsize=None)
 def build_clip_tokenizer(bpe_path=CLIP_BPE_PATH, model_max_length=77):
     """The openai/clip-vit-large-patch14 tokenizer, built offline from the vendored BPE vocabulary.
 
     Same ids as the hub tokenizer: bos 49406, eos 49407, padding with <|endoftext|> (49407).
     Built once per process (cached); treat the returned tokenizer as read-only.
     """
+    return _build_clip_tokenizer(os.path.abspath(bpe_path), int(model_max_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_clip_tokenizer(bpe_path, model_max_length):
     vocab, merges = read_clip_bpe(bpe_path)
     with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
