@@ -1,4 +1,8 @@
 import importlib
+import logging
+import os
+import pickle
+import re
 
 import torch
 import numpy as np
@@ -12,6 +16,8 @@ from queue import Queue
 
 from inspect import isfunction
 from PIL import Image, ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
 
 
 def log_txt_as_img(wh, xc, size=10):
@@ -29,7 +35,7 @@ def log_txt_as_img(wh, xc, size=10):
         try:
             draw.text((0, 0), lines, fill="black", font=font)
         except UnicodeEncodeError:
-            print("Cant encode string for logging. Skipping.")
+            logger.warning("Cannot encode string for logging. Skipping.")
 
         txt = np.array(txt).transpose(2, 0, 1) / 127.5 - 1.0
         txts.append(txt)
@@ -71,7 +77,7 @@ def mean_flat(tensor):
 def count_params(model, verbose=False):
     total_params = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"{model.__class__.__name__} has {total_params * 1.e-6:.2f} M params.")
+        logger.info("%s has %.2f M params.", model.__class__.__name__, total_params * 1.e-6)
     return total_params
 
 
@@ -116,8 +122,8 @@ def parallel_data_prefetch(
         raise ValueError("list expected but function got ndarray.")
     elif isinstance(data, abc.Iterable):
         if isinstance(data, dict):
-            print(
-                f'WARNING:"data" argument passed to parallel_data_prefetch is a dict: Using only its values and disregarding keys.'
+            logger.warning(
+                '"data" argument passed to parallel_data_prefetch is a dict: Using only its values and disregarding keys.'
             )
             data = list(data.values())
         if target_data_type == "ndarray":
@@ -159,7 +165,7 @@ def parallel_data_prefetch(
         processes += [p]
 
     # start processes
-    print(f"Start prefetching...")
+    logger.info("Start prefetching...")
     import time
 
     start = time.time()
@@ -178,7 +184,7 @@ def parallel_data_prefetch(
                 gather_res[res[0]] = res[1]
 
     except Exception as e:
-        print("Exception: ", e)
+        logger.error("Exception during prefetching: %s", e)
         for p in processes:
             p.terminate()
 
@@ -186,7 +192,7 @@ def parallel_data_prefetch(
     finally:
         for p in processes:
             p.join()
-        print(f"Prefetching complete. [{time.time() - start} sec.]")
+        logger.info("Prefetching complete. [%.2f sec.]", time.time() - start)
 
     if target_data_type == 'ndarray':
         if not isinstance(gather_res[0], np.ndarray):
@@ -201,3 +207,217 @@ def parallel_data_prefetch(
         return out
     else:
         return gather_res
+
+
+# --- checkpoint loading ------------------------------------------------------------------------
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message is one line meant for the user."""
+
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+# Weights every Stable Diffusion checkpoint must provide (everything else is optional).
+REQUIRED_PREFIXES = ("first_stage_model.", "model.diffusion_model.", "cond_stage_model.")
+
+# Non-tensor classes that old PyTorch Lightning checkpoints (SD 1.x .ckpt files) reference only
+# as dict keys / bookkeeping; a placeholder stands in for them so nothing of theirs is executed.
+_LIGHTNING_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+)
+
+
+class _PickledPlaceholder:
+    """Stands in for an allow-listed bookkeeping class of a checkpoint; holds its state, runs nothing."""
+
+
+def _numpy_safe_globals():
+    """Numpy scalars and dtypes (e.g. a callback's best score) as (object, pickled name) pairs."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    pairs = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+             (np.dtype, "numpy.dtype")]
+    dtypes = getattr(np, "dtypes", None)
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        if dtypes is not None and hasattr(dtypes, name):
+            cls = getattr(dtypes, name)
+            pairs.append((cls, f"numpy.dtypes.{name}"))
+    return pairs
+
+
+def checkpoint_safe_globals():
+    """The allow-list used with torch.load(weights_only=True), as (object, pickled name) pairs."""
+    return [(_PickledPlaceholder, name) for name in _LIGHTNING_GLOBALS] + _numpy_safe_globals()
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unsupported_global(error):
+    match = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"Unsupported class ([\w.]+)", str(error))
+    return match.group(1) if match else _first_line(error)
+
+
+def _load_pickle(path, unsafe_pickle):
+    if unsafe_pickle:
+        logger.warning("Loading %s with full unpickling (--unsafe-pickle): this can run arbitrary code, "
+                       "only use it for files you trust", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} contains a pickled object that weights-only loading refuses "
+            f"({_unsupported_global(e)}); if you trust the file, pass --unsafe-pickle") from e
+
+
+def read_checkpoint(path, *, unsafe_pickle=False):
+    """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        if suffix in PICKLE_SUFFIXES:
+            return _load_pickle(path, unsafe_pickle)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and torch raise assorted types for damaged files
+        raise CheckpointError(f"Cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from e
+    raise CheckpointError(f"Unsupported checkpoint type {suffix or '(none)'!r} for {path}; "
+                          f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
+
+
+def state_dict_of(checkpoint, path="checkpoint"):
+    """The tensors of a loaded checkpoint: its 'state_dict' entry if it has one, else itself."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(checkpoint):
+        logger.debug("%s: ignoring %d non-tensor entries", path, len(checkpoint) - len(tensors))
+    return tensors
+
+
+def load_state_dict(path, *, unsafe_pickle=False):
+    """Load the weights of a checkpoint file as {name: tensor} on the CPU.
+
+    .safetensors: safetensors; .ckpt/.pt/.pth: torch.load(weights_only=True) with a small
+    allow-list (checkpoint_safe_globals) for what Stable Diffusion 1.x .ckpt files contain.
+    unsafe_pickle=True allows full unpickling (arbitrary code!) for trusted files.
+    Raises CheckpointError with a one-line message.
+    """
+    return state_dict_of(read_checkpoint(path, unsafe_pickle=unsafe_pickle), os.fspath(path))
+
+
+# The text encoder of SD 1.x checkpoints (saved with transformers 4.19) lives under
+# cond_stage_model.transformer.text_model.*; transformers 5 flattens CLIPTextModel to
+# cond_stage_model.transformer.* (no text_model.), and drops the position_ids buffer.
+CLIP_TEXT_PREFIX = "cond_stage_model.transformer."
+CLIP_TEXT_MODEL = "text_model."
+
+
+def _model_keys(model):
+    return set(model.state_dict().keys()) if isinstance(model, torch.nn.Module) else set(model)
+
+
+def _clip_key_candidates(key):
+    """The same CLIP text weight with and without the 'text_model.' level."""
+    if not key.startswith(CLIP_TEXT_PREFIX):
+        return []
+    rest = key[len(CLIP_TEXT_PREFIX):]
+    if rest.startswith(CLIP_TEXT_MODEL):
+        return [CLIP_TEXT_PREFIX + rest[len(CLIP_TEXT_MODEL):]]
+    return [CLIP_TEXT_PREFIX + CLIP_TEXT_MODEL + rest]
+
+
+def remap_clip_text_keys(sd, model):
+    """Rename the CLIP text-encoder keys of `sd` to the layout `model` expects.
+
+    `model` is a module or a collection of its state-dict keys. A key under
+    cond_stage_model.transformer. that the model does not have is renamed by adding or removing
+    the 'text_model.' level, when the renamed key is one the model has; an
+    '...embeddings.position_ids' buffer the model does not have is dropped. Other keys are
+    returned unchanged. Returns a new dict.
+    """
+    expected = _model_keys(model)
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(CLIP_TEXT_PREFIX) and key not in expected:
+            renamed = [c for c in _clip_key_candidates(key) if c in expected]
+            if renamed:
+                key = renamed[0]
+            elif key.endswith("embeddings.position_ids"):
+                continue
+        out[key] = value
+    return out
+
+
+def _drop_ema_keys(sd, expected):
+    if any(k.startswith("model_ema.") for k in expected):
+        return sd
+    kept = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+    if len(kept) != len(sd):
+        logger.info("Ignoring %d EMA weights (model_ema.*): this config does not use EMA", len(sd) - len(kept))
+    return kept
+
+
+def _some(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _check_weights(sd, model_sd, source):
+    missing = [k for k in model_sd if k not in sd and k.startswith(REQUIRED_PREFIXES)]
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} weights this config needs (e.g. {_some(missing)}); "
+                              f"is it a checkpoint for this config?")
+    mismatched = [k for k, v in sd.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
+    if mismatched:
+        raise CheckpointError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
+                              f"(e.g. {_some(mismatched)}); is it a checkpoint for this config?")
+
+
+def apply_state_dict(model, sd, source="checkpoint"):
+    """Load `sd` into `model` after dropping unused EMA copies and remapping CLIP text keys.
+
+    Raises CheckpointError if a weight of the autoencoder, UNet or text encoder is missing or has
+    the wrong shape; unexpected keys are only logged.
+    """
+    model_sd = model.state_dict()
+    sd = remap_clip_text_keys(_drop_ema_keys(sd, model_sd), model_sd.keys())
+    _check_weights(sd, model_sd, source)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))
+    if unexpected:
+        logger.info("%d keys of %s not used by the model: %s", len(unexpected), source, _some(unexpected))
+    return model
+
+
+def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):
+    """Build `config.model` and load the weights of checkpoint `ckpt` into it; returns it in eval mode on `device`.
+
+    random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly.
+    """
+    model = instantiate_from_config(config.model if "model" in config else config)
+    if random_weights:
+        logger.warning("THE MODEL HAS RANDOM WEIGHTS: no checkpoint loaded, outputs will be noise")
+        return model.eval().to(device)
+    if ckpt is None:
+        raise CheckpointError("No checkpoint given; pass the path of a .ckpt or .safetensors file")
+    logger.info("Loading model weights from %s", ckpt)
+    checkpoint = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)
+    if isinstance(checkpoint, dict) and "global_step" in checkpoint:
+        logger.info("Checkpoint global step: %s", checkpoint["global_step"])
+    apply_state_dict(model, state_dict_of(checkpoint, os.fspath(ckpt)), os.fspath(ckpt))
+    return model.eval().to(device)

@@ -1,12 +1,47 @@
+"""Conditioning encoders.
+
+Only torch (and, lazily, transformers) is needed to import this module: ``clip``, ``kornia`` and
+the x-transformer code are imported inside the classes that use them, which txt2img never does.
+"""
+import functools
+import gzip
+import json
+import logging
+import os
+import tempfile
+from functools import partial
+
 import torch
 import torch.nn as nn
-from functools import partial
-import clip
 from einops import rearrange, repeat
-from transformers import CLIPTokenizer, CLIPTextModel
-import kornia
 
-from ldm.modules.x_transformer import Encoder, TransformerWrapper  # TODO: can we directly rely on lucidrains code and simply add this as a reuirement? --> test
+logger = logging.getLogger(__name__)
+
+# Hugging Face id of the text encoder used by Stable Diffusion 1.x.
+CLIP_VERSION = "openai/clip-vit-large-patch14"
+
+# CLIP's byte-pair-encoding vocabulary (from openai/CLIP, MIT licence; see CLIP_VOCAB_NOTICE.md).
+CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+
+# The text half of openai/clip-vit-large-patch14's config.json: what SD 1.x checkpoints hold
+# under cond_stage_model.transformer.*.
+CLIP_L14_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    pad_token_id=1,
+    bos_token_id=49406,
+    eos_token_id=49407,
+)
+
+
+class TextEncoderLoadError(RuntimeError):
+    """The requested text encoder could not be loaded; the message is one line for the user."""
 
 
 class AbstractEncoder(nn.Module):
@@ -37,6 +72,7 @@ class TransformerEmbedder(AbstractEncoder):
     """Some transformer encoder layers"""
     def __init__(self, n_embed, n_layer, vocab_size, max_seq_len=77, device="cuda"):
         super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
         self.device = device
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer))
@@ -82,6 +118,7 @@ class BERTEmbedder(AbstractEncoder):
     def __init__(self, n_embed, n_layer, vocab_size=30522, max_seq_len=77,
                  device="cuda",use_tokenizer=True, embedding_dropout=0.0):
         super().__init__()
+        from ldm.modules.x_transformer import Encoder, TransformerWrapper
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len)
@@ -119,7 +156,7 @@ class SpatialRescaler(nn.Module):
         self.interpolator = partial(torch.nn.functional.interpolate, mode=method)
         self.remap_output = out_channels is not None
         if self.remap_output:
-            print(f'Spatial Rescaler mapping from {in_channels} to {out_channels} channels after resizing.')
+            logger.info("Spatial Rescaler mapping from %d to %d channels after resizing.", in_channels, out_channels)
             self.channel_mapper = nn.Conv2d(in_channels,out_channels,1,bias=bias)
 
     def forward(self,x):
@@ -134,29 +171,149 @@ class SpatialRescaler(nn.Module):
     def encode(self, x):
         return self(x)
 
+def _bytes_to_unicode():
+    """CLIP's reversible byte -> printable unicode table (openai/CLIP simple_tokenizer.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def read_clip_bpe(bpe_path=CLIP_BPE_PATH):
+    """Return (vocab, merges) of the CLIP tokenizer, built exactly as openai/CLIP's SimpleTokenizer does.
+
+    vocab maps token -> id (49408 entries, <|startoftext|> = 49406, <|endoftext|> = 49407);
+    merges are the 48894 "a b" merge rules in priority order.
+    """
+    if not os.path.isfile(bpe_path):
+        raise FileNotFoundError(f"CLIP BPE vocabulary not found at {bpe_path}; it ships with the repository, restore it")
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    byte_tokens = list(_bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _clip_tokenizer_class():
+    # transformers 4.x: CLIPTokenizerFast is the tokenizers-backed one (same ids as the hub's);
+    # transformers 5.x: CLIPTokenizerFast is an alias of CLIPTokenizer.
+    try:
+        from transformers import CLIPTokenizerFast
+        return CLIPTokenizerFast
+    except ImportError:  # pragma: no cover - transformers without the tokenizers backend
+        from transformers import CLIPTokenizer
+        return CLIPTokenizer
+
+
+def build_clip_tokenizer(bpe_path=CLIP_BPE_PATH, model_max_length=77):
+    """The openai/clip-vit-large-patch14 tokenizer, built offline from the vendored BPE vocabulary.
+
+    Same ids as the hub tokenizer: bos 49406, eos 49407, padding with <|endoftext|> (49407).
+    Built once per process (cached); treat the returned tokenizer as read-only.
+    """
+    return _build_clip_tokenizer(os.path.abspath(bpe_path), int(model_max_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_clip_tokenizer(bpe_path, model_max_length):
+    vocab, merges = read_clip_bpe(bpe_path)
+    with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = _clip_tokenizer_class().from_pretrained(
+            tmp, model_max_length=model_max_length, local_files_only=True,
+            bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    logger.debug("Built the CLIP tokenizer from %s", bpe_path)
+    return tokenizer
+
+
+def clip_text_config(overrides=None):
+    """A transformers CLIPTextConfig for CLIP ViT-L/14's text encoder, with `overrides` applied."""
+    from transformers import CLIPTextConfig
+    fields = dict(CLIP_L14_TEXT_CONFIG)
+    fields.update(dict(overrides or {}))
+    return CLIPTextConfig(**fields)
+
+
+def _load_clip_from_directory(path):
+    from transformers import CLIPTextModel
+    logger.info("Loading the CLIP text encoder and tokenizer from %s", path)
+    return _clip_tokenizer_class().from_pretrained(path), CLIPTextModel.from_pretrained(path)
+
+
+def _load_clip_from_hub(version):
+    from transformers import CLIPTextModel
+    try:
+        return _clip_tokenizer_class().from_pretrained(version), CLIPTextModel.from_pretrained(version)
+    except (OSError, ValueError) as e:
+        raise TextEncoderLoadError(
+            f"Cannot load text encoder {version!r}: it is not a local directory and the Hugging Face hub "
+            f"is unreachable or does not have it ({type(e).__name__}); pass a local directory as `version`, "
+            f"or keep the default {CLIP_VERSION!r}, whose weights come from the Stable Diffusion checkpoint"
+        ) from e
+
+
+def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77):
+    """Return (tokenizer, CLIPTextModel) for `version`.
+
+    - the default id CLIP_VERSION: tokenizer from the vendored BPE file and a randomly initialised
+      ViT-L/14 text model (``text_config`` overrides its fields); the weights come from the checkpoint;
+    - a local directory: ``from_pretrained(version)``;
+    - any other string is taken as a hub id; TextEncoderLoadError if it cannot be fetched.
+    """
+    if version == CLIP_VERSION:
+        from transformers import CLIPTextModel
+        return build_clip_tokenizer(model_max_length=max_length), CLIPTextModel(clip_text_config(text_config))
+    if text_config:
+        raise ValueError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}")
+    if os.path.isdir(version):
+        return _load_clip_from_directory(version)
+    return _load_clip_from_hub(version)
+
+
 class FrozenCLIPEmbedder(AbstractEncoder):
-    """Uses the CLIP transformer encoder for text (from Hugging Face)"""
-    def __init__(self, version="openai/clip-vit-large-patch14", device="cuda", max_length=77):
+    """Uses the CLIP transformer encoder for text (Hugging Face transformers), without the hub by default.
+
+    With the default `version` the architecture is built from CLIP ViT-L/14's config with random
+    weights, which the Stable Diffusion checkpoint (cond_stage_model.transformer.*) then fills.
+    `device` is accepted for backward compatibility only: inputs follow the model's parameters.
+    """
+    def __init__(self, version=CLIP_VERSION, device="cuda", max_length=77, text_config=None):
         super().__init__()
-        self.tokenizer = CLIPTokenizer.from_pretrained(version)
-        self.transformer = CLIPTextModel.from_pretrained(version)
-        self.device = device
+        self.tokenizer, self.transformer = load_clip_text_encoder(version, text_config, max_length)
         self.max_length = max_length
         self.freeze()
+
+    @property
+    def device(self):
+        return next(self.transformer.parameters()).device
 
     def freeze(self):
         self.transformer = self.transformer.eval()
         for param in self.parameters():
             param.requires_grad = False
 
-    def forward(self, text):
+    def tokenize(self, text):
+        """Token ids, shape (B, max_length), padded with <|endoftext|> and truncated to max_length."""
         batch_encoding = self.tokenizer(text, truncation=True, max_length=self.max_length, return_length=True,
                                         return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
-        tokens = batch_encoding["input_ids"].to(self.device)
-        outputs = self.transformer(input_ids=tokens)
+        return batch_encoding["input_ids"]
 
-        z = outputs.last_hidden_state
-        return z
+    def forward(self, text):
+        tokens = self.tokenize(text).to(self.device)
+        outputs = self.transformer(input_ids=tokens)
+        return outputs.last_hidden_state
 
     def encode(self, text):
         return self(text)
@@ -168,6 +325,7 @@ class FrozenCLIPTextEmbedder(nn.Module):
     """
     def __init__(self, version='ViT-L/14', device="cuda", max_length=77, n_repeat=1, normalize=True):
         super().__init__()
+        import clip
         self.model, _ = clip.load(version, jit=False, device="cpu")
         self.device = device
         self.max_length = max_length
@@ -180,6 +338,7 @@ class FrozenCLIPTextEmbedder(nn.Module):
             param.requires_grad = False
 
     def forward(self, text):
+        import clip
         tokens = clip.tokenize(text).to(self.device)
         z = self.model.encode_text(tokens)
         if self.normalize:
@@ -206,6 +365,7 @@ class FrozenClipImageEmbedder(nn.Module):
             antialias=False,
         ):
         super().__init__()
+        import clip
         self.model, _ = clip.load(name=model, device=device, jit=jit)
 
         self.antialias = antialias
@@ -214,6 +374,7 @@ class FrozenClipImageEmbedder(nn.Module):
         self.register_buffer('std', torch.Tensor([0.26862954, 0.26130258, 0.27577711]), persistent=False)
 
     def preprocess(self, x):
+        import kornia
         # normalize to [0,1]
         x = kornia.geometry.resize(x, (224, 224),
                                    interpolation='bicubic',align_corners=True,
@@ -230,5 +391,6 @@ class FrozenClipImageEmbedder(nn.Module):
 
 if __name__ == "__main__":
     from ldm.util import count_params
+    logging.basicConfig(level=logging.INFO)
     model = FrozenCLIPEmbedder()
     count_params(model, verbose=True)

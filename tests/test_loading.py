@@ -1,0 +1,194 @@
+"""Checkpoint loading (ldm.util): file formats, the weights-only allow-list, key remapping, missing weights."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from conftest import FULL_CONFIG, require_latent_diffusion
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.util import (
+    CheckpointError, instantiate_from_config, load_model_from_config, load_state_dict,
+    remap_clip_text_keys)
+
+TEXT = "cond_stage_model.transformer."
+
+
+class NotAllowListed:
+    """A pickled object outside the weights-only allow-list (module-level so that it pickles)."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+def tiny_state_dict(model):
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def to_transformers_419_layout(sd):
+    """Rename flat CLIP text keys (transformers 5) to the text_model.* layout of SD 1.x checkpoints."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(TEXT) and not key.startswith(TEXT + "text_model."):
+            key = TEXT + "text_model." + key[len(TEXT):]
+        out[key] = value
+    return out
+
+
+def assert_same_parameters(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# --- load_state_dict -----------------------------------------------------------------------------
+
+def test_missing_file_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(tmp_path / "nope.ckpt")
+
+
+def test_unknown_suffix_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "weights.bin.gz"
+    path.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="Unsupported checkpoint type"):
+        load_state_dict(path)
+
+
+def test_damaged_file_is_a_one_line_checkpoint_error(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(path)
+    assert "\n" not in str(info.value)
+
+
+def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+    path = tmp_path / "sd14-like.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "global_step": 470000, "epoch": 5,
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1),
+                                                "kth_value": np.float64(np.inf), "count": np.int64(2)}}}, path)
+    sd = load_state_dict(path)
+    assert list(sd) == ["w"] and torch.equal(sd["w"], torch.arange(3.0))
+
+
+def test_non_allow_listed_object_needs_unsafe_pickle(tmp_path, caplog):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": NotAllowListed()}, path)
+    with pytest.raises(CheckpointError, match="--unsafe-pickle") as info:
+        load_state_dict(path)
+    assert "NotAllowListed" in str(info.value) and "\n" not in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="ldm.util"):
+        sd = load_state_dict(path, unsafe_pickle=True)
+    assert torch.equal(sd["w"], torch.ones(2))
+    assert any(r.levelno == logging.WARNING and "unpickling" in r.getMessage() for r in caplog.records)
+
+
+def test_plain_state_dict_without_wrapper_loads(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"a": torch.zeros(1), "b": torch.ones(2)}, path)
+    assert sorted(load_state_dict(path)) == ["a", "b"]
+
+
+# --- remap_clip_text_keys on key sets ------------------------------------------------------------
+
+def test_remap_strips_or_adds_text_model_and_drops_unknown_position_ids():
+    flat = {TEXT + "embeddings.token_embedding.weight", TEXT + "final_layer_norm.weight", "model.x"}
+    nested = {TEXT + "text_model.embeddings.token_embedding.weight", TEXT + "text_model.final_layer_norm.weight",
+              TEXT + "text_model.embeddings.position_ids", "model.x"}
+    # transformers 4.19 checkpoint -> transformers 5 model
+    assert set(remap_clip_text_keys(dict.fromkeys(nested, 0), flat)) == flat
+    # transformers 5 checkpoint -> transformers 4.19 model (which still has position_ids: it stays missing)
+    assert set(remap_clip_text_keys(dict.fromkeys(flat, 0), nested)) == nested - {TEXT + "text_model.embeddings.position_ids"}
+
+
+def test_remap_keeps_keys_it_has_no_rule_for():
+    sd = {TEXT + "text_model.unknown.weight": 1, "first_stage_model.w": 2}
+    assert remap_clip_text_keys(sd, {TEXT + "final_layer_norm.weight", "first_stage_model.w"}) == sd
+
+
+def test_full_size_text_encoder_keys_from_an_sd14_checkpoint_all_map():
+    with torch.device("meta"):
+        encoder = FrozenCLIPEmbedder()
+    expected = {"cond_stage_model." + k for k in encoder.state_dict()}
+    sd14 = to_transformers_419_layout(dict.fromkeys(expected, 0))
+    sd14[TEXT + "text_model.embeddings.position_ids"] = 0
+    assert set(remap_clip_text_keys(sd14, expected)) == expected
+    assert len(expected) == 196  # 12 layers x 16 + 2 embeddings + final layer norm (2)
+
+
+def test_full_size_sd14_layout_maps_with_zero_missing_keys():
+    require_latent_diffusion()
+    cfg = OmegaConf.load(FULL_CONFIG)
+    try:
+        with torch.device("meta"):
+            model = instantiate_from_config(cfg.model)
+    except (TypeError, RuntimeError) as e:
+        if "meta" not in str(e):
+            raise
+        pytest.xfail(f"LatentDiffusion cannot be built on the meta device yet: {e}")
+    expected = model.state_dict()
+    sd14 = to_transformers_419_layout(dict(expected))
+    sd14[TEXT + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd14.update({"model_ema." + k.replace(".", "")[:40]: v for k, v in list(expected.items())[:5]})
+    from ldm.util import _drop_ema_keys  # the EMA step of apply_state_dict
+    mapped = remap_clip_text_keys(_drop_ema_keys(sd14, expected), model)
+    assert set(mapped) == set(expected)
+
+
+# --- load_model_from_config ----------------------------------------------------------------------
+
+def test_random_weights_warns_loudly(tiny_config, caplog):
+    require_latent_diffusion()
+    with caplog.at_level(logging.WARNING, logger="ldm.util"):
+        model = load_model_from_config(tiny_config, None, random_weights=True)
+    assert not model.training
+    assert any("RANDOM WEIGHTS" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_tiny_model_round_trips(tmp_path, tiny_config, tiny_model, suffix, caplog):
+    sd = tiny_state_dict(tiny_model)
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save({"state_dict": to_transformers_419_layout(sd), "global_step": 3}, path)
+    torch.manual_seed(1)  # different random init, so equality proves the weights were loaded
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        loaded = load_model_from_config(tiny_config, str(path))
+    assert not loaded.training
+    assert_same_parameters(loaded, tiny_model)
+    if suffix == ".ckpt":
+        assert any("global step: 3" in r.getMessage() for r in caplog.records)
+
+
+def test_ema_weights_are_ignored_when_the_config_has_no_ema(tmp_path, tiny_config, tiny_model):
+    sd = tiny_state_dict(tiny_model)
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(3)
+    path = tmp_path / "with_ema.safetensors"
+    save_file(sd, str(path))
+    assert_same_parameters(load_model_from_config(tiny_config, str(path)), tiny_model)
+
+
+def test_missing_unet_weight_fails_loudly(tmp_path, tiny_config, tiny_model):
+    sd = tiny_state_dict(tiny_model)
+    del sd["model.diffusion_model.out.2.weight"]
+    path = tmp_path / "incomplete.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"lacks 1 weights .*model\.diffusion_model\.out\.2\.weight"):
+        load_model_from_config(tiny_config, str(path))
+
+
+def test_wrong_shape_fails_loudly(tmp_path, tiny_config, tiny_model):
+    sd = tiny_state_dict(tiny_model)
+    sd["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    path = tmp_path / "wrong.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="shapes"):
+        load_model_from_config(tiny_config, str(path))

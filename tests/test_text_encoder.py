@@ -1,0 +1,103 @@
+"""The CLIP text encoder and tokenizer work offline (no Hugging Face hub)."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ldm.modules.encoders.modules import (
+    CLIP_VERSION, FrozenCLIPEmbedder, TextEncoderLoadError, build_clip_tokenizer, read_clip_bpe)
+from ldm.util import instantiate_from_config
+
+BOS, EOS = 49406, 49407
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_encoders_needs_no_clip_kornia_or_x_transformer():
+    code = ("import sys, ldm.modules.encoders.modules; "
+            "print(sorted(m for m in ('clip', 'kornia', 'ldm.modules.x_transformer') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"
+
+
+def test_vocab_matches_clip():
+    vocab, merges = read_clip_bpe()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == BOS and vocab["<|endoftext|>"] == EOS
+    assert vocab["a</w>"] == 320 and vocab["cat</w>"] == 2368
+
+
+def test_tokenizer_ids_match_the_hub_tokenizer():
+    tokenizer = build_clip_tokenizer()
+    assert tokenizer("a photo of a cat").input_ids == [BOS, 320, 1125, 539, 320, 2368, EOS]
+    # CLIP lower-cases, splits digits one by one and splits punctuation
+    assert tokenizer("Hello World").input_ids == [BOS, 3306, 1002, EOS]
+    assert tokenizer("123").input_ids == [BOS, 272, 273, 274, EOS]
+
+
+def test_tokenizer_pads_with_endoftext_and_truncates_to_77():
+    tokenizer = build_clip_tokenizer()
+    batch = tokenizer(["a photo of a cat", "cat " * 200], truncation=True, max_length=77,
+                      padding="max_length", return_tensors="pt")
+    ids = batch["input_ids"]
+    assert ids.shape == (2, 77)
+    assert ids[0, :7].tolist() == [BOS, 320, 1125, 539, 320, 2368, EOS]
+    assert (ids[0, 7:] == EOS).all()
+    assert ids[1, 0] == BOS and ids[1, -1] == EOS and (ids[1, 1:-1] == 2368).all()
+
+
+def test_tokenizer_is_built_once():
+    assert build_clip_tokenizer() is build_clip_tokenizer()
+    assert build_clip_tokenizer(model_max_length=77) is FrozenCLIPEmbedder(text_config=TINY_TEXT).tokenizer
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(TextEncoderLoadError) as info:
+        FrozenCLIPEmbedder(version="openai/clip-vit-base-patch32")
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "\n" not in message
+    assert "openai/clip-vit-base-patch32" in message and "hub" in message and "local directory" in message
+
+
+def test_text_config_with_a_non_default_version_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="text_config"):
+        FrozenCLIPEmbedder(version=str(tmp_path), text_config={"hidden_size": 32})
+
+
+def test_default_version_builds_vit_l14_text_encoder_on_meta():
+    with torch.device("meta"):
+        encoder = FrozenCLIPEmbedder(version=CLIP_VERSION)
+    config = encoder.transformer.config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (768, 12, 3072)
+    assert config.hidden_act == "quick_gelu" and config.max_position_embeddings == 77
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (BOS, EOS, 1)
+    assert encoder.device.type == "meta"
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_tiny_config_encodes_text_to_77_tokens(tiny_config):
+    torch.manual_seed(0)
+    encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
+    with torch.no_grad():
+        z = encoder.encode(["a photo of a cat", "a red chair"])
+    assert z.shape == (2, 77, 32)
+    assert torch.isfinite(z).all()
+    assert not torch.equal(z[0], z[1])
+    assert encoder.device == torch.device("cpu")
+
+
+def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    encoder.transformer.save_pretrained(tmp_path)
+    reloaded = FrozenCLIPEmbedder(version=str(tmp_path), device="cuda")  # device must not force cuda
+    assert reloaded.device == torch.device("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode(["a cat"]), encoder.encode(["a cat"]))
