@@ -4,7 +4,7 @@ import random
 import numpy as np
 import torch
 import cv2
-from torchvision.utils import make_grid
+from ldm.image_io import make_grid
 from datetime import datetime
 #import matplotlib.pyplot as plt   # TODO: check with Dominik, also bsrgan.py vs bsrgan_light.py
 
@@ -350,7 +350,7 @@ def tensor2img(tensor, out_type=np.uint8, min_max=(0, 1)):
     n_dim = tensor.dim()
     if n_dim == 4:
         n_img = len(tensor)
-        img_np = make_grid(tensor, nrow=int(math.sqrt(n_img)), normalize=False).numpy()
+        img_np = make_grid(tensor, nrow=int(math.sqrt(n_img))).numpy()
         img_np = np.transpose(img_np[[2, 1, 0], :, :], (1, 2, 0))  # HWC, BGR
     elif n_dim == 3:
         img_np = tensor.numpy()
