@@ -73,11 +73,13 @@ def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timestep
 
 def make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta, verbose=True):
     # select alphas for computing the variance schedule
+    alphacums = torch.as_tensor(alphacums)
+    ddim_timesteps = torch.as_tensor(ddim_timesteps)
     alphas = alphacums[ddim_timesteps]
-    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    alphas_prev = torch.cat([alphacums[:1], alphacums[ddim_timesteps[:-1]]])
 
     # according the the formula provided in https://arxiv.org/abs/2010.02502
-    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
     if verbose:
         logger.debug("Selected alphas for ddim sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
         logger.debug("For eta=%s the sigma_t schedule of the ddim sampler is %s", eta, sigmas)
