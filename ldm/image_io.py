@@ -10,7 +10,6 @@ import os
 import re
 
 import numpy as np
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 

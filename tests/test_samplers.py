@@ -92,7 +92,6 @@ def test_guided_eps_dict_conditioning():
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_samplers_route_guidance_through_guided_eps(tiny_model, conds, name, monkeypatch):
-    import ldm.models.diffusion.guidance as guidance
     c, uc = conds
     calls = []
     real = tiny_model.apply_model

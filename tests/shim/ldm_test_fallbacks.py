@@ -68,17 +68,23 @@ def _fallback_load_model_from_config(config, ckpt, device, *, unsafe_pickle=Fals
         import os
         if ckpt is None or not os.path.isfile(ckpt):
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=not unsafe_pickle)
-        model = instantiate_from_config(config.model)
-        model.load_state_dict(state.get("state_dict", state), strict=True)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=not unsafe_pickle)
+            model = instantiate_from_config(config.model)
+            model.load_state_dict(state.get("state_dict", state), strict=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot load checkpoint {ckpt}: {type(e).__name__}") from e
     else:
         model = instantiate_from_config(config.model)
     return model.to(device).eval()
 
 
 def install():
+    global CheckpointError
     import ldm.util
-    if not hasattr(ldm.util, "CheckpointError"):
+    if hasattr(ldm.util, "CheckpointError"):
+        CheckpointError = ldm.util.CheckpointError
+    else:
         ldm.util.CheckpointError = CheckpointError
     real = getattr(ldm.util, "load_model_from_config", None)
     if real is None or "random_weights" not in inspect.signature(real).parameters:

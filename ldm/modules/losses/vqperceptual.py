@@ -3,7 +3,6 @@ import logging
 import torch
 from torch import nn
 import torch.nn.functional as F
-from einops import repeat
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
 
     def forward(self, codebook_loss, inputs, reconstructions, optimizer_idx,
                 global_step, last_layer=None, cond=None, split="train", predicted_indices=None):
-        if not exists(codebook_loss):
+        if codebook_loss is None:
             codebook_loss = torch.tensor([0.]).to(inputs.device)
         #rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
         rec_loss = self.pixel_loss(inputs.contiguous(), reconstructions.contiguous())
