@@ -19,9 +19,13 @@ PARAMETERS_KEY = "parameters"
 def make_grid(images, nrow=8, padding=2, pad_value=0.0):
     """Tile a (B, C, H, W) tensor into one (C, H', W') image, rows of ``nrow`` images.
 
-    Same layout as torchvision.utils.make_grid for 4-D input: ``padding`` pixels of
-    ``pad_value`` around and between the tiles.
+    Same layout as torchvision.utils.make_grid: ``padding`` pixels of ``pad_value`` around and
+    between the tiles; a single (C, H, W) or (H, W) image is returned as it is (gray as RGB).
     """
+    if images.dim() == 2:
+        images = images.unsqueeze(0)
+    if images.dim() == 3:
+        return images.expand(3, -1, -1) if images.shape[0] == 1 else images
     if images.dim() != 4:
         raise ValueError(f"make_grid expects a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
     if images.shape[1] == 1:
