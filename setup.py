@@ -22,5 +22,7 @@ setup(
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],
+        # ldm.modules.image_degradation (super-resolution training data).
+        "data": ["opencv-python-headless", "albumentations"],
     },
 )
