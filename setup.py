@@ -1,13 +1,28 @@
-from setuptools import setup, find_packages
+from setuptools import find_packages, setup
 
 setup(
-    name='latent-diffusion',
-    version='0.0.1',
-    description='',
-    packages=find_packages(),
+    name="latent-diffusion",
+    version="0.0.1",
+    description="Latent diffusion / Stable Diffusion v1 (CompVis), on a current PyTorch stack",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.10",
     install_requires=[
-        'torch',
-        'numpy',
-        'tqdm',
+        "torch>=2.1",
+        "numpy",
+        "tqdm",
+        "pillow",
+        "omegaconf>=2.3",
+        "einops>=0.6",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "pytorch-lightning>=2.1",
     ],
+    extras_require={
+        "test": ["pytest"],
+        # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
+        "watermark": ["invisible-watermark", "opencv-python-headless"],
+        "safety": ["diffusers"],
+        # ldm.modules.image_degradation (super-resolution training data).
+        "data": ["opencv-python-headless", "albumentations"],
+    },
 )

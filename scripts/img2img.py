@@ -1,292 +1,133 @@
-"""make variations of input image"""
+"""make variations of input image
 
-import argparse, os, sys, glob
-import PIL
-import torch
+Noises an init image part of the way (--strength) with DDIM's stochastic_encode and denoises it
+again under the prompt. main() is split like scripts/txt2img.py: build_parser /
+validate_options / load / generate / save_outputs, with an ``extra_metadata`` hook.
+"""
+import argparse
+import logging
+
 import numpy as np
-from omegaconf import OmegaConf
+import torch
 from PIL import Image
-from tqdm import tqdm, trange
-from itertools import islice
-from einops import rearrange, repeat
-from torchvision.utils import make_grid
-from torch import autocast
-from contextlib import nullcontext
-import time
-from pytorch_lightning import seed_everything
+from tqdm import tqdm
 
-from ldm.util import instantiate_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.plms import PLMSSampler
+from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess,
+                                conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
+                                make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
+                                seed_everything, validate_common)
+
+logger = logging.getLogger("img2img")
+
+# img2img needs stochastic_encode/decode, which only DDIM provides; upstream's --plms flag is
+# accepted and rejected with a clear error.
+SAMPLERS = {"ddim": DDIMSampler}
+SAMPLER_ALIASES = {"plms": "plms"}
 
 
-def chunk(it, size):
-    it = iter(it)
-    return iter(lambda: tuple(islice(it, size)), ())
+def build_parser():
+    parser = argparse.ArgumentParser(description="Make variations of an input image guided by a prompt.")
+    add_common_arguments(parser, samplers=SAMPLERS, aliases=SAMPLER_ALIASES,
+                         outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
+    parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
+    parser.add_argument("--strength", type=float, default=0.75,
+                        help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
+                             "information in init image")
+    return parser
 
 
-def load_model_from_config(config, ckpt, verbose=False):
-    print(f"Loading model from {ckpt}")
-    pl_sd = torch.load(ckpt, map_location="cpu")
-    if "global_step" in pl_sd:
-        print(f"Global Step: {pl_sd['global_step']}")
-    sd = pl_sd["state_dict"]
-    model = instantiate_from_config(config.model)
-    m, u = model.load_state_dict(sd, strict=False)
-    if len(m) > 0 and verbose:
-        print("missing keys:")
-        print(m)
-    if len(u) > 0 and verbose:
-        print("unexpected keys:")
-        print(u)
-
-    model.cuda()
-    model.eval()
-    return model
+def validate_options(parser, opt):
+    """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
+    validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
+    if not opt.init_img:
+        parser.error("pass --init-img PATH (the image to vary)")
+    if not 0.0 <= opt.strength <= 1.0:
+        parser.error(f"--strength must be in [0.0, 1.0], got {opt.strength}")
+    if int(opt.strength * opt.ddim_steps) < 1:
+        parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
+                     f"raise one of them")
+    return opt
 
 
 def load_img(path):
-    image = Image.open(path).convert("RGB")
+    """(1, 3, H, W) tensor in [-1, 1]; sides cropped down to multiples of 64 (LANCZOS resize)."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read --init-img {path}: {e}")
     w, h = image.size
-    print(f"loaded input image of size ({w}, {h}) from {path}")
-    w, h = map(lambda x: x - x % 32, (w, h))  # resize to integer multiple of 32
-    image = image.resize((w, h), resample=PIL.Image.LANCZOS)
-    image = np.array(image).astype(np.float32) / 255.0
-    image = image[None].transpose(0, 3, 1, 2)
-    image = torch.from_numpy(image)
-    return 2.*image - 1.
+    logger.info("loaded input image of size (%d, %d) from %s", w, h, path)
+    w, h = (x - x % LATENT_MULTIPLE for x in (w, h))
+    if w == 0 or h == 0:
+        raise SystemExit(f"error: --init-img must be at least {LATENT_MULTIPLE}x{LATENT_MULTIPLE} pixels")
+    image = image.resize((w, h), resample=Image.LANCZOS)
+    array = np.array(image).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2)) - 1.0
 
 
-def main():
-    parser = argparse.ArgumentParser()
-
-    parser.add_argument(
-        "--prompt",
-        type=str,
-        nargs="?",
-        default="a painting of a virus monster playing guitar",
-        help="the prompt to render"
-    )
-
-    parser.add_argument(
-        "--init-img",
-        type=str,
-        nargs="?",
-        help="path to the input image"
-    )
-
-    parser.add_argument(
-        "--outdir",
-        type=str,
-        nargs="?",
-        help="dir to write results to",
-        default="outputs/img2img-samples"
-    )
-
-    parser.add_argument(
-        "--skip_grid",
-        action='store_true',
-        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples",
-    )
-
-    parser.add_argument(
-        "--skip_save",
-        action='store_true',
-        help="do not save indiviual samples. For speed measurements.",
-    )
-
-    parser.add_argument(
-        "--ddim_steps",
-        type=int,
-        default=50,
-        help="number of ddim sampling steps",
-    )
-
-    parser.add_argument(
-        "--plms",
-        action='store_true',
-        help="use plms sampling",
-    )
-    parser.add_argument(
-        "--fixed_code",
-        action='store_true',
-        help="if enabled, uses the same starting code across all samples ",
-    )
-
-    parser.add_argument(
-        "--ddim_eta",
-        type=float,
-        default=0.0,
-        help="ddim eta (eta=0.0 corresponds to deterministic sampling",
-    )
-    parser.add_argument(
-        "--n_iter",
-        type=int,
-        default=1,
-        help="sample this often",
-    )
-    parser.add_argument(
-        "--C",
-        type=int,
-        default=4,
-        help="latent channels",
-    )
-    parser.add_argument(
-        "--f",
-        type=int,
-        default=8,
-        help="downsampling factor, most often 8 or 16",
-    )
-    parser.add_argument(
-        "--n_samples",
-        type=int,
-        default=2,
-        help="how many samples to produce for each given prompt. A.k.a batch size",
-    )
-    parser.add_argument(
-        "--n_rows",
-        type=int,
-        default=0,
-        help="rows in the grid (default: n_samples)",
-    )
-    parser.add_argument(
-        "--scale",
-        type=float,
-        default=5.0,
-        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))",
-    )
-
-    parser.add_argument(
-        "--strength",
-        type=float,
-        default=0.75,
-        help="strength for noising/unnoising. 1.0 corresponds to full destruction of information in init image",
-    )
-    parser.add_argument(
-        "--from-file",
-        type=str,
-        help="if specified, load prompts from this file",
-    )
-    parser.add_argument(
-        "--config",
-        type=str,
-        default="configs/stable-diffusion/v1-inference.yaml",
-        help="path to config which constructs model",
-    )
-    parser.add_argument(
-        "--ckpt",
-        type=str,
-        default="models/ldm/stable-diffusion-v1/model.ckpt",
-        help="path to checkpoint of model",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=42,
-        help="the seed (for reproducible sampling)",
-    )
-    parser.add_argument(
-        "--precision",
-        type=str,
-        help="evaluate at this precision",
-        choices=["full", "autocast"],
-        default="autocast"
-    )
-
-    opt = parser.parse_args()
+def load(opt):
+    """(model, device). Seeds first so --random-weights models are reproducible too."""
+    device = resolve_device(opt.device)
     seed_everything(opt.seed)
+    model = load_model(opt, device)
+    return model, device
 
-    config = OmegaConf.load(f"{opt.config}")
-    model = load_model_from_config(config, f"{opt.ckpt}")
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device)
+def encode_init_image(model, init_image, batch_size, device):
+    init_image = init_image.to(device).expand(batch_size, -1, -1, -1)
+    return model.get_first_stage_encoding(model.encode_first_stage(init_image))
 
-    if opt.plms:
-        raise NotImplementedError("PLMS sampler not (yet) supported")
-        sampler = PLMSSampler(model)
-    else:
-        sampler = DDIMSampler(model)
 
-    os.makedirs(opt.outdir, exist_ok=True)
-    outpath = opt.outdir
+def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
+    """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
+    n = len(prompts)
+    c, uc = conditionings(model, prompts, opt.scale)
+    t = torch.full((n,), t_enc, dtype=torch.long, device=init_latent.device)
+    z_enc = sampler.stochastic_encode(init_latent[:n], t, noise=noise)
+    latents = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
+                             unconditional_conditioning=uc, verbose=False)
+    return latents_to_images(model, latents)
 
-    batch_size = opt.n_samples
-    n_rows = opt.n_rows if opt.n_rows > 0 else batch_size
-    if not opt.from_file:
-        prompt = opt.prompt
-        assert prompt is not None
-        data = [batch_size * [prompt]]
 
-    else:
-        print(f"reading prompts from {opt.from_file}")
-        with open(opt.from_file, "r") as f:
-            data = f.read().splitlines()
-            data = list(chunk(data, batch_size))
-
-    sample_path = os.path.join(outpath, "samples")
-    os.makedirs(sample_path, exist_ok=True)
-    base_count = len(os.listdir(sample_path))
-    grid_count = len(os.listdir(outpath)) - 1
-
-    assert os.path.isfile(opt.init_img)
-    init_image = load_img(opt.init_img).to(device)
-    init_image = repeat(init_image, '1 ... -> b ...', b=batch_size)
-    init_latent = model.get_first_stage_encoding(model.encode_first_stage(init_image))  # move to latent space
-
+def generate(opt, model, sampler, device, postprocess, init_image):
+    """Yield (prompts, images) for every batch of every iteration."""
+    batches = read_prompt_batches(opt)
+    generator = torch.Generator().manual_seed(opt.seed)  # noise drawn on the CPU
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
-
-    assert 0. <= opt.strength <= 1., 'can only work with strength in [0.0, 1.0]'
     t_enc = int(opt.strength * opt.ddim_steps)
-    print(f"target t_enc is {t_enc} steps")
+    logger.info("target t_enc is %d steps", t_enc)
+    with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
+        init_latent = encode_init_image(model, init_image, opt.n_samples, device)
+        fixed_noise = cpu_noise(generator, init_latent.shape, device) if opt.fixed_code else None
+        with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
+            for _ in range(opt.n_iter):
+                for prompts in batches:
+                    n = len(prompts)
+                    noise = fixed_noise[:n] if fixed_noise is not None else \
+                        cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
+                    yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise))
+                    progress.update()
 
-    precision_scope = autocast if opt.precision == "autocast" else nullcontext
-    with torch.no_grad():
-        with precision_scope("cuda"):
-            with model.ema_scope():
-                tic = time.time()
-                all_samples = list()
-                for n in trange(opt.n_iter, desc="Sampling"):
-                    for prompts in tqdm(data, desc="data"):
-                        uc = None
-                        if opt.scale != 1.0:
-                            uc = model.get_learned_conditioning(batch_size * [""])
-                        if isinstance(prompts, tuple):
-                            prompts = list(prompts)
-                        c = model.get_learned_conditioning(prompts)
 
-                        # encode (scaled latent)
-                        z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc]*batch_size).to(device))
-                        # decode it
-                        samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
-                                                 unconditional_conditioning=uc,)
+def save_outputs(opt, results, size, extra_metadata=None):
+    """Save samples (unless --skip_save) and a grid (unless --skip_grid); returns the paths."""
+    extra = {"init_img": opt.init_img, "strength": opt.strength, **(extra_metadata or {})}
+    return save_results(opt, results, height=size[0], width=size[1], extra_metadata=extra)
 
-                        x_samples = model.decode_first_stage(samples)
-                        x_samples = torch.clamp((x_samples + 1.0) / 2.0, min=0.0, max=1.0)
 
-                        if not opt.skip_save:
-                            for x_sample in x_samples:
-                                x_sample = 255. * rearrange(x_sample.cpu().numpy(), 'c h w -> h w c')
-                                Image.fromarray(x_sample.astype(np.uint8)).save(
-                                    os.path.join(sample_path, f"{base_count:05}.png"))
-                                base_count += 1
-                        all_samples.append(x_samples)
-
-                if not opt.skip_grid:
-                    # additionally, save as grid
-                    grid = torch.stack(all_samples, 0)
-                    grid = rearrange(grid, 'n b c h w -> (n b) c h w')
-                    grid = make_grid(grid, nrow=n_rows)
-
-                    # to image
-                    grid = 255. * rearrange(grid, 'c h w -> h w c').cpu().numpy()
-                    Image.fromarray(grid.astype(np.uint8)).save(os.path.join(outpath, f'grid-{grid_count:04}.png'))
-                    grid_count += 1
-
-                toc = time.time()
-
-    print(f"Your samples are ready and waiting for you here: \n{outpath} \n"
-          f" \nEnjoy.")
+def main(argv=None, extra_metadata=None):
+    parser = build_parser()
+    opt = validate_options(parser, parser.parse_args(argv))
+    configure_logging()
+    init_image = load_img(opt.init_img)
+    postprocess = build_postprocess(opt)
+    model, device = load(opt)
+    sampler = make_sampler(opt, model, SAMPLERS)
+    results = generate(opt, model, sampler, device, postprocess, init_image)
+    paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)
+    logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)
+    return paths
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
+import logging
 from abc import abstractmethod
 from torch.utils.data import Dataset, ConcatDataset, ChainDataset, IterableDataset
+
+logger = logging.getLogger(__name__)
 
 
 class Txt2ImgIterableBaseDataset(IterableDataset):
@@ -13,7 +16,7 @@ class Txt2ImgIterableBaseDataset(IterableDataset):
         self.sample_ids = valid_ids
         self.size = size
 
-        print(f'{self.__class__.__name__} dataset contains {self.__len__()} examples.')
+        logger.info(f'{self.__class__.__name__} dataset contains {self.__len__()} examples.')
 
     def __len__(self):
         return self.num_records

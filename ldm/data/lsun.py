@@ -3,7 +3,7 @@ import numpy as np
 import PIL
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
+import random
 
 
 class LSUNBase(Dataset):
@@ -31,7 +31,7 @@ class LSUNBase(Dataset):
                               "bicubic": PIL.Image.BICUBIC,
                               "lanczos": PIL.Image.LANCZOS,
                               }[interpolation]
-        self.flip = transforms.RandomHorizontalFlip(p=flip_p)
+        self.flip_p = flip_p
 
     def __len__(self):
         return self._length
@@ -53,7 +53,8 @@ class LSUNBase(Dataset):
         if self.size is not None:
             image = image.resize((self.size, self.size), resample=self.interpolation)
 
-        image = self.flip(image)
+        if random.random() < self.flip_p:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
         image = np.array(image).astype(np.uint8)
         example["image"] = (image / 127.5 - 1.0).astype(np.float32)
         return example

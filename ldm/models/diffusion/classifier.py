@@ -1,4 +1,6 @@
+import logging
 import os
+import re
 import torch
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
@@ -8,10 +10,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from copy import deepcopy
 from einops import rearrange
 from glob import glob
-from natsort import natsorted
 
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
 from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def natsorted(paths):
+    """Sort strings so that embedded numbers compare numerically ("step-9" < "step-10")."""
+    return sorted(paths, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
 
 __models__ = {
     'class_label': EncoderUNetModel,
@@ -75,15 +83,15 @@ class NoisyLatentImageClassifier(pl.LightningModule):
         for k in keys:
             for ik in ignore_keys:
                 if k.startswith(ik):
-                    print("Deleting key {} from state_dict.".format(k))
+                    logger.info("Deleting key {} from state_dict.".format(k))
                     del sd[k]
         missing, unexpected = self.load_state_dict(sd, strict=False) if not only_model else self.model.load_state_dict(
             sd, strict=False)
-        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
+        logger.info(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
         if len(missing) > 0:
-            print(f"Missing Keys: {missing}")
+            logger.info(f"Missing Keys: {missing}")
         if len(unexpected) > 0:
-            print(f"Unexpected Keys: {unexpected}")
+            logger.info(f"Unexpected Keys: {unexpected}")
 
     def load_diffusion(self):
         model = instantiate_from_config(self.diffusion_config)
@@ -101,9 +109,7 @@ class NoisyLatentImageClassifier(pl.LightningModule):
 
         self.model = __models__[self.label_key](**model_config)
         if ckpt_path is not None:
-            print('#####################################################################')
-            print(f'load from ckpt "{ckpt_path}"')
-            print('#####################################################################')
+            logger.info(f'load from ckpt "{ckpt_path}"')
             self.init_from_ckpt(ckpt_path)
 
     @torch.no_grad()
@@ -223,7 +229,7 @@ class NoisyLatentImageClassifier(pl.LightningModule):
         if self.use_scheduler:
             scheduler = instantiate_from_config(self.scheduler_config)
 
-            print("Setting up LambdaLR scheduler...")
+            logger.info("Setting up LambdaLR scheduler...")
             scheduler = [
                 {
                     'scheduler': LambdaLR(optimizer, lr_lambda=scheduler.schedule),

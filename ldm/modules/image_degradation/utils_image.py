@@ -4,7 +4,7 @@ import random
 import numpy as np
 import torch
 import cv2
-from torchvision.utils import make_grid
+from ldm.image_io import make_grid
 from datetime import datetime
 #import matplotlib.pyplot as plt   # TODO: check with Dominik, also bsrgan.py vs bsrgan_light.py
 
@@ -94,8 +94,8 @@ def patches_from_image(img, p_size=512, p_overlap=64, p_max=800):
     w, h = img.shape[:2]
     patches = []
     if w > p_max and h > p_max:
-        w1 = list(np.arange(0, w-p_size, p_size-p_overlap, dtype=np.int))
-        h1 = list(np.arange(0, h-p_size, p_size-p_overlap, dtype=np.int))
+        w1 = list(np.arange(0, w-p_size, p_size-p_overlap, dtype=int))
+        h1 = list(np.arange(0, h-p_size, p_size-p_overlap, dtype=int))
         w1.append(w-p_size)
         h1.append(h-p_size)
 #        print(w1)
@@ -350,7 +350,7 @@ def tensor2img(tensor, out_type=np.uint8, min_max=(0, 1)):
     n_dim = tensor.dim()
     if n_dim == 4:
         n_img = len(tensor)
-        img_np = make_grid(tensor, nrow=int(math.sqrt(n_img)), normalize=False).numpy()
+        img_np = make_grid(tensor, nrow=int(math.sqrt(n_img))).numpy()
         img_np = np.transpose(img_np[[2, 1, 0], :, :], (1, 2, 0))  # HWC, BGR
     elif n_dim == 3:
         img_np = tensor.numpy()

@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from taming.modules.losses.vqperceptual import *  # TODO: taming dependency yes/no?
+from ldm.modules.losses.vqperceptual import adopt_weight, hinge_d_loss, vanilla_d_loss, import_taming_gan_parts
 
 
 class LPIPSWithDiscriminator(nn.Module):
@@ -11,6 +11,7 @@ class LPIPSWithDiscriminator(nn.Module):
                  disc_loss="hinge"):
 
         super().__init__()
+        LPIPS, NLayerDiscriminator, weights_init = import_taming_gan_parts()
         assert disc_loss in ["hinge", "vanilla"]
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight

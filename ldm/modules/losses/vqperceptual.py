@@ -1,11 +1,35 @@
+import logging
+
 import torch
 from torch import nn
 import torch.nn.functional as F
-from einops import repeat
 
-from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
-from taming.modules.losses.lpips import LPIPS
-from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
+logger = logging.getLogger(__name__)
+
+
+def import_taming_gan_parts():
+    """LPIPS, NLayerDiscriminator and weights_init from taming-transformers, imported lazily.
+
+    Only the GAN/perceptual training losses need them; sampling and the rest of ldm do not,
+    so taming-transformers is an optional dependency.
+    """
+    try:
+        from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
+        from taming.modules.losses.lpips import LPIPS
+    except ImportError as e:
+        raise ImportError(
+            "The LPIPS/discriminator training losses need taming-transformers: "
+            "pip install 'taming-transformers @ git+https://github.com/CompVis/taming-transformers'"
+        ) from e
+    return LPIPS, NLayerDiscriminator, weights_init
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1. - logits_real).mean() + F.relu(1. + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
 def hinge_d_loss_with_exemplar_weights(logits_real, logits_fake, weights):
@@ -47,13 +71,14 @@ class VQLPIPSWithDiscriminator(nn.Module):
                  disc_ndf=64, disc_loss="hinge", n_classes=None, perceptual_loss="lpips",
                  pixel_loss="l1"):
         super().__init__()
+        LPIPS, NLayerDiscriminator, weights_init = import_taming_gan_parts()
         assert disc_loss in ["hinge", "vanilla"]
         assert perceptual_loss in ["lpips", "clips", "dists"]
         assert pixel_loss in ["l1", "l2"]
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
         if perceptual_loss == "lpips":
-            print(f"{self.__class__.__name__}: Running with LPIPS.")
+            logger.info(f"{self.__class__.__name__}: Running with LPIPS.")
             self.perceptual_loss = LPIPS().eval()
         else:
             raise ValueError(f"Unknown perceptual loss: >> {perceptual_loss} <<")
@@ -76,7 +101,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
             self.disc_loss = vanilla_d_loss
         else:
             raise ValueError(f"Unknown GAN loss '{disc_loss}'.")
-        print(f"VQLPIPSWithDiscriminator running with {disc_loss} loss.")
+        logger.info(f"VQLPIPSWithDiscriminator running with {disc_loss} loss.")
         self.disc_factor = disc_factor
         self.discriminator_weight = disc_weight
         self.disc_conditional = disc_conditional
@@ -97,7 +122,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
 
     def forward(self, codebook_loss, inputs, reconstructions, optimizer_idx,
                 global_step, last_layer=None, cond=None, split="train", predicted_indices=None):
-        if not exists(codebook_loss):
+        if codebook_loss is None:
             codebook_loss = torch.tensor([0.]).to(inputs.device)
         #rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
         rec_loss = self.pixel_loss(inputs.contiguous(), reconstructions.contiguous())

@@ -1,6 +1,10 @@
+import logging
+
 import torch
 import torch.nn.functional as F
 import math
+
+logger = logging.getLogger(__name__)
 
 
 class NoiseScheduleVP:
@@ -12,7 +16,7 @@ class NoiseScheduleVP:
             continuous_beta_0=0.1,
             continuous_beta_1=20.,
         ):
-        """Create a wrapper class for the forward SDE (VP type).
+        r"""Create a wrapper class for the forward SDE (VP type).
 
         ***
         Update: We support discrete-time diffusion models by implementing a picewise linear interpolation for log_alpha_t.
@@ -959,7 +963,7 @@ class DPM_Solver:
                 lambda_s = ns.marginal_lambda(s)
             h = torch.min(theta * h * torch.float_power(E, -1. / order).float(), lambda_0 - lambda_s)
             nfe += order
-        print('adaptive solver nfe', nfe)
+        logger.debug('adaptive solver nfe %d', nfe)
         return x
 
     def sample(self, x, steps=20, t_start=None, t_end=None, order=3, skip_type='time_uniform',

@@ -1,8 +1,13 @@
 """SAMPLING ONLY."""
 
+import logging
+
 import torch
 
+from ldm.models.diffusion.guidance import check_conditioning_batch, guided_eps
 from .dpm_solver import NoiseScheduleVP, model_wrapper, DPM_Solver
+
+logger = logging.getLogger(__name__)
 
 
 class DPMSolverSampler(object):
@@ -13,9 +18,9 @@ class DPMSolverSampler(object):
         self.register_buffer('alphas_cumprod', to_torch(model.alphas_cumprod))
 
     def register_buffer(self, name, attr):
-        if type(attr) == torch.Tensor:
-            if attr.device != torch.device("cuda"):
-                attr = attr.to(torch.device("cuda"))
+        # Tensors follow the model (CPU, CUDA, ...); upstream forced CUDA here.
+        if isinstance(attr, torch.Tensor):
+            attr = attr.to(self.model.betas.device)
         setattr(self, name, attr)
 
     @torch.no_grad()
@@ -43,20 +48,13 @@ class DPMSolverSampler(object):
                # this has to come in the same format as the conditioning, # e.g. as encoded tokens, ...
                **kwargs
                ):
-        if conditioning is not None:
-            if isinstance(conditioning, dict):
-                cbs = conditioning[list(conditioning.keys())[0]].shape[0]
-                if cbs != batch_size:
-                    print(f"Warning: Got {cbs} conditionings but batch-size is {batch_size}")
-            else:
-                if conditioning.shape[0] != batch_size:
-                    print(f"Warning: Got {conditioning.shape[0]} conditionings but batch-size is {batch_size}")
+        check_conditioning_batch(conditioning, batch_size)
 
         # sampling
         C, H, W = shape
         size = (batch_size, C, H, W)
 
-        # print(f'Data shape for DPM-Solver sampling is {size}, sampling steps {S}')
+        logger.debug('Data shape for DPM-Solver sampling is %s, sampling steps %d', size, S)
 
         device = self.model.betas.device
         if x_T is None:
@@ -66,14 +64,14 @@ class DPMSolverSampler(object):
 
         ns = NoiseScheduleVP('discrete', alphas_cumprod=self.alphas_cumprod)
 
+        # Guidance happens in guided_eps (shared with DDIM/PLMS), so the wrapper only converts
+        # DPM-Solver's continuous time to the model's timestep ("uncond" = no extra guidance).
         model_fn = model_wrapper(
-            lambda x, t, c: self.model.apply_model(x, t, c),
+            lambda x, t: guided_eps(self.model, x, t, conditioning,
+                                    unconditional_conditioning, unconditional_guidance_scale),
             ns,
             model_type="noise",
-            guidance_type="classifier-free",
-            condition=conditioning,
-            unconditional_condition=unconditional_conditioning,
-            guidance_scale=unconditional_guidance_scale,
+            guidance_type="uncond",
         )
 
         dpm_solver = DPM_Solver(model_fn, ns, predict_x0=True, thresholding=False)

@@ -1,0 +1,97 @@
+"""Small image helpers shared by the sampling scripts and the training loggers.
+
+Replaces torchvision.utils.make_grid (the only torchvision piece ldm used) and holds the
+output conventions of scripts/txt2img.py and scripts/img2img.py: numbered files that are
+never overwritten, and a JSON "parameters" PNG text chunk describing how an image was made.
+"""
+import json
+import math
+import os
+import re
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PARAMETERS_KEY = "parameters"
+
+
+def make_grid(images, nrow=8, padding=2, pad_value=0.0):
+    """Tile a (B, C, H, W) tensor into one (C, H', W') image, rows of ``nrow`` images.
+
+    Same layout as torchvision.utils.make_grid: ``padding`` pixels of ``pad_value`` around and
+    between the tiles; a single (C, H, W) or (H, W) image is returned as it is (gray as RGB).
+    """
+    if images.dim() == 2:
+        images = images.unsqueeze(0)
+    if images.dim() == 3:
+        return images.expand(3, -1, -1) if images.shape[0] == 1 else images
+    if images.dim() != 4:
+        raise ValueError(f"make_grid expects a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    nrows = math.ceil(b / ncol)
+    cell_h, cell_w = h + padding, w + padding
+    grid = images.new_full((c, nrows * cell_h + padding, ncol * cell_w + padding), pad_value)
+    for i in range(b):
+        y, x = divmod(i, ncol)
+        top, left = y * cell_h + padding, x * cell_w + padding
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def to_pil(image):
+    """A (C, H, W) tensor in [0, 1] → PIL RGB image (rounded like the upstream scripts)."""
+    array = 255.0 * image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def upscale(image, factor):
+    """Integer nearest-neighbour upscale, for viewing the tiny images small models make."""
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def png_parameters(parameters):
+    """PngInfo carrying ``parameters`` (a JSON-serialisable dict) under the key "parameters"."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True, default=str))
+    return info
+
+
+def read_parameters(path):
+    """The "parameters" dict stored by :func:`save_png`, or None if the PNG has none."""
+    with Image.open(path) as image:
+        text = image.text.get(PARAMETERS_KEY)
+    return None if text is None else json.loads(text)
+
+
+def save_png(image, path, parameters=None, display_scale=1):
+    """Save a PIL image as PNG with optional metadata; refuses to overwrite an existing file."""
+    image = upscale(image, display_scale)
+    pnginfo = png_parameters(parameters) if parameters is not None else None
+    # "xb": exclusive create, so a file that appeared meanwhile is never clobbered.
+    with open(path, "xb") as f:
+        image.save(f, format="PNG", pnginfo=pnginfo)
+    return path
+
+
+def next_free_index(directory, prefix="", digits=5):
+    """Index after the highest existing ``{prefix}NNNNN.png`` in ``directory`` (0 if none).
+
+    Uses the maximum index rather than the number of files, so deleted or foreign files never
+    make a new image reuse an existing name.
+    """
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d{{{digits},}})\.png$")
+    indices = [int(m.group(1)) for m in map(pattern.match, _listdir(directory)) if m]
+    return max(indices, default=-1) + 1
+
+
+def _listdir(directory):
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []

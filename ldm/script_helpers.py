@@ -1,0 +1,356 @@
+"""Pieces shared by scripts/txt2img.py and scripts/img2img.py.
+
+Command-line options common to both, their validation (one ``error: ...`` line, no
+traceback), device/precision selection, model loading, seeding, the optional safety checker
+and invisible watermark, and the writer that numbers and saves the PNGs with their metadata.
+"""
+import logging
+import os
+from contextlib import nullcontext
+from itertools import islice
+
+import torch
+
+from ldm.image_io import make_grid, next_free_index, save_png, to_pil
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
+from ldm.models.diffusion.plms import PLMSSampler
+
+logger = logging.getLogger(__name__)
+
+# name -> sampler class; --sampler's choices come from here.
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
+
+# Upstream's boolean sampler flags, kept as aliases of --sampler NAME.
+SAMPLER_ALIASES = {"plms": "plms", "dpm_solver": "dpm"}
+
+LATENT_MULTIPLE = 64  # H and W: 8x VAE downsampling times 8x UNet downsampling (SD v1 layout)
+
+
+def configure_logging(level=logging.INFO):
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples, scale):
+    """Options both scripts share; per-script defaults are passed in."""
+    add = parser.add_argument
+    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+        help="the prompt to render")
+    add("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
+    add("--skip_grid", action="store_true",
+        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
+    add("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
+    add("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    add("--sampler", choices=sorted(samplers), default=None, help="sampling method (default: ddim)")
+    for flag, name in aliases.items():
+        add(f"--{flag}", action="store_true", help=f"same as --sampler {name} (upstream flag)")
+    add("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples")
+    add("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
+    add("--n_iter", type=int, default=n_iter, help="sample this often")
+    add("--C", type=int, default=4, help="latent channels")
+    add("--f", type=int, default=8, help="downsampling factor")
+    add("--n_samples", type=int, default=n_samples,
+        help="how many samples to produce for each given prompt. A.k.a. batch size")
+    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--scale", type=float, default=scale,
+        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+    add("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
+        help="path to config which constructs model")
+    add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
+        help="path to checkpoint of model (.safetensors or .ckpt)")
+    add("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    add("--precision", type=str, choices=["full", "autocast"], default="autocast",
+        help="autocast: float16 autocast on CUDA (CPU always runs float32)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    add("--unsafe-pickle", action="store_true",
+        help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
+    add("--random-weights", action="store_true",
+        help="build the model from --config with random weights, no checkpoint (for testing)")
+    add("--safety-checker", action="store_true",
+        help="run the Stable Diffusion safety checker (needs diffusers and its weights)")
+    add("--watermark", action="store_true",
+        help="embed an invisible watermark (needs invisible-watermark and opencv-python-headless)")
+    add("--display-scale", type=int, default=1, metavar="K",
+        help="nearest-neighbour upscale saved PNGs by K (for the tiny images small models make)")
+
+
+def validate_common(parser, opt, samplers, aliases):
+    """Check the shared options; resolves opt.sampler. Exits via parser.error on bad input."""
+    resolve_sampler(parser, opt, samplers, aliases)
+    for flag, value in (("--n_samples", opt.n_samples), ("--n_iter", opt.n_iter),
+                        ("--ddim_steps", opt.ddim_steps), ("--C", opt.C), ("--f", opt.f),
+                        ("--display-scale", opt.display_scale)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if opt.n_rows < 0:
+        parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
+    if not os.path.isfile(opt.config):
+        parser.error(f"config not found: {opt.config} (pass --config PATH to a model config, "
+                     f"e.g. configs/stable-diffusion/v1-inference.yaml)")
+    if not opt.random_weights and not os.path.isfile(opt.ckpt):
+        parser.error(f"checkpoint not found: {opt.ckpt} (pass --ckpt PATH to the model weights, "
+                     f"or --random-weights to run without weights)")
+    if opt.from_file and not os.path.isfile(opt.from_file):
+        parser.error(f"prompt file not found: {opt.from_file}")
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
+
+
+def resolve_sampler(parser, opt, samplers, aliases):
+    """Fold upstream's --plms/--dpm_solver into opt.sampler; contradictions are errors."""
+    requested = [name for flag, name in aliases.items() if getattr(opt, flag)]
+    if len(requested) > 1:
+        parser.error("choose one sampler: " + " and ".join(f"--{f}" for f in aliases if getattr(opt, f))
+                     + " contradict each other")
+    if requested:
+        if opt.sampler is not None and opt.sampler != requested[0]:
+            flag = next(f for f, n in aliases.items() if n == requested[0])
+            parser.error(f"--{flag} contradicts --sampler {opt.sampler}")
+        opt.sampler = requested[0]
+    opt.sampler = opt.sampler or "ddim"
+    if opt.sampler not in samplers:
+        parser.error(f"sampler '{opt.sampler}' is not supported here (choose from {', '.join(sorted(samplers))})")
+
+
+def check_image_size(parser, height, width):
+    """H and W must be positive multiples of 64; the error suggests the nearest valid size."""
+    for flag, value in (("--H", height), ("--W", width)):
+        if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE:
+            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
+            parser.error(f"{flag} must be a positive multiple of {LATENT_MULTIPLE}, got {value} "
+                         f"(nearest valid size: {nearest})")
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def precision_context(precision, device):
+    """float16 autocast only on CUDA with --precision autocast; everything else runs float32."""
+    if precision == "autocast" and device.type == "cuda":
+        return torch.autocast("cuda")
+    return nullcontext()
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices); also makes --random-weights reproducible."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model(opt, device):
+    """Build the model from --config and load --ckpt (or random weights); errors are one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    import ldm.util
+
+    try:
+        config = OmegaConf.load(opt.config)
+    except (OSError, YAMLError, OmegaConfBaseException) as e:
+        raise SystemExit(f"error: cannot read config {opt.config}: {e}")
+    if opt.random_weights:
+        logger.warning("RANDOM WEIGHTS: building %s without a checkpoint; images will be noise-like",
+                       opt.config)
+    elif opt.unsafe_pickle:
+        logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
+    ckpt = None if opt.random_weights else opt.ckpt
+    try:
+        return ldm.util.load_model_from_config(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle,
+                                               random_weights=opt.random_weights)
+    except (ldm.util.CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def make_sampler(opt, model, samplers):
+    return samplers[opt.sampler](model)
+
+
+def read_prompt_batches(opt):
+    """Lists of prompts, one list per sampling batch (at most n_samples each)."""
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    logger.info("reading prompts from %s", opt.from_file)
+    with open(opt.from_file, "r") as f:
+        prompts = [line for line in f.read().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: no prompts in {opt.from_file}")
+    it = iter(prompts)
+    return list(iter(lambda: list(islice(it, opt.n_samples)), []))
+
+
+def conditionings(model, prompts, scale):
+    """(cond, uncond) for a batch of prompts; uncond is None when guidance is off (scale 1)."""
+    uc = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
+    return model.get_learned_conditioning(prompts), uc
+
+
+def latents_to_images(model, latents):
+    """Decode latents to (B, 3, H, W) float32 CPU images in [0, 1]."""
+    images = model.decode_first_stage(latents)
+    return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+
+def cpu_noise(generator, shape, device):
+    """Gaussian noise drawn on the CPU (same numbers on every device) and moved to ``device``."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
+# --- optional post-processing -------------------------------------------------------------
+
+SAFETY_MODEL_ID = "CompVis/stable-diffusion-safety-checker"
+WATERMARK_TEXT = "StableDiffusionV1"
+
+
+def build_postprocess(opt):
+    """A function images -> images applying the requested safety checker / watermark.
+
+    Images are (B, 3, H, W) in [0, 1]. Everything is loaded here, before sampling, so a
+    missing optional dependency fails fast with one line.
+    """
+    steps = []
+    if opt.safety_checker:
+        steps.append(_load_safety_checker())
+    if opt.watermark:
+        steps.append(_load_watermarker())
+
+    def postprocess(images):
+        for step in steps:
+            images = step(images)
+        return images
+
+    return postprocess
+
+
+def _load_safety_checker():
+    try:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import AutoFeatureExtractor
+    except ImportError as e:
+        raise SystemExit(f"error: --safety-checker needs diffusers (pip install diffusers): {e}")
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(SAFETY_MODEL_ID)
+        checker = StableDiffusionSafetyChecker.from_pretrained(SAFETY_MODEL_ID)
+    except Exception as e:  # offline hub, missing cache, ...: all mean "weights unavailable"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(f"error: --safety-checker could not load {SAFETY_MODEL_ID} "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}): {reason}")
+
+    def check(images):
+        array = images.permute(0, 2, 3, 1).numpy()
+        features = extractor([to_pil(img) for img in images], return_tensors="pt")
+        checked, flagged = checker(images=array, clip_input=features.pixel_values)
+        for i, nsfw in enumerate(flagged):
+            if nsfw:
+                logger.warning("safety checker flagged image %d; replacing it with black", i)
+                checked[i] = 0
+        return torch.from_numpy(checked).permute(0, 3, 1, 2)
+
+    return check
+
+
+def _load_watermarker():
+    try:
+        import cv2
+        import numpy as np
+        from imwatermark import WatermarkEncoder
+    except ImportError as e:
+        raise SystemExit("error: --watermark needs invisible-watermark and opencv-python-headless "
+                         f"(pip install invisible-watermark opencv-python-headless): {e}")
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bytes", WATERMARK_TEXT.encode("utf-8"))
+
+    def watermark(images):
+        out = []
+        for img in images:
+            bgr = cv2.cvtColor(np.array(to_pil(img)), cv2.COLOR_RGB2BGR)
+            rgb = encoder.encode(bgr, "dwtDct")[:, :, ::-1].astype(np.float32) / 255.0
+            out.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+        return torch.stack(out)
+
+    return watermark
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+def run_metadata(opt, *, prompt, height, width, extra_metadata=None):
+    """The JSON stored in each PNG's "parameters" text chunk.
+
+    ``extra_metadata`` is a dict other features add their settings to (stored under "extra").
+    """
+    metadata = {
+        "prompt": prompt,
+        "seed": opt.seed,
+        "sampler": opt.sampler,
+        "steps": opt.ddim_steps,
+        "scale": opt.scale,
+        "eta": opt.ddim_eta,
+        "H": height,
+        "W": width,
+        "config": opt.config,
+        "ckpt": None if opt.random_weights else opt.ckpt,
+        "extra": dict(extra_metadata or {}),
+    }
+    if opt.random_weights:
+        metadata["random_weights"] = True
+    return metadata
+
+
+class OutputWriter:
+    """Saves samples as ``outdir/samples/NNNNN.png`` and grids as ``outdir/grid-NNNN.png``.
+
+    Numbering continues after the highest existing index; existing files are never overwritten.
+    """
+
+    def __init__(self, outdir, display_scale=1):
+        self.outdir = outdir
+        self.sample_dir = os.path.join(outdir, "samples")
+        self.display_scale = display_scale
+        os.makedirs(self.sample_dir, exist_ok=True)
+        self.next_sample = next_free_index(self.sample_dir, digits=5)
+        self.next_grid = next_free_index(outdir, prefix="grid-", digits=4)
+
+    def save_samples(self, images, metadata):
+        """Save each (3, H, W) image; ``metadata(i)`` gives the parameters for image i of the batch."""
+        paths = []
+        for i, image in enumerate(images):
+            path = os.path.join(self.sample_dir, f"{self.next_sample:05}.png")
+            paths.append(save_png(to_pil(image), path, metadata(i), self.display_scale))
+            self.next_sample += 1
+        return paths
+
+    def save_grid(self, images, nrow, metadata):
+        grid = make_grid(images, nrow=nrow)
+        path = os.path.join(self.outdir, f"grid-{self.next_grid:04}.png")
+        save_png(to_pil(grid), path, metadata, self.display_scale)
+        self.next_grid += 1
+        return path
+
+
+def save_results(opt, results, *, height, width, extra_metadata=None):
+    """Save each batch of ``results`` ((prompts, images) pairs) as samples (unless --skip_save)
+    and all of them as one grid (unless --skip_grid), with metadata; returns the paths."""
+    writer = OutputWriter(opt.outdir, opt.display_scale)
+
+    def metadata(prompt):
+        return run_metadata(opt, prompt=prompt, height=height, width=width, extra_metadata=extra_metadata)
+
+    paths, all_images, all_prompts = [], [], []
+    for prompts, images in results:
+        if not opt.skip_save:
+            paths += writer.save_samples(images, lambda i: metadata(prompts[i]))
+        if not opt.skip_grid:
+            all_images.append(images)
+            all_prompts += prompts
+    if all_images:
+        prompt = all_prompts[0] if len(set(all_prompts)) == 1 else all_prompts
+        paths.append(writer.save_grid(torch.cat(all_images), opt.n_rows or opt.n_samples, metadata(prompt)))
+    return paths

@@ -1,0 +1,117 @@
+"""The txt2img/img2img scripts as a user runs them: subprocesses on the tiny config."""
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, TINY_CONFIG
+from ldm.image_io import read_parameters
+
+TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64",
+        "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3"]
+
+
+def run(script, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def pngs(outdir):
+    return sorted(p.relative_to(outdir).as_posix() for p in outdir.rglob("*.png"))
+
+
+@pytest.mark.parametrize("sampler", ["plms", "dpm"])
+def test_txt2img_each_sampler_writes_images_with_metadata(tmp_path, sampler):
+    assert_ok(run("txt2img.py", *TINY, "--sampler", sampler, "--outdir", tmp_path, "--prompt", "a red chair"))
+    assert pngs(tmp_path) == ["grid-0000.png", "samples/00000.png", "samples/00001.png"]
+    meta = read_parameters(tmp_path / "samples" / "00001.png")
+    assert meta["sampler"] == sampler and meta["prompt"] == "a red chair" and meta["steps"] == 3
+    assert meta["H"] == meta["W"] == 64 and meta["seed"] == 42 and meta["random_weights"] is True
+    assert read_parameters(tmp_path / "grid-0000.png")["sampler"] == sampler
+    assert Image.open(tmp_path / "samples" / "00000.png").size == (64, 64)
+
+
+def test_txt2img_ddim_second_run_does_not_overwrite_and_is_reproducible(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "00007.png").write_bytes(b"not mine")  # a gap: numbering goes past it
+    for _ in range(2):
+        assert_ok(run("txt2img.py", *TINY, "--sampler", "ddim", "--outdir", tmp_path, "--display-scale", "2"))
+    assert pngs(tmp_path) == ["grid-0000.png", "grid-0001.png", "samples/00007.png", "samples/00008.png",
+                              "samples/00009.png", "samples/00010.png", "samples/00011.png"]
+    assert (tmp_path / "samples" / "00007.png").read_bytes() == b"not mine"
+    samples = tmp_path / "samples"
+    # same seed -> identical PNG bytes (pixels and metadata)
+    assert (samples / "00008.png").read_bytes() == (samples / "00010.png").read_bytes()
+    assert (samples / "00009.png").read_bytes() == (samples / "00011.png").read_bytes()
+    assert Image.open(samples / "00008.png").size == (128, 128)  # --display-scale 2
+    assert read_parameters(samples / "00008.png")["sampler"] == "ddim"
+
+
+def test_img2img_runs_on_a_generated_png(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (70, 64), (200, 40, 40)).save(init)  # 70 wide: cropped to 64
+    out = tmp_path / "out"
+    assert_ok(run("img2img.py", "--config", TINY_CONFIG, "--random-weights", "--init-img", init,
+                  "--n_samples", "2", "--ddim_steps", "4", "--strength", "0.5", "--outdir", out))
+    assert pngs(out) == ["grid-0000.png", "samples/00000.png", "samples/00001.png"]
+    meta = read_parameters(out / "samples" / "00000.png")
+    assert meta["extra"]["strength"] == 0.5 and meta["sampler"] == "ddim" and (meta["H"], meta["W"]) == (64, 64)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--H", "100"], ["--H must be a positive multiple of 64", "nearest valid size: 128"]),
+    (["--W", "0"], ["--W must be a positive multiple of 64"]),
+    (["--n_samples", "0"], ["--n_samples must be at least 1"]),
+    (["--ddim_steps", "0"], ["--ddim_steps must be at least 1"]),
+    (["--plms", "--sampler", "dpm"], ["--plms contradicts --sampler dpm"]),
+    (["--plms", "--dpm_solver"], ["contradict"]),
+    (["--config", "configs/nope.yaml"], ["config not found: configs/nope.yaml", "--config"]),
+])
+def test_txt2img_bad_input_is_one_error_line(tmp_path, args, fragments):
+    assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path, *args), *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_txt2img_missing_checkpoint_says_what_to_pass(tmp_path):
+    result = run("txt2img.py", "--config", TINY_CONFIG, "--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path)
+    assert_one_line_error(result, "checkpoint not found", "--ckpt", "--random-weights")
+
+
+def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"this is not a checkpoint")
+    args = [a for a in TINY if a != "--random-weights"]
+    result = run("txt2img.py", *args, "--ckpt", bad, "--outdir", tmp_path / "out")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_img2img_rejects_plms_and_missing_init_img(tmp_path):
+    assert_one_line_error(run("img2img.py", "--config", TINY_CONFIG, "--random-weights", "--plms",
+                              "--init-img", "x.png", "--outdir", tmp_path), "plms")
+    assert_one_line_error(run("img2img.py", "--config", TINY_CONFIG, "--random-weights",
+                              "--outdir", tmp_path), "--init-img")
+
+
+def test_optional_extras_fail_with_one_line_when_unavailable(tmp_path):
+    for flag in ("--safety-checker", "--watermark"):
+        result = run("txt2img.py", *TINY, flag, "--outdir", tmp_path / flag.strip("-"))
+        if result.returncode == 0:
+            continue  # the optional dependency and its weights happen to be available
+        assert_one_line_error(result, flag)

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
+from ldm.models.diffusion.guidance import guided_eps
+from ldm.models.diffusion.plms import PLMSSampler
+
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
+
+
+@pytest.fixture(scope="module")
+def conds(tiny_model):
+    with torch.no_grad():
+        return (tiny_model.get_learned_conditioning(["a wooden chair", "a red table"]),
+                tiny_model.get_learned_conditioning(["", ""]))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [3, 5])
+def test_sampler_end_to_end_on_tiny_model(tiny_model, conds, name, steps):
+    c, uc = conds
+    torch.manual_seed(0)
+    latents, _ = SAMPLERS[name](tiny_model).sample(
+        S=steps, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+        unconditional_guidance_scale=7.5, unconditional_conditioning=uc, eta=0.0)
+    assert latents.shape == (2, 4, 8, 8)
+    assert latents.device.type == "cpu"
+    images = tiny_model.decode_first_stage(latents)
+    assert images.shape == (2, 3, 64, 64)
+    assert torch.isfinite(images).all()
+
+
+def test_ddim_stochastic_encode_decode_on_cpu(tiny_model, conds):
+    c, uc = conds
+    sampler = DDIMSampler(tiny_model)
+    sampler.make_schedule(ddim_num_steps=5, ddim_eta=0.0, verbose=False)
+    x0 = torch.randn(2, 4, 8, 8)
+    z = sampler.stochastic_encode(x0, torch.tensor([3, 3]))
+    out = sampler.decode(z, c, 3, unconditional_guidance_scale=5.0, unconditional_conditioning=uc, verbose=False)
+    assert out.shape == x0.shape and torch.isfinite(out).all()
+
+
+def test_guided_eps_scale_one_is_plain_cond_call(tiny_model, conds):
+    c, uc = conds
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    with torch.no_grad():
+        expected = tiny_model.apply_model(x, t, c)
+        assert torch.equal(guided_eps(tiny_model, x, t, c, uc, 1.0), expected)
+        assert torch.equal(guided_eps(tiny_model, x, t, c, None, 7.5), expected)
+
+
+class SpyModel:
+    """Records apply_model calls; eps = x * 0 + (value identifying uncond/cond)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_model(self, x, t, cond):
+        self.calls.append((x, t, cond))
+        return cond[:, :1, :1, None].expand(-1, *x.shape[1:]).clone()
+
+
+def test_guided_eps_single_batched_call_uncond_first():
+    model = SpyModel()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([7, 8, 9])
+    cond, uncond = torch.full((3, 5, 6), 2.0), torch.full((3, 5, 6), 1.0)
+    eps = guided_eps(model, x, t, cond, uncond, 3.0)
+    assert len(model.calls) == 1
+    x_in, t_in, c_in = model.calls[0]
+    assert torch.equal(x_in, torch.cat([x, x])) and torch.equal(t_in, torch.cat([t, t]))
+    assert torch.equal(c_in[:3], uncond) and torch.equal(c_in[3:], cond)
+    # e_u + s * (e_c - e_u) = 1 + 3 * (2 - 1)
+    assert torch.equal(eps, torch.full_like(x, 4.0))
+
+
+def test_guided_eps_dict_conditioning():
+    seen = []
+
+    class DictModel:
+        def apply_model(self, x, t, cond):
+            seen.append(cond)
+            return cond["c_crossattn"][0][:, :1, :1, None].expand(-1, *x.shape[1:]).clone()
+
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    cond = {"c_concat": [torch.ones(2, 4, 8, 8)], "c_crossattn": [torch.full((2, 5, 6), 2.0)]}
+    uncond = {"c_concat": [torch.ones(2, 4, 8, 8)], "c_crossattn": [torch.full((2, 5, 6), 1.0)]}
+    eps = guided_eps(DictModel(), x, t, cond, uncond, 2.0)
+    assert seen[0]["c_concat"][0].shape[0] == 4 and torch.equal(seen[0]["c_crossattn"][0][:2], uncond["c_crossattn"][0])
+    assert torch.equal(eps, torch.full_like(x, 3.0))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samplers_route_guidance_through_guided_eps(tiny_model, conds, name, monkeypatch):
+    c, uc = conds
+    calls = []
+    real = tiny_model.apply_model
+
+    def spy(x, t, cond, *a, **k):
+        calls.append(x.shape[0])
+        return real(x, t, cond, *a, **k)
+
+    monkeypatch.setattr(tiny_model, "apply_model", spy)
+    SAMPLERS[name](tiny_model).sample(S=3, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                      unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
+    assert calls and all(n == 4 for n in calls)  # every call: one batch of uncond + cond halves

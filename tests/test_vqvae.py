@@ -1,0 +1,32 @@
+import numpy as np
+import torch
+
+from ldm.models.autoencoder import VQModel  # noqa: F401  (imports without taming-transformers)
+from ldm.modules.vqvae.quantize import VectorQuantizer2
+
+
+def test_quantizer_snaps_to_nearest_codebook_entry_with_straight_through_gradient():
+    torch.manual_seed(0)
+    q = VectorQuantizer2(n_e=16, e_dim=4, beta=0.25, sane_index_shape=True)
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    z_q, loss, (_, _, indices) = q(z)
+    assert z_q.shape == z.shape and indices.shape == (2, 3, 5)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = torch.cdist(flat, q.embedding.weight).argmin(1).reshape(2, 3, 5)
+    assert torch.equal(indices, expected)
+    assert torch.allclose(z_q, q.get_codebook_entry(indices.reshape(-1), (2, 3, 5, 4)))
+    z_q.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))  # straight-through
+    mse = torch.mean((z_q.detach() - z.detach()) ** 2)
+    assert torch.allclose(loss, mse * 1.25)  # legacy: commitment + beta * codebook, equal values
+
+
+def test_quantizer_remap_round_trip(tmp_path):
+    used = np.array([3, 7, 11])
+    np.save(tmp_path / "used.npy", used)
+    q = VectorQuantizer2(n_e=16, e_dim=4, beta=0.25, remap=str(tmp_path / "used.npy"), unknown_index="extra")
+    assert q.re_embed == 4
+    inds = torch.tensor([[3, 11, 5]])
+    mapped = q.remap_to_used(inds)
+    assert mapped.tolist() == [[0, 2, 3]]
+    assert q.unmap_to_all(mapped).tolist() == [[3, 11, 3]]  # the unknown "extra" index maps to used[0]
