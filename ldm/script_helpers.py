@@ -157,10 +157,7 @@ def load_model(opt, device):
         config = OmegaConf.load(opt.config)
     except (OSError, YAMLError, OmegaConfBaseException) as e:
         raise SystemExit(f"error: cannot read config {opt.config}: {e}")
-    if opt.random_weights:
-        logger.warning("RANDOM WEIGHTS: building %s without a checkpoint; images will be noise-like",
-                       opt.config)
-    elif opt.unsafe_pickle:
+    if opt.unsafe_pickle and not opt.random_weights:
         logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     ckpt = None if opt.random_weights else opt.ckpt
     try:

@@ -13,6 +13,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules import consistency
+from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
@@ -34,11 +36,13 @@ def build_parser():
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")
+    consistency.add_arguments(parser)
     return parser
 
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples)
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     if not opt.init_img:
         parser.error("pass --init-img PATH (the image to vary)")
@@ -106,7 +110,9 @@ def generate(opt, model, sampler, device, postprocess, init_image):
                     n = len(prompts)
                     noise = fixed_noise[:n] if fixed_noise is not None else \
                         cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
-                    yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise))
+                    with consistent_attention(model, opt.consistency, n):
+                        images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
+                    yield prompts, postprocess(images)
                     progress.update()
 
 
@@ -117,9 +123,12 @@ def save_outputs(opt, results, size, extra_metadata=None):
 
 
 def main(argv=None, extra_metadata=None):
+    configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    configure_logging()
+    if opt.consistency is not None:
+        logger.info("consistent attention: %s", opt.consistency.describe())
+        extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
     init_image = load_img(opt.init_img)
     postprocess = build_postprocess(opt)
     model, device = load(opt)

@@ -9,6 +9,8 @@ import logging
 import torch
 from tqdm import tqdm
 
+from ldm.modules import consistency
+from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
                                 cpu_noise, latents_to_images, load_model, make_sampler,
@@ -25,11 +27,13 @@ def build_parser():
     parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
+    consistency.add_arguments(parser)
     return parser
 
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples)
     if opt.laion400m:
         logger.info("Falling back to LAION 400M model...")
         opt.config = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
@@ -72,7 +76,9 @@ def generate(opt, model, sampler, device, postprocess):
                     n = len(prompts)
                     x_T = fixed_code[:n] if fixed_code is not None else \
                         cpu_noise(generator, [n] + latent_shape[1:], device)
-                    yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, x_T))
+                    with consistent_attention(model, opt.consistency, n):
+                        images = sample_batch(opt, model, sampler, prompts, x_T)
+                    yield prompts, postprocess(images)
                     progress.update()
 
 
@@ -82,9 +88,12 @@ def save_outputs(opt, results, extra_metadata=None):
 
 
 def main(argv=None, extra_metadata=None):
+    configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    configure_logging()
+    if opt.consistency is not None:
+        logger.info("consistent attention: %s", opt.consistency.describe())
+        extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
     postprocess = build_postprocess(opt)
     model, device = load(opt)
     sampler = make_sampler(opt, model, SAMPLERS)

@@ -313,7 +313,7 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     num_timesteps = getattr(model, "num_timesteps", 1000)
     policy.hook = unet.register_forward_pre_hook(
         lambda module, args, kwargs: _start_unet_call(policy, args, kwargs, num_timesteps), with_kwargs=True)
-    log.info("consistent attention on %d of %d self-attention layers: %s",
+    log.debug("consistent attention on %d of %d self-attention layers: %s",
              len(selected), len(self_attention_sites(model)), config.describe())
     return policy
 

@@ -1,0 +1,88 @@
+"""--consistent-attn end to end: txt2img and img2img as a user runs them, on the tiny config.
+
+The tiny config's random init zeroes the UNet's output layers (upstream's zero_module), so its
+noise prediction would not depend on attention at all; the checkpoint made here gives every
+weight a value, so that sharing visibly changes images."""
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import TINY_CONFIG
+from ldm.image_io import read_parameters
+from ldm.util import instantiate_from_config
+from test_cli import assert_ok, assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def args(ckpt, outdir, *extra, n=3):
+    return ["--config", TINY_CONFIG, "--ckpt", ckpt, "--n_samples", n, "--n_iter", "1", "--ddim_steps", "4",
+            "--skip_grid", "--outdir", outdir, *extra]
+
+
+def txt2img(*argv):
+    return run("txt2img.py", "--H", "64", "--W", "64", *argv)
+
+
+def pixels(outdir):
+    return [np.asarray(Image.open(p)) for p in sorted((outdir / "samples").glob("*.png"))]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm"])
+def test_anchor_image_is_the_vanilla_image_and_the_others_change(tmp_path, tiny_ckpt, sampler):
+    plain, shared = tmp_path / "plain", tmp_path / "shared"
+    assert_ok(txt2img(*args(tiny_ckpt, plain, "--sampler", sampler)))
+    assert_ok(txt2img(*args(tiny_ckpt, shared, "--sampler", sampler, "--consistent-attn",
+                                      "--share-mode", "anchor", "--share-groups", "all")))
+    before, after = pixels(plain), pixels(shared)
+    assert len(before) == len(after) == 3
+    assert np.array_equal(after[0], before[0])  # the anchor is computed exactly as without sharing
+    assert all(not np.array_equal(a, b) for a, b in zip(after[1:], before[1:]))
+    meta = read_parameters(shared / "samples" / "00001.png")
+    assert meta["extra"]["consistent_attn"]["mode"] == "anchor"
+    assert meta["extra"]["consistent_attn"]["groups"] == ["inner", "middle", "outer"]
+    assert "consistent_attn" not in read_parameters(plain / "samples" / "00001.png")["extra"]
+
+
+def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):
+    plain, shared = tmp_path / "plain", tmp_path / "shared"
+    assert_ok(txt2img(*args(tiny_ckpt, plain, n=1)))
+    result = txt2img(*args(tiny_ckpt, shared, "--consistent-attn", n=1))
+    assert_ok(result)
+    assert "nothing to share" in result.stderr
+    assert np.array_equal(pixels(shared)[0], pixels(plain)[0])
+
+
+def test_img2img_shares_too(tmp_path, tiny_ckpt):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    plain, shared = tmp_path / "plain", tmp_path / "shared"
+    common = ["--init-img", init, "--strength", "0.75"]
+    assert_ok(run("img2img.py", *args(tiny_ckpt, plain, *common)))
+    assert_ok(run("img2img.py", *args(tiny_ckpt, shared, *common, "--consistent-attn", "--share-groups", "all")))
+    assert any(not np.array_equal(a, b) for a, b in zip(pixels(shared), pixels(plain)))
+    assert read_parameters(shared / "samples" / "00000.png")["extra"]["consistent_attn"]["mode"] == "all"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--share-mode", "anchor"], "only take effect with --consistent-attn"),
+    (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
+    (["--consistent-attn", "--share-window", "0.9:0.1"], "step window"),
+])
+def test_bad_sharing_flags_are_one_error_line(tmp_path, tiny_ckpt, flags, fragment):
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path, *flags)), fragment)
+    assert not (tmp_path / "samples").exists()
