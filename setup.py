@@ -5,6 +5,8 @@ setup(
     version="0.0.1",
     description="Latent diffusion / Stable Diffusion v1 (CompVis), on a current PyTorch stack",
     packages=find_packages(include=["ldm", "ldm.*"]),
+    # the CLIP BPE vocabulary the offline tokenizer is built from
+    package_data={"ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz", "CLIP_VOCAB_NOTICE.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
