@@ -24,6 +24,7 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
 # Upstream's boolean sampler flags, kept as aliases of --sampler NAME.
 SAMPLER_ALIASES = {"plms": "plms", "dpm_solver": "dpm"}
 
+UNET_DOWNSAMPLING = 8  # SD v1 UNet: three 2x downsamplings
 LATENT_MULTIPLE = 64  # H and W: 8x VAE downsampling times 8x UNet downsampling (SD v1 layout)
 
 
@@ -113,12 +114,13 @@ def resolve_sampler(parser, opt, samplers, aliases):
         parser.error(f"sampler '{opt.sampler}' is not supported here (choose from {', '.join(sorted(samplers))})")
 
 
-def check_image_size(parser, height, width):
-    """H and W must be positive multiples of 64; the error suggests the nearest valid size."""
+def check_image_size(parser, height, width, multiple=LATENT_MULTIPLE):
+    """H and W must be positive multiples of ``multiple`` (first-stage factor --f times the UNet's 8x
+    downsampling: 64 for SD, 8 for a pixel-space model with --f 1); the error suggests the nearest valid size."""
     for flag, value in (("--H", height), ("--W", width)):
-        if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE:
-            nearest = max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)
-            parser.error(f"{flag} must be a positive multiple of {LATENT_MULTIPLE}, got {value} "
+        if value < multiple or value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            parser.error(f"{flag} must be a positive multiple of {multiple}, got {value} "
                          f"(nearest valid size: {nearest})")
 
 

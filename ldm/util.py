@@ -401,7 +401,17 @@ def apply_state_dict(model, sd, source="checkpoint"):
         logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))
     if unexpected:
         logger.info("%d keys of %s not used by the model: %s", len(unexpected), source, _some(unexpected))
+    _use_loaded_weights_without_ema(model, sd, source)
     return model
+
+
+def _use_loaded_weights_without_ema(model, sd, source):
+    """A config with use_ema keeps an EMA copy that ema_scope() swaps in for sampling; a file
+    without model_ema.* (e.g. exported with the EMA already in the UNet weights) leaves that
+    copy at its random initialisation, so sampling must use the loaded weights instead."""
+    if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in sd):
+        logger.info("%s has no EMA weights (model_ema.*): sampling with its UNet weights as they are", source)
+        model.use_ema = False
 
 
 def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):

@@ -15,7 +15,7 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
                                 cpu_noise, latents_to_images, load_model, make_sampler,
                                 precision_context, read_prompt_batches, resolve_device, save_results,
-                                seed_everything, validate_common)
+                                seed_everything, validate_common, UNET_DOWNSAMPLING)
 
 logger = logging.getLogger("txt2img")
 
@@ -40,7 +40,7 @@ def validate_options(parser, opt):
         opt.ckpt = "models/ldm/text2img-large/model.ckpt"
         opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
-    check_image_size(parser, opt.H, opt.W)
+    check_image_size(parser, opt.H, opt.W, multiple=opt.f * UNET_DOWNSAMPLING)
     return opt
 
 

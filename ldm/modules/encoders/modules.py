@@ -288,12 +288,15 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     With the default `version` the architecture is built from CLIP ViT-L/14's config with random
     weights, which the Stable Diffusion checkpoint (cond_stage_model.transformer.*) then fills.
     `device` is accepted for backward compatibility only: inputs follow the model's parameters.
+    `trainable=True` skips the freezing, for configs that train the text encoder from scratch
+    (with LatentDiffusion's ``cond_stage_trainable: true``, which also puts it in the optimizer).
     """
-    def __init__(self, version=CLIP_VERSION, device="cuda", max_length=77, text_config=None):
+    def __init__(self, version=CLIP_VERSION, device="cuda", max_length=77, text_config=None, trainable=False):
         super().__init__()
         self.tokenizer, self.transformer = load_clip_text_encoder(version, text_config, max_length)
         self.max_length = max_length
-        self.freeze()
+        if not trainable:
+            self.freeze()
 
     @property
     def device(self):

@@ -1,0 +1,299 @@
+"""Which self-attention groups need sharing for consistent batches? (task.md, question 4)
+
+For every sharing setting (SETTINGS) the same batches are generated from the same start noise:
+for each prompt and seed, N images with DDIM and classifier-free guidance. The procedural
+scenes' pixel read-back (ldm.data.procedural) measures each batch without any classifier:
+
+* agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
+* colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
+* fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
+* diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
+* s/image       wall time of the sampling per image
+
+    # the model trained on the procedural scenes (models/embedded/README.md)
+    python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
+    # a smoke run with random weights (the numbers mean nothing)
+    python scripts/consistency_benchmark.py --random-weights --n 2 --steps 2 --seeds 0 --settings none all:all
+
+Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
+"""
+import argparse
+import csv
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.data import procedural  # noqa: E402
+from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.script_helpers import conditionings, configure_logging, cpu_noise, latents_to_images, resolve_device  # noqa: E402
+
+logger = logging.getLogger("consistency_benchmark")
+
+ALL_GROUPS = ("outer", "middle", "inner")
+
+
+def shared(groups, **kwargs):
+    return ConsistentAttentionConfig(groups=frozenset(groups), **kwargs)
+
+
+# name -> ConsistentAttentionConfig (None: plain self-attention). --settings picks from here.
+SETTINGS = {
+    "none": None,
+    "all:outer": shared({"outer"}),
+    "all:middle": shared({"middle"}),
+    "all:inner": shared({"inner"}),
+    "all:outer+middle": shared({"outer", "middle"}),
+    "all:outer+inner": shared({"outer", "inner"}),
+    "all:middle+inner": shared({"middle", "inner"}),
+    "all:all": shared(ALL_GROUPS),
+    "decoder:outer+middle": shared({"outer", "middle"}, half="decoder"),
+    "anchor:all": shared(ALL_GROUPS, mode="anchor", n_anchors=1),
+    "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
+    "all:all@0-0.6": shared(ALL_GROUPS, window=(0.0, 0.6)),
+}
+
+# Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
+DEFAULT_PROMPTS = [
+    procedural.describe("face"),
+    procedural.describe("face", hair_style="short", hair_colour="blond", eye_colour="blue", shirt="red"),
+    procedural.describe("chair"),
+    procedural.describe("chair", colour="red", legs="four"),
+    procedural.describe("table"),
+    procedural.describe("table", colour="blue", size="large", background="white"),
+]
+
+METRICS = ("agreement", "colour_spread", "fidelity", "diversity", "seconds_per_image")
+FIGURE_SCALE = 4
+LABEL_WIDTH = 150
+
+
+# --- command line -------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Consistency of batches per self-attention sharing setting "
+                                                 "(procedural prompts, pixel read-back metrics).")
+    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
+    parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
+    parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
+                        help="procedural prompts (default: a plain and a described face, chair and table)")
+    parser.add_argument("--embedder", metavar="PATH",
+                        help="local image-embedding model (open_clip/DINO) for non-procedural prompts: not implemented")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
+                        help="sharing settings to compare: " + ", ".join(SETTINGS))
+    parser.add_argument("--outdir", default="outputs/consistency-benchmark",
+                        help="results go to a new OUTDIR/run-NNN folder")
+    parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
+                        help="index into --prompts and --seeds of the batch shown in figure.png")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def validate(parser, opt):
+    unknown = [s for s in opt.settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    if opt.embedder:
+        parser.error("--embedder is not implemented yet: this benchmark measures consistency by reading the "
+                     "procedural scenes' attributes back from pixels, which needs procedural prompts")
+    not_procedural = [p for p in opt.prompts if procedural.parse_caption(p) is None]
+    if not_procedural:
+        parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
+                     f"captions them), not {not_procedural[0]!r}; other prompts (e.g. for a real SD checkpoint) "
+                     f"would need an image-embedding model (--embedder PATH to a local open_clip/DINO file), "
+                     f"which is not implemented")
+    for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    if not os.path.isfile(opt.config):
+        parser.error(f"config not found: {opt.config}")
+    if opt.random_weights == bool(opt.ckpt):
+        parser.error("pass exactly one of --ckpt PATH and --random-weights")
+    if opt.ckpt and not os.path.isfile(opt.ckpt):
+        parser.error(f"checkpoint not found: {opt.ckpt}")
+    prompt_index, seed_index = opt.figure
+    if not (0 <= prompt_index < len(opt.prompts) and 0 <= seed_index < len(opt.seeds)):
+        parser.error(f"--figure {prompt_index} {seed_index} is outside the {len(opt.prompts)} prompts "
+                     f"and {len(opt.seeds)} seeds")
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+
+
+def new_run_dir(outdir):
+    """OUTDIR/run-NNN with the next free number; created here, so it never holds earlier results."""
+    os.makedirs(outdir, exist_ok=True)
+    taken = [int(d[4:]) for d in os.listdir(outdir) if d.startswith("run-") and d[4:].isdigit()]
+    path = os.path.join(outdir, f"run-{max(taken, default=0) + 1:03}")
+    os.makedirs(path)  # exist_ok=False: a concurrent run with the same number fails instead of mixing
+    return path
+
+
+# --- generation ---------------------------------------------------------------------------
+
+def load(opt, device):
+    from omegaconf import OmegaConf
+
+    from ldm.util import CheckpointError, load_model_from_config
+    torch.manual_seed(0)
+    try:
+        return load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device,
+                                      random_weights=opt.random_weights)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def image_shape(model):
+    return [model.channels, model.image_size, model.image_size]
+
+
+def start_noise(model, prompt_index, seed, n, device):
+    """The same x_T for every setting: seeded per (seed, prompt)."""
+    generator = torch.Generator().manual_seed(seed * 10_007 + prompt_index)
+    return cpu_noise(generator, [n] + image_shape(model), device)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(model, sampler, opt, c, uc, x_T, setting):
+    """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
+    with consistent_attention(model, SETTINGS[setting], opt.n):
+        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=image_shape(model),
+                                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                    eta=0.0, x_T=x_T, verbose=False)
+    return latents_to_images(model, latents)
+
+
+def to_uint8_hwc(images):
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def measure(images, prompt):
+    pixels = to_uint8_hwc(images)
+    kind = procedural.parse_caption(prompt).kind
+    score = procedural.consistency_score(pixels, kind)
+    return {"agreement": score["agreement"], "colour_spread": score["colour_spread"],
+            "fidelity": procedural.fidelity(pixels, prompt), "diversity": procedural.diversity_score(pixels)}
+
+
+def run(opt, model, device):
+    """Yield (row dict, images) for every prompt x seed x setting."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    sampler = DDIMSampler(model)
+    with torch.no_grad(), model.ema_scope():
+        warm_up(model, sampler, opt, device)
+        for p, prompt in enumerate(opt.prompts):
+            c, uc = conditionings(model, opt.n * [prompt], opt.scale)
+            for seed in opt.seeds:
+                x_T = start_noise(model, p, seed, opt.n, device)
+                for setting in opt.settings:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    images = sample(model, sampler, opt, c, uc, x_T, setting)
+                    seconds = time.perf_counter() - start
+                    row = {"setting": setting, "prompt": prompt, "seed": seed,
+                           **measure(images, prompt), "seconds_per_image": seconds / opt.n}
+                    logger.info("%-22s %-40s seed %d: agreement %.3f", setting, prompt[:40], seed, row["agreement"])
+                    yield row, images
+
+
+def warm_up(model, sampler, opt, device):
+    """One untimed short sampling, so the first timed setting does not pay for kernel selection."""
+    c, uc = conditionings(model, opt.n * [opt.prompts[0]], opt.scale)
+    sampler.sample(S=1, conditioning=c, batch_size=opt.n, shape=image_shape(model),
+                   unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=0.0,
+                   x_T=start_noise(model, 0, 0, opt.n, device), verbose=False)
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+def mean_std(values):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def markdown_table(rows, settings):
+    lines = ["| setting | agreement ↑ | colour spread ↓ | fidelity ↑ | diversity | s/image |",
+             "|---|---|---|---|---|---|"]
+    for setting in settings:
+        mine = [r for r in rows if r["setting"] == setting]
+        cells = [mean_std([r[m] for r in mine]) for m in METRICS]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_header(opt, device, n_batches):
+    weights = "random weights" if opt.random_weights else opt.ckpt
+    return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; "
+            f"{len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))} = {n_batches} batches per "
+            f"setting (mean ± std over them; fidelity over prompts that name attributes); device {device}")
+
+
+def write_csv(rows, path):
+    with open(path, "x", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_figure(batches, path):
+    """Rows = settings (labelled), columns = the N images of one prompt/seed, nearest-neighbour x4."""
+    from PIL import Image, ImageDraw
+    first = next(iter(batches.values()))
+    n, _, h, w = first.shape
+    tile_h, tile_w = h * FIGURE_SCALE, w * FIGURE_SCALE
+    figure = Image.new("RGB", (LABEL_WIDTH + n * (tile_w + 2), len(batches) * (tile_h + 2)), "white")
+    draw = ImageDraw.Draw(figure)
+    for row, (setting, images) in enumerate(batches.items()):
+        top = row * (tile_h + 2)
+        draw.text((4, top + tile_h // 2 - 6), setting, fill="black")
+        for col, pixels in enumerate(to_uint8_hwc(images)):
+            tile = Image.fromarray(pixels).resize((tile_w, tile_h), Image.NEAREST)
+            figure.paste(tile, (LABEL_WIDTH + col * (tile_w + 2), top))
+    with open(path, "xb") as f:
+        figure.save(f, format="PNG")
+
+
+def main(argv=None):
+    configure_logging()
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    validate(parser, opt)
+    device = resolve_device(opt.device)
+    run_dir = new_run_dir(opt.outdir)
+    model = load(opt, device)
+    figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
+    rows, figure_batches = [], {}
+    for row, images in run(opt, model, device):
+        rows.append(row)
+        if row["prompt"] == figure_prompt and row["seed"] == figure_seed:
+            figure_batches[row["setting"]] = images
+    table = markdown_table(rows, opt.settings)
+    header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
+    with open(os.path.join(run_dir, "table.md"), "x") as f:
+        f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
+    write_csv(rows, os.path.join(run_dir, "results.csv"))
+    write_figure(figure_batches, os.path.join(run_dir, "figure.png"))
+    sys.stdout.write(f"{header}\n\n{table}\n")
+    logger.info("wrote table.md, results.csv and figure.png to %s", run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Export a Lightning training checkpoint (last.ckpt) as a .safetensors file for txt2img.
+
+    python scripts/export_checkpoint.py logs/RUN/checkpoints/last.ckpt procedural-t2i.safetensors
+
+* The checkpoint is read with torch.load(weights_only=True) (ldm.util.read_checkpoint); only
+  its state dict's tensors are kept (no optimizer state, no pickled objects).
+* If it holds EMA weights (model_ema.*, from ``use_ema: true``), they replace the UNet weights
+  model.diffusion_model.* and the model_ema.* copies are dropped, so the file holds the EMA
+  UNet once. ldm.util.apply_state_dict then samples with exactly these weights.
+* Network weights (UNet, text encoder) are stored as float16 by default (--dtype), halving the
+  file; everything else (the noise schedule buffers) keeps its dtype. Loading casts back to
+  the model's float32.
+* A JSON sidecar (same name, .json) records the source, global step, dtype, parameter counts
+  and, when a Lightning metrics.csv is found (next to the run, or --metrics), the final losses.
+
+Existing output files are never overwritten.
+"""
+import argparse
+import csv
+import glob
+import json
+import logging
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.util import CheckpointError, read_checkpoint, state_dict_of  # noqa: E402
+
+logger = logging.getLogger("export_checkpoint")
+
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+NETWORK_PREFIXES = (UNET_PREFIX, "cond_stage_model.")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LAST_N_LOSSES = 50  # the sidecar's "final loss" is the mean of the last this-many logged steps
+
+
+def ema_key(model_key):
+    """'model.diffusion_model.out.2.weight' -> 'model_ema.diffusion_modelout2weight' (LitEma's
+    buffer names are the parameter names relative to DDPM.model, without dots)."""
+    return EMA_PREFIX + model_key[len("model."):].replace(".", "")
+
+
+def swap_in_ema(sd):
+    """UNet weights replaced by their EMA copies; model_ema.* removed. Returns (new sd, swapped)."""
+    unet_keys = [k for k in sd if k.startswith(UNET_PREFIX)]
+    missing = [k for k in unet_keys if ema_key(k) not in sd]
+    if missing:
+        raise CheckpointError(f"the checkpoint has EMA weights but none for {len(missing)} UNet weights "
+                              f"(e.g. {missing[0]}); export with --no-ema")
+    out = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    for k in unet_keys:
+        out[k] = sd[ema_key(k)]
+    return out, len(unet_keys)
+
+
+def cast_network_weights(sd, dtype):
+    """Floating-point UNet and text-encoder tensors to ``dtype``; other tensors unchanged."""
+    return {k: v.to(dtype) if v.is_floating_point() and k.startswith(NETWORK_PREFIXES) else v
+            for k, v in sd.items()}
+
+
+def count_parameters(sd):
+    return {"unet": sum(v.numel() for k, v in sd.items() if k.startswith(UNET_PREFIX)),
+            "text_encoder": sum(v.numel() for k, v in sd.items() if k.startswith("cond_stage_model."))}
+
+
+def find_metrics(ckpt_path):
+    """metrics.csv of the run a logs/RUN/checkpoints/last.ckpt belongs to (newest version), or None."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+    found = sorted(glob.glob(os.path.join(run_dir, "csv", "version_*", "metrics.csv")), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def _column(rows, name):
+    values = []
+    for row in rows:
+        text = row.get(name)
+        if text not in (None, ""):
+            values.append((int(row["step"]), float(text)))
+    return values
+
+
+def loss_summary(metrics_path):
+    """Final training/validation losses from a Lightning CSVLogger metrics.csv."""
+    with open(metrics_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = {"metrics_csv": os.path.abspath(metrics_path)}
+    train = _column(rows, "train/loss_simple_step")
+    if train:
+        last = [v for _, v in train[-LAST_N_LOSSES:]]
+        summary.update(train_loss_last_step=train[-1][0], train_loss_last=train[-1][1],
+                       train_loss_mean_last_logged=sum(last) / len(last), train_loss_logged_points=len(last),
+                       train_loss_first=train[0][1])
+    for name in ("train/loss_simple_epoch", "val/loss_simple", "val/loss_simple_ema"):
+        values = _column(rows, name)
+        if values:
+            summary[name] = {"step": values[-1][0], "value": values[-1][1]}
+    return summary
+
+
+def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None, unsafe_pickle=False):
+    """Write ``out_path`` (.safetensors) and its .json sidecar; returns the sidecar dict."""
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(ckpt_path, unsafe_pickle=unsafe_pickle)
+    sd = state_dict_of(checkpoint, os.fspath(ckpt_path))
+    has_ema = any(k.startswith(EMA_PREFIX) for k in sd)
+    swapped = 0
+    if has_ema and use_ema:
+        sd, swapped = swap_in_ema(sd)
+        logger.info("EMA weights swapped into %d UNet tensors", swapped)
+    elif has_ema:
+        sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+        logger.info("--no-ema: exporting the raw training weights, EMA dropped")
+    sd = {k: v.contiguous() for k, v in cast_network_weights(sd, DTYPES[dtype]).items()}
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    info = {"source": os.path.abspath(ckpt_path), "global_step": step,
+            "epoch": checkpoint.get("epoch") if isinstance(checkpoint, dict) else None,
+            "ema": bool(swapped), "dtype": dtype, "parameters": count_parameters(sd), "tensors": len(sd)}
+    metrics_path = metrics_path or find_metrics(ckpt_path)
+    if metrics_path:
+        info["losses"] = loss_summary(metrics_path)
+    save_file(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
+    info["bytes"] = os.path.getsize(out_path)
+    with open(sidecar_path(out_path), "x") as f:
+        json.dump(info, f, indent=2, default=_json_default)
+        f.write("\n")
+    return info
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def sidecar_path(out_path):
+    return os.path.splitext(out_path)[0] + ".json"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Export a Lightning last.ckpt as .safetensors for txt2img.")
+    parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt), e.g. logs/RUN/checkpoints/last.ckpt")
+    parser.add_argument("out", help="output .safetensors path (a .json sidecar is written next to it)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                        help="dtype of the UNet and text-encoder weights (default fp16)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    parser.add_argument("--metrics", help="Lightning metrics.csv for the loss summary "
+                                          "(default: the run's csv/version_*/metrics.csv if found)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a TRUSTED checkpoint (can run arbitrary code)")
+    return parser
+
+
+def validate(parser, opt):
+    if not os.path.isfile(opt.ckpt):
+        parser.error(f"checkpoint not found: {opt.ckpt}")
+    if not opt.out.endswith(".safetensors"):
+        parser.error(f"the output must be a .safetensors file, got {opt.out}")
+    for path in (opt.out, sidecar_path(opt.out)):
+        if os.path.exists(path):
+            parser.error(f"{path} already exists; choose another output name (existing files are never overwritten)")
+    if opt.metrics and not os.path.isfile(opt.metrics):
+        parser.error(f"metrics file not found: {opt.metrics}")
+    out_dir = os.path.dirname(os.path.abspath(opt.out))
+    if not os.path.isdir(out_dir):
+        parser.error(f"output directory does not exist: {out_dir}")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    validate(parser, opt)
+    try:
+        info = export(opt.ckpt, opt.out, dtype=opt.dtype, use_ema=not opt.no_ema,
+                      metrics_path=opt.metrics, unsafe_pickle=opt.unsafe_pickle)
+    except CheckpointError as e:
+        parser.exit(1, f"error: {e}\n")
+    logger.info("wrote %s (%.1f MiB, step %s, EMA %s) and %s", opt.out, info["bytes"] / 2**20,
+                info["global_step"], info["ema"], sidecar_path(opt.out))
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Train the embedded procedural text-to-image model (configs/embedded/procedural-t2i.yaml) in
+# ONE command on a GPU machine, export it and collect everything worth keeping in $OUT.
+#
+#   OUT=/path/to/out bash scripts/gpu_train_embedded.sh         # from the repository root
+#
+# Needs no network (the CLIP tokenizer is built from the vocabulary in the repo, the data is
+# rendered on the fly). Writes at most 8 files to $OUT, each well under 16 MiB:
+#   procedural-t2i.safetensors  float16 weights, EMA UNet (scripts/export_checkpoint.py), ~15 MiB
+#   procedural-t2i.json         global step, losses, parameter counts
+#   metrics.csv                 the Lightning CSV log (loss every 10 steps, validation every 500)
+#   train-tail.log              the last 300 lines of the training log
+#   samples.png                 txt2img grid of the exported model (sanity check of the export)
+#   benchmark/run-001/{table.md,results.csv,figure.png}   scripts/consistency_benchmark.py
+#                               (BENCHMARK=0 skips it; it runs after everything else is saved)
+#
+# Environment overrides (defaults for one H100):
+#   MAX_STEPS=3000 BATCH=256 NUM_WORKERS=8 ACCELERATOR=gpu PRECISION=bf16-mixed
+#   MAX_TIME=00:00:11:00   (DD:HH:MM:SS; Lightning stops there and still saves last.ckpt)
+#   SAMPLE_STEPS=50             (DDIM steps of the txt2img grid)
+#   BENCHMARK=1 BENCH_ARGS=""   (extra arguments for the benchmark, e.g. "--seeds 0 --n 4")
+#   LOGDIR=logs/embedded
+#
+# Tested on a CPU with a tiny run (tests/test_gpu_train_script.py does the same):
+#   OUT=/tmp/out LOGDIR=/tmp/logs MAX_STEPS=2 BATCH=4 NUM_WORKERS=0 ACCELERATOR=cpu PRECISION=32 \
+#     BENCH_ARGS="--n 2 --steps 2 --seeds 0 --settings none all:all" bash scripts/gpu_train_embedded.sh
+# ran by hand on this project's 2-core CPU (shared with other jobs): exit 0, all 8 files.
+set -euo pipefail
+
+: "${OUT:?set OUT to the output folder}"
+MAX_STEPS=${MAX_STEPS:-3000}
+BATCH=${BATCH:-256}
+NUM_WORKERS=${NUM_WORKERS:-8}
+ACCELERATOR=${ACCELERATOR:-gpu}
+PRECISION=${PRECISION:-bf16-mixed}
+MAX_TIME=${MAX_TIME:-00:00:11:00}
+SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+BENCHMARK=${BENCHMARK:-1}
+BENCH_ARGS=${BENCH_ARGS:-}
+LOGDIR=${LOGDIR:-logs/embedded}
+CONFIG=configs/embedded/procedural-t2i.yaml
+NAME=procedural-t2i
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ldm, not an installed one
+
+mkdir -p "$OUT"
+for f in "$NAME.safetensors" "$NAME.json" metrics.csv train-tail.log samples.png; do
+  if [ -e "$OUT/$f" ]; then echo "error: $OUT/$f exists; use an empty OUT (outputs are never overwritten)" >&2; exit 2; fi
+done
+if [ -e "$LOGDIR" ] && [ -n "$(ls -A "$LOGDIR")" ]; then
+  echo "error: $LOGDIR is not empty; set LOGDIR to a new folder" >&2; exit 2
+fi
+mkdir -p "$LOGDIR"
+
+log() { echo "[gpu_train_embedded $(date +%H:%M:%S)] $*"; }
+start=$(date +%s)
+
+log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), at most $MAX_TIME"
+set +e
+python main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
+  --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
+  data.params.batch_size="$BATCH" data.params.num_workers="$NUM_WORKERS" \
+  lightning.trainer.max_time="$MAX_TIME" 2>&1 | tee "$LOGDIR/train.log" \
+  | grep --line-buffered -E "Trainer.fit|Setting learning rate|Average|Error|error"
+status=${PIPESTATUS[0]}
+set -e
+tail -n 300 "$LOGDIR/train.log" > "$OUT/train-tail.log"
+if [ "$status" != 0 ]; then
+  echo "error: training failed (exit $status); see $OUT/train-tail.log" >&2; exit 1
+fi
+run_dir=$(ls -d "$LOGDIR"/*_"$NAME" | tail -n 1)
+ckpt="$run_dir/checkpoints/last.ckpt"
+if [ ! -f "$ckpt" ]; then
+  echo "error: training wrote no $ckpt; see $OUT/train-tail.log" >&2; exit 1
+fi
+log "trained in $(( $(date +%s) - start )) s"
+
+cp "$run_dir"/csv/version_0/metrics.csv "$OUT/metrics.csv"
+python scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" --metrics "$OUT/metrics.csv"
+
+log "sample grid with txt2img"
+python scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" --H 32 --W 32 --C 3 --f 1 \
+  --prompt "a red chair with four legs" --n_samples 8 --n_iter 1 --ddim_steps "$SAMPLE_STEPS" --scale 5.0 \
+  --skip_save --display-scale 4 --precision full --outdir "$LOGDIR/txt2img" --seed 0
+cp "$LOGDIR"/txt2img/grid-0000.png "$OUT/samples.png"
+
+if [ "$BENCHMARK" = "1" ]; then
+  log "consistency benchmark"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  python scripts/consistency_benchmark.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
+    --outdir "$OUT/benchmark" $BENCH_ARGS
+fi
+log "done in $(( $(date +%s) - start )) s; outputs in $OUT"

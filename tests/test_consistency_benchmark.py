@@ -1,0 +1,59 @@
+"""scripts/consistency_benchmark.py: a smoke run on the embedded config with random weights."""
+import csv
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "consistency_benchmark.py"
+CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(SCRIPT), "--config", str(CONFIG), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
+    args = ["--random-weights", "--n", "2", "--steps", "2", "--seeds", "0",
+            "--settings", "none", "all:middle+inner", "--outdir", tmp_path]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| setting | agreement")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| none", "| all:middle+inner"]
+    run_dir = tmp_path / "run-001"
+    with open(run_dir / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert len(results) == 6 * 2  # 6 default prompts x 1 seed x 2 settings
+    assert {r["setting"] for r in results} == {"none", "all:middle+inner"}
+    assert all(0 < float(r["agreement"]) <= 1 and float(r["seconds_per_image"]) > 0 for r in results)
+    with Image.open(run_dir / "figure.png") as figure:
+        assert figure.height == 2 * (32 * 4 + 2)  # two settings, images upscaled x4
+    assert "| none |" in (run_dir / "table.md").read_text()
+
+    again = run(*args, "--settings", "none")  # a second run never touches the first
+    assert again.returncode == 0 and (tmp_path / "run-002" / "results.csv").is_file()
+    assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 12
+
+
+def one_error_line(result, text):
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("consistency_benchmark.py: error:") and text in last, last
+
+
+def test_unknown_setting_is_one_error_line(tmp_path):
+    one_error_line(run("--random-weights", "--settings", "none", "everything", "--outdir", tmp_path),
+                   "unknown setting(s) everything")
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_procedural_prompt_explains_that_an_embedder_is_needed(tmp_path):
+    result = run("--random-weights", "--prompts", "a photo of an astronaut", "--outdir", tmp_path)
+    one_error_line(result, "pixel read-back needs procedural prompts")
+    assert "--embedder" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,118 @@
+"""scripts/export_checkpoint.py: Lightning checkpoint -> .safetensors (+ JSON sidecar) for txt2img."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import export_checkpoint  # noqa: E402
+
+EMBEDDED_CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
+
+METRICS = """epoch,step,train/loss_simple_step,val/loss_simple_ema
+0,9,0.5,
+0,19,0.25,
+0,19,,0.3
+"""
+
+
+def fake_run(tmp_path, sd, step=20):
+    """logs/RUN/checkpoints/last.ckpt + logs/RUN/csv/version_0/metrics.csv, as main.py writes them."""
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": sd, "global_step": step, "epoch": 0, "optimizer_states": [{}]}, ckpt)
+    metrics = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(METRICS)
+    return ckpt
+
+
+def small_state_dict():
+    return {
+        "model.diffusion_model.out.2.weight": torch.zeros(3, 4),
+        "model_ema.diffusion_modelout2weight": torch.ones(3, 4),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(20, dtype=torch.int32),
+        "cond_stage_model.transformer.embeddings.token_embedding.weight": torch.full((5, 2), 0.1),
+        "alphas_cumprod": torch.linspace(0.9999, 4e-5, 1000, dtype=torch.float32),
+    }
+
+
+def test_ema_is_swapped_in_network_weights_are_fp16_and_sidecar_has_losses(tmp_path):
+    ckpt = fake_run(tmp_path, small_state_dict())
+    out = tmp_path / "model.safetensors"
+    info = export_checkpoint.export(ckpt, out)
+    sd = load_file(out)
+    assert set(sd) == {"model.diffusion_model.out.2.weight", "alphas_cumprod",
+                       "cond_stage_model.transformer.embeddings.token_embedding.weight"}
+    assert torch.equal(sd["model.diffusion_model.out.2.weight"], torch.ones(3, 4, dtype=torch.float16))
+    assert sd["cond_stage_model.transformer.embeddings.token_embedding.weight"].dtype == torch.float16
+    assert sd["alphas_cumprod"].dtype == torch.float32  # the noise schedule keeps full precision
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar == json.loads(json.dumps(info))
+    assert sidecar["global_step"] == 20 and sidecar["ema"] is True and sidecar["dtype"] == "fp16"
+    assert sidecar["parameters"] == {"unet": 12, "text_encoder": 10}
+    losses = sidecar["losses"]
+    assert losses["train_loss_last"] == 0.25 and losses["train_loss_last_step"] == 19
+    assert losses["train_loss_mean_last_logged"] == pytest.approx(0.375)
+    assert losses["val/loss_simple_ema"] == {"step": 19, "value": 0.3}
+
+
+def test_no_ema_keeps_training_weights(tmp_path):
+    ckpt = fake_run(tmp_path, small_state_dict())
+    export_checkpoint.export(ckpt, tmp_path / "raw.safetensors", use_ema=False, dtype="fp32")
+    sd = load_file(tmp_path / "raw.safetensors")
+    assert torch.equal(sd["model.diffusion_model.out.2.weight"], torch.zeros(3, 4))
+    assert not any(k.startswith("model_ema.") for k in sd)
+
+
+def test_export_of_the_embedded_model_loads_for_sampling_with_the_ema_weights(tmp_path):
+    from ldm.util import instantiate_from_config, load_model_from_config
+    config = OmegaConf.load(EMBEDDED_CONFIG)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    with torch.no_grad():
+        for buffer in model.model_ema.buffers():
+            if buffer.is_floating_point() and buffer.dim() > 0:
+                buffer.add_(0.5)  # EMA weights distinguishable from the training weights
+    ckpt = fake_run(tmp_path, model.state_dict())
+    out = tmp_path / "procedural-t2i.safetensors"
+    info = export_checkpoint.export(ckpt, out)
+    assert info["bytes"] < 16 * 2**20  # fits what a device session can bring back
+
+    loaded = load_model_from_config(config, str(out))
+    assert loaded.use_ema is False  # ema_scope() must not swap the random EMA copy in
+    name = "diffusion_model.input_blocks.0.0.weight"
+    expected = (dict(model.model.named_parameters())[name] + 0.5).half().float()
+    assert torch.equal(dict(loaded.model.named_parameters())[name], expected)
+    assert torch.equal(loaded.alphas_cumprod, model.alphas_cumprod)
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_refuses_to_overwrite_with_one_error_line(tmp_path):
+    ckpt = fake_run(tmp_path, small_state_dict())
+    out = tmp_path / "m.safetensors"
+    assert run_cli(ckpt, out).returncode == 0
+    before = out.read_bytes()
+    result = run_cli(ckpt, out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("export_checkpoint.py: error:")
+    assert "already exists" in result.stderr and out.read_bytes() == before
+
+
+def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
+    result = run_cli(tmp_path / "nope.ckpt", tmp_path / "m.safetensors")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoint not found" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,36 @@
+"""scripts/gpu_train_embedded.sh, shrunk to a 2-step CPU run: trains, exports, samples."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "gpu_train_embedded.sh"
+TINY = dict(MAX_STEPS="2", BATCH="4", NUM_WORKERS="0", ACCELERATOR="cpu", PRECISION="32",
+            SAMPLE_STEPS="2", BENCHMARK="0")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(tmp_path, **env):
+    full_env = dict(os.environ, OUT=str(tmp_path / "out"), LOGDIR=str(tmp_path / "logs"), **TINY, **env)
+    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_tiny_cpu_run_fills_out_with_weights_log_and_samples(tmp_path):
+    result = run(tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["metrics.csv", "procedural-t2i.json", "procedural-t2i.safetensors", "samples.png",
+                     "train-tail.log"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    info = json.loads((out / "procedural-t2i.json").read_text())
+    assert info["global_step"] == 2 and info["ema"] is True
+
+    again = run(tmp_path)  # the outputs of the first run are never overwritten
+    assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
