@@ -22,6 +22,7 @@ positional arguments only).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,7 +211,8 @@ def detect_adapter(state_dict: dict, levels: int = 4) -> AdapterSpec:
         return AdapterSpec("light", _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv"),
                            widths, per_level)
     sample = ", ".join(sorted(state_dict)[:3]) or "no keys"
-    raise CheckpointError(f"not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight (keys: {sample}, ...)")
+    raise CheckpointError(f"not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight "
+                          f"(keys: {sample}, ...)")
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
@@ -269,8 +271,9 @@ def unet_level_channels(unet) -> tuple:
 
 
 def check_adapter_fits(adapter, unet, source="adapter") -> None:
-    """ValueError (one line) when the adapter was made for a UNet of other widths."""
-    expected = unet_level_channels(unet)
+    """ValueError (one line) when the adapter was made for a UNet of other widths. `unet`: the
+    UNetModel, or its level widths when the model is not built yet."""
+    expected = tuple(unet) if isinstance(unet, (tuple, list)) else unet_level_channels(unet)
     if tuple(adapter.channels) != expected:
         raise ValueError(f"{source} produces features of widths {list(adapter.channels)} but this UNet's levels "
                          f"have {list(expected)} (an SD v1 adapter needs an SD v1 model)")
@@ -304,7 +307,8 @@ class AdapterInjection:
                              f"{tuple(h.shape[1:])} after input block {block_index}: the condition image "
                              f"must have the size of the generated image")
         if h.shape[0] % f.shape[0]:
-            raise ValueError(f"adapter features for {f.shape[0]} images cannot be applied to a batch of {h.shape[0]}")
+            raise ValueError(f"adapter features for {f.shape[0]} images cannot be applied to a batch of "
+                             f"{h.shape[0]}")
         return h + f.to(h.dtype).repeat(h.shape[0] // f.shape[0], 1, 1, 1)
 
     def start_unet_call(self, timesteps) -> None:
@@ -364,3 +368,130 @@ def adapter_conditioning(model, features, cond_tau=1.0):
         yield injection
     finally:
         disable_adapter(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (scripts/txt2img.py)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class AdapterUse:
+    """One --adapter with its condition images, loaded and checked."""
+    ckpt: str
+    files: list
+    cond_type: str
+    weight: float
+    adapter: nn.Module
+    conds: torch.Tensor  # (1 or n_samples, cond_channels, H, W) in [0, 1]
+
+    def describe(self) -> dict:
+        return {"ckpt": self.ckpt, "cond": self.files, "cond_type": self.cond_type, "weight": self.weight,
+                **self.adapter.spec.describe()}
+
+
+@dataclass(eq=False)
+class AdapterRun:
+    """All adapters of a run. `prepare` computes the summed features once, on the model's device;
+    `conditioning(model, run, n)` applies them to each batch of n images."""
+    uses: list
+    cond_tau: float
+    features: list = None
+
+    def describe(self) -> dict:
+        return {"cond_tau": self.cond_tau, "adapters": [use.describe() for use in self.uses]}
+
+    def prepare(self, model, device) -> None:
+        unet = unet_of(model)
+        try:
+            for use in self.uses:
+                check_adapter_fits(use.adapter, unet, f"adapter {use.ckpt}")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        batch = max(use.conds.shape[0] for use in self.uses)
+        # one condition for all images is expanded, so every adapter contributes (batch, ...) maps
+        self.features = combine_features((use.adapter.to(device), use.conds.to(device).expand(batch, -1, -1, -1),
+                                          use.weight) for use in self.uses)
+
+    def batch_features(self, n: int) -> list:
+        """Features for a batch of the first n images (the last prompt batch may be smaller)."""
+        return [f[:n] for f in self.features]
+
+
+def conditioning(model, run: AdapterRun | None, n: int):
+    """adapter_conditioning for a batch of n images, or a no-op without adapters."""
+    if run is None:
+        return adapter_conditioning(model, None)
+    return adapter_conditioning(model, run.batch_features(n), run.cond_tau)
+
+
+def add_arguments(parser):
+    from ldm.modules.adapter_conditions import COND_TYPES
+
+    group = parser.add_argument_group(
+        "T2I-Adapter (steer the layout with an edge map, sketch, depth, pose or palette); "
+        "repeat --adapter/--cond/--cond-type[/--adapter-weight] to combine adapters")
+    group.add_argument("--adapter", action="append", metavar="CKPT",
+                       help="T2I-Adapter checkpoint (e.g. t2iadapter_canny_sd14v1.pth or .safetensors)")
+    group.add_argument("--cond", action="append", nargs="+", metavar="IMAGE|DIR",
+                       help="condition image(s) for that adapter: one for all images, or one per image "
+                            "(files or a folder; as many as --n_samples); same size as --W x --H")
+    group.add_argument("--cond-type", action="append", choices=sorted(COND_TYPES),
+                       help="how to turn the image into the adapter's input: canny and color preprocess a "
+                            "photo; sketch, depth, seg, keypose, openpose take ready-made maps; passthrough "
+                            "feeds any map as grey or RGB")
+    group.add_argument("--adapter-weight", action="append", type=float, metavar="W",
+                       help="scale of that adapter's features (default 1.0)")
+    group.add_argument("--cond-tau", type=float, metavar="TAU",
+                       help="use the adapters during the first TAU fraction of the sampling steps, in (0, 1] "
+                            "(default 1.0: all steps)")
+
+
+def _unet_widths(config_path):
+    """The level widths of the config's UNet, or None when the config is unusual."""
+    try:
+        from omegaconf import OmegaConf
+        params = OmegaConf.load(config_path).model.params.unet_config.params
+        return tuple(params.model_channels * mult for mult in params.channel_mult)
+    except Exception:  # an unusual config: the widths are checked again once the model is built
+        return None
+
+
+def run_from_arguments(opt, parser, n_samples: int, width: int, height: int) -> AdapterRun | None:
+    """The AdapterRun the flags ask for, or None. Loads the adapters and condition images on the
+    CPU; every problem ends in one parser.error line."""
+    from ldm.modules.adapter_conditions import condition_batch, condition_files
+
+    given = [flag for flag, value in (("--cond", opt.cond), ("--cond-type", opt.cond_type),
+                                      ("--adapter-weight", opt.adapter_weight), ("--cond-tau", opt.cond_tau))
+             if value is not None]
+    if not opt.adapter:
+        if given:
+            parser.error(f"{', '.join(given)} only take effect with --adapter CKPT; add it")
+        return None
+    n = len(opt.adapter)
+    weights = opt.adapter_weight or [1.0] * n
+    for flag, values in (("--cond", opt.cond), ("--cond-type", opt.cond_type), ("--adapter-weight", weights)):
+        if values is None or len(values) != n:
+            parser.error(f"{n} --adapter given but {len(values or [])} {flag}: give one {flag} per --adapter, "
+                         f"in the same order")
+    cond_tau = 1.0 if opt.cond_tau is None else opt.cond_tau
+    if not 0.0 < cond_tau <= 1.0:
+        parser.error(f"--cond-tau must be in (0, 1], got {cond_tau}")
+    widths = _unet_widths(opt.config)
+    uses = []
+    for ckpt, entries, cond_type, weight in zip(opt.adapter, opt.cond, opt.cond_type, weights):
+        try:
+            if not os.path.isfile(ckpt):
+                raise ValueError(f"adapter checkpoint not found: {ckpt}")
+            adapter = load_adapter(ckpt, levels=len(widths) if widths else 4)
+            if widths:
+                check_adapter_fits(adapter, widths, f"adapter {ckpt}")
+            files = condition_files(entries)
+            if len(files) not in (1, n_samples):
+                raise ValueError(f"{len(files)} condition images for adapter {ckpt}: give one image for all "
+                                 f"samples or exactly --n_samples ({n_samples})")
+            conds = condition_batch(files, cond_type, adapter.cond_channels, width, height)
+        except (CheckpointError, ValueError) as e:
+            parser.error(str(e))
+        uses.append(AdapterUse(ckpt, files, cond_type, weight, adapter, conds))
+    return AdapterRun(uses, cond_tau)
