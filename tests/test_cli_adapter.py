@@ -128,3 +128,21 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_img2img_takes_adapters_too(tmp_path, files):
+    spec = importlib.util.spec_from_file_location("img2img_script", REPO / "scripts" / "img2img.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--init-img", files / "photo.png",
+              "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4", "--strength", "0.5", "--skip_grid"]
+
+    def image(name, *extra):
+        script.main([str(a) for a in [*common, "--outdir", tmp_path / name, *extra]])
+        return pixels(tmp_path / name)[0]
+
+    steered = image("steered", "--adapter", files / "color.safetensors", "--cond", files / "photo.png",
+                    "--cond-type", "color")
+    assert not np.array_equal(steered, image("plain"))
+    meta = read_parameters(tmp_path / "steered" / "samples" / "00000.png")["extra"]
+    assert meta["strength"] == 0.5 and meta["t2i_adapter"]["adapters"][0]["kind"] == "light"

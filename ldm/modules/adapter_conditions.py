@@ -149,17 +149,21 @@ def read_image(path) -> Image.Image:
         raise ValueError(f"cannot read condition image {path}: {e}")
 
 
-def check_size(path, image: Image.Image, width: int, height: int) -> None:
+def check_size(path, image: Image.Image, width: int, height: int, size_hint: str | None = None) -> None:
+    """The condition must have the output's size (no silent resizing). `size_hint` says how to
+    change the output size; by default txt2img's flags."""
     w, h = image.size
     if w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
         raise ValueError(f"condition image {path} is {w}x{h}: both sides must be multiples of {SIZE_MULTIPLE} "
                          f"(the adapter downsamples by {SIZE_MULTIPLE})")
     if (w, h) != (width, height):
+        hint = size_hint or f"pass --W {w} --H {h}"
         raise ValueError(f"condition image {path} is {w}x{h} but the images to generate are {width}x{height}: "
-                         f"pass --W {w} --H {h} or resize the condition")
+                         f"{hint} or resize the condition")
 
 
-def condition_batch(paths, cond_type: str, cond_channels: int, width: int, height: int) -> torch.Tensor:
+def condition_batch(paths, cond_type: str, cond_channels: int, width: int, height: int,
+                    size_hint: str | None = None) -> torch.Tensor:
     """(len(paths), cond_channels, height, width) float tensor in [0, 1].
 
     ValueError (one line) when the type gives another channel count than the adapter takes
@@ -175,6 +179,6 @@ def condition_batch(paths, cond_type: str, cond_channels: int, width: int, heigh
     maps = []
     for path in paths:
         image = read_image(path)
-        check_size(path, image, width, height)
+        check_size(path, image, width, height, size_hint)
         maps.append(torch.from_numpy(np.ascontiguousarray(preprocess(image))).permute(2, 0, 1))
     return torch.stack(maps)

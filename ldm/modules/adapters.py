@@ -442,7 +442,8 @@ def add_arguments(parser):
     group.add_argument("--adapter-weight", action="append", type=float, metavar="W",
                        help="scale of that adapter's features (default 1.0)")
     group.add_argument("--cond-tau", type=float, metavar="TAU",
-                       help="use the adapters during the first TAU fraction of the sampling steps, in (0, 1] "
+                       help="use the adapters during the first TAU fraction of the sampling trajectory "
+                            "(0 = noise, 1 = image; img2img starts at 1 - strength), in (0, 1] "
                             "(default 1.0: all steps)")
 
 
@@ -456,9 +457,11 @@ def _unet_widths(config_path):
         return None
 
 
-def run_from_arguments(opt, parser, n_samples: int, width: int, height: int) -> AdapterRun | None:
+def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
+                       size_hint: str | None = None) -> AdapterRun | None:
     """The AdapterRun the flags ask for, or None. Loads the adapters and condition images on the
-    CPU; every problem ends in one parser.error line."""
+    CPU; every problem ends in one parser.error line. `size_hint`: how the user changes the
+    output size, for the error when a condition image has another size."""
     from ldm.modules.adapter_conditions import condition_batch, condition_files
 
     given = [flag for flag, value in (("--cond", opt.cond), ("--cond-type", opt.cond_type),
@@ -490,7 +493,7 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int) -> 
             if len(files) not in (1, n_samples):
                 raise ValueError(f"{len(files)} condition images for adapter {ckpt}: give one image for all "
                                  f"samples or exactly --n_samples ({n_samples})")
-            conds = condition_batch(files, cond_type, adapter.cond_channels, width, height)
+            conds = condition_batch(files, cond_type, adapter.cond_channels, width, height, size_hint)
         except (CheckpointError, ValueError) as e:
             parser.error(str(e))
         uses.append(AdapterUse(ckpt, files, cond_type, weight, adapter, conds))
