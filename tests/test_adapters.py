@@ -110,6 +110,7 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
     ({"style_embedding": torch.zeros(1, 4, 8)}, "style adapter"),
     ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.skep.weight": torch.zeros(1)}, "sk=False"),
     ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.block1.weight": torch.zeros(8, 8, 3, 3)}, "multiple of 4"),
+    ({"body.0.out_conv.weight": torch.zeros(8, 2, 1, 1)}, "incomplete T2I-Adapter checkpoint: no body.0.in_conv"),
 ])
 def test_unknown_checkpoints_are_one_clear_error(state_dict, message):
     with pytest.raises(CheckpointError, match=message):

@@ -190,6 +190,13 @@ def detect_adapter(state_dict: dict, levels: int = 4) -> AdapterSpec:
     `levels` is the number of UNet resolution levels: the full adapter's blocks form one flat
     list, and where a stage keeps the width (1280 -> 1280 in SD v1) nothing in the keys marks
     the boundary, so the blocks are split evenly over the levels."""
+    try:
+        return _detect(state_dict, levels)
+    except KeyError as e:
+        raise CheckpointError(f"incomplete T2I-Adapter checkpoint: no {e.args[0]}")
+
+
+def _detect(state_dict, levels):
     if any(k.startswith("style_embedding") or k.startswith("transformer_layes") for k in state_dict):
         raise CheckpointError("this is a style adapter (CLIP image tokens); only spatial adapters are supported")
     if any(".skep." in k or ".down_opt.op." in k for k in state_dict):
