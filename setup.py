@@ -24,6 +24,8 @@ setup(
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],
+        # T2I-Adapter canny edges exactly as upstream (a numpy re-implementation is used without it).
+        "adapter": ["opencv-python-headless"],
         # ldm.modules.image_degradation (super-resolution training data).
         "data": ["opencv-python-headless", "albumentations"],
     },

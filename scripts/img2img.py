@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules import consistency
+from ldm.modules import adapters, consistency
 from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
@@ -37,6 +37,7 @@ def build_parser():
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")
     consistency.add_arguments(parser)
+    adapters.add_arguments(parser)
     return parser
 
 
@@ -103,6 +104,8 @@ def generate(opt, model, sampler, device, postprocess, init_image):
     logger.info("target t_enc is %d steps", t_enc)
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
         init_latent = encode_init_image(model, init_image, opt.n_samples, device)
+        if opt.adapters is not None:
+            opt.adapters.prepare(model, device)  # features once per image, not per step
         fixed_noise = cpu_noise(generator, init_latent.shape, device) if opt.fixed_code else None
         with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
             for _ in range(opt.n_iter):
@@ -110,7 +113,8 @@ def generate(opt, model, sampler, device, postprocess, init_image):
                     n = len(prompts)
                     noise = fixed_noise[:n] if fixed_noise is not None else \
                         cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
-                    with consistent_attention(model, opt.consistency, n):
+                    with consistent_attention(model, opt.consistency, n), \
+                            adapters.conditioning(model, opt.adapters, n):
                         images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
                     yield prompts, postprocess(images)
                     progress.update()
@@ -130,6 +134,11 @@ def main(argv=None, extra_metadata=None):
         logger.info("consistent attention: %s", opt.consistency.describe())
         extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
     init_image = load_img(opt.init_img)
+    height, width = init_image.shape[2:]
+    opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
+                                               size_hint="crop or resize --init-img to match")
+    if opt.adapters is not None:
+        extra_metadata = {"t2i_adapter": opt.adapters.describe(), **(extra_metadata or {})}
     postprocess = build_postprocess(opt)
     model, device = load(opt)
     sampler = make_sampler(opt, model, SAMPLERS)

@@ -9,7 +9,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from ldm.modules import consistency
+from ldm.modules import adapters, consistency
 from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
@@ -28,6 +28,7 @@ def build_parser():
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
     consistency.add_arguments(parser)
+    adapters.add_arguments(parser)
     return parser
 
 
@@ -41,6 +42,7 @@ def validate_options(parser, opt):
         opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.f * UNET_DOWNSAMPLING)
+    opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     return opt
 
 
@@ -70,13 +72,16 @@ def generate(opt, model, sampler, device, postprocess):
     latent_shape = [opt.n_samples, opt.C, opt.H // opt.f, opt.W // opt.f]
     fixed_code = cpu_noise(generator, latent_shape, device) if opt.fixed_code else None
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
+        if opt.adapters is not None:
+            opt.adapters.prepare(model, device)  # features once per image, not per step
         with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
             for _ in range(opt.n_iter):
                 for prompts in batches:
                     n = len(prompts)
                     x_T = fixed_code[:n] if fixed_code is not None else \
                         cpu_noise(generator, [n] + latent_shape[1:], device)
-                    with consistent_attention(model, opt.consistency, n):
+                    with consistent_attention(model, opt.consistency, n), \
+                            adapters.conditioning(model, opt.adapters, n):
                         images = sample_batch(opt, model, sampler, prompts, x_T)
                     yield prompts, postprocess(images)
                     progress.update()
@@ -94,6 +99,8 @@ def main(argv=None, extra_metadata=None):
     if opt.consistency is not None:
         logger.info("consistent attention: %s", opt.consistency.describe())
         extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
+    if opt.adapters is not None:
+        extra_metadata = {"t2i_adapter": opt.adapters.describe(), **(extra_metadata or {})}
     postprocess = build_postprocess(opt)
     model, device = load(opt)
     sampler = make_sampler(opt, model, SAMPLERS)

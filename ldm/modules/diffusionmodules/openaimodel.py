@@ -502,6 +502,9 @@ class UNetModel(nn.Module):
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
+        # T2I-Adapter features for the current run (ldm.modules.adapters.AdapterInjection), set
+        # and removed by adapter_conditioning; None = the plain UNet
+        self.adapter_residuals = None
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -728,8 +731,11 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
 
         h = x.type(self.dtype)
-        for module in self.input_blocks:
+        adapter = self.adapter_residuals
+        for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
+            if adapter is not None:
+                h = adapter(i, h)  # before the skip is stored: encoder and decoder both see it
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:

@@ -1,0 +1,243 @@
+"""T2I-Adapter modules, checkpoints and UNet injection (ldm/modules/adapters.py)."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FULL_CONFIG, TINY_CONFIG
+from ldm.modules.adapters import (SD_V1_CHANNELS, Adapter, AdapterInjection, LightAdapter,
+                                  adapter_conditioning, check_adapter_fits, combine_features,
+                                  detect_adapter, injection_sites, load_adapter, strip_prefix,
+                                  unet_level_channels)
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.util import CheckpointError
+
+TINY_CHANNELS = (32, 64, 128, 128)
+
+
+def unet_from(config_path, device="cpu"):
+    params = OmegaConf.to_container(OmegaConf.load(config_path).model.params.unet_config.params)
+    with torch.device(device):
+        return UNetModel(**params)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """The tiny config's UNet with every weight non-zero (upstream zero-initialises the output
+    convolutions, which would make the noise prediction ignore everything we add)."""
+    torch.manual_seed(0)
+    unet = unet_from(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return unet
+
+
+def unet_inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 77, 32, generator=g)
+
+
+def tiny_features(seed=0, batch=2, scale=1.0):
+    """Random features with the tiny UNet's shapes at 64 px (latent 8x8)."""
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(batch, c, 8 >> level, 8 >> level, generator=g)
+            for level, c in enumerate(TINY_CHANNELS)]
+
+
+def compact(state_dict):
+    """Same keys and shapes, stored as 0-stride views of one number: a full-size SD adapter file
+    of a few kB instead of 300 MB."""
+    return {k: torch.full((1,), 0.01).expand(v.shape) for k, v in state_dict.items()}
+
+
+# --- released checkpoint layout -------------------------------------------------------------
+
+def test_full_adapter_has_the_released_sd14_key_layout():
+    with torch.device("meta"):
+        sketch = Adapter(cond_channels=1)  # t2iadapter_sketch_sd14v1: 1 channel, 2 blocks/level, ksize 1
+    sd = sketch.state_dict()
+    assert sd["conv_in.weight"].shape == (320, 64, 3, 3)
+    blocks = {f"body.{k}.block{j}.{p}" for k in range(8) for j in (1, 2) for p in ("weight", "bias")}
+    # the width changes 320->640 in block 2 and 640->1280 in block 4; 1280->1280 needs no projection
+    in_convs = {f"body.{k}.in_conv.{p}" for k in (2, 4) for p in ("weight", "bias")}
+    assert set(sd) == {"conv_in.weight", "conv_in.bias"} | blocks | in_convs
+    assert sd["body.2.in_conv.weight"].shape == (640, 320, 1, 1)
+    assert sd["body.7.block1.weight"].shape == (1280, 1280, 3, 3)
+    assert sd["body.7.block2.weight"].shape == (1280, 1280, 1, 1)
+
+
+def test_light_adapter_has_the_released_colour_key_layout():
+    with torch.device("meta"):
+        color = LightAdapter()  # t2iadapter_color_sd14v1: 3 channels, 4 blocks/level
+    sd = color.state_dict()
+    assert sd["body.0.in_conv.weight"].shape == (80, 192, 1, 1)
+    assert sd["body.3.out_conv.weight"].shape == (1280, 320, 1, 1)
+    assert sd["body.1.body.3.block2.weight"].shape == (160, 160, 3, 3)
+    assert len(sd) == 4 * (2 + 2 + 4 * 4)
+
+
+@pytest.mark.parametrize("prefix", ["", "adapter."])
+@pytest.mark.parametrize("make, kind, cond_channels", [
+    (lambda: Adapter(cond_channels=1), "full", 1),
+    (lambda: Adapter(cond_channels=3), "full", 3),
+    (lambda: LightAdapter(), "light", 3),
+])
+def test_sd_size_checkpoint_saves_reloads_strictly_and_is_detected(tmp_path, prefix, make, kind, cond_channels):
+    with torch.device("meta"):
+        reference = make()
+    path = tmp_path / "t2iadapter_sd14v1.pth"
+    torch.save({prefix + k: v for k, v in compact(reference.state_dict()).items()}, path)
+    spec = detect_adapter(strip_prefix(torch.load(path, weights_only=True)))
+    assert (spec.kind, spec.cond_channels, spec.channels) == (kind, cond_channels, SD_V1_CHANNELS)
+    assert spec.num_res_blocks == (4 if kind == "light" else 2)
+    adapter = load_adapter(path)
+    assert type(adapter) is type(reference) and adapter.cond_channels == cond_channels
+    assert all(torch.all(p == 0.01) for p in adapter.parameters())
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
+    sd = Adapter(TINY_CHANNELS, cond_channels=1).state_dict()
+    sd.pop("body.3.block2.bias")
+    sd["body.3.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: body\.3\.block2\.bias; unexpected keys: body\.3\.extra"):
+        load_adapter(tmp_path / "broken.pth")
+
+
+@pytest.mark.parametrize("state_dict, message", [
+    ({"model.weight": torch.zeros(1)}, "not a T2I-Adapter checkpoint"),
+    ({"style_embedding": torch.zeros(1, 4, 8)}, "style adapter"),
+    ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.skep.weight": torch.zeros(1)}, "sk=False"),
+    ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.block1.weight": torch.zeros(8, 8, 3, 3)}, "multiple of 4"),
+    ({"body.0.out_conv.weight": torch.zeros(8, 2, 1, 1)}, "incomplete T2I-Adapter checkpoint: no body.0.in_conv"),
+])
+def test_unknown_checkpoints_are_one_clear_error(state_dict, message):
+    with pytest.raises(CheckpointError, match=message):
+        detect_adapter(state_dict)
+
+
+# --- where the features go ------------------------------------------------------------------
+
+def test_sd_v1_features_match_the_unet_hidden_states_at_512px():
+    """On the meta device (shapes only): SD v1's UNet at a 64x64 latent, and the adapter at 512 px."""
+    unet = unet_from(FULL_CONFIG, "meta")
+    assert injection_sites(unet) == [2, 5, 8, 11]
+    assert unet_level_channels(unet) == SD_V1_CHANNELS
+    with torch.device("meta"):
+        adapter, light = Adapter(cond_channels=1), LightAdapter()
+        shapes = [tuple(f.shape) for f in adapter(torch.zeros(1, 1, 512, 512))]
+        assert shapes == [(1, 320, 64, 64), (1, 640, 32, 32), (1, 1280, 16, 16), (1, 1280, 8, 8)]
+        assert [tuple(f.shape) for f in light(torch.zeros(1, 3, 512, 512))] == shapes
+        seen = {}
+        for i in injection_sites(unet):
+            unet.input_blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, tuple(out.shape)))
+        unet(torch.zeros(1, 4, 64, 64), torch.zeros(1), torch.zeros(1, 77, 768))
+    assert list(seen.values()) == shapes
+
+
+def test_tiny_unet_sites_and_widths(tiny_unet):
+    assert injection_sites(tiny_unet) == [2, 5, 8, 11]
+    check_adapter_fits(Adapter(TINY_CHANNELS), tiny_unet)
+    with pytest.raises(ValueError, match=r"widths \[320, 640, 1280, 1280\].*\[32, 64, 128, 128\]"):
+        with torch.device("meta"):
+            check_adapter_fits(Adapter(), tiny_unet)
+
+
+def plain_forward(unet, x, t, context):
+    """UNetModel.forward as upstream wrote it, without the adapter hook."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+    emb = unet.time_embed(timestep_embedding(t, unet.model_channels))
+    h, hs = x, []
+    for block in unet.input_blocks:
+        h = block(h, emb, context)
+        hs.append(h)
+    h = unet.middle_block(h, emb, context)
+    for block in unet.output_blocks:
+        h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+    return unet.out(h)
+
+
+def test_no_adapter_is_bit_identical_to_the_plain_unet_and_the_model_is_restored(tiny_unet):
+    x, context = unet_inputs()
+    t = torch.full((2,), 500)
+    with torch.no_grad():
+        plain = plain_forward(tiny_unet, x, t, context)
+        assert torch.equal(tiny_unet(x, t, context=context), plain)
+        with adapter_conditioning(tiny_unet, None):
+            assert torch.equal(tiny_unet(x, t, context=context), plain)
+        with pytest.raises(RuntimeError, match="boom"):
+            with adapter_conditioning(tiny_unet, tiny_features()):
+                raise RuntimeError("boom")
+        assert tiny_unet.adapter_residuals is None and not tiny_unet._forward_pre_hooks
+        assert torch.equal(tiny_unet(x, t, context=context), plain)
+
+
+def test_cond_tau_window(tiny_unet):
+    """cond_tau 0.5: the first half of the trajectory (t >= 500) gets the features, the rest is
+    exactly the plain UNet."""
+    x, context = unet_inputs()
+    for t, inside in [(600, True), (400, False)]:
+        ts = torch.full((2,), t)
+        with torch.no_grad():
+            plain = tiny_unet(x, ts, context=context)
+            with adapter_conditioning(tiny_unet, tiny_features(), cond_tau=0.5) as injection:
+                steered = tiny_unet(x, ts, context=context)
+        assert injection.active is inside
+        assert torch.equal(steered, plain) is not inside
+        if inside:
+            assert (steered - plain).abs().max() > 1e-3
+    edges = AdapterInjection([], {}, cond_tau=0.5)
+    for t, inside in [(999, True), (500.0, True), (499.9, False), (0, False)]:
+        edges.start_unet_call(torch.tensor([t, t]))
+        assert edges.active is inside, t
+    everywhere = AdapterInjection([], {}, cond_tau=1.0)
+    everywhere.start_unet_call(0)
+    assert everywhere.active
+
+
+def hidden_after_first_site(unet, features, x, context):
+    """The input of block 3 = hidden state after block 2 (+ level-0 features)."""
+    seen = []
+    handle = unet.input_blocks[3].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad(), adapter_conditioning(unet, features):
+            unet(x, torch.full((x.shape[0],), 900), context=context)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_two_weighted_adapters_add_up(tiny_unet):
+    torch.manual_seed(0)
+    sketch, depth = Adapter(TINY_CHANNELS, cond_channels=1), LightAdapter(TINY_CHANNELS)
+    g = torch.Generator().manual_seed(3)
+    edges, depth_map = torch.rand(2, 1, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        both = combine_features([(sketch, edges, 0.8), (depth, depth_map, 0.3)])
+        alone = [combine_features([(sketch, edges, 0.8)]), combine_features([(depth, depth_map, 0.3)])]
+        for f, a, b, raw_a in zip(both, *alone, sketch(edges)):
+            torch.testing.assert_close(f, a + b)
+            torch.testing.assert_close(a, 0.8 * raw_a)
+        x, context = unet_inputs()
+        base = hidden_after_first_site(tiny_unet, None, x, context)
+        delta_both = hidden_after_first_site(tiny_unet, both, x, context) - base
+        delta_a = hidden_after_first_site(tiny_unet, alone[0], x, context) - base
+        delta_b = hidden_after_first_site(tiny_unet, alone[1], x, context) - base
+    torch.testing.assert_close(delta_both, delta_a + delta_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta_both, both[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_batch_gets_the_features_in_both_halves():
+    f = torch.arange(2.0).reshape(2, 1, 1, 1)
+    injection = AdapterInjection([f], sites={0: 0})
+    h = torch.zeros(4, 1, 1, 1)  # [uncond 0, uncond 1, cond 0, cond 1]
+    assert injection(0, h).flatten().tolist() == [0, 1, 0, 1]
+    assert injection(1, h) is h  # not an injection site
+    one = AdapterInjection([torch.ones(1, 1, 1, 1)], sites={0: 0})
+    assert injection(0, torch.zeros(2, 1, 1, 1)).flatten().tolist() == [0, 1]
+    assert one(0, torch.zeros(4, 1, 1, 1)).flatten().tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="features for 2 images cannot be applied to a batch of 3"):
+        injection(0, torch.zeros(3, 1, 1, 1))
+    with pytest.raises(ValueError, match="size of the generated image"):
+        injection(0, torch.zeros(2, 1, 2, 2))

@@ -1,0 +1,148 @@
+"""--adapter end to end: txt2img as a user runs it, on the tiny config with random adapters."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from conftest import REPO, TINY_CONFIG
+from ldm.image_io import read_parameters
+from ldm.modules.adapters import Adapter, LightAdapter
+from ldm.util import instantiate_from_config
+from test_adapters import TINY_CHANNELS, compact
+from test_cli import assert_ok, assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model whose every weight is non-zero (upstream zero-initialises the UNet's output
+    layers, which would hide any change of the hidden states), two random tiny adapters, and
+    condition images."""
+    root = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny.safetensors"))
+    torch.save({f"adapter.{k}": v for k, v in Adapter(TINY_CHANNELS, cond_channels=1).state_dict().items()},
+               root / "canny.pth")
+    save_file(LightAdapter(TINY_CHANNELS).state_dict(), str(root / "color.safetensors"))
+    with torch.device("meta"):
+        sd_size = Adapter(cond_channels=1).state_dict()
+    torch.save(compact(sd_size), root / "sd14_sketch.pth")
+
+    photo = Image.new("RGB", (64, 64), (30, 30, 60))
+    draw = ImageDraw.Draw(photo)
+    draw.rectangle([10, 12, 40, 50], fill=(220, 180, 40))
+    draw.ellipse([30, 5, 60, 35], fill=(40, 200, 90))
+    photo.save(root / "photo.png")
+    Image.new("RGB", (100, 64)).save(root / "wide.png")
+    return root
+
+
+def txt2img(files, outdir, *extra):
+    return run("txt2img.py", "--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64", "--W", "64",
+               "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3", "--skip_grid", "--outdir", outdir, *extra)
+
+
+def pixels(outdir):
+    return [np.asarray(Image.open(p)) for p in sorted((outdir / "samples").glob("*.png"))]
+
+
+def test_two_adapters_run_and_are_recorded(tmp_path, files):
+    result = txt2img(files, tmp_path,
+                     "--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny",
+                     "--adapter", files / "color.safetensors", "--cond", files / "photo.png", files / "photo.png",
+                     "--cond-type", "color", "--adapter-weight", "1.0", "--adapter-weight", "0.5",
+                     "--cond-tau", "0.7")
+    assert_ok(result)
+    assert len(pixels(tmp_path)) == 2
+    meta = read_parameters(tmp_path / "samples" / "00001.png")["extra"]["t2i_adapter"]
+    assert meta["cond_tau"] == 0.7
+    canny, color = meta["adapters"]
+    assert canny["ckpt"].endswith("canny.pth") and canny["cond_type"] == "canny" and canny["weight"] == 1.0
+    assert canny["kind"] == "full" and canny["cond_channels"] == 1 and canny["channels"] == list(TINY_CHANNELS)
+    assert color["kind"] == "light" and color["weight"] == 0.5 and len(color["cond"]) == 2
+
+
+def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files):
+    """In-process (cheaper than three more subprocesses). DDIM with 2 steps runs t = 501, 1:
+    --cond-tau 0.4 ends before the first step (progress 0.499), so the image is the plain one."""
+    script = load_txt2img()
+    adapter = ["--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny"]
+
+    def image(name, *extra):
+        script.main([str(a) for a in ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64",
+                                      "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2",
+                                      "--skip_grid", "--outdir", tmp_path / name, *extra]])
+        return pixels(tmp_path / name)[0]
+
+    plain = image("plain")
+    assert not np.array_equal(image("steered", *adapter), plain)
+    assert np.array_equal(image("outside", *adapter, "--cond-tau", "0.4"), plain)
+    assert "t2i_adapter" not in read_parameters(tmp_path / "plain" / "samples" / "00000.png")["extra"]
+
+
+def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
+    result = txt2img(files, tmp_path, "--adapter", files / "canny.pth", "--cond", files / "photo.png",
+                     "--cond-type", "depth")
+    assert_one_line_error(result, "--cond-type depth gives 3-channel input but this adapter takes 1 channel")
+    assert not (tmp_path / "samples").exists()
+
+
+def load_txt2img():
+    spec = importlib.util.spec_from_file_location("txt2img_script", REPO / "scripts" / "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", "{canny}", "--cond", "{wide}", "--cond-type", "canny"], "is 100x64: both sides must be multiples of 64"),
+    (["--adapter", "{canny}", "--cond", "{missing}", "--cond-type", "canny"], "condition image not found"),
+    (["--adapter", "{canny}", "--cond", "{photo}", "{photo}", "{photo}", "--cond-type", "canny"],
+     "3 condition images for adapter"),
+    (["--adapter", "{missing}", "--cond", "{photo}", "--cond-type", "canny"], "adapter checkpoint not found"),
+    (["--adapter", "{photo}", "--cond", "{photo}", "--cond-type", "canny"], "Unsupported checkpoint type"),
+    (["--adapter", "{sd14}", "--cond", "{photo}", "--cond-type", "canny"],
+     "widths [320, 640, 1280, 1280] but this UNet's levels have [32, 64, 128, 128]"),
+    (["--adapter", "{canny}", "--cond", "{photo}"], "1 --adapter given but 0 --cond-type"),
+    (["--cond", "{photo}", "--cond-tau", "0.5"], "--cond, --cond-tau only take effect with --adapter"),
+    (["--adapter", "{canny}", "--cond", "{photo}", "--cond-type", "canny", "--cond-tau", "0"], "--cond-tau must be in (0, 1]"),
+])
+def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
+    """In-process (no model is built before these checks), so many cases stay fast."""
+    paths = {"canny": files / "canny.pth", "wide": files / "wide.png", "photo": files / "photo.png",
+             "missing": files / "missing.png", "sd14": files / "sd14_sketch.pth"}
+    script = load_txt2img()
+    parser = script.build_parser()
+    argv = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64", "--n_samples", "2",
+            *(flag.format(**paths) for flag in flags)]
+    with pytest.raises(SystemExit) as exit_info:
+        script.validate_options(parser, parser.parse_args(argv))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_img2img_takes_adapters_too(tmp_path, files):
+    spec = importlib.util.spec_from_file_location("img2img_script", REPO / "scripts" / "img2img.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--init-img", files / "photo.png",
+              "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4", "--strength", "0.5", "--skip_grid"]
+
+    def image(name, *extra):
+        script.main([str(a) for a in [*common, "--outdir", tmp_path / name, *extra]])
+        return pixels(tmp_path / name)[0]
+
+    steered = image("steered", "--adapter", files / "color.safetensors", "--cond", files / "photo.png",
+                    "--cond-type", "color")
+    assert not np.array_equal(steered, image("plain"))
+    meta = read_parameters(tmp_path / "steered" / "samples" / "00000.png")["extra"]
+    assert meta["strength"] == 0.5 and meta["t2i_adapter"]["adapters"][0]["kind"] == "light"
