@@ -406,15 +406,26 @@ def add_arguments(parser):
 
 def config_from_arguments(opt, parser, images_per_batch):
     """The ConsistentAttentionConfig the flags ask for, or None. Bad values end in parser.error."""
-    given = [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+    given = given_share_flags(opt)
     if not opt.consistent_attn:
-        if given:
+        # with a reference (consistency_reference.py) the --share-* flags are checked there
+        with_reference = getattr(opt, "write_reference", None) or getattr(opt, "read_reference", None)
+        if given and not with_reference:
             parser.error(f"{', '.join(given)} only take effect with --consistent-attn; add it")
         return None
     if images_per_batch == 1:
         log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
                     "(use --n_samples 2 or more)")
         return None
+    return config_from_share_flags(opt, parser)
+
+
+def given_share_flags(opt):
+    return [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+
+
+def config_from_share_flags(opt, parser):
+    """The ConsistentAttentionConfig of the --share-* flags (defaults for those not given)."""
     chosen = {"seed": getattr(opt, "seed", 0)}
     try:
         if opt.share_groups is not None:
@@ -435,4 +446,4 @@ __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "timestep_of", "in_window", "unet_of",
-           "add_arguments", "config_from_arguments"]
+           "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags"]

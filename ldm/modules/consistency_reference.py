@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, disable_consistent_attention,
-                                     in_window, read_with_anchors, self_attention_sites, timestep_of, unet_of)
+from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, config_from_share_flags,
+                                     disable_consistent_attention, given_share_flags, in_window,
+                                     read_with_anchors, self_attention_sites, timestep_of, unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -228,5 +229,98 @@ def reference_nbytes(model, config: ConsistentAttentionConfig, latent_hw, calls:
     return calls * halves * n_images * 2 * per_call * bytes_per_value
 
 
-__all__ = ["ReferenceCache", "ReferenceMismatch", "ReferenceKV", "model_fingerprint", "record_reference",
+# --------------------------------------------------------------------------------------------
+# Command line (scripts/txt2img.py)
+# --------------------------------------------------------------------------------------------
+
+def add_arguments(parser):
+    group = parser.add_argument_group("reference (record a reference's self-attention once, read it in later runs)")
+    group.add_argument("--write-reference", metavar="PATH",
+                       help="record the self-attention keys/values of the first --share-anchors K images "
+                            "(default 1) of the first batch to a new file; the images are the plain "
+                            "model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
+                            "is stored")
+    group.add_argument("--read-reference", metavar="PATH",
+                       help="every image also reads the keys/values of a reference file written with "
+                            "--write-reference (same model, image size, sampler and steps), with the "
+                            "settings it was recorded with")
+
+
+@dataclass(eq=False)
+class ReferenceRun:
+    """What --write-reference / --read-reference ask for; `batch` wraps each sampling batch."""
+    path: str
+    config: ConsistentAttentionConfig | None = None  # writing
+    cache: ReferenceCache | None = None              # reading
+    run_info: dict = field(default_factory=dict)
+    written: bool = False
+
+    def describe(self) -> dict:
+        if self.cache is not None:
+            return {"read": self.path, **self.cache.header["settings"], "reference_run": self.cache.header["run"]}
+        return {"write": self.path, **self.config.describe()}
+
+    def check_model(self, model):
+        """After loading: a reference from another model ends the run with one error line."""
+        if self.cache is not None:
+            try:
+                self.cache.check(model=model)
+            except ReferenceMismatch as err:
+                raise SystemExit(f"error: {self.path}: {err}")
+
+    @contextmanager
+    def batch(self, model, prompts):
+        """Around the sampling of one batch of `prompts` (one per image)."""
+        if self.cache is not None:
+            with read_reference(model, self.cache, len(prompts)):
+                yield
+        elif self.written:  # recorded from the first batch; later batches sample plainly
+            yield
+        else:
+            run_info = {**self.run_info, "prompts": list(prompts[:self.config.n_anchors])}
+            with record_reference(model, self.config, len(prompts), dtype=torch.float16,
+                                  run_info=run_info) as cache:
+                yield
+            cache.save(self.path)
+            self.written = True
+            log.info("reference written to %s: %.1f MB", self.path, cache.nbytes / 1e6)
+
+
+def reference_from_arguments(opt, parser):
+    """A ReferenceRun, or None. Bad input ends in parser.error (one line)."""
+    write, read = opt.write_reference, opt.read_reference
+    if not (write or read):
+        return None
+    if write and read:
+        parser.error("--write-reference and --read-reference: choose one")
+    if opt.consistent_attn:
+        parser.error("--consistent-attn shares within a batch, --write-/--read-reference with a reference: "
+                     "choose one")
+    run_info = {"H": opt.H, "W": opt.W, "steps": opt.ddim_steps, "sampler": opt.sampler,
+                "guidance": opt.scale != 1.0}
+    if write:
+        if os.path.exists(write):
+            parser.error(f"{write} exists; references are never overwritten, choose a new path")
+        config = config_from_share_flags(opt, parser)
+        if config.n_anchors > opt.n_samples:
+            parser.error(f"--share-anchors {config.n_anchors} reference images but --n_samples is {opt.n_samples}")
+        return ReferenceRun(write, config=config, run_info={**run_info, "seed": opt.seed,
+                                                            "ckpt": None if opt.random_weights else opt.ckpt})
+    if given_share_flags(opt):
+        parser.error(f"{', '.join(given_share_flags(opt))}: --read-reference uses the settings the reference "
+                     f"was recorded with; drop them")
+    if not os.path.isfile(read):
+        parser.error(f"reference not found: {read}")
+    try:
+        cache = ReferenceCache.load(read)
+    except ReferenceMismatch as err:
+        parser.error(str(err))
+    recorded = cache.header["run"]
+    for key, value in run_info.items():  # known before the model loads: fail fast
+        if key in recorded and recorded[key] != value:
+            parser.error(f"{read}: the reference was recorded with {key} {recorded[key]}, this run uses {value}")
+    return ReferenceRun(read, cache=cache)
+
+
+__all__ = ["add_arguments", "reference_from_arguments", "ReferenceRun", "ReferenceCache", "ReferenceMismatch", "ReferenceKV", "model_fingerprint", "record_reference",
            "read_reference", "reference_nbytes"]
