@@ -27,6 +27,8 @@ SAMPLER_ALIASES = {"plms": "plms", "dpm_solver": "dpm"}
 UNET_DOWNSAMPLING = 8  # SD v1 UNet: three 2x downsamplings
 LATENT_MULTIPLE = 64  # H and W: 8x VAE downsampling times 8x UNet downsampling (SD v1 layout)
 
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+
 
 def configure_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -35,8 +37,10 @@ def configure_logging(level=logging.INFO):
 def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples, scale):
     """Options both scripts share; per-script defaults are passed in."""
     add = parser.add_argument
-    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-        help="the prompt to render")
+    # "append" with default None (not a list default, which argparse would append to)
+    add("--prompt", type=str, action="append", default=None,
+        help=f"the prompt to render (default: {DEFAULT_PROMPT!r}); repeat it to give each image of the "
+             "batch its own prompt, one per image (then --n_samples must equal the number of prompts)")
     add("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
     add("--skip_grid", action="store_true",
         help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
@@ -94,6 +98,13 @@ def validate_common(parser, opt, samplers, aliases):
                      f"or --random-weights to run without weights)")
     if opt.from_file and not os.path.isfile(opt.from_file):
         parser.error(f"prompt file not found: {opt.from_file}")
+    opt.prompt = opt.prompt or [DEFAULT_PROMPT]
+    if len(opt.prompt) > 1:
+        if opt.from_file:
+            parser.error("--prompt given several times and --from-file: choose one source of prompts")
+        if opt.n_samples != len(opt.prompt):
+            parser.error(f"{len(opt.prompt)} prompts given (one per image of the batch) but --n_samples is "
+                         f"{opt.n_samples}: pass --n_samples {len(opt.prompt)}")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
 
@@ -174,9 +185,15 @@ def make_sampler(opt, model, samplers):
 
 
 def read_prompt_batches(opt):
-    """Lists of prompts, one list per sampling batch (at most n_samples each)."""
+    """Lists of prompts, one list per sampling batch (at most n_samples each), prompt i for image i.
+
+    One --prompt is repeated for every image; several --prompt (validate_common checks there are
+    n_samples of them) and the lines of --from-file give each image of a batch its own text. Each
+    image is conditioned on its own prompt; consistent attention shares self-attention only, so
+    the images of a batch agree in appearance while each follows its own text."""
     if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
+        prompts = opt.prompt if len(opt.prompt) > 1 else opt.n_samples * opt.prompt
+        return [list(prompts)]
     logger.info("reading prompts from %s", opt.from_file)
     with open(opt.from_file, "r") as f:
         prompts = [line for line in f.read().splitlines() if line.strip()]

@@ -9,7 +9,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from ldm.modules import adapters, consistency
+from ldm.modules import adapters, consistency, consistency_reference
 from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
@@ -28,6 +28,7 @@ def build_parser():
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
     consistency.add_arguments(parser)
+    consistency_reference.add_arguments(parser)
     adapters.add_arguments(parser)
     return parser
 
@@ -42,6 +43,7 @@ def validate_options(parser, opt):
         opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.f * UNET_DOWNSAMPLING)
+    opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     return opt
 
@@ -80,8 +82,9 @@ def generate(opt, model, sampler, device, postprocess):
                     n = len(prompts)
                     x_T = fixed_code[:n] if fixed_code is not None else \
                         cpu_noise(generator, [n] + latent_shape[1:], device)
-                    with consistent_attention(model, opt.consistency, n), \
-                            adapters.conditioning(model, opt.adapters, n):
+                    sharing = opt.reference.batch(model, prompts) if opt.reference is not None \
+                        else consistent_attention(model, opt.consistency, n)
+                    with sharing, adapters.conditioning(model, opt.adapters, n):
                         images = sample_batch(opt, model, sampler, prompts, x_T)
                     yield prompts, postprocess(images)
                     progress.update()
@@ -99,10 +102,15 @@ def main(argv=None, extra_metadata=None):
     if opt.consistency is not None:
         logger.info("consistent attention: %s", opt.consistency.describe())
         extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
+    if opt.reference is not None:
+        logger.info("reference: %s", opt.reference.describe())
+        extra_metadata = {"reference": opt.reference.describe(), **(extra_metadata or {})}
     if opt.adapters is not None:
         extra_metadata = {"t2i_adapter": opt.adapters.describe(), **(extra_metadata or {})}
     postprocess = build_postprocess(opt)
     model, device = load(opt)
+    if opt.reference is not None:
+        opt.reference.check_model(model)
     sampler = make_sampler(opt, model, SAMPLERS)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
     logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)

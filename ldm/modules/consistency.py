@@ -206,16 +206,26 @@ def anchor_attention(q, k, v, attend, n_anchors):
     """The first `n_anchors` images of a group are computed exactly as without sharing; every
     other image reads its own tokens plus the anchors' tokens. Cost grows O(N), and the anchors
     fix one appearance the rest of the batch follows."""
-    G, N, nh, T, hs = q.shape
-    a = min(n_anchors, N)
+    a = min(n_anchors, q.shape[1])
     flat = lambda t: t.reshape(-1, *t.shape[2:])  # (G·n, nh, T, hs)
-    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(G, a, nh, T, hs)
-    if a == N:
+    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(q[:, :a].shape)
+    if a == q.shape[1]:
         return anchors
-    with_anchors = lambda t: torch.cat(
-        [t[:, a:], _fold(t[:, :a])[:, None].expand(G, N - a, nh, a * T, hs)], dim=3)  # (G, N-a, nh, (1+a)T, hs)
-    rest = attend(flat(q[:, a:]), flat(with_anchors(k)), flat(with_anchors(v)))
-    return torch.cat([anchors, rest.reshape(G, N - a, nh, T, hs)], dim=1)
+    rest = read_with_anchors(q[:, a:], k[:, a:], v[:, a:], attend, k[:, :a], v[:, :a])
+    return torch.cat([anchors, rest], dim=1)
+
+
+def read_with_anchors(q, k, v, attend, anchor_k, anchor_v):
+    """Every image reads its own tokens plus all tokens of the anchors of its group.
+    q, k, v: (G, N, nh, T, hs); anchor_k, anchor_v: (G, a, nh, T, hs), from the batch (anchor
+    mode) or from a recorded reference (consistency_reference.py): one code path for both, so
+    that a reference read back gives exactly what in-batch anchors give."""
+    G, N, nh, T, hs = q.shape
+    with_anchors = lambda t, anchors: torch.cat(
+        [t, _fold(anchors)[:, None].expand(G, N, nh, anchors.shape[1] * T, hs)], dim=3)  # (G, N, nh, (1+a)T, hs)
+    flat = lambda t: t.reshape(G * N, *t.shape[2:])
+    out = attend(flat(q), flat(with_anchors(k, anchor_k)), flat(with_anchors(v, anchor_v)))
+    return out.reshape(G, N, nh, T, hs)
 
 
 def sampled_attention(q, k, v, attend, rate, generator):
@@ -321,12 +331,20 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
 def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
     """Once per UNet call: is this step inside the window, and a fresh, reproducible draw of the
     sampled tokens. Progress 0 is pure noise, 1 the clean image; layout and identity form early."""
-    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
-    t = int(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else int(timesteps)
-    progress = 1.0 - t / num_timesteps
-    start, end = policy.config.window
-    policy.active = start <= progress <= end
+    t = timestep_of(args, kwargs)
+    policy.active = in_window(policy.config, t, num_timesteps)
     policy.generator.manual_seed(policy.config.seed * 100_003 + t)
+
+
+def timestep_of(args, kwargs) -> int:
+    """The timestep of a UNet call, from the arguments of `UNetModel.forward(x, timesteps, ...)`."""
+    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
+    return int(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else int(timesteps)
+
+
+def in_window(config: ConsistentAttentionConfig, t: int, num_timesteps: int) -> bool:
+    start, end = config.window
+    return start <= 1.0 - t / num_timesteps <= end
 
 
 def disable_consistent_attention(model) -> None:
@@ -335,7 +353,7 @@ def disable_consistent_attention(model) -> None:
         policy = getattr(module, "kv_sharing", None)
         if policy is not None:
             if policy.hook is not None:
-                policy.hook.remove()
+                policy.hook.remove()  # idempotent: layers may share one hook
             module.kv_sharing = None
 
 
@@ -388,15 +406,26 @@ def add_arguments(parser):
 
 def config_from_arguments(opt, parser, images_per_batch):
     """The ConsistentAttentionConfig the flags ask for, or None. Bad values end in parser.error."""
-    given = [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+    given = given_share_flags(opt)
     if not opt.consistent_attn:
-        if given:
+        # with a reference (consistency_reference.py) the --share-* flags are checked there
+        with_reference = getattr(opt, "write_reference", None) or getattr(opt, "read_reference", None)
+        if given and not with_reference:
             parser.error(f"{', '.join(given)} only take effect with --consistent-attn; add it")
         return None
     if images_per_batch == 1:
         log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
                     "(use --n_samples 2 or more)")
         return None
+    return config_from_share_flags(opt, parser)
+
+
+def given_share_flags(opt):
+    return [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+
+
+def config_from_share_flags(opt, parser):
+    """The ConsistentAttentionConfig of the --share-* flags (defaults for those not given)."""
     chosen = {"seed": getattr(opt, "seed", 0)}
     try:
         if opt.share_groups is not None:
@@ -415,5 +444,6 @@ def config_from_arguments(opt, parser, images_per_batch):
 __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
            "AttentionSite", "self_attention_sites", "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
-           "joint_attention", "anchor_attention", "sampled_attention",
-           "add_arguments", "config_from_arguments"]
+           "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
+           "timestep_of", "in_window", "unet_of",
+           "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags"]

@@ -1,0 +1,326 @@
+"""Reference cache for consistent attention: write once, read many.
+
+Anchor mode (consistency.py) makes a batch follow its first k images by letting every image read
+the anchors' self-attention keys/values. The anchors must then be re-generated in every batch.
+Here they are generated once: `record_reference` runs a normal sampling pass (its images are
+exactly the plain model's) and keeps the K/V of the first k images of each CFG half, per
+selected self-attention layer and per UNet call; `read_reference` lets every image of later
+batches read those K/V as extra keys/values, through the same code as in-batch anchors
+(`read_with_anchors`). Cost per image is O(1) in the batch size, like anchor mode.
+
+Keys are (layer site name, UNet call index). The call index, not the timestep, because PLMS and
+DPM-Solver call the UNet more than once per step and may repeat a timestep; the timestep of
+every call is stored too, and a read whose trajectory differs (another sampler, step count or
+strength) is refused at the first differing call. Guidance: the batch is `[uncond; cond]`; the
+halves are recorded separately and each is read into the matching half, so the prompt never
+leaks into the unconditional estimate.
+
+Size: only the selected layers and the calls inside the step window are stored; per call and
+reference image it is halves · 2 (K and V) · Σ_layers tokens · channels values
+(`reference_nbytes`, numbers for SD v1 in CONSISTENCY_NOTES.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, config_from_share_flags,
+                                     disable_consistent_attention, given_share_flags, in_window,
+                                     read_with_anchors, self_attention_sites, timestep_of, unet_of)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sd-consistency-reference/1"
+
+
+class ReferenceMismatch(ValueError):
+    """The reference was recorded under conditions the current run does not match."""
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the UNet's parameter names, shapes, dtypes and first values: cheap (no pass over
+    860M weights), and any other checkpoint or architecture gives another fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in unet_of(model).state_dict().items():
+        head = tensor.detach().flatten()[:8].float().cpu().numpy().tobytes()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode() + head)
+    return digest.hexdigest()
+
+
+@dataclass
+class ReferenceCache:
+    """Recorded K/V: tensors["site|call|k"] is (halves, n_images, heads, tokens, head_dim)."""
+    header: dict
+    tensors: dict = field(default_factory=dict)
+
+    def kv(self, site: str, call: int):
+        try:
+            return self.tensors[f"{site}|{call}|k"], self.tensors[f"{site}|{call}|v"]
+        except KeyError:
+            raise ReferenceMismatch(f"the reference holds no keys/values for {site} at UNet call {call}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def check(self, *, model=None, **expected):
+        """Raise ReferenceMismatch naming the first setting that differs, e.g. check(latent=[8, 8])."""
+        if model is not None and model_fingerprint(model) != self.header["model"]:
+            raise ReferenceMismatch("the reference was recorded with another model (UNet fingerprint differs)")
+        for key, value in expected.items():
+            if self.header.get(key) != value:
+                raise ReferenceMismatch(f"the reference was recorded with {key} {self.header.get(key)}, "
+                                        f"this run uses {value}")
+
+    def save(self, path, dtype=torch.float16):
+        """safetensors file: the tensors (fp16 by default, half the size; lossless for K/V computed
+        under fp16 autocast) and the header as JSON metadata. Never overwrites a file."""
+        from safetensors.torch import save_file
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; the reference is not overwritten")
+        tensors = {key: t.to(dtype).contiguous() for key, t in self.tensors.items()}
+        save_file(tensors, str(path), metadata={"reference": json.dumps(self.header)})
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                header = json.loads((f.metadata() or {}).get("reference", "null"))
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as err:  # not a safetensors file at all
+            raise ReferenceMismatch(f"{path} is not a reference file: {err}") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ReferenceMismatch(f"{path} is not a reference file (format {FORMAT} expected)")
+        return cls(header, tensors)
+
+
+@dataclass(eq=False)
+class _Pass:
+    """State shared by the layers of one recording or reading pass; advanced by a UNet pre-hook."""
+    cache: ReferenceCache
+    config: ConsistentAttentionConfig
+    images_per_group: int
+    writing: bool
+    dtype: torch.dtype | None = None  # recording: store in this dtype (None: as computed)
+    num_timesteps: int = 1000
+    call: int = -1
+    active: bool = False
+    hook: object = None
+
+    def start_call(self, args, kwargs):
+        t, latent = timestep_of(args, kwargs), list(args[0].shape[-2:])
+        self.call += 1
+        self.active = in_window(self.config, t, self.num_timesteps)
+        timesteps = self.cache.header["timesteps"]
+        if self.writing:
+            self.cache.header.setdefault("latent", latent)
+            timesteps.append(t)
+            return
+        self.cache.check(latent=latent)
+        if self.call >= len(timesteps) or timesteps[self.call] != t:
+            recorded = timesteps[self.call] if self.call < len(timesteps) else "no call"
+            raise ReferenceMismatch(f"the sampling trajectory differs from the reference's: UNet call {self.call} "
+                                    f"is at t={t}, the reference has {recorded} (same sampler and steps needed)")
+
+
+@dataclass(eq=False)
+class ReferenceKV:
+    """Set on `CrossAttention.kv_sharing` of one layer: records or reads that layer's K/V."""
+    state: _Pass
+    site: str
+
+    @property
+    def hook(self):
+        return self.state.hook
+
+    def __call__(self, q, k, v, attend, mask=None):
+        state = self.state
+        if not state.active:
+            return attend(q, k, v, mask)
+        if mask is not None:
+            raise NotImplementedError("reference keys/values with an attention mask")
+        n, B = state.images_per_group, q.shape[0]
+        if B % n:
+            raise ValueError(f"batch of {B} is not a whole number of groups of {n} images")
+        split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (halves, N, nh, T, hs)
+        cache, key = state.cache, f"{self.site}|{state.call}"
+        if state.writing:
+            a = cache.header["n_images"]
+            for name, t in (("k", k), ("v", v)):
+                cache.tensors[f"{key}|{name}"] = split(t)[:, :a].to("cpu", state.dtype or t.dtype, copy=True)
+            cache.header.setdefault("halves", B // n)
+            return attend(q, k, v, mask)  # recording never changes the reference run
+        cache.check(halves=B // n)
+        ref_k, ref_v = (t.to(q.device, q.dtype) for t in cache.kv(self.site, state.call))
+        q, k, v = split(q), split(k), split(v)
+        if state.config.cfg is CfgPolicy.COND and q.shape[0] == 2:  # the unconditional half stays plain
+            plain = attend(q[0], k[0], v[0])[None]
+            out = torch.cat([plain, read_with_anchors(q[1:], k[1:], v[1:], attend, ref_k[1:], ref_v[1:])])
+        else:
+            out = read_with_anchors(q, k, v, attend, ref_k, ref_v)
+        return out.reshape(B, *out.shape[2:])
+
+
+def _enable(model, state: _Pass, sites):
+    disable_consistent_attention(model)
+    for site, attn in sites:
+        attn.kv_sharing = ReferenceKV(state, site.name)
+    state.num_timesteps = getattr(model, "num_timesteps", 1000)
+    state.hook = unet_of(model).register_forward_pre_hook(
+        lambda module, args, kwargs: state.start_call(args, kwargs), with_kwargs=True)
+
+
+def _selected(model, config):
+    sites = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
+    if not sites:
+        raise ValueError(f"this UNet has no self-attention layer in groups "
+                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+    return sites
+
+
+@contextmanager
+def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
+                     n_images: int | None = None, dtype=None, run_info: dict | None = None):
+    """Inside: every sampling pass of `model` records the K/V of the first `n_images` (default
+    config.n_anchors) images of each CFG half, in the layers and step window `config` selects.
+    Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header."""
+    n_images = config.n_anchors if n_images is None else n_images
+    if not 1 <= n_images <= images_per_group:
+        raise ValueError(f"cannot record {n_images} reference images from a batch of {images_per_group}")
+    header = {"format": FORMAT, "model": model_fingerprint(model), "n_images": n_images,
+              "settings": config.describe(), "timesteps": [], "run": dict(run_info or {})}
+    cache = ReferenceCache(header)
+    _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype), _selected(model, config))
+    try:
+        yield cache
+    finally:
+        disable_consistent_attention(model)
+
+
+@contextmanager
+def read_reference(model, cache: ReferenceCache, images_per_group: int):
+    """Inside: every image reads its own tokens plus the reference's, in the layers, step window
+    and CFG policy the reference was recorded with. Refuses a reference from another model."""
+    cache.check(model=model)
+    config = ConsistentAttentionConfig(**cache.header["settings"])
+    device = next(unet_of(model).parameters()).device
+    cache = ReferenceCache(cache.header, {key: t.to(device) for key, t in cache.tensors.items()})
+    _enable(model, _Pass(cache, config, images_per_group, writing=False), _selected(model, config))
+    try:
+        yield cache
+    finally:
+        disable_consistent_attention(model)
+
+
+def reference_nbytes(model, config: ConsistentAttentionConfig, latent_hw, calls: int, halves: int = 2,
+                     n_images: int = 1, bytes_per_value: int = 2) -> int:
+    """Size of a reference: calls · halves · n_images · 2 (K, V) · Σ_selected (tokens · channels),
+    a layer at resolution level L holding (h/2^L)·(w/2^L) tokens. Works on a meta-device model."""
+    h, w = latent_hw
+    per_call = sum((h >> site.level) * (w >> site.level) * attn.to_k.out_features
+                   for site, attn in _selected(model, config))
+    return calls * halves * n_images * 2 * per_call * bytes_per_value
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (scripts/txt2img.py)
+# --------------------------------------------------------------------------------------------
+
+def add_arguments(parser):
+    group = parser.add_argument_group("reference (record a reference's self-attention once, read it in later runs)")
+    group.add_argument("--write-reference", metavar="PATH",
+                       help="record the self-attention keys/values of the first --share-anchors K images "
+                            "(default 1) of the first batch to a new file; the images are the plain "
+                            "model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
+                            "is stored")
+    group.add_argument("--read-reference", metavar="PATH",
+                       help="every image also reads the keys/values of a reference file written with "
+                            "--write-reference (same model, image size, sampler and steps), with the "
+                            "settings it was recorded with")
+
+
+@dataclass(eq=False)
+class ReferenceRun:
+    """What --write-reference / --read-reference ask for; `batch` wraps each sampling batch."""
+    path: str
+    config: ConsistentAttentionConfig | None = None  # writing
+    cache: ReferenceCache | None = None              # reading
+    run_info: dict = field(default_factory=dict)
+    written: bool = False
+
+    def describe(self) -> dict:
+        if self.cache is not None:
+            return {"read": self.path, **self.cache.header["settings"], "reference_run": self.cache.header["run"]}
+        return {"write": self.path, **self.config.describe()}
+
+    def check_model(self, model):
+        """After loading: a reference from another model ends the run with one error line."""
+        if self.cache is not None:
+            try:
+                self.cache.check(model=model)
+            except ReferenceMismatch as err:
+                raise SystemExit(f"error: {self.path}: {err}")
+
+    @contextmanager
+    def batch(self, model, prompts):
+        """Around the sampling of one batch of `prompts` (one per image)."""
+        if self.cache is not None:
+            with read_reference(model, self.cache, len(prompts)):
+                yield
+        elif self.written:  # recorded from the first batch; later batches sample plainly
+            yield
+        else:
+            run_info = {**self.run_info, "prompts": list(prompts[:self.config.n_anchors])}
+            with record_reference(model, self.config, len(prompts), dtype=torch.float16,
+                                  run_info=run_info) as cache:
+                yield
+            cache.save(self.path)
+            self.written = True
+            log.info("reference written to %s: %.1f MB", self.path, cache.nbytes / 1e6)
+
+
+def reference_from_arguments(opt, parser):
+    """A ReferenceRun, or None. Bad input ends in parser.error (one line)."""
+    write, read = opt.write_reference, opt.read_reference
+    if not (write or read):
+        return None
+    if write and read:
+        parser.error("--write-reference and --read-reference: choose one")
+    if opt.consistent_attn:
+        parser.error("--consistent-attn shares within a batch, --write-/--read-reference with a reference: "
+                     "choose one")
+    run_info = {"H": opt.H, "W": opt.W, "steps": opt.ddim_steps, "sampler": opt.sampler,
+                "guidance": opt.scale != 1.0}
+    if write:
+        if os.path.exists(write):
+            parser.error(f"{write} exists; references are never overwritten, choose a new path")
+        config = config_from_share_flags(opt, parser)
+        if config.n_anchors > opt.n_samples:
+            parser.error(f"--share-anchors {config.n_anchors} reference images but --n_samples is {opt.n_samples}")
+        return ReferenceRun(write, config=config, run_info={**run_info, "seed": opt.seed,
+                                                            "ckpt": None if opt.random_weights else opt.ckpt})
+    if given_share_flags(opt):
+        parser.error(f"{', '.join(given_share_flags(opt))}: --read-reference uses the settings the reference "
+                     f"was recorded with; drop them")
+    if not os.path.isfile(read):
+        parser.error(f"reference not found: {read}")
+    try:
+        cache = ReferenceCache.load(read)
+    except ReferenceMismatch as err:
+        parser.error(str(err))
+    recorded = cache.header["run"]
+    for key, value in run_info.items():  # known before the model loads: fail fast
+        if key in recorded and recorded[key] != value:
+            parser.error(f"{read}: the reference was recorded with {key} {recorded[key]}, this run uses {value}")
+    return ReferenceRun(read, cache=cache)
+
+
+__all__ = ["add_arguments", "reference_from_arguments", "ReferenceRun", "ReferenceCache", "ReferenceMismatch", "ReferenceKV", "model_fingerprint", "record_reference",
+           "read_reference", "reference_nbytes"]

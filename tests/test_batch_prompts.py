@@ -1,0 +1,108 @@
+"""Per-image prompts in one batch (repeated --prompt, --from-file): each image is conditioned on
+its own text while consistent attention shares self-attention across the batch."""
+import importlib.util
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY_CONFIG
+from ldm.modules.consistency import consistent_attention
+from ldm.script_helpers import read_prompt_batches
+from ldm.util import instantiate_from_config
+
+PROMPTS = ["a red chair", "a blue table", "a green face"]
+
+
+def load_txt2img():
+    spec = importlib.util.spec_from_file_location("txt2img_script", REPO / "scripts" / "txt2img.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def txt2img():
+    return load_txt2img()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+    with torch.no_grad():  # the tiny init zeroes the UNet's output convs: give attention a say
+        for p in model.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def options(txt2img, *argv):
+    parser = txt2img.build_parser()
+    base = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64", "--ddim_steps", "3"]
+    return txt2img.validate_options(parser, parser.parse_args(base + [str(a) for a in argv]))
+
+
+def test_one_prompt_is_repeated_for_the_batch(txt2img):
+    opt = options(txt2img, "--prompt", "a red chair", "--n_samples", 3)
+    assert read_prompt_batches(opt) == [3 * ["a red chair"]]
+    assert read_prompt_batches(options(txt2img, "--n_samples", 2)) == [2 * ["a painting of a virus monster "
+                                                                             "playing guitar"]]
+
+
+def test_repeated_prompt_gives_one_prompt_per_image(txt2img):
+    argv = [a for p in PROMPTS for a in ("--prompt", p)]
+    assert read_prompt_batches(options(txt2img, *argv, "--n_samples", 3)) == [PROMPTS]
+
+
+def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS + ["a chair at night", ""]) + "\n")
+    batches = read_prompt_batches(options(txt2img, "--from-file", path, "--n_samples", 3))
+    assert batches == [PROMPTS, ["a chair at night"]]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "a", "--prompt", "b", "--n_samples", "3"], "2 prompts given (one per image of the batch) "
+                                                             "but --n_samples is 3: pass --n_samples 2"),
+    (["--prompt", "a", "--prompt", "b", "--n_samples", "2", "--from-file", "FILE"], "choose one source"),
+])
+def test_prompt_count_mismatch_is_one_error_line(txt2img, tmp_path, capsys, argv, message):
+    (tmp_path / "p.txt").write_text("a\n")
+    argv = [str(tmp_path / "p.txt") if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        options(txt2img, *argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_each_image_gets_its_own_prompt_and_the_batch_still_shares(txt2img, model, monkeypatch):
+    argv = [a for p in PROMPTS for a in ("--prompt", p)]
+    opt = options(txt2img, *argv, "--n_samples", 3, "--consistent-attn", "--share-mode", "anchor",
+                  "--share-groups", "all")
+    opt.C, opt.f = 4, 8
+    [prompts] = read_prompt_batches(opt)
+    sampler = txt2img.make_sampler(opt, model, txt2img.SAMPLERS)
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    seen = []
+    apply_model = model.apply_model
+    monkeypatch.setattr(model, "apply_model", lambda x, t, c, *a, **k: seen.append(c) or apply_model(x, t, c, *a, **k))
+    with torch.no_grad():
+        with consistent_attention(model, opt.consistency, len(prompts)):  # as generate() does
+            shared = txt2img.sample_batch(opt, model, sampler, prompts, x_T)
+        plain = txt2img.sample_batch(opt, model, sampler, prompts, x_T)
+        cond = model.get_learned_conditioning(PROMPTS)
+        uncond = model.get_learned_conditioning(3 * [""])
+        singles = [model.get_learned_conditioning([p]) for p in PROMPTS]
+
+    assert len(seen) == 2 * opt.ddim_steps
+    for c in seen:  # guided_eps layout: [uncond; cond], the cond half in prompt order
+        assert torch.equal(c[3:], cond) and torch.equal(c[:3], uncond)
+    for i, single in enumerate(singles):  # row i is prompt i's text (not only a permutation of them)
+        torch.testing.assert_close(cond[i:i + 1], single, rtol=1e-5, atol=1e-5)
+        assert all(not torch.allclose(cond[j:j + 1], single) for j in range(3) if j != i)
+    # anchor mode across different prompts: image 0 is the vanilla image, the others read it
+    assert torch.equal(shared[0], plain[0])
+    assert all(not torch.equal(shared[i], plain[i]) for i in (1, 2))

@@ -1,0 +1,66 @@
+"""txt2img --write-reference / --read-reference end to end on the tiny config. Subprocesses only
+where a model is loaded; the option checks run in-process (they end before the model loads)."""
+import numpy as np
+import pytest
+
+from conftest import TINY_CONFIG
+from ldm.image_io import read_parameters
+from ldm.modules.consistency_reference import ReferenceCache
+from test_batch_prompts import load_txt2img
+from test_cli import assert_ok, assert_one_line_error
+from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tmp_path_factory):  # noqa: F811
+    """A reference written by txt2img, and the images of that run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ref, written = tmp / "chair.safetensors", tmp / "written"
+    assert_ok(txt2img(*args(tiny_ckpt, written, "--write-reference", ref, "--share-groups", "all")))
+    return ref, written
+
+
+def test_write_then_read_a_reference(tmp_path, tiny_ckpt, reference):  # noqa: F811
+    ref, written = reference
+    cache = ReferenceCache.load(ref)
+    assert cache.header["run"]["prompts"] == ["a painting of a virus monster playing guitar"]
+    assert cache.header["settings"]["groups"] == ["inner", "middle", "outer"]
+    assert all(t.dtype.itemsize == 2 for t in cache.tensors.values())  # fp16 on disk
+    assert read_parameters(written / "samples" / "00000.png")["extra"]["reference"]["write"] == str(ref)
+
+    read = tmp_path / "read"
+    assert_ok(txt2img(*args(tiny_ckpt, read, "--read-reference", ref)))
+    # same seed: image 0 reads its own reference (equal up to fp16 rounding), the others follow it
+    assert np.abs(pixels(read)[0].astype(int) - pixels(written)[0]).max() <= 2
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:]))
+    meta = read_parameters(read / "samples" / "00001.png")["extra"]["reference"]
+    assert meta["read"] == str(ref) and meta["reference_run"]["seed"] == 42
+
+
+def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
+    ref, _ = reference
+    result = txt2img("--config", TINY_CONFIG, "--random-weights", "--n_samples", 3, "--ddim_steps", 4,
+                     "--outdir", tmp_path, "--read-reference", ref)
+    assert_one_line_error(result, "another model")
+    assert not (tmp_path / "samples").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--write-reference", "REF"], "never overwritten"),
+    (["--read-reference", "REF", "--H", "128"], "recorded with H 64, this run uses 128"),
+    (["--read-reference", "REF", "--ddim_steps", "5"], "recorded with steps 4, this run uses 5"),
+    (["--read-reference", "REF", "--share-groups", "outer"], "uses the settings the reference was recorded with"),
+    (["--read-reference", "REF", "--write-reference", "new.safetensors"], "choose one"),
+    (["--read-reference", "REF", "--consistent-attn"], "choose one"),
+    (["--read-reference", "missing.safetensors"], "reference not found"),
+])
+def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
+    script = load_txt2img()
+    parser = script.build_parser()
+    argv = [str(reference[0]) if f == "REF" else f for f in flags]
+    base = [str(a) for a in args(tiny_ckpt, tmp_path)] + ["--H", "64", "--W", "64"]
+    with pytest.raises(SystemExit) as exit_info:
+        script.validate_options(parser, parser.parse_args(base + argv))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors

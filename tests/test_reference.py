@@ -1,0 +1,143 @@
+"""Reference cache (ldm/modules/consistency_reference.py): written once, read by later batches,
+bit-exactly equal to in-batch anchor mode on the tiny UNet / tiny LatentDiffusion (CPU)."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FULL_CONFIG, TINY_CONFIG
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention, self_attention_sites
+from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, read_reference,
+                                               record_reference, reference_nbytes)
+from ldm.util import instantiate_from_config
+
+ANCHOR = ConsistentAttentionConfig(groups=frozenset(Group), mode="anchor", n_anchors=1)
+N = 3  # images per CFG half
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+    with torch.no_grad():  # the tiny init zeroes the UNet's output convs: give attention a say
+        for p in model.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(seed=0, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2 * N, 4, hw, hw, generator=g), torch.full((2 * N,), 500), torch.randn(2 * N, 77, 32, generator=g)
+
+
+def unet_call(model, x, t, c):
+    with torch.no_grad():
+        return model.model.diffusion_model(x, t, context=c)
+
+
+def test_unet_reading_the_reference_of_image_0_equals_anchor_mode(model):
+    x, t, c = batch()
+    plain = unet_call(model, x, t, c)
+    with consistent_attention(model, ANCHOR, N):
+        anchored = unet_call(model, x, t, c)
+    with record_reference(model, ANCHOR, N) as cache:
+        written = unet_call(model, x, t, c)
+    assert torch.equal(written, plain)  # recording never changes the reference run
+    with read_reference(model, cache, N):
+        read = unet_call(model, x, t, c)
+    for half in (0, N):  # the readers equal in-batch anchor mode, in both CFG halves
+        assert torch.equal(read[half + 1:half + N], anchored[half + 1:half + N])
+        # image 0 reads its own K/V twice: the same softmax average, up to rounding
+        torch.testing.assert_close(read[half], plain[half], rtol=1e-4, atol=1e-5)
+    assert cache.tensors  # and the model is restored
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
+    assert not model.model.diffusion_model._forward_pre_hooks
+    assert torch.equal(unet_call(model, x, t, c), plain)
+
+
+def ddim(model, x_T, cond, uncond, steps=3):
+    with torch.no_grad():
+        latents, _ = DDIMSampler(model).sample(S=steps, conditioning=cond, batch_size=x_T.shape[0],
+                                               shape=list(x_T.shape[1:]), verbose=False, x_T=x_T,
+                                               unconditional_guidance_scale=5.0, unconditional_conditioning=uncond)
+    return latents
+
+
+@pytest.fixture(scope="module")
+def sampled(model):
+    """DDIM on the tiny LatentDiffusion: plain, in-batch anchors, and a reference of image 0."""
+    with torch.no_grad():
+        cond = model.get_learned_conditioning(["a red chair", "a chair in a room", "a chair at night"])
+        uncond = model.get_learned_conditioning(N * [""])
+    x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    run = lambda: ddim(model, x_T, cond, uncond)
+    with consistent_attention(model, ANCHOR, N):
+        anchored = run()
+    with record_reference(model, ANCHOR, N) as cache:
+        written = run()
+    return dict(plain=run(), anchored=anchored, written=written, cache=cache, run=run)
+
+
+def test_sampling_with_the_reference_equals_anchor_mode(model, sampled):
+    assert torch.equal(sampled["written"], sampled["plain"])  # the reference image is the vanilla one
+    with read_reference(model, sampled["cache"], N):
+        read = sampled["run"]()
+    assert torch.equal(read[1:], sampled["anchored"][1:])
+    assert not torch.equal(read[1:], sampled["plain"][1:])
+    assert len(sampled["cache"].header["timesteps"]) == 3  # one UNet call per DDIM step
+
+
+def test_file_round_trip(model, sampled, tmp_path):
+    cache, path = sampled["cache"], tmp_path / "ref.safetensors"
+    cache.save(path, dtype=torch.float32)
+    loaded = ReferenceCache.load(path)
+    assert loaded.header == cache.header and loaded.tensors.keys() == cache.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], t) for k, t in cache.tensors.items())
+    with read_reference(model, loaded, N):  # read from the file: still exactly anchor mode
+        assert torch.equal(sampled["run"]()[1:], sampled["anchored"][1:])
+    with pytest.raises(FileExistsError):  # never overwritten
+        cache.save(path)
+    cache.save(tmp_path / "half.safetensors")  # default fp16: half the bytes, values rounded to fp16
+    half = ReferenceCache.load(tmp_path / "half.safetensors")
+    assert all(half.tensors[k].dtype == torch.float16 and torch.equal(half.tensors[k], t.half())
+               for k, t in cache.tensors.items())
+    assert half.nbytes * 2 == cache.nbytes
+
+
+def test_only_the_selected_layers_and_window_are_stored_and_the_size_formula_holds(model):
+    cfg = ConsistentAttentionConfig(groups={"middle"}, half="decoder", window=(0.0, 0.5))
+    x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cond, uncond = model.get_learned_conditioning(N * ["a chair"]), model.get_learned_conditioning(N * [""])
+    with record_reference(model, cfg, N) as cache:
+        ddim(model, x_T, cond, uncond, steps=4)
+    sites = {key.split("|")[0] for key in cache.tensors}
+    assert sites == {s.name for s, _ in self_attention_sites(model) if s.group.value == "middle" and s.side == "decoder"}
+    t_by_call = cache.header["timesteps"]
+    calls = {int(key.split("|")[1]) for key in cache.tensors}
+    assert calls == {i for i, t in enumerate(t_by_call) if 1 - t / 1000 <= 0.5} and 0 < len(calls) < 4
+    assert cache.nbytes == reference_nbytes(model, cfg, (8, 8), len(calls), halves=2, n_images=1, bytes_per_value=4)
+
+
+def test_a_reference_from_another_model_size_or_trajectory_is_refused(model, sampled):
+    cache = sampled["cache"]
+    torch.manual_seed(1)
+    other = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+    with pytest.raises(ReferenceMismatch, match="another model"):
+        with read_reference(other, cache, N):
+            pass
+    with read_reference(model, cache, N), pytest.raises(ReferenceMismatch, match="latent"):
+        unet_call(model, *batch(hw=16))
+    with read_reference(model, cache, N), pytest.raises(ReferenceMismatch, match="trajectory"):
+        unet_call(model, *batch())  # t=500: not the reference's first step
+    with read_reference(model, cache, N), pytest.raises(ReferenceMismatch, match="trajectory"):  # 4 steps, not 3
+        ddim(model, torch.randn(N, 4, 8, 8), *(model.get_learned_conditioning(N * [p]) for p in ("a", "")), steps=4)
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
+
+
+def test_sd_v1_reference_size():
+    with torch.device("meta"):
+        full = instantiate_from_config(OmegaConf.load(FULL_CONFIG).model.params.unet_config)
+    all_groups = ConsistentAttentionConfig(groups=frozenset(Group))
+    assert reference_nbytes(full, all_groups, (64, 64), calls=50) == 50 * 2 * 2 * 11_550_720 * 2  # 4.62 GB
