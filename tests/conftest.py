@@ -27,3 +27,16 @@ def tiny_model():
     from ldm.util import instantiate_from_config
     torch.manual_seed(0)
     return instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+
+
+@torch.no_grad()
+def fill_zero_weights_(module, std=0.05):
+    """Give every all-zero parameter random values, in place; returns the module.
+
+    Upstream initialises the UNet's output convolutions to zero (zero_module), so an untrained
+    model's noise prediction ignores whatever attention or adapters do; tests that need those
+    effects to reach the output call this first."""
+    for p in module.parameters():
+        if p.abs().sum() == 0:
+            p.normal_(0, std)
+    return module
