@@ -370,3 +370,16 @@ def save_results(opt, results, *, height, width, extra_metadata=None):
         prompt = all_prompts[0] if len(set(all_prompts)) == 1 else all_prompts
         paths.append(writer.save_grid(torch.cat(all_images), opt.n_rows or opt.n_samples, metadata(prompt)))
     return paths
+
+
+def feature_metadata(opt, extra_metadata=None):
+    """Log the optional features this run uses and add their settings to the PNG metadata
+    (keys the caller already set win)."""
+    extra = dict(extra_metadata or {})
+    for key, attribute in (("consistent_attn", "consistency"), ("reference", "reference"),
+                           ("t2i_adapter", "adapters")):
+        feature = getattr(opt, attribute, None)
+        if feature is not None:
+            logger.info("%s: %s", key, feature.describe())
+            extra.setdefault(key, feature.describe())
+    return extra

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency
 from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess,
+from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -130,15 +130,11 @@ def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    if opt.consistency is not None:
-        logger.info("consistent attention: %s", opt.consistency.describe())
-        extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
     init_image = load_img(opt.init_img)
     height, width = init_image.shape[2:]
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")
-    if opt.adapters is not None:
-        extra_metadata = {"t2i_adapter": opt.adapters.describe(), **(extra_metadata or {})}
+    extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
     sampler = make_sampler(opt, model, SAMPLERS)

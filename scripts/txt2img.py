@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
+from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, feature_metadata,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
                                 cpu_noise, latents_to_images, load_model, make_sampler,
                                 precision_context, read_prompt_batches, resolve_device, save_results,
@@ -99,14 +99,7 @@ def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    if opt.consistency is not None:
-        logger.info("consistent attention: %s", opt.consistency.describe())
-        extra_metadata = {"consistent_attn": opt.consistency.describe(), **(extra_metadata or {})}
-    if opt.reference is not None:
-        logger.info("reference: %s", opt.reference.describe())
-        extra_metadata = {"reference": opt.reference.describe(), **(extra_metadata or {})}
-    if opt.adapters is not None:
-        extra_metadata = {"t2i_adapter": opt.adapters.describe(), **(extra_metadata or {})}
+    extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
     if opt.reference is not None:
