@@ -40,3 +40,14 @@ def fill_zero_weights_(module, std=0.05):
         if p.abs().sum() == 0:
             p.normal_(0, std)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_weights():
+    """The tiny LatentDiffusion (seed 0, CPU, eval) with every all-zero weight filled, so that
+    attention changes reach the noise prediction."""
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+    fill_zero_weights_(model.model)
+    return model

@@ -4,12 +4,10 @@ import importlib.util
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import REPO, TINY_CONFIG, fill_zero_weights_
+from conftest import REPO, TINY_CONFIG
 from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import read_prompt_batches
-from ldm.util import instantiate_from_config
 
 PROMPTS = ["a red chair", "a blue table", "a green face"]
 
@@ -27,11 +25,8 @@ def txt2img():
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
-    fill_zero_weights_(model.model)  # let attention/adapters reach the output
-    return model
+def model(tiny_model_with_weights):
+    return tiny_model_with_weights
 
 
 def options(txt2img, *argv):

@@ -161,32 +161,33 @@ def test_vocabulary():
 
 # ---------------------------------------------------------------- read-back
 
+def readback_accuracy(scenes_and_images):
+    """Fraction of all attributes that read_attributes recovers from the images."""
+    correct = total = 0
+    for scene, image in scenes_and_images:
+        read = read_attributes(image, scene.kind)
+        correct += sum(read[k] == v for k, v in scene.attributes.items())
+        total += len(scene.attributes)
+    return correct / total
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_read_attributes_clean_renders(kind):
     # Measured: 100% of attributes (and of whole scenes) at 32 px and 64 px for every kind
     # (300 scenes each). Threshold 0.98 leaves margin for future drawing tweaks.
     rng = np.random.default_rng(1)
-    correct = total = 0
-    for _ in range(300):
-        s = sample_scene(rng, kind)
-        r = read_attributes(render(s, 32), kind)
-        correct += sum(r[k] == v for k, v in s.attributes.items())
-        total += len(s.attributes)
-    assert correct / total >= 0.98, correct / total
+    scenes = [sample_scene(rng, kind) for _ in range(300)]
+    accuracy = readback_accuracy((s, render(s, 32)) for s in scenes)
+    assert accuracy >= 0.98, accuracy
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_read_attributes_noisy_and_64px(kind):
     # Gaussian pixel noise sigma=10: measured 100% for face/chair/table (99% shapes).
     rng = np.random.default_rng(2)
-    correct = total = 0
-    for _ in range(60):
-        s = sample_scene(rng, kind)
-        for img in (_noisy(render(s, 32), rng), render(s, 64)):
-            r = read_attributes(img, kind)
-            correct += sum(r[k] == v for k, v in s.attributes.items())
-            total += len(s.attributes)
-    assert correct / total >= 0.95, correct / total
+    scenes = [sample_scene(rng, kind) for _ in range(60)]
+    accuracy = readback_accuracy((s, img) for s in scenes for img in (_noisy(render(s, 32), rng), render(s, 64)))
+    assert accuracy >= 0.95, accuracy
 
 
 def test_read_attributes_accepts_model_output_formats():

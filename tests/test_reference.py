@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, TINY_CONFIG, fill_zero_weights_
+from conftest import FULL_CONFIG, TINY_CONFIG
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention, self_attention_sites
 from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, read_reference,
@@ -16,11 +16,8 @@ N = 3  # images per CFG half
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
-    fill_zero_weights_(model.model)  # let attention/adapters reach the output
-    return model
+def model(tiny_model_with_weights):
+    return tiny_model_with_weights
 
 
 def batch(seed=0, hw=8):
