@@ -7,6 +7,7 @@ and invisible watermark, and the writer that numbers and saves the PNGs with the
 import logging
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
@@ -24,8 +25,11 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
 # Upstream's boolean sampler flags, kept as aliases of --sampler NAME.
 SAMPLER_ALIASES = {"plms": "plms", "dpm_solver": "dpm"}
 
-UNET_DOWNSAMPLING = 8  # SD v1 UNet: three 2x downsamplings
-LATENT_MULTIPLE = 64  # H and W: 8x VAE downsampling times 8x UNet downsampling (SD v1 layout)
+# The models a command without --config/--ckpt may run, first match wins: upstream's SD v1 path
+# (so upstream users' commands keep working), then the small model this fork ships.
+SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+EMBEDDED_CONFIG = "configs/embedded/procedural-t2i.yaml"
+DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
@@ -52,18 +56,20 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples")
     add("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
     add("--n_iter", type=int, default=n_iter, help="sample this often")
-    add("--C", type=int, default=4, help="latent channels")
-    add("--f", type=int, default=8, help="downsampling factor")
+    add("--C", type=int, default=None, help="latent channels (default: read from --config)")
+    add("--f", type=int, default=None, help="first-stage downsampling factor (default: read from --config)")
     add("--n_samples", type=int, default=n_samples,
         help="how many samples to produce for each given prompt. A.k.a. batch size")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=scale,
         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
     add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
-    add("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml",
-        help="path to config which constructs model")
-    add("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
-        help="path to checkpoint of model (.safetensors or .ckpt)")
+    add("--config", type=str, default=None,
+        help=f"path to config which constructs model (default: {SD_V1_CONFIG} if its weights are in "
+             f"place, else the embedded model {EMBEDDED_CONFIG})")
+    add("--ckpt", type=str, default=None,
+        help="path to checkpoint of model, .safetensors or .ckpt (default: the weights named in the "
+             "config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt for SD v1)")
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
@@ -76,8 +82,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="run the Stable Diffusion safety checker (needs diffusers and its weights)")
     add("--watermark", action="store_true",
         help="embed an invisible watermark (needs invisible-watermark and opencv-python-headless)")
-    add("--display-scale", type=int, default=1, metavar="K",
-        help="nearest-neighbour upscale saved PNGs by K (for the tiny images small models make)")
+    add("--display-scale", type=int, default=None, metavar="K",
+        help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make "
+             "(default: from the config's `sampling` block, else 1)")
 
 
 def validate_common(parser, opt, samplers, aliases):
@@ -86,16 +93,11 @@ def validate_common(parser, opt, samplers, aliases):
     for flag, value in (("--n_samples", opt.n_samples), ("--n_iter", opt.n_iter),
                         ("--ddim_steps", opt.ddim_steps), ("--C", opt.C), ("--f", opt.f),
                         ("--display-scale", opt.display_scale)):
-        if value < 1:
+        if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
-    if not os.path.isfile(opt.config):
-        parser.error(f"config not found: {opt.config} (pass --config PATH to a model config, "
-                     f"e.g. configs/stable-diffusion/v1-inference.yaml)")
-    if not opt.random_weights and not os.path.isfile(opt.ckpt):
-        parser.error(f"checkpoint not found: {opt.ckpt} (pass --ckpt PATH to the model weights, "
-                     f"or --random-weights to run without weights)")
+    resolve_model(parser, opt)
     if opt.from_file and not os.path.isfile(opt.from_file):
         parser.error(f"prompt file not found: {opt.from_file}")
     opt.prompt = opt.prompt or [DEFAULT_PROMPT]
@@ -125,7 +127,96 @@ def resolve_sampler(parser, opt, samplers, aliases):
         parser.error(f"sampler '{opt.sampler}' is not supported here (choose from {', '.join(sorted(samplers))})")
 
 
-def check_image_size(parser, height, width, multiple=LATENT_MULTIPLE):
+# --- which model, at which size -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What sampling needs to know about a config before any weights are loaded.
+
+    channels/factor are read from the model definition itself (the latent channels, the first
+    stage's downsampling), so --C/--f cannot disagree with the model; the default size, display
+    scale and weights come from the config's optional ``sampling`` block."""
+    channels: int
+    factor: int
+    unet_factor: int
+    height: int = 512
+    width: int = 512
+    display_scale: int = 1
+    weights: str | None = None
+
+    @property
+    def multiple(self) -> int:
+        """H and W must be multiples of this: the first stage and every UNet level halve them."""
+        return self.factor * self.unet_factor
+
+
+def read_geometry(config) -> ModelGeometry:
+    params = config.model.params
+    unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
+    sampling = config.get("sampling") or {}
+    return ModelGeometry(channels=params.get("channels", 4), factor=first_stage_factor(params.first_stage_config),
+                         unet_factor=2 ** (unet_levels - 1), **sampling)
+
+
+def first_stage_factor(first_stage_config) -> int:
+    """1 for the identity (pixel space), 2^(levels-1) for the KL/VQ autoencoders' ``ddconfig``."""
+    if first_stage_config.get("target", "").endswith("IdentityFirstStage"):
+        return 1
+    ch_mult = first_stage_config.get("params", {}).get("ddconfig", {}).get("ch_mult", [1, 2, 4, 4])
+    return 2 ** (len(ch_mult) - 1)
+
+
+def load_config(path):
+    """The OmegaConf config at ``path``; unreadable files end with one ``error:`` line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+    try:
+        return OmegaConf.load(path)
+    except (OSError, YAMLError, OmegaConfBaseException) as e:
+        raise SystemExit(f"error: cannot read config {path}: {e}")
+
+
+def resolve_model(parser, opt):
+    """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale and opt.geometry.
+
+    Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
+    (with --random-weights: SD v1, as upstream). Flags the user gave always win, except --C/--f,
+    which must match the model."""
+    if opt.config is None:
+        opt.config = default_config(parser, opt)
+    if not os.path.isfile(opt.config):
+        parser.error(f"config not found: {opt.config} (pass --config PATH to a model config, "
+                     f"e.g. {SD_V1_CONFIG})")
+    geometry = read_geometry(load_config(opt.config))
+    opt.ckpt = opt.ckpt or geometry.weights
+    if not opt.random_weights and not (opt.ckpt and os.path.isfile(opt.ckpt)):
+        missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
+        parser.error(f"{missing} (pass --ckpt PATH to the model weights, or --random-weights to run without weights)")
+    for flag, name, value in (("--C", "C", geometry.channels), ("--f", "f", geometry.factor)):
+        given = getattr(opt, name)
+        if given is not None and given != value:
+            parser.error(f"{flag} {given} does not match the model: {opt.config} has {flag} {value} (leave {flag} out)")
+        setattr(opt, name, value)
+    for name, value in (("H", geometry.height), ("W", geometry.width), ("display_scale", geometry.display_scale)):
+        if name in vars(opt) and getattr(opt, name) is None:  # img2img has no --H/--W
+            setattr(opt, name, value)
+    opt.geometry = geometry
+
+
+def default_config(parser, opt):
+    if opt.random_weights or opt.ckpt:
+        return SD_V1_CONFIG
+    for path in DEFAULT_CONFIGS:
+        weights = read_geometry(load_config(path)).weights
+        if weights and os.path.isfile(weights):
+            return path
+    parser.error("no model weights found: put SD v1 weights at models/ldm/stable-diffusion-v1/model.ckpt or pass "
+                 "--ckpt PATH (with --config), or train the embedded model (models/embedded/README.md); "
+                 "--random-weights runs without weights")
+
+
+def check_image_size(parser, height, width, multiple):
     """H and W must be positive multiples of ``multiple`` (first-stage factor --f times the UNet's 8x
     downsampling: 64 for SD, 8 for a pixel-space model with --f 1); the error suggests the nearest valid size."""
     for flag, value in (("--H", height), ("--W", width)):
@@ -160,16 +251,9 @@ def seed_everything(seed):
 
 def load_model(opt, device):
     """Build the model from --config and load --ckpt (or random weights); errors are one line."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
     import ldm.util
 
-    try:
-        config = OmegaConf.load(opt.config)
-    except (OSError, YAMLError, OmegaConfBaseException) as e:
-        raise SystemExit(f"error: cannot read config {opt.config}: {e}")
+    config = load_config(opt.config)
     if opt.unsafe_pickle and not opt.random_weights:
         logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     ckpt = None if opt.random_weights else opt.ckpt

@@ -80,9 +80,9 @@ cp "$run_dir"/csv/version_0/metrics.csv "$OUT/metrics.csv"
 python scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" --metrics "$OUT/metrics.csv"
 
 log "sample grid with txt2img"
-python scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" --H 32 --W 32 --C 3 --f 1 \
+python scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
   --prompt "a red chair with four legs" --n_samples 8 --n_iter 1 --ddim_steps "$SAMPLE_STEPS" --scale 5.0 \
-  --skip_save --display-scale 4 --precision full --outdir "$LOGDIR/txt2img" --seed 0
+  --skip_save --precision full --outdir "$LOGDIR/txt2img" --seed 0
 cp "$LOGDIR"/txt2img/grid-0000.png "$OUT/samples.png"
 
 if [ "$BENCHMARK" = "1" ]; then

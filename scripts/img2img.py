@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency
 from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import (LATENT_MULTIPLE, add_common_arguments, build_postprocess, feature_metadata,
+from ldm.script_helpers import (add_common_arguments, build_postprocess, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -55,17 +55,18 @@ def validate_options(parser, opt):
     return opt
 
 
-def load_img(path):
-    """(1, 3, H, W) tensor in [-1, 1]; sides cropped down to multiples of 64 (LANCZOS resize)."""
+def load_img(path, multiple):
+    """(1, 3, H, W) tensor in [-1, 1]; sides cropped down to multiples of ``multiple`` (LANCZOS
+    resize): 64 for SD v1 (8x autoencoder times the UNet's 8x), 8 for the pixel-space embedded model."""
     try:
         image = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read --init-img {path}: {e}")
     w, h = image.size
     logger.info("loaded input image of size (%d, %d) from %s", w, h, path)
-    w, h = (x - x % LATENT_MULTIPLE for x in (w, h))
+    w, h = (x - x % multiple for x in (w, h))
     if w == 0 or h == 0:
-        raise SystemExit(f"error: --init-img must be at least {LATENT_MULTIPLE}x{LATENT_MULTIPLE} pixels")
+        raise SystemExit(f"error: --init-img must be at least {multiple}x{multiple} pixels")
     image = image.resize((w, h), resample=Image.LANCZOS)
     array = np.array(image).astype(np.float32) / 255.0
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2)) - 1.0
@@ -130,7 +131,7 @@ def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    init_image = load_img(opt.init_img)
+    init_image = load_img(opt.init_img, opt.geometry.multiple)
     height, width = init_image.shape[2:]
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")

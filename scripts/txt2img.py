@@ -15,7 +15,7 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments,
                                 build_postprocess, check_image_size, conditionings, configure_logging,
                                 cpu_noise, latents_to_images, load_model, make_sampler,
                                 precision_context, read_prompt_batches, resolve_device, save_results,
-                                seed_everything, validate_common, UNET_DOWNSAMPLING)
+                                seed_everything, validate_common)
 
 logger = logging.getLogger("txt2img")
 
@@ -24,8 +24,10 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Generate images from text prompts.")
     add_common_arguments(parser, samplers=SAMPLERS, aliases=SAMPLER_ALIASES,
                          outdir="outputs/txt2img-samples", n_iter=2, n_samples=3, scale=7.5)
-    parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
-    parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    parser.add_argument("--H", type=int, default=None,
+                        help="image height, in pixel space (default: from the config's `sampling` block, else 512)")
+    parser.add_argument("--W", type=int, default=None,
+                        help="image width, in pixel space (default: from the config's `sampling` block, else 512)")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
     consistency.add_arguments(parser)
     consistency_reference.add_arguments(parser)
@@ -42,7 +44,7 @@ def validate_options(parser, opt):
         opt.ckpt = "models/ldm/text2img-large/model.ckpt"
         opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
-    check_image_size(parser, opt.H, opt.W, multiple=opt.f * UNET_DOWNSAMPLING)
+    check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     return opt

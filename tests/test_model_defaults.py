@@ -1,0 +1,114 @@
+"""Which model and size txt2img/img2img use when the user does not say: read from the config."""
+import argparse
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from test_cli import assert_ok, assert_one_line_error, pngs, run
+from ldm.image_io import read_parameters
+from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, SD_V1_CONFIG, load_config, read_geometry,
+                                resolve_model)
+
+
+@pytest.mark.parametrize("path, channels, factor, multiple, size, scale", [
+    (SD_V1_CONFIG, 4, 8, 64, 512, 1),                       # SD v1: 4 latent channels, 8x VAE
+    (EMBEDDED_CONFIG, 3, 1, 8, 32, 8),                      # pixel space, identity first stage
+    ("configs/stable-diffusion/v1-tiny.yaml", 4, 8, 64, 512, 1),  # no sampling block: upstream defaults
+])
+def test_geometry_is_read_from_the_model_definition(path, channels, factor, multiple, size, scale):
+    geometry = read_geometry(load_config(REPO / path))
+    assert (geometry.channels, geometry.factor, geometry.multiple) == (channels, factor, multiple)
+    assert (geometry.height, geometry.width, geometry.display_scale) == (size, size, scale)
+
+
+def options(**given):
+    defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None)
+    return argparse.Namespace(**{**defaults, **given})
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A copy of the two default configs at their relative paths, and no weights anywhere."""
+    for path in DEFAULT_CONFIGS:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / path, tmp_path / path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def put_weights(workdir, config):
+    weights = workdir / read_geometry(load_config(config)).weights
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"")
+    return weights
+
+
+def test_without_any_weights_the_error_says_every_way_out(workdir):
+    with pytest.raises(ValueError, match="no model weights found") as error:
+        resolve_model(Parser(), options())
+    for fragment in ("models/ldm/stable-diffusion-v1/model.ckpt", "--ckpt", "models/embedded/README.md",
+                     "--random-weights"):
+        assert fragment in str(error.value)
+
+
+def test_the_embedded_model_runs_when_no_sd_weights_are_in_place(workdir):
+    put_weights(workdir, EMBEDDED_CONFIG)
+    opt = options()
+    resolve_model(Parser(), opt)
+    assert (opt.config, opt.ckpt) == (EMBEDDED_CONFIG, "models/embedded/procedural-t2i.safetensors")
+    assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale) == (3, 1, 32, 32, 8)
+
+
+def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
+    put_weights(workdir, EMBEDDED_CONFIG)
+    put_weights(workdir, SD_V1_CONFIG)
+    opt = options(H=768)
+    resolve_model(Parser(), opt)
+    assert (opt.config, opt.ckpt) == (SD_V1_CONFIG, "models/ldm/stable-diffusion-v1/model.ckpt")
+    assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale) == (4, 8, 768, 512, 1)  # a given --H wins
+
+
+def test_random_weights_without_config_build_sd_v1_as_upstream(workdir):
+    opt = options(random_weights=True)
+    resolve_model(Parser(), opt)
+    assert opt.config == SD_V1_CONFIG and (opt.C, opt.f) == (4, 8)
+
+
+def test_a_latent_shape_flag_that_contradicts_the_model_is_an_error(workdir):
+    with pytest.raises(ValueError, match="--C 4 does not match the model: .* has --C 3"):
+        resolve_model(Parser(), options(config=EMBEDDED_CONFIG, random_weights=True, C=4))
+    opt = options(config=EMBEDDED_CONFIG, random_weights=True, C=3, f=1)  # upstream habit: stating them
+    resolve_model(Parser(), opt)
+    assert (opt.C, opt.f) == (3, 1)
+
+
+def test_txt2img_runs_the_embedded_config_at_its_native_size(tmp_path):
+    """No --H/--W/--C/--f: 32x32 pixel-space images, saved 8x upscaled for viewing."""
+    assert_ok(run("txt2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--n_samples", "2", "--n_iter", "1",
+                  "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path, "--prompt", "a red chair"))
+    assert pngs(tmp_path) == ["samples/00000.png", "samples/00001.png"]
+    assert Image.open(tmp_path / "samples" / "00000.png").size == (256, 256)
+    meta = read_parameters(tmp_path / "samples" / "00000.png")
+    assert meta["H"] == meta["W"] == 32 and meta["config"] == EMBEDDED_CONFIG
+
+
+def test_txt2img_size_check_uses_the_models_multiple(tmp_path):
+    result = run("txt2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--H", "37", "--outdir", tmp_path)
+    assert_one_line_error(result, "--H must be a positive multiple of 8", "nearest valid size: 40")
+    assert not any(tmp_path.iterdir())
+
+
+def test_img2img_crops_to_the_models_multiple(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (45, 40), (200, 40, 40)).save(init)  # pixel-space model: cropped to 40x40, not 0x0
+    out = tmp_path / "out"
+    assert_ok(run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init,
+                  "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid"))
+    assert Image.open(out / "samples" / "00000.png").size == (40 * 8, 40 * 8)
