@@ -1,5 +1,5 @@
 from torchvision.datasets.utils import download_url
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, read_checkpoint
 import torch
 import os
 # todo ?
@@ -39,7 +39,7 @@ def download_models(mode):
 
 def load_model_from_config(config, ckpt):
     print(f"Loading model from {ckpt}")
-    pl_sd = torch.load(ckpt, map_location="cpu")
+    pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
     global_step = pl_sd["global_step"]
     sd = pl_sd["state_dict"]
     model = instantiate_from_config(config.model)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from main import instantiate_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import load_state_dict
 
 
 def make_batch(image, mask, device):
@@ -58,8 +59,7 @@ if __name__ == "__main__":
 
     config = OmegaConf.load("models/ldm/inpainting_big/config.yaml")
     model = instantiate_from_config(config.model)
-    model.load_state_dict(torch.load("models/ldm/inpainting_big/last.ckpt")["state_dict"],
-                          strict=False)
+    model.load_state_dict(load_state_dict("models/ldm/inpainting_big/last.ckpt"), strict=False)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, read_checkpoint
 
 rescale = lambda x: (x + 1.) / 2.
 
@@ -228,7 +228,7 @@ def load_model_from_config(config, sd):
 def load_model(config, ckpt, gpu, eval_mode):
     if ckpt:
         print(f"Loading model from {ckpt}")
-        pl_sd = torch.load(ckpt, map_location="cpu")
+        pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
         global_step = pl_sd["global_step"]
     else:
         pl_sd = {"state_dict": None}

@@ -30,3 +30,20 @@ def test_quantizer_remap_round_trip(tmp_path):
     mapped = q.remap_to_used(inds)
     assert mapped.tolist() == [[0, 2, 3]]
     assert q.unmap_to_all(mapped).tolist() == [[3, 11, 3]]  # the unknown "extra" index maps to used[0]
+
+
+def test_vq_model_with_ema_builds_and_loads_its_own_safetensors(tmp_path):
+    """use_ema and ckpt_path used names upstream never imported (LitEma, torch.load of a pickle)."""
+    import torch
+    from safetensors.torch import save_file
+    ddconfig = dict(double_z=False, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    kwargs = dict(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, n_embed=16, embed_dim=4)
+    torch.manual_seed(0)
+    model = VQModel(**kwargs, use_ema=True)
+    assert model.model_ema.num_updates == 0
+    path = tmp_path / "vq.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    reloaded = VQModel(**kwargs, use_ema=True, ckpt_path=str(path))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name

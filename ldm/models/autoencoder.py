@@ -1,16 +1,20 @@
 import logging
 
+import numpy as np
 import torch
 import pytorch_lightning as pl
 import torch.nn.functional as F
 from contextlib import contextmanager
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.modules.ema import LitEma
 
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
 from ldm.modules.diffusionmodules.model import Encoder, Decoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class VQModel(pl.LightningModule):
                     logger.info(f"{context}: Restored training weights")
 
     def init_from_ckpt(self, path, ignore_keys=list()):
-        sd = torch.load(path, map_location="cpu")["state_dict"]
+        sd = load_state_dict(path)  # safetensors or weights-only torch.load
         keys = list(sd.keys())
         for k in keys:
             for ik in ignore_keys:
@@ -314,7 +318,7 @@ class AutoencoderKL(pl.LightningModule):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
     def init_from_ckpt(self, path, ignore_keys=list()):
-        sd = torch.load(path, map_location="cpu")["state_dict"]
+        sd = load_state_dict(path)  # safetensors or weights-only torch.load
         keys = list(sd.keys())
         for k in keys:
             for ik in ignore_keys:

@@ -12,7 +12,7 @@ from einops import rearrange
 from glob import glob
 
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
-from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config
+from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ class NoisyLatentImageClassifier(pl.LightningModule):
         self.weight_decay = weight_decay
 
     def init_from_ckpt(self, path, ignore_keys=list(), only_model=False):
-        sd = torch.load(path, map_location="cpu")
-        if "state_dict" in list(sd.keys()):
-            sd = sd["state_dict"]
+        sd = load_state_dict(path)  # safetensors or weights-only torch.load
         keys = list(sd.keys())
         for k in keys:
             for ik in ignore_keys:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.image_io import make_grid
-from ldm.util import log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config
+from ldm.util import log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config, load_state_dict
 from ldm.modules.ema import LitEma
 from ldm.modules.distributions.distributions import normal_kl, DiagonalGaussianDistribution
 from ldm.models.autoencoder import VQModelInterface, IdentityFirstStage, AutoencoderKL
@@ -187,9 +187,7 @@ class DDPM(pl.LightningModule):
                     logger.info(f"{context}: Restored training weights")
 
     def init_from_ckpt(self, path, ignore_keys=list(), only_model=False):
-        sd = torch.load(path, map_location="cpu")
-        if "state_dict" in list(sd.keys()):
-            sd = sd["state_dict"]
+        sd = load_state_dict(path)  # safetensors or weights-only torch.load
         keys = list(sd.keys())
         for k in keys:
             for ik in ignore_keys:
