@@ -8,12 +8,17 @@ scenes' pixel read-back (ldm.data.procedural) measures each batch without any cl
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
+* embedding sim mean pairwise cosine similarity of image embeddings (--embedder PATH: a local
+                DINO/CLIP model, ldm.image_embedder); works for any prompt, e.g. on real SD weights
 * s/image       wall time of the sampling per image
 
     # the model trained on the procedural scenes (models/embedded/README.md)
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
     # a smoke run with random weights (the numbers mean nothing)
     python scripts/consistency_benchmark.py --random-weights --n 2 --steps 2 --seeds 0 --settings none all:all
+    # real SD 1.x weights and any prompt, judged by a local DINOv2 (transformers folder)
+    python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
+        --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
@@ -26,13 +31,14 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data import procedural  # noqa: E402
+from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import conditionings, configure_logging, cpu_noise, latents_to_images, resolve_device  # noqa: E402
+from ldm.script_helpers import (conditionings, configure_logging, cpu_noise, latents_to_images, load_config,  # noqa: E402
+                                read_geometry, resolve_device)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -69,7 +75,7 @@ DEFAULT_PROMPTS = [
     procedural.describe("table", colour="blue", size="large", background="white"),
 ]
 
-METRICS = ("agreement", "colour_spread", "fidelity", "diversity", "seconds_per_image")
+METRICS = ("agreement", "colour_spread", "fidelity", "diversity", "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 
@@ -84,8 +90,9 @@ def build_parser():
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
                         help="procedural prompts (default: a plain and a described face, chair and table)")
-    parser.add_argument("--embedder", metavar="PATH",
-                        help="local image-embedding model (open_clip/DINO) for non-procedural prompts: not implemented")
+    parser.add_argument("--embedder", metavar="DIR",
+                        help="local transformers image model (DINO/DINOv2/ViT/CLIP folder with config.json) whose "
+                             "embeddings measure consistency for any prompt (nothing is downloaded)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
@@ -104,15 +111,11 @@ def validate(parser, opt):
     unknown = [s for s in opt.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
-    if opt.embedder:
-        parser.error("--embedder is not implemented yet: this benchmark measures consistency by reading the "
-                     "procedural scenes' attributes back from pixels, which needs procedural prompts")
     not_procedural = [p for p in opt.prompts if procedural.parse_caption(p) is None]
-    if not_procedural:
+    if not_procedural and not opt.embedder:
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
-                     f"captions them), not {not_procedural[0]!r}; other prompts (e.g. for a real SD checkpoint) "
-                     f"would need an image-embedding model (--embedder PATH to a local open_clip/DINO file), "
-                     f"which is not implemented")
+                     f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
+                     f"pass --embedder DIR, a local DINO/CLIP model folder")
     for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
@@ -153,14 +156,16 @@ def load(opt, device):
         raise SystemExit(f"error: {e}")
 
 
-def image_shape(model):
-    return [model.channels, model.image_size, model.image_size]
+def latent_shape(config_path):
+    """(C, H/f, W/f) at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)."""
+    geometry = read_geometry(load_config(config_path))
+    return [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
 
 
-def start_noise(model, prompt_index, seed, n, device):
+def start_noise(shape, prompt_index, seed, n, device):
     """The same x_T for every setting: seeded per (seed, prompt)."""
     generator = torch.Generator().manual_seed(seed * 10_007 + prompt_index)
-    return cpu_noise(generator, [n] + image_shape(model), device)
+    return cpu_noise(generator, [n] + shape, device)
 
 
 def synchronize(device):
@@ -171,7 +176,7 @@ def synchronize(device):
 def sample(model, sampler, opt, c, uc, x_T, setting):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
     with consistent_attention(model, SETTINGS[setting], opt.n):
-        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=image_shape(model),
+        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=0.0, x_T=x_T, verbose=False)
     return latents_to_images(model, latents)
@@ -181,15 +186,22 @@ def to_uint8_hwc(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def measure(images, prompt):
+def measure(images, prompt, embedder=None):
+    """The metrics of one batch; NaN where they do not apply (read-back needs a procedural prompt)."""
     pixels = to_uint8_hwc(images)
-    kind = procedural.parse_caption(prompt).kind
-    score = procedural.consistency_score(pixels, kind)
-    return {"agreement": score["agreement"], "colour_spread": score["colour_spread"],
-            "fidelity": procedural.fidelity(pixels, prompt), "diversity": procedural.diversity_score(pixels)}
+    row = dict.fromkeys(METRICS[:-1], float("nan"))
+    row["diversity"] = procedural.diversity_score(pixels)
+    scene = procedural.parse_caption(prompt)
+    if scene is not None:
+        score = procedural.consistency_score(pixels, scene.kind)
+        row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
+                   fidelity=procedural.fidelity(pixels, prompt))
+    if embedder is not None:
+        row["embedding_similarity"] = embedding_similarity(embedder(images))
+    return row
 
 
-def run(opt, model, device):
+def run(opt, model, device, embedder=None):
     """Yield (row dict, images) for every prompt x seed x setting."""
     from ldm.models.diffusion.ddim import DDIMSampler
     sampler = DDIMSampler(model)
@@ -198,24 +210,25 @@ def run(opt, model, device):
         for p, prompt in enumerate(opt.prompts):
             c, uc = conditionings(model, opt.n * [prompt], opt.scale)
             for seed in opt.seeds:
-                x_T = start_noise(model, p, seed, opt.n, device)
+                x_T = start_noise(opt.shape, p, seed, opt.n, device)
                 for setting in opt.settings:
                     synchronize(device)
                     start = time.perf_counter()
                     images = sample(model, sampler, opt, c, uc, x_T, setting)
                     seconds = time.perf_counter() - start
                     row = {"setting": setting, "prompt": prompt, "seed": seed,
-                           **measure(images, prompt), "seconds_per_image": seconds / opt.n}
-                    logger.info("%-22s %-40s seed %d: agreement %.3f", setting, prompt[:40], seed, row["agreement"])
+                           **measure(images, prompt, embedder), "seconds_per_image": seconds / opt.n}
+                    logger.info("%-22s %-40s seed %d: agreement %.3f, embedding sim %.3f", setting, prompt[:40],
+                                seed, row["agreement"], row["embedding_similarity"])
                     yield row, images
 
 
 def warm_up(model, sampler, opt, device):
     """One untimed short sampling, so the first timed setting does not pay for kernel selection."""
     c, uc = conditionings(model, opt.n * [opt.prompts[0]], opt.scale)
-    sampler.sample(S=1, conditioning=c, batch_size=opt.n, shape=image_shape(model),
+    sampler.sample(S=1, conditioning=c, batch_size=opt.n, shape=opt.shape,
                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=0.0,
-                   x_T=start_noise(model, 0, 0, opt.n, device), verbose=False)
+                   x_T=start_noise(opt.shape, 0, 0, opt.n, device), verbose=False)
 
 
 # --- reporting ----------------------------------------------------------------------------
@@ -229,8 +242,8 @@ def mean_std(values):
 
 
 def markdown_table(rows, settings):
-    lines = ["| setting | agreement ↑ | colour spread ↓ | fidelity ↑ | diversity | s/image |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | agreement ↑ | colour spread ↓ | fidelity ↑ | diversity | embedding sim ↑ | s/image |",
+             "|---|---|---|---|---|---|---|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         cells = [mean_std([r[m] for r in mine]) for m in METRICS]
@@ -276,11 +289,16 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
+    opt.shape = latent_shape(opt.config)
+    try:
+        embedder = load_embedder(opt.embedder, device) if opt.embedder else None
+    except EmbedderError as e:
+        parser.error(str(e))
     run_dir = new_run_dir(opt.outdir)
     model = load(opt, device)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     rows, figure_batches = [], {}
-    for row, images in run(opt, model, device):
+    for row, images in run(opt, model, device, embedder):
         rows.append(row)
         if row["prompt"] == figure_prompt and row["seed"] == figure_seed:
             figure_batches[row["setting"]] = images
