@@ -16,7 +16,8 @@
 #
 # Environment overrides (defaults for one H100):
 #   MAX_STEPS=3000 BATCH=256 NUM_WORKERS=8 ACCELERATOR=gpu PRECISION=bf16-mixed
-#   MAX_TIME=00:00:11:00   (DD:HH:MM:SS; Lightning stops there and still saves last.ckpt)
+#   MAX_TIME=00:00:07:30   (DD:HH:MM:SS; Lightning stops there and still saves last.ckpt; the device
+#                           tool stops a command at 10 minutes, export and grid need ~1 more)
 #   SAMPLE_STEPS=50             (DDIM steps of the txt2img grid)
 #   BENCHMARK=1 BENCH_ARGS=""   (extra arguments for the benchmark, e.g. "--seeds 0 --n 4")
 #   LOGDIR=logs/embedded
@@ -33,7 +34,7 @@ BATCH=${BATCH:-256}
 NUM_WORKERS=${NUM_WORKERS:-8}
 ACCELERATOR=${ACCELERATOR:-gpu}
 PRECISION=${PRECISION:-bf16-mixed}
-MAX_TIME=${MAX_TIME:-00:00:11:00}
+MAX_TIME=${MAX_TIME:-00:00:07:30}
 SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 BENCHMARK=${BENCHMARK:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
