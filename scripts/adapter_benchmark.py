@@ -23,7 +23,7 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
 * s/image      sampling wall time per image
 
     python scripts/adapter_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
-        --adapter models/embedded/procedural-sketch-adapter.safetensors
+        --adapter models/embedded/procedural-outline-adapter.safetensors
     # smoke run (numbers meaningless)
     python scripts/adapter_benchmark.py --random-weights --adapter A.safetensors --n 2 --steps 2 --seeds 0 \
         --prompts "a chair" --scale 1
