@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 PALETTE_CELL = 64          # colour adapter: one colour per 64x64 pixels, as upstream
-SIZE_MULTIPLE = 64         # the adapter downsamples 8 (unshuffle) x 8 (three stages)
+SIZE_MULTIPLE = 64         # SD v1 adapters downsample 8 (unshuffle) x 8 (three stages); Adapter.downsampling
 CANNY_THRESHOLDS = (100, 200)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -149,13 +149,15 @@ def read_image(path) -> Image.Image:
         raise ValueError(f"cannot read condition image {path}: {e}")
 
 
-def check_size(path, image: Image.Image, width: int, height: int, size_hint: str | None = None) -> None:
+def check_size(path, image: Image.Image, width: int, height: int, size_hint: str | None = None,
+               multiple: int = SIZE_MULTIPLE) -> None:
     """The condition must have the output's size (no silent resizing). `size_hint` says how to
-    change the output size; by default txt2img's flags."""
+    change the output size; by default txt2img's flags. `multiple`: the adapter's downsampling
+    (64 for SD v1, 8 for a pixel-space adapter with four levels)."""
     w, h = image.size
-    if w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
-        raise ValueError(f"condition image {path} is {w}x{h}: both sides must be multiples of {SIZE_MULTIPLE} "
-                         f"(the adapter downsamples by {SIZE_MULTIPLE})")
+    if w % multiple or h % multiple:
+        raise ValueError(f"condition image {path} is {w}x{h}: both sides must be multiples of {multiple} "
+                         f"(the adapter downsamples by {multiple})")
     if (w, h) != (width, height):
         hint = size_hint or f"pass --W {w} --H {h}"
         raise ValueError(f"condition image {path} is {w}x{h} but the images to generate are {width}x{height}: "
@@ -163,7 +165,7 @@ def check_size(path, image: Image.Image, width: int, height: int, size_hint: str
 
 
 def condition_batch(paths, cond_type: str, cond_channels: int, width: int, height: int,
-                    size_hint: str | None = None) -> torch.Tensor:
+                    size_hint: str | None = None, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
     """(len(paths), cond_channels, height, width) float tensor in [0, 1].
 
     ValueError (one line) when the type gives another channel count than the adapter takes
@@ -179,6 +181,6 @@ def condition_batch(paths, cond_type: str, cond_channels: int, width: int, heigh
     maps = []
     for path in paths:
         image = read_image(path)
-        check_size(path, image, width, height, size_hint)
+        check_size(path, image, width, height, size_hint, multiple)
         maps.append(torch.from_numpy(np.ascontiguousarray(preprocess(image))).permute(2, 0, 1))
     return torch.stack(maps)

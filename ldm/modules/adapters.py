@@ -35,8 +35,14 @@ from ldm.util import CheckpointError, load_state_dict
 log = logging.getLogger(__name__)
 
 SD_V1_CHANNELS = (320, 640, 1280, 1280)
-UNSHUFFLE = 8  # the adapter starts at latent resolution: 8x8 pixel patches become channels
+# The adapter starts at the UNet's input resolution: f x f pixel patches become channels, f being
+# the first stage's downsampling (8 for SD's VAE, 1 for a pixel-space model such as
+# configs/embedded/procedural-t2i.yaml). The released adapters are all f = 8.
+UNSHUFFLE = 8
 PREFIX = "adapter."  # some released checkpoints were saved from the whole model
+# safetensors header entry written by save_adapter: the key layout cannot tell f apart from the
+# condition channels (conv_in takes cond_channels * f^2 inputs), so it is recorded beside it
+UNSHUFFLE_METADATA = "t2i_adapter.unshuffle"
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,25 +72,50 @@ class AdapterResBlock(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The full T2I-Adapter: PixelUnshuffle(8) -> 3x3 conv_in -> one stage of residual blocks
+    """The full T2I-Adapter: PixelUnshuffle(f) -> 3x3 conv_in -> one stage of residual blocks
     per UNet level; stage `l` (after the first) halves the resolution, and its output is the
-    feature map for level `l`."""
+    feature map for level `l`. f = `unshuffle` (8 for SD v1, 1 in pixel space)."""
 
-    def __init__(self, channels=SD_V1_CHANNELS, cond_channels=3, num_res_blocks=2, kernel_size=1):
+    def __init__(self, channels=SD_V1_CHANNELS, cond_channels=3, num_res_blocks=2, kernel_size=1,
+                 unshuffle=UNSHUFFLE):
         super().__init__()
         self.channels = tuple(channels)
         self.cond_channels = cond_channels
         self.num_res_blocks = num_res_blocks
-        self.unshuffle = nn.PixelUnshuffle(UNSHUFFLE)
-        self.conv_in = nn.Conv2d(cond_channels * UNSHUFFLE ** 2, channels[0], 3, 1, 1)
+        self.factor = unshuffle
+        self.unshuffle = nn.PixelUnshuffle(unshuffle)  # no weights: the key layout is the same for every f
+        self.conv_in = nn.Conv2d(cond_channels * unshuffle ** 2, channels[0], 3, 1, 1)
         # one flat list, as in the checkpoints: block k belongs to stage k // num_res_blocks
         self.body = nn.ModuleList(
             AdapterResBlock(channels[max(level - 1, 0)] if j == 0 else ch, ch,
                             downsample=(level > 0 and j == 0), kernel_size=kernel_size)
             for level, ch in enumerate(channels) for j in range(num_res_blocks))
 
+    @property
+    def downsampling(self) -> int:
+        """Condition sides must be multiples of this: f times the stages' 2x poolings."""
+        return self.factor * 2 ** (len(self.channels) - 1)
+
+    @torch.no_grad()
+    def zero_init_(self):
+        """Make the features exactly zero (the adapter starts as 'no adapter'), yet trainable.
+
+        Zeroes conv_in and every block's output conv (and the width projections' bias): the
+        identity skips then carry zeros through every stage. conv_in still gets gradients
+        through those skips and block2 through relu(block1's bias), so all layers learn from
+        the first step. Why: a randomly initialised adapter adds random features to a frozen
+        model's hidden states, and a short run would spend its first steps undoing that damage.
+        The key layout stays the released one (nothing is added)."""
+        for conv in [self.conv_in] + [block.block2 for block in self.body]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for block in self.body:
+            if block.in_conv is not None:
+                block.in_conv.bias.zero_()
+        return self
+
     def forward(self, cond):
-        """cond: (B, cond_channels, H, W) in [0, 1] -> [(B, channels[l], H/8/2^l, W/8/2^l)]."""
+        """cond: (B, cond_channels, H, W) in [0, 1] -> [(B, channels[l], H/f/2^l, W/f/2^l)]."""
         x = self.conv_in(self.unshuffle(cond))
         features = []
         for k, block in enumerate(self.body):
@@ -124,15 +155,18 @@ class LightAdapter(nn.Module):
     """The light T2I-Adapter (released for the colour palette): no conv_in, one narrow stage
     per level (`Adapter_light` upstream)."""
 
-    def __init__(self, channels=SD_V1_CHANNELS, cond_channels=3, num_res_blocks=4):
+    def __init__(self, channels=SD_V1_CHANNELS, cond_channels=3, num_res_blocks=4, unshuffle=UNSHUFFLE):
         super().__init__()
         self.channels = tuple(channels)
         self.cond_channels = cond_channels
         self.num_res_blocks = num_res_blocks
-        self.unshuffle = nn.PixelUnshuffle(UNSHUFFLE)
-        ins = [cond_channels * UNSHUFFLE ** 2] + list(channels[:-1])
+        self.factor = unshuffle
+        self.unshuffle = nn.PixelUnshuffle(unshuffle)
+        ins = [cond_channels * unshuffle ** 2] + list(channels[:-1])
         self.body = nn.ModuleList(LightStage(i, o, num_res_blocks, downsample=level > 0)
                                   for level, (i, o) in enumerate(zip(ins, channels)))
+
+    downsampling = Adapter.downsampling
 
     def forward(self, cond):
         x = self.unshuffle(cond)
@@ -155,15 +189,16 @@ class AdapterSpec:
     channels: tuple        # output width per UNet level
     num_res_blocks: int
     kernel_size: int = 1   # full adapter only
+    unshuffle: int = UNSHUFFLE  # the first stage's downsampling f the adapter was made for
 
     def build(self) -> nn.Module:
         if self.kind == "light":
-            return LightAdapter(self.channels, self.cond_channels, self.num_res_blocks)
-        return Adapter(self.channels, self.cond_channels, self.num_res_blocks, self.kernel_size)
+            return LightAdapter(self.channels, self.cond_channels, self.num_res_blocks, self.unshuffle)
+        return Adapter(self.channels, self.cond_channels, self.num_res_blocks, self.kernel_size, self.unshuffle)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "cond_channels": self.cond_channels, "channels": list(self.channels),
-                "num_res_blocks": self.num_res_blocks}
+                "num_res_blocks": self.num_res_blocks, "unshuffle": self.unshuffle}
 
 
 def strip_prefix(state_dict: dict) -> dict:
@@ -177,26 +212,27 @@ def _indices(state_dict, pattern):
     return sorted({int(m.group(1)) for k in state_dict if (m := re.fullmatch(pattern, k))})
 
 
-def _cond_channels(in_channels, key):
-    if in_channels % UNSHUFFLE ** 2:
-        raise CheckpointError(f"{key} takes {in_channels} input channels, not a multiple of {UNSHUFFLE ** 2}: "
-                              f"not a T2I-Adapter layout this code knows")
-    return in_channels // UNSHUFFLE ** 2
+def _cond_channels(in_channels, key, unshuffle):
+    if in_channels % unshuffle ** 2:
+        raise CheckpointError(f"{key} takes {in_channels} input channels, not a multiple of {unshuffle ** 2} "
+                              f"(PixelUnshuffle({unshuffle})): not a T2I-Adapter layout this code knows")
+    return in_channels // unshuffle ** 2
 
 
-def detect_adapter(state_dict: dict, levels: int = 4) -> AdapterSpec:
+def detect_adapter(state_dict: dict, levels: int = 4, unshuffle: int = UNSHUFFLE) -> AdapterSpec:
     """The adapter type, condition channels and widths of a checkpoint (prefix already stripped).
 
     `levels` is the number of UNet resolution levels: the full adapter's blocks form one flat
     list, and where a stage keeps the width (1280 -> 1280 in SD v1) nothing in the keys marks
-    the boundary, so the blocks are split evenly over the levels."""
+    the boundary, so the blocks are split evenly over the levels. `unshuffle`: the factor f
+    of PixelUnshuffle, which the keys cannot tell (see load_adapter)."""
     try:
-        return _detect(state_dict, levels)
+        return _detect(state_dict, levels, unshuffle)
     except KeyError as e:
         raise CheckpointError(f"incomplete T2I-Adapter checkpoint: no {e.args[0]}")
 
 
-def _detect(state_dict, levels):
+def _detect(state_dict, levels, unshuffle):
     if any(k.startswith("style_embedding") or k.startswith("transformer_layes") for k in state_dict):
         raise CheckpointError("this is a style adapter (CLIP image tokens); only spatial adapters are supported")
     if any(".skep." in k or ".down_opt.op." in k for k in state_dict):
@@ -209,14 +245,15 @@ def _detect(state_dict, levels):
                                   f"{levels} (one stage per UNet level) numbered from 0")
         per_level = len(blocks) // levels
         widths = tuple(state_dict[f"body.{level * per_level}.block1.weight"].shape[0] for level in range(levels))
-        return AdapterSpec("full", _cond_channels(state_dict["conv_in.weight"].shape[1], "conv_in"), widths,
-                           per_level, kernel_size=state_dict["body.0.block2.weight"].shape[-1])
+        return AdapterSpec("full", _cond_channels(state_dict["conv_in.weight"].shape[1], "conv_in", unshuffle),
+                           widths, per_level, kernel_size=state_dict["body.0.block2.weight"].shape[-1],
+                           unshuffle=unshuffle)
     if "body.0.out_conv.weight" in state_dict:
         stages = _indices(state_dict, r"body\.(\d+)\.out_conv\.weight")
         widths = tuple(state_dict[f"body.{i}.out_conv.weight"].shape[0] for i in stages)
         per_level = len(_indices(state_dict, r"body\.0\.body\.(\d+)\.block1\.weight"))
-        return AdapterSpec("light", _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv"),
-                           widths, per_level)
+        return AdapterSpec("light", _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv",
+                                                   unshuffle), widths, per_level, unshuffle=unshuffle)
     sample = ", ".join(sorted(state_dict)[:3]) or "no keys"
     raise CheckpointError(f"not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight "
                           f"(keys: {sample}, ...)")
@@ -239,16 +276,79 @@ def load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_adapter(path, *, levels: int = 4, unsafe_pickle: bool = False) -> nn.Module:
+def recorded_unshuffle(path) -> int | None:
+    """The unshuffle factor save_adapter recorded in a .safetensors header, or None (released
+    .pth files, other files; an unreadable file is reported by load_state_dict instead)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            value = (f.metadata() or {}).get(UNSHUFFLE_METADATA)
+    except Exception:  # not a readable safetensors file: load_state_dict gives the one-line error
+        return None
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise CheckpointError(f"adapter {path}: header entry {UNSHUFFLE_METADATA}={value!r} is not a positive "
+                              f"integer")
+    return int(value)
+
+
+def resolve_unshuffle(path, recorded: int | None, expected: int | None) -> int:
+    """The factor to build with: the recorded one, else the model's, else 8 (the released
+    adapters). CheckpointError when the file was made for another first stage than the model."""
+    if recorded is not None and expected is not None and recorded != expected:
+        raise CheckpointError(f"adapter {path} was trained for a first-stage downsampling f={recorded} "
+                              f"(PixelUnshuffle({recorded})) but this model has f={expected}: use an adapter "
+                              f"made for this model (pixel-space models such as the embedded one need --f 1)")
+    return recorded or expected or UNSHUFFLE
+
+
+def load_adapter(path, *, levels: int = 4, unshuffle: int | None = None, unsafe_pickle: bool = False) -> nn.Module:
     """Build the adapter a checkpoint describes and load it strictly, in eval mode on the CPU.
-    Raises CheckpointError (one line) for unreadable or unknown files."""
+
+    `unshuffle`: the model's first-stage downsampling f, when known (checked against the
+    factor recorded in the file's header; files without it - the released ones - are built
+    with it, default 8). Raises CheckpointError (one line) for unreadable or unknown files."""
+    factor = resolve_unshuffle(path, recorded_unshuffle(path), unshuffle)
     state_dict = strip_prefix(load_state_dict(path, unsafe_pickle=unsafe_pickle))
-    spec = detect_adapter(state_dict, levels)
+    spec = detect_adapter(state_dict, levels, factor)
     adapter = spec.build()
     load_strict(adapter, state_dict, str(path))
     adapter.spec = spec
     log.info("adapter %s: %s", path, spec.describe())
     return adapter.eval().requires_grad_(False)
+
+
+def save_adapter(adapter: nn.Module, path, metadata: dict | None = None) -> None:
+    """Write the weights as .safetensors in the released key layout (no prefix), so load_adapter
+    (and --adapter) read them like a released file; the unshuffle factor, which the keys do not
+    show, goes into the header with `metadata` (str -> str). Never overwrites a file."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose a new file name (adapters are never overwritten)")
+    header = {UNSHUFFLE_METADATA: str(adapter.factor), **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, str(path),
+              metadata=header)
+
+
+def first_stage_factor(model) -> int:
+    """f, the first stage's downsampling: 1 for IdentityFirstStage (pixel space), 2^(levels-1)
+    for an autoencoder (8 for SD's VAE)."""
+    first_stage = getattr(model, "first_stage_model", None)
+    encoder = getattr(first_stage, "encoder", None)
+    if first_stage is None or type(first_stage).__name__ == "IdentityFirstStage":
+        return 1
+    return 2 ** (encoder.num_resolutions - 1) if hasattr(encoder, "num_resolutions") else UNSHUFFLE
+
+
+def adapter_for_model(model, cond_channels: int = 1, num_res_blocks: int = 2) -> Adapter:
+    """A new full adapter whose features fit `model`'s UNet: one stage per UNet level with the
+    level's width, and PixelUnshuffle(f) so that level 0 comes out at the UNet's input size."""
+    unet = unet_of(model)
+    return Adapter(unet_level_channels(unet), cond_channels, num_res_blocks, unshuffle=first_stage_factor(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,19 +588,21 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
     if not 0.0 < cond_tau <= 1.0:
         parser.error(f"--cond-tau must be in (0, 1], got {cond_tau}")
     widths = _unet_widths(opt.config)
+    factor = getattr(opt, "f", None)  # --f: the first stage's downsampling, which the adapter must share
     uses = []
     for ckpt, entries, cond_type, weight in zip(opt.adapter, opt.cond, opt.cond_type, weights):
         try:
             if not os.path.isfile(ckpt):
                 raise ValueError(f"adapter checkpoint not found: {ckpt}")
-            adapter = load_adapter(ckpt, levels=len(widths) if widths else 4)
+            adapter = load_adapter(ckpt, levels=len(widths) if widths else 4, unshuffle=factor)
             if widths:
                 check_adapter_fits(adapter, widths, f"adapter {ckpt}")
             files = condition_files(entries)
             if len(files) not in (1, n_samples):
                 raise ValueError(f"{len(files)} condition images for adapter {ckpt}: give one image for all "
                                  f"samples or exactly --n_samples ({n_samples})")
-            conds = condition_batch(files, cond_type, adapter.cond_channels, width, height, size_hint)
+            conds = condition_batch(files, cond_type, adapter.cond_channels, width, height, size_hint,
+                                    adapter.downsampling)
         except (CheckpointError, ValueError) as e:
             parser.error(str(e))
         uses.append(AdapterUse(ckpt, files, cond_type, weight, adapter, conds))

@@ -1,0 +1,260 @@
+"""Does the adapter make the embedded model follow a layout? (issue #7)
+
+For every prompt and seed, N procedural scenes of the prompt's kind with different layouts
+(position, size, legs / shape) give N condition maps (outline or mask, as the adapter was
+trained: its file header says which). The same start noise is sampled under four settings:
+
+    plain               the model alone (the IoU it reaches by chance is the baseline)
+    adapter             with the adapter's features of the N conditions
+    plain+consistent    consistent self-attention over the batch (--consistent-attn, all groups)
+    adapter+consistent  both: layout from the conditions, shared appearance from the batch
+
+Metrics, read from the pixels without a classifier (ldm.data.procedural):
+
+* IoU          object mask read back from the generated image (read_mask: background and
+               object colour, then each pixel) against the condition scene's exact mask
+               (object_mask), mean over the images. 1 = the object is exactly where the
+               condition put it.
+* agreement    consistency of the UNNAMED appearance attributes (object colour, background)
+               across the batch: fraction agreeing with the batch majority, mean over the two.
+               The layout attributes differ on purpose (the conditions differ) and are left out.
+* colour spread mean pairwise distance of the object colours, RGB in [0, 1] (lower = more alike)
+* fidelity     fraction of the attributes the prompt names that are read back
+* s/image      sampling wall time per image
+
+    python scripts/adapter_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
+        --adapter models/embedded/procedural-outline-adapter.safetensors
+    # smoke run (numbers meaningless)
+    python scripts/adapter_benchmark.py --random-weights --adapter A.safetensors --n 2 --steps 2 --seeds 0 \
+        --prompts "a chair" --scale 1
+
+Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png} (figure: the conditions, then one
+row per setting, for --figure PROMPT SEED) and prints the table.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure helpers)
+from ldm.data import procedural  # noqa: E402
+from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, first_stage_factor,  # noqa: E402
+                                  injection_sites, load_adapter, unet_of)
+from ldm.modules.consistency import consistent_attention  # noqa: E402
+from ldm.script_helpers import conditionings, configure_logging, latents_to_images, resolve_device  # noqa: E402
+from ldm.util import CheckpointError  # noqa: E402
+
+logger = logging.getLogger("adapter_benchmark")
+
+# name -> (use the adapter, consistent attention config or None)
+SETTINGS = {
+    "plain": (False, None),
+    "adapter": (True, None),
+    "plain+consistent": (False, cb.SETTINGS["all:all"]),
+    "adapter+consistent": (True, cb.SETTINGS["all:all"]),
+}
+READABLE_KINDS = ("chair", "table", "shape")  # read_mask does not read faces (fixed layout)
+APPEARANCE = ("colour", "background")  # attributes a layout condition does not fix
+DEFAULT_PROMPTS = [procedural.describe("chair"), procedural.describe("table"),
+                   procedural.describe("chair", colour="red"), procedural.describe("table", background="white")]
+METRICS = ("iou", "agreement", "colour_spread", "fidelity", "seconds_per_image")
+HEADER = "| setting | IoU ↑ | agreement (unnamed colours) ↑ | colour spread ↓ | fidelity ↑ | s/image |"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Layout following (IoU) and batch consistency with and without "
+                                                 "a T2I-Adapter, on procedural prompts.")
+    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--ckpt", help="model weights (.safetensors or .ckpt)")
+    parser.add_argument("--random-weights", action="store_true", help="no model checkpoint (smoke runs only)")
+    parser.add_argument("--adapter", required=True, help="adapter file (scripts/train_adapter.py)")
+    parser.add_argument("--condition", choices=procedural.CONDITION_KINDS,
+                        help="layout map fed to the adapter (default: the one recorded in the adapter file, "
+                             "else outline)")
+    parser.add_argument("--adapter-weight", type=float, default=1.0, help="scale of the adapter's features")
+    parser.add_argument("--cond-tau", type=float, default=1.0, help="adapter on for this first fraction of the steps")
+    parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
+                        help="procedural chair/table/shape prompts (default: plain and described chairs and tables)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=8, help="images (differently laid out conditions) per batch")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
+                        help="settings to compare: " + ", ".join(SETTINGS))
+    parser.add_argument("--outdir", default="outputs/adapter-benchmark", help="results go to OUTDIR/run-NNN")
+    parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
+                        help="index into --prompts and --seeds of the batch shown in figure.png")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def validate(parser, opt):
+    unknown = [s for s in opt.settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    for prompt in opt.prompts:
+        scene = procedural.parse_caption(prompt)
+        if scene is None or scene.kind not in READABLE_KINDS:
+            parser.error(f"prompt {prompt!r} is not a procedural chair, table or shape caption (e.g. "
+                         f"{DEFAULT_PROMPTS[0]!r}): the IoU reads the object mask back from the pixels, which "
+                         f"works for those kinds only")
+    for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 < opt.cond_tau <= 1:
+        parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
+    for path, what in ((opt.config, "config"), (opt.ckpt, "checkpoint"), (opt.adapter, "adapter")):
+        if path and not os.path.isfile(path):
+            parser.error(f"{what} not found: {path}")
+    if opt.random_weights == bool(opt.ckpt):
+        parser.error("pass exactly one of --ckpt PATH and --random-weights")
+    prompt_index, seed_index = opt.figure
+    if not (0 <= prompt_index < len(opt.prompts) and 0 <= seed_index < len(opt.seeds)):
+        parser.error(f"--figure {prompt_index} {seed_index} is outside the {len(opt.prompts)} prompts "
+                     f"and {len(opt.seeds)} seeds")
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+
+
+# --- model, adapter, conditions -------------------------------------------------------------
+
+def load_adapter_for(model, opt, device):
+    """The adapter, checked against the model (f and widths), on `device`; one-line errors."""
+    unet = unet_of(model)
+    try:
+        adapter = load_adapter(opt.adapter, levels=len(injection_sites(unet)), unshuffle=first_stage_factor(model))
+        check_adapter_fits(adapter, unet, f"adapter {opt.adapter}")
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if adapter.cond_channels != 1:
+        raise SystemExit(f"error: adapter {opt.adapter} takes {adapter.cond_channels} channels; the layout maps "
+                         f"have 1 (train one with scripts/train_adapter.py)")
+    return adapter.to(device)
+
+
+def recorded_condition(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("condition")
+    except Exception:  # a .pth or a file without header: the default applies
+        return None
+
+
+def layouts(kind, prompt_index, seed, n):
+    """n scenes of `kind` with random layouts, seeded per prompt and seed: the same conditions
+    for every setting."""
+    rng = np.random.default_rng([seed, prompt_index, 7])
+    return [procedural.sample_scene(rng, kind) for _ in range(n)]
+
+
+def condition_tensor(scenes, condition, size):
+    """(n, 1, H, W) layout maps in {0, 1}."""
+    return torch.from_numpy(np.stack([procedural.condition_map(s, condition, size) for s in scenes]))[:, None]
+
+
+# --- sampling and measuring -----------------------------------------------------------------
+
+def sample(model, sampler, opt, c, uc, x_T, features, share):
+    """(N, 3, H, W) images in [0, 1] on the CPU under one setting."""
+    with consistent_attention(model, share, opt.n), adapter_conditioning(model, features, opt.cond_tau):
+        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=cb.image_shape(model),
+                                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                    eta=0.0, x_T=x_T, verbose=False)
+    return latents_to_images(model, latents)
+
+
+def measure(images, prompt, scenes):
+    pixels = cb.to_uint8_hwc(images)
+    kind = procedural.parse_caption(prompt).kind
+    size = pixels.shape[1]
+    ious = [procedural.mask_iou(procedural.read_mask(p, kind), procedural.object_mask(s, size))
+            for p, s in zip(pixels, scenes)]
+    score = procedural.consistency_score(pixels, kind)
+    agreement = float(np.mean([score["per_attribute"][a] for a in APPEARANCE]))
+    return {"iou": float(np.mean(ious)), "agreement": agreement, "colour_spread": score["colour_spread"],
+            "fidelity": procedural.fidelity(pixels, prompt)}
+
+
+def run(opt, model, adapter, device):
+    """Yield (row, images, conditions) for every prompt x seed x setting."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    sampler = DDIMSampler(model)
+    size = cb.image_shape(model)[-1] * first_stage_factor(model)
+    with torch.no_grad(), model.ema_scope():
+        for p, prompt in enumerate(opt.prompts):
+            c, uc = conditionings(model, opt.n * [prompt], opt.scale)
+            kind = procedural.parse_caption(prompt).kind
+            for seed in opt.seeds:
+                scenes = layouts(kind, p, seed, opt.n)
+                conds = condition_tensor(scenes, opt.condition, size)
+                features = [opt.adapter_weight * f for f in adapter(conds.to(device))]
+                x_T = cb.start_noise(model, p, seed, opt.n, device)
+                for setting in opt.settings:
+                    use_adapter, share = SETTINGS[setting]
+                    cb.synchronize(device)
+                    start = time.perf_counter()
+                    images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share)
+                    seconds = time.perf_counter() - start
+                    row = {"setting": setting, "prompt": prompt, "seed": seed, **measure(images, prompt, scenes),
+                           "seconds_per_image": seconds / opt.n}
+                    logger.info("%-18s %-32s seed %d: IoU %.3f agreement %.3f", setting, prompt[:32], seed,
+                                row["iou"], row["agreement"])
+                    yield row, images, conds
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+def markdown_table(rows, settings):
+    lines = [HEADER, "|---|---|---|---|---|---|"]
+    for setting in settings:
+        mine = [r for r in rows if r["setting"] == setting]
+        lines.append(f"| {setting} | " + " | ".join(cb.mean_std([r[m] for r in mine]) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def run_header(opt, device, n_batches):
+    weights = "random weights" if opt.random_weights else opt.ckpt
+    return (f"config {opt.config}, {weights}; adapter {opt.adapter} ({opt.condition} maps, weight "
+            f"{opt.adapter_weight}, cond_tau {opt.cond_tau}); N={opt.n} differently laid out conditions per batch, "
+            f"DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
+            f"{' '.join(map(str, opt.seeds))} = {n_batches} batches per setting (mean ± std over them); "
+            f"consistent = consistent self-attention, all groups; device {device}")
+
+
+def main(argv=None):
+    configure_logging()
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    validate(parser, opt)
+    opt.condition = opt.condition or recorded_condition(opt.adapter) or "outline"
+    device = resolve_device(opt.device)
+    model = cb.load(opt, device)
+    adapter = load_adapter_for(model, opt, device)
+    run_dir = cb.new_run_dir(opt.outdir)
+    figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
+    rows, figure_batches = [], {}
+    for row, images, conds in run(opt, model, adapter, device):
+        rows.append(row)
+        if row["prompt"] == figure_prompt and row["seed"] == figure_seed:
+            figure_batches.setdefault(f"{opt.condition} (condition)", conds.expand(-1, 3, -1, -1))
+            figure_batches[row["setting"]] = images
+    table = markdown_table(rows, opt.settings)
+    header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
+    with open(os.path.join(run_dir, "table.md"), "x") as f:
+        f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
+    cb.write_csv(rows, os.path.join(run_dir, "results.csv"))
+    cb.write_figure(figure_batches, os.path.join(run_dir, "figure.png"))
+    sys.stdout.write(f"{header}\n\n{table}\n")
+    logger.info("wrote table.md, results.csv and figure.png to %s", run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""scripts/gpu_train_adapter.sh, shrunk to a 1-step CPU run with a random model: trains,
+benchmarks, and leaves exactly four files in OUT."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+from ldm.modules.adapters import load_adapter
+
+SCRIPT = REPO / "scripts" / "gpu_train_adapter.sh"
+TINY = dict(RANDOM_WEIGHTS="1", STEPS="1", BATCH="2", NUM_WORKERS="0", DEVICE="cpu", PRECISION="fp32",
+            TRAIN_ARGS="--eval-size 2",
+            BENCH_ARGS="--n 2 --steps 1 --seeds 0 --scale 1 --prompts 'a chair' --settings plain adapter")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(tmp_path, **env):
+    full_env = dict(os.environ, OUT=str(tmp_path / "out"), WORKDIR=str(tmp_path / "work"), **TINY)
+    full_env.update(env)
+    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_tiny_cpu_run_writes_adapter_report_table_and_figure(tmp_path):
+    result = run(tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter-benchmark.md", "adapter-benchmark.png",
+                                                     "procedural-outline-adapter.json",
+                                                     "procedural-outline-adapter.safetensors"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    assert json.loads((out / "procedural-outline-adapter.json").read_text())["steps"] == 1
+    assert load_adapter(out / "procedural-outline-adapter.safetensors").spec.unshuffle == 1
+    table = (out / "adapter-benchmark.md").read_text()
+    assert "| plain |" in table and "| adapter |" in table and "'a chair'" in table
+
+    again = run(tmp_path)  # the outputs of the first run are never overwritten
+    assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
+
+
+def test_missing_model_is_one_error_line(tmp_path):
+    result = run(tmp_path, RANDOM_WEIGHTS="0", MODEL=str(tmp_path / "none.safetensors"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: MODEL={tmp_path / 'none.safetensors'} not found; train the embedded model first "
+        f"(scripts/gpu_train_embedded.sh) and set MODEL to its .safetensors"]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,109 @@
+"""scripts/train_adapter.py, scripts/adapter_benchmark.py and txt2img --adapter on the embedded
+config, as a user runs them (subprocesses, random model weights, CPU-sized)."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from ldm.data.procedural import condition_map, sample_scene
+from ldm.image_io import read_parameters
+from ldm.modules.adapters import load_adapter
+from test_cli import assert_ok, run
+
+CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 CPU training steps of a random-weights model; (adapter path, result)."""
+    root = tmp_path_factory.mktemp("adapter")
+    out = root / "outline.safetensors"
+    result = run("train_adapter.py", "--config", CONFIG, "--random-weights", "--out", out, "--steps", 3,
+                 "--batch-size", 2, "--eval-size", 2, "--num-workers", 0, "--log-every", 1)
+    return out, result
+
+
+def test_three_cpu_steps_write_a_loadable_adapter_and_a_report(trained):
+    out, result = trained
+    assert_ok(result)
+    assert [line for line in result.stderr.splitlines() if "step " in line and "/3" in line][-1].count("step 3/3")
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["steps"] == 3 and [p["step"] for p in report["loss_curve"]] == [1, 2, 3]
+    assert all(np.isfinite(p["loss"]) for p in report["loss_curve"])
+    assert set(report["held_out"]) == {"loss_with_adapter", "loss_without_adapter"}
+    assert report["timesteps"] == "cubic" and report["cond_type"] == "sketch" and report["condition"] == "outline"
+    assert report["adapter"] == {"channels": [64, 64, 64, 64], "cond_channels": 1, "num_res_blocks": 2,
+                                 "unshuffle": 1, "parameters": 329344}
+    adapter = load_adapter(out, levels=4)  # strict, f from the header
+    assert adapter.spec.unshuffle == 1 and adapter.channels == (64, 64, 64, 64)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random-weights", "--ckpt", "{existing}"], "pass exactly one of --ckpt PATH"),
+    (["--random-weights", "--out", "{existing}"], "exists; choose a new --out"),
+    (["--random-weights", "--out", "x.pth"], "--out must end in .safetensors"),
+    (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
+    (["--random-weights", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+])
+def test_bad_training_flags_are_one_error_line(tmp_path, capsys, args, message):
+    existing = tmp_path / "a.safetensors"
+    existing.write_bytes(b"")
+    script = load_script("train_adapter")
+    parser = script.build_parser()
+    argv = ["--out", str(tmp_path / "new.safetensors")] + [a.format(existing=existing) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        script.validate(parser, parser.parse_args(argv))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_txt2img_takes_the_trained_adapter_on_the_embedded_config(trained, tmp_path):
+    adapter, _ = trained
+    cond = tmp_path / "outline.png"
+    Image.fromarray((condition_map(sample_scene(3, "chair"), "outline") * 255).astype(np.uint8)).save(cond)
+    result = run("txt2img.py", "--config", CONFIG, "--random-weights", "--H", 32, "--W", 32, "--C", 3, "--f", 1,
+                 "--n_samples", 1, "--n_iter", 1, "--ddim_steps", 2, "--prompt", "a chair", "--skip_grid",
+                 "--adapter", adapter, "--cond", cond, "--cond-type", "sketch", "--outdir", tmp_path / "out")
+    assert_ok(result)
+    meta = read_parameters(tmp_path / "out" / "samples" / "00000.png")["extra"]["t2i_adapter"]["adapters"][0]
+    assert meta["unshuffle"] == 1 and meta["channels"] == [64, 64, 64, 64] and meta["cond_type"] == "sketch"
+
+
+def test_benchmark_prints_iou_for_all_four_settings(trained, tmp_path):
+    adapter, _ = trained
+    result = run("adapter_benchmark.py", "--config", CONFIG, "--random-weights", "--adapter", adapter, "--n", 2,
+                 "--steps", 1, "--seeds", 0, "--prompts", "a chair", "--scale", 1, "--outdir", tmp_path)
+    assert_ok(result)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| setting | IoU")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+consistent",
+                                                     "| adapter+consistent"]
+    assert all(0 <= float(r.split(" | ")[1].split(" ")[0]) <= 1 for r in rows[1:])
+    assert "(outline maps" in result.stdout  # the condition kind recorded in the adapter file
+    run_dir = tmp_path / "run-001"
+    assert {p.name for p in run_dir.iterdir()} == {"table.md", "results.csv", "figure.png"}
+    with Image.open(run_dir / "figure.png") as figure:
+        assert figure.height == 5 * (32 * 4 + 2)  # the conditions + four settings
+
+
+def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
+    adapter, _ = trained
+    script = load_script("adapter_benchmark")
+    parser = script.build_parser()
+    with pytest.raises(SystemExit):
+        script.validate(parser, parser.parse_args(["--random-weights", "--adapter", str(adapter),
+                                                   "--prompts", "a face with glasses"]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "not a procedural chair, table or shape caption" in errors[0]
