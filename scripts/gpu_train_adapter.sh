@@ -8,8 +8,8 @@
 # trained against its frozen weights, so that model must exist first). Needs no network.
 # Writes exactly 4 files to $OUT, each well under 16 MiB:
 #   $NAME.safetensors       the adapter (~330k weights, float32, ~1.3 MiB), released key layout;
-#                           use: txt2img.py --config configs/embedded/procedural-t2i.yaml --f 1 --C 3
-#                           --H 32 --W 32 --adapter $NAME.safetensors --cond outline.png --cond-type sketch
+#                           use: txt2img.py --config configs/embedded/procedural-t2i.yaml
+#                           --adapter $NAME.safetensors --cond outline.png --cond-type sketch
 #   $NAME.json              settings, loss curve, held-out loss with and without the adapter, seconds
 #   adapter-benchmark.md    scripts/adapter_benchmark.py's table (IoU with/without adapter and
 #                           consistent attention, agreement of the unnamed colours, fidelity)

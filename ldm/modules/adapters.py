@@ -301,7 +301,7 @@ def resolve_unshuffle(path, recorded: int | None, expected: int | None) -> int:
     if recorded is not None and expected is not None and recorded != expected:
         raise CheckpointError(f"adapter {path} was trained for a first-stage downsampling f={recorded} "
                               f"(PixelUnshuffle({recorded})) but this model has f={expected}: use an adapter "
-                              f"made for this model (pixel-space models such as the embedded one need --f 1)")
+                              f"made for this model (the embedded pixel-space model needs one trained with f=1)")
     return recorded or expected or UNSHUFFLE
 
 
