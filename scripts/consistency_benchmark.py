@@ -5,6 +5,9 @@ for each prompt and seed, N images with DDIM and classifier-free guidance. The p
 scenes' pixel read-back (ldm.data.procedural) measures each batch without any classifier:
 
 * agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
+* subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
+* scene div.    1 - agreement over the scene attributes (background, position): subject-masked
+                sharing should keep the object consistent and leave these as free as without sharing
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
@@ -14,11 +17,15 @@ scenes' pixel read-back (ldm.data.procedural) measures each batch without any cl
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
     # a smoke run with random weights (the numbers mean nothing)
     python scripts/consistency_benchmark.py --random-weights --n 2 --steps 2 --seeds 0 --settings none all:all
+    # subject masks and AdaIN against plain sharing
+    python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
+        --settings none all:all subject:all adain:all subject+adain:all subject:anchor
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -37,6 +44,9 @@ from ldm.script_helpers import conditionings, configure_logging, cpu_noise, late
 logger = logging.getLogger("consistency_benchmark")
 
 ALL_GROUPS = ("outer", "middle", "inner")
+# Stands for the prompt's object word ("face", "chair", "table", or the shape): subject settings
+# mask the sharing with that word's cross-attention maps, whatever the prompt.
+OBJECT_WORD = "<object>"
 
 
 def shared(groups, **kwargs):
@@ -57,6 +67,11 @@ SETTINGS = {
     "anchor:all": shared(ALL_GROUPS, mode="anchor", n_anchors=1),
     "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
     "all:all@0-0.6": shared(ALL_GROUPS, window=(0.0, 0.6)),
+    "subject:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,)),
+    "subject:middle+inner": shared({"middle", "inner"}, subjects=(OBJECT_WORD,)),
+    "subject:anchor": shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,)),
+    "adain:all": shared(ALL_GROUPS, adain=True),
+    "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
 }
 
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
@@ -69,7 +84,8 @@ DEFAULT_PROMPTS = [
     procedural.describe("table", colour="blue", size="large", background="white"),
 ]
 
-METRICS = ("agreement", "colour_spread", "fidelity", "diversity", "seconds_per_image")
+METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "diversity",
+           "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 
@@ -168,9 +184,22 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def sample(model, sampler, opt, c, uc, x_T, setting):
+def object_word(prompt):
+    scene = procedural.parse_caption(prompt)
+    return scene["shape"] if scene.kind == "shape" else scene.kind
+
+
+def setting_for(setting, prompt):
+    """The setting's config, with OBJECT_WORD replaced by the prompt's object word."""
+    config = SETTINGS[setting]
+    if config is None or OBJECT_WORD not in config.subjects:
+        return config
+    return dataclasses.replace(config, subjects=(object_word(prompt),))
+
+
+def sample(model, sampler, opt, prompt, c, uc, x_T, setting):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
-    with consistent_attention(model, SETTINGS[setting], opt.n):
+    with consistent_attention(model, setting_for(setting, prompt), opt.n, prompts=opt.n * [prompt]):
         latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=image_shape(model),
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=0.0, x_T=x_T, verbose=False)
@@ -185,7 +214,8 @@ def measure(images, prompt):
     pixels = to_uint8_hwc(images)
     kind = procedural.parse_caption(prompt).kind
     score = procedural.consistency_score(pixels, kind)
-    return {"agreement": score["agreement"], "colour_spread": score["colour_spread"],
+    return {"agreement": score["agreement"], **procedural.subject_and_scene(score["per_attribute"], kind),
+            "colour_spread": score["colour_spread"],
             "fidelity": procedural.fidelity(pixels, prompt), "diversity": procedural.diversity_score(pixels)}
 
 
@@ -202,7 +232,7 @@ def run(opt, model, device):
                 for setting in opt.settings:
                     synchronize(device)
                     start = time.perf_counter()
-                    images = sample(model, sampler, opt, c, uc, x_T, setting)
+                    images = sample(model, sampler, opt, prompt, c, uc, x_T, setting)
                     seconds = time.perf_counter() - start
                     row = {"setting": setting, "prompt": prompt, "seed": seed,
                            **measure(images, prompt), "seconds_per_image": seconds / opt.n}
@@ -229,8 +259,9 @@ def mean_std(values):
 
 
 def markdown_table(rows, settings):
-    lines = ["| setting | agreement ↑ | colour spread ↓ | fidelity ↑ | diversity | s/image |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | fidelity ↑ "
+             "| diversity | s/image |",
+             "|---|---|---|---|---|---|---|---|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         cells = [mean_std([r[m] for r in mine]) for m in METRICS]
