@@ -293,6 +293,24 @@ def conditionings(model, prompts, scale):
     return model.get_learned_conditioning(prompts), uc
 
 
+def check_sharing(opt, model):
+    """After loading, before sampling: a reference from another model, or a --subject word that is
+    missing from a prompt, ends the run with one error line."""
+    from ldm.modules.consistency import check_subjects
+    if getattr(opt, "reference", None) is not None:
+        opt.reference.check_model(model)
+    check_subjects(model, opt.consistency, read_prompt_batches(opt))
+
+
+def attention_sharing(opt, model, prompts):
+    """The context that shares self-attention while one batch of `prompts` is sampled: the
+    --write-/--read-reference run, or --consistent-attn (a no-op when neither is on)."""
+    from ldm.modules.consistency import consistent_attention
+    if getattr(opt, "reference", None) is not None:
+        return opt.reference.batch(model, prompts)
+    return consistent_attention(model, opt.consistency, len(prompts), prompts=prompts)
+
+
 def latents_to_images(model, latents):
     """Decode latents to (B, 3, H, W) float32 CPU images in [0, 1]."""
     images = model.decode_first_stage(latents)

@@ -5,6 +5,9 @@ for each prompt and seed, N images with DDIM and classifier-free guidance. The p
 scenes' pixel read-back (ldm.data.procedural) measures each batch without any classifier:
 
 * agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
+* subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
+* scene div.    1 - agreement over the scene attributes (background, position): subject-masked
+                sharing should keep the object consistent and leave these as free as without sharing
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
@@ -19,11 +22,15 @@ scenes' pixel read-back (ldm.data.procedural) measures each batch without any cl
     # real SD 1.x weights and any prompt, judged by a local DINOv2 (transformers folder)
     python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/
+    # subject masks and AdaIN against plain sharing
+    python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
+        --settings none all:all subject:all adain:all subject+adain:all subject:anchor
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -43,6 +50,9 @@ from ldm.script_helpers import (conditionings, configure_logging, cpu_noise, lat
 logger = logging.getLogger("consistency_benchmark")
 
 ALL_GROUPS = ("outer", "middle", "inner")
+# Stands for the prompt's object word ("face", "chair", "table", or the shape): subject settings
+# mask the sharing with that word's cross-attention maps, whatever the prompt.
+OBJECT_WORD = "<object>"
 
 
 def shared(groups, **kwargs):
@@ -63,6 +73,11 @@ SETTINGS = {
     "anchor:all": shared(ALL_GROUPS, mode="anchor", n_anchors=1),
     "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
     "all:all@0-0.6": shared(ALL_GROUPS, window=(0.0, 0.6)),
+    "subject:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,)),
+    "subject:middle+inner": shared({"middle", "inner"}, subjects=(OBJECT_WORD,)),
+    "subject:anchor": shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,)),
+    "adain:all": shared(ALL_GROUPS, adain=True),
+    "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
 }
 
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
@@ -75,7 +90,8 @@ DEFAULT_PROMPTS = [
     procedural.describe("table", colour="blue", size="large", background="white"),
 ]
 
-METRICS = ("agreement", "colour_spread", "fidelity", "diversity", "embedding_similarity", "seconds_per_image")
+METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "diversity",
+           "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 
@@ -116,6 +132,10 @@ def validate(parser, opt):
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
                      f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
                      f"pass --embedder DIR, a local DINO/CLIP model folder")
+    subject_settings = [s for s in opt.settings if SETTINGS[s] is not None and OBJECT_WORD in SETTINGS[s].subjects]
+    if not_procedural and subject_settings:
+        parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
+                     f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
     for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
@@ -173,9 +193,22 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def sample(model, sampler, opt, c, uc, x_T, setting):
+def object_word(prompt):
+    scene = procedural.parse_caption(prompt)
+    return scene["shape"] if scene.kind == "shape" else scene.kind
+
+
+def setting_for(setting, prompt):
+    """The setting's config, with OBJECT_WORD replaced by the prompt's object word."""
+    config = SETTINGS[setting]
+    if config is None or OBJECT_WORD not in config.subjects:
+        return config
+    return dataclasses.replace(config, subjects=(object_word(prompt),))
+
+
+def sample(model, sampler, opt, prompt, c, uc, x_T, setting):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
-    with consistent_attention(model, SETTINGS[setting], opt.n):
+    with consistent_attention(model, setting_for(setting, prompt), opt.n, prompts=opt.n * [prompt]):
         latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=0.0, x_T=x_T, verbose=False)
@@ -195,7 +228,8 @@ def measure(images, prompt, embedder=None):
     if scene is not None:
         score = procedural.consistency_score(pixels, scene.kind)
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
-                   fidelity=procedural.fidelity(pixels, prompt))
+                   fidelity=procedural.fidelity(pixels, prompt),
+                   **procedural.subject_and_scene(score["per_attribute"], scene.kind))
     if embedder is not None:
         row["embedding_similarity"] = embedding_similarity(embedder(images))
     return row
@@ -214,7 +248,7 @@ def run(opt, model, device, embedder=None):
                 for setting in opt.settings:
                     synchronize(device)
                     start = time.perf_counter()
-                    images = sample(model, sampler, opt, c, uc, x_T, setting)
+                    images = sample(model, sampler, opt, prompt, c, uc, x_T, setting)
                     seconds = time.perf_counter() - start
                     row = {"setting": setting, "prompt": prompt, "seed": seed,
                            **measure(images, prompt, embedder), "seconds_per_image": seconds / opt.n}
@@ -242,8 +276,9 @@ def mean_std(values):
 
 
 def markdown_table(rows, settings):
-    lines = ["| setting | agreement ↑ | colour spread ↓ | fidelity ↑ | diversity | embedding sim ↑ | s/image |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | fidelity ↑ "
+             "| diversity | embedding sim ↑ | s/image |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         cells = [mean_std([r[m] for r in mine]) for m in METRICS]

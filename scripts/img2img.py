@@ -13,9 +13,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules import adapters, consistency
-from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import (add_common_arguments, build_postprocess, feature_metadata,
+from ldm.modules import adapters, consistency, consistency_reference
+from ldm.script_helpers import (add_common_arguments, attention_sharing, build_postprocess,
+                                check_sharing, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -37,6 +37,7 @@ def build_parser():
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")
     consistency.add_arguments(parser)
+    consistency_reference.add_arguments(parser)
     adapters.add_arguments(parser)
     return parser
 
@@ -114,8 +115,7 @@ def generate(opt, model, sampler, device, postprocess, init_image):
                     n = len(prompts)
                     noise = fixed_noise[:n] if fixed_noise is not None else \
                         cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
-                    with consistent_attention(model, opt.consistency, n), \
-                            adapters.conditioning(model, opt.adapters, n):
+                    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n):
                         images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
                     yield prompts, postprocess(images)
                     progress.update()
@@ -133,11 +133,16 @@ def main(argv=None, extra_metadata=None):
     opt = validate_options(parser, parser.parse_args(argv))
     init_image = load_img(opt.init_img, opt.geometry.multiple)
     height, width = init_image.shape[2:]
+    # the reference's image size is the (cropped) init image's, and a different strength is a
+    # different trajectory: both are recorded and checked before the model loads
+    opt.reference = consistency_reference.reference_from_arguments(opt, parser, size=(height, width),
+                                                                   strength=opt.strength)
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
+    check_sharing(opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     results = generate(opt, model, sampler, device, postprocess, init_image)
     paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)

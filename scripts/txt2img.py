@@ -10,9 +10,8 @@ import torch
 from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
-from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, feature_metadata,
-                                build_postprocess, check_image_size, conditionings, configure_logging,
+from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, attention_sharing, feature_metadata,
+                                build_postprocess, check_image_size, check_sharing, conditionings, configure_logging,
                                 cpu_noise, latents_to_images, load_model, make_sampler,
                                 precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -84,9 +83,7 @@ def generate(opt, model, sampler, device, postprocess):
                     n = len(prompts)
                     x_T = fixed_code[:n] if fixed_code is not None else \
                         cpu_noise(generator, [n] + latent_shape[1:], device)
-                    sharing = opt.reference.batch(model, prompts) if opt.reference is not None \
-                        else consistent_attention(model, opt.consistency, n)
-                    with sharing, adapters.conditioning(model, opt.adapters, n):
+                    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n):
                         images = sample_batch(opt, model, sampler, prompts, x_T)
                     yield prompts, postprocess(images)
                     progress.update()
@@ -104,8 +101,7 @@ def main(argv=None, extra_metadata=None):
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
-    if opt.reference is not None:
-        opt.reference.check_model(model)
+    check_sharing(opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
     logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)

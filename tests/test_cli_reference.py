@@ -1,13 +1,14 @@
-"""txt2img --write-reference / --read-reference end to end on the tiny config. Subprocesses only
+"""txt2img and img2img --write-reference / --read-reference end to end on the tiny config. Subprocesses only
 where a model is loaded; the option checks run in-process (they end before the model loads)."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import TINY_CONFIG
 from ldm.image_io import read_parameters
 from ldm.modules.consistency_reference import ReferenceCache
 from test_batch_prompts import load_txt2img
-from test_cli import assert_ok, assert_one_line_error
+from test_cli import assert_ok, assert_one_line_error, run
 from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
 
 
@@ -53,6 +54,8 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     (["--read-reference", "REF", "--write-reference", "new.safetensors"], "choose one"),
     (["--read-reference", "REF", "--consistent-attn"], "choose one"),
     (["--read-reference", "missing.safetensors"], "reference not found"),
+    (["--read-reference", "REF", "--subject", "chair"], "--subject work within a batch"),
+    (["--write-reference", "new.safetensors", "--share-adain"], "--share-adain work within a batch"),
 ])
 def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
     script = load_txt2img()
@@ -64,3 +67,23 @@ def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_img2img_write_then_read_a_reference(tmp_path, tiny_ckpt):  # noqa: F811
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    img2img = lambda outdir, *flags: run("img2img.py", *args(tiny_ckpt, outdir, "--init-img", init,
+                                                             "--strength", "0.75", *flags))
+    ref, written, read = tmp_path / "ref.safetensors", tmp_path / "written", tmp_path / "read"
+    assert_ok(img2img(written, "--write-reference", ref, "--share-groups", "all"))
+    header = ReferenceCache.load(ref).header
+    assert header["run"]["strength"] == 0.75 and [header["run"]["H"], header["run"]["W"]] == [64, 64]
+    assert len(header["timesteps"]) == 3  # int(0.75 * 4) DDIM steps of img2img's trajectory
+    assert_ok(img2img(read, "--read-reference", ref))
+    assert np.abs(pixels(read)[0].astype(int) - pixels(written)[0]).max() <= 2  # image 0 reads itself
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:]))
+    assert read_parameters(read / "samples" / "00000.png")["extra"]["reference"]["read"] == str(ref)
+
+    other = run("img2img.py", *args(tiny_ckpt, tmp_path / "other", "--init-img", init, "--strength", "0.5",
+                                    "--read-reference", ref))
+    assert_one_line_error(other, "recorded with strength 0.75, this run uses 0.5")

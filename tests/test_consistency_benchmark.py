@@ -57,3 +57,19 @@ def test_non_procedural_prompt_explains_that_an_embedder_is_needed(tmp_path):
     result = run("--random-weights", "--prompts", "a photo of an astronaut", "--outdir", tmp_path)
     one_error_line(result, "pixel read-back needs procedural prompts")
     assert "--embedder" in result.stderr.strip().splitlines()[-1]
+
+
+def test_subject_and_adain_rows_on_the_tiny_sd_config(tmp_path):
+    settings = ["none", "subject:all", "subject:anchor", "adain:all", "subject+adain:all"]
+    result = run("--config", REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml", "--random-weights",
+                 "--n", "2", "--steps", "2", "--seeds", "0", "--prompts", "a red chair", "a large table",
+                 "--settings", *settings, "--outdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert "| subject agreement ↑ | scene diversity |" in rows[0]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
+    with open(tmp_path / "run-001" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert len(results) == 2 * len(settings)
+    for r in results:
+        assert 0 < float(r["subject_agreement"]) <= 1 and 0 <= float(r["scene_diversity"]) < 1

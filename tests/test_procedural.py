@@ -239,3 +239,13 @@ def test_fidelity():
     assert fidelity(imgs, Scene("chair", {"colour": "blue", "position": "right"})) == 0.0
     assert math.isnan(fidelity(imgs, "a chair"))
     assert math.isnan(fidelity(imgs, ""))
+
+
+def test_subject_and_scene_split_the_per_attribute_agreement():
+    from ldm.data.procedural import subject_and_scene
+    per = {"colour": 1.0, "legs": 1.0, "size": 0.5, "position": 0.5, "background": 0.25}
+    split = subject_and_scene(per, "chair")
+    assert split["subject_agreement"] == pytest.approx(2.5 / 3)
+    assert split["scene_diversity"] == pytest.approx(1 - 0.375)
+    assert subject_and_scene({"skin": 1.0, "background": 1.0}, "face") == {"subject_agreement": 1.0,
+                                                                          "scene_diversity": 0.0}

@@ -43,8 +43,8 @@ __all__ = [
     "KINDS", "ALL_KINDS", "COLOURS", "SKIN", "HAIR", "EYES", "ATTRIBUTES",
     "Scene", "sample_scene", "render", "caption", "caption_with_attributes",
     "parse_caption", "vocabulary", "read_attributes", "consistency_score",
-    "diversity_score", "fidelity", "ProceduralScenes", "object_mask", "condition_map",
-    "CONDITION_KINDS", "read_mask", "mask_iou",
+    "diversity_score", "fidelity", "SCENE_ATTRIBUTES", "subject_and_scene", "ProceduralScenes",
+    "object_mask", "condition_map", "CONDITION_KINDS", "read_mask", "mask_iou",
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -121,6 +121,15 @@ ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
         "position": ("left", "center", "right"),
         "background": tuple(COLOURS),
     },
+}
+
+#: attributes of the scene around the object rather than of the object itself, per kind: what
+#: subject-masked sharing should leave free to vary while the object's own attributes agree
+SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "face": ("background",),
+    "chair": ("background", "position"),
+    "table": ("background", "position"),
+    "shape": ("background", "position"),
 }
 
 _POS_X = {"left": 0.27, "center": 0.5, "right": 0.73}
@@ -802,6 +811,22 @@ def consistency_score(images, kind: str) -> dict:
         spread = 0.0
     return {"agreement": float(np.mean(list(per.values()))), "per_attribute": per,
             "colour_spread": spread, "attributes": reads}
+
+
+def subject_and_scene(per_attribute: Mapping[str, float], kind: str) -> dict:
+    """Split the per-attribute agreement of :func:`consistency_score` into the object and its scene.
+
+    * ``subject_agreement``: mean agreement over the object's own attributes (colour, legs,
+      size; a face's skin, hair, eyes, glasses, shirt); higher = the same object in every image.
+    * ``scene_diversity``: 1 - mean agreement over :data:`SCENE_ATTRIBUTES` (background,
+      position); 0 = every image has the same background and position, at most 1 - 1/N.
+
+    Plain sharing tends to raise both agreements together; sharing restricted to the subject
+    should raise ``subject_agreement`` and keep ``scene_diversity`` near the unshared batches'.
+    """
+    scene = [per_attribute[k] for k in SCENE_ATTRIBUTES[kind]]
+    own = [v for k, v in per_attribute.items() if k not in SCENE_ATTRIBUTES[kind]]
+    return {"subject_agreement": float(np.mean(own)), "scene_diversity": 1.0 - float(np.mean(scene))}
 
 
 def diversity_score(images) -> float:

@@ -192,6 +192,10 @@ class CrossAttention(nn.Module):
     `SharedKV` policy can be set on self-attention layers (`kv_sharing`, see
     ldm/modules/consistency.py); it only decides *which* keys/values each image reads, the layer
     keeps owning the weights. Cross-attention never consults it.
+
+    Cross-attention layers may carry an `observer` (ldm/modules/consistency_subject.py): it is
+    shown the layer's queries and text keys, to locate a subject word in each image, and has no
+    way to change what the layer returns.
     """
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0., backend="sdpa"):
         super().__init__()
@@ -202,6 +206,7 @@ class CrossAttention(nn.Module):
         self.heads = heads
         self.attend = ATTENTION_BACKENDS[backend]
         self.kv_sharing = None  # a SharedKV policy, or None for plain attention
+        self.observer = None    # reads cross-attention's q/k (subject masks); None: nobody looks
 
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
@@ -220,6 +225,10 @@ class CrossAttention(nn.Module):
         v = self.to_v(context)
         q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads) for t in (q, k, v))  # (B, nh, T, hs)
 
+        if not is_self_attention and self.observer is not None:
+            # Read-only: the observer recomputes the text attention maps from q/k on its side;
+            # the output below is computed exactly as without it.
+            self.observer(q, k, self.scale)
         if is_self_attention and self.kv_sharing is not None:
             # Consistent batches: let each image's queries also read other images' keys/values.
             # Only here, where an image looks at itself; the text pathway (attn2) stays exact.

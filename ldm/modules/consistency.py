@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, parse_subjects,
+                                             subject_token_mask, tokenizer_of)
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +93,8 @@ class ConsistentAttentionConfig:
     window: tuple = (0.0, 1.0)  # fraction of the trajectory, 0 = pure noise, 1 = clean image
     cfg: CfgPolicy = CfgPolicy.BOTH
     seed: int = 0
+    subjects: tuple = ()  # words whose cross-attention masks limit what is read from other images
+    adain: bool = False   # StyleAligned: other images' q/k take the anchor's per-channel mean/std
 
     def __post_init__(self):
         object.__setattr__(self, "groups", frozenset(Group(g) for g in self.groups))
@@ -97,6 +102,10 @@ class ConsistentAttentionConfig:
         object.__setattr__(self, "mode", ShareMode(self.mode))
         object.__setattr__(self, "cfg", CfgPolicy(self.cfg))
         object.__setattr__(self, "window", tuple(float(w) for w in self.window))
+        object.__setattr__(self, "subjects", tuple(self.subjects))
+        object.__setattr__(self, "adain", bool(self.adain))
+        if any(not isinstance(w, str) or not w.strip() for w in self.subjects):
+            raise ValueError(f"subject words must be non-empty strings, got {list(self.subjects)}")
         if not self.groups:
             raise ValueError("no attention group selected: choose from " + ", ".join(GROUP_CHOICES))
         if self.n_anchors < 1:
@@ -111,7 +120,8 @@ class ConsistentAttentionConfig:
         """Plain-data form, for logs and PNG metadata."""
         return {"groups": sorted(g.value for g in self.groups), "half": self.half.value,
                 "mode": self.mode.value, "n_anchors": self.n_anchors, "sample_rate": self.sample_rate,
-                "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed}
+                "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed,
+                "subjects": list(self.subjects), "adain": self.adain}
 
 
 def parse_groups(text: str) -> frozenset:
@@ -146,12 +156,16 @@ class SharedKV:
     The batch is read as consecutive groups of `images_per_group` images (one group per CFG
     half: the batch is `[uncond; cond]`, or a single group when guidance is off or the halves
     run separately). Images never read across groups.
+
+    With `subject` (consistency_subject.SubjectMasks) an image reads another image's tokens only
+    inside that image's subject mask; the same (conditional) masks serve both CFG halves.
     """
     config: ConsistentAttentionConfig
     images_per_group: int
     active: bool = True  # set per UNet call from the step window
     generator: torch.Generator = field(default_factory=torch.Generator)
     hook: object = None  # the UNet pre-hook that sets `active`; removed on disable
+    subject: object = None  # SubjectMasks, or None: other images are read everywhere
 
     def __call__(self, q, k, v, attend, mask=None):
         """q, k, v: (B, nh, T, hs), B = groups · images_per_group. Returns (B, nh, T, hs)."""
@@ -164,23 +178,40 @@ class SharedKV:
         if B % n:
             raise ValueError(f"batch of {B} is not a whole number of groups of {n} images; "
                              f"enable consistent attention with the number of images per CFG half")
+        readable = None
+        if self.subject is not None:
+            readable = self.subject.masks_for(q.shape[2])  # (n, T) bool
+            if readable is None:  # first UNet call: no maps yet, so nothing is shared
+                return attend(q, k, v)
         split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (G, N, nh, T, hs)
         q, k, v = split(q), split(k), split(v)
         if self.config.cfg is CfgPolicy.COND and q.shape[0] == 2:
             # [uncond; cond]: the unconditional half stays plain
             plain = attend(q[0], k[0], v[0])[None]
-            out = torch.cat([plain, self._share(q[1:], k[1:], v[1:], attend)])
+            out = torch.cat([plain, self._share(q[1:], k[1:], v[1:], attend, readable)])
         else:
-            out = self._share(q, k, v, attend)
+            out = self._share(q, k, v, attend, readable)
         return out.reshape(B, *out.shape[2:])
 
-    def _share(self, q, k, v, attend):
+    def _share(self, q, k, v, attend, readable=None):
+        """`readable`: (N, T) bool, the tokens of each image that the OTHER images may read, or None (all)."""
         mode = self.config.mode
-        if mode is ShareMode.ALL:
-            return joint_attention(q, k, v, attend)
+        if self.config.adain:
+            keep = self.config.n_anchors if mode is ShareMode.ANCHOR else 1
+            q, k = adain_to_anchor(q, keep), adain_to_anchor(k, keep)
+        if readable is None:
+            if mode is ShareMode.ALL:
+                return joint_attention(q, k, v, attend)
+            if mode is ShareMode.ANCHOR:
+                return anchor_attention(q, k, v, attend, self.config.n_anchors)
+            return sampled_attention(q, k, v, attend, self.config.sample_rate, self.generator)
+        readable = readable.to(q.device)
         if mode is ShareMode.ANCHOR:
-            return anchor_attention(q, k, v, attend, self.config.n_anchors)
-        return sampled_attention(q, k, v, attend, self.config.sample_rate, self.generator)
+            return masked_anchor_attention(q, k, v, attend, self.config.n_anchors, readable)
+        if mode is ShareMode.SAMPLE:
+            readable = readable & sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
+                                                 self.generator).to(q.device)
+        return masked_joint_attention(q, k, v, attend, readable)
 
 
 def _fold(t):
@@ -226,6 +257,65 @@ def read_with_anchors(q, k, v, attend, anchor_k, anchor_v):
     flat = lambda t: t.reshape(G * N, *t.shape[2:])
     out = attend(flat(q), flat(with_anchors(k, anchor_k)), flat(with_anchors(v, anchor_v)))
     return out.reshape(G, N, nh, T, hs)
+
+
+def adain_to_anchor(t, keep=1, eps=1e-5):
+    """StyleAligned's AdaIN on queries or keys, (G, N, nh, T, hs): every image from index `keep` on
+    is renormalised to the first image's per-channel mean and std over its tokens, so its queries
+    ask, and its keys answer, in the anchor's statistics (the anchor's style). The first `keep`
+    images are returned untouched: the anchor normalised to itself would only gain rounding, and
+    anchor mode promises that all its anchors are computed as without sharing."""
+    x = t[:, keep:].float()
+    anchor = t[:, :1].float()
+    mean, anchor_mean = x.mean(dim=3, keepdim=True), anchor.mean(dim=3, keepdim=True)
+    # population variance: a layer with a single token (SD's 8x8 middle block at 64 px) stays finite
+    std, anchor_std = ((y.var(dim=3, keepdim=True, correction=0) + eps).sqrt() for y in (x, anchor))
+    rest = (x - mean) / std * anchor_std + anchor_mean
+    return torch.cat([t[:, :keep], rest.to(t.dtype)], dim=1)
+
+
+def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
+    """Every reader image reads all its own tokens plus the `readable` tokens of its sources.
+
+    q, k, v: (G, R, nh, T, hs), the readers' own; source_k, source_v: (G, S, nh, T, hs), the images
+    that may be read; sources: (R, s) long, which of them reader r reads; readable: (S, T) bool.
+    Keys outside the masks are excluded with a boolean key mask (-inf before the softmax: exactly
+    zero weight). Every query row keeps its own T keys allowed, so no row is fully masked (no NaN)."""
+    G, R, nh, T, hs = q.shape
+    with_sources = lambda own, src: torch.cat(
+        [own, src[:, sources].transpose(2, 3).reshape(G, R, nh, -1, hs)], dim=3)  # (G, R, nh, (1+s)T, hs)
+    allowed = torch.cat([torch.ones(R, T, dtype=torch.bool, device=q.device), readable[sources].reshape(R, -1)], 1)
+    flat = lambda t: t.reshape(G * R, *t.shape[2:])
+    out = attend(flat(q), flat(with_sources(k, source_k)), flat(with_sources(v, source_v)), allowed.repeat(G, 1))
+    return out.reshape(G, R, nh, T, hs)
+
+
+def masked_joint_attention(q, k, v, attend, readable):
+    """`joint_attention` where another image's tokens are read only where `readable` (N, T) is True."""
+    N = q.shape[1]
+    others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], device=q.device,
+                          dtype=torch.long).reshape(N, N - 1)
+    return read_masked(q, k, v, attend, others, k, v, readable)
+
+
+def masked_anchor_attention(q, k, v, attend, n_anchors, readable):
+    """`anchor_attention` where the anchors' tokens are read only where `readable` (N, T) is True;
+    the anchors themselves stay exact."""
+    N, a = q.shape[1], min(n_anchors, q.shape[1])
+    flat = lambda t: t.reshape(-1, *t.shape[2:])
+    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(q[:, :a].shape)
+    if a == N:
+        return anchors
+    sources = torch.arange(a, device=q.device).expand(N - a, a)
+    rest = read_masked(q[:, a:], k[:, a:], v[:, a:], attend, sources, k[:, :a], v[:, :a], readable[:a])
+    return torch.cat([anchors, rest], dim=1)
+
+
+def sampled_tokens(N, T, rate, generator):
+    """(N, T) bool: a random `rate` fraction of each image's tokens, as `sampled_attention` draws them."""
+    m = max(1, round(rate * T))
+    picked = torch.rand(N, T, generator=generator).argsort(dim=1)[:, :m]
+    return torch.zeros(N, T, dtype=torch.bool).scatter_(1, picked, True)
 
 
 def sampled_attention(q, k, v, attend, rate, generator):
@@ -304,11 +394,21 @@ def self_attention_sites(model):
     return sites
 
 
-def enable_consistent_attention(model, config: ConsistentAttentionConfig, images_per_group: int) -> SharedKV:
+def cross_attention_layers(model):
+    """Every `attn2` (the text cross-attention) of the UNet, in forward order."""
+    from ldm.modules.attention import BasicTransformerBlock
+    return [block.attn2 for block in unet_of(model).modules() if isinstance(block, BasicTransformerBlock)]
+
+
+def enable_consistent_attention(model, config: ConsistentAttentionConfig, images_per_group: int, *,
+                                prompts=None, subject_tokens=None) -> SharedKV:
     """Set one SharedKV policy on the selected self-attention layers of `model`'s UNet.
 
     `images_per_group`: images per CFG half (the user's batch size). Returns the policy; the
-    step window is applied by a forward pre-hook on the UNet that reads the timestep."""
+    step window is applied by a forward pre-hook on the UNet that reads the timestep.
+    With `config.subjects`, the subject's token positions come from `prompts` (one per image,
+    found with the model's tokenizer) or are given as `subject_tokens` ((N, context) bool, for
+    a bare UNet); a `SubjectMasks` observer is then set on every cross-attention layer."""
     if images_per_group < 1:
         raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
     disable_consistent_attention(model)
@@ -318,6 +418,10 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     if not selected:
         raise ValueError(f"this UNet has no self-attention layer in groups "
                          f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+    if config.subjects:
+        policy.subject = SubjectMasks(_subject_tokens(model, config, prompts, subject_tokens), images_per_group)
+        for attn in cross_attention_layers(model):
+            attn.observer = policy.subject
     for _, attn in selected:
         attn.kv_sharing = policy
     num_timesteps = getattr(model, "num_timesteps", 1000)
@@ -328,12 +432,24 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     return policy
 
 
+def _subject_tokens(model, config, prompts, subject_tokens):
+    if subject_tokens is not None:
+        return subject_tokens.bool()
+    if prompts is None:
+        raise ValueError("subject masks need the prompts (one per image) or subject_tokens")
+    tokenizer, max_length = tokenizer_of(model)
+    return subject_token_mask(tokenizer, prompts, config.subjects, max_length)
+
+
 def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
     """Once per UNet call: is this step inside the window, and a fresh, reproducible draw of the
-    sampled tokens. Progress 0 is pure noise, 1 the clean image; layout and identity form early."""
+    sampled tokens. Progress 0 is pure noise, 1 the clean image; layout and identity form early.
+    Subject maps gathered in the previous call become this call's masks."""
     t = timestep_of(args, kwargs)
     policy.active = in_window(policy.config, t, num_timesteps)
     policy.generator.manual_seed(policy.config.seed * 100_003 + t)
+    if policy.subject is not None:
+        policy.subject.start_call()
 
 
 def timestep_of(args, kwargs) -> int:
@@ -348,23 +464,28 @@ def in_window(config: ConsistentAttentionConfig, t: int, num_timesteps: int) -> 
 
 
 def disable_consistent_attention(model) -> None:
-    """Back to plain self-attention everywhere."""
+    """Back to plain self-attention everywhere, and no observer on cross-attention."""
     for module in unet_of(model).modules():
         policy = getattr(module, "kv_sharing", None)
         if policy is not None:
             if policy.hook is not None:
                 policy.hook.remove()  # idempotent: layers may share one hook
             module.kv_sharing = None
+        if getattr(module, "observer", None) is not None:
+            module.observer = None
 
 
 @contextmanager
-def consistent_attention(model, config: ConsistentAttentionConfig | None, images_per_group: int):
+def consistent_attention(model, config: ConsistentAttentionConfig | None, images_per_group: int, *,
+                         prompts=None, subject_tokens=None):
     """`with consistent_attention(model, cfg, n): ...` - enabled inside, restored in `finally`.
-    `config=None` is a no-op, so callers need no branch."""
+    `config=None` is a no-op, so callers need no branch. `prompts`/`subject_tokens`: see
+    `enable_consistent_attention` (needed with `config.subjects` only)."""
     if config is None:
         yield None
         return
-    policy = enable_consistent_attention(model, config, images_per_group)
+    policy = enable_consistent_attention(model, config, images_per_group, prompts=prompts,
+                                         subject_tokens=subject_tokens)
     try:
         yield policy
     finally:
@@ -376,7 +497,9 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
 # --------------------------------------------------------------------------------------------
 
 SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "share_rate",
-               "share_window", "share_cfg")
+               "share_window", "share_cfg", "subject", "share_adain")
+# flags that need the other images' queries and the cross-attention maps of the batch itself
+IN_BATCH_FLAGS = ("subject", "share_adain")
 
 
 def add_arguments(parser):
@@ -402,6 +525,13 @@ def add_arguments(parser):
                             "1 = image (e.g. 0:0.6)")
     group.add_argument("--share-cfg", choices=CFG_CHOICES,
                        help="both: uncond and cond halves share, each within itself; cond: only the cond half")
+    group.add_argument("--subject", action="append", metavar="WORD",
+                       help="read the other images only where they show this word (its cross-attention map "
+                            "in each image, from the previous step); every prompt must contain it. Repeat it "
+                            "or give a comma list for several subjects; backgrounds then stay free")
+    group.add_argument("--share-adain", action="store_true", default=None,
+                       help="StyleAligned AdaIN: in sharing layers, give every image's queries and keys the "
+                            "per-channel mean/std of the first image of the batch (which stays unchanged)")
 
 
 def config_from_arguments(opt, parser, images_per_batch):
@@ -432,8 +562,10 @@ def config_from_share_flags(opt, parser):
             chosen["groups"] = parse_groups(opt.share_groups)
         if opt.share_window is not None:
             chosen["window"] = parse_window(opt.share_window)
+        if opt.subject is not None:
+            chosen["subjects"] = parse_subjects(opt.subject)
         for flag, field_name in [("share_blocks", "half"), ("share_mode", "mode"), ("share_anchors", "n_anchors"),
-                                 ("share_rate", "sample_rate"), ("share_cfg", "cfg")]:
+                                 ("share_rate", "sample_rate"), ("share_cfg", "cfg"), ("share_adain", "adain")]:
             if getattr(opt, flag) is not None:
                 chosen[field_name] = getattr(opt, flag)
         return ConsistentAttentionConfig(**chosen)
@@ -441,9 +573,24 @@ def config_from_share_flags(opt, parser):
         parser.error(str(err))
 
 
+def check_subjects(model, config, prompt_batches):
+    """Before sampling: every prompt contains every --subject word. Ends the run with one
+    error line naming the word and the prompt otherwise."""
+    if config is None or not config.subjects:
+        return
+    try:
+        tokenizer, max_length = tokenizer_of(model)
+        for prompts in prompt_batches:
+            subject_token_mask(tokenizer, prompts, config.subjects, max_length)
+    except SubjectNotInPrompt as err:
+        raise SystemExit(f"error: {err}")
+
+
 __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
            "AttentionSite", "self_attention_sites", "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "timestep_of", "in_window", "unet_of",
-           "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags"]
+           "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
+           "adain_to_anchor", "read_masked", "masked_joint_attention", "masked_anchor_attention",
+           "sampled_tokens", "cross_attention_layers", "check_subjects"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, config_from_share_flags,
+from ldm.modules.consistency import (IN_BATCH_FLAGS, ConsistentAttentionConfig, CfgPolicy, config_from_share_flags,
                                      disable_consistent_attention, given_share_flags, in_window,
                                      read_with_anchors, self_attention_sites, timestep_of, unet_of)
 
@@ -230,7 +230,7 @@ def reference_nbytes(model, config: ConsistentAttentionConfig, latent_hw, calls:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line (scripts/txt2img.py)
+# Command line (scripts/txt2img.py and scripts/img2img.py)
 # --------------------------------------------------------------------------------------------
 
 def add_arguments(parser):
@@ -286,8 +286,11 @@ class ReferenceRun:
             log.info("reference written to %s: %.1f MB", self.path, cache.nbytes / 1e6)
 
 
-def reference_from_arguments(opt, parser):
-    """A ReferenceRun, or None. Bad input ends in parser.error (one line)."""
+def reference_from_arguments(opt, parser, size=None, **run_settings):
+    """A ReferenceRun, or None. Bad input ends in parser.error (one line).
+
+    `size`: (H, W) of the images (default --H/--W; img2img passes its init image's); `run_settings`
+    (e.g. img2img's strength) are recorded too, and a read with other values is refused early."""
     write, read = opt.write_reference, opt.read_reference
     if not (write or read):
         return None
@@ -296,8 +299,13 @@ def reference_from_arguments(opt, parser):
     if opt.consistent_attn:
         parser.error("--consistent-attn shares within a batch, --write-/--read-reference with a reference: "
                      "choose one")
-    run_info = {"H": opt.H, "W": opt.W, "steps": opt.ddim_steps, "sampler": opt.sampler,
-                "guidance": opt.scale != 1.0}
+    in_batch = [f"--{name.replace('_', '-')}" for name in IN_BATCH_FLAGS if getattr(opt, name, None) is not None]
+    if in_batch:
+        parser.error(f"{', '.join(in_batch)} work within a batch (with --consistent-attn), not with a reference "
+                     f"file: drop them or use --consistent-attn instead of --write-/--read-reference")
+    height, width = size or (opt.H, opt.W)
+    run_info = {"H": height, "W": width, "steps": opt.ddim_steps, "sampler": opt.sampler,
+                "guidance": opt.scale != 1.0, **run_settings}
     if write:
         if os.path.exists(write):
             parser.error(f"{write} exists; references are never overwritten, choose a new path")
