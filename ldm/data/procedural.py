@@ -710,7 +710,7 @@ def _read_object(img: np.ndarray, kind: str) -> dict[str, str]:
     out["colour"] = _nearest(np.median(_core(img, bg, mask), axis=0), COLOURS)
     cx = (x0 + x1) / 2 / W
     out["position"] = min(_POS_X, key=lambda p: abs(_POS_X[p] - cx))
-    bw, bh = (x1 - x0) / W, (y1 - y0) / H
+    bh = (y1 - y0) / H
     small, large = _FURNITURE_BOX[(kind, "small")], _FURNITURE_BOX[(kind, "large")]
     out["size"] = "large" if bh > (small[1] + large[1]) / 2 else "small"
     if kind == "shape":
