@@ -113,8 +113,9 @@ def build_parser():
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
-                        help="sharing settings to compare: " + ", ".join(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                        help="sharing settings to compare (default: all that apply to the prompts): "
+                             + ", ".join(SETTINGS))
     parser.add_argument("--outdir", default="outputs/consistency-benchmark",
                         help="results go to a new OUTDIR/run-NNN folder")
     parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
@@ -123,16 +124,22 @@ def build_parser():
     return parser
 
 
+def takes_subject_from_prompt(setting):
+    return SETTINGS[setting] is not None and OBJECT_WORD in SETTINGS[setting].subjects
+
+
 def validate(parser, opt):
+    not_procedural = [p for p in opt.prompts if procedural.parse_caption(p) is None]
+    if opt.settings is None:  # the subject settings need a procedural prompt's object word
+        opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     unknown = [s for s in opt.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
-    not_procedural = [p for p in opt.prompts if procedural.parse_caption(p) is None]
     if not_procedural and not opt.embedder:
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
                      f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
                      f"pass --embedder DIR, a local DINO/CLIP model folder")
-    subject_settings = [s for s in opt.settings if SETTINGS[s] is not None and OBJECT_WORD in SETTINGS[s].subjects]
+    subject_settings = [s for s in opt.settings if takes_subject_from_prompt(s)]
     if not_procedural and subject_settings:
         parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
                      f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")

@@ -68,3 +68,10 @@ def test_benchmark_with_a_bad_embedder_is_one_error_line(tmp_path):
                  "--outdir", tmp_path / "out")
     one_error_line(result, "is not a local model directory")
     assert not (tmp_path / "out").exists()
+
+
+def test_subject_settings_need_a_procedural_prompts_object_word(tmp_path):
+    result = run("--random-weights", "--prompts", "a photo of a chair", "--embedder", tmp_path,
+                 "--settings", "none", "subject:all", "--outdir", tmp_path / "out")
+    one_error_line(result, "setting subject:all takes its subject word from a procedural prompt")
+    assert not (tmp_path / "out").exists()
