@@ -68,6 +68,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    add("--threads", type=int, default=0, metavar="N",
+        help="PyTorch CPU threads for CPU runs; 0 (default): one per core not already busy "
+             "(1-minute load average), at least 1")
     add("--unsafe-pickle", action="store_true",
         help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     add("--random-weights", action="store_true",
@@ -88,6 +91,8 @@ def validate_common(parser, opt, samplers, aliases):
                         ("--display-scale", opt.display_scale)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if opt.threads < 0:
+        parser.error(f"--threads must be 0 (automatic) or positive, got {opt.threads}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     if not os.path.isfile(opt.config):
@@ -148,6 +153,28 @@ def precision_context(precision, device):
     return nullcontext()
 
 
+def set_cpu_threads(requested=0):
+    """Set PyTorch's intra-op threads for a CPU run; returns the number.
+
+    Every op splits its work over the threads and waits for all of them. When other processes
+    keep some cores busy, a thread that is not scheduled stalls every op: on this project's
+    2-core machine the embedded model's 50 steps took 21 s with 2 threads at load 0.7 and 320 s
+    at load 3-4, against ~35 s with 1 thread at load 5 (docs/benchmarks.md). So by default use
+    the cores the 1-minute load average leaves free (whole cores: a fraction is mostly noise,
+    e.g. the tail of an earlier run), at least one; `requested` > 0 overrides."""
+    if requested:
+        threads = requested
+    else:
+        cores = os.cpu_count() or torch.get_num_threads()
+        try:
+            busy = int(os.getloadavg()[0])
+        except (AttributeError, OSError):  # no load average on this platform
+            busy = 0
+        threads = max(1, min(torch.get_num_threads(), cores - busy))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices); also makes --random-weights reproducible."""
     import random
@@ -173,6 +200,9 @@ def load_model(opt, device):
     if opt.unsafe_pickle and not opt.random_weights:
         logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     ckpt = None if opt.random_weights else opt.ckpt
+    if device.type == "cpu":
+        threads = set_cpu_threads(getattr(opt, "threads", 0))
+        logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
     try:
         return ldm.util.load_model_from_config(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle,
                                                random_weights=opt.random_weights)
