@@ -161,18 +161,27 @@ def set_cpu_threads(requested=0):
     2-core machine the embedded model's 50 steps took 21 s with 2 threads at load 0.7 and 320 s
     at load 3-4, against ~35 s with 1 thread at load 5 (docs/benchmarks.md). So by default use
     the cores the 1-minute load average leaves free (whole cores: a fraction is mostly noise,
-    e.g. the tail of an earlier run), at least one; `requested` > 0 overrides."""
+    e.g. the tail of an earlier run), at least one; `requested` > 0 overrides.
+
+    The automatic choice is made once per process: results differ in the last bits between
+    thread counts, and runs in one process (tests, notebooks) must stay comparable."""
+    global _AUTO_THREADS
     if requested:
         threads = requested
     else:
-        cores = os.cpu_count() or torch.get_num_threads()
-        try:
-            busy = int(os.getloadavg()[0])
-        except (AttributeError, OSError):  # no load average on this platform
-            busy = 0
-        threads = max(1, min(torch.get_num_threads(), cores - busy))
+        if _AUTO_THREADS is None:
+            cores = os.cpu_count() or torch.get_num_threads()
+            try:
+                busy = int(os.getloadavg()[0])
+            except (AttributeError, OSError):  # no load average on this platform
+                busy = 0
+            _AUTO_THREADS = max(1, min(torch.get_num_threads(), cores - busy))
+        threads = _AUTO_THREADS
     torch.set_num_threads(threads)
     return threads
+
+
+_AUTO_THREADS = None  # set_cpu_threads' automatic choice, once per process
 
 
 def seed_everything(seed):

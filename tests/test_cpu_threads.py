@@ -8,7 +8,9 @@ from ldm.script_helpers import set_cpu_threads
 
 
 @pytest.fixture(autouse=True)
-def restore_threads():
+def restore_threads(monkeypatch):
+    import ldm.script_helpers
+    monkeypatch.setattr(ldm.script_helpers, "_AUTO_THREADS", None)  # decide afresh in each test
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -20,6 +22,16 @@ def test_automatic_threads_leave_busy_cores_alone(monkeypatch, load, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert set_cpu_threads() == expected == torch.get_num_threads()
+
+
+def test_automatic_choice_is_made_once_per_process(monkeypatch):
+    # thread counts change results in the last bits: later runs in a process keep the first choice
+    torch.set_num_threads(2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert set_cpu_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert set_cpu_threads() == 2
 
 
 def test_explicit_threads_win(monkeypatch):
