@@ -74,6 +74,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    add("--threads", type=int, default=None, metavar="N",
+        help="PyTorch CPU threads for CPU runs (default: PyTorch's, one per core); on a machine "
+             "other jobs keep busy, fewer threads than cores can be several times faster")
     add("--unsafe-pickle", action="store_true",
         help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     add("--random-weights", action="store_true",
@@ -95,6 +98,8 @@ def validate_common(parser, opt, samplers, aliases):
                         ("--display-scale", opt.display_scale)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if opt.threads is not None and opt.threads < 1:
+        parser.error(f"--threads must be at least 1, got {opt.threads}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     resolve_model(parser, opt)
@@ -239,6 +244,20 @@ def precision_context(precision, device):
     return nullcontext()
 
 
+def set_cpu_threads(requested=None):
+    """Set PyTorch's intra-op threads for a CPU run (None: keep PyTorch's choice); returns the number.
+
+    Every op splits its work over the threads and waits for all of them, so on a CPU that other
+    processes keep busy a descheduled thread stalls every op: on this project's shared 2-core
+    machine the embedded model's 50 steps took 21 s with 2 threads at load 0.7 but 320 s at load
+    3-4, against ~35 s with 1 thread at load 5 (docs/benchmarks.md). The default stays PyTorch's
+    (all cores), not a guess from the load average: results differ in the last bits between
+    thread counts, and the same command must give the same PNG bytes whatever else is running."""
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices); also makes --random-weights reproducible."""
     import random
@@ -257,6 +276,9 @@ def load_model(opt, device):
     if opt.unsafe_pickle and not opt.random_weights:
         logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     ckpt = None if opt.random_weights else opt.ckpt
+    if device.type == "cpu":
+        threads = set_cpu_threads(opt.threads)
+        logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
     try:
         return ldm.util.load_model_from_config(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle,
                                                random_weights=opt.random_weights)

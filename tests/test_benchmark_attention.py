@@ -1,25 +1,101 @@
-"""The attention benchmark starts and prints its table at a reduced size on CPU."""
-import subprocess
+"""scripts/benchmark_attention.py at a reduced size on CPU: the UNet table, the end-to-end table,
+the CSV, FLOP counting and its error lines. Run in-process (one torch import for all tests)."""
+import csv
 import sys
 
+import pytest
+import torch
 
-def test_benchmark_prints_a_row_per_setting_and_n():
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark_attention.py", "--config", "configs/stable-diffusion/v1-tiny.yaml",
-         "--size", "64", "--n", "1", "2", "--repeats", "1", "--device", "cpu",
-         "--settings", "vanilla einsum (upstream)", "anchor: all groups"],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "setting" not in line]
+from conftest import REPO, TINY_CONFIG, fill_zero_weights_
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark_attention as bench  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for these small models: on this project's 2 shared cores two OpenMP
+    threads spin against each other and the other jobs (the file took 134 s with two threads
+    under load, ~20 s with one). Restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--config", str(TINY_CONFIG), "--size", "64", "--device", "cpu", "--dtype", "fp32", "--repeats", "1"]
+
+
+def table_rows(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("| ") and "setting" not in line]
+
+
+def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    bench.main(TINY + ["--n", "1", "2", "--settings", "vanilla einsum (upstream)", "anchor: all groups",
+                       "--csv", str(path)])
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.startswith("# cpu") and f"torch {torch.__version__}" in header and "fp32" in header
+    rows = table_rows(out)
     assert len(rows) == 2 * 3  # baseline + two chosen settings, for N = 1 and 2
-    for row in rows:
-        ms = float(row.split("|")[3])
-        assert ms > 0
+    assert all(float(row.split("|")[3]) > 0 for row in rows)
     assert any("anchor: all groups" in row and "|   2 |" in row for row in rows)
 
+    records = list(csv.DictReader(path.open()))
+    assert len(records) == 6 and {r["kind"] for r in records} == {"unet"}
+    assert all(float(r["gflop_call"]) > 0 and float(r["tflops"]) > 0 for r in records)
+    assert [r["x_sdpa"] for r in records if r["setting"] == "vanilla sdpa"] == ["1", "1"]
+    bench.main(TINY + ["--n", "1", "--settings", "vanilla sdpa", "--csv", str(path)])  # appends, one header
+    assert len(list(csv.DictReader(path.open()))) == 7
 
-def test_benchmark_rejects_bad_size():
-    result = subprocess.run([sys.executable, "scripts/benchmark_attention.py", "--size", "100"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "multiple of 64" in result.stderr and "Traceback" not in result.stderr
+
+def test_end_to_end_table_with_and_without_sharing(tmp_path, capsys):
+    path = tmp_path / "e2e.csv"
+    bench.main(TINY + ["--end-to-end", "--n", "2", "--steps", "2", "--csv", str(path)])
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 2 and "plain" in rows[0] and "--consistent-attn" in rows[1]
+    records = list(csv.DictReader(path.open()))
+    assert [r["kind"] for r in records] == ["end-to-end"] * 2
+    assert all(float(r["images_per_s"]) > 0 and r["steps"] == "2" for r in records)
+
+
+def test_flops_grow_with_the_batch_and_with_sharing():
+    flops = bench.FlopCounter(str(TINY_CONFIG), torch.float32)
+    setting = {s.name: s for s in bench.SETTINGS}
+    plain1, plain2 = (flops(setting["vanilla sdpa"], n, 64) for n in (1, 2))
+    assert plain2 == 2 * plain1
+    # the same matmuls on other kernels (the counts differ by a few hundred FLOPs in ~5e8)
+    assert flops(setting["vanilla einsum (upstream)"], 2, 64) == pytest.approx(plain2, rel=1e-4)
+    joint, anchor = flops(setting["all: all groups"], 4, 64), flops(setting["anchor: all groups"], 4, 64)
+    sample = flops(setting["sample 0.25: all groups"], 4, 64)
+    assert 2 * plain2 < anchor < sample < joint
+
+
+def test_unet_runs_in_the_dtype_of_its_weights():
+    # the benchmark converts the UNet with .to(dtype), no autocast: the forward must follow
+    unet, context_dim = bench.build_unet(str(TINY_CONFIG), torch.device("cpu"), torch.float32)
+    fill_zero_weights_(unet)
+    x, t, context = bench.unet_inputs(unet, context_dim, 1, 64, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        reference = unet(x, t, context=context)
+        unet.to(torch.bfloat16)
+        out = unet(x.bfloat16(), t, context=context.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--size", "100"], "multiple of 64"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--settings", "nope"], "unknown setting"),
+    (["--config", "missing.yaml"], "config not found"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs --device cuda"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err

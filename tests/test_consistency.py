@@ -107,6 +107,80 @@ def test_sampling_is_seeded():
     assert not torch.equal(draw(7), draw(8))
 
 
+def reference_sampled_attention(q, k, v, attend, rate, generator):
+    """sampled_attention written the straightforward way: image by image, keys listed explicitly."""
+    G, N, nh, T, hs = q.shape
+    m = max(1, round(rate * T))
+    picked = torch.rand(N, T, generator=generator).argsort(dim=1)[:, :m]
+    out = torch.empty_like(q)
+    for g in range(G):
+        for i in range(N):
+            keys = [k[g, i]] + [k[g, j][:, picked[j]] for j in range(N) if j != i]
+            vals = [v[g, i]] + [v[g, j][:, picked[j]] for j in range(N) if j != i]
+            out[g, i] = attend(q[g, i][None], torch.cat(keys, dim=1)[None], torch.cat(vals, dim=1)[None])[0]
+    return out
+
+
+def as_linear_output_views(G, N, nh, T, hs, seed):
+    """q, k, v laid out as CrossAttention passes them: views of a (B, T, nh·hs) linear output."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(G * N, T, nh * hs, generator=g).view(G * N, T, nh, hs).transpose(1, 2)
+            .reshape(G, N, nh, T, hs) for _ in range(3)]
+
+
+@pytest.mark.parametrize("attend", [einsum_attention, sdpa_attention])
+@pytest.mark.parametrize("G,N,T,rate", [(2, 4, 64, 0.25), (1, 3, 50, 0.5), (2, 2, 33, 0.1), (1, 5, 16, 1.0)])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_sampled_attention_matches_the_straightforward_reference(attend, G, N, T, rate, contiguous):
+    q, k, v = as_linear_output_views(G, N, 2, T, 8, seed=6)
+    if contiguous:  # another memory layout: the gather then copies, the result is the same
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    ours = sampled_attention(q, k, v, attend, rate, torch.Generator().manual_seed(11))
+    expected = reference_sampled_attention(q, k, v, attend, rate, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def count_kernels(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_sampled_attention_launches_the_same_kernels_for_any_batch():
+    # one gather per tensor, not one per image: the op count must not grow with N
+    counts = []
+    for N in (2, 8):
+        q, k, v = as_linear_output_views(1, N, 2, 16, 8, seed=0)
+        counts.append(count_kernels(lambda: sampled_attention(q, k, v, sdpa_attention, 0.5,
+                                                              torch.Generator().manual_seed(0))))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("mode,window,reads", [(ShareMode.ALL, (0.0, 1.0), False),
+                                               (ShareMode.ANCHOR, (0.0, 1.0), False),
+                                               (ShareMode.ALL, (0.0, 0.6), True),
+                                               (ShareMode.SAMPLE, (0.0, 1.0), True)])
+def test_timestep_value_is_read_only_when_needed(unet, monkeypatch, mode, window, reads):
+    # int(t) of a GPU tensor waits for the GPU; the default settings must not need it
+    import ldm.modules.consistency as consistency
+    read = []
+    real = consistency.timestep_of
+    monkeypatch.setattr(consistency, "timestep_of", lambda *a: read.append(1) or real(*a))
+    x, t, c = inputs(2)
+    shared = run(unet, x, t, c, config(mode=mode, window=window))
+    assert bool(read) == reads
+    assert not torch.equal(shared, run(unet, x, t, c))  # t=500 is inside every window here
+
+
 # --- where the layers are --------------------------------------------------------------------
 
 def count_groups(sites):

@@ -321,19 +321,52 @@ def sampled_tokens(N, T, rate, generator):
 def sampled_attention(q, k, v, attend, rate, generator):
     """StoryDiffusion's consistent self-attention: every image reads its own tokens plus a random
     `rate` fraction of each other image's tokens (one random subset per image and UNet call, the
-    same subset for every reader). rate=1 reads everything, like `joint_attention`."""
+    same subset for every reader). rate=1 reads everything, like `joint_attention`.
+
+    Each image's keys are gathered in ONE indexing op from the group's token sequence (own tokens,
+    then the picked tokens of the other images in image order). Building them image by image
+    (a gather per image, then a (N, N-1, m) pool, then a concatenation) wrote O(N²·m) temporaries
+    and launched O(N) kernels per layer; the one gather writes only the keys SDPA reads.
+    """
     G, N, nh, T, hs = q.shape
     m = max(1, round(rate * T))
-    picked = torch.rand(N, T, generator=generator).argsort(dim=1)[:, :m].to(k.device)  # (N, m)
-    others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], device=k.device)  # (N, N-1)
+    # Drawn on the CPU generator, so a seed gives the same tokens on every device.
+    picked = torch.rand(N, T, generator=generator).argsort(dim=1)[:, :m]  # (N, m)
+    index = _sample_index(_to_device(picked, k.device), N, T)              # (N, L), L = T + (N-1)m
 
-    def with_pool(t):
-        pool = torch.stack([t[:, j, :, picked[j]] for j in range(N)], dim=1)  # (G, N, nh, m, hs)
-        from_others = pool[:, others].transpose(2, 3).reshape(G, N, nh, (N - 1) * m, hs)
-        return torch.cat([t, from_others], dim=3)  # (G, N, nh, T + (N-1)m, hs)
+    def keys_of(t):
+        tokens = _token_major(t)                                          # (G, N·T, nh, hs)
+        L = index.shape[1]
+        return tokens[:, index.flatten()].reshape(G * N, L, nh, hs).transpose(1, 2)  # (G·N, nh, L, hs)
 
-    flat = lambda t: t.reshape(G * N, *t.shape[2:])
-    return attend(flat(q), flat(with_pool(k)), flat(with_pool(v))).reshape(G, N, nh, T, hs)
+    return attend(q.reshape(G * N, nh, T, hs), keys_of(k), keys_of(v)).reshape(G, N, nh, T, hs)
+
+
+def _sample_index(picked, N, T):
+    """(N, T + (N-1)·m) positions in a group's token sequence (image j's token i at j·T + i):
+    row i = image i's own tokens, then the picked tokens of every other image, in image order."""
+    device = picked.device
+    own = torch.arange(N * T, device=device).view(N, T)
+    pool = picked + own[:, :1]                                            # (N, m), shifted to image j's tokens
+    i, j = torch.arange(N, device=device)[:, None], torch.arange(N - 1, device=device)[None]
+    others = j + (j >= i)                                                 # (N, N-1): the images other than i
+    return torch.cat([own, pool[others].flatten(1)], dim=1)
+
+
+def _token_major(t):
+    """(G, N, nh, T, hs) -> (G, N·T, nh, hs). `CrossAttention` hands over views of its linear
+    layers' (B, T, nh·hs) outputs, for which this is a free view (no copy)."""
+    G, N, nh, T, hs = t.shape
+    return t.transpose(2, 3).reshape(G, N * T, nh, hs)
+
+
+def _to_device(t, device):
+    """Host tensor to `device` without stalling the GPU: `.to("cuda")` of pageable memory waits
+    for everything queued on the stream, which per attention layer left the GPU idle while the
+    CPU caught up. From pinned memory the copy is queued like any kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,12 +477,23 @@ def _subject_tokens(model, config, prompts, subject_tokens):
 def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
     """Once per UNet call: is this step inside the window, and a fresh, reproducible draw of the
     sampled tokens. Progress 0 is pure noise, 1 the clean image; layout and identity form early.
-    Subject maps gathered in the previous call become this call's masks."""
-    t = timestep_of(args, kwargs)
-    policy.active = in_window(policy.config, t, num_timesteps)
-    policy.generator.manual_seed(policy.config.seed * 100_003 + t)
+    Subject maps gathered in the previous call become this call's masks.
+
+    Reading the timestep's value (`int(tensor)`) makes the CPU wait until the GPU has finished
+    everything queued before it, so it is read only when something depends on it: a step window
+    narrower than the whole trajectory, or sample mode (whose draws are seeded by the timestep so
+    that a seed gives the same tokens with every sampler). The default, the whole trajectory with
+    mode all or anchor, never waits, which also keeps the UNet call free of host syncs (CUDA
+    graphs, torch.compile without graph breaks)."""
+    config = policy.config
     if policy.subject is not None:
         policy.subject.start_call()
+    if config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE:
+        policy.active = True  # every t in [0, num_timesteps] is inside the whole trajectory
+        return
+    t = timestep_of(args, kwargs)
+    policy.active = in_window(config, t, num_timesteps)
+    policy.generator.manual_seed(config.seed * 100_003 + t)
 
 
 def timestep_of(args, kwargs) -> int:

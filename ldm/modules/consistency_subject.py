@@ -140,8 +140,9 @@ class SubjectMasks:
             self.maps = {T: total / count for T, (total, count) in self._sums.items()}
             self.masks = {T: otsu_masks(m) for T, m in self.maps.items()}
             self._sums = {}
-            log.debug("subject masks cover %s of the tokens per resolution",
-                      {T: round(float(m.float().mean()), 3) for T, m in self.masks.items()})
+            if log.isEnabledFor(logging.DEBUG):  # reading the coverage waits for the GPU
+                log.debug("subject masks cover %s of the tokens per resolution",
+                          {T: round(float(m.float().mean()), 3) for T, m in self.masks.items()})
 
     def masks_for(self, tokens_per_image: int):
         """(N, T) bool of the previous call at this resolution, or None (first call: no masks yet)."""

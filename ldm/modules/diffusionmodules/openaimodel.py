@@ -724,13 +724,15 @@ class UNetModel(nn.Module):
         ), "must specify y if and only if the model is class-conditional"
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
-        emb = self.time_embed(t_emb)
+        # The dtypes of the weights, not self.dtype (float32 unless use_fp16): a UNet converted
+        # with .half() / .to(torch.bfloat16) then runs in that dtype without autocast.
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
 
         if self.num_classes is not None:
             assert y.shape == (x.shape[0],)
             emb = emb + self.label_emb(y)
 
-        h = x.type(self.dtype)
+        h = x.type(self.input_blocks[0][0].weight.dtype)
         adapter = self.adapter_residuals
         for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.utils.checkpoint
 import torch.nn as nn
+import torch.nn.functional as F
 import numpy as np
 from einops import repeat
 
@@ -191,7 +192,11 @@ class SiLU(nn.Module):
 
 class GroupNorm32(nn.GroupNorm):
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        # Statistics in float32 as upstream, and the affine parameters with them: group_norm wants
+        # one dtype, so a UNet converted with .half() / .to(torch.bfloat16) would fail otherwise.
+        # For float32 parameters .float() returns them as they are: nothing changes there.
+        weight, bias = (p.float() if p is not None else None for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 def conv_nd(dims, *args, **kwargs):
     """

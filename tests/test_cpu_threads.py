@@ -1,0 +1,34 @@
+"""--threads / set_cpu_threads: PyTorch's thread count unless the user chooses one."""
+import pytest
+import torch
+
+from ldm.script_helpers import set_cpu_threads
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_keeps_pytorchs_choice_whatever_the_load():
+    torch.set_num_threads(2)
+    assert set_cpu_threads(None) == 2 == torch.get_num_threads()
+
+
+def test_explicit_threads_are_set():
+    torch.set_num_threads(2)
+    assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+
+
+def test_threads_below_one_is_one_error_line(capsys):
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "scripts"))
+    import txt2img
+    parser = txt2img.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        txt2img.validate_options(parser, parser.parse_args(["--random-weights", "--threads", "0"]))
+    assert exit_info.value.code == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,0 +1,51 @@
+"""scripts/gpu_benchmarks.sh, shrunk to a CPU run of the tiny config: its stages run, and $OUT gets
+the markdown tables, the CSV and the log (at most 4 files)."""
+import csv
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+
+SCRIPT = REPO / "scripts" / "gpu_benchmarks.sh"
+TINY = dict(DEVICE="cpu", CONFIG=str(TINY_CONFIG), SIZE="64", NS="1 2", N_VARIANT="2", DTYPE="fp32",
+            REPEATS="1", E2E_REPEATS="1", E2E_STEPS="2", STAGES="table e2e chlast graphs",
+            TABLE_SETTINGS="vanilla einsum (upstream);anchor: all groups",
+            OMP_NUM_THREADS="1")  # see tests/test_benchmark_attention.py: one thread on 2 shared cores
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and timeout")
+
+
+def run(out, **env):
+    full_env = dict(os.environ, OUT=str(out), **{**TINY, **env})
+    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_tiny_cpu_run_writes_tables_csv_and_log(tmp_path):
+    out = tmp_path / "out"
+    result = run(out)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["benchmarks.log", "benchmarks.md", "results.csv"]
+    tables = (out / "benchmarks.md").read_text()
+    for title in ("UNet call, fp32, every setting", "End to end, fp32, 2 DDIM steps", "UNet call, fp32 + channels_last"):
+        assert f"## {title}" in tables
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["kind"] for r in rows} == {"unet", "end-to-end"}
+    table = [r for r in rows if r["variant"] == "fp32" and r["kind"] == "unet"]
+    assert sorted({r["setting"] for r in table}) == ["anchor: all groups", "vanilla einsum (upstream)", "vanilla sdpa"]
+    assert len(table) == 2 * 3  # N = 1, 2
+    assert all(r["status"] == "ok" for r in rows)
+    assert "stage graphs skipped" in (out / "benchmarks.log").read_text()
+
+    again = run(out, STAGES="table")  # the outputs of the first run are never overwritten
+    assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_stage_is_one_error_line(tmp_path):
+    result = run(tmp_path / "out", STAGES="table warp")
+    assert result.returncode == 2
+    assert "unknown stage 'warp'" in result.stderr.strip().splitlines()[-1]
