@@ -1,8 +1,11 @@
 """Which self-attention groups need sharing for consistent batches? (task.md, question 4)
 
 For every sharing setting (SETTINGS) the same batches are generated from the same start noise:
-for each prompt and seed, N images with DDIM and classifier-free guidance. The procedural
-scenes' pixel read-back (ldm.data.procedural) measures each batch without any classifier:
+for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may give
+each image its own text ("a chair, on a white background | a chair, on a black background":
+image i gets part i mod k), the storyboard case: the object should agree, the named scenes
+differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch
+without any classifier:
 
 * agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
@@ -53,6 +56,7 @@ ALL_GROUPS = ("outer", "middle", "inner")
 # Stands for the prompt's object word ("face", "chair", "table", or the shape): subject settings
 # mask the sharing with that word's cross-attention maps, whatever the prompt.
 OBJECT_WORD = "<object>"
+PER_IMAGE = " | "  # separates per-image prompts in one --prompts entry; image i gets part i mod k
 
 
 def shared(groups, **kwargs):
@@ -88,6 +92,10 @@ DEFAULT_PROMPTS = [
     procedural.describe("chair", colour="red", legs="four"),
     procedural.describe("table"),
     procedural.describe("table", colour="blue", size="large", background="white"),
+    # per-image prompts: one chair in four scenes; sharing should unify the chair, not the scenes
+    PER_IMAGE.join(procedural.describe("chair", background=background, position=position)
+                   for background, position in (("white", "left"), ("yellow", "right"), ("green", "center"),
+                                                ("black", "left"))),
 ]
 
 METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "diversity",
@@ -105,7 +113,8 @@ def build_parser():
     parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
-                        help="procedural prompts (default: a plain and a described face, chair and table)")
+                        help="procedural prompts (default: a plain and a described face, chair and table, and one "
+                             f"chair in four scenes); '{PER_IMAGE.strip()}' separates per-image prompts of one batch")
     parser.add_argument("--embedder", metavar="DIR",
                         help="local transformers image model (DINO/DINOv2/ViT/CLIP folder with config.json) whose "
                              "embeddings measure consistency for any prompt (nothing is downloaded)")
@@ -129,7 +138,12 @@ def takes_subject_from_prompt(setting):
 
 
 def validate(parser, opt):
-    not_procedural = [p for p in opt.prompts if procedural.parse_caption(p) is None]
+    not_procedural = [p for entry in opt.prompts for p in per_image_parts(entry) if procedural.parse_caption(p) is None]
+    for entry in opt.prompts:
+        kinds = {scene.kind for scene in map(procedural.parse_caption, per_image_parts(entry)) if scene is not None}
+        if len(kinds) > 1:
+            parser.error(f"the per-image prompts of {entry!r} show different kinds ({', '.join(sorted(kinds))}); "
+                         f"one batch should show one object")
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     unknown = [s for s in opt.settings if s not in SETTINGS]
@@ -200,6 +214,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def per_image_parts(entry):
+    return [part.strip() for part in entry.split(PER_IMAGE.strip())]
+
+
+def batch_prompts(entry, n):
+    """The n prompts of one batch: the entry's per-image parts, repeated in turn."""
+    parts = per_image_parts(entry)
+    return [parts[i % len(parts)] for i in range(n)]
+
+
 def object_word(prompt):
     scene = procedural.parse_caption(prompt)
     return scene["shape"] if scene.kind == "shape" else scene.kind
@@ -213,9 +237,9 @@ def setting_for(setting, prompt):
     return dataclasses.replace(config, subjects=(object_word(prompt),))
 
 
-def sample(model, sampler, opt, prompt, c, uc, x_T, setting):
+def sample(model, sampler, opt, prompts, c, uc, x_T, setting):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
-    with consistent_attention(model, setting_for(setting, prompt), opt.n, prompts=opt.n * [prompt]):
+    with consistent_attention(model, setting_for(setting, prompts[0]), opt.n, prompts=prompts):
         latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=0.0, x_T=x_T, verbose=False)
@@ -226,16 +250,19 @@ def to_uint8_hwc(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def measure(images, prompt, embedder=None):
-    """The metrics of one batch; NaN where they do not apply (read-back needs a procedural prompt)."""
+def measure(images, prompts, embedder=None):
+    """The metrics of one batch; NaN where they do not apply (read-back needs procedural prompts).
+    Fidelity is each image's against its own prompt."""
     pixels = to_uint8_hwc(images)
     row = dict.fromkeys(METRICS[:-1], float("nan"))
     row["diversity"] = procedural.diversity_score(pixels)
-    scene = procedural.parse_caption(prompt)
+    scene = procedural.parse_caption(prompts[0])
     if scene is not None:
         score = procedural.consistency_score(pixels, scene.kind)
+        named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
+        named = [f for f in named if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
-                   fidelity=procedural.fidelity(pixels, prompt),
+                   fidelity=statistics.fmean(named) if named else float("nan"),
                    **procedural.subject_and_scene(score["per_attribute"], scene.kind))
     if embedder is not None:
         row["embedding_similarity"] = embedding_similarity(embedder(images))
@@ -249,16 +276,17 @@ def run(opt, model, device, embedder=None):
     with torch.no_grad(), model.ema_scope():
         warm_up(model, sampler, opt, device)
         for p, prompt in enumerate(opt.prompts):
-            c, uc = conditionings(model, opt.n * [prompt], opt.scale)
+            prompts = batch_prompts(prompt, opt.n)
+            c, uc = conditionings(model, prompts, opt.scale)
             for seed in opt.seeds:
                 x_T = start_noise(opt.shape, p, seed, opt.n, device)
                 for setting in opt.settings:
                     synchronize(device)
                     start = time.perf_counter()
-                    images = sample(model, sampler, opt, prompt, c, uc, x_T, setting)
+                    images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)
                     seconds = time.perf_counter() - start
                     row = {"setting": setting, "prompt": prompt, "seed": seed,
-                           **measure(images, prompt, embedder), "seconds_per_image": seconds / opt.n}
+                           **measure(images, prompts, embedder), "seconds_per_image": seconds / opt.n}
                     logger.info("%-22s %-40s seed %d: agreement %.3f, embedding sim %.3f", setting, prompt[:40],
                                 seed, row["agreement"], row["embedding_similarity"])
                     yield row, images
@@ -266,7 +294,7 @@ def run(opt, model, device, embedder=None):
 
 def warm_up(model, sampler, opt, device):
     """One untimed short sampling, so the first timed setting does not pay for kernel selection."""
-    c, uc = conditionings(model, opt.n * [opt.prompts[0]], opt.scale)
+    c, uc = conditionings(model, batch_prompts(opt.prompts[0], opt.n), opt.scale)
     sampler.sample(S=1, conditioning=c, batch_size=opt.n, shape=opt.shape,
                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=0.0,
                    x_T=start_noise(opt.shape, 0, 0, opt.n, device), verbose=False)

@@ -29,7 +29,7 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
     run_dir = tmp_path / "run-001"
     with open(run_dir / "results.csv") as f:
         results = list(csv.DictReader(f))
-    assert len(results) == 6 * 2  # 6 default prompts x 1 seed x 2 settings
+    assert len(results) == 7 * 2  # 7 default prompts x 1 seed x 2 settings
     assert {r["setting"] for r in results} == {"none", "all:middle+inner"}
     assert all(0 < float(r["agreement"]) <= 1 and float(r["seconds_per_image"]) > 0 for r in results)
     with Image.open(run_dir / "figure.png") as figure:
@@ -38,7 +38,7 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
 
     again = run(*args, "--settings", "none")  # a second run never touches the first
     assert again.returncode == 0 and (tmp_path / "run-002" / "results.csv").is_file()
-    assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 12
+    assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 14
 
 
 def one_error_line(result, text):
@@ -73,3 +73,34 @@ def test_subject_and_adain_rows_on_the_tiny_sd_config(tmp_path):
     assert len(results) == 2 * len(settings)
     for r in results:
         assert 0 < float(r["subject_agreement"]) <= 1 and 0 <= float(r["scene_diversity"]) < 1
+
+
+def benchmark_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("consistency_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_image_prompts_fill_the_batch_in_turn_and_fidelity_is_per_image():
+    import numpy as np
+    import torch
+    from ldm.data import procedural
+    bench = benchmark_module()
+    entry = "a chair, on a white background | a chair, on a black background"
+    assert bench.batch_prompts(entry, 3) == ["a chair, on a white background", "a chair, on a black background",
+                                             "a chair, on a white background"]
+    chair = {"colour": "red", "legs": "four", "size": "large", "position": "center"}
+    white = procedural.Scene("chair", {**chair, "background": "white"})
+    black = procedural.Scene("chair", {**chair, "background": "black"})
+    images = torch.from_numpy(np.stack([procedural.render(white), procedural.render(black)])).permute(0, 3, 1, 2) / 255
+    row = bench.measure(images, bench.batch_prompts(entry, 2))
+    assert row["fidelity"] == 1.0  # each image read against its own prompt (one prompt for both: 0.5)
+    # backgrounds differ (agreement 1/2), positions agree (1): scene diversity 1 - 3/4
+    assert row["scene_diversity"] == 0.25 and row["subject_agreement"] == 1.0
+
+
+def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
+    one_error_line(run("--random-weights", "--prompts", "a chair | a table", "--outdir", tmp_path),
+                   "show different kinds (chair, table)")
