@@ -193,7 +193,11 @@ def resolve_model(parser, opt):
     if not os.path.isfile(opt.config):
         parser.error(f"config not found: {opt.config} (pass --config PATH to a model config, "
                      f"e.g. {SD_V1_CONFIG})")
-    geometry = read_geometry(load_config(opt.config))
+    try:
+        geometry = read_geometry(load_config(opt.config))
+    except (AttributeError, KeyError, TypeError) as e:  # OmegaConf's missing keys are AttributeErrors
+        parser.error(f"{opt.config} does not describe a diffusion model with a UNet "
+                     f"({str(e).splitlines()[0]}); pass a txt2img config such as {SD_V1_CONFIG}")
     opt.ckpt = opt.ckpt or geometry.weights
     if not opt.random_weights and not (opt.ckpt and os.path.isfile(opt.ckpt)):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"

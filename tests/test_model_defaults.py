@@ -112,3 +112,9 @@ def test_img2img_crops_to_the_models_multiple(tmp_path):
     assert_ok(run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init,
                   "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid"))
     assert Image.open(out / "samples" / "00000.png").size == (40 * 8, 40 * 8)
+
+
+def test_a_config_without_a_unet_is_one_error_line(tmp_path):
+    result = run("txt2img.py", "--config", "configs/autoencoder/autoencoder_kl_32x32x4.yaml", "--random-weights",
+                 "--outdir", tmp_path)
+    assert_one_line_error(result, "does not describe a diffusion model with a UNet", SD_V1_CONFIG)
