@@ -164,7 +164,7 @@ def condition_tensor(scenes, condition, size):
 def sample(model, sampler, opt, c, uc, x_T, features, share):
     """(N, 3, H, W) images in [0, 1] on the CPU under one setting."""
     with consistent_attention(model, share, opt.n), adapter_conditioning(model, features, opt.cond_tau):
-        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=cb.image_shape(model),
+        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=0.0, x_T=x_T, verbose=False)
     return latents_to_images(model, latents)
@@ -186,7 +186,7 @@ def run(opt, model, adapter, device):
     """Yield (row, images, conditions) for every prompt x seed x setting."""
     from ldm.models.diffusion.ddim import DDIMSampler
     sampler = DDIMSampler(model)
-    size = cb.image_shape(model)[-1] * first_stage_factor(model)
+    size = opt.shape[-1] * first_stage_factor(model)
     with torch.no_grad(), model.ema_scope():
         for p, prompt in enumerate(opt.prompts):
             c, uc = conditionings(model, opt.n * [prompt], opt.scale)
@@ -195,7 +195,7 @@ def run(opt, model, adapter, device):
                 scenes = layouts(kind, p, seed, opt.n)
                 conds = condition_tensor(scenes, opt.condition, size)
                 features = [opt.adapter_weight * f for f in adapter(conds.to(device))]
-                x_T = cb.start_noise(model, p, seed, opt.n, device)
+                x_T = cb.start_noise(opt.shape, p, seed, opt.n, device)
                 for setting in opt.settings:
                     use_adapter, share = SETTINGS[setting]
                     cb.synchronize(device)
@@ -235,6 +235,7 @@ def main(argv=None):
     validate(parser, opt)
     opt.condition = opt.condition or recorded_condition(opt.adapter) or "outline"
     device = resolve_device(opt.device)
+    opt.shape = cb.latent_shape(opt.config)
     model = cb.load(opt, device)
     adapter = load_adapter_for(model, opt, device)
     run_dir = cb.new_run_dir(opt.outdir)
