@@ -159,11 +159,11 @@ def read_geometry(config) -> ModelGeometry:
     params = config.model.params
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
-    return ModelGeometry(channels=params.get("channels", 4), factor=first_stage_factor(params.first_stage_config),
+    return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
                          unet_factor=2 ** (unet_levels - 1), **sampling)
 
 
-def first_stage_factor(first_stage_config) -> int:
+def _first_stage_factor_of(first_stage_config) -> int:
     """1 for the identity (pixel space), 2^(levels-1) for the KL/VQ autoencoders' ``ddconfig``."""
     if first_stage_config.get("target", "").endswith("IdentityFirstStage"):
         return 1
