@@ -70,9 +70,7 @@ HEADER = "| setting | IoU ↑ | agreement (unnamed colours) ↑ | colour spread 
 def build_parser():
     parser = argparse.ArgumentParser(description="Layout following (IoU) and batch consistency with and without "
                                                  "a T2I-Adapter, on procedural prompts.")
-    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
-    parser.add_argument("--ckpt", help="model weights (.safetensors or .ckpt)")
-    parser.add_argument("--random-weights", action="store_true", help="no model checkpoint (smoke runs only)")
+    cb.add_model_arguments(parser)
     parser.add_argument("--adapter", required=True, help="adapter file (scripts/train_adapter.py)")
     parser.add_argument("--condition", choices=procedural.CONDITION_KINDS,
                         help="layout map fed to the adapter (default: the one recorded in the adapter file, "
@@ -95,31 +93,17 @@ def build_parser():
 
 
 def validate(parser, opt):
-    unknown = [s for s in opt.settings if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    cb.check_run(parser, opt, SETTINGS)
     for prompt in opt.prompts:
         scene = procedural.parse_caption(prompt)
         if scene is None or scene.kind not in READABLE_KINDS:
             parser.error(f"prompt {prompt!r} is not a procedural chair, table or shape caption (e.g. "
                          f"{DEFAULT_PROMPTS[0]!r}): the IoU reads the object mask back from the pixels, which "
                          f"works for those kinds only")
-    for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
-        if value < low:
-            parser.error(f"{flag} must be at least {low}, got {value}")
     if not 0 < opt.cond_tau <= 1:
         parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
-    for path, what in ((opt.config, "config"), (opt.ckpt, "checkpoint"), (opt.adapter, "adapter")):
-        if path and not os.path.isfile(path):
-            parser.error(f"{what} not found: {path}")
-    if opt.random_weights == bool(opt.ckpt):
-        parser.error("pass exactly one of --ckpt PATH and --random-weights")
-    prompt_index, seed_index = opt.figure
-    if not (0 <= prompt_index < len(opt.prompts) and 0 <= seed_index < len(opt.seeds)):
-        parser.error(f"--figure {prompt_index} {seed_index} is outside the {len(opt.prompts)} prompts "
-                     f"and {len(opt.seeds)} seeds")
-    if opt.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
+    if not os.path.isfile(opt.adapter):
+        parser.error(f"adapter not found: {opt.adapter}")
 
 
 # --- model, adapter, conditions -------------------------------------------------------------

@@ -109,9 +109,7 @@ LABEL_WIDTH = 150
 def build_parser():
     parser = argparse.ArgumentParser(description="Consistency of batches per self-attention sharing setting "
                                                  "(procedural prompts, pixel read-back metrics).")
-    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
-    parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
-    parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
+    add_model_arguments(parser)
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
                         help="procedural prompts (default: a plain and a described face, chair and table, and one "
                              f"chair in four scenes); '{PER_IMAGE.strip()}' separates per-image prompts of one batch")
@@ -133,30 +131,19 @@ def build_parser():
     return parser
 
 
-def takes_subject_from_prompt(setting):
-    return SETTINGS[setting] is not None and OBJECT_WORD in SETTINGS[setting].subjects
+def add_model_arguments(parser):
+    """The model to measure; scripts/adapter_benchmark.py takes it the same way."""
+    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
+    parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
 
 
-def validate(parser, opt):
-    not_procedural = [p for entry in opt.prompts for p in per_image_parts(entry) if procedural.parse_caption(p) is None]
-    for entry in opt.prompts:
-        kinds = {scene.kind for scene in map(procedural.parse_caption, per_image_parts(entry)) if scene is not None}
-        if len(kinds) > 1:
-            parser.error(f"the per-image prompts of {entry!r} show different kinds ({', '.join(sorted(kinds))}); "
-                         f"one batch should show one object")
-    if opt.settings is None:  # the subject settings need a procedural prompt's object word
-        opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
-    unknown = [s for s in opt.settings if s not in SETTINGS]
+def check_run(parser, opt, settings):
+    """The checks every benchmark built on this loop shares (settings, sizes, model files, --figure,
+    device); bad input ends with one ``error:`` line."""
+    unknown = [s for s in opt.settings if s not in settings]
     if unknown:
-        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
-    if not_procedural and not opt.embedder:
-        parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
-                     f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
-                     f"pass --embedder DIR, a local DINO/CLIP model folder")
-    subject_settings = [s for s in opt.settings if takes_subject_from_prompt(s)]
-    if not_procedural and subject_settings:
-        parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
-                     f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(settings)}")
     for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
@@ -172,6 +159,30 @@ def validate(parser, opt):
                      f"and {len(opt.seeds)} seeds")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
+
+
+def takes_subject_from_prompt(setting):
+    return SETTINGS[setting] is not None and OBJECT_WORD in SETTINGS[setting].subjects
+
+
+def validate(parser, opt):
+    not_procedural = [p for entry in opt.prompts for p in per_image_parts(entry) if procedural.parse_caption(p) is None]
+    for entry in opt.prompts:
+        kinds = {scene.kind for scene in map(procedural.parse_caption, per_image_parts(entry)) if scene is not None}
+        if len(kinds) > 1:
+            parser.error(f"the per-image prompts of {entry!r} show different kinds ({', '.join(sorted(kinds))}); "
+                         f"one batch should show one object")
+    if opt.settings is None:  # the subject settings need a procedural prompt's object word
+        opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
+    check_run(parser, opt, SETTINGS)
+    if not_procedural and not opt.embedder:
+        parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
+                     f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
+                     f"pass --embedder DIR, a local DINO/CLIP model folder")
+    subject_settings = [s for s in opt.settings if takes_subject_from_prompt(s)]
+    if not_procedural and subject_settings:
+        parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
+                     f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
 
 
 def new_run_dir(outdir):
