@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.script_helpers import load_config, read_geometry  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")
@@ -100,9 +101,9 @@ def build_unet(config_path, device, dtype, channels_last=False):
     return unet, cfg.params.context_dim
 
 
-def unet_inputs(unet, context_dim, n, size, device, dtype, channels_last=False, context_len=77):
-    """x, t, context of one CFG batch: 2N latents of size/8, timestep 500, random text features."""
-    latent, batch = size // 8, 2 * n  # [uncond; cond]
+def unet_inputs(unet, context_dim, n, latent, device, dtype, channels_last=False, context_len=77):
+    """x, t, context of one CFG batch: 2N latents of latent² pixels, timestep 500, random text features."""
+    batch = 2 * n  # [uncond; cond]
     x = torch.randn(batch, unet.in_channels, latent, latent, device=device, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -198,9 +199,9 @@ class FlopCounter:
         self.context_dim, self.dtype = cfg.params.context_dim, dtype
 
     @torch.no_grad()
-    def __call__(self, setting, n, size):
+    def __call__(self, setting, n, latent):
         from torch.utils.flop_counter import FlopCounterMode
-        x, t, context = unet_inputs(self.unet, self.context_dim, n, size, torch.device("meta"), self.dtype)
+        x, t, context = unet_inputs(self.unet, self.context_dim, n, latent, torch.device("meta"), self.dtype)
         set_attention_backend(self.unet, setting.backend)
         counter = FlopCounterMode(display=False)
         with consistent_attention(self.unet, setting.sharing, n) as policy:
@@ -219,7 +220,7 @@ class FlopCounter:
 
 def measure(unet, call, context_dim, setting, n, opt, device, dtype):
     """One row's numbers: dict(status, ms_call, peak_gib, compile_s)."""
-    x, t, context = unet_inputs(unet, context_dim, n, opt.size, device, dtype, opt.channels_last)
+    x, t, context = unet_inputs(unet, context_dim, n, opt.latent, device, dtype, opt.channels_last)
     set_attention_backend(unet, setting.backend)
     reset_memory(device)
     try:
@@ -263,7 +264,7 @@ def run_table(opt, device, dtype, header):
                          "each call)", setting.name)
                 continue
             result = measure(unet, call, context_dim, setting, n, opt, device, dtype)
-            gflop = flops(setting, n, opt.size) / 1e9
+            gflop = flops(setting, n, opt.latent) / 1e9
             row = dict(kind="unet", variant=variant, setting=setting.name, n=n, gflop_call=gflop, **result)
             if result["status"] == "ok":
                 ms = result["ms_call"]
@@ -318,7 +319,7 @@ def run_end_to_end(opt, device, dtype, header):
         model.model.diffusion_model = torch.compile(unet)
     sampler = DDIMSampler(model)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not torch.float32 else nullcontext()
-    shape = [model.channels, opt.size // 8, opt.size // 8]
+    shape = [model.channels, opt.latent, opt.latent]
 
     print(header)
     print(f"| {'setting':<28} | {'N':>3} | {'steps':>5} | {'s/batch':>8} | {'images/s':>8} | {'x plain':>7} "
@@ -396,7 +397,8 @@ def write_csv(path, rows, common):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
-    parser.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size/8)")
+    parser.add_argument("--size", type=int,
+                        help="image size in pixels; default: the config's sampling size (512 for SD v1)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="images per CFG half")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights and activations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -420,15 +422,18 @@ def build_parser():
 
 def validate(parser, opt):
     """Bad input ends here with one `error:` line that says how to fix it."""
-    if opt.size < 64 or opt.size % 64:
-        parser.error(f"--size must be a multiple of 64 (the latent is size/8, downsampled 8x by the UNet), "
-                     f"got {opt.size}")
     for flag, values in (("--n", opt.n), ("--repeats", [opt.repeats]), ("--steps", [opt.steps])):
         if min(values) < 1:
             parser.error(f"{flag} must be at least 1, got {min(values)}")
     if not Path(opt.config).is_file():
         parser.error(f"config not found: {opt.config} (pass --config configs/stable-diffusion/v1-inference.yaml "
                      f"or another model config)")
+    geometry = read_geometry(load_config(opt.config))
+    opt.size = opt.size or geometry.height
+    if opt.size < geometry.multiple or opt.size % geometry.multiple:
+        parser.error(f"--size must be a multiple of {geometry.multiple} for this model (its first stage and "
+                     f"UNet levels halve it), got {opt.size}")
+    opt.latent = opt.size // geometry.factor
     try:
         device = torch.device(opt.device)
     except RuntimeError:

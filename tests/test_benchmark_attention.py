@@ -64,12 +64,12 @@ def test_end_to_end_table_with_and_without_sharing(tmp_path, capsys):
 def test_flops_grow_with_the_batch_and_with_sharing():
     flops = bench.FlopCounter(str(TINY_CONFIG), torch.float32)
     setting = {s.name: s for s in bench.SETTINGS}
-    plain1, plain2 = (flops(setting["vanilla sdpa"], n, 64) for n in (1, 2))
+    plain1, plain2 = (flops(setting["vanilla sdpa"], n, 8) for n in (1, 2))  # 8² latents = 64² pixels
     assert plain2 == 2 * plain1
     # the same matmuls on other kernels (the counts differ by a few hundred FLOPs in ~5e8)
-    assert flops(setting["vanilla einsum (upstream)"], 2, 64) == pytest.approx(plain2, rel=1e-4)
-    joint, anchor = flops(setting["all: all groups"], 4, 64), flops(setting["anchor: all groups"], 4, 64)
-    sample = flops(setting["sample 0.25: all groups"], 4, 64)
+    assert flops(setting["vanilla einsum (upstream)"], 2, 8) == pytest.approx(plain2, rel=1e-4)
+    joint, anchor = flops(setting["all: all groups"], 4, 8), flops(setting["anchor: all groups"], 4, 8)
+    sample = flops(setting["sample 0.25: all groups"], 4, 8)
     assert 2 * plain2 < anchor < sample < joint
 
 
@@ -77,7 +77,7 @@ def test_unet_runs_in_the_dtype_of_its_weights():
     # the benchmark converts the UNet with .to(dtype), no autocast: the forward must follow
     unet, context_dim = bench.build_unet(str(TINY_CONFIG), torch.device("cpu"), torch.float32)
     fill_zero_weights_(unet)
-    x, t, context = bench.unet_inputs(unet, context_dim, 1, 64, torch.device("cpu"), torch.float32)
+    x, t, context = bench.unet_inputs(unet, context_dim, 1, 8, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         reference = unet(x, t, context=context)
         unet.to(torch.bfloat16)
@@ -88,6 +88,7 @@ def test_unet_runs_in_the_dtype_of_its_weights():
 
 @pytest.mark.parametrize("argv,message", [
     (["--size", "100"], "multiple of 64"),
+    (["--config", str(REPO / "configs/embedded/procedural-t2i.yaml"), "--size", "36"], "multiple of 8"),
     (["--n", "0"], "--n must be at least 1"),
     (["--settings", "nope"], "unknown setting"),
     (["--config", "missing.yaml"], "config not found"),
