@@ -42,8 +42,7 @@ STAGES=${STAGES:-table e2e bf16 chlast graphs compile}
 TABLE_SETTINGS=${TABLE_SETTINGS:-}
 STAGE_LIMITS=${STAGE_LIMITS:-table=240 e2e=120 bf16=90 chlast=60 graphs=90 compile=240}
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ldm, not an installed one
+source scripts/gpu_env.sh   # offline, this checkout on PYTHONPATH, carried wheels installed
 
 MD="$OUT/benchmarks.md" CSV="$OUT/results.csv" LOG="$OUT/benchmarks.log"
 mkdir -p "$OUT"
@@ -68,7 +67,7 @@ limit_of() {  # the STAGE_LIMITS entry of a stage, 600 s if none
   date -u +"%Y-%m-%d %H:%M:%S UTC"
   git log -1 --format="commit %H %s" 2>/dev/null || true
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 } >> "$LOG" 2>&1
 echo "# Attention benchmarks ($(date -u +%Y-%m-%d), scripts/gpu_benchmarks.sh)" > "$MD"
 
@@ -79,7 +78,7 @@ run_stage() {  # run_stage NAME TITLE ARGS...: one benchmark_attention.py call, 
   log "stage $name: $title (limit ${limit} s)"
   printf '\n## %s\n\n' "$title" >> "$MD"
   local start=$SECONDS status
-  timeout "$limit" python scripts/benchmark_attention.py --config "$CONFIG" --size "$SIZE" --device "$DEVICE" \
+  timeout "$limit" python3 scripts/benchmark_attention.py --config "$CONFIG" --size "$SIZE" --device "$DEVICE" \
     --csv "$CSV" "$@" >> "$MD" 2>> "$LOG"
   status=$?
   if [ $status = 0 ]; then

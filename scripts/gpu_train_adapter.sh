@@ -52,8 +52,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 WORKDIR=${WORKDIR:-logs/adapter}
 CONFIG=configs/embedded/procedural-t2i.yaml
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ldm, not an installed one
+source scripts/gpu_env.sh   # offline, this checkout on PYTHONPATH, carried wheels installed
 
 if [ "$RANDOM_WEIGHTS" = "1" ]; then
   weights=(--random-weights)
@@ -76,7 +75,7 @@ log() { echo "[gpu_train_adapter $(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 
 log "training the $CONDITION adapter: $STEPS steps at batch $BATCH on $DEVICE ($PRECISION), at most $MAX_MINUTES min"
-python scripts/train_adapter.py --config "$CONFIG" "${weights[@]}" --out "$OUT/$NAME.safetensors" \
+python3 scripts/train_adapter.py --config "$CONFIG" "${weights[@]}" --out "$OUT/$NAME.safetensors" \
   --condition "$CONDITION" --steps "$STEPS" --batch-size "$BATCH" --num-workers "$NUM_WORKERS" \
   --device "$DEVICE" --precision "$PRECISION" --max-minutes "$MAX_MINUTES" "${train_args[@]}" 2>&1 \
   | tee "$WORKDIR/train-$NAME.log" | grep --line-buffered -E "step [0-9]+/|held-out|wrote|rror"
@@ -85,7 +84,7 @@ log "trained in $(( $(date +%s) - start )) s"
 if [ "$BENCHMARK" = "1" ]; then
   log "adapter benchmark"
   bench_dir=$(mktemp -d "$WORKDIR/benchmark-XXXX")
-  python scripts/adapter_benchmark.py --config "$CONFIG" "${weights[@]}" --adapter "$OUT/$NAME.safetensors" \
+  python3 scripts/adapter_benchmark.py --config "$CONFIG" "${weights[@]}" --adapter "$OUT/$NAME.safetensors" \
     --device "$DEVICE" --outdir "$bench_dir" "${bench_args[@]}"
   cp "$bench_dir"/run-001/table.md "$OUT/adapter-benchmark.md"
   cp "$bench_dir"/run-001/figure.png "$OUT/adapter-benchmark.png"

@@ -42,8 +42,7 @@ LOGDIR=${LOGDIR:-logs/embedded}
 CONFIG=configs/embedded/procedural-t2i.yaml
 NAME=procedural-t2i
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ldm, not an installed one
+source scripts/gpu_env.sh   # offline, this checkout on PYTHONPATH, carried wheels installed
 
 mkdir -p "$OUT"
 for f in "$NAME.safetensors" "$NAME.json" metrics.csv train-tail.log samples.png; do
@@ -59,7 +58,7 @@ start=$(date +%s)
 
 log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), at most $MAX_TIME"
 set +e
-python main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
+python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
   --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
   data.params.batch_size="$BATCH" data.params.num_workers="$NUM_WORKERS" \
   lightning.trainer.max_time="$MAX_TIME" 2>&1 | tee "$LOGDIR/train.log" \
@@ -78,10 +77,10 @@ fi
 log "trained in $(( $(date +%s) - start )) s"
 
 cp "$run_dir"/csv/version_0/metrics.csv "$OUT/metrics.csv"
-python scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" --metrics "$OUT/metrics.csv"
+python3 scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" --metrics "$OUT/metrics.csv"
 
 log "sample grid with txt2img"
-python scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
+python3 scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
   --prompt "a red chair with four legs" --n_samples 8 --n_iter 1 --ddim_steps "$SAMPLE_STEPS" --scale 5.0 \
   --skip_save --precision full --outdir "$LOGDIR/txt2img" --seed 0
 cp "$LOGDIR"/txt2img/grid-0000.png "$OUT/samples.png"
@@ -89,7 +88,7 @@ cp "$LOGDIR"/txt2img/grid-0000.png "$OUT/samples.png"
 if [ "$BENCHMARK" = "1" ]; then
   log "consistency benchmark"
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-  python scripts/consistency_benchmark.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
+  python3 scripts/consistency_benchmark.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
     --outdir "$OUT/benchmark" $BENCH_ARGS
 fi
 log "done in $(( $(date +%s) - start )) s; outputs in $OUT"
