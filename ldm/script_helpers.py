@@ -323,8 +323,11 @@ def check_sharing(opt, model):
     """After loading, before sampling: a reference from another model, or a --subject word that is
     missing from a prompt, ends the run with one error line."""
     from ldm.modules.consistency import check_subjects
-    if getattr(opt, "reference", None) is not None:
-        opt.reference.check_model(model)
+    reference = getattr(opt, "reference", None)
+    if reference is not None:
+        reference.check_model(model)
+        if reference.config is not None:  # writing: the first batch is recorded, with its subject masks
+            check_subjects(model, reference.config, read_prompt_batches(opt)[:1])
     check_subjects(model, opt.consistency, read_prompt_batches(opt))
 
 

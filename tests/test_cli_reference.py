@@ -54,8 +54,7 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     (["--read-reference", "REF", "--write-reference", "new.safetensors"], "choose one"),
     (["--read-reference", "REF", "--consistent-attn"], "choose one"),
     (["--read-reference", "missing.safetensors"], "reference not found"),
-    (["--read-reference", "REF", "--subject", "chair"], "--subject work within a batch"),
-    (["--write-reference", "new.safetensors", "--share-adain"], "--share-adain work within a batch"),
+    (["--read-reference", "REF", "--subject", "chair"], "uses the settings the reference was recorded with"),
 ])
 def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
     script = load_txt2img()
@@ -87,3 +86,23 @@ def test_img2img_write_then_read_a_reference(tmp_path, tiny_ckpt):  # noqa: F811
     other = run("img2img.py", *args(tiny_ckpt, tmp_path / "other", "--init-img", init, "--strength", "0.5",
                                     "--read-reference", ref))
     assert_one_line_error(other, "recorded with strength 0.75, this run uses 0.5")
+
+
+def test_a_reference_with_subject_masks_and_adain_is_read_by_prompts_without_the_word(tmp_path, tiny_ckpt):  # noqa: F811
+    ref = tmp_path / "monster.safetensors"
+    assert_ok(txt2img(*args(tiny_ckpt, tmp_path / "written", "--write-reference", ref, "--share-groups", "all",
+                            "--subject", "monster", "--share-adain")))
+    cache = ReferenceCache.load(ref)
+    assert cache.header["settings"]["subjects"] == ["monster"] and cache.header["settings"]["adain"] is True
+    assert any(key.startswith("mask|") for key in cache.tensors)
+    read = tmp_path / "read"
+    assert_ok(txt2img(*args(tiny_ckpt, read, "--read-reference", ref, "--prompt", "a chair in a garden")))
+    meta = read_parameters(read / "samples" / "00000.png")["extra"]["reference"]
+    assert meta["subjects"] == ["monster"] and meta["adain"] is True
+
+
+def test_a_subject_missing_from_the_recorded_prompt_is_one_error_line(tmp_path, tiny_ckpt):  # noqa: F811
+    ref, out = tmp_path / "ref.safetensors", tmp_path / "out"
+    result = txt2img(*args(tiny_ckpt, out, "--write-reference", ref, "--subject", "chair"))
+    assert_one_line_error(result, "'chair' is not a word of prompt 1")
+    assert not ref.exists() and not (out / "samples").exists()

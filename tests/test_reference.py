@@ -1,5 +1,7 @@
 """Reference cache (ldm/modules/consistency_reference.py): written once, read by later batches,
 bit-exactly equal to in-batch anchor mode on the tiny UNet / tiny LatentDiffusion (CPU)."""
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -58,11 +60,14 @@ def ddim(model, x_T, cond, uncond, steps=3):
     return latents
 
 
+PROMPTS = ["a red chair", "a chair in a room", "a chair at night"]
+
+
 @pytest.fixture(scope="module")
 def sampled(model):
     """DDIM on the tiny LatentDiffusion: plain, in-batch anchors, and a reference of image 0."""
     with torch.no_grad():
-        cond = model.get_learned_conditioning(["a red chair", "a chair in a room", "a chair at night"])
+        cond = model.get_learned_conditioning(PROMPTS)
         uncond = model.get_learned_conditioning(N * [""])
     x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     run = lambda: ddim(model, x_T, cond, uncond)
@@ -80,6 +85,34 @@ def test_sampling_with_the_reference_equals_anchor_mode(model, sampled):
     assert torch.equal(read[1:], sampled["anchored"][1:])
     assert not torch.equal(read[1:], sampled["plain"][1:])
     assert len(sampled["cache"].header["timesteps"]) == 3  # one UNet call per DDIM step
+
+
+@pytest.mark.parametrize("extras", [dict(subjects=("chair",)), dict(adain=True), dict(subjects=("chair",), adain=True)],
+                         ids=["subject", "adain", "subject+adain"])
+def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, sampled, extras, tmp_path):
+    config = dataclasses.replace(ANCHOR, **extras)
+    with consistent_attention(model, config, N, prompts=PROMPTS):
+        anchored = sampled["run"]()
+    assert not torch.equal(anchored[1:], sampled["anchored"][1:])  # masks / statistics change the readers
+    with record_reference(model, config, N, prompts=PROMPTS) as cache:
+        written = sampled["run"]()
+    assert torch.equal(written, sampled["plain"])  # recording still changes nothing
+    masks = {key: t for key, t in cache.tensors.items() if key.startswith("mask|")}
+    stats = [key for key in cache.tensors if key.endswith(("_mean", "_std"))]
+    if config.subjects:  # one (1, T) map per token resolution and call, none at the first call (no maps yet)
+        assert {int(key.split("|")[2]) for key in masks} == {1, 2}
+        assert all(t.dtype == torch.bool and t.shape[0] == 1 for t in masks.values())
+    else:
+        assert not masks
+    assert len(stats) == (4 * len([k for k in cache.tensors if k.endswith("|k")]) if config.adain else 0)
+
+    cache.save(tmp_path / "ref.safetensors")  # K/V in fp16; masks and statistics as recorded
+    loaded = ReferenceCache.load(tmp_path / "ref.safetensors")
+    assert all(torch.equal(loaded.tensors[key], cache.tensors[key]) for key in [*masks, *stats])
+    # the reader needs no prompts and no subject word: the reference's masks are used
+    with read_reference(model, cache, N):
+        read = sampled["run"]()
+    assert torch.equal(read[1:], anchored[1:])
 
 
 def test_file_round_trip(model, sampled, tmp_path):

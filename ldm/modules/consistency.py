@@ -259,19 +259,28 @@ def read_with_anchors(q, k, v, attend, anchor_k, anchor_v):
     return out.reshape(G, N, nh, T, hs)
 
 
-def adain_to_anchor(t, keep=1, eps=1e-5):
-    """StyleAligned's AdaIN on queries or keys, (G, N, nh, T, hs): every image from index `keep` on
-    is renormalised to the first image's per-channel mean and std over its tokens, so its queries
-    ask, and its keys answer, in the anchor's statistics (the anchor's style). The first `keep`
-    images are returned untouched: the anchor normalised to itself would only gain rounding, and
-    anchor mode promises that all its anchors are computed as without sharing."""
-    x = t[:, keep:].float()
-    anchor = t[:, :1].float()
-    mean, anchor_mean = x.mean(dim=3, keepdim=True), anchor.mean(dim=3, keepdim=True)
-    # population variance: a layer with a single token (SD's 8x8 middle block at 64 px) stays finite
-    std, anchor_std = ((y.var(dim=3, keepdim=True, correction=0) + eps).sqrt() for y in (x, anchor))
-    rest = (x - mean) / std * anchor_std + anchor_mean
-    return torch.cat([t[:, :keep], rest.to(t.dtype)], dim=1)
+def channel_stats(t, eps=1e-5):
+    """Per-image, per-channel mean and std over the tokens of (G, N, nh, T, hs), in float32:
+    (G, N, nh, 1, hs) each. Population variance: a layer with a single token (SD's 8x8 middle
+    block at 64 px) stays finite."""
+    t = t.float()
+    return t.mean(dim=3, keepdim=True), (t.var(dim=3, keepdim=True, correction=0) + eps).sqrt()
+
+
+def adain_to(t, mean, std):
+    """StyleAligned's AdaIN: every image of t (G, N, nh, T, hs) renormalised to the per-channel
+    `mean` and `std` (G, 1, nh, 1, hs) of a reference image, so its queries ask, and its keys
+    answer, in the reference's statistics (the reference's style)."""
+    t_mean, t_std = channel_stats(t)
+    return ((t.float() - t_mean) / t_std * std + mean).to(t.dtype)
+
+
+def adain_to_anchor(t, keep=1):
+    """`adain_to` the first image's statistics, for every image from index `keep` on. The first
+    `keep` images are returned untouched: the anchor normalised to itself would only gain
+    rounding, and anchor mode promises that all its anchors are computed as without sharing."""
+    mean, std = channel_stats(t[:, :1])
+    return torch.cat([t[:, :keep], adain_to(t[:, keep:], mean, std)], dim=1)
 
 
 def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
@@ -451,8 +460,8 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     if not selected:
         raise ValueError(f"this UNet has no self-attention layer in groups "
                          f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
-    if config.subjects:
-        policy.subject = SubjectMasks(_subject_tokens(model, config, prompts, subject_tokens), images_per_group)
+    policy.subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
+    if policy.subject is not None:
         for attn in cross_attention_layers(model):
             attn.observer = policy.subject
     for _, attn in selected:
@@ -465,13 +474,17 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     return policy
 
 
-def _subject_tokens(model, config, prompts, subject_tokens):
-    if subject_tokens is not None:
-        return subject_tokens.bool()
-    if prompts is None:
-        raise ValueError("subject masks need the prompts (one per image) or subject_tokens")
-    tokenizer, max_length = tokenizer_of(model)
-    return subject_token_mask(tokenizer, prompts, config.subjects, max_length)
+def subject_masks_for(model, config, images_per_group, prompts=None, subject_tokens=None):
+    """The SubjectMasks observer that `config.subjects` asks for, or None without subjects. The
+    subject's token positions come from `prompts` or are given as `subject_tokens`."""
+    if not config.subjects:
+        return None
+    if subject_tokens is None:
+        if prompts is None:
+            raise ValueError("subject masks need the prompts (one per image) or subject_tokens")
+        tokenizer, max_length = tokenizer_of(model)
+        subject_tokens = subject_token_mask(tokenizer, prompts, config.subjects, max_length)
+    return SubjectMasks(subject_tokens.bool(), images_per_group)
 
 
 def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
@@ -542,8 +555,6 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
 
 SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "share_rate",
                "share_window", "share_cfg", "subject", "share_adain")
-# flags that need the other images' queries and the cross-attention maps of the batch itself
-IN_BATCH_FLAGS = ("subject", "share_adain")
 
 
 def add_arguments(parser):
@@ -571,8 +582,9 @@ def add_arguments(parser):
                        help="both: uncond and cond halves share, each within itself; cond: only the cond half")
     group.add_argument("--subject", action="append", metavar="WORD",
                        help="read the other images only where they show this word (its cross-attention map "
-                            "in each image, from the previous step); every prompt must contain it. Repeat it "
-                            "or give a comma list for several subjects; backgrounds then stay free")
+                            "in each image, from the previous step); every prompt must contain it (with "
+                            "--write-reference: the recorded batch's prompts). Repeat it or give a comma list "
+                            "for several subjects; backgrounds then stay free")
     group.add_argument("--share-adain", action="store_true", default=None,
                        help="StyleAligned AdaIN: in sharing layers, give every image's queries and keys the "
                             "per-channel mean/std of the first image of the batch (which stays unchanged)")
@@ -636,5 +648,5 @@ __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "timestep_of", "in_window", "unet_of",
            "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
-           "adain_to_anchor", "read_masked", "masked_joint_attention", "masked_anchor_attention",
-           "sampled_tokens", "cross_attention_layers", "check_subjects"]
+           "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention", "masked_anchor_attention",
+           "sampled_tokens", "cross_attention_layers", "check_subjects", "subject_masks_for"]

@@ -15,6 +15,14 @@ strength) is refused at the first differing call. Guidance: the batch is `[uncon
 halves are recorded separately and each is read into the matching half, so the prompt never
 leaks into the unconditional estimate.
 
+Subject masks and AdaIN (`--subject`, `--share-adain`, consistency_subject.py) work with a
+reference too. Recording then also keeps, per UNet call, the reference images' subject masks (one
+bool map per token resolution, from the reference run's own cross-attention) and, per layer, the
+first reference image's per-channel query/key statistics; a reader reads the reference's tokens
+only inside those masks, and its queries/keys are renormalised to those statistics, exactly as an
+image reads in-batch anchors. The reader's prompts need not contain the subject word: only the
+reference's masks are used. Both are small next to the K/V (a few KB per call).
+
 Size: only the selected layers and the calls inside the step window are stored; per call and
 reference image it is halves · 2 (K and V) · Σ_layers tokens · channels values
 (`reference_nbytes`, numbers for SD v1 in CONSISTENCY_NOTES.md).
@@ -30,13 +38,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldm.modules.consistency import (IN_BATCH_FLAGS, ConsistentAttentionConfig, CfgPolicy, config_from_share_flags,
-                                     disable_consistent_attention, given_share_flags, in_window,
-                                     read_with_anchors, self_attention_sites, timestep_of, unet_of)
+from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain_to, channel_stats,
+                                     config_from_share_flags, cross_attention_layers, disable_consistent_attention,
+                                     given_share_flags, in_window, read_masked, read_with_anchors,
+                                     self_attention_sites, subject_masks_for, timestep_of, unet_of)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sd-consistency-reference/1"
+ADAIN_STATS = ("q_mean", "q_std", "k_mean", "k_std")
 
 
 class ReferenceMismatch(ValueError):
@@ -55,7 +65,9 @@ def model_fingerprint(model) -> str:
 
 @dataclass
 class ReferenceCache:
-    """Recorded K/V: tensors["site|call|k"] is (halves, n_images, heads, tokens, head_dim)."""
+    """Recorded K/V: tensors["site|call|k"] is (halves, n_images, heads, tokens, head_dim).
+    With subjects: tensors["mask|tokens|call"], (n_images, tokens) bool; with AdaIN:
+    tensors["site|call|q_mean"] etc., (halves, 1, heads, 1, head_dim) float32, of image 0."""
     header: dict
     tensors: dict = field(default_factory=dict)
 
@@ -79,12 +91,14 @@ class ReferenceCache:
                                         f"this run uses {value}")
 
     def save(self, path, dtype=torch.float16):
-        """safetensors file: the tensors (fp16 by default, half the size; lossless for K/V computed
-        under fp16 autocast) and the header as JSON metadata. Never overwrites a file."""
+        """safetensors file: the K/V (fp16 by default, half the size; lossless for K/V computed
+        under fp16 autocast; masks and statistics as they are) and the header as JSON metadata.
+        Never overwrites a file."""
         from safetensors.torch import save_file
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; the reference is not overwritten")
-        tensors = {key: t.to(dtype).contiguous() for key, t in self.tensors.items()}
+        tensors = {key: (t.to(dtype) if key.endswith(("|k", "|v")) else t).contiguous()
+                   for key, t in self.tensors.items()}
         save_file(tensors, str(path), metadata={"reference": json.dumps(self.header)})
 
     @classmethod
@@ -109,6 +123,7 @@ class _Pass:
     images_per_group: int
     writing: bool
     dtype: torch.dtype | None = None  # recording: store in this dtype (None: as computed)
+    subject: object = None  # recording with subjects: the SubjectMasks observer of the reference batch
     num_timesteps: int = 1000
     call: int = -1
     active: bool = False
@@ -117,6 +132,8 @@ class _Pass:
     def start_call(self, args, kwargs):
         t, latent = timestep_of(args, kwargs), list(args[0].shape[-2:])
         self.call += 1
+        if self.subject is not None:
+            self.subject.start_call()
         self.active = in_window(self.config, t, self.num_timesteps)
         timesteps = self.cache.header["timesteps"]
         if self.writing:
@@ -150,28 +167,64 @@ class ReferenceKV:
         if B % n:
             raise ValueError(f"batch of {B} is not a whole number of groups of {n} images")
         split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (halves, N, nh, T, hs)
-        cache, key = state.cache, f"{self.site}|{state.call}"
         if state.writing:
-            a = cache.header["n_images"]
-            for name, t in (("k", k), ("v", v)):
-                cache.tensors[f"{key}|{name}"] = split(t)[:, :a].to("cpu", state.dtype or t.dtype, copy=True)
-            cache.header.setdefault("halves", B // n)
+            self._record(split(q), split(k), split(v))
             return attend(q, k, v, mask)  # recording never changes the reference run
+        cache, config = state.cache, state.config
         cache.check(halves=B // n)
-        ref_k, ref_v = (t.to(q.device, q.dtype) for t in cache.kv(self.site, state.call))
+        readable = None
+        if config.subjects:
+            readable = cache.tensors.get(f"mask|{q.shape[2]}|{state.call}")
+            if readable is None:  # the first call has no masks yet: nothing is read, as in-batch
+                return attend(q, k, v, mask)
+            readable = readable.to(q.device)
+        ref = [t.to(q.device, q.dtype) for t in cache.kv(self.site, state.call)]
+        if config.adain:
+            ref += [cache.tensors[f"{self.site}|{state.call}|{name}"].to(q.device) for name in ADAIN_STATS]
         q, k, v = split(q), split(k), split(v)
-        if state.config.cfg is CfgPolicy.COND and q.shape[0] == 2:  # the unconditional half stays plain
+        if config.cfg is CfgPolicy.COND and q.shape[0] == 2:  # the unconditional half stays plain
             plain = attend(q[0], k[0], v[0])[None]
-            out = torch.cat([plain, read_with_anchors(q[1:], k[1:], v[1:], attend, ref_k[1:], ref_v[1:])])
+            out = torch.cat([plain, self._read(q[1:], k[1:], v[1:], attend, [t[1:] for t in ref], readable)])
         else:
-            out = read_with_anchors(q, k, v, attend, ref_k, ref_v)
+            out = self._read(q, k, v, attend, ref, readable)
         return out.reshape(B, *out.shape[2:])
+
+    def _record(self, q, k, v):
+        """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need."""
+        state = self.state
+        cache, key, a = state.cache, f"{self.site}|{state.call}", state.cache.header["n_images"]
+        cache.header.setdefault("halves", q.shape[0])
+        for name, t in (("k", k), ("v", v)):
+            cache.tensors[f"{key}|{name}"] = t[:, :a].to("cpu", state.dtype or t.dtype, copy=True)
+        if state.config.adain:  # image 0's statistics, as adain_to_anchor takes them
+            q_stats, k_stats = channel_stats(q[:, :1]), channel_stats(k[:, :1])
+            for name, t in zip(ADAIN_STATS, (*q_stats, *k_stats)):
+                cache.tensors[f"{key}|{name}"] = t.cpu()
+        if state.subject is not None:
+            masks = state.subject.masks_for(q.shape[3])
+            if masks is not None:  # per token resolution and call, shared by its layers
+                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", masks[:a].cpu())
+
+    def _read(self, q, k, v, attend, ref, readable):
+        """q, k, v: (G, N, nh, T, hs) of the readers; ref: the reference's K/V (G, a, nh, T, hs),
+        then with AdaIN the q/k mean and std of its image 0; readable: (a, T) bool or None."""
+        ref_k, ref_v, *stats = ref
+        if stats:
+            q_mean, q_std, k_mean, k_std = stats
+            q, k = adain_to(q, q_mean, q_std), adain_to(k, k_mean, k_std)
+        if readable is None:
+            return read_with_anchors(q, k, v, attend, ref_k, ref_v)
+        sources = torch.arange(ref_k.shape[1], device=q.device).expand(q.shape[1], -1)
+        return read_masked(q, k, v, attend, sources, ref_k, ref_v, readable)
 
 
 def _enable(model, state: _Pass, sites):
     disable_consistent_attention(model)
     for site, attn in sites:
         attn.kv_sharing = ReferenceKV(state, site.name)
+    if state.subject is not None:
+        for attn in cross_attention_layers(model):
+            attn.observer = state.subject
     state.num_timesteps = getattr(model, "num_timesteps", 1000)
     state.hook = unet_of(model).register_forward_pre_hook(
         lambda module, args, kwargs: state.start_call(args, kwargs), with_kwargs=True)
@@ -187,17 +240,22 @@ def _selected(model, config):
 
 @contextmanager
 def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
-                     n_images: int | None = None, dtype=None, run_info: dict | None = None):
+                     n_images: int | None = None, dtype=None, run_info: dict | None = None,
+                     prompts=None, subject_tokens=None):
     """Inside: every sampling pass of `model` records the K/V of the first `n_images` (default
     config.n_anchors) images of each CFG half, in the layers and step window `config` selects.
-    Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header."""
+    Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
+    With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
+    `enable_consistent_attention`."""
     n_images = config.n_anchors if n_images is None else n_images
     if not 1 <= n_images <= images_per_group:
         raise ValueError(f"cannot record {n_images} reference images from a batch of {images_per_group}")
     header = {"format": FORMAT, "model": model_fingerprint(model), "n_images": n_images,
               "settings": config.describe(), "timesteps": [], "run": dict(run_info or {})}
     cache = ReferenceCache(header)
-    _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype), _selected(model, config))
+    subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
+    _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, subject=subject),
+            _selected(model, config))
     try:
         yield cache
     finally:
@@ -239,7 +297,8 @@ def add_arguments(parser):
                        help="record the self-attention keys/values of the first --share-anchors K images "
                             "(default 1) of the first batch to a new file; the images are the plain "
                             "model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
-                            "is stored")
+                            "is stored; with --subject and --share-adain readers also get the reference's "
+                            "subject masks and AdaIN statistics")
     group.add_argument("--read-reference", metavar="PATH",
                        help="every image also reads the keys/values of a reference file written with "
                             "--write-reference (same model, image size, sampler and steps), with the "
@@ -279,7 +338,7 @@ class ReferenceRun:
         else:
             run_info = {**self.run_info, "prompts": list(prompts[:self.config.n_anchors])}
             with record_reference(model, self.config, len(prompts), dtype=torch.float16,
-                                  run_info=run_info) as cache:
+                                  run_info=run_info, prompts=prompts) as cache:
                 yield
             cache.save(self.path)
             self.written = True
@@ -299,10 +358,6 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
     if opt.consistent_attn:
         parser.error("--consistent-attn shares within a batch, --write-/--read-reference with a reference: "
                      "choose one")
-    in_batch = [f"--{name.replace('_', '-')}" for name in IN_BATCH_FLAGS if getattr(opt, name, None) is not None]
-    if in_batch:
-        parser.error(f"{', '.join(in_batch)} work within a batch (with --consistent-attn), not with a reference "
-                     f"file: drop them or use --consistent-attn instead of --write-/--read-reference")
     height, width = size or (opt.H, opt.W)
     run_info = {"H": height, "W": width, "steps": opt.ddim_steps, "sampler": opt.sampler,
                 "guidance": opt.scale != 1.0, **run_settings}
