@@ -298,8 +298,9 @@ def run(opt, model, device, embedder=None):
                     seconds = time.perf_counter() - start
                     row = {"setting": setting, "prompt": prompt, "seed": seed,
                            **measure(images, prompts, embedder), "seconds_per_image": seconds / opt.n}
-                    logger.info("%-22s %-40s seed %d: agreement %.3f, embedding sim %.3f", setting, prompt[:40],
-                                seed, row["agreement"], row["embedding_similarity"])
+                    similarity = f", embedding sim {row['embedding_similarity']:.3f}" if embedder else ""
+                    logger.info("%-22s %-40s seed %d: agreement %.3f%s", setting, prompt[:40], seed,
+                                row["agreement"], similarity)
                     yield row, images
 
 
