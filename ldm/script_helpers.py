@@ -98,6 +98,12 @@ def validate_common(parser, opt, samplers, aliases):
                         ("--display-scale", opt.display_scale)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    sampler = samplers[opt.sampler]
+    if opt.ddim_steps < sampler.min_steps:
+        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
+    if opt.ddim_eta != 0 and not sampler.stochastic:
+        parser.error(f"--ddim_eta applies to the ddim sampler; --sampler {opt.sampler} is deterministic "
+                     f"(leave --ddim_eta out)")
     if opt.threads is not None and opt.threads < 1:
         parser.error(f"--threads must be at least 1, got {opt.threads}")
     if opt.n_rows < 0:

@@ -83,6 +83,8 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     (["--ddim_steps", "0"], ["--ddim_steps must be at least 1"]),
     (["--plms", "--sampler", "dpm"], ["--plms contradicts --sampler dpm"]),
     (["--plms", "--dpm_solver"], ["contradict"]),
+    (["--sampler", "dpm", "--ddim_steps", "1"], ["--sampler dpm needs --ddim_steps 2 or more"]),
+    (["--plms", "--ddim_eta", "0.5"], ["--sampler plms is deterministic", "--ddim_eta"]),
     (["--config", "configs/nope.yaml"], ["config not found: configs/nope.yaml", "--config"]),
 ])
 def test_txt2img_bad_input_is_one_error_line(tmp_path, args, fragments):

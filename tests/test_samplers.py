@@ -104,3 +104,44 @@ def test_samplers_route_guidance_through_guided_eps(tiny_model, conds, name, mon
     SAMPLERS[name](tiny_model).sample(S=3, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
                                       unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
     assert calls and all(n == 4 for n in calls)  # every call: one batch of uncond + cond halves
+
+
+def test_a_misspelt_option_is_an_error_not_ignored(tiny_model, conds):
+    # upstream's sample(**kwargs) swallowed e.g. quantize_denoised= (the option is quantize_x0)
+    c, uc = conds
+    for sampler in SAMPLERS.values():
+        with pytest.raises(TypeError, match="quantize_denoised"):
+            sampler(tiny_model).sample(S=2, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                       quantize_denoised=True)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("plms", dict(eta=0.5), "deterministic: eta must be 0"),
+    ("dpm", dict(eta=0.5), "deterministic: eta must be 0"),
+    ("dpm", dict(S=1), "at least 2 steps"),
+    ("dpm", dict(mask=torch.ones(2, 1, 8, 8), x0=torch.zeros(2, 4, 8, 8)), "does not support mask, x0"),
+])
+def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, message):
+    c, _ = conds
+    options = {"S": 3, **options}
+    with pytest.raises(ValueError, match=message):
+        SAMPLERS[name](tiny_model).sample(batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, **options)
+
+
+def test_plms_is_ddim_with_a_multistep_noise_estimate(tiny_model, conds):
+    """One PLMS step is the pseudo improved Euler step: DDIM's update fed the mean of the noise
+    estimates at t and at the next step's point (written out here without the sampler classes)."""
+    c, uc = conds
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plms = PLMSSampler(tiny_model)
+    out, _ = plms.sample(S=1, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, x_T=x_T,
+                         unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
+    ddim = DDIMSampler(tiny_model)
+    ddim.make_schedule(ddim_num_steps=1, verbose=False)
+    t = torch.full((2,), int(ddim.ddim_timesteps[0]))
+    with torch.no_grad():
+        e_t = guided_eps(tiny_model, x_T, t, c, uc, 5.0)
+        x_euler, _ = ddim.ddim_update(x_T, e_t, 0)
+        e_next = guided_eps(tiny_model, x_euler, t, c, uc, 5.0)  # one step: "next" is the same timestep
+        expected, _ = ddim.ddim_update(x_T, (e_t + e_next) / 2, 0)
+    assert torch.equal(out, expected)

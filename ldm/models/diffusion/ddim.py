@@ -1,4 +1,6 @@
-"""SAMPLING ONLY."""
+"""DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models"). PLMS (plms.py) is
+DDIM's update with a multistep noise estimate, so it reuses this class's schedule, loop and update;
+the `sample` signature and the guided noise estimate are shared with DPM-Solver (sampler.py)."""
 
 import logging
 
@@ -6,25 +8,15 @@ import torch
 import numpy as np
 from tqdm import tqdm
 
-from ldm.models.diffusion.guidance import check_conditioning_batch, guided_eps
+from ldm.models.diffusion.sampler import Sampler
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps, noise_like, \
     extract_into_tensor
 
 logger = logging.getLogger(__name__)
 
 
-class DDIMSampler(object):
-    def __init__(self, model, schedule="linear", **kwargs):
-        super().__init__()
-        self.model = model
-        self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
-
-    def register_buffer(self, name, attr):
-        # Tensors follow the model (CPU, CUDA, ...); upstream forced CUDA here.
-        if isinstance(attr, torch.Tensor):
-            attr = attr.to(self.model.betas.device)
-        setattr(self, name, attr)
+class DDIMSampler(Sampler):
+    stochastic = True  # eta > 0 adds fresh noise at every step (eta = 1: DDPM's ancestral sampling)
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
         self.ddim_timesteps = make_ddim_timesteps(ddim_discr_method=ddim_discretize, num_ddim_timesteps=ddim_num_steps,
@@ -58,69 +50,14 @@ class DDIMSampler(object):
         self.register_buffer('ddim_sigmas_for_original_num_steps', sigmas_for_original_sampling_steps)
 
     @torch.no_grad()
-    def sample(self,
-               S,
-               batch_size,
-               shape,
-               conditioning=None,
-               callback=None,
-               normals_sequence=None,
-               img_callback=None,
-               quantize_x0=False,
-               eta=0.,
-               mask=None,
-               x0=None,
-               temperature=1.,
-               noise_dropout=0.,
-               score_corrector=None,
-               corrector_kwargs=None,
-               verbose=True,
-               x_T=None,
-               log_every_t=100,
-               unconditional_guidance_scale=1.,
-               unconditional_conditioning=None,
-               # this has to come in the same format as the conditioning, # e.g. as encoded tokens, ...
-               **kwargs
-               ):
-        check_conditioning_batch(conditioning, batch_size)
-
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        # sampling
-        C, H, W = shape
-        size = (batch_size, C, H, W)
-        logger.debug('Data shape for DDIM sampling is %s, eta %s', size, eta)
-
-        samples, intermediates = self.ddim_sampling(conditioning, size,
-                                                    callback=callback,
-                                                    img_callback=img_callback,
-                                                    quantize_denoised=quantize_x0,
-                                                    mask=mask, x0=x0,
-                                                    ddim_use_original_steps=False,
-                                                    noise_dropout=noise_dropout,
-                                                    temperature=temperature,
-                                                    score_corrector=score_corrector,
-                                                    corrector_kwargs=corrector_kwargs,
-                                                    x_T=x_T,
-                                                    log_every_t=log_every_t,
-                                                    unconditional_guidance_scale=unconditional_guidance_scale,
-                                                    unconditional_conditioning=unconditional_conditioning,
-                                                    verbose=verbose,
-                                                    )
-        return samples, intermediates
-
-    @torch.no_grad()
-    def ddim_sampling(self, cond, shape,
-                      x_T=None, ddim_use_original_steps=False,
-                      callback=None, timesteps=None, quantize_denoised=False,
-                      mask=None, x0=None, img_callback=None, log_every_t=100,
+    def sampling_loop(self, cond, x_T, ddim_use_original_steps=False, callback=None, timesteps=None,
+                      quantize_denoised=False, mask=None, x0=None, img_callback=None, log_every_t=100,
                       temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
                       unconditional_guidance_scale=1., unconditional_conditioning=None, verbose=True):
+        """From x_T down the schedule; `denoise_step` is what DDIM and PLMS do differently."""
         device = self.model.betas.device
-        b = shape[0]
-        if x_T is None:
-            img = torch.randn(shape, device=device)
-        else:
-            img = x_T
+        b = x_T.shape[0]
+        img = x_T
 
         if timesteps is None:
             timesteps = self.ddpm_num_timesteps if ddim_use_original_steps else self.ddim_timesteps
@@ -129,28 +66,27 @@ class DDIMSampler(object):
             timesteps = self.ddim_timesteps[:subset_end]
 
         intermediates = {'x_inter': [img], 'pred_x0': [img]}
-        time_range = reversed(range(0,timesteps)) if ddim_use_original_steps else np.flip(timesteps)
+        time_range = list(reversed(range(0, timesteps))) if ddim_use_original_steps else np.flip(timesteps)
         total_steps = timesteps if ddim_use_original_steps else timesteps.shape[0]
-        logger.debug("Running DDIM Sampling with %d timesteps", total_steps)
+        logger.debug("Running %s with %d timesteps", type(self).__name__, total_steps)
 
-        iterator = tqdm(time_range, desc='DDIM Sampler', total=total_steps, disable=not verbose)
-
+        eps = lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale,
+                                               score_corrector, corrector_kwargs)
+        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, ddim_use_original_steps, quantize_denoised,
+                                                        temperature, noise_dropout)
+        history = []  # earlier noise estimates, for multistep methods (PLMS)
+        iterator = tqdm(time_range, desc=type(self).__name__, total=total_steps, disable=not verbose)
         for i, step in enumerate(iterator):
             index = total_steps - i - 1
             ts = torch.full((b,), step, device=device, dtype=torch.long)
+            ts_next = torch.full((b,), time_range[min(i + 1, len(time_range) - 1)], device=device, dtype=torch.long)
 
             if mask is not None:
                 assert x0 is not None
                 img_orig = self.model.q_sample(x0, ts)  # TODO: deterministic forward pass?
                 img = img_orig * mask + (1. - mask) * img
 
-            outs = self.p_sample_ddim(img, cond, ts, index=index, use_original_steps=ddim_use_original_steps,
-                                      quantize_denoised=quantize_denoised, temperature=temperature,
-                                      noise_dropout=noise_dropout, score_corrector=score_corrector,
-                                      corrector_kwargs=corrector_kwargs,
-                                      unconditional_guidance_scale=unconditional_guidance_scale,
-                                      unconditional_conditioning=unconditional_conditioning)
-            img, pred_x0 = outs
+            img, pred_x0 = self.denoise_step(img, ts, ts_next, index, eps, update, history)
             if callback: callback(i)
             if img_callback: img_callback(pred_x0, i)
 
@@ -160,18 +96,23 @@ class DDIMSampler(object):
 
         return img, intermediates
 
+    def denoise_step(self, x, t, t_next, index, eps, update, history):
+        """One DDIM step: x_{t-1} and the predicted x_0 from the noise estimate at (x, t)."""
+        return update(x, eps(x, t), index)
+
     @torch.no_grad()
     def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
                       temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
                       unconditional_guidance_scale=1., unconditional_conditioning=None):
+        e_t = self.noise_estimate(x, t, c, unconditional_conditioning, unconditional_guidance_scale,
+                                  score_corrector, corrector_kwargs)
+        return self.ddim_update(x, e_t, index, use_original_steps, quantize_denoised, temperature, noise_dropout,
+                                repeat_noise)
+
+    def ddim_update(self, x, e_t, index, use_original_steps=False, quantize_denoised=False, temperature=1.,
+                    noise_dropout=0., repeat_noise=False):
+        """x_{t-1} and the predicted x_0, from x_t and the noise estimate e_t at schedule step `index`."""
         b, *_, device = *x.shape, x.device
-
-        e_t = guided_eps(self.model, x, t, c, unconditional_conditioning, unconditional_guidance_scale)
-
-        if score_corrector is not None:
-            assert self.model.parameterization == "eps"
-            e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **corrector_kwargs)
-
         alphas = self.model.alphas_cumprod if use_original_steps else self.ddim_alphas
         alphas_prev = self.model.alphas_cumprod_prev if use_original_steps else self.ddim_alphas_prev
         sqrt_one_minus_alphas = self.model.sqrt_one_minus_alphas_cumprod if use_original_steps else self.ddim_sqrt_one_minus_alphas

@@ -1,80 +1,44 @@
-"""SAMPLING ONLY."""
-
-import logging
-
+"""DPM-Solver++ (Lu et al. 2022), second-order multistep, behind the samplers' shared `sample`."""
 import torch
 
-from ldm.models.diffusion.guidance import check_conditioning_batch, guided_eps
+from ldm.models.diffusion.sampler import Sampler
 from .dpm_solver import NoiseScheduleVP, model_wrapper, DPM_Solver
 
-logger = logging.getLogger(__name__)
 
+class DPMSolverSampler(Sampler):
+    min_steps = 2  # order 2: the first step is first order, the rest use the previous one too
 
-class DPMSolverSampler(object):
-    def __init__(self, model, **kwargs):
-        super().__init__()
-        self.model = model
+    def __init__(self, model, schedule="linear"):
+        super().__init__(model, schedule)
         to_torch = lambda x: x.clone().detach().to(torch.float32).to(model.device)
         self.register_buffer('alphas_cumprod', to_torch(model.alphas_cumprod))
 
-    def register_buffer(self, name, attr):
-        # Tensors follow the model (CPU, CUDA, ...); upstream forced CUDA here.
-        if isinstance(attr, torch.Tensor):
-            attr = attr.to(self.model.betas.device)
-        setattr(self, name, attr)
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
+        # the solver places its own steps (uniform in time); only their number is given
+        self.steps = ddim_num_steps
 
     @torch.no_grad()
-    def sample(self,
-               S,
-               batch_size,
-               shape,
-               conditioning=None,
-               callback=None,
-               normals_sequence=None,
-               img_callback=None,
-               quantize_x0=False,
-               eta=0.,
-               mask=None,
-               x0=None,
-               temperature=1.,
-               noise_dropout=0.,
-               score_corrector=None,
-               corrector_kwargs=None,
-               verbose=True,
-               x_T=None,
-               log_every_t=100,
-               unconditional_guidance_scale=1.,
-               unconditional_conditioning=None,
-               # this has to come in the same format as the conditioning, # e.g. as encoded tokens, ...
-               **kwargs
-               ):
-        check_conditioning_batch(conditioning, batch_size)
-
-        # sampling
-        C, H, W = shape
-        size = (batch_size, C, H, W)
-
-        logger.debug('Data shape for DPM-Solver sampling is %s, sampling steps %d', size, S)
-
-        device = self.model.betas.device
-        if x_T is None:
-            img = torch.randn(size, device=device)
-        else:
-            img = x_T
-
+    def sampling_loop(self, cond, x_T, callback=None, img_callback=None, quantize_denoised=False, mask=None, x0=None,
+                      temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
+                      log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None,
+                      verbose=True):
+        """Returns (samples, None): no intermediates. DDIM/PLMS options it cannot honour are refused."""
+        refused = [name for name, value, default in (
+            ("callback", callback, None), ("img_callback", img_callback, None), ("quantize_x0", quantize_denoised, False),
+            ("mask", mask, None), ("x0", x0, None), ("temperature", temperature, 1.), ("noise_dropout", noise_dropout, 0.),
+            ("score_corrector", score_corrector, None)) if (value is not None if default is None else value != default)]
+        if refused:
+            raise ValueError(f"DPMSolverSampler does not support {', '.join(refused)} (use DDIMSampler)")
         ns = NoiseScheduleVP('discrete', alphas_cumprod=self.alphas_cumprod)
-
         # Guidance happens in guided_eps (shared with DDIM/PLMS), so the wrapper only converts
         # DPM-Solver's continuous time to the model's timestep ("uncond" = no extra guidance).
         model_fn = model_wrapper(
-            lambda x, t: guided_eps(self.model, x, t, conditioning,
-                                    unconditional_conditioning, unconditional_guidance_scale),
+            lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale),
             ns,
             model_type="noise",
             guidance_type="uncond",
         )
-
         dpm_solver = DPM_Solver(model_fn, ns, predict_x0=True, thresholding=False)
-        x = dpm_solver.sample(img, steps=S, skip_type="time_uniform", method="multistep", order=2, lower_order_final=True)
-
-        return x.to(device), None
+        x = dpm_solver.sample(x_T, steps=self.steps, skip_type="time_uniform", method="multistep", order=2,
+                              lower_order_final=True)
+        return x.to(self.model.betas.device), None

@@ -1,0 +1,64 @@
+"""What the DDIM, PLMS and DPM-Solver samplers share: upstream's `sample` signature, checked once,
+and the guided noise estimate. A sampler subclass says what it is (`min_steps`, `stochastic`) and
+implements `make_schedule` and `sampling_loop`; classifier-free guidance is in guidance.py."""
+import logging
+
+import torch
+
+from ldm.models.diffusion.guidance import check_conditioning_batch, guided_eps
+
+logger = logging.getLogger(__name__)
+
+
+class Sampler:
+    min_steps = 1        # fewest sampling steps the method can take
+    stochastic = False   # whether eta (fresh noise at every step) applies; else eta must be 0
+
+    def __init__(self, model, schedule="linear"):
+        self.model = model
+        self.ddpm_num_timesteps = model.num_timesteps
+        self.schedule = schedule
+
+    def register_buffer(self, name, attr):
+        # Tensors follow the model (CPU, CUDA, ...); upstream forced CUDA here.
+        if isinstance(attr, torch.Tensor):
+            attr = attr.to(self.model.betas.device)
+        setattr(self, name, attr)
+
+    @torch.no_grad()
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
+               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1.,
+               noise_dropout=0., score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
+               log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None):
+        """`S` steps from `x_T` (default: fresh noise) to (samples, intermediates): upstream's
+        signature, whose **kwargs used to swallow misspelt options (now a TypeError).
+        `normals_sequence` is unused, as upstream. `mask`/`x0` keep the known part of x0 (inpainting)."""
+        check_conditioning_batch(conditioning, batch_size)
+        if S < self.min_steps:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_steps} steps, got {S}")
+        if eta != 0 and not self.stochastic:
+            raise ValueError(f"{type(self).__name__} is deterministic: eta must be 0, got {eta}")
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        logger.debug("%s: %d steps, data shape %s, eta %s", type(self).__name__, S, size, eta)
+        x_T = torch.randn(size, device=self.model.betas.device) if x_T is None else x_T
+        return self.sampling_loop(conditioning, x_T, callback=callback, img_callback=img_callback,
+                                  quantize_denoised=quantize_x0, mask=mask, x0=x0, temperature=temperature,
+                                  noise_dropout=noise_dropout, score_corrector=score_corrector,
+                                  corrector_kwargs=corrector_kwargs, log_every_t=log_every_t,
+                                  unconditional_guidance_scale=unconditional_guidance_scale,
+                                  unconditional_conditioning=unconditional_conditioning, verbose=verbose)
+
+    def noise_estimate(self, x, t, cond, uncond, scale, score_corrector=None, corrector_kwargs=None):
+        """The guided noise prediction at (x, t), corrected by `score_corrector` if given."""
+        e_t = guided_eps(self.model, x, t, cond, uncond, scale)
+        if score_corrector is not None:
+            assert self.model.parameterization == "eps"
+            e_t = score_corrector.modify_score(self.model, e_t, x, t, cond, **corrector_kwargs)
+        return e_t
+
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
+        raise NotImplementedError
+
+    def sampling_loop(self, cond, x_T, **options):
+        raise NotImplementedError
