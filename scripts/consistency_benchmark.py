@@ -18,6 +18,11 @@ without any classifier:
                 DINO/CLIP model, ldm.image_embedder); works for any prompt, e.g. on real SD weights
 * s/image       wall time of the sampling per image
 
+The reference:* settings measure two separate runs (consistency_reference.py): image N-1 alone
+is generated first and its self-attention recorded; then images 0..N-2 are generated in another
+run that reads that reference. Every image keeps the start noise and prompt it has in the other
+settings, so the rows compare directly; the reference image is exactly the plain model's.
+
     # the model trained on the procedural scenes (models/embedded/README.md)
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
     # a smoke run with random weights (the numbers mean nothing)
@@ -25,9 +30,10 @@ without any classifier:
     # real SD 1.x weights and any prompt, judged by a local DINOv2 (transformers folder)
     python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/
-    # subject masks and AdaIN against plain sharing
+    # subject masks and AdaIN against plain sharing, and a reference read by a separate run
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
-        --settings none all:all subject:all adain:all subject+adain:all subject:anchor
+        --settings none all:all subject:all adain:all subject+adain:all subject:anchor reference:all \
+        reference+subject:all
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
@@ -47,6 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.modules.consistency_reference import read_reference, record_reference  # noqa: E402
 from ldm.script_helpers import (conditionings, configure_logging, cpu_noise, latents_to_images, load_config,  # noqa: E402
                                 read_geometry, resolve_device)
 
@@ -61,6 +68,13 @@ PER_IMAGE = " | "  # separates per-image prompts in one --prompts entry; image i
 
 def shared(groups, **kwargs):
     return ConsistentAttentionConfig(groups=frozenset(groups), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FromReference:
+    """A setting measured across two runs: the last image of the batch is recorded as a reference
+    with `config` (anchor mode, one image), the others are generated afterwards reading it."""
+    config: ConsistentAttentionConfig
 
 
 # name -> ConsistentAttentionConfig (None: plain self-attention). --settings picks from here.
@@ -82,6 +96,8 @@ SETTINGS = {
     "subject:anchor": shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,)),
     "adain:all": shared(ALL_GROUPS, adain=True),
     "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
+    "reference:all": FromReference(shared(ALL_GROUPS, mode="anchor", n_anchors=1)),
+    "reference+subject:all": FromReference(shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,))),
 }
 
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
@@ -161,8 +177,14 @@ def check_run(parser, opt, settings):
         parser.error("--device cuda requested but CUDA is not available")
 
 
+def config_of(setting):
+    """The ConsistentAttentionConfig of a setting (None: plain), in-batch or recorded."""
+    config = SETTINGS[setting]
+    return config.config if isinstance(config, FromReference) else config
+
+
 def takes_subject_from_prompt(setting):
-    return SETTINGS[setting] is not None and OBJECT_WORD in SETTINGS[setting].subjects
+    return config_of(setting) is not None and OBJECT_WORD in config_of(setting).subjects
 
 
 def validate(parser, opt):
@@ -242,7 +264,7 @@ def object_word(prompt):
 
 def setting_for(setting, prompt):
     """The setting's config, with OBJECT_WORD replaced by the prompt's object word."""
-    config = SETTINGS[setting]
+    config = config_of(setting)
     if config is None or OBJECT_WORD not in config.subjects:
         return config
     return dataclasses.replace(config, subjects=(object_word(prompt),))
@@ -250,10 +272,28 @@ def setting_for(setting, prompt):
 
 def sample(model, sampler, opt, prompts, c, uc, x_T, setting):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
-    with consistent_attention(model, setting_for(setting, prompts[0]), opt.n, prompts=prompts):
-        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
-                                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                    eta=0.0, x_T=x_T, verbose=False)
+    config = setting_for(setting, prompts[0])
+    if isinstance(SETTINGS[setting], FromReference):
+        return sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config)
+    with consistent_attention(model, config, opt.n, prompts=prompts):
+        return ddim_images(model, sampler, opt, c, uc, x_T)
+
+
+def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
+    """Image N-1 recorded alone as the reference, then images 0..N-2 in a second run reading it."""
+    first, last = slice(0, -1), slice(-1, None)
+    part = lambda cond, which: None if cond is None else cond[which]
+    with record_reference(model, config, 1, prompts=prompts[last]) as cache:
+        reference = ddim_images(model, sampler, opt, part(c, last), part(uc, last), x_T[last])
+    with read_reference(model, cache, opt.n - 1):
+        readers = ddim_images(model, sampler, opt, part(c, first), part(uc, first), x_T[first])
+    return torch.cat([readers, reference])
+
+
+def ddim_images(model, sampler, opt, c, uc, x_T):
+    latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(x_T), shape=opt.shape,
+                                unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                eta=0.0, x_T=x_T, verbose=False)
     return latents_to_images(model, latents)
 
 

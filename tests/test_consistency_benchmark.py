@@ -104,3 +104,38 @@ def test_per_image_prompts_fill_the_batch_in_turn_and_fidelity_is_per_image():
 def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
     one_error_line(run("--random-weights", "--prompts", "a chair | a table", "--outdir", tmp_path),
                    "show different kinds (chair, table)")
+
+
+def test_reference_rows_are_two_runs_and_equal_anchor_mode_with_the_last_image_first(tiny_model_with_weights):
+    import types
+
+    import torch
+    from ldm.models.diffusion.ddim import DDIMSampler
+    bench = benchmark_module()
+    model, n = tiny_model_with_weights, 3
+    opt = types.SimpleNamespace(n=n, steps=3, shape=[4, 8, 8], scale=5.0)
+    prompts = ["a red chair", "a chair on the left", "a blue chair"]
+    with torch.no_grad():
+        c, uc = bench.conditionings(model, prompts, opt.scale)
+        x_T = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        sample = lambda setting, order=list(range(n)): bench.sample(
+            model, DDIMSampler(model), opt, [prompts[i] for i in order], c[order], uc[order], x_T[order], setting)
+        plain, from_reference = sample("none"), sample("reference:all")
+        # in-batch anchor mode with the last image moved to the front: the same images
+        anchored = sample("anchor:all", [n - 1, *range(n - 1)])
+        with_subject = sample("reference+subject:all")
+    torch.testing.assert_close(from_reference[-1], plain[-1], rtol=0, atol=1e-5)  # the reference is the plain image
+    assert not torch.allclose(from_reference[:-1], plain[:-1], atol=1e-3)  # the readers follow it
+    torch.testing.assert_close(from_reference[:-1], anchored[1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_reference[-1], anchored[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(with_subject[:-1], from_reference[:-1], atol=1e-3)  # the masks restrict the reading
+
+
+def test_reference_rows_in_a_cli_run(tmp_path):
+    settings = ["none", "reference:all", "reference+subject:all"]
+    result = run("--config", REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml", "--random-weights",
+                 "--n", "3", "--steps", "2", "--seeds", "0", "--prompts", "a red chair",
+                 "--settings", *settings, "--outdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
