@@ -141,8 +141,10 @@ def build_parser():
                              + ", ".join(SETTINGS))
     parser.add_argument("--outdir", default="outputs/consistency-benchmark",
                         help="results go to a new OUTDIR/run-NNN folder")
-    parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
-                        help="index into --prompts and --seeds of the batch shown in figure.png")
+    parser.add_argument("--figure", type=int, nargs=2, metavar=("PROMPT", "SEED"),
+                        help="index into --prompts and --seeds of the batch shown in figure.png (default: the "
+                             "first per-image entry, whose scenes should differ while the object agrees, and "
+                             "seed index 0; without one, prompt 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -194,6 +196,9 @@ def validate(parser, opt):
         if len(kinds) > 1:
             parser.error(f"the per-image prompts of {entry!r} show different kinds ({', '.join(sorted(kinds))}); "
                          f"one batch should show one object")
+    if opt.figure is None:
+        storyboard = [i for i, entry in enumerate(opt.prompts) if len(per_image_parts(entry)) > 1]
+        opt.figure = [storyboard[0] if storyboard else 0, 0]
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     check_run(parser, opt, SETTINGS)

@@ -139,3 +139,15 @@ def test_reference_rows_in_a_cli_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
+
+
+def test_the_figure_shows_the_per_image_batch_by_default():
+    bench = benchmark_module()
+    parser = bench.build_parser()
+    for argv, expected in ((["--random-weights"], [len(bench.DEFAULT_PROMPTS) - 1, 0]),
+                           (["--random-weights", "--prompts", "a chair", "a table"], [0, 0]),
+                           (["--random-weights", "--figure", "1", "2"], [1, 2])):
+        opt = parser.parse_args(["--config", str(CONFIG), *argv])
+        bench.validate(parser, opt)
+        assert opt.figure == expected
+    assert " | " in bench.DEFAULT_PROMPTS[-1]
