@@ -332,8 +332,8 @@ def check_sharing(opt, model):
     reference = getattr(opt, "reference", None)
     if reference is not None:
         reference.check_model(model)
-        if reference.config is not None:  # writing: the first batch is recorded, with its subject masks
-            check_subjects(model, reference.config, read_prompt_batches(opt)[:1])
+        if reference.config is not None:  # writing: the first batch's reference images, with their masks
+            check_subjects(model, reference.config, [read_prompt_batches(opt)[0][:reference.config.n_anchors]])
     check_subjects(model, opt.consistency, read_prompt_batches(opt))
 
 

@@ -429,7 +429,8 @@ def validate(parser, opt):
         parser.error(f"config not found: {opt.config} (pass --config configs/stable-diffusion/v1-inference.yaml "
                      f"or another model config)")
     geometry = read_geometry(load_config(opt.config))
-    opt.size = opt.size or geometry.height
+    if opt.size is None:
+        opt.size = geometry.height
     if opt.size < geometry.multiple or opt.size % geometry.multiple:
         parser.error(f"--size must be a multiple of {geometry.multiple} for this model (its first stage and "
                      f"UNet levels halve it), got {opt.size}")

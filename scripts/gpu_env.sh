@@ -14,13 +14,13 @@ missing_modules() {
   python3 -c 'import importlib.util as u, sys; print(*(m for m in sys.argv[1:] if u.find_spec(m) is None))' \
     $REQUIRED_MODULES
 }
-missing=$(missing_modules)
+missing=$(missing_modules) || { echo "error: python3 could not check its modules (see above)" >&2; exit 2; }
 if [ -n "$missing" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
   site="${TMPDIR:-/tmp}/ldm-gpu-site"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-    "$WHEELS"/*.whl
+    "$WHEELS"/*.whl || { echo "error: pip could not install the wheels in $WHEELS (one version of each?)" >&2; exit 2; }
   export PYTHONPATH="$PYTHONPATH:$site"
-  missing=$(missing_modules)
+  missing=$(missing_modules) || { echo "error: python3 could not check its modules (see above)" >&2; exit 2; }
 fi
 if [ -n "$missing" ]; then
   echo "error: python3 here lacks $missing; run 'bash scripts/gpu_wheels.sh' on the development machine and carry $WHEELS (docs/gpu-session.md)" >&2

@@ -46,3 +46,11 @@ def test_a_module_missing_without_wheels_is_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and PROBE in lines[0] and "scripts/gpu_wheels.sh" in lines[0]
     assert "torch" not in lines[0].split("lacks")[1].split(";")[0]  # only what is missing is named
+
+
+def test_a_broken_wheel_is_one_error_line(tmp_path):
+    (tmp_path / "whl").mkdir()
+    (tmp_path / "whl" / f"{PROBE}-0.1-py3-none-any.whl").write_bytes(b"not a zip file")
+    result = source_env(tmp_path, tmp_path / "whl", f"torch {PROBE}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: pip could not install the wheels")

@@ -97,6 +97,7 @@ def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, 
     with record_reference(model, config, N, prompts=PROMPTS) as cache:
         written = sampled["run"]()
     assert torch.equal(written, sampled["plain"])  # recording still changes nothing
+    assert cache.header["format"] == "sd-consistency-reference/2"  # a /1 reader would drop masks/statistics
     masks = {key: t for key, t in cache.tensors.items() if key.startswith("mask|")}
     stats = [key for key in cache.tensors if key.endswith(("_mean", "_std"))]
     if config.subjects:  # one (1, T) map per token resolution and call, none at the first call (no maps yet)
@@ -113,6 +114,14 @@ def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, 
     with read_reference(model, cache, N):
         read = sampled["run"]()
     assert torch.equal(read[1:], anchored[1:])
+
+
+def test_only_the_recorded_images_need_the_subject_word(model, sampled):
+    config = dataclasses.replace(ANCHOR, subjects=("chair",))
+    with record_reference(model, config, N, prompts=["a red chair", "a table", "a lamp"]) as cache:
+        sampled["run"]()
+    assert any(key.startswith("mask|") for key in cache.tensors)
+    assert sampled["cache"].header["format"] == "sd-consistency-reference/1"  # nothing but K/V
 
 
 def test_file_round_trip(model, sampled, tmp_path):

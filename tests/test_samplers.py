@@ -128,6 +128,11 @@ def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, m
         SAMPLERS[name](tiny_model).sample(batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, **options)
 
 
+def test_plms_schedule_refuses_eta(tiny_model):
+    with pytest.raises(ValueError, match="eta must be 0"):
+        PLMSSampler(tiny_model).make_schedule(ddim_num_steps=3, ddim_eta=0.5, verbose=False)
+
+
 def test_plms_is_ddim_with_a_multistep_noise_estimate(tiny_model, conds):
     """One PLMS step is the pseudo improved Euler step: DDIM's update fed the mean of the noise
     estimates at t and at the next step's point (written out here without the sampler classes)."""

@@ -648,5 +648,6 @@ __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "timestep_of", "in_window", "unet_of",
            "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
-           "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention", "masked_anchor_attention",
+           "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
+           "masked_anchor_attention",
            "sampled_tokens", "cross_attention_layers", "check_subjects", "subject_masks_for"]

@@ -45,7 +45,9 @@ from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sd-consistency-reference/1"
+# /2 files also hold subject masks and/or AdaIN statistics: a /1 reader would read them without
+# both, so it must refuse them; this reader takes both.
+FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN = "sd-consistency-reference/1", "sd-consistency-reference/2"
 ADAIN_STATS = ("q_mean", "q_std", "k_mean", "k_std")
 
 
@@ -110,8 +112,9 @@ class ReferenceCache:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # not a safetensors file at all
             raise ReferenceMismatch(f"{path} is not a reference file: {err}") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ReferenceMismatch(f"{path} is not a reference file (format {FORMAT} expected)")
+        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN):
+            raise ReferenceMismatch(f"{path} is not a reference file (format {FORMAT_WITH_SUBJECT_OR_ADAIN} "
+                                    f"or {FORMAT} expected)")
         return cls(header, tensors)
 
 
@@ -250,9 +253,14 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
     n_images = config.n_anchors if n_images is None else n_images
     if not 1 <= n_images <= images_per_group:
         raise ValueError(f"cannot record {n_images} reference images from a batch of {images_per_group}")
-    header = {"format": FORMAT, "model": model_fingerprint(model), "n_images": n_images,
+    header = {"format": FORMAT_WITH_SUBJECT_OR_ADAIN if config.subjects or config.adain else FORMAT,
+              "model": model_fingerprint(model), "n_images": n_images,
               "settings": config.describe(), "timesteps": [], "run": dict(run_info or {})}
     cache = ReferenceCache(header)
+    if config.subjects and subject_tokens is None and prompts is not None:
+        # only the recorded images' masks are kept, so only their prompts need the subject word
+        recorded = subject_masks_for(model, config, n_images, prompts[:n_images]).tokens
+        subject_tokens = torch.cat([recorded, recorded.new_zeros(images_per_group - n_images, recorded.shape[1])])
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, subject=subject),
             _selected(model, config))

@@ -9,6 +9,11 @@ from ldm.models.diffusion.ddim import DDIMSampler
 class PLMSSampler(DDIMSampler):
     stochastic = False  # the multistep estimate assumes the deterministic (eta = 0) trajectory
 
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
+        if ddim_eta != 0:
+            raise ValueError(f"PLMSSampler is deterministic: eta must be 0, got {ddim_eta}")
+        super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
+
     def denoise_step(self, x, t, t_next, index, eps, update, history):
         e_t = eps(x, t)
         if len(history) == 0:
