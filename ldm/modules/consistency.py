@@ -480,11 +480,16 @@ def subject_masks_for(model, config, images_per_group, prompts=None, subject_tok
     if not config.subjects:
         return None
     if subject_tokens is None:
-        if prompts is None:
-            raise ValueError("subject masks need the prompts (one per image) or subject_tokens")
-        tokenizer, max_length = tokenizer_of(model)
-        subject_tokens = subject_token_mask(tokenizer, prompts, config.subjects, max_length)
+        subject_tokens = subject_tokens_in(model, config, prompts)
     return SubjectMasks(subject_tokens.bool(), images_per_group)
+
+
+def subject_tokens_in(model, config, prompts):
+    """(len(prompts), context) bool: where the model's tokenizer puts `config.subjects` in each prompt."""
+    if prompts is None:
+        raise ValueError("subject masks need the prompts (one per image) or subject_tokens")
+    tokenizer, max_length = tokenizer_of(model)
+    return subject_token_mask(tokenizer, prompts, config.subjects, max_length)
 
 
 def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
@@ -650,4 +655,5 @@ __all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig
            "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
            "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
            "masked_anchor_attention",
-           "sampled_tokens", "cross_attention_layers", "check_subjects", "subject_masks_for"]
+           "sampled_tokens", "cross_attention_layers", "check_subjects", "subject_masks_for",
+           "subject_tokens_in"]

@@ -41,7 +41,8 @@ import torch
 from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain_to, channel_stats,
                                      config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
-                                     self_attention_sites, subject_masks_for, timestep_of, unet_of)
+                                     self_attention_sites, subject_masks_for, subject_tokens_in, timestep_of,
+                                     unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
     cache = ReferenceCache(header)
     if config.subjects and subject_tokens is None and prompts is not None:
         # only the recorded images' masks are kept, so only their prompts need the subject word
-        recorded = subject_masks_for(model, config, n_images, prompts[:n_images]).tokens
+        recorded = subject_tokens_in(model, config, prompts[:n_images])
         subject_tokens = torch.cat([recorded, recorded.new_zeros(images_per_group - n_images, recorded.shape[1])])
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, subject=subject),
