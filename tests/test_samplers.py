@@ -133,20 +133,44 @@ def test_plms_schedule_refuses_eta(tiny_model):
         PLMSSampler(tiny_model).make_schedule(ddim_num_steps=3, ddim_eta=0.5, verbose=False)
 
 
-def test_plms_is_ddim_with_a_multistep_noise_estimate(tiny_model, conds):
-    """One PLMS step is the pseudo improved Euler step: DDIM's update fed the mean of the noise
-    estimates at t and at the next step's point (written out here without the sampler classes)."""
-    c, uc = conds
-    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    plms = PLMSSampler(tiny_model)
-    out, _ = plms.sample(S=1, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, x_T=x_T,
-                         unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
-    ddim = DDIMSampler(tiny_model)
-    ddim.make_schedule(ddim_num_steps=1, verbose=False)
-    t = torch.full((2,), int(ddim.ddim_timesteps[0]))
+def written_out_ddim(model, x, c, uc, scale, steps, plms=False):
+    """DDIM with eta 0 (Song et al. eq. 12) and PLMS (Liu et al. Alg. 2) from the papers'
+    formulas, independent of the sampler classes: the parity reference for both."""
+    import numpy as np
+    abar = model.alphas_cumprod
+    timesteps = [int(t) for t in np.arange(steps) * model.num_timesteps // steps + 1][::-1]  # descending
+    eps = lambda x, t: guided_eps(model, x, torch.full((x.shape[0],), t), c, uc, scale)
+
+    def ddim_step(x, e, t, t_prev):
+        a, a_prev = abar[t], abar[t_prev] if t_prev is not None else abar[0]
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+
+    history = []
+    for t, t_prev in zip(timesteps, timesteps[1:] + [None]):
+        e = eps(x, t)
+        if not plms:
+            e_step = e
+        elif not history:  # pseudo improved Euler: the mean of the slopes at both ends
+            e_step = (e + eps(ddim_step(x, e, t, t_prev), t_prev if t_prev is not None else t)) / 2
+        else:  # Adams-Bashforth of order 2, 3, 4 on the earlier estimates
+            weights = {1: (3, -1, 2), 2: (23, -16, 5, 12), 3: (55, -59, 37, -9, 24)}[len(history)]
+            e_step = sum(w * h for w, h in zip(weights[:-1], [e, *history[::-1]])) / weights[-1]
+        history = (history + [e])[-3:]
+        x = ddim_step(x, e_step, t, t_prev)
+    return x
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms"])
+def test_ddim_and_plms_match_the_written_out_formulas(tiny_model_with_weights, name):
+    tiny_model = tiny_model_with_weights  # no zero-initialised output layer: the noise estimates are not 0
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        e_t = guided_eps(tiny_model, x_T, t, c, uc, 5.0)
-        x_euler, _ = ddim.ddim_update(x_T, e_t, 0)
-        e_next = guided_eps(tiny_model, x_euler, t, c, uc, 5.0)  # one step: "next" is the same timestep
-        expected, _ = ddim.ddim_update(x_T, (e_t + e_next) / 2, 0)
-    assert torch.equal(out, expected)
+        c, uc = (tiny_model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table"], ["", ""]))
+        out, _ = SAMPLERS[name](tiny_model).sample(S=6, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                                   x_T=x_T, unconditional_guidance_scale=5.0,
+                                                   unconditional_conditioning=uc)
+        expected = written_out_ddim(tiny_model, x_T, c, uc, 5.0, steps=6, plms=name == "plms")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if name == "plms":  # six steps use every order, and PLMS is not DDIM
+        assert not torch.allclose(out, written_out_ddim(tiny_model, x_T, c, uc, 5.0, steps=6), atol=1e-4)
