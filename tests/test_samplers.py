@@ -41,13 +41,15 @@ def test_ddim_stochastic_encode_decode_on_cpu(tiny_model, conds):
     assert out.shape == x0.shape and torch.isfinite(out).all()
 
 
-def test_guided_eps_scale_one_is_plain_cond_call(tiny_model, conds):
-    c, uc = conds
+def test_guided_eps_scale_one_is_plain_cond_call(tiny_model_with_weights):
+    model = tiny_model_with_weights  # the zero-output tiny model would make every call equal
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
     with torch.no_grad():
-        expected = tiny_model.apply_model(x, t, c)
-        assert torch.equal(guided_eps(tiny_model, x, t, c, uc, 1.0), expected)
-        assert torch.equal(guided_eps(tiny_model, x, t, c, None, 7.5), expected)
+        c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table"], ["", ""]))
+        expected = model.apply_model(x, t, c)
+        assert expected.abs().max() > 0 and not torch.equal(model.apply_model(x, t, uc), expected)
+        assert torch.equal(guided_eps(model, x, t, c, uc, 1.0), expected)
+        assert torch.equal(guided_eps(model, x, t, c, None, 7.5), expected)
 
 
 class SpyModel:
