@@ -251,10 +251,8 @@ def run_table(opt, device, dtype, header):
     peak = peak_tflops(device, dtype, opt.peak_tflops)
     variant = variant_name(opt)
 
-    print(header)
-    print(f"| {'setting':<28} | {'N':>3} | {'ms/call':>9} | {'ms/image':>9} | {'x sdpa':>6} | {'peak GiB':>8} "
-          f"| {'GFLOP/call':>10} | {'TFLOP/s':>7} | {'% peak':>6} |")
-    print(f"|{'-' * 30}|{'-' * 5}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 10}|{'-' * 12}|{'-' * 9}|{'-' * 8}|")
+    print_table_header(header, [("setting", 28), ("N", 3), ("ms/call", 9), ("ms/image", 9), ("x sdpa", 6),
+                                ("peak GiB", 8), ("GFLOP/call", 10), ("TFLOP/s", 7), ("% peak", 6)])
     rows = []
     for n in opt.n:
         baseline = None
@@ -278,6 +276,14 @@ def run_table(opt, device, dtype, header):
             rows.append(row)
             print(format_table_row(row), flush=True)
     return rows
+
+
+def print_table_header(title, columns):
+    """The title line, then a markdown table head: (name, width) per column, the first left-aligned."""
+    print(title)
+    names = [f"{name:<{width}}" if i == 0 else f"{name:>{width}}" for i, (name, width) in enumerate(columns)]
+    print("| " + " | ".join(names) + " |")
+    print("|" + "|".join("-" * (width + 2) for _, width in columns) + "|")
 
 
 def format_table_row(row):
@@ -321,10 +327,8 @@ def run_end_to_end(opt, device, dtype, header):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not torch.float32 else nullcontext()
     shape = [model.channels, opt.latent, opt.latent]
 
-    print(header)
-    print(f"| {'setting':<28} | {'N':>3} | {'steps':>5} | {'s/batch':>8} | {'images/s':>8} | {'x plain':>7} "
-          f"| {'sampling s':>10} | {'decode s':>8} | {'peak GiB':>8} |")
-    print(f"|{'-' * 30}|{'-' * 5}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 10}|")
+    print_table_header(header, [("setting", 28), ("N", 3), ("steps", 5), ("s/batch", 8), ("images/s", 8),
+                                ("x plain", 7), ("sampling s", 10), ("decode s", 8), ("peak GiB", 8)])
     rows = []
     for n in opt.n:
         baseline = None
