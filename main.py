@@ -1,4 +1,5 @@
 import argparse, os, sys, datetime, glob
+import inspect
 import logging
 import numpy as np
 import time
@@ -356,6 +357,19 @@ class ImageLogger(Callback):
         self.log_images_kwargs = log_images_kwargs if log_images_kwargs else {}
         self.log_first_step = log_first_step
 
+    def check_arguments(self, pl_module):
+        """One line saying what is wrong with `log_images_kwargs` for this model, or None.
+
+        Checked before training starts: images are first logged after `batch_frequency` steps,
+        too late to learn that a name in the config was misspelt."""
+        signature = inspect.signature(pl_module.log_images)
+        try:
+            signature.bind_partial(None, **self.log_images_kwargs)
+        except TypeError as e:
+            return (f"ImageLogger log_images_kwargs: {e} for {type(pl_module).__name__}.log_images; "
+                    f"it takes {', '.join(list(signature.parameters)[1:])}")
+        return None
+
     @rank_zero_only
     def _tensorboard(self, pl_module, images, batch_idx, split):
         for k in images:
@@ -400,7 +414,7 @@ class ImageLogger(Callback):
                 pl_module.eval()
 
             with torch.no_grad():
-                images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+                images = pl_module.log_images(batch, **self.log_images_kwargs)
 
             for k in images:
                 if images[k].dim() == 4:  # a batch; 3-D entries are ready-made grids
@@ -696,6 +710,11 @@ if __name__ == "__main__":
             del callbacks_cfg['ignore_keys_callback']
 
         trainer_kwargs["callbacks"] = [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+        for callback in trainer_kwargs["callbacks"]:
+            # by attribute: config targets import `main.ImageLogger`, not this __main__'s class
+            problem = callback.check_arguments(model) if hasattr(callback, "check_arguments") else None
+            if problem:
+                parser.error(problem)
 
         trainer = Trainer(**trainer_config, **trainer_kwargs)
         trainer.logdir = logdir  ###

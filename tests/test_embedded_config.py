@@ -90,3 +90,11 @@ def test_caption_token_budget_covers_the_longest_training_captions(model):
     data = ProceduralScenes(size=32, length=2000, seed=0)
     longest = max(len(model.cond_stage_model.tokenizer(data.scene(i)[1])["input_ids"]) for i in range(2000))
     assert longest <= model.cond_stage_model.max_length
+
+
+def test_image_logger_arguments_fit_the_model(config, model):
+    import main
+    logger_params = OmegaConf.to_container(config.lightning.callbacks.image_logger.params)
+    assert main.ImageLogger(**logger_params).check_arguments(model) is None
+    misspelt = dict(logger_params, log_images_kwargs={"ddim_step": 50})
+    assert "'ddim_step'" in main.ImageLogger(**misspelt).check_arguments(model)

@@ -34,3 +34,16 @@ def test_main_missing_config_is_one_error_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "config not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
+    # images are first logged after batch_frequency steps: a typo must stop the run at once,
+    # not be swallowed by **kwargs or raise a TypeError hours later
+    result = subprocess.run(
+        [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "--accelerator", "cpu",
+         "--logdir", str(tmp_path), "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
+        cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "log_images_kwargs" in last and "'ddim_step'" in last and "ddim_steps" in last, last
+    assert not any(tmp_path.glob("*/checkpoints/*.ckpt"))

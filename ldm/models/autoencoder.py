@@ -237,7 +237,7 @@ class VQModel(pl.LightningModule):
     def get_last_layer(self):
         return self.decoder.conv_out.weight
 
-    def log_images(self, batch, only_inputs=False, plot_ema=False, **kwargs):
+    def log_images(self, batch, only_inputs=False, plot_ema=False):
         log = dict()
         x = self.get_input(batch, self.image_key)
         x = x.to(self.device)
@@ -405,7 +405,7 @@ class AutoencoderKL(pl.LightningModule):
         return self.decoder.conv_out.weight
 
     @torch.no_grad()
-    def log_images(self, batch, only_inputs=False, **kwargs):
+    def log_images(self, batch, only_inputs=False):
         log = dict()
         x = self.get_input(batch, self.image_key)
         x = x.to(self.device)

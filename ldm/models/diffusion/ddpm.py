@@ -376,7 +376,7 @@ class DDPM(pl.LightningModule):
         return denoise_grid
 
     @torch.no_grad()
-    def log_images(self, batch, N=8, n_row=2, sample=True, return_keys=None, **kwargs):
+    def log_images(self, batch, N=8, n_row=2, sample=True, return_keys=None):
         log = dict()
         x = self.get_input(batch, self.first_stage_key)
         N = min(x.shape[0], N)
@@ -1212,7 +1212,7 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def sample(self, cond, batch_size=16, return_intermediates=False, x_T=None,
                verbose=True, timesteps=None, quantize_denoised=False,
-               mask=None, x0=None, shape=None,**kwargs):
+               mask=None, x0=None, shape=None):
         if shape is None:
             shape = (batch_size, self.channels, self.image_size, self.image_size)
         if cond is not None:
@@ -1228,26 +1228,22 @@ class LatentDiffusion(DDPM):
                                   mask=mask, x0=x0)
 
     @torch.no_grad()
-    def sample_log(self,cond,batch_size,ddim, ddim_steps,quantize_denoised=False,**kwargs):
-
+    def sample_log(self, cond, batch_size, ddim, ddim_steps, eta=1., quantize_denoised=False, x0=None, mask=None):
+        """(samples, intermediates) for log_images: DDIM with `ddim_steps` and `eta`, or, without
+        `ddim`, ancestral sampling over all timesteps (which has no eta)."""
         if ddim:
-            ddim_sampler = DDIMSampler(self)
             shape = (self.channels, self.image_size, self.image_size)
-            # DDIMSampler calls it quantize_x0 (its **kwargs used to drop quantize_denoised silently)
-            samples, intermediates =ddim_sampler.sample(ddim_steps,batch_size,
-                                                        shape,cond,verbose=False,quantize_x0=quantize_denoised,**kwargs)
-
-        else:
-            samples, intermediates = self.sample(cond=cond, batch_size=batch_size,
-                                                 return_intermediates=True,quantize_denoised=quantize_denoised,**kwargs)
-
-        return samples, intermediates
+            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, eta=eta,
+                                            quantize_x0=quantize_denoised, x0=x0, mask=mask)
+        return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True,
+                           quantize_denoised=quantize_denoised, x0=x0, mask=mask)
 
 
     @torch.no_grad()
     def log_images(self, batch, N=8, n_row=4, sample=True, ddim_steps=200, ddim_eta=1., return_keys=None,
                    quantize_denoised=True, inpaint=True, plot_denoise_rows=False, plot_progressive_rows=True,
-                   plot_diffusion_rows=True, **kwargs):
+                   plot_diffusion_rows=True):
+        # No **kwargs: main.ImageLogger checks the config's log_images_kwargs against this signature.
 
         use_ddim = ddim_steps is not None
 
