@@ -241,6 +241,30 @@ def check_image_size(parser, height, width, multiple):
                          f"(nearest valid size: {nearest})")
 
 
+def check_output_dir(parser, flag, path):
+    """Create the folder `path` for a run's outputs now, before any work, so that a bad one (a
+    file, an unwritable place, no value at all) is one error line instead of a traceback after
+    sampling. Creating it early costs nothing: the run would create it anyway."""
+    if not path:
+        parser.error(f"{flag} needs a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{flag} {path} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{flag} {path}: cannot create this folder ({e.strerror}); pass a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path}: this folder is not writable; pass a writable folder")
+
+
+def check_new_file(parser, flag, path):
+    """`path` is a file the run will create: it must not exist yet (outputs are never overwritten)
+    and its folder must be writable (created if missing), both checked before any work."""
+    if os.path.exists(path):
+        parser.error(f"{flag} {path} exists; outputs are never overwritten: pass a new path")
+    check_output_dir(parser, flag, os.path.dirname(os.path.abspath(path)))
+
+
 def resolve_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
