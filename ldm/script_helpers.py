@@ -5,6 +5,7 @@ traceback), device/precision selection, model loading, seeding, the optional saf
 and invisible watermark, and the writer that numbers and saves the PNGs with their metadata.
 """
 import logging
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -104,13 +105,23 @@ def validate_common(parser, opt, samplers, aliases):
     if opt.ddim_eta != 0 and not sampler.stochastic:
         parser.error(f"--ddim_eta applies to the ddim sampler; --sampler {opt.sampler} is deterministic "
                      f"(leave --ddim_eta out)")
+    # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
+    if not 0 <= opt.ddim_eta <= 1:
+        parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
+    if not math.isfinite(opt.scale):
+        parser.error(f"--scale must be a finite number, got {opt.scale}")
+    if not 0 <= opt.seed < 2**32:  # numpy's and upstream's (pytorch_lightning's) seed range
+        parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
     if opt.threads is not None and opt.threads < 1:
         parser.error(f"--threads must be at least 1, got {opt.threads}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     resolve_model(parser, opt)
-    if opt.from_file and not os.path.isfile(opt.from_file):
-        parser.error(f"prompt file not found: {opt.from_file}")
+    if opt.ddim_steps >= opt.geometry.timesteps:
+        parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
+                     f"got {opt.ddim_steps}")
+    if opt.from_file:
+        check_prompt_file(parser, opt.from_file)
     opt.prompt = opt.prompt or [DEFAULT_PROMPT]
     if len(opt.prompt) > 1:
         if opt.from_file:
@@ -120,6 +131,17 @@ def validate_common(parser, opt, samplers, aliases):
                          f"{opt.n_samples}: pass --n_samples {len(opt.prompt)}")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
+
+
+def check_prompt_file(parser, path):
+    if not os.path.isfile(path):
+        parser.error(f"--from-file {path}: {'a folder' if os.path.isdir(path) else 'not found'}; "
+                     "pass a text file with one prompt per line")
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except UnicodeDecodeError:
+        parser.error(f"--from-file {path} is not UTF-8 text; pass a text file with one prompt per line")
 
 
 def resolve_sampler(parser, opt, samplers, aliases):
@@ -154,6 +176,7 @@ class ModelGeometry:
     width: int = 512
     display_scale: int = 1
     weights: str | None = None
+    timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
 
     @property
     def multiple(self) -> int:
@@ -166,7 +189,7 @@ def read_geometry(config) -> ModelGeometry:
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
-                         unet_factor=2 ** (unet_levels - 1), **sampling)
+                         unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", 1000), **sampling)
 
 
 def _first_stage_factor_of(first_stage_config) -> int:
@@ -335,7 +358,7 @@ def read_prompt_batches(opt):
         prompts = opt.prompt if len(opt.prompt) > 1 else opt.n_samples * opt.prompt
         return [list(prompts)]
     logger.info("reading prompts from %s", opt.from_file)
-    with open(opt.from_file, "r") as f:
+    with open(opt.from_file, encoding="utf-8") as f:
         prompts = [line for line in f.read().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"error: no prompts in {opt.from_file}")

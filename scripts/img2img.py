@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (add_common_arguments, attention_sharing, build_postprocess,
-                                check_sharing, feature_metadata,
+                                check_output_dir, check_sharing, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -53,6 +53,7 @@ def validate_options(parser, opt):
     if int(opt.strength * opt.ddim_steps) < 1:
         parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
                      f"raise one of them")
+    check_output_dir(parser, "--outdir", opt.outdir)
     return opt
 
 
@@ -90,7 +91,10 @@ def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
     """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
     n = len(prompts)
     c, uc = conditionings(model, prompts, opt.scale)
-    t = torch.full((n,), t_enc, dtype=torch.long, device=init_latent.device)
+    # Upstream noises to DDIM index t_enc while decode's first step is index t_enc - 1, one level
+    # less noisy; kept for strength < 1 (the same images as upstream). At strength 1.0 index t_enc
+    # does not exist: noise to the last index, exactly the level decode starts from.
+    t = torch.full((n,), min(t_enc, opt.ddim_steps - 1), dtype=torch.long, device=init_latent.device)
     z_enc = sampler.stochastic_encode(init_latent[:n], t, noise=noise)
     latents = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
                              unconditional_conditioning=uc, verbose=False)

@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, attention_sharing, feature_metadata,
-                                build_postprocess, check_image_size, check_sharing, conditionings, configure_logging,
-                                cpu_noise, latents_to_images, load_model, make_sampler,
+                                build_postprocess, check_image_size, check_output_dir, check_sharing, conditionings,
+                                configure_logging, cpu_noise, latents_to_images, load_model, make_sampler,
                                 precision_context, read_prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
 
@@ -37,15 +37,17 @@ def build_parser():
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
     opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples)
-    if opt.laion400m:
+    if opt.laion400m:  # upstream's shortcut to its LAION-400M model; flags the user gave win
         logger.info("Falling back to LAION 400M model...")
-        opt.config = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
-        opt.ckpt = "models/ldm/text2img-large/model.ckpt"
-        opt.outdir = "outputs/txt2img-samples-laion400m"
+        opt.config = opt.config or "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
+        opt.ckpt = opt.ckpt or "models/ldm/text2img-large/model.ckpt"
+        if opt.outdir == parser.get_default("outdir"):
+            opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
+    check_output_dir(parser, "--outdir", opt.outdir)
     return opt
 
 

@@ -86,10 +86,27 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     (["--sampler", "dpm", "--ddim_steps", "1"], ["--sampler dpm needs --ddim_steps 2 or more"]),
     (["--plms", "--ddim_eta", "0.5"], ["--sampler plms is deterministic", "--ddim_eta"]),
     (["--config", "configs/nope.yaml"], ["config not found: configs/nope.yaml", "--config"]),
+    # checked before the model loads, instead of a traceback after it or black images
+    (["--ddim_steps", "1000"], ["--ddim_steps must be below the model's 1000 training timesteps"]),
+    (["--ddim_eta", "5"], ["--ddim_eta must be between 0", "got 5.0"]),
+    (["--scale", "nan"], ["--scale must be a finite number"]),
+    (["--seed", str(2**32)], ["--seed must be between 0 and 4294967295"]),
+    (["--from-file", "configs"], ["--from-file configs: a folder"]),
+    (["--outdir", "README.md"], ["--outdir README.md is a file, not a folder"]),
+    (["--outdir"], ["--outdir needs a folder"]),
+    (["--write-reference", "README.md/ref.safetensors"], ["--write-reference", "is a file, not a folder"]),
 ])
 def test_txt2img_bad_input_is_one_error_line(tmp_path, args, fragments):
     assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path, *args), *fragments)
     assert not any(tmp_path.iterdir())
+
+
+def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(bytes(range(128, 256)))
+    assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path / "out", "--from-file", prompts),
+                          "is not UTF-8 text")
+    assert not (tmp_path / "out").exists()
 
 
 def test_txt2img_missing_checkpoint_says_what_to_pass(tmp_path):
@@ -104,6 +121,15 @@ def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     result = run("txt2img.py", *args, "--ckpt", bad, "--outdir", tmp_path / "out")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_img2img_strength_one_noises_the_init_image_completely(tmp_path):
+    # upstream indexed one DDIM step past the schedule at strength 1.0 (IndexError)
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init)
+    assert_ok(run("img2img.py", "--config", TINY_CONFIG, "--random-weights", "--init-img", init, "--n_samples", "1",
+                  "--ddim_steps", "3", "--strength", "1.0", "--outdir", tmp_path / "out"))
+    assert pngs(tmp_path / "out") == ["grid-0000.png", "samples/00000.png"]
 
 
 def test_img2img_rejects_plms_and_missing_init_img(tmp_path):

@@ -111,6 +111,8 @@ def load_txt2img():
     (["--adapter", "{canny}", "--cond", "{photo}"], "1 --adapter given but 0 --cond-type"),
     (["--cond", "{photo}", "--cond-tau", "0.5"], "--cond, --cond-tau only take effect with --adapter"),
     (["--adapter", "{canny}", "--cond", "{photo}", "--cond-type", "canny", "--cond-tau", "0"], "--cond-tau must be in (0, 1]"),
+    (["--adapter", "{canny}", "--cond", "{photo}", "--cond-type", "canny", "--adapter-weight", "nan"],
+     "--adapter-weight must be finite"),
 ])
 def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     """In-process (no model is built before these checks), so many cases stay fast."""

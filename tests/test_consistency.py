@@ -393,8 +393,12 @@ def test_cli_flags_build_the_config():
     (["--share-mode", "anchor"], "only take effect with --consistent-attn"),
     (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
     (["--consistent-attn", "--share-window", "0.8:0.2"], "step window"),
-    (["--consistent-attn", "--share-rate", "1.5"], "sample rate"),
+    (["--consistent-attn", "--share-mode", "sample", "--share-rate", "1.5"], "sample rate"),
     (["--consistent-attn", "--share-mode", "everything"], "invalid choice"),
+    # never silently ignored: a flag of another mode, or anchors that leave nobody to read them
+    (["--consistent-attn", "--share-rate", "0.3"], "--share-rate applies to --share-mode sample"),
+    (["--consistent-attn", "--share-anchors", "2"], "--share-anchors applies to --share-mode anchor"),
+    (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "leaves no image"),
 ])
 def test_cli_rejects_bad_flags_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -139,6 +139,10 @@ def test_file_round_trip(model, sampled, tmp_path):
     assert all(half.tensors[k].dtype == torch.float16 and torch.equal(half.tensors[k], t.half())
                for k, t in cache.tensors.items())
     assert half.nbytes * 2 == cache.nbytes
+    damaged = ReferenceCache({k: v for k, v in cache.header.items() if k != "run"}, cache.tensors)
+    damaged.save(tmp_path / "damaged.safetensors")
+    with pytest.raises(ReferenceMismatch, match="damaged reference file: its header lacks run"):
+        ReferenceCache.load(tmp_path / "damaged.safetensors")
 
 
 def test_only_the_selected_layers_and_window_are_stored_and_the_size_formula_holds(model):

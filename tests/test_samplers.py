@@ -120,7 +120,11 @@ def test_a_misspelt_option_is_an_error_not_ignored(tiny_model, conds):
 @pytest.mark.parametrize("name,options,message", [
     ("plms", dict(eta=0.5), "deterministic: eta must be 0"),
     ("dpm", dict(eta=0.5), "deterministic: eta must be 0"),
-    ("dpm", dict(S=1), "at least 2 steps"),
+    ("dpm", dict(S=1), "takes 2 to 999 steps"),
+    # the model's 1000 training timesteps bound every sampler (DDIM's would index past them;
+    # DPM-Solver ran 5000 steps on a 1000-step model)
+    ("ddim", dict(S=1000), "takes 1 to 999 steps"),
+    ("dpm", dict(S=5000), "takes 2 to 999 steps"),
     ("dpm", dict(mask=torch.ones(2, 1, 8, 8), x0=torch.zeros(2, 4, 8, 8)), "does not support mask, x0"),
 ])
 def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, message):

@@ -22,6 +22,7 @@ positional arguments only).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -584,6 +585,8 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
         if values is None or len(values) != n:
             parser.error(f"{n} --adapter given but {len(values or [])} {flag}: give one {flag} per --adapter, "
                          f"in the same order")
+    if not all(math.isfinite(w) for w in weights):
+        parser.error(f"--adapter-weight must be finite numbers, got {', '.join(map(str, weights))}")
     cond_tau = 1.0 if opt.cond_tau is None else opt.cond_tau
     if not 0.0 < cond_tau <= 1.0:
         parser.error(f"--cond-tau must be in (0, 1], got {cond_tau}")

@@ -608,7 +608,15 @@ def config_from_arguments(opt, parser, images_per_batch):
         log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
                     "(use --n_samples 2 or more)")
         return None
-    return config_from_share_flags(opt, parser)
+    config = config_from_share_flags(opt, parser)
+    for flag, value, mode in (("--share-anchors", opt.share_anchors, ShareMode.ANCHOR),
+                              ("--share-rate", opt.share_rate, ShareMode.SAMPLE)):
+        if value is not None and config.mode is not mode:
+            parser.error(f"{flag} applies to --share-mode {mode.value}; add that or drop {flag}")
+    if config.mode is ShareMode.ANCHOR and config.n_anchors >= images_per_batch:
+        parser.error(f"--share-anchors {config.n_anchors} with {images_per_batch} images per batch leaves no image "
+                     f"to read the anchors: use fewer anchors or a larger --n_samples")
+    return config
 
 
 def given_share_flags(opt):

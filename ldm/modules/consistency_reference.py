@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.script_helpers import check_new_file
 from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain_to, channel_stats,
                                      config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 # both, so it must refuse them; this reader takes both.
 FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN = "sd-consistency-reference/1", "sd-consistency-reference/2"
 ADAIN_STATS = ("q_mean", "q_std", "k_mean", "k_std")
+HEADER_KEYS = ("model", "n_images", "settings", "timesteps", "run")  # besides "format"
 
 
 class ReferenceMismatch(ValueError):
@@ -116,6 +118,9 @@ class ReferenceCache:
         if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN):
             raise ReferenceMismatch(f"{path} is not a reference file (format {FORMAT_WITH_SUBJECT_OR_ADAIN} "
                                     f"or {FORMAT} expected)")
+        missing = [key for key in HEADER_KEYS if key not in header]
+        if missing:
+            raise ReferenceMismatch(f"{path} is a damaged reference file: its header lacks {', '.join(missing)}")
         return cls(header, tensors)
 
 
@@ -371,8 +376,7 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
     run_info = {"H": height, "W": width, "steps": opt.ddim_steps, "sampler": opt.sampler,
                 "guidance": opt.scale != 1.0, **run_settings}
     if write:
-        if os.path.exists(write):
-            parser.error(f"{write} exists; references are never overwritten, choose a new path")
+        check_new_file(parser, "--write-reference", write)  # before sampling: the run's images depend on it
         config = config_from_share_flags(opt, parser)
         if config.n_anchors > opt.n_samples:
             parser.error(f"--share-anchors {config.n_anchors} reference images but --n_samples is {opt.n_samples}")

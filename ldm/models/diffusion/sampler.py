@@ -34,8 +34,9 @@ class Sampler:
         signature, whose **kwargs used to swallow misspelt options (now a TypeError).
         `normals_sequence` is unused, as upstream. `mask`/`x0` keep the known part of x0 (inpainting)."""
         check_conditioning_batch(conditioning, batch_size)
-        if S < self.min_steps:
-            raise ValueError(f"{type(self).__name__} needs at least {self.min_steps} steps, got {S}")
+        if not self.min_steps <= S < self.ddpm_num_timesteps:
+            raise ValueError(f"{type(self).__name__} takes {self.min_steps} to {self.ddpm_num_timesteps - 1} "
+                             f"steps, got {S}")
         if eta != 0 and not self.stochastic:
             raise ValueError(f"{type(self).__name__} is deterministic: eta must be 0, got {eta}")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)

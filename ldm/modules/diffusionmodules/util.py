@@ -55,8 +55,9 @@ def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timestep
     this equals upstream's range(0, T, T // n); for other counts (3, 9, 27 with T = 1000)
     it still gives exactly n distinct steps instead of n + 1.
     """
-    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
-        raise ValueError(f"number of sampling steps must be between 1 and {num_ddpm_timesteps}, "
+    # the +1 below shifts the steps to 1..T: T steps would end at timestep T, past the schedule
+    if not 1 <= num_ddim_timesteps < num_ddpm_timesteps:
+        raise ValueError(f"number of sampling steps must be between 1 and {num_ddpm_timesteps - 1}, "
                          f"got {num_ddim_timesteps}")
     if ddim_discr_method == 'uniform':
         ddim_timesteps = np.arange(num_ddim_timesteps) * num_ddpm_timesteps // num_ddim_timesteps

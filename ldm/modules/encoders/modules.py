@@ -121,7 +121,7 @@ class BERTEmbedder(AbstractEncoder):
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
-            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len)
+            self.tknz_fn = BERTTokenizer(device="cpu", vq_interface=False, max_length=max_seq_len)
         self.device = device
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer),
@@ -129,7 +129,8 @@ class BERTEmbedder(AbstractEncoder):
 
     def forward(self, text):
         if self.use_tknz_fn:
-            tokens = self.tknz_fn(text)#.to(self.device)
+            # to wherever the embedding lives (upstream's tokenizer sent them to a fixed "cuda")
+            tokens = self.tknz_fn(text).to(next(self.transformer.parameters()).device)
         else:
             tokens = text
         z = self.transformer(tokens, return_embeddings=True)
