@@ -4,9 +4,10 @@ import logging
 import numpy as np
 import time
 import torch
+import yaml
 import pytorch_lightning as pl
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from functools import partial
 from PIL import Image
@@ -151,6 +152,49 @@ def add_trainer_arguments(parser):
 
 def nondefault_trainer_args(opt):
     return sorted(k for k in TRAINER_ARGS if getattr(opt, k) is not None)
+
+
+EXAMPLE_CONFIG = "configs/embedded/procedural-t2i.yaml"
+
+
+def _one_line(error):
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        return f"{error.problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load_config(parser, paths, overrides):
+    """The --base configs merged left to right, then the KEY=VALUE overrides; exits through
+    parser.error (one line) unless the result names a model and its data to train on."""
+    if not paths:
+        parser.error(f"no --base config given (pass a training config such as {EXAMPLE_CONFIG})")
+    for path in paths:
+        if not os.path.isfile(path):
+            parser.error(f"config not found: {path} (pass -b/--base CONFIG.yaml)")
+    configs = []
+    for path in paths:
+        try:
+            config = OmegaConf.load(path)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read {path} as YAML: {_one_line(e)}")
+        if not isinstance(config, DictConfig):
+            parser.error(f"{path} is not a YAML mapping of config sections (model:, data:, lightning:)")
+        configs.append(config)
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    except Exception as e:  # omegaconf's errors for an override that does not fit the configs
+        parser.error(f"cannot apply the overrides {' '.join(overrides)}: {_one_line(e)}")
+    for section in ("model", "data"):
+        value = config.get(section)
+        if value is None:
+            missing = (f"{paths[0]} has no `{section}:` section" if len(paths) == 1
+                       else f"none of {', '.join(paths)} has a `{section}:` section")
+            parser.error(f"{missing} (pass a training config such as {EXAMPLE_CONFIG})")
+        if not isinstance(value, DictConfig) or "target" not in value:
+            parser.error(f"the `{section}:` section of {', '.join(paths)} has no `target:` "
+                         f"(see {EXAMPLE_CONFIG} for the layout)")
+    return config
 
 
 def parse_devices(devices):
@@ -544,6 +588,8 @@ if __name__ == "__main__":
 
         opt.resume_from_checkpoint = ckpt
         base_configs = sorted(glob.glob(os.path.join(logdir, "configs/*.yaml")))
+        if not base_configs and not opt.base:
+            parser.error(f"no configs in {os.path.join(logdir, 'configs')} to resume from (pass --base CONFIG.yaml)")
         opt.base = base_configs + opt.base
         _tmp = logdir.split("/")
         nowname = _tmp[-1]
@@ -558,9 +604,7 @@ if __name__ == "__main__":
             name = ""
         nowname = now + name + opt.postfix
         logdir = os.path.join(opt.logdir, nowname)
-    for cfg in opt.base:
-        if not os.path.isfile(cfg):
-            parser.error(f"config not found: {cfg} (pass -b/--base CONFIG.yaml)")
+    config = load_config(parser, opt.base, unknown)
 
     ckptdir = os.path.join(logdir, "checkpoints")
     cfgdir = os.path.join(logdir, "configs")
@@ -568,10 +612,6 @@ if __name__ == "__main__":
 
     trainer = None
     try:
-        # init and save configs
-        configs = [OmegaConf.load(cfg) for cfg in opt.base]
-        cli = OmegaConf.from_dotlist(unknown)
-        config = OmegaConf.merge(*configs, cli)
         lightning_config = config.pop("lightning", OmegaConf.create())
         # merge trainer cli with config
         trainer_config = lightning_config.get("trainer", OmegaConf.create())
