@@ -1,4 +1,5 @@
 import argparse, os, sys, datetime, glob
+import difflib
 import inspect
 import logging
 import numpy as np
@@ -34,7 +35,9 @@ def get_parser(**parser_kwargs):
         elif v.lower() in ("no", "false", "f", "n", "0"):
             return False
         else:
-            raise argparse.ArgumentTypeError("Boolean value expected.")
+            raise argparse.ArgumentTypeError(
+                f"Boolean value expected, got {v!r} (KEY=VALUE config overrides cannot follow this flag "
+                "directly: put them after a flag that takes a value, e.g. --logdir DIR)")
 
     parser = argparse.ArgumentParser(**parser_kwargs)
     parser.add_argument(
@@ -61,7 +64,8 @@ def get_parser(**parser_kwargs):
         nargs="*",
         metavar="base_config.yaml",
         help="paths to base configs. Loaded from left-to-right. "
-             "Parameters can be overwritten or added with command-line options of the form `--key value`.",
+             "Parameters can be overwritten or added with command-line arguments of the form `key=value` "
+             "(e.g. data.params.batch_size=4), given after the other flags.",
         default=list(),
     )
     parser.add_argument(
@@ -155,6 +159,22 @@ def nondefault_trainer_args(opt):
 
 
 EXAMPLE_CONFIG = "configs/embedded/procedural-t2i.yaml"
+OVERRIDE_HINT = "config overrides are written KEY=VALUE, e.g. data.params.batch_size=4"
+
+
+def check_overrides(parser, args):
+    """The arguments the parser does not know must be config overrides KEY=VALUE (merged over
+    the --base configs); anything else is a mistyped flag or a stray word: one error line."""
+    options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
+            if arg.startswith("-"):
+                parser.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close
+                                                         else f" ({OVERRIDE_HINT})"))
+            parser.error(f"unexpected argument {arg!r} ({OVERRIDE_HINT}"
+                         + (f"; or did you mean {close[0]}?)" if close else ")"))
 
 
 def _one_line(error):
@@ -171,6 +191,9 @@ def load_config(parser, paths, overrides):
         parser.error(f"no --base config given (pass a training config such as {EXAMPLE_CONFIG})")
     for path in paths:
         if not os.path.isfile(path):
+            if "=" in path:
+                parser.error(f"config not found: {path} (a KEY=VALUE override? --base takes every argument "
+                             "up to the next flag: put overrides before --base or after a later flag)")
             parser.error(f"config not found: {path} (pass -b/--base CONFIG.yaml)")
     configs = []
     for path in paths:
@@ -521,8 +544,8 @@ class CUDACallback(Callback):
 if __name__ == "__main__":
     # custom parser to specify config files, train, test and debug mode,
     # postfix, resume.
-    # `--key value` arguments are interpreted as arguments to the trainer.
-    # `nested.key=value` arguments are interpreted as config parameters.
+    # `--key value` arguments are the flags below (trainer ones: TRAINER_ARGS).
+    # `nested.key=value` arguments are interpreted as config parameters; anything else is an error.
     # configs are merged from left-to-right followed by command line parameters.
 
     # model:
@@ -571,6 +594,7 @@ if __name__ == "__main__":
     parser = get_parser()
 
     opt, unknown = parser.parse_known_args()
+    check_overrides(parser, unknown)
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot be specified both. "
                      "If you want to resume training in a new log folder, "

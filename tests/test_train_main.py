@@ -1,5 +1,5 @@
 """main.py (the training entry point) trains the tiny config for two steps on pytorch-lightning 2;
-bad input (no config, a config without model or data) is one error line."""
+bad input (no config, a config without model or data, a mistyped flag) is one error line."""
 import csv
 import os
 import subprocess
@@ -71,6 +71,14 @@ def test_main_with_a_text_file_as_config_is_one_error_line(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_main_rejects_a_mistyped_flag_and_names_the_right_one(tmp_path):
+    # parse_known_args used to hand it to OmegaConf.from_dotlist (keys '--max-steps' and '10')
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--max-steps", "10",
+                      "--logdir", tmp_path, "data.params.batch_size=2")
+    assert_one_error_line(result, "unknown option --max-steps", "did you mean --max_steps?")
+    assert not any(tmp_path.iterdir())
+
+
 # the checks themselves, in-process (each subprocess above pays for importing torch and lightning)
 
 @pytest.fixture(scope="module")
@@ -118,3 +126,36 @@ def test_the_merged_configs_and_overrides_are_checked(main_module, capsys, tmp_p
     last = error_line(capsys, main_module.load_config, parser, [str(data), str(data)], [])
     assert last.endswith(f"none of {data}, {data} has a `model:` section "
                          "(pass a training config such as configs/embedded/procedural-t2i.yaml)"), last
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--maxsteps", "3"], ["unknown option --maxsteps", "did you mean --max_steps?"]),
+    (["--max-steps=3"], ["unknown option --max-steps", "did you mean --max_steps?"]),
+    (["-x"], ["unknown option -x", "KEY=VALUE"]),
+    (["data.params.batch_size=4", "stray"], ["unexpected argument 'stray'", "KEY=VALUE"]),
+    (["seed"], ["unexpected argument 'seed'", "did you mean --seed?"]),
+])
+def test_leftover_arguments_must_be_overrides(main_module, capsys, args, words):
+    parser = main_module.get_parser()
+    opt, unknown = parser.parse_known_args(["--base", "a.yaml", "-t", "--logdir", "logs", *args])
+    last = error_line(capsys, main_module.check_overrides, parser, unknown)
+    assert all(w in last for w in words), last
+
+
+def test_overrides_pass_the_check(main_module):
+    # what scripts/gpu_train_embedded.sh and models/embedded/README.md pass
+    parser = main_module.get_parser()
+    args = ["--base", "a.yaml", "-t", "--no-test", "--accelerator", "cpu", "--max_steps", "3", "--logdir", "logs",
+            "data.params.batch_size=4", "lightning.trainer.max_time=00:00:07:30",
+            "model.params.scheduler_config.params.warm_up_steps=[5]"]
+    opt, unknown = parser.parse_known_args(args)
+    main_module.check_overrides(parser, unknown)
+    assert opt.max_steps == 3 and len(unknown) == 3
+
+
+def test_an_override_swallowed_by_a_flag_is_explained(main_module, capsys):
+    parser = main_module.get_parser()
+    last = error_line(capsys, parser.parse_known_args, ["--base", "a.yaml", "-t", "data.params.batch_size=4"])
+    assert "got 'data.params.batch_size=4'" in last and "--logdir" in last, last
+    last = error_line(capsys, main_module.load_config, parser, ["data.params.batch_size=4"], [])
+    assert "config not found: data.params.batch_size=4 (a KEY=VALUE override?" in last, last
