@@ -1,5 +1,5 @@
-"""Upstream's legacy scripts (knn2img, train_searcher): --help works without their optional
-packages, and bad input is one error line, not a traceback."""
+"""Upstream's legacy scripts (knn2img, train_searcher, sample_diffusion, inpaint): --help works
+without their optional packages, and bad input is one error line, not a traceback."""
 import importlib.util
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_CONFIG
 
 
 def run(script, *args):
@@ -38,3 +38,22 @@ def test_knn2img_names_the_missing_clip_package():
 def test_train_searcher_names_the_missing_scann_package():
     last = error_line(run("train_searcher.py"), returncode=1)
     assert last == "error: this script needs the optional package scann (pip install scann)", last
+
+
+def test_sample_diffusion_needs_a_run_folder(tmp_path):
+    assert "required: -r/--resume" in error_line(run("sample_diffusion.py"))
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path / "nope"))
+    assert f"cannot find {tmp_path / 'nope'}" in last, last
+
+
+def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_text("not a checkpoint\n")
+    assert "no config.yaml in" in error_line(run("sample_diffusion.py", "-r", ckpt))
+    (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())
+    last = error_line(run("sample_diffusion.py", "-r", ckpt))
+    assert str(ckpt) in last, last
+
+
+def test_inpaint_needs_its_folders(tmp_path):
+    assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
