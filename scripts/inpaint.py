@@ -54,6 +54,7 @@ if __name__ == "__main__":
         default=50,
         help="number of ddim sampling steps",
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     opt = parser.parse_args()
 
     if not os.path.isdir(opt.indir):
@@ -71,7 +72,7 @@ if __name__ == "__main__":
 
     config = OmegaConf.load(CONFIG)
     try:
-        state_dict = load_state_dict(CKPT)
+        state_dict = load_state_dict(CKPT, unsafe_pickle=opt.unsafe_pickle)
     except CheckpointError as e:
         parser.error(str(e))
     model = instantiate_from_config(config.model)

@@ -12,7 +12,7 @@ import time
 from multiprocessing import cpu_count
 
 from ldm.image_io import make_grid
-from ldm.util import instantiate_from_config, parallel_data_prefetch, read_checkpoint
+from ldm.util import CheckpointError, instantiate_from_config, parallel_data_prefetch, read_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
@@ -37,9 +37,9 @@ def chunk(it, size):
     return iter(lambda: tuple(islice(it, size)), ())
 
 
-def load_model_from_config(config, ckpt, verbose=False):
+def load_model_from_config(config, ckpt, verbose=False, unsafe_pickle=False):
     print(f"Loading model from {ckpt}")
-    pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
+    pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
     if "global_step" in pl_sd:
         print(f"Global Step: {pl_sd['global_step']}")
     sd = pl_sd["state_dict"]
@@ -304,6 +304,7 @@ if __name__ == "__main__":
         type=int,
         help="The number of included neighbors, only applied when --use_neighbors=True",
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
 
     opt = parser.parse_args()
 
@@ -319,7 +320,10 @@ if __name__ == "__main__":
             parser.error(f"{flag} {path} not found")
 
     config = OmegaConf.load(f"{opt.config}")
-    model = load_model_from_config(config, f"{opt.ckpt}")
+    try:
+        model = load_model_from_config(config, f"{opt.ckpt}", unsafe_pickle=opt.unsafe_pickle)
+    except CheckpointError as e:
+        parser.error(str(e))
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)

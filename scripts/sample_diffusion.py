@@ -214,6 +214,7 @@ def get_parser():
         help="the bs",
         default=10
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     return parser
 
 
@@ -225,10 +226,10 @@ def load_model_from_config(config, sd):
     return model
 
 
-def load_model(config, ckpt, gpu, eval_mode):
+def load_model(config, ckpt, gpu, eval_mode, unsafe_pickle=False):
     if ckpt:
         print(f"Loading model from {ckpt}")
-        pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
+        pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
         global_step = pl_sd["global_step"]
     else:
         pl_sd = {"state_dict": None}
@@ -293,7 +294,7 @@ if __name__ == "__main__":
     print(config)
 
     try:
-        model, global_step = load_model(config, ckpt, gpu, eval_mode)
+        model, global_step = load_model(config, ckpt, gpu, eval_mode, opt.unsafe_pickle)
     except CheckpointError as e:
         parser.error(str(e))
     print(f"global step: {global_step}")

@@ -53,6 +53,9 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
     (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())
     last = error_line(run("sample_diffusion.py", "-r", ckpt))
     assert str(ckpt) in last, last
+    # the message suggests --unsafe-pickle: the script takes it (and the file is still unreadable)
+    last = error_line(run("sample_diffusion.py", "-r", ckpt, "--unsafe-pickle"))
+    assert f"Cannot read checkpoint {ckpt}" in last, last
 
 
 def test_inpaint_needs_its_folders(tmp_path):
