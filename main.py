@@ -1,12 +1,14 @@
 import argparse, os, sys, datetime, glob
+import difflib
 import inspect
 import logging
 import numpy as np
 import time
 import torch
+import yaml
 import pytorch_lightning as pl
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from functools import partial
 from PIL import Image
@@ -33,7 +35,9 @@ def get_parser(**parser_kwargs):
         elif v.lower() in ("no", "false", "f", "n", "0"):
             return False
         else:
-            raise argparse.ArgumentTypeError("Boolean value expected.")
+            raise argparse.ArgumentTypeError(
+                f"Boolean value expected, got {v!r} (KEY=VALUE config overrides cannot follow this flag "
+                "directly: put them after a flag that takes a value, e.g. --logdir DIR)")
 
     parser = argparse.ArgumentParser(**parser_kwargs)
     parser.add_argument(
@@ -60,7 +64,8 @@ def get_parser(**parser_kwargs):
         nargs="*",
         metavar="base_config.yaml",
         help="paths to base configs. Loaded from left-to-right. "
-             "Parameters can be overwritten or added with command-line options of the form `--key value`.",
+             "Parameters can be overwritten or added with command-line arguments of the form `key=value` "
+             "(e.g. data.params.batch_size=4), given after the other flags.",
         default=list(),
     )
     parser.add_argument(
@@ -151,6 +156,68 @@ def add_trainer_arguments(parser):
 
 def nondefault_trainer_args(opt):
     return sorted(k for k in TRAINER_ARGS if getattr(opt, k) is not None)
+
+
+EXAMPLE_CONFIG = "configs/embedded/procedural-t2i.yaml"
+OVERRIDE_HINT = "config overrides are written KEY=VALUE, e.g. data.params.batch_size=4"
+
+
+def check_overrides(parser, args):
+    """The arguments the parser does not know must be config overrides KEY=VALUE (merged over
+    the --base configs); anything else is a mistyped flag or a stray word: one error line."""
+    options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
+            if arg.startswith("-"):
+                parser.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close
+                                                         else f" ({OVERRIDE_HINT})"))
+            parser.error(f"unexpected argument {arg!r} ({OVERRIDE_HINT}"
+                         + (f"; or did you mean {close[0]}?)" if close else ")"))
+
+
+def _one_line(error):
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        return f"{error.problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load_config(parser, paths, overrides):
+    """The --base configs merged left to right, then the KEY=VALUE overrides; exits through
+    parser.error (one line) unless the result names a model and its data to train on."""
+    if not paths:
+        parser.error(f"no --base config given (pass a training config such as {EXAMPLE_CONFIG})")
+    for path in paths:
+        if not os.path.isfile(path):
+            if "=" in path:
+                parser.error(f"config not found: {path} (a KEY=VALUE override? --base takes every argument "
+                             "up to the next flag: put overrides before --base or after a later flag)")
+            parser.error(f"config not found: {path} (pass -b/--base CONFIG.yaml)")
+    configs = []
+    for path in paths:
+        try:
+            config = OmegaConf.load(path)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read {path} as YAML: {_one_line(e)}")
+        if not isinstance(config, DictConfig):
+            parser.error(f"{path} is not a YAML mapping of config sections (model:, data:, lightning:)")
+        configs.append(config)
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    except Exception as e:  # omegaconf's errors for an override that does not fit the configs
+        parser.error(f"cannot apply the overrides {' '.join(overrides)}: {_one_line(e)}")
+    for section in ("model", "data"):
+        value = config.get(section)
+        if value is None:
+            missing = (f"{paths[0]} has no `{section}:` section" if len(paths) == 1
+                       else f"none of {', '.join(paths)} has a `{section}:` section")
+            parser.error(f"{missing} (pass a training config such as {EXAMPLE_CONFIG})")
+        if not isinstance(value, DictConfig) or "target" not in value:
+            parser.error(f"the `{section}:` section of {', '.join(paths)} has no `target:` "
+                         f"(see {EXAMPLE_CONFIG} for the layout)")
+    return config
 
 
 def parse_devices(devices):
@@ -477,8 +544,8 @@ class CUDACallback(Callback):
 if __name__ == "__main__":
     # custom parser to specify config files, train, test and debug mode,
     # postfix, resume.
-    # `--key value` arguments are interpreted as arguments to the trainer.
-    # `nested.key=value` arguments are interpreted as config parameters.
+    # `--key value` arguments are the flags below (trainer ones: TRAINER_ARGS).
+    # `nested.key=value` arguments are interpreted as config parameters; anything else is an error.
     # configs are merged from left-to-right followed by command line parameters.
 
     # model:
@@ -527,6 +594,7 @@ if __name__ == "__main__":
     parser = get_parser()
 
     opt, unknown = parser.parse_known_args()
+    check_overrides(parser, unknown)
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot be specified both. "
                      "If you want to resume training in a new log folder, "
@@ -544,6 +612,8 @@ if __name__ == "__main__":
 
         opt.resume_from_checkpoint = ckpt
         base_configs = sorted(glob.glob(os.path.join(logdir, "configs/*.yaml")))
+        if not base_configs and not opt.base:
+            parser.error(f"no configs in {os.path.join(logdir, 'configs')} to resume from (pass --base CONFIG.yaml)")
         opt.base = base_configs + opt.base
         _tmp = logdir.split("/")
         nowname = _tmp[-1]
@@ -558,9 +628,7 @@ if __name__ == "__main__":
             name = ""
         nowname = now + name + opt.postfix
         logdir = os.path.join(opt.logdir, nowname)
-    for cfg in opt.base:
-        if not os.path.isfile(cfg):
-            parser.error(f"config not found: {cfg} (pass -b/--base CONFIG.yaml)")
+    config = load_config(parser, opt.base, unknown)
 
     ckptdir = os.path.join(logdir, "checkpoints")
     cfgdir = os.path.join(logdir, "configs")
@@ -568,10 +636,6 @@ if __name__ == "__main__":
 
     trainer = None
     try:
-        # init and save configs
-        configs = [OmegaConf.load(cfg) for cfg in opt.base]
-        cli = OmegaConf.from_dotlist(unknown)
-        config = OmegaConf.merge(*configs, cli)
         lightning_config = config.pop("lightning", OmegaConf.create())
         # merge trainer cli with config
         trainer_config = lightning_config.get("trainer", OmegaConf.create())

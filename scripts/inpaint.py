@@ -6,7 +6,10 @@ import numpy as np
 import torch
 from main import instantiate_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import load_state_dict
+from ldm.util import CheckpointError, load_state_dict
+
+CONFIG = "models/ldm/inpainting_big/config.yaml"
+CKPT = "models/ldm/inpainting_big/last.ckpt"
 
 
 def make_batch(image, mask, device):
@@ -36,13 +39,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--indir",
         type=str,
-        nargs="?",
+        required=True,
         help="dir containing image-mask pairs (`example.png` and `example_mask.png`)",
     )
     parser.add_argument(
         "--outdir",
         type=str,
-        nargs="?",
+        required=True,
         help="dir to write results to",
     )
     parser.add_argument(
@@ -51,15 +54,29 @@ if __name__ == "__main__":
         default=50,
         help="number of ddim sampling steps",
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     opt = parser.parse_args()
 
+    if not os.path.isdir(opt.indir):
+        parser.error(f"--indir {opt.indir} is not a folder")
     masks = sorted(glob.glob(os.path.join(opt.indir, "*_mask.png")))
     images = [x.replace("_mask.png", ".png") for x in masks]
+    if not masks:
+        parser.error(f"no *_mask.png in {opt.indir} (it needs pairs example.png + example_mask.png)")
+    missing = [x for x in images if not os.path.isfile(x)]
+    if missing:
+        parser.error(f"{missing[0]} not found (each *_mask.png needs its image next to it)")
+    if not os.path.isfile(CKPT):
+        parser.error(f"{CKPT} not found (scripts/download_models.sh downloads the inpainting model)")
     print(f"Found {len(masks)} inputs.")
 
-    config = OmegaConf.load("models/ldm/inpainting_big/config.yaml")
+    config = OmegaConf.load(CONFIG)
+    try:
+        state_dict = load_state_dict(CKPT, unsafe_pickle=opt.unsafe_pickle)
+    except CheckpointError as e:
+        parser.error(str(e))
     model = instantiate_from_config(config.model)
-    model.load_state_dict(load_state_dict("models/ldm/inpainting_big/last.ckpt"), strict=False)
+    model.load_state_dict(state_dict, strict=False)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)

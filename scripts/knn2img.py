@@ -1,5 +1,5 @@
 import argparse, os, sys, glob
-import clip
+import importlib.util
 import torch
 import torch.nn as nn
 import numpy as np
@@ -8,12 +8,11 @@ from PIL import Image
 from tqdm import tqdm, trange
 from itertools import islice
 from einops import rearrange, repeat
-from torchvision.utils import make_grid
-import scann
 import time
 from multiprocessing import cpu_count
 
-from ldm.util import instantiate_from_config, parallel_data_prefetch, read_checkpoint
+from ldm.image_io import make_grid
+from ldm.util import CheckpointError, instantiate_from_config, parallel_data_prefetch, read_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
@@ -38,9 +37,9 @@ def chunk(it, size):
     return iter(lambda: tuple(islice(it, size)), ())
 
 
-def load_model_from_config(config, ckpt, verbose=False):
+def load_model_from_config(config, ckpt, verbose=False, unsafe_pickle=False):
     print(f"Loading model from {ckpt}")
-    pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
+    pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
     if "global_step" in pl_sd:
         print(f"Global Step: {pl_sd['global_step']}")
     sd = pl_sd["state_dict"]
@@ -76,6 +75,7 @@ class Searcher(object):
                        metric='dot_product',
                        searcher_savedir=None):
 
+        import scann
         print('Start training searcher')
         searcher = scann.scann_ops_pybind.builder(self.database['embedding'] /
                                                   np.linalg.norm(self.database['embedding'], axis=1)[:, np.newaxis],
@@ -128,6 +128,7 @@ class Searcher(object):
         return model
 
     def load_searcher(self):
+        import scann
         print(f'load searcher for database {self.database_name} from {self.searcher_savedir}')
         self.searcher = scann.scann_ops_pybind.load_searcher(self.searcher_savedir)
         print('Finished loading searcher.')
@@ -303,11 +304,26 @@ if __name__ == "__main__":
         type=int,
         help="The number of included neighbors, only applied when --use_neighbors=True",
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
 
     opt = parser.parse_args()
 
+    # optional packages (not in the fork's requirements): CLIP always, ScaNN and kornia for retrieval
+    packages = {"clip": "git+https://github.com/openai/CLIP.git"}
+    if opt.use_neighbors:
+        packages.update(scann="scann", kornia="kornia")
+    for package, pip_name in packages.items():
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"error: this script needs the optional package {package} (pip install {pip_name})")
+    for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
+        if not os.path.isfile(path):
+            parser.error(f"{flag} {path} not found")
+
     config = OmegaConf.load(f"{opt.config}")
-    model = load_model_from_config(config, f"{opt.ckpt}")
+    try:
+        model = load_model_from_config(config, f"{opt.ckpt}", unsafe_pickle=opt.unsafe_pickle)
+    except CheckpointError as e:
+        parser.error(str(e))
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import instantiate_from_config, read_checkpoint
+from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
 
 rescale = lambda x: (x + 1.) / 2.
 
@@ -165,7 +165,7 @@ def get_parser():
         "-r",
         "--resume",
         type=str,
-        nargs="?",
+        required=True,
         help="load from logdir or checkpoint in logdir",
     )
     parser.add_argument(
@@ -214,6 +214,7 @@ def get_parser():
         help="the bs",
         default=10
     )
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     return parser
 
 
@@ -225,10 +226,10 @@ def load_model_from_config(config, sd):
     return model
 
 
-def load_model(config, ckpt, gpu, eval_mode):
+def load_model(config, ckpt, gpu, eval_mode, unsafe_pickle=False):
     if ckpt:
         print(f"Loading model from {ckpt}")
-        pl_sd = read_checkpoint(ckpt)  # safetensors or weights-only torch.load
+        pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
         global_step = pl_sd["global_step"]
     else:
         pl_sd = {"state_dict": None}
@@ -247,9 +248,13 @@ if __name__ == "__main__":
     parser = get_parser()
     opt, unknown = parser.parse_known_args()
     ckpt = None
+    stray = [arg for arg in unknown if arg.startswith("-") or "=" not in arg]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (config overrides are written KEY=VALUE)")
 
     if not os.path.exists(opt.resume):
-        raise ValueError("Cannot find {}".format(opt.resume))
+        parser.error(f"cannot find {opt.resume} (pass -r a log folder with config.yaml and model.ckpt, "
+                     "or a checkpoint in one)")
     if os.path.isfile(opt.resume):
         # paths = opt.resume.split("/")
         try:
@@ -265,8 +270,12 @@ if __name__ == "__main__":
         assert os.path.isdir(opt.resume), f"{opt.resume} is not a directory"
         logdir = opt.resume.rstrip("/")
         ckpt = os.path.join(logdir, "model.ckpt")
+        if not os.path.isfile(ckpt):
+            parser.error(f"no model.ckpt in {logdir} (pass -r the checkpoint itself)")
 
     base_configs = sorted(glob.glob(os.path.join(logdir, "config.yaml")))
+    if not base_configs:
+        parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs
 
     configs = [OmegaConf.load(cfg) for cfg in opt.base]
@@ -284,7 +293,10 @@ if __name__ == "__main__":
 
     print(config)
 
-    model, global_step = load_model(config, ckpt, gpu, eval_mode)
+    try:
+        model, global_step = load_model(config, ckpt, gpu, eval_mode, opt.unsafe_pickle)
+    except CheckpointError as e:
+        parser.error(str(e))
     print(f"global step: {global_step}")
     print(75 * "=")
     print("logging to:")

@@ -1,8 +1,8 @@
 import os, sys
 import numpy as np
-import scann
 import argparse
 import glob
+import importlib.util
 from multiprocessing import cpu_count
 from tqdm import tqdm
 
@@ -142,6 +142,11 @@ if __name__ == '__main__':
                         type=int,
                         help='number of nearest neighbors, for which the searcher shall be optimized')
 
-    opt, _  = parser.parse_known_args()
+    opt = parser.parse_args()
+    if importlib.util.find_spec("scann") is None:
+        raise SystemExit("error: this script needs the optional package scann (pip install scann)")
+    import scann
+    if not glob.glob(os.path.join(opt.database, '*.npz')):
+        parser.error(f"no .npz files in --database {opt.database} (the folder of CLIP features to index)")
 
     train_searcher(opt,)

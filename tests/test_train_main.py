@@ -1,8 +1,11 @@
-"""main.py (the training entry point) trains the tiny config for two steps on pytorch-lightning 2."""
+"""main.py (the training entry point) trains the tiny config for two steps on pytorch-lightning 2;
+bad input (no config, a config without model or data, a mistyped flag) is one error line."""
 import csv
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, TINY_CONFIG
 
@@ -47,3 +50,112 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
     last = result.stderr.strip().splitlines()[-1]
     assert "log_images_kwargs" in last and "'ddim_step'" in last and "ddim_steps" in last, last
     assert not any(tmp_path.glob("*/checkpoints/*.ckpt"))
+
+
+def run_main(*args, timeout=120):
+    return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error_line(result, *words):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert all(w in last for w in words), last
+
+
+def test_main_with_a_text_file_as_config_is_one_error_line(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("just some notes\nnot a config\n")
+    assert_one_error_line(run_main("-t", "--base", text, "--logdir", tmp_path / "logs"),
+                          str(text), "has no `model:` section", "procedural-t2i.yaml")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_main_rejects_a_mistyped_flag_and_names_the_right_one(tmp_path):
+    # parse_known_args used to hand it to OmegaConf.from_dotlist (keys '--max-steps' and '10')
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--max-steps", "10",
+                      "--logdir", tmp_path, "data.params.batch_size=2")
+    assert_one_error_line(result, "unknown option --max-steps", "did you mean --max_steps?")
+    assert not any(tmp_path.iterdir())
+
+
+# the checks themselves, in-process (each subprocess above pays for importing torch and lightning)
+
+@pytest.fixture(scope="module")
+def main_module():
+    import main
+    return main
+
+
+def error_line(capsys, function, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        function(*args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_no_config_is_one_error_line(main_module, capsys):
+    last = error_line(capsys, main_module.load_config, main_module.get_parser(), [], [])
+    assert "no --base config given (pass a training config such as configs/embedded/procedural-t2i.yaml)" in last
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", ["has no `model:` section"]),
+    ("model: [1\ndata: 2\n", ["cannot read", "as YAML", "line 2"]),
+    ("model:\n  target: a.B\n\tdata: 2\n", ["cannot read", "as YAML", "tab"]),
+    ("- model\n- data\n", ["is not a YAML mapping"]),
+    ("model: some.Model\n", ["the `model:` section", "has no `target:`"]),
+    ("model:\n  target: some.Model\n", ["has no `data:` section"]),
+])
+def test_a_config_that_cannot_train_is_one_error_line(main_module, capsys, tmp_path, content, words):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    last = error_line(capsys, main_module.load_config, main_module.get_parser(), [str(path)], [])
+    assert str(path) in last and all(w in last for w in words), last
+
+
+def test_the_merged_configs_and_overrides_are_checked(main_module, capsys, tmp_path):
+    model, data = tmp_path / "model.yaml", tmp_path / "data.yaml"
+    model.write_text("model:\n  target: some.Model\n")
+    data.write_text("data:\n  target: main.DataModuleFromConfig\n")
+    parser = main_module.get_parser()
+    config = main_module.load_config(parser, [str(model), str(data)], ["data.params.batch_size=4"])
+    assert config.model.target == "some.Model" and config.data.params.batch_size == 4
+    # an override may supply a section; neither file having it is an error naming both
+    assert main_module.load_config(parser, [str(model)], ["data.target=x.Y"]).data.target == "x.Y"
+    last = error_line(capsys, main_module.load_config, parser, [str(data), str(data)], [])
+    assert last.endswith(f"none of {data}, {data} has a `model:` section "
+                         "(pass a training config such as configs/embedded/procedural-t2i.yaml)"), last
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--maxsteps", "3"], ["unknown option --maxsteps", "did you mean --max_steps?"]),
+    (["--max-steps=3"], ["unknown option --max-steps", "did you mean --max_steps?"]),
+    (["-x"], ["unknown option -x", "KEY=VALUE"]),
+    (["data.params.batch_size=4", "stray"], ["unexpected argument 'stray'", "KEY=VALUE"]),
+    (["seed"], ["unexpected argument 'seed'", "did you mean --seed?"]),
+])
+def test_leftover_arguments_must_be_overrides(main_module, capsys, args, words):
+    parser = main_module.get_parser()
+    opt, unknown = parser.parse_known_args(["--base", "a.yaml", "-t", "--logdir", "logs", *args])
+    last = error_line(capsys, main_module.check_overrides, parser, unknown)
+    assert all(w in last for w in words), last
+
+
+def test_overrides_pass_the_check(main_module):
+    # what scripts/gpu_train_embedded.sh and models/embedded/README.md pass
+    parser = main_module.get_parser()
+    args = ["--base", "a.yaml", "-t", "--no-test", "--accelerator", "cpu", "--max_steps", "3", "--logdir", "logs",
+            "data.params.batch_size=4", "lightning.trainer.max_time=00:00:07:30",
+            "model.params.scheduler_config.params.warm_up_steps=[5]"]
+    opt, unknown = parser.parse_known_args(args)
+    main_module.check_overrides(parser, unknown)
+    assert opt.max_steps == 3 and len(unknown) == 3
+
+
+def test_an_override_swallowed_by_a_flag_is_explained(main_module, capsys):
+    parser = main_module.get_parser()
+    last = error_line(capsys, parser.parse_known_args, ["--base", "a.yaml", "-t", "data.params.batch_size=4"])
+    assert "got 'data.params.batch_size=4'" in last and "--logdir" in last, last
+    last = error_line(capsys, main_module.load_config, parser, ["data.params.batch_size=4"], [])
+    assert "config not found: data.params.batch_size=4 (a KEY=VALUE override?" in last, last

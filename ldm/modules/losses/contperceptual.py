@@ -4,6 +4,12 @@ import torch.nn as nn
 from ldm.modules.losses.vqperceptual import adopt_weight, hinge_d_loss, vanilla_d_loss, import_taming_gan_parts
 
 
+class DummyLoss(nn.Module):
+    """No loss: the lossconfig of released inference configs (models/ldm/inpainting_big), as in taming."""
+    def __init__(self):
+        super().__init__()
+
+
 class LPIPSWithDiscriminator(nn.Module):
     def __init__(self, disc_start, logvar_init=0.0, kl_weight=1.0, pixelloss_weight=1.0,
                  disc_num_layers=3, disc_in_channels=3, disc_factor=1.0, disc_weight=1.0,

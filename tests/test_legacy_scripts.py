@@ -1,0 +1,62 @@
+"""Upstream's legacy scripts (knn2img, train_searcher, sample_diffusion, inpaint): --help works
+without their optional packages, and bad input is one error line, not a traceback."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+
+
+def run(script, *args):
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def error_line(result, returncode=2):
+    assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["knn2img.py", "train_searcher.py"])
+def test_help_works_without_the_optional_packages(script):
+    result = run(script, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("clip") is not None, reason="clip is installed")
+def test_knn2img_names_the_missing_clip_package():
+    last = error_line(run("knn2img.py"), returncode=1)
+    assert "needs the optional package clip (pip install" in last, last
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scann") is not None, reason="scann is installed")
+def test_train_searcher_names_the_missing_scann_package():
+    last = error_line(run("train_searcher.py"), returncode=1)
+    assert last == "error: this script needs the optional package scann (pip install scann)", last
+
+
+def test_sample_diffusion_needs_a_run_folder(tmp_path):
+    assert "required: -r/--resume" in error_line(run("sample_diffusion.py"))
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path / "nope"))
+    assert f"cannot find {tmp_path / 'nope'}" in last, last
+
+
+def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_text("not a checkpoint\n")
+    assert "no config.yaml in" in error_line(run("sample_diffusion.py", "-r", ckpt))
+    (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())
+    last = error_line(run("sample_diffusion.py", "-r", ckpt))
+    assert str(ckpt) in last, last
+    # the message suggests --unsafe-pickle: the script takes it (and the file is still unreadable)
+    last = error_line(run("sample_diffusion.py", "-r", ckpt, "--unsafe-pickle"))
+    assert f"Cannot read checkpoint {ckpt}" in last, last
+
+
+def test_inpaint_needs_its_folders(tmp_path):
+    assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
