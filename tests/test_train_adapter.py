@@ -107,3 +107,25 @@ def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
                                                    "--prompts", "a face with glasses"]))
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "not a procedural chair, table or shape caption" in errors[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--outdir", "{afile}"], "--outdir {afile} is a file, not a folder"),
+    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create this folder"),
+    (["--outdir", "/proc"], "--outdir /proc: "),
+    (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
+    (["--steps", "5000"], "--steps must be at most 1000"),
+])
+def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, capsys, args, message):
+    files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out"}
+    files["afile"].write_text("keep me")
+    files["text"].write_text("hello\n")
+    script = load_script("adapter_benchmark")
+    argv = ["--config", str(CONFIG), "--random-weights", "--adapter", str(files["afile"]), "--outdir",
+            str(files["out"]), *[a.format(**files) for a in args]]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(**files) in err.strip().splitlines()[-1]
+    assert files["afile"].read_text() == "keep me" and not files["out"].exists()
