@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -55,18 +56,31 @@ def load_script(name):
     (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
     (["--random-weights", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (["--random-weights", "--out", "{existing}/b.safetensors"], "is a file, not a folder"),
+    (["--random-weights", "--out", "/proc/x/b.safetensors"], "--out /proc/x: cannot create this folder"),
+    (["--random-weights", "--out", "/proc/b.safetensors"], "--out /proc"),  # root passes os.access there
+    (["--random-weights", "--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1"),
+    (["--random-weights", "--max-minutes", "-1"], "--max-minutes must be positive, or 0 for no limit"),
+    (["--random-weights", "--config", "{text}"], "is not a model config (Missing key model"),
+    (["--random-weights", "--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml")],
+     "not a text-to-image model with captions"),
+    pytest.param(["--random-weights", "--precision", "bf16"], "--precision bf16 is for CUDA",  # --device auto
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda here")),
 ])
 def test_bad_training_flags_are_one_error_line(tmp_path, capsys, args, message):
-    existing = tmp_path / "a.safetensors"
+    existing, text = tmp_path / "a.safetensors", tmp_path / "text.txt"
     existing.write_bytes(b"")
+    text.write_text("hello\n")
     script = load_script("train_adapter")
     parser = script.build_parser()
-    argv = ["--out", str(tmp_path / "new.safetensors")] + [a.format(existing=existing) for a in args]
+    argv = ["--config", str(CONFIG), "--out", str(tmp_path / "new.safetensors")]
+    argv += [a.format(existing=existing, text=text) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         script.validate(parser, parser.parse_args(argv))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "text.txt"]  # nothing written
 
 
 def test_txt2img_takes_the_trained_adapter_on_the_embedded_config(trained, tmp_path):
