@@ -104,6 +104,7 @@ def validate(parser, opt):
         parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
     if not os.path.isfile(opt.adapter):
         parser.error(f"adapter not found: {opt.adapter}")
+    cb.check_outdir(parser, opt.outdir)  # last: created only when the input is good
 
 
 # --- model, adapter, conditions -------------------------------------------------------------
@@ -219,10 +220,8 @@ def main(argv=None):
     validate(parser, opt)
     opt.condition = opt.condition or recorded_condition(opt.adapter) or "outline"
     device = resolve_device(opt.device)
-    opt.shape = cb.latent_shape(opt.config)
     model = cb.load(opt, device)
     adapter = load_adapter_for(model, opt, device)
-    run_dir = cb.new_run_dir(opt.outdir)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     rows, figure_batches = [], {}
     for row, images, conds in run(opt, model, adapter, device):
@@ -232,6 +231,7 @@ def main(argv=None):
             figure_batches[row["setting"]] = images
     table = markdown_table(rows, opt.settings)
     header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
+    run_dir = cb.new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:
         f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
     cb.write_csv(rows, os.path.join(run_dir, "results.csv"))

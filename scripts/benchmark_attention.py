@@ -23,8 +23,10 @@ import argparse
 import csv
 import datetime
 import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import load_config, read_geometry  # noqa: E402
+from ldm.script_helpers import check_new_file, read_geometry  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")
@@ -52,6 +54,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEAK_TFLOPS_16BIT = [("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5), ("H100", 989.4),
                      ("A100", 312.0)]
 
+DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 CSV_FIELDS = ["kind", "device", "torch", "date", "dtype", "variant", "setting", "n", "status",
               "ms_call", "ms_image", "x_sdpa", "peak_gib", "gflop_call", "tflops", "pct_peak", "compile_s",
               "steps", "s_batch", "images_per_s", "s_sampling", "s_decode"]
@@ -400,12 +403,12 @@ def write_csv(path, rows, common):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--size", type=int,
                         help="image size in pixels; default: the config's sampling size (512 for SD v1)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="images per CFG half")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights and activations")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (batches with --end-to-end)")
     parser.add_argument("--settings", nargs="+", metavar="NAME",
                         help="only these settings (vanilla sdpa is always measured); default: all of "
@@ -416,11 +419,13 @@ def build_parser():
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each UNet call from a CUDA graph (settings that decide on the host "
                              "each call, sample mode and step windows, are skipped)")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for --dtype, if not in the built-in table")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak for --dtype in TFLOP/s (> 0), if not in the built-in table")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time whole txt2img batches (text encoder, DDIM with CFG, VAE decoder) instead")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per batch with --end-to-end")
-    parser.add_argument("--csv", metavar="PATH", help="append the rows to this CSV file (header if new)")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="append the rows to this CSV file: a new one (header written) or one this script wrote")
     return parser
 
 
@@ -430,9 +435,11 @@ def validate(parser, opt):
         if min(values) < 1:
             parser.error(f"{flag} must be at least 1, got {min(values)}")
     if not Path(opt.config).is_file():
-        parser.error(f"config not found: {opt.config} (pass --config configs/stable-diffusion/v1-inference.yaml "
-                     f"or another model config)")
-    geometry = read_geometry(load_config(opt.config))
+        parser.error(f"config not found: {opt.config} (pass --config {DEFAULT_CONFIG} or another model config)")
+    geometry, timesteps = read_model_config(parser, opt.config)
+    if opt.end_to_end and opt.steps > timesteps:
+        parser.error(f"--steps must be at most {timesteps}, the model's diffusion steps (model.params.timesteps "
+                     f"in {opt.config}), got {opt.steps}")
     if opt.size is None:
         opt.size = geometry.height
     if opt.size < geometry.multiple or opt.size % geometry.multiple:
@@ -442,15 +449,56 @@ def validate(parser, opt):
     try:
         device = torch.device(opt.device)
     except RuntimeError:
-        parser.error(f"unknown --device {opt.device!r} (use cpu or cuda)")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # torch knows mps, meta, ...: not usable here
+        parser.error(f"unsupported --device {opt.device!r} (use cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {opt.device}: there are {torch.cuda.device_count()} CUDA devices, numbered from 0")
+    if opt.peak_tflops is not None and not opt.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be positive, got {opt.peak_tflops}")
     if opt.cuda_graphs and (device.type != "cuda" or opt.end_to_end or opt.compile):
         parser.error("--cuda-graphs needs --device cuda and the UNet table (not --end-to-end or --compile)")
     unknown = sorted(set(opt.settings or []) - {s.name for s in SETTINGS})
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from: " + "; ".join(s.name for s in SETTINGS))
+    if opt.csv is not None:
+        check_csv(parser, opt.csv)
     return device, DTYPES[opt.dtype]
+
+
+def read_model_config(parser, path):
+    """(geometry, diffusion steps) of the model config at `path`, read before any model is built."""
+    try:
+        config = OmegaConf.load(path)
+        return read_geometry(config), int(config.model.params.get("timesteps", 1000))
+    except Exception as e:  # unreadable, binary, not YAML, no model keys: the fix is another --config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"--config {path} is not a diffusion model config ({reason}); pass one such as {DEFAULT_CONFIG}")
+
+
+def check_csv(parser, path):
+    """--csv is checked now, not after the benchmark: a new file in a writable folder, or a CSV this
+    script wrote (its header row is CSV_FIELDS), which the rows are appended to."""
+    if os.path.isdir(path):
+        parser.error(f"--csv {path} is a folder; pass a CSV file path")
+    if not os.path.exists(path):
+        check_new_file(parser, "--csv", path)
+        try:  # os.access trusts the permission bits, which root ignores (/proc would pass)
+            tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
+        except OSError as e:
+            parser.error(f"--csv {path}: cannot create files in its folder ({e.strerror}); pass a writable place")
+        return
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        open(path, "a").close()  # writable? opening to append changes nothing
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        parser.error(f"--csv {path}: cannot read and append to it ({e}); pass a new file")
+    if header is not None and header != CSV_FIELDS:  # None: an empty file, the header is written
+        parser.error(f"--csv {path} is not a CSV this benchmark wrote (its first row is not the header "
+                     f"{','.join(CSV_FIELDS[:4])},...); pass a new file, or one with those columns to append to")
 
 
 def main(argv=None):

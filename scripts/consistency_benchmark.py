@@ -45,6 +45,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -54,8 +55,8 @@ from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference  # noqa: E402
-from ldm.script_helpers import (conditionings, configure_logging, cpu_noise, latents_to_images, load_config,  # noqa: E402
-                                read_geometry, resolve_device)
+from ldm.script_helpers import (check_output_dir, conditionings, configure_logging, cpu_noise,  # noqa: E402
+                                latents_to_images, read_geometry, resolve_device)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -118,6 +119,7 @@ METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread",
            "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
+DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
 
 
 # --- command line -------------------------------------------------------------------------
@@ -151,14 +153,14 @@ def build_parser():
 
 def add_model_arguments(parser):
     """The model to measure; scripts/adapter_benchmark.py takes it the same way."""
-    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config")
     parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
 
 
 def check_run(parser, opt, settings):
     """The checks every benchmark built on this loop shares (settings, sizes, model files, --figure,
-    device); bad input ends with one ``error:`` line."""
+    device); bad input ends with one ``error:`` line. Sets opt.shape, the latent shape."""
     unknown = [s for s in opt.settings if s not in settings]
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(settings)}")
@@ -167,6 +169,12 @@ def check_run(parser, opt, settings):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not os.path.isfile(opt.config):
         parser.error(f"config not found: {opt.config}")
+    geometry, timesteps = read_model_config(parser, opt.config)
+    if opt.steps > timesteps:
+        parser.error(f"--steps must be at most {timesteps}, the model's diffusion steps (model.params.timesteps "
+                     f"in {opt.config}), got {opt.steps}")
+    # at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)
+    opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
     if opt.random_weights == bool(opt.ckpt):
         parser.error("pass exactly one of --ckpt PATH and --random-weights")
     if opt.ckpt and not os.path.isfile(opt.ckpt):
@@ -177,6 +185,17 @@ def check_run(parser, opt, settings):
                      f"and {len(opt.seeds)} seeds")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
+
+
+def read_model_config(parser, path):
+    """(geometry, diffusion steps) of the model config at `path`, read before any model is built."""
+    from omegaconf import OmegaConf
+    try:
+        config = OmegaConf.load(path)
+        return read_geometry(config), int(config.model.params.get("timesteps", 1000))
+    except Exception as e:  # unreadable, binary, not YAML, no model keys: the fix is another --config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"--config {path} is not a diffusion model config ({reason}); pass one such as {DEFAULT_CONFIG}")
 
 
 def config_of(setting):
@@ -210,11 +229,22 @@ def validate(parser, opt):
     if not_procedural and subject_settings:
         parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
                      f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
+    check_outdir(parser, opt.outdir)  # last: created only when the input is good
+
+
+def check_outdir(parser, outdir):
+    """check_output_dir, then a folder really made and removed in it: os.access trusts the permission
+    bits, which root ignores, so /proc would pass and the run folder fail after the benchmark."""
+    check_output_dir(parser, "--outdir", outdir)
+    try:
+        tempfile.TemporaryDirectory(dir=outdir).cleanup()
+    except OSError as e:
+        parser.error(f"--outdir {outdir}: cannot create folders in it ({e.strerror}); pass a writable folder")
 
 
 def new_run_dir(outdir):
-    """OUTDIR/run-NNN with the next free number; created here, so it never holds earlier results."""
-    os.makedirs(outdir, exist_ok=True)
+    """OUTDIR/run-NNN with the next free number; created here, so it never holds earlier results.
+    Called once the results are in, so a failed or interrupted run leaves no empty folder."""
     taken = [int(d[4:]) for d in os.listdir(outdir) if d.startswith("run-") and d[4:].isdigit()]
     path = os.path.join(outdir, f"run-{max(taken, default=0) + 1:03}")
     os.makedirs(path)  # exist_ok=False: a concurrent run with the same number fails instead of mixing
@@ -233,12 +263,6 @@ def load(opt, device):
                                       random_weights=opt.random_weights)
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-
-
-def latent_shape(config_path):
-    """(C, H/f, W/f) at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)."""
-    geometry = read_geometry(load_config(config_path))
-    return [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
 
 
 def start_noise(shape, prompt_index, seed, n, device):
@@ -416,12 +440,10 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
-    opt.shape = latent_shape(opt.config)
     try:
         embedder = load_embedder(opt.embedder, device) if opt.embedder else None
     except EmbedderError as e:
         parser.error(str(e))
-    run_dir = new_run_dir(opt.outdir)
     model = load(opt, device)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     rows, figure_batches = [], {}
@@ -431,6 +453,7 @@ def main(argv=None):
             figure_batches[row["setting"]] = images
     table = markdown_table(rows, opt.settings)
     header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
+    run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:
         f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
     write_csv(rows, os.path.join(run_dir, "results.csv"))

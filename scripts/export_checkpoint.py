@@ -23,10 +23,12 @@ import logging
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.script_helpers import check_new_file  # noqa: E402
 from ldm.util import CheckpointError, read_checkpoint, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
@@ -35,6 +37,7 @@ UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 NETWORK_PREFIXES = (UNET_PREFIX, "cond_stage_model.")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LOSS_COLUMNS = ("train/loss_simple_step", "train/loss_simple_epoch", "val/loss_simple", "val/loss_simple_ema")
 LAST_N_LOSSES = 50  # the sidecar's "final loss" is the mean of the last this-many logged steps
 
 
@@ -85,20 +88,34 @@ def _column(rows, name):
 
 
 def loss_summary(metrics_path):
-    """Final training/validation losses from a Lightning CSVLogger metrics.csv."""
-    with open(metrics_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Final training/validation losses from a Lightning CSVLogger metrics.csv. A file that is not
+    one (unreadable, none of LOSS_COLUMNS, no step column) raises ValueError with a one-line message;
+    loss columns without values yet (a run stopped early) are not an error."""
+    try:
+        with open(metrics_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (ValueError, csv.Error) as e:  # undecodable bytes, a broken CSV
+        raise ValueError(f"{metrics_path} is not a readable metrics.csv ({e})") from e
+    if not set(LOSS_COLUMNS) & set(reader.fieldnames or ()):
+        raise ValueError(f"{metrics_path} has none of the loss columns {', '.join(LOSS_COLUMNS)}, which "
+                         f"main.py's CSV logger writes")
     summary = {"metrics_csv": os.path.abspath(metrics_path)}
-    train = _column(rows, "train/loss_simple_step")
-    if train:
-        last = [v for _, v in train[-LAST_N_LOSSES:]]
-        summary.update(train_loss_last_step=train[-1][0], train_loss_last=train[-1][1],
-                       train_loss_mean_last_logged=sum(last) / len(last), train_loss_logged_points=len(last),
-                       train_loss_first=train[0][1])
-    for name in ("train/loss_simple_epoch", "val/loss_simple", "val/loss_simple_ema"):
-        values = _column(rows, name)
-        if values:
-            summary[name] = {"step": values[-1][0], "value": values[-1][1]}
+    try:
+        train = _column(rows, "train/loss_simple_step")
+        if train:
+            last = [v for _, v in train[-LAST_N_LOSSES:]]
+            summary.update(train_loss_last_step=train[-1][0], train_loss_last=train[-1][1],
+                           train_loss_mean_last_logged=sum(last) / len(last), train_loss_logged_points=len(last),
+                           train_loss_first=train[0][1])
+        for name in LOSS_COLUMNS[1:]:
+            values = _column(rows, name)
+            if values:
+                summary[name] = {"step": values[-1][0], "value": values[-1][1]}
+    except KeyError as e:
+        raise ValueError(f"{metrics_path} has losses but no {e} column for them") from e
+    except ValueError as e:  # a step or loss that is not a number
+        raise ValueError(f"{metrics_path} is not a readable metrics.csv ({e})") from e
     return summary
 
 
@@ -117,13 +134,19 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
         sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
         logger.info("--no-ema: exporting the raw training weights, EMA dropped")
     sd = {k: v.contiguous() for k, v in cast_network_weights(sd, DTYPES[dtype]).items()}
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise CheckpointError(f"{ckpt_path} holds no UNet weights ({UNET_PREFIX}*): not a trained model to export")
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     info = {"source": os.path.abspath(ckpt_path), "global_step": step,
             "epoch": checkpoint.get("epoch") if isinstance(checkpoint, dict) else None,
             "ema": bool(swapped), "dtype": dtype, "parameters": count_parameters(sd), "tensors": len(sd)}
-    metrics_path = metrics_path or find_metrics(ckpt_path)
-    if metrics_path:
+    if metrics_path:  # given: validate() has read it
         info["losses"] = loss_summary(metrics_path)
+    elif found := find_metrics(ckpt_path):
+        try:
+            info["losses"] = loss_summary(found)
+        except (OSError, ValueError) as e:  # found, not asked for: the export goes on without it
+            logger.warning("no losses in the sidecar: %s", e)
     save_file(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
     info["bytes"] = os.path.getsize(out_path)
     with open(sidecar_path(out_path), "x") as f:
@@ -166,9 +189,16 @@ def validate(parser, opt):
             parser.error(f"{path} already exists; choose another output name (existing files are never overwritten)")
     if opt.metrics and not os.path.isfile(opt.metrics):
         parser.error(f"metrics file not found: {opt.metrics}")
-    out_dir = os.path.dirname(os.path.abspath(opt.out))
-    if not os.path.isdir(out_dir):
-        parser.error(f"output directory does not exist: {out_dir}")
+    if opt.metrics:
+        try:
+            loss_summary(opt.metrics)
+        except (OSError, ValueError) as e:
+            parser.error(f"--metrics {e}")
+    check_new_file(parser, "output", opt.out)
+    try:  # os.access trusts the permission bits, which root ignores: /proc passes it
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(opt.out))).close()
+    except OSError as e:
+        parser.error(f"output {opt.out}: cannot create files in its folder ({e.strerror}); pass a writable place")
 
 
 def main(argv=None):

@@ -15,22 +15,41 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data.procedural import ALL_KINDS, KINDS, ProceduralScenes, read_attributes  # noqa: E402
+from ldm.script_helpers import check_new_file  # noqa: E402
+
+# The renderer draws every scene from 13 px up (the furniture's parts collide below that);
+# 16 leaves a margin. It is designed for 32.
+MIN_SIZE = 16
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="output PNG path (a new file; an existing one is never overwritten)")
+    ap.add_argument("--n", type=int, default=24, help="number of scenes")
+    ap.add_argument("--cols", type=int, default=6, help="tiles per row")
+    ap.add_argument("--size", type=int, default=32, help=f"scene size in pixels (at least {MIN_SIZE})")
+    ap.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscale of each tile")
+    ap.add_argument("--seed", type=int, default=0, help="dataset seed (0 or more)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma separated subset of {','.join(ALL_KINDS)}")
+    args = ap.parse_args(argv)
+    for flag, value, least in (("--n", args.n, 1), ("--cols", args.cols, 1), ("--size", args.size, MIN_SIZE),
+                               ("--scale", args.scale, 1), ("--seed", args.seed, 0)):
+        if value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
+    args.kinds = tuple(args.kinds.split(","))
+    unknown = [k for k in args.kinds if k not in ALL_KINDS]
+    if unknown:
+        ap.error(f"--kinds: unknown kind {unknown[0]!r}; choose from {','.join(ALL_KINDS)}")
+    if os.path.splitext(args.out)[1].lower() != ".png":
+        ap.error(f"output {args.out} must be a .png file path")
+    check_new_file(ap, "output", args.out)
+    return args
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="output PNG path")
-    ap.add_argument("--n", type=int, default=24)
-    ap.add_argument("--cols", type=int, default=6)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--scale", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default=",".join(KINDS),
-                    help=f"comma separated subset of {ALL_KINDS}")
-    args = ap.parse_args(argv)
-
-    ds = ProceduralScenes(size=args.size, length=args.n, seed=args.seed,
-                          kinds=tuple(args.kinds.split(",")))
+    args = parse_args(argv)
+    ds = ProceduralScenes(size=args.size, length=args.n, seed=args.seed, kinds=args.kinds)
     tile = args.size * args.scale
     text_h = 64
     cols = min(args.cols, args.n)
@@ -48,8 +67,8 @@ def main(argv=None):
         lines = textwrap.wrap(text or '"" (empty)', width=tile // 6)[:4]
         lines.append("read-back ok" if ok else "read-back BAD")
         draw.multiline_text((x, y + tile + 2), "\n".join(lines), fill=(0, 0, 0), spacing=1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    grid.save(args.out)
+    with open(args.out, "xb") as f:  # "x": a file that appeared meanwhile is still not overwritten
+        grid.save(f, format="PNG")
     print(f"wrote {args.out} ({args.n} scenes)")
 
 

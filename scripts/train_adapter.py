@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -45,7 +46,7 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import configure_logging, resolve_device  # noqa: E402
+from ldm.script_helpers import check_new_file, configure_logging, resolve_device  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
 
@@ -69,7 +70,7 @@ def build_parser():
     add("--steps", type=int, default=2000)
     add("--batch-size", type=int, default=256)
     add("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
-    add("--weight-decay", type=float, default=1e-2)
+    add("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (0 or more)")
     add("--warmup-steps", type=int, default=100, help="linear LR warm-up")
     add("--timesteps", choices=TIMESTEP_SAMPLING, default="cubic",
         help="cubic: t = (1 - u^3) T, biased to the noisy steps where the layout forms (T2I-Adapter); "
@@ -99,6 +100,7 @@ def validate(parser, opt):
     for path, what in ((opt.config, "config"), (opt.ckpt, "checkpoint")):
         if path and not os.path.isfile(path):
             parser.error(f"{what} not found: {path}")
+    check_captioned_model(parser, opt.config)
     if not opt.out.endswith(".safetensors"):
         parser.error(f"--out must end in .safetensors (got {opt.out})")
     for path in (opt.out, sidecar(opt.out)):
@@ -112,12 +114,36 @@ def validate(parser, opt):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not opt.lr > 0:
         parser.error(f"--lr must be positive, got {opt.lr}")
+    if not opt.weight_decay >= 0:
+        parser.error(f"--weight-decay must be 0 or more, got {opt.weight_decay}")
+    if not opt.max_minutes >= 0:
+        parser.error(f"--max-minutes must be positive, or 0 for no limit, got {opt.max_minutes}")
     if not 0 <= opt.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {opt.ema_decay}")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
-    if opt.precision == "bf16" and opt.device == "cpu":
+    if opt.precision == "bf16" and resolve_device(opt.device).type == "cpu":  # --device auto included
         parser.error("--precision bf16 is for CUDA; use fp32 on the CPU")
+    # last, as it creates the folder: the adapter is saved after training, so a place it cannot go
+    # must fail now (os.access trusts the permission bits, which root ignores: /proc passes it)
+    check_new_file(parser, "--out", opt.out)
+    try:
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(opt.out))).close()
+    except OSError as e:
+        parser.error(f"--out {opt.out}: cannot create files in its folder ({e.strerror}); pass a writable place")
+
+
+def check_captioned_model(parser, path):
+    """The config must describe a text-to-image model trained on captions, like the procedural scenes'."""
+    from omegaconf import OmegaConf
+    try:
+        key = OmegaConf.load(path).model.params.get("cond_stage_key")
+    except Exception as e:  # unreadable, binary, not YAML, no model keys: the fix is another --config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"--config {path} is not a model config ({reason}); pass one such as {DEFAULT_CONFIG}")
+    if key != "caption":
+        parser.error(f"{path} is not a text-to-image model with captions (cond_stage_key: caption); the adapter "
+                     f"is trained on captioned procedural scenes (e.g. --config {DEFAULT_CONFIG})")
 
 
 # --- model and data -------------------------------------------------------------------------

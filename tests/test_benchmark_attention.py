@@ -100,3 +100,36 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--csv", "{folder}"], "--csv {folder} is a folder"),
+    (["--csv", "/proc/x/a.csv"], "--csv /proc/x: cannot create this folder"),
+    (["--csv", "/proc/a.csv"], "--csv /proc"),  # root passes os.access there
+    (["--csv", "{text}"], "is not a CSV this benchmark wrote"),
+    (["--csv", "{other_csv}"], "is not a CSV this benchmark wrote"),
+    (["--csv", "{binary}"], "cannot read and append to it"),
+    (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
+    (["--config", "{binary}"], "is not a diffusion model config"),
+    (["--device", "mps"], "unsupported --device 'mps' (use cpu, cuda or cuda:N)"),
+    (["--device", "banana"], "unsupported --device 'banana'"),
+    (["--peak-tflops", "-5"], "--peak-tflops must be positive, got -5"),
+    (["--peak-tflops", "0"], "--peak-tflops must be positive"),
+    (["--end-to-end", "--steps", "5000"], "--steps must be at most 1000"),
+])
+def test_bad_csv_config_device_and_numbers_are_one_error_line_before_the_benchmark(tmp_path, argv, message, capsys):
+    files = {"folder": tmp_path / "folder", "text": tmp_path / "text.txt", "binary": tmp_path / "bin.txt",
+             "other_csv": tmp_path / "other.csv"}
+    files["folder"].mkdir()
+    files["text"].write_text("hello\n")
+    files["binary"].write_bytes(bytes(range(256)) * 2)
+    files["other_csv"].write_text("a,b\n1,2\n")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(TINY + [arg.format(**files) for arg in argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message.format(**files) in captured.err.strip().splitlines()[-1] and "Traceback" not in captured.err
+    assert not table_rows(captured.out)  # nothing was measured
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+    assert list(files["folder"].iterdir()) == []

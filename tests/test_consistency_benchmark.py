@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -141,13 +142,55 @@ def test_reference_rows_in_a_cli_run(tmp_path):
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
 
 
-def test_the_figure_shows_the_per_image_batch_by_default():
+def test_the_figure_shows_the_per_image_batch_by_default(tmp_path):
     bench = benchmark_module()
     parser = bench.build_parser()
     for argv, expected in ((["--random-weights"], [len(bench.DEFAULT_PROMPTS) - 1, 0]),
                            (["--random-weights", "--prompts", "a chair", "a table"], [0, 0]),
                            (["--random-weights", "--figure", "1", "2"], [1, 2])):
-        opt = parser.parse_args(["--config", str(CONFIG), *argv])
+        opt = parser.parse_args(["--config", str(CONFIG), "--outdir", str(tmp_path), *argv])
         bench.validate(parser, opt)
         assert opt.figure == expected
     assert " | " in bench.DEFAULT_PROMPTS[-1]
+
+
+def bad_input_files(tmp_path):
+    """What the audit passed: a plain file where a folder belongs, a text file and random bytes as
+    configs, and a checkpoint that is not one."""
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "text.txt").write_text("hello\n")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 2)
+    (tmp_path / "bad.safetensors").write_text("not weights")
+    return {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "bin": tmp_path / "bin.txt",
+            "badckpt": tmp_path / "bad.safetensors", "out": tmp_path / "out"}
+
+
+BAD_RUNS = [
+    (["--outdir", "{afile}"], "--outdir {afile} is a file, not a folder"),
+    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create this folder"),
+    (["--outdir", "/proc"], "--outdir /proc: "),  # root passes os.access there
+    (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
+    (["--config", "{bin}"], "is not a diffusion model config"),
+    (["--steps", "5000"], "--steps must be at most 1000, the model's diffusion steps"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_RUNS)
+def test_bad_outdir_config_and_steps_are_one_error_line_before_loading(tmp_path, capsys, args, message):
+    files = bad_input_files(tmp_path)
+    argv = ["--random-weights", "--outdir", str(files["out"]), *[a.format(**files) for a in args]]
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_module().main(["--config", str(CONFIG), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(**files) in err.strip().splitlines()[-1]
+    assert files["afile"].read_text() == "keep me" and not files["out"].exists()
+
+
+def test_a_run_that_fails_after_validation_leaves_no_run_folder(tmp_path, capsys):
+    files = bad_input_files(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_module().main(["--config", str(CONFIG), "--ckpt", str(files["badckpt"]), "--outdir",
+                                 str(files["out"]), "--n", "2", "--steps", "1", "--seeds", "0"])
+    assert "error:" in str(exit_info.value) and "Traceback" not in capsys.readouterr().err
+    assert list(files["out"].iterdir()) == []

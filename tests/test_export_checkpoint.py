@@ -116,3 +116,50 @@ def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
     result = run_cli(tmp_path / "nope.ckpt", tmp_path / "m.safetensors")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "checkpoint not found" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{ckpt}", "/proc/o2.safetensors"], "output /proc"),  # /proc exists; root passes os.access there
+    (["{ckpt}", "/proc/x/o2.safetensors"], "output /proc/x: cannot create this folder"),
+    (["{ckpt}", "{text}/m.safetensors"], "is a file, not a folder"),
+    (["{ckpt}", "{out}", "--metrics", "{binary}"], "--metrics {binary} is not a readable metrics.csv"),
+    (["{ckpt}", "{out}", "--metrics", "{text}"], "has none of the loss columns train/loss_simple_step, "),
+    (["{ckpt}", "{out}", "--metrics", "{no_step}"], "has losses but no 'step' column"),
+])
+def test_cli_bad_output_and_metrics_are_one_error_line_before_reading_the_checkpoint(tmp_path, capsys, args,
+                                                                                      message):
+    files = {"ckpt": fake_run(tmp_path, small_state_dict()), "out": tmp_path / "m.safetensors",
+             "text": tmp_path / "text.txt", "binary": tmp_path / "bin.txt", "no_step": tmp_path / "nostep.csv"}
+    files["text"].write_text("hello\n")
+    files["binary"].write_bytes(bytes(range(256)) * 2)
+    files["no_step"].write_text("epoch,val/loss_simple\n0,0.5\n")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        export_checkpoint.main([a.format(**files) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(**files) in err.strip().splitlines()[-1]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_refuses_a_checkpoint_without_unet_weights(tmp_path):
+    from safetensors.torch import save_file
+    empty = tmp_path / "nomodel.safetensors"
+    save_file({"foo": torch.zeros(2)}, empty)
+    result = run_cli(empty, tmp_path / "m.safetensors")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds no UNet weights" in result.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nomodel.safetensors"]
+
+
+def test_a_broken_metrics_csv_found_next_to_the_run_is_skipped_with_a_warning(tmp_path, caplog):
+    ckpt = fake_run(tmp_path, small_state_dict())
+    (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").write_text("epoch,step,lr\n0,1,0.1\n")
+    info = export_checkpoint.export(ckpt, tmp_path / "m.safetensors")
+    assert "losses" not in info and "has none of the loss columns" in caplog.text
+
+
+def test_loss_columns_without_values_yet_are_not_an_error(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,lr-AdamW,train/loss_simple_step\n,0,0.0002,\n")
+    assert export_checkpoint.loss_summary(metrics) == {"metrics_csv": str(metrics)}

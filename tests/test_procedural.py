@@ -249,3 +249,76 @@ def test_subject_and_scene_split_the_per_attribute_agreement():
     assert split["scene_diversity"] == pytest.approx(1 - 0.375)
     assert subject_and_scene({"skin": 1.0, "background": 1.0}, "face") == {"subject_agreement": 1.0,
                                                                           "scene_diversity": 0.0}
+
+
+@pytest.mark.parametrize("size", [13, 16, 25])
+def test_render_every_kind_at_small_and_odd_sizes(size):
+    # size 25 rounded the face's mouth to no pixel at all and PIL refused the rectangle
+    rng = np.random.default_rng(2)
+    for kind in ALL_KINDS:
+        for _ in range(40):
+            assert render(sample_scene(rng, kind), size).shape == (size, size, 3)
+
+
+# ---------------------------------------------------------------- scripts/make_procedural_samples.py
+
+def _samples_script():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "make_procedural_samples.py")
+    spec = importlib.util.spec_from_file_location("make_procedural_samples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_samples_script_writes_a_png_and_never_overwrites_it(tmp_path, capsys):
+    from PIL import Image
+    script, out = _samples_script(), tmp_path / "sub" / "grid.png"
+    script.main([str(out), "--n", "3", "--cols", "2", "--size", "16", "--scale", "2"])
+    assert Image.open(out).size == (2 * (32 + 8), 2 * (32 + 64 + 8))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(out), "--n", "1", "--size", "16", "--scale", "1"])
+    assert exit_info.value.code == 2
+    assert "never overwritten" in capsys.readouterr().err.splitlines()[-1]
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--n", "-1"], "--n must be at least 1"),
+    (["--cols", "0"], "--cols must be at least 1"),
+    (["--size", "0"], "--size must be at least 16"),
+    (["--scale", "0"], "--scale must be at least 1"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--kinds", "dragon"], "unknown kind 'dragon'"),
+    (["--kinds", "face,"], "unknown kind ''"),
+])
+def test_samples_script_bad_numbers_and_kinds_are_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:
+        _samples_script().main([str(out), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message in err.splitlines()[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("grid.txt", "must be a .png"),
+    ("grid", "must be a .png"),
+    ("folder.png", "exists"),          # a folder named like a PNG
+    ("afile", "must be a .png"),
+    ("afile/grid.png", "is a file, not a folder"),
+    ("/proc/x/grid.png", "cannot create this folder"),
+])
+def test_samples_script_bad_outputs_are_one_line_and_keep_existing_files(tmp_path, capsys, out, message):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        _samples_script().main([str(tmp_path / out), "--n", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message in err.splitlines()[-1]
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.png"]

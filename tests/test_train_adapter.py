@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -55,18 +56,31 @@ def load_script(name):
     (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
     (["--random-weights", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (["--random-weights", "--out", "{existing}/b.safetensors"], "is a file, not a folder"),
+    (["--random-weights", "--out", "/proc/x/b.safetensors"], "--out /proc/x: cannot create this folder"),
+    (["--random-weights", "--out", "/proc/b.safetensors"], "--out /proc"),  # root passes os.access there
+    (["--random-weights", "--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1"),
+    (["--random-weights", "--max-minutes", "-1"], "--max-minutes must be positive, or 0 for no limit"),
+    (["--random-weights", "--config", "{text}"], "is not a model config (Missing key model"),
+    (["--random-weights", "--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml")],
+     "not a text-to-image model with captions"),
+    pytest.param(["--random-weights", "--precision", "bf16"], "--precision bf16 is for CUDA",  # --device auto
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda here")),
 ])
 def test_bad_training_flags_are_one_error_line(tmp_path, capsys, args, message):
-    existing = tmp_path / "a.safetensors"
+    existing, text = tmp_path / "a.safetensors", tmp_path / "text.txt"
     existing.write_bytes(b"")
+    text.write_text("hello\n")
     script = load_script("train_adapter")
     parser = script.build_parser()
-    argv = ["--out", str(tmp_path / "new.safetensors")] + [a.format(existing=existing) for a in args]
+    argv = ["--config", str(CONFIG), "--out", str(tmp_path / "new.safetensors")]
+    argv += [a.format(existing=existing, text=text) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         script.validate(parser, parser.parse_args(argv))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "text.txt"]  # nothing written
 
 
 def test_txt2img_takes_the_trained_adapter_on_the_embedded_config(trained, tmp_path):
@@ -107,3 +121,25 @@ def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
                                                    "--prompts", "a face with glasses"]))
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "not a procedural chair, table or shape caption" in errors[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--outdir", "{afile}"], "--outdir {afile} is a file, not a folder"),
+    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create this folder"),
+    (["--outdir", "/proc"], "--outdir /proc: "),
+    (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
+    (["--steps", "5000"], "--steps must be at most 1000"),
+])
+def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, capsys, args, message):
+    files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out"}
+    files["afile"].write_text("keep me")
+    files["text"].write_text("hello\n")
+    script = load_script("adapter_benchmark")
+    argv = ["--config", str(CONFIG), "--random-weights", "--adapter", str(files["afile"]), "--outdir",
+            str(files["out"]), *[a.format(**files) for a in args]]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(**files) in err.strip().splitlines()[-1]
+    assert files["afile"].read_text() == "keep me" and not files["out"].exists()

@@ -295,8 +295,10 @@ def _draw(scene: Scene, size: int, img: Image.Image, paint) -> Image.Image:
     d = ImageDraw.Draw(img)
 
     def box(x0, y0, x1, y1):  # fractions -> canvas pixels, snapped to the target grid
-        return [round(x0 * size) * _SS, round(y0 * size) * _SS,
-                round(x1 * size) * _SS - 1, round(y1 * size) * _SS - 1]
+        c0, r0 = round(x0 * size), round(y0 * size)
+        # at least one target pixel: a thin part (the mouth) rounded to none at some sizes (25)
+        # and PIL refused the inverted rectangle
+        return [c0 * _SS, r0 * _SS, max(round(x1 * size), c0 + 1) * _SS - 1, max(round(y1 * size), r0 + 1) * _SS - 1]
 
     def fbox(x0, y0, x1, y1):  # fractions -> canvas pixels, sub-pixel precision
         return [x0 * S, y0 * S, x1 * S - 1, y1 * S - 1]
