@@ -7,6 +7,7 @@ and invisible watermark, and the writer that numbers and saves the PNGs with the
 import logging
 import math
 import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -211,6 +212,17 @@ def load_config(path):
         raise SystemExit(f"error: cannot read config {path}: {e}")
 
 
+def read_model_geometry(parser, flag, path, example=SD_V1_CONFIG):
+    """The ModelGeometry of the model config at `path`, before any model is built; a file that is
+    missing, unreadable, not YAML or without the model keys is one error line."""
+    from omegaconf import OmegaConf
+    try:
+        return read_geometry(OmegaConf.load(path))
+    except Exception as e:  # any of those: the fix is the same, another config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"{flag} {path} is not a diffusion model config ({reason}); pass one such as {example}")
+
+
 def resolve_model(parser, opt):
     """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale and opt.geometry.
 
@@ -274,10 +286,10 @@ def check_output_dir(parser, flag, path):
         parser.error(f"{flag} {path} is a file, not a folder; pass a folder")
     try:
         os.makedirs(path, exist_ok=True)
+        # a real file, not os.access: root passes permission-bit checks even where it cannot write (/proc)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        parser.error(f"{flag} {path}: cannot create this folder ({e.strerror}); pass a writable folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path}: this folder is not writable; pass a writable folder")
+        parser.error(f"{flag} {path}: cannot create files in this folder ({e.strerror}); pass a writable folder")
 
 
 def check_new_file(parser, flag, path):

@@ -47,7 +47,8 @@ from ldm.data import procedural  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, first_stage_factor,  # noqa: E402
                                   injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import consistent_attention  # noqa: E402
-from ldm.script_helpers import conditionings, configure_logging, latents_to_images, resolve_device  # noqa: E402
+from ldm.script_helpers import (check_output_dir, conditionings, configure_logging, latents_to_images,  # noqa: E402
+                                resolve_device)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
@@ -104,7 +105,7 @@ def validate(parser, opt):
         parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
     if not os.path.isfile(opt.adapter):
         parser.error(f"adapter not found: {opt.adapter}")
-    cb.check_outdir(parser, opt.outdir)  # last: created only when the input is good
+    check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
 
 
 # --- model, adapter, conditions -------------------------------------------------------------

@@ -45,7 +45,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -56,7 +55,7 @@ from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedde
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference  # noqa: E402
 from ldm.script_helpers import (check_output_dir, conditionings, configure_logging, cpu_noise,  # noqa: E402
-                                latents_to_images, read_geometry, resolve_device)
+                                latents_to_images, read_model_geometry, resolve_device)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -169,10 +168,10 @@ def check_run(parser, opt, settings):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not os.path.isfile(opt.config):
         parser.error(f"config not found: {opt.config}")
-    geometry, timesteps = read_model_config(parser, opt.config)
-    if opt.steps > timesteps:
-        parser.error(f"--steps must be at most {timesteps}, the model's diffusion steps (model.params.timesteps "
-                     f"in {opt.config}), got {opt.steps}")
+    geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
+    if opt.steps >= geometry.timesteps:
+        parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
+                     f"(model.params.timesteps in {opt.config}), got {opt.steps}")
     # at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)
     opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
     if opt.random_weights == bool(opt.ckpt):
@@ -185,17 +184,6 @@ def check_run(parser, opt, settings):
                      f"and {len(opt.seeds)} seeds")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
-
-
-def read_model_config(parser, path):
-    """(geometry, diffusion steps) of the model config at `path`, read before any model is built."""
-    from omegaconf import OmegaConf
-    try:
-        config = OmegaConf.load(path)
-        return read_geometry(config), int(config.model.params.get("timesteps", 1000))
-    except Exception as e:  # unreadable, binary, not YAML, no model keys: the fix is another --config
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        parser.error(f"--config {path} is not a diffusion model config ({reason}); pass one such as {DEFAULT_CONFIG}")
 
 
 def config_of(setting):
@@ -229,17 +217,7 @@ def validate(parser, opt):
     if not_procedural and subject_settings:
         parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
                      f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
-    check_outdir(parser, opt.outdir)  # last: created only when the input is good
-
-
-def check_outdir(parser, outdir):
-    """check_output_dir, then a folder really made and removed in it: os.access trusts the permission
-    bits, which root ignores, so /proc would pass and the run folder fail after the benchmark."""
-    check_output_dir(parser, "--outdir", outdir)
-    try:
-        tempfile.TemporaryDirectory(dir=outdir).cleanup()
-    except OSError as e:
-        parser.error(f"--outdir {outdir}: cannot create folders in it ({e.strerror}); pass a writable folder")
+    check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
 
 
 def new_run_dir(outdir):
