@@ -104,7 +104,7 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--csv", "{folder}"], "--csv {folder} is a folder"),
-    (["--csv", "/proc/x/a.csv"], "--csv /proc/x: cannot create this folder"),
+    (["--csv", "/proc/x/a.csv"], "--csv /proc/x: cannot create files in this folder"),
     (["--csv", "/proc/a.csv"], "--csv /proc"),  # root passes os.access there
     (["--csv", "{text}"], "is not a CSV this benchmark wrote"),
     (["--csv", "{other_csv}"], "is not a CSV this benchmark wrote"),
@@ -115,7 +115,7 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     (["--device", "banana"], "unsupported --device 'banana'"),
     (["--peak-tflops", "-5"], "--peak-tflops must be positive, got -5"),
     (["--peak-tflops", "0"], "--peak-tflops must be positive"),
-    (["--end-to-end", "--steps", "5000"], "--steps must be at most 1000"),
+    (["--end-to-end", "--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
 ])
 def test_bad_csv_config_device_and_numbers_are_one_error_line_before_the_benchmark(tmp_path, argv, message, capsys):
     files = {"folder": tmp_path / "folder", "text": tmp_path / "text.txt", "binary": tmp_path / "bin.txt",

@@ -167,11 +167,11 @@ def bad_input_files(tmp_path):
 
 BAD_RUNS = [
     (["--outdir", "{afile}"], "--outdir {afile} is a file, not a folder"),
-    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create this folder"),
+    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create files in this folder"),
     (["--outdir", "/proc"], "--outdir /proc: "),  # root passes os.access there
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
     (["--config", "{bin}"], "is not a diffusion model config"),
-    (["--steps", "5000"], "--steps must be at most 1000, the model's diffusion steps"),
+    (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
 ]
 
 

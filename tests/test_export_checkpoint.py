@@ -120,7 +120,7 @@ def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["{ckpt}", "/proc/o2.safetensors"], "output /proc"),  # /proc exists; root passes os.access there
-    (["{ckpt}", "/proc/x/o2.safetensors"], "output /proc/x: cannot create this folder"),
+    (["{ckpt}", "/proc/x/o2.safetensors"], "output /proc/x: cannot create files in this folder"),
     (["{ckpt}", "{text}/m.safetensors"], "is a file, not a folder"),
     (["{ckpt}", "{out}", "--metrics", "{binary}"], "--metrics {binary} is not a readable metrics.csv"),
     (["{ckpt}", "{out}", "--metrics", "{text}"], "has none of the loss columns train/loss_simple_step, "),

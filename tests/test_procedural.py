@@ -310,7 +310,7 @@ def test_samples_script_bad_numbers_and_kinds_are_one_line(tmp_path, capsys, arg
     ("folder.png", "exists"),          # a folder named like a PNG
     ("afile", "must be a .png"),
     ("afile/grid.png", "is a file, not a folder"),
-    ("/proc/x/grid.png", "cannot create this folder"),
+    ("/proc/x/grid.png", "cannot create files in this folder"),
 ])
 def test_samples_script_bad_outputs_are_one_line_and_keep_existing_files(tmp_path, capsys, out, message):
     (tmp_path / "folder.png").mkdir()

@@ -57,7 +57,7 @@ def load_script(name):
     (["--random-weights", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
     (["--random-weights", "--out", "{existing}/b.safetensors"], "is a file, not a folder"),
-    (["--random-weights", "--out", "/proc/x/b.safetensors"], "--out /proc/x: cannot create this folder"),
+    (["--random-weights", "--out", "/proc/x/b.safetensors"], "--out /proc/x: cannot create files in this folder"),
     (["--random-weights", "--out", "/proc/b.safetensors"], "--out /proc"),  # root passes os.access there
     (["--random-weights", "--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1"),
     (["--random-weights", "--max-minutes", "-1"], "--max-minutes must be positive, or 0 for no limit"),
@@ -125,10 +125,10 @@ def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--outdir", "{afile}"], "--outdir {afile} is a file, not a folder"),
-    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create this folder"),
+    (["--outdir", "/proc/x"], "--outdir /proc/x: cannot create files in this folder"),
     (["--outdir", "/proc"], "--outdir /proc: "),
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
-    (["--steps", "5000"], "--steps must be at most 1000"),
+    (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
 ])
 def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, capsys, args, message):
     files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out"}
