@@ -258,8 +258,9 @@ def _first_line(error):
 
 
 def _unsupported_global(error):
+    """The class a weights-only load refused, or None when the pickle itself is unreadable."""
     match = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"Unsupported class ([\w.]+)", str(error))
-    return match.group(1) if match else _first_line(error)
+    return match.group(1) if match else None
 
 
 def _load_pickle(path, unsafe_pickle):
@@ -271,9 +272,13 @@ def _load_pickle(path, unsafe_pickle):
         with torch.serialization.safe_globals(checkpoint_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} contains a pickled object that weights-only loading refuses "
-            f"({_unsupported_global(e)}); if you trust the file, pass --unsafe-pickle") from e
+        refused = _unsupported_global(e)
+        if refused is None:  # damaged or not a checkpoint: --unsafe-pickle would not help
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise CheckpointError(f"Cannot read checkpoint {path}: not a PyTorch checkpoint "
+                                  f"({reason.group(1).strip() if reason else _first_line(e)})") from e
+        raise CheckpointError(f"{path} contains a pickled object that weights-only loading refuses "
+                              f"({refused}); if you trust the file, pass --unsafe-pickle") from e
 
 
 def read_checkpoint(path, *, unsafe_pickle=False):
@@ -291,7 +296,8 @@ def read_checkpoint(path, *, unsafe_pickle=False):
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise assorted types for damaged files
-        raise CheckpointError(f"Cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from e
+        raise CheckpointError(f"Cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
     raise CheckpointError(f"Unsupported checkpoint type {suffix or '(none)'!r} for {path}; "
                           f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
 

@@ -66,6 +66,16 @@ def test_damaged_file_is_a_one_line_checkpoint_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("content", [bytes(range(128, 256)) * 3, b"hello world\n"])
+def test_a_pickle_file_that_is_no_checkpoint_does_not_suggest_unsafe_pickle(tmp_path, content):
+    # --unsafe-pickle cannot read garbage; it is suggested only for a refused class
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a") as info:
+        load_state_dict(path)
+    assert "unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
     from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
     path = tmp_path / "sd14-like.ckpt"
