@@ -217,7 +217,6 @@ def validate(parser, opt):
     if not_procedural and subject_settings:
         parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
                      f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
-    check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
 
 
 def new_run_dir(outdir):
@@ -422,6 +421,7 @@ def main(argv=None):
         embedder = load_embedder(opt.embedder, device) if opt.embedder else None
     except EmbedderError as e:
         parser.error(str(e))
+    check_output_dir(parser, "--outdir", opt.outdir)  # after every input check: bad input creates nothing
     model = load(opt, device)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     rows, figure_batches = [], {}
