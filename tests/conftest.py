@@ -15,6 +15,15 @@ FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 sys.path.insert(0, str(REPO))
 
 
+def load_script(name):
+    """scripts/<name>.py as a module (scripts/ is no package), to test its functions in-process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def tiny_config():
     """configs/stable-diffusion/v1-tiny.yaml: SD v1's layout, small enough for a CPU."""

@@ -1,27 +1,19 @@
 """Per-image prompts in one batch (repeated --prompt, --from-file): each image is conditioned on
 its own text while consistent attention shares self-attention across the batch."""
-import importlib.util
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_CONFIG
+from conftest import TINY_CONFIG, load_script
 from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import read_prompt_batches
 
 PROMPTS = ["a red chair", "a blue table", "a green face"]
 
 
-def load_txt2img():
-    spec = importlib.util.spec_from_file_location("txt2img_script", REPO / "scripts" / "txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def txt2img():
-    return load_txt2img()
+    return load_script("txt2img")
 
 
 @pytest.fixture(scope="module")

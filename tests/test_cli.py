@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, load_script
 from ldm.image_io import read_parameters
 
 TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64",
@@ -32,6 +32,11 @@ def assert_one_line_error(result, *fragments):
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def txt2img():
+    return load_script("txt2img")
 
 
 def pngs(outdir):
@@ -96,8 +101,16 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     (["--outdir"], ["--outdir needs a folder"]),
     (["--write-reference", "README.md/ref.safetensors"], ["--write-reference", "is a file, not a folder"]),
 ])
-def test_txt2img_bad_input_is_one_error_line(tmp_path, args, fragments):
-    assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path, *args), *fragments)
+def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, capsys, args, fragments):
+    """In-process: these checks end the run before any model is built, so a subprocess per case
+    would only time imports (the tests around this one run the real command)."""
+    monkeypatch.chdir(REPO)  # the cases name repository files by relative path, as a user would
+    parser = txt2img.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        txt2img.validate_options(parser, parser.parse_args([*map(str, TINY), "--outdir", str(tmp_path), *args]))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), errors
     assert not any(tmp_path.iterdir())
 
 

@@ -1,5 +1,4 @@
 """--adapter end to end: txt2img as a user runs it, on the tiny config with random adapters."""
-import importlib.util
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY_CONFIG, fill_zero_weights_
+from conftest import TINY_CONFIG, fill_zero_weights_, load_script
 from ldm.image_io import read_parameters
 from ldm.modules.adapters import Adapter, LightAdapter
 from ldm.util import instantiate_from_config
@@ -93,10 +92,7 @@ def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
 
 
 def load_txt2img():
-    spec = importlib.util.spec_from_file_location("txt2img_script", REPO / "scripts" / "txt2img.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("txt2img")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -130,9 +126,7 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
 
 
 def test_img2img_takes_adapters_too(tmp_path, files):
-    spec = importlib.util.spec_from_file_location("img2img_script", REPO / "scripts" / "img2img.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("img2img")
     common = ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--init-img", files / "photo.png",
               "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4", "--strength", "0.5", "--skip_grid"]
 

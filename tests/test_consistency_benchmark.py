@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "consistency_benchmark.py"
 CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
@@ -77,11 +77,7 @@ def test_subject_and_adain_rows_on_the_tiny_sd_config(tmp_path):
 
 
 def benchmark_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("consistency_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("consistency_benchmark")
 
 
 def test_per_image_prompts_fill_the_batch_in_turn_and_fidelity_is_per_image():

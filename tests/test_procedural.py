@@ -1,15 +1,12 @@
 """Tests of the procedural scene generator and its pixel read-back metrics."""
 import dataclasses
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from ldm.data.procedural import (  # noqa: E402
+from conftest import load_script
+from ldm.data.procedural import (
     ALL_KINDS, ATTRIBUTES, KINDS, ProceduralScenes, Scene, caption, caption_with_attributes,
     consistency_score, describe, diversity_score, fidelity, parse_caption, read_attributes,
     render, sample_scene, vocabulary,
@@ -263,12 +260,7 @@ def test_render_every_kind_at_small_and_odd_sizes(size):
 # ---------------------------------------------------------------- scripts/make_procedural_samples.py
 
 def _samples_script():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "make_procedural_samples.py")
-    spec = importlib.util.spec_from_file_location("make_procedural_samples", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_procedural_samples")
 
 
 def test_samples_script_writes_a_png_and_never_overwrites_it(tmp_path, capsys):

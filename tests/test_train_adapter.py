@@ -1,6 +1,5 @@
 """scripts/train_adapter.py, scripts/adapter_benchmark.py and txt2img --adapter on the embedded
 config, as a user runs them (subprocesses, random model weights, CPU-sized)."""
-import importlib.util
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from ldm.data.procedural import condition_map, sample_scene
 from ldm.image_io import read_parameters
 from ldm.modules.adapters import load_adapter
@@ -41,12 +40,6 @@ def test_three_cpu_steps_write_a_loadable_adapter_and_a_report(trained):
     adapter = load_adapter(out, levels=4)  # strict, f from the header
     assert adapter.spec.unshuffle == 1 and adapter.channels == (64, 64, 64, 64)
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("args, message", [
