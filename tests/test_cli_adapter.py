@@ -69,7 +69,7 @@ def test_two_adapters_run_and_are_recorded(tmp_path, files):
 def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files):
     """In-process (cheaper than three more subprocesses). DDIM with 2 steps runs t = 501, 1:
     --cond-tau 0.4 ends before the first step (progress 0.499), so the image is the plain one."""
-    script = load_txt2img()
+    script = load_script("txt2img")
     adapter = ["--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny"]
 
     def image(name, *extra):
@@ -91,10 +91,6 @@ def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
     assert not (tmp_path / "samples").exists()
 
 
-def load_txt2img():
-    return load_script("txt2img")
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--adapter", "{canny}", "--cond", "{wide}", "--cond-type", "canny"], "is 100x64: both sides must be multiples of 64"),
     (["--adapter", "{canny}", "--cond", "{missing}", "--cond-type", "canny"], "condition image not found"),
@@ -114,7 +110,7 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     """In-process (no model is built before these checks), so many cases stay fast."""
     paths = {"canny": files / "canny.pth", "wide": files / "wide.png", "photo": files / "photo.png",
              "missing": files / "missing.png", "sd14": files / "sd14_sketch.pth"}
-    script = load_txt2img()
+    script = load_script("txt2img")
     parser = script.build_parser()
     argv = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64", "--n_samples", "2",
             *(flag.format(**paths) for flag in flags)]

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, load_script
 from ldm.image_io import read_parameters
 from ldm.modules.consistency_reference import ReferenceCache
-from test_batch_prompts import load_txt2img
 from test_cli import assert_ok, assert_one_line_error, run
 from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
 
@@ -57,7 +56,7 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     (["--read-reference", "REF", "--subject", "chair"], "uses the settings the reference was recorded with"),
 ])
 def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
-    script = load_txt2img()
+    script = load_script("txt2img")
     parser = script.build_parser()
     argv = [str(reference[0]) if f == "REF" else f for f in flags]
     base = [str(a) for a in args(tiny_ckpt, tmp_path)] + ["--H", "64", "--W", "64"]
