@@ -121,28 +121,36 @@ def validate_common(parser, opt, samplers, aliases):
     if opt.ddim_steps >= opt.geometry.timesteps:
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
-    if opt.from_file:
-        check_prompt_file(parser, opt.from_file)
-    opt.prompt = opt.prompt or [DEFAULT_PROMPT]
-    if len(opt.prompt) > 1:
-        if opt.from_file:
-            parser.error("--prompt given several times and --from-file: choose one source of prompts")
-        if opt.n_samples != len(opt.prompt):
-            parser.error(f"{len(opt.prompt)} prompts given (one per image of the batch) but --n_samples is "
-                         f"{opt.n_samples}: pass --n_samples {len(opt.prompt)}")
+    opt.prompts = read_prompts(parser, opt)
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
 
 
-def check_prompt_file(parser, path):
+def read_prompts(parser, opt):
+    """Every image's prompt, in order: one --prompt repeated for the batch, several --prompt (one
+    per image, so exactly n_samples of them), or the non-empty lines of --from-file."""
+    prompts = opt.prompt or [DEFAULT_PROMPT]
+    if len(prompts) > 1:
+        if opt.from_file:
+            parser.error("--prompt given several times and --from-file: choose one source of prompts")
+        if opt.n_samples != len(prompts):
+            parser.error(f"{len(prompts)} prompts given (one per image of the batch) but --n_samples is "
+                         f"{opt.n_samples}: pass --n_samples {len(prompts)}")
+    if not opt.from_file:
+        return list(prompts) if len(prompts) > 1 else opt.n_samples * prompts
+    path = opt.from_file
     if not os.path.isfile(path):
         parser.error(f"--from-file {path}: {'a folder' if os.path.isdir(path) else 'not found'}; "
                      "pass a text file with one prompt per line")
     try:
         with open(path, encoding="utf-8") as f:
-            f.read()
+            lines = [line for line in f.read().splitlines() if line.strip()]
     except UnicodeDecodeError:
         parser.error(f"--from-file {path} is not UTF-8 text; pass a text file with one prompt per line")
+    if not lines:
+        parser.error(f"--from-file {path} has no prompts; pass a text file with one prompt per line")
+    logger.info("read %d prompts from %s", len(lines), path)
+    return lines
 
 
 def resolve_sampler(parser, opt, samplers, aliases):
@@ -216,6 +224,8 @@ def read_model_geometry(parser, flag, path, example=SD_V1_CONFIG):
     """The ModelGeometry of the model config at `path`, before any model is built; a file that is
     missing, unreadable, not YAML or without the model keys is one error line."""
     from omegaconf import OmegaConf
+    if not os.path.isfile(path):
+        parser.error(f"config not found: {path} (pass {flag} PATH to a model config, e.g. {example})")
     try:
         return read_geometry(OmegaConf.load(path))
     except Exception as e:  # any of those: the fix is the same, another config
@@ -231,14 +241,7 @@ def resolve_model(parser, opt):
     which must match the model."""
     if opt.config is None:
         opt.config = default_config(parser, opt)
-    if not os.path.isfile(opt.config):
-        parser.error(f"config not found: {opt.config} (pass --config PATH to a model config, "
-                     f"e.g. {SD_V1_CONFIG})")
-    try:
-        geometry = read_geometry(load_config(opt.config))
-    except (AttributeError, KeyError, TypeError) as e:  # OmegaConf's missing keys are AttributeErrors
-        parser.error(f"{opt.config} does not describe a diffusion model with a UNet "
-                     f"({str(e).splitlines()[0]}); pass a txt2img config such as {SD_V1_CONFIG}")
+    geometry = read_model_geometry(parser, "--config", opt.config)
     opt.ckpt = opt.ckpt or geometry.weights
     if not opt.random_weights and not (opt.ckpt and os.path.isfile(opt.ckpt)):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
@@ -359,22 +362,11 @@ def make_sampler(opt, model, samplers):
     return samplers[opt.sampler](model)
 
 
-def read_prompt_batches(opt):
-    """Lists of prompts, one list per sampling batch (at most n_samples each), prompt i for image i.
-
-    One --prompt is repeated for every image; several --prompt (validate_common checks there are
-    n_samples of them) and the lines of --from-file give each image of a batch its own text. Each
-    image is conditioned on its own prompt; consistent attention shares self-attention only, so
-    the images of a batch agree in appearance while each follows its own text."""
-    if not opt.from_file:
-        prompts = opt.prompt if len(opt.prompt) > 1 else opt.n_samples * opt.prompt
-        return [list(prompts)]
-    logger.info("reading prompts from %s", opt.from_file)
-    with open(opt.from_file, encoding="utf-8") as f:
-        prompts = [line for line in f.read().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit(f"error: no prompts in {opt.from_file}")
-    it = iter(prompts)
+def prompt_batches(opt):
+    """opt.prompts (validate_common's read_prompts) cut into sampling batches of at most n_samples,
+    prompt i for image i. Each image is conditioned on its own prompt; consistent attention shares
+    self-attention only, so the images of a batch agree in appearance while each follows its own text."""
+    it = iter(opt.prompts)
     return list(iter(lambda: list(islice(it, opt.n_samples)), []))
 
 
@@ -392,8 +384,8 @@ def check_sharing(opt, model):
     if reference is not None:
         reference.check_model(model)
         if reference.config is not None:  # writing: the first batch's reference images, with their masks
-            check_subjects(model, reference.config, [read_prompt_batches(opt)[0][:reference.config.n_anchors]])
-    check_subjects(model, opt.consistency, read_prompt_batches(opt))
+            check_subjects(model, reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]])
+    check_subjects(model, opt.consistency, prompt_batches(opt))
 
 
 def attention_sharing(opt, model, prompts):

@@ -433,8 +433,6 @@ def validate(parser, opt):
     for flag, values in (("--n", opt.n), ("--repeats", [opt.repeats]), ("--steps", [opt.steps])):
         if min(values) < 1:
             parser.error(f"{flag} must be at least 1, got {min(values)}")
-    if not Path(opt.config).is_file():
-        parser.error(f"config not found: {opt.config} (pass --config {DEFAULT_CONFIG} or another model config)")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     if opt.end_to_end and opt.steps >= geometry.timesteps:
         parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "

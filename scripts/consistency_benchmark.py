@@ -166,8 +166,6 @@ def check_run(parser, opt, settings):
     for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
-    if not os.path.isfile(opt.config):
-        parser.error(f"config not found: {opt.config}")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     if opt.steps >= geometry.timesteps:
         parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "

@@ -17,7 +17,7 @@ from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (add_common_arguments, attention_sharing, build_postprocess,
                                 check_output_dir, check_sharing, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
-                                make_sampler, precision_context, read_prompt_batches, resolve_device, save_results,
+                                make_sampler, precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
 
 logger = logging.getLogger("img2img")
@@ -103,7 +103,7 @@ def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
 
 def generate(opt, model, sampler, device, postprocess, init_image):
     """Yield (prompts, images) for every batch of every iteration."""
-    batches = read_prompt_batches(opt)
+    batches = prompt_batches(opt)
     generator = torch.Generator().manual_seed(opt.seed)  # noise drawn on the CPU
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = int(opt.strength * opt.ddim_steps)

@@ -13,7 +13,7 @@ from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, attention_sharing, feature_metadata,
                                 build_postprocess, check_image_size, check_output_dir, check_sharing, conditionings,
                                 configure_logging, cpu_noise, latents_to_images, load_model, make_sampler,
-                                precision_context, read_prompt_batches, resolve_device, save_results,
+                                precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
 
 logger = logging.getLogger("txt2img")
@@ -72,7 +72,7 @@ def sample_batch(opt, model, sampler, prompts, x_T):
 
 def generate(opt, model, sampler, device, postprocess):
     """Yield (prompts, images) for every batch of every iteration."""
-    batches = read_prompt_batches(opt)
+    batches = prompt_batches(opt)
     generator = torch.Generator().manual_seed(opt.seed)  # start codes drawn on the CPU
     latent_shape = [opt.n_samples, opt.C, opt.H // opt.f, opt.W // opt.f]
     fixed_code = cpu_noise(generator, latent_shape, device) if opt.fixed_code else None

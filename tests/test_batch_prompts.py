@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_CONFIG, load_script
 from ldm.modules.consistency import consistent_attention
-from ldm.script_helpers import read_prompt_batches
+from ldm.script_helpers import prompt_batches
 
 PROMPTS = ["a red chair", "a blue table", "a green face"]
 
@@ -29,20 +29,20 @@ def options(txt2img, *argv):
 
 def test_one_prompt_is_repeated_for_the_batch(txt2img):
     opt = options(txt2img, "--prompt", "a red chair", "--n_samples", 3)
-    assert read_prompt_batches(opt) == [3 * ["a red chair"]]
-    assert read_prompt_batches(options(txt2img, "--n_samples", 2)) == [2 * ["a painting of a virus monster "
+    assert prompt_batches(opt) == [3 * ["a red chair"]]
+    assert prompt_batches(options(txt2img, "--n_samples", 2)) == [2 * ["a painting of a virus monster "
                                                                              "playing guitar"]]
 
 
 def test_repeated_prompt_gives_one_prompt_per_image(txt2img):
     argv = [a for p in PROMPTS for a in ("--prompt", p)]
-    assert read_prompt_batches(options(txt2img, *argv, "--n_samples", 3)) == [PROMPTS]
+    assert prompt_batches(options(txt2img, *argv, "--n_samples", 3)) == [PROMPTS]
 
 
 def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS + ["a chair at night", ""]) + "\n")
-    batches = read_prompt_batches(options(txt2img, "--from-file", path, "--n_samples", 3))
+    batches = prompt_batches(options(txt2img, "--from-file", path, "--n_samples", 3))
     assert batches == [PROMPTS, ["a chair at night"]]
 
 
@@ -50,10 +50,13 @@ def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
     (["--prompt", "a", "--prompt", "b", "--n_samples", "3"], "2 prompts given (one per image of the batch) "
                                                              "but --n_samples is 3: pass --n_samples 2"),
     (["--prompt", "a", "--prompt", "b", "--n_samples", "2", "--from-file", "FILE"], "choose one source"),
+    (["--from-file", "EMPTY"], "has no prompts; pass a text file with one prompt per line"),
 ])
 def test_prompt_count_mismatch_is_one_error_line(txt2img, tmp_path, capsys, argv, message):
     (tmp_path / "p.txt").write_text("a\n")
-    argv = [str(tmp_path / "p.txt") if a == "FILE" else a for a in argv]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    files = {"FILE": str(tmp_path / "p.txt"), "EMPTY": str(tmp_path / "empty.txt")}
+    argv = [files.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         options(txt2img, *argv)
     assert exit_info.value.code == 2
@@ -66,7 +69,7 @@ def test_each_image_gets_its_own_prompt_and_the_batch_still_shares(txt2img, mode
     opt = options(txt2img, *argv, "--n_samples", 3, "--consistent-attn", "--share-mode", "anchor",
                   "--share-groups", "all")
     opt.C, opt.f = 4, 8
-    [prompts] = read_prompt_batches(opt)
+    [prompts] = prompt_batches(opt)
     sampler = txt2img.make_sampler(opt, model, txt2img.SAMPLERS)
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
