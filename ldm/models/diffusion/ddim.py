@@ -23,19 +23,6 @@ class DDIMSampler(Sampler):
                                                   num_ddpm_timesteps=self.ddpm_num_timesteps,verbose=verbose)
         alphas_cumprod = self.model.alphas_cumprod
         assert alphas_cumprod.shape[0] == self.ddpm_num_timesteps, 'alphas have to be defined for each timestep'
-        to_torch = lambda x: x.clone().detach().to(torch.float32).to(self.model.device)
-
-        self.register_buffer('betas', to_torch(self.model.betas))
-        self.register_buffer('alphas_cumprod', to_torch(alphas_cumprod))
-        self.register_buffer('alphas_cumprod_prev', to_torch(self.model.alphas_cumprod_prev))
-
-        # calculations for diffusion q(x_t | x_{t-1}) and others
-        self.register_buffer('sqrt_alphas_cumprod', to_torch(torch.sqrt(alphas_cumprod)))
-        self.register_buffer('sqrt_one_minus_alphas_cumprod', to_torch(torch.sqrt(1. - alphas_cumprod)))
-        self.register_buffer('log_one_minus_alphas_cumprod', to_torch(torch.log(1. - alphas_cumprod)))
-        self.register_buffer('sqrt_recip_alphas_cumprod', to_torch(torch.sqrt(1. / alphas_cumprod)))
-        self.register_buffer('sqrt_recipm1_alphas_cumprod', to_torch(torch.sqrt(1. / alphas_cumprod - 1)))
-
         # ddim sampling parameters
         ddim_sigmas, ddim_alphas, ddim_alphas_prev = make_ddim_sampling_parameters(alphacums=alphas_cumprod.cpu(),
                                                                                    ddim_timesteps=self.ddim_timesteps,
@@ -44,36 +31,25 @@ class DDIMSampler(Sampler):
         self.register_buffer('ddim_alphas', ddim_alphas)
         self.register_buffer('ddim_alphas_prev', ddim_alphas_prev)
         self.register_buffer('ddim_sqrt_one_minus_alphas', torch.sqrt(1. - ddim_alphas))
-        sigmas_for_original_sampling_steps = ddim_eta * torch.sqrt(
-            (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod) * (
-                        1 - self.alphas_cumprod / self.alphas_cumprod_prev))
-        self.register_buffer('ddim_sigmas_for_original_num_steps', sigmas_for_original_sampling_steps)
 
     @torch.no_grad()
-    def sampling_loop(self, cond, x_T, ddim_use_original_steps=False, callback=None, timesteps=None,
-                      quantize_denoised=False, mask=None, x0=None, img_callback=None, log_every_t=100,
-                      temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
-                      unconditional_guidance_scale=1., unconditional_conditioning=None, verbose=True):
+    def sampling_loop(self, cond, x_T, callback=None, quantize_denoised=False, mask=None, x0=None,
+                      img_callback=None, log_every_t=100, temperature=1., noise_dropout=0., score_corrector=None,
+                      corrector_kwargs=None, unconditional_guidance_scale=1., unconditional_conditioning=None,
+                      verbose=True):
         """From x_T down the schedule; `denoise_step` is what DDIM and PLMS do differently."""
         device = self.model.betas.device
         b = x_T.shape[0]
         img = x_T
 
-        if timesteps is None:
-            timesteps = self.ddpm_num_timesteps if ddim_use_original_steps else self.ddim_timesteps
-        elif timesteps is not None and not ddim_use_original_steps:
-            subset_end = int(min(timesteps / self.ddim_timesteps.shape[0], 1) * self.ddim_timesteps.shape[0]) - 1
-            timesteps = self.ddim_timesteps[:subset_end]
-
         intermediates = {'x_inter': [img], 'pred_x0': [img]}
-        time_range = list(reversed(range(0, timesteps))) if ddim_use_original_steps else np.flip(timesteps)
-        total_steps = timesteps if ddim_use_original_steps else timesteps.shape[0]
+        time_range = np.flip(self.ddim_timesteps)
+        total_steps = len(time_range)
         logger.debug("Running %s with %d timesteps", type(self).__name__, total_steps)
 
         eps = lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale,
                                                score_corrector, corrector_kwargs)
-        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, ddim_use_original_steps, quantize_denoised,
-                                                        temperature, noise_dropout)
+        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, quantize_denoised, temperature, noise_dropout)
         history = []  # earlier noise estimates, for multistep methods (PLMS)
         iterator = tqdm(time_range, desc=type(self).__name__, total=total_steps, disable=not verbose)
         for i, step in enumerate(iterator):
@@ -100,28 +76,14 @@ class DDIMSampler(Sampler):
         """One DDIM step: x_{t-1} and the predicted x_0 from the noise estimate at (x, t)."""
         return update(x, eps(x, t), index)
 
-    @torch.no_grad()
-    def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
-                      temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
-                      unconditional_guidance_scale=1., unconditional_conditioning=None):
-        e_t = self.noise_estimate(x, t, c, unconditional_conditioning, unconditional_guidance_scale,
-                                  score_corrector, corrector_kwargs)
-        return self.ddim_update(x, e_t, index, use_original_steps, quantize_denoised, temperature, noise_dropout,
-                                repeat_noise)
-
-    def ddim_update(self, x, e_t, index, use_original_steps=False, quantize_denoised=False, temperature=1.,
-                    noise_dropout=0., repeat_noise=False):
+    def ddim_update(self, x, e_t, index, quantize_denoised=False, temperature=1., noise_dropout=0.):
         """x_{t-1} and the predicted x_0, from x_t and the noise estimate e_t at schedule step `index`."""
-        b, *_, device = *x.shape, x.device
-        alphas = self.model.alphas_cumprod if use_original_steps else self.ddim_alphas
-        alphas_prev = self.model.alphas_cumprod_prev if use_original_steps else self.ddim_alphas_prev
-        sqrt_one_minus_alphas = self.model.sqrt_one_minus_alphas_cumprod if use_original_steps else self.ddim_sqrt_one_minus_alphas
-        sigmas = self.model.ddim_sigmas_for_original_num_steps if use_original_steps else self.ddim_sigmas
-        # select parameters corresponding to the currently considered timestep
-        a_t = torch.full((b, 1, 1, 1), alphas[index], device=device)
-        a_prev = torch.full((b, 1, 1, 1), alphas_prev[index], device=device)
-        sigma_t = torch.full((b, 1, 1, 1), sigmas[index], device=device)
-        sqrt_one_minus_at = torch.full((b, 1, 1, 1), sqrt_one_minus_alphas[index],device=device)
+        b, device = x.shape[0], x.device
+        # the parameters of schedule step `index`, one per image
+        a_t = torch.full((b, 1, 1, 1), self.ddim_alphas[index], device=device)
+        a_prev = torch.full((b, 1, 1, 1), self.ddim_alphas_prev[index], device=device)
+        sigma_t = torch.full((b, 1, 1, 1), self.ddim_sigmas[index], device=device)
+        sqrt_one_minus_at = torch.full((b, 1, 1, 1), self.ddim_sqrt_one_minus_alphas[index], device=device)
 
         # current prediction for x_0
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
@@ -129,45 +91,32 @@ class DDIMSampler(Sampler):
             pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
         # direction pointing to x_t
         dir_xt = (1. - a_prev - sigma_t**2).sqrt() * e_t
-        noise = sigma_t * noise_like(x.shape, device, repeat_noise) * temperature
+        noise = sigma_t * noise_like(x.shape, device) * temperature
         if noise_dropout > 0.:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
         return x_prev, pred_x0
 
     @torch.no_grad()
-    def stochastic_encode(self, x0, t, use_original_steps=False, noise=None):
-        # fast, but does not allow for exact reconstruction
-        # t serves as an index to gather the correct alphas
-        if use_original_steps:
-            sqrt_alphas_cumprod = self.sqrt_alphas_cumprod
-            sqrt_one_minus_alphas_cumprod = self.sqrt_one_minus_alphas_cumprod
-        else:
-            sqrt_alphas_cumprod = torch.sqrt(self.ddim_alphas)
-            sqrt_one_minus_alphas_cumprod = self.ddim_sqrt_one_minus_alphas
-
+    def stochastic_encode(self, x0, t, noise=None):
+        """x0 noised to DDIM schedule step `t` (an index per image, not a timestep) in one jump:
+        fast, but decoding does not reconstruct x0 exactly."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (extract_into_tensor(sqrt_alphas_cumprod, t, x0.shape) * x0 +
-                extract_into_tensor(sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+        return (extract_into_tensor(torch.sqrt(self.ddim_alphas), t, x0.shape) * x0 +
+                extract_into_tensor(self.ddim_sqrt_one_minus_alphas, t, x0.shape) * noise)
 
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               use_original_steps=False, verbose=True):
-
-        timesteps = np.arange(self.ddpm_num_timesteps) if use_original_steps else self.ddim_timesteps
-        timesteps = timesteps[:t_start]
-
-        time_range = np.flip(timesteps)
-        total_steps = timesteps.shape[0]
+               verbose=True):
+        """Denoise `x_latent`, noised to schedule step t_start - 1, down the first t_start steps."""
+        time_range = np.flip(self.ddim_timesteps[:t_start])
+        total_steps = len(time_range)
         logger.debug("Running DDIM decoding with %d timesteps", total_steps)
 
-        iterator = tqdm(time_range, desc='Decoding image', total=total_steps, disable=not verbose)
         x_dec = x_latent
-        for i, step in enumerate(iterator):
-            index = total_steps - i - 1
+        for i, step in enumerate(tqdm(time_range, desc='Decoding image', total=total_steps, disable=not verbose)):
             ts = torch.full((x_latent.shape[0],), step, device=x_latent.device, dtype=torch.long)
-            x_dec, _ = self.p_sample_ddim(x_dec, cond, ts, index=index, use_original_steps=use_original_steps,
-                                          unconditional_guidance_scale=unconditional_guidance_scale,
-                                          unconditional_conditioning=unconditional_conditioning)
+            e_t = self.noise_estimate(x_dec, ts, cond, unconditional_conditioning, unconditional_guidance_scale)
+            x_dec, _ = self.ddim_update(x_dec, e_t, index=total_steps - i - 1)
         return x_dec
