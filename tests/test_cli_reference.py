@@ -54,11 +54,17 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     (["--read-reference", "REF", "--consistent-attn"], "choose one"),
     (["--read-reference", "missing.safetensors"], "reference not found"),
     (["--read-reference", "REF", "--subject", "chair"], "uses the settings the reference was recorded with"),
+    (["--write-reference", "NEW", "--share-mode", "sample"], "--share-mode and --share-rate do not apply"),
+    (["--write-reference", "NEW", "--share-rate", "0.5"], "--share-mode and --share-rate do not apply"),
+    # the reference is recorded from the first batch: one prompt line makes a batch of one
+    (["--write-reference", "NEW", "--share-anchors", "2", "--from-file", "ONE_LINE"], "the first batch has 1 image"),
 ])
 def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
     script = load_script("txt2img")
     parser = script.build_parser()
-    argv = [str(reference[0]) if f == "REF" else f for f in flags]
+    (tmp_path / "one.txt").write_text("a red chair\n")
+    files = {"REF": str(reference[0]), "NEW": str(tmp_path / "new.safetensors"), "ONE_LINE": str(tmp_path / "one.txt")}
+    argv = [files.get(f, f) for f in flags]
     base = [str(a) for a in args(tiny_ckpt, tmp_path)] + ["--H", "64", "--W", "64"]
     with pytest.raises(SystemExit) as exit_info:
         script.validate_options(parser, parser.parse_args(base + argv))

@@ -312,6 +312,17 @@ def test_step_window(unet):
     assert torch.equal(run(unet, x, t_late, c, cfg), run(unet, x, t_late, c))
 
 
+def test_a_window_that_no_unet_call_reaches_warns_that_nothing_was_shared(unet, caplog):
+    x, t, c = inputs(3, t=100)  # progress 0.9
+    with caplog.at_level("WARNING", logger="ldm.modules.consistency"):
+        assert torch.equal(run(unet, x, t, c, config(window=(0.0, 0.5))), run(unet, x, t, c))
+    assert "nothing was shared" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.modules.consistency"):
+        run(unet, x, t, c, config(window=(0.5, 1.0)))
+    assert "nothing was shared" not in caplog.text
+
+
 def test_batch_must_hold_whole_groups(unet):
     x, t, c = inputs(3)
     with pytest.raises(ValueError, match="whole number of groups"):
@@ -399,9 +410,13 @@ def test_cli_flags_build_the_config():
     (["--consistent-attn", "--share-rate", "0.3"], "--share-rate applies to --share-mode sample"),
     (["--consistent-attn", "--share-anchors", "2"], "--share-anchors applies to --share-mode anchor"),
     (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "leaves no image"),
+    # one image has nothing to share, but a bad flag is still an error, not hidden by the warning
+    (["--consistent-attn", "--share-anchors", "0", "--share-mode", "anchor", "IMAGES=1"], "anchor count must be >= 1"),
+    (["--consistent-attn", "--share-rate", "0.3", "IMAGES=1"], "--share-rate applies to --share-mode sample"),
 ])
 def test_cli_rejects_bad_flags_with_one_line(argv, message, capsys):
+    images = 1 if "IMAGES=1" in argv else 4
     with pytest.raises(SystemExit) as exit_info:
-        parse_cli(argv)
+        parse_cli([a for a in argv if a != "IMAGES=1"], images=images)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err

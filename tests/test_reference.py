@@ -181,3 +181,39 @@ def test_sd_v1_reference_size():
         full = instantiate_from_config(OmegaConf.load(FULL_CONFIG).model.params.unet_config)
     all_groups = ConsistentAttentionConfig(groups=frozenset(Group))
     assert reference_nbytes(full, all_groups, (64, 64), calls=50) == 50 * 2 * 2 * 11_550_720 * 2  # 4.62 GB
+
+
+def _settings(cache, **changes):
+    return {**cache.header, "settings": {**cache.header["settings"], **changes}}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: (_settings(c, subjects=["chair"]), c.tensors), "settings name subjects ['chair'] but it holds no subject masks"),
+    (lambda c: (_settings(c, adain=True), c.tensors), "lacks q_mean, q_std, k_mean, k_std"),
+    (lambda c: (_settings(c, modee="all"), c.tensors), "its settings are not valid"),
+    (lambda c: (_settings(c, n_anchors=0), c.tensors), "its settings are not valid (anchor count"),
+    (lambda c: (c.header, {k: t for k, t in c.tensors.items() if not k.endswith("|v")}), "lacks v"),
+    (lambda c: (c.header, {k: t.repeat(1, 2, 1, 1, 1) for k, t in c.tensors.items()}), "not (halves, images) = (2, 1)"),
+    (lambda c: ({k: v for k, v in c.header.items() if k != "halves"}, c.tensors), "holds no keys/values"),
+], ids=["subjects-without-masks", "adain-without-statistics", "unknown-setting", "bad-setting", "keys-without-values",
+        "wrong-shape", "no-halves"])
+def test_a_damaged_reference_is_refused_on_load_not_while_sampling(sampled, tmp_path, damage, message):
+    header, tensors = damage(sampled["cache"])
+    path = tmp_path / "ref.safetensors"
+    ReferenceCache(header, tensors).save(path, dtype=torch.float32)
+    with pytest.raises(ReferenceMismatch, match="damaged reference file") as err:
+        ReferenceCache.load(path)
+    assert message in str(err.value)
+
+
+def test_a_window_that_no_step_reaches_records_nothing_and_writes_no_file(model, tmp_path):
+    narrow = dataclasses.replace(ANCHOR, window=(0.0, 0.2))  # 4 DDIM steps: progress 0.25, 0.5, 0.75, 1.0
+    x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cond, uncond = model.get_learned_conditioning(N * ["a chair"]), model.get_learned_conditioning(N * [""])
+    with record_reference(model, narrow, N) as cache:
+        ddim(model, x_T, cond, uncond, steps=4)
+    assert not cache.tensors and len(cache.header["timesteps"]) == 4
+    with pytest.raises(ValueError, match="nothing was recorded"):
+        cache.save(tmp_path / "ref.safetensors")
+    assert not (tmp_path / "ref.safetensors").exists()

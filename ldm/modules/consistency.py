@@ -163,6 +163,8 @@ class SharedKV:
     config: ConsistentAttentionConfig
     images_per_group: int
     active: bool = True  # set per UNet call from the step window
+    calls: int = 0         # UNet calls so far, and how many of them were inside the window
+    active_calls: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
     hook: object = None  # the UNet pre-hook that sets `active`; removed on disable
     subject: object = None  # SubjectMasks, or None: other images are read everywhere
@@ -508,10 +510,12 @@ def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
         policy.subject.start_call()
     if config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE:
         policy.active = True  # every t in [0, num_timesteps] is inside the whole trajectory
-        return
-    t = timestep_of(args, kwargs)
-    policy.active = in_window(config, t, num_timesteps)
-    policy.generator.manual_seed(config.seed * 100_003 + t)
+    else:
+        t = timestep_of(args, kwargs)
+        policy.active = in_window(config, t, num_timesteps)
+        policy.generator.manual_seed(config.seed * 100_003 + t)
+    policy.calls += 1
+    policy.active_calls += policy.active
 
 
 def timestep_of(args, kwargs) -> int:
@@ -552,6 +556,9 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
         yield policy
     finally:
         disable_consistent_attention(model)
+    if policy.calls and not policy.active_calls and policy.images_per_group > 1:
+        log.warning("no sampling step fell inside the step window %s:%s, so nothing was shared; widen "
+                    "--share-window or take more --ddim_steps", *config.window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,15 +611,15 @@ def config_from_arguments(opt, parser, images_per_batch):
         if given and not with_reference:
             parser.error(f"{', '.join(given)} only take effect with --consistent-attn; add it")
         return None
-    if images_per_batch == 1:
-        log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
-                    "(use --n_samples 2 or more)")
-        return None
     config = config_from_share_flags(opt, parser)
     for flag, value, mode in (("--share-anchors", opt.share_anchors, ShareMode.ANCHOR),
                               ("--share-rate", opt.share_rate, ShareMode.SAMPLE)):
         if value is not None and config.mode is not mode:
             parser.error(f"{flag} applies to --share-mode {mode.value}; add that or drop {flag}")
+    if images_per_batch == 1:  # after the checks: a typo is an error with any batch size
+        log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
+                    "(use --n_samples 2 or more)")
+        return None
     if config.mode is ShareMode.ANCHOR and config.n_anchors >= images_per_batch:
         parser.error(f"--share-anchors {config.n_anchors} with {images_per_batch} images per batch leaves no image "
                      f"to read the anchors: use fewer anchors or a larger --n_samples")

@@ -102,6 +102,9 @@ class ReferenceCache:
         from safetensors.torch import save_file
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; the reference is not overwritten")
+        if not self.tensors:
+            raise ValueError("nothing was recorded: no UNet call of the sampling run fell inside the step "
+                             "window; widen --share-window or take more --ddim_steps")
         tensors = {key: (t.to(dtype) if key.endswith(("|k", "|v")) else t).contiguous()
                    for key, t in self.tensors.items()}
         save_file(tensors, str(path), metadata={"reference": json.dumps(self.header)})
@@ -121,7 +124,36 @@ class ReferenceCache:
         missing = [key for key in HEADER_KEYS if key not in header]
         if missing:
             raise ReferenceMismatch(f"{path} is a damaged reference file: its header lacks {', '.join(missing)}")
-        return cls(header, tensors)
+        cache = cls(header, tensors)
+        damage = cache.damage()
+        if damage:
+            raise ReferenceMismatch(f"{path} is a damaged reference file: {damage}")
+        return cache
+
+    def damage(self) -> str | None:
+        """What makes these tensors unable to serve the header's settings, or None. Checked once,
+        on load, so that a damaged file fails before the model loads, not halfway through sampling."""
+        try:
+            config = ConsistentAttentionConfig(**self.header["settings"])
+        except (TypeError, ValueError) as err:
+            return f"its settings are not valid ({err})"
+        entries = {key.rsplit("|", 1)[0] for key in self.tensors if key.endswith(("|k", "|v"))}
+        if not entries or "halves" not in self.header:
+            return "it holds no keys/values"
+        shape = (self.header["halves"], self.header["n_images"])
+        for entry in sorted(entries):
+            names = ("k", "v") + (ADAIN_STATS if config.adain else ())
+            absent = [name for name in names if f"{entry}|{name}" not in self.tensors]
+            if absent:
+                return f"{entry} lacks {', '.join(absent)}"
+            k, v = self.tensors[f"{entry}|k"], self.tensors[f"{entry}|v"]
+            if k.dim() != 5 or tuple(k.shape[:2]) != shape or v.shape != k.shape:
+                return f"{entry} has keys {tuple(k.shape)} and values {tuple(v.shape)}, not (halves, images) = {shape}"
+        calls = {entry.split("|")[1] for entry in entries}
+        # the first call of a run has no cross-attention maps yet; every later one records masks
+        if config.subjects and len(calls) > 1 and not any(key.startswith("mask|") for key in self.tensors):
+            return f"its settings name subjects {list(config.subjects)} but it holds no subject masks"
+        return None
 
 
 @dataclass(eq=False)
@@ -354,7 +386,10 @@ class ReferenceRun:
             with record_reference(model, self.config, len(prompts), dtype=torch.float16,
                                   run_info=run_info, prompts=prompts) as cache:
                 yield
-            cache.save(self.path)
+            try:
+                cache.save(self.path)
+            except ValueError as err:
+                raise SystemExit(f"error: --write-reference {self.path}: {err}")
             self.written = True
             log.info("reference written to %s: %.1f MB", self.path, cache.nbytes / 1e6)
 
@@ -377,9 +412,14 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
                 "guidance": opt.scale != 1.0, **run_settings}
     if write:
         check_new_file(parser, "--write-reference", write)  # before sampling: the run's images depend on it
+        if opt.share_rate is not None or opt.share_mode not in (None, "anchor"):
+            parser.error("--write-reference records the first --share-anchors K images, which readers read like "
+                         "anchors: --share-mode and --share-rate do not apply; drop them")
         config = config_from_share_flags(opt, parser)
-        if config.n_anchors > opt.n_samples:
-            parser.error(f"--share-anchors {config.n_anchors} reference images but --n_samples is {opt.n_samples}")
+        first_batch = len(opt.prompts[:opt.n_samples])  # the batch the reference is recorded from
+        if config.n_anchors > first_batch:
+            parser.error(f"--share-anchors {config.n_anchors} reference images but the first batch has "
+                         f"{first_batch} image(s) (--n_samples {opt.n_samples}, one per prompt)")
         return ReferenceRun(write, config=config, run_info={**run_info, "seed": opt.seed,
                                                             "ckpt": None if opt.random_weights else opt.ckpt})
     if given_share_flags(opt):
