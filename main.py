@@ -217,6 +217,10 @@ def load_config(parser, paths, overrides):
         if not isinstance(value, DictConfig) or "target" not in value:
             parser.error(f"the `{section}:` section of {', '.join(paths)} has no `target:` "
                          f"(see {EXAMPLE_CONFIG} for the layout)")
+        params = value.get("params")
+        if params is not None and not isinstance(params, DictConfig):  # e.g. the override model.params=3
+            parser.error(f"`{section}.params` must be a mapping of the target's arguments, got {params!r} "
+                         f"(see {EXAMPLE_CONFIG} for the layout)")
     return config
 
 

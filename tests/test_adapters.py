@@ -8,7 +8,7 @@ from ldm.modules.adapters import (SD_V1_CHANNELS, Adapter, AdapterInjection, Lig
                                   adapter_conditioning, check_adapter_fits, combine_features,
                                   detect_adapter, injection_sites, load_adapter, strip_prefix,
                                   unet_level_channels)
-from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.openaimodel import UNetModel, timestep_of_call
 from ldm.util import CheckpointError
 
 TINY_CHANNELS = (32, 64, 128, 128)
@@ -186,7 +186,8 @@ def test_cond_tau_window(tiny_unet):
             assert (steered - plain).abs().max() > 1e-3
     edges = AdapterInjection([], {}, cond_tau=0.5)
     for t, inside in [(999, True), (500.0, True), (499.9, False), (0, False)]:
-        edges.start_unet_call(torch.tensor([t, t]))
+        # as the UNet pre-hook reads it: DPM-Solver's fractional timesteps are not truncated
+        edges.start_unet_call(timestep_of_call((x, torch.tensor([t, t])), {}))
         assert edges.active is inside, t
     everywhere = AdapterInjection([], {}, cond_tau=1.0)
     everywhere.start_unet_call(0)

@@ -173,8 +173,8 @@ def test_timestep_value_is_read_only_when_needed(unet, monkeypatch, mode, window
     # int(t) of a GPU tensor waits for the GPU; the default settings must not need it
     import ldm.modules.consistency as consistency
     read = []
-    real = consistency.timestep_of
-    monkeypatch.setattr(consistency, "timestep_of", lambda *a: read.append(1) or real(*a))
+    real = consistency.timestep_of_call
+    monkeypatch.setattr(consistency, "timestep_of_call", lambda *a: read.append(1) or real(*a))
     x, t, c = inputs(2)
     shared = run(unet, x, t, c, config(mode=mode, window=window))
     assert bool(read) == reads

@@ -100,6 +100,20 @@ def test_maps_find_the_pixels_that_attend_to_the_subject_token():
     assert torch.equal(observer.masks_for(16), where)
 
 
+def test_maps_stay_float32_under_autocast():
+    # CPU autocast stands in for CUDA's: both would run the maps' matmuls in half precision
+    q, k = torch.randn(4, 2, 16, 8), torch.randn(4, 2, 3, 8)
+    observer = SubjectMasks(torch.tensor([[False, True, False]] * 2), images_per_group=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        observer(q, k, scale=8 ** -0.5)
+    observer.start_call()
+    exact = SubjectMasks(observer.tokens, images_per_group=2)
+    exact(q, k, scale=8 ** -0.5)
+    exact.start_call()
+    assert observer.maps[16].dtype == torch.float32
+    assert torch.equal(observer.maps[16], exact.maps[16])
+
+
 def test_otsu_keeps_a_small_subject_and_a_flat_map_shares_everything():
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(2, 64, generator=g) * 0.3  # background noise

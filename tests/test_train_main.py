@@ -126,6 +126,8 @@ def test_the_merged_configs_and_overrides_are_checked(main_module, capsys, tmp_p
     last = error_line(capsys, main_module.load_config, parser, [str(data), str(data)], [])
     assert last.endswith(f"none of {data}, {data} has a `model:` section "
                          "(pass a training config such as configs/embedded/procedural-t2i.yaml)"), last
+    last = error_line(capsys, main_module.load_config, parser, [str(model), str(data)], ["model.params=3"])
+    assert "`model.params` must be a mapping of the target's arguments, got 3" in last, last
 
 
 @pytest.mark.parametrize("args, words", [

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.util import CheckpointError, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -356,11 +357,6 @@ def adapter_for_model(model, cond_channels: int = 1, num_res_blocks: int = 2) ->
 # Where the features enter the UNet
 # --------------------------------------------------------------------------------------------
 
-def unet_of(model):
-    """The UNetModel inside a LatentDiffusion/DDPM model, or the model itself."""
-    return getattr(getattr(model, "model", None), "diffusion_model", model)
-
-
 def injection_sites(unet) -> list:
     """Indices of the input blocks after which the features of levels 0, 1, ... are added: the
     last block of each resolution level, i.e. the block before each Downsample and the last
@@ -419,11 +415,10 @@ class AdapterInjection:
                              f"{h.shape[0]}")
         return h + f.to(h.dtype).repeat(h.shape[0] // f.shape[0], 1, 1, 1)
 
-    def start_unet_call(self, timesteps) -> None:
+    def start_unet_call(self, t: float) -> None:
         """Official rule: the first `cond_tau` fraction of the sampling steps. Read here from the
         timestep (progress 0 = noise, 1 = image), so it holds for every sampler, also DPM-Solver's
         continuous times; at a window edge it may differ from a step-count rule by one step."""
-        t = float(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else float(timesteps)
         self.active = 1.0 - t / self.num_timesteps <= self.cond_tau
 
 
@@ -449,7 +444,7 @@ def enable_adapter(model, features, cond_tau=1.0) -> AdapterInjection:
                                  cond_tau, getattr(model, "num_timesteps", 1000))
 
     def pre_hook(module, args, kwargs):
-        injection.start_unet_call(args[1] if len(args) > 1 else kwargs["timesteps"])
+        injection.start_unet_call(timestep_of_call(args, kwargs))
 
     injection.hook = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
     unet.adapter_residuals = injection

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, parse_subjects,
                                              subject_token_mask, tokenizer_of)
 
@@ -59,6 +60,13 @@ class Half(str, enum.Enum):
     ENCODER = "encoder"
     DECODER = "decoder"
     BOTH = "both"
+
+
+class Side(str, enum.Enum):
+    """Where a self-attention layer sits in the UNet."""
+    ENCODER = "encoder"
+    MIDDLE = "middle"
+    DECODER = "decoder"
 
 
 class ShareMode(str, enum.Enum):
@@ -291,7 +299,13 @@ def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
     q, k, v: (G, R, nh, T, hs), the readers' own; source_k, source_v: (G, S, nh, T, hs), the images
     that may be read; sources: (R, s) long, which of them reader r reads; readable: (S, T) bool.
     Keys outside the masks are excluded with a boolean key mask (-inf before the softmax: exactly
-    zero weight). Every query row keeps its own T keys allowed, so no row is fully masked (no NaN)."""
+    zero weight). Every query row keeps its own T keys allowed, so no row is fully masked (no NaN).
+
+    Memory: each reader gets its own copy of its sources' K/V, R·(1+s)·T tokens in all, so
+    `masked_joint_attention` (s = N-1) holds N² images' K/V per layer where `joint_attention`
+    holds N. The alternative, one folded sequence with an (N·T)² mask, is larger still at SD's
+    64² level (N=8: 1 GiB of mask against ~0.7 GB of copies); a block-sparse kernel
+    (flex_attention) would need neither."""
     G, R, nh, T, hs = q.shape
     with_sources = lambda own, src: torch.cat(
         [own, src[:, sources].transpose(2, 3).reshape(G, R, nh, -1, hs)], dim=3)  # (G, R, nh, (1+s)T, hs)
@@ -388,24 +402,19 @@ def _to_device(t, device):
 class AttentionSite:
     """One self-attention layer of the UNet and its place in it."""
     name: str    # module path, e.g. "input_blocks.1.1.transformer_blocks.0.attn1"
-    side: str    # "encoder", "middle" or "decoder"
+    side: Side
     level: int   # 0 = full latent resolution, 1 = half, ...
 
     @property
     def group(self) -> Group:
-        if self.side == "middle" or self.level >= 2:
+        if self.side is Side.MIDDLE or self.level >= 2:
             return Group.INNER
         return Group.OUTER if self.level == 0 else Group.MIDDLE
 
     def selected_by(self, config: ConsistentAttentionConfig) -> bool:
         if self.group not in config.groups:
             return False
-        return self.side == "middle" or config.half in (Half.BOTH, Half(self.side))
-
-
-def unet_of(model):
-    """The UNetModel inside a LatentDiffusion/DDPM model, or the model itself."""
-    return getattr(getattr(model, "model", None), "diffusion_model", model)
+        return self.side is Side.MIDDLE or config.half is Half.BOTH or config.half.value == self.side.value
 
 
 def self_attention_sites(model):
@@ -429,13 +438,26 @@ def self_attention_sites(model):
 
     sites, level = [], 0
     for i, block in enumerate(unet.input_blocks):
-        sites += sites_in(block, f"input_blocks.{i}", "encoder", level)
+        sites += sites_in(block, f"input_blocks.{i}", Side.ENCODER, level)
         level += has(block, Downsample)
-    sites += sites_in(unet.middle_block, "middle_block", "middle", level)
+    sites += sites_in(unet.middle_block, "middle_block", Side.MIDDLE, level)
     for i, block in enumerate(unet.output_blocks):
-        sites += sites_in(block, f"output_blocks.{i}", "decoder", level)
+        sites += sites_in(block, f"output_blocks.{i}", Side.DECODER, level)
         level -= has(block, Upsample)
+    total = sum(isinstance(m, SpatialTransformer) and len(m.transformer_blocks) for m in unet.modules())
+    if len(sites) != total:  # a layer outside the three block lists would escape every group
+        raise RuntimeError(f"found {len(sites)} of the UNet's {total} self-attention layers in its input, middle "
+                           f"and output blocks; this UNet layout is not supported")
     return sites
+
+
+def selected_sites(model, config: ConsistentAttentionConfig):
+    """The [(AttentionSite, CrossAttention)] that `config` shares; none at all is an error."""
+    selected = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
+    if not selected:
+        raise ValueError(f"this UNet has no self-attention layer in groups "
+                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+    return selected
 
 
 def cross_attention_layers(model):
@@ -458,10 +480,7 @@ def enable_consistent_attention(model, config: ConsistentAttentionConfig, images
     disable_consistent_attention(model)
     unet = unet_of(model)
     policy = SharedKV(config, images_per_group)
-    selected = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
-    if not selected:
-        raise ValueError(f"this UNet has no self-attention layer in groups "
-                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+    selected = selected_sites(model, config)
     policy.subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     if policy.subject is not None:
         for attn in cross_attention_layers(model):
@@ -511,20 +530,14 @@ def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
     if config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE:
         policy.active = True  # every t in [0, num_timesteps] is inside the whole trajectory
     else:
-        t = timestep_of(args, kwargs)
+        t = timestep_of_call(args, kwargs)
         policy.active = in_window(config, t, num_timesteps)
-        policy.generator.manual_seed(config.seed * 100_003 + t)
+        policy.generator.manual_seed(config.seed * 100_003 + int(t))
     policy.calls += 1
     policy.active_calls += policy.active
 
 
-def timestep_of(args, kwargs) -> int:
-    """The timestep of a UNet call, from the arguments of `UNetModel.forward(x, timesteps, ...)`."""
-    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
-    return int(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else int(timesteps)
-
-
-def in_window(config: ConsistentAttentionConfig, t: int, num_timesteps: int) -> bool:
+def in_window(config: ConsistentAttentionConfig, t: float, num_timesteps: int) -> bool:
     start, end = config.window
     return start <= 1.0 - t / num_timesteps <= end
 
@@ -662,11 +675,11 @@ def check_subjects(model, config, prompt_batches):
         raise SystemExit(f"error: {err}")
 
 
-__all__ = ["Group", "Half", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
-           "AttentionSite", "self_attention_sites", "enable_consistent_attention",
+__all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
+           "AttentionSite", "self_attention_sites", "selected_sites", "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
-           "timestep_of", "in_window", "unet_of",
+           "in_window", "unet_of",
            "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
            "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
            "masked_anchor_attention",

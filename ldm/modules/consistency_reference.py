@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
 from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain_to, channel_stats,
                                      config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
-                                     self_attention_sites, subject_masks_for, subject_tokens_in, timestep_of,
-                                     unet_of)
+                                     selected_sites, subject_masks_for, subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class ReferenceCache:
             return self.tensors[f"{site}|{call}|k"], self.tensors[f"{site}|{call}|v"]
         except KeyError:
             raise ReferenceMismatch(f"the reference holds no keys/values for {site} at UNet call {call}") from None
+
+    def to(self, device) -> "ReferenceCache":
+        """The same reference with its tensors on `device` (the header is shared)."""
+        return ReferenceCache(self.header, {key: t.to(device) for key, t in self.tensors.items()})
 
     @property
     def nbytes(self) -> int:
@@ -171,7 +175,7 @@ class _Pass:
     hook: object = None
 
     def start_call(self, args, kwargs):
-        t, latent = timestep_of(args, kwargs), list(args[0].shape[-2:])
+        t, latent = timestep_of_call(args, kwargs), list(args[0].shape[-2:])
         self.call += 1
         if self.subject is not None:
             self.subject.start_call()
@@ -271,14 +275,6 @@ def _enable(model, state: _Pass, sites):
         lambda module, args, kwargs: state.start_call(args, kwargs), with_kwargs=True)
 
 
-def _selected(model, config):
-    sites = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
-    if not sites:
-        raise ValueError(f"this UNet has no self-attention layer in groups "
-                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
-    return sites
-
-
 @contextmanager
 def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
                      n_images: int | None = None, dtype=None, run_info: dict | None = None,
@@ -301,7 +297,7 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
         subject_tokens = torch.cat([recorded, recorded.new_zeros(images_per_group - n_images, recorded.shape[1])])
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, subject=subject),
-            _selected(model, config))
+            selected_sites(model, config))
     try:
         yield cache
     finally:
@@ -314,9 +310,8 @@ def read_reference(model, cache: ReferenceCache, images_per_group: int):
     and CFG policy the reference was recorded with. Refuses a reference from another model."""
     cache.check(model=model)
     config = ConsistentAttentionConfig(**cache.header["settings"])
-    device = next(unet_of(model).parameters()).device
-    cache = ReferenceCache(cache.header, {key: t.to(device) for key, t in cache.tensors.items()})
-    _enable(model, _Pass(cache, config, images_per_group, writing=False), _selected(model, config))
+    cache = cache.to(next(unet_of(model).parameters()).device)  # no copy where they are there already
+    _enable(model, _Pass(cache, config, images_per_group, writing=False), selected_sites(model, config))
     try:
         yield cache
     finally:
@@ -329,7 +324,7 @@ def reference_nbytes(model, config: ConsistentAttentionConfig, latent_hw, calls:
     a layer at resolution level L holding (h/2^L)·(w/2^L) tokens. Works on a meta-device model."""
     h, w = latent_hw
     per_call = sum((h >> site.level) * (w >> site.level) * attn.to_k.out_features
-                   for site, attn in _selected(model, config))
+                   for site, attn in selected_sites(model, config))
     return calls * halves * n_images * 2 * per_call * bytes_per_value
 
 
@@ -377,6 +372,8 @@ class ReferenceRun:
     def batch(self, model, prompts):
         """Around the sampling of one batch of `prompts` (one per image)."""
         if self.cache is not None:
+            # moved to the model's device once per run, not once per batch: it can hold GBs
+            self.cache = self.cache.to(next(unet_of(model).parameters()).device)
             with read_reference(model, self.cache, len(prompts)):
                 yield
         elif self.written:  # recorded from the first batch; later batches sample plainly

@@ -128,8 +128,11 @@ class SubjectMasks:
         tokens = self.tokens.to(q.device, q.dtype)                     # (n, L)
         if tokens.shape[1] != k.shape[2]:
             raise ValueError(f"subject tokens for a context of {tokens.shape[1]}, the layer reads {k.shape[2]}")
-        probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)     # (n, nh, T, L)
-        mass = torch.einsum("bhtl,bl->bt", probs, tokens) / q.shape[1]  # subject share, mean over heads
+        # in float32 even under fp16 autocast (which would cast the matmuls back): the maps of
+        # 16 layers are summed and thresholded, and fp16 rounding would move the Otsu cut
+        with torch.autocast(q.device.type, enabled=False):
+            probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)     # (n, nh, T, L)
+            mass = torch.einsum("bhtl,bl->bt", probs, tokens) / q.shape[1]  # subject share, mean over heads
         total = self._sums.setdefault(q.shape[2], [torch.zeros_like(mass), 0])
         total[0] += mass
         total[1] += 1

@@ -410,6 +410,19 @@ class QKVAttention(nn.Module):
         return count_flops_attn(model, _x, y)
 
 
+def unet_of(model):
+    """The UNetModel inside a LatentDiffusion/DDPM model, or the model itself."""
+    return getattr(getattr(model, "model", None), "diffusion_model", model)
+
+
+def timestep_of_call(args, kwargs) -> float:
+    """The timestep of a `UNetModel.forward(x, timesteps, ...)` call, as a forward pre-hook sees
+    it: one value, as every image of a sampling batch is at the same step. A float, because
+    DPM-Solver's continuous times fall between the integer timesteps."""
+    timesteps = args[1] if len(args) > 1 else kwargs.get("timesteps")
+    return float(timesteps.flatten()[0]) if th.is_tensor(timesteps) else float(timesteps)
+
+
 class UNetModel(nn.Module):
     """
     The full UNet model with attention and timestep embedding.
