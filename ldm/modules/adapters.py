@@ -21,6 +21,7 @@ positional arguments only).
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -183,23 +184,31 @@ class LightAdapter(nn.Module):
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
+class AdapterKind(str, enum.Enum):
+    FULL = "full"    # `Adapter`: ResnetBlock stages (sketch, canny, depth, seg, keypose, openpose)
+    LIGHT = "light"  # `LightAdapter`: the small colour adapter
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What a checkpoint holds, read from its key names and weight shapes."""
-    kind: str              # "full" or "light"
+    kind: AdapterKind
     cond_channels: int     # 1 (sketch, canny) or 3
     channels: tuple        # output width per UNet level
     num_res_blocks: int
     kernel_size: int = 1   # full adapter only
     unshuffle: int = UNSHUFFLE  # the first stage's downsampling f the adapter was made for
 
+    def __post_init__(self):
+        object.__setattr__(self, "kind", AdapterKind(self.kind))
+
     def build(self) -> nn.Module:
-        if self.kind == "light":
+        if self.kind is AdapterKind.LIGHT:
             return LightAdapter(self.channels, self.cond_channels, self.num_res_blocks, self.unshuffle)
         return Adapter(self.channels, self.cond_channels, self.num_res_blocks, self.kernel_size, self.unshuffle)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "cond_channels": self.cond_channels, "channels": list(self.channels),
+        return {"kind": self.kind.value, "cond_channels": self.cond_channels, "channels": list(self.channels),
                 "num_res_blocks": self.num_res_blocks, "unshuffle": self.unshuffle}
 
 
@@ -247,15 +256,15 @@ def _detect(state_dict, levels, unshuffle):
                                   f"{levels} (one stage per UNet level) numbered from 0")
         per_level = len(blocks) // levels
         widths = tuple(state_dict[f"body.{level * per_level}.block1.weight"].shape[0] for level in range(levels))
-        return AdapterSpec("full", _cond_channels(state_dict["conv_in.weight"].shape[1], "conv_in", unshuffle),
-                           widths, per_level, kernel_size=state_dict["body.0.block2.weight"].shape[-1],
-                           unshuffle=unshuffle)
+        cond_channels = _cond_channels(state_dict["conv_in.weight"].shape[1], "conv_in", unshuffle)
+        return AdapterSpec(AdapterKind.FULL, cond_channels, widths, per_level,
+                           kernel_size=state_dict["body.0.block2.weight"].shape[-1], unshuffle=unshuffle)
     if "body.0.out_conv.weight" in state_dict:
         stages = _indices(state_dict, r"body\.(\d+)\.out_conv\.weight")
         widths = tuple(state_dict[f"body.{i}.out_conv.weight"].shape[0] for i in stages)
         per_level = len(_indices(state_dict, r"body\.0\.body\.(\d+)\.block1\.weight"))
-        return AdapterSpec("light", _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv",
-                                                   unshuffle), widths, per_level, unshuffle=unshuffle)
+        cond_channels = _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv", unshuffle)
+        return AdapterSpec(AdapterKind.LIGHT, cond_channels, widths, per_level, unshuffle=unshuffle)
     sample = ", ".join(sorted(state_dict)[:3]) or "no keys"
     raise CheckpointError(f"not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight "
                           f"(keys: {sample}, ...)")

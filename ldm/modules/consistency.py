@@ -184,24 +184,13 @@ class SharedKV:
             return attend(q, k, v, mask)
         if mask is not None:
             raise NotImplementedError("shared keys/values with an attention mask")
-        B = q.shape[0]
-        if B % n:
-            raise ValueError(f"batch of {B} is not a whole number of groups of {n} images; "
-                             f"enable consistent attention with the number of images per CFG half")
         readable = None
         if self.subject is not None:
             readable = self.subject.masks_for(q.shape[2])  # (n, T) bool
             if readable is None:  # first UNet call: no maps yet, so nothing is shared
                 return attend(q, k, v)
-        split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (G, N, nh, T, hs)
-        q, k, v = split(q), split(k), split(v)
-        if self.config.cfg is CfgPolicy.COND and q.shape[0] == 2:
-            # [uncond; cond]: the unconditional half stays plain
-            plain = attend(q[0], k[0], v[0])[None]
-            out = torch.cat([plain, self._share(q[1:], k[1:], v[1:], attend, readable)])
-        else:
-            out = self._share(q, k, v, attend, readable)
-        return out.reshape(B, *out.shape[2:])
+        return share_per_cfg_group(q, k, v, attend, n, self.config.cfg,
+                                   lambda q, k, v, groups: self._share(q, k, v, attend, readable))
 
     def _share(self, q, k, v, attend, readable=None):
         """`readable`: (N, T) bool, the tokens of each image that the OTHER images may read, or None (all)."""
@@ -222,6 +211,30 @@ class SharedKV:
             readable = readable & sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
                                                  self.generator).to(q.device)
         return masked_joint_attention(q, k, v, attend, readable)
+
+
+def split_groups(t, n):
+    """(B, ...) -> (B/n, n, ...): the batch as its CFG groups of n images."""
+    if t.shape[0] % n:
+        raise ValueError(f"batch of {t.shape[0]} is not a whole number of groups of {n} images; "
+                         f"enable consistent attention with the number of images per CFG half")
+    return t.reshape(t.shape[0] // n, n, *t.shape[1:])
+
+
+def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share):
+    """Attention over a batch of CFG groups of `n` images, q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
+
+    `share(q, k, v, groups)` attends within each group of (G, n, nh, T, hs), `groups` being which
+    of the batch's groups it was given (a slice). With `CfgPolicy.COND` and a `[uncond; cond]`
+    batch, the unconditional group is plain attention and only the conditional one shares."""
+    B = q.shape[0]
+    q, k, v = split_groups(q, n), split_groups(k, n), split_groups(v, n)  # (G, N, nh, T, hs)
+    if cfg is CfgPolicy.COND and q.shape[0] == 2:
+        plain = attend(q[0], k[0], v[0])[None]
+        out = torch.cat([plain, share(q[1:], k[1:], v[1:], slice(1, 2))])
+    else:
+        out = share(q, k, v, slice(None))
+    return out.reshape(B, *out.shape[2:])
 
 
 def _fold(t):
@@ -676,7 +689,7 @@ def check_subjects(model, config, prompt_batches):
 
 
 __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
-           "AttentionSite", "self_attention_sites", "selected_sites", "enable_consistent_attention",
+           "AttentionSite", "self_attention_sites", "selected_sites", "share_per_cfg_group", "split_groups", "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "in_window", "unet_of",

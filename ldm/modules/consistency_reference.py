@@ -40,10 +40,11 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.modules.consistency import (ConsistentAttentionConfig, CfgPolicy, adain_to, channel_stats,
+from ldm.modules.consistency import (ConsistentAttentionConfig, adain_to, channel_stats,
                                      config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
-                                     selected_sites, subject_masks_for, subject_tokens_in, unet_of)
+                                     selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
+                                     subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +209,12 @@ class ReferenceKV:
             return attend(q, k, v, mask)
         if mask is not None:
             raise NotImplementedError("reference keys/values with an attention mask")
-        n, B = state.images_per_group, q.shape[0]
-        if B % n:
-            raise ValueError(f"batch of {B} is not a whole number of groups of {n} images")
-        split = lambda t: t.reshape(B // n, n, *t.shape[1:])  # (halves, N, nh, T, hs)
+        n = state.images_per_group
         if state.writing:
-            self._record(split(q), split(k), split(v))
+            self._record(split_groups(q, n), split_groups(k, n), split_groups(v, n))  # (halves, N, nh, T, hs)
             return attend(q, k, v, mask)  # recording never changes the reference run
         cache, config = state.cache, state.config
-        cache.check(halves=B // n)
+        cache.check(halves=q.shape[0] // n)
         readable = None
         if config.subjects:
             readable = cache.tensors.get(f"mask|{q.shape[2]}|{state.call}")
@@ -226,13 +224,9 @@ class ReferenceKV:
         ref = [t.to(q.device, q.dtype) for t in cache.kv(self.site, state.call)]
         if config.adain:
             ref += [cache.tensors[f"{self.site}|{state.call}|{name}"].to(q.device) for name in ADAIN_STATS]
-        q, k, v = split(q), split(k), split(v)
-        if config.cfg is CfgPolicy.COND and q.shape[0] == 2:  # the unconditional half stays plain
-            plain = attend(q[0], k[0], v[0])[None]
-            out = torch.cat([plain, self._read(q[1:], k[1:], v[1:], attend, [t[1:] for t in ref], readable)])
-        else:
-            out = self._read(q, k, v, attend, ref, readable)
-        return out.reshape(B, *out.shape[2:])
+        # each CFG half reads the reference's matching half
+        return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups: self._read(
+            q, k, v, attend, [t[groups] for t in ref], readable))
 
     def _record(self, q, k, v):
         """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need."""
