@@ -21,7 +21,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
 from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
-from ldm.util import instantiate_from_config
+from ldm.script_helpers import ArgumentParser
+from ldm.util import CheckpointError, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -39,7 +40,7 @@ def get_parser(**parser_kwargs):
                 f"Boolean value expected, got {v!r} (KEY=VALUE config overrides cannot follow this flag "
                 "directly: put them after a flag that takes a value, e.g. --logdir DIR)")
 
-    parser = argparse.ArgumentParser(**parser_kwargs)
+    parser = ArgumentParser(**parser_kwargs)
     parser.add_argument(
         "-n",
         "--name",
@@ -222,6 +223,20 @@ def load_config(parser, paths, overrides):
             parser.error(f"`{section}.params` must be a mapping of the target's arguments, got {params!r} "
                          f"(see {EXAMPLE_CONFIG} for the layout)")
     return config
+
+
+def build_model(parser, model_config, paths):
+    """The model the config describes. A parameter its class does not take (a misspelt key or
+    override) or weights that cannot be loaded are one error line, not a traceback."""
+    try:
+        return instantiate_from_config(model_config)
+    except CheckpointError as e:
+        parser.error(str(e))
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise  # a bug, not a config mistake: keep the traceback
+        parser.error(f"cannot build the model of {', '.join(paths)}: {e} (check the config's and the "
+                     f"overrides' parameter names)")
 
 
 def parse_devices(devices):
@@ -652,7 +667,7 @@ if __name__ == "__main__":
         lightning_config.trainer = trainer_config
 
         # model
-        model = instantiate_from_config(config.model)
+        model = build_model(parser, config.model, opt.base)
 
         # trainer and callbacks
         trainer_kwargs = dict()

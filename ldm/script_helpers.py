@@ -4,6 +4,7 @@ Command-line options common to both, their validation (one ``error: ...`` line, 
 traceback), device/precision selection, model loading, seeding, the optional safety checker
 and invisible watermark, and the writer that numbers and saves the PNGs with their metadata.
 """
+import argparse
 import logging
 import math
 import os
@@ -20,6 +21,15 @@ from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 
 logger = logging.getLogger(__name__)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as one line, `prog: error: what is wrong and how to fix it`. Plain
+    argparse prints its usage block first, which for txt2img is some twenty lines of options
+    burying the one that says what went wrong; --help still prints it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 # name -> sampler class; --sampler's choices come from here.
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
@@ -54,7 +64,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--ddim_steps", type=int, default=50, help="number of sampling steps")
     add("--sampler", choices=sorted(samplers), default=None, help="sampling method (default: ddim)")
     for flag, name in aliases.items():
-        add(f"--{flag}", action="store_true", help=f"same as --sampler {name} (upstream flag)")
+        add(f"--{flag}", action="store_true",
+            help=f"same as --sampler {name} (upstream flag)" if name in samplers
+            else f"upstream flag; {name} is not available in this script (refused with an error)")
     add("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples")
     add("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
     add("--n_iter", type=int, default=n_iter, help="sample this often")
@@ -63,8 +75,10 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--n_samples", type=int, default=n_samples,
         help="how many samples to produce for each given prompt. A.k.a. batch size")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    add("--scale", type=float, default=scale,
-        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    add("--scale", type=float, default=None,
+        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) "
+             f"(default: from the config's `sampling` block, else {scale})")
+    parser.set_defaults(default_scale=scale)  # this script's, for models whose config names none
     add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     add("--config", type=str, default=None,
         help=f"path to config which constructs model (default: {SD_V1_CONFIG} if its weights are in "
@@ -76,9 +90,7 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
-    add("--threads", type=int, default=None, metavar="N",
-        help="PyTorch CPU threads for CPU runs (default: PyTorch's, one per core); on a machine "
-             "other jobs keep busy, fewer threads than cores can be several times faster")
+    add_threads_argument(parser)
     add("--unsafe-pickle", action="store_true",
         help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     add("--random-weights", action="store_true",
@@ -90,6 +102,20 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--display-scale", type=int, default=None, metavar="K",
         help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make "
              "(default: from the config's `sampling` block, else 1)")
+
+
+def add_threads_argument(parser):
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="PyTorch CPU threads for CPU runs (default: PyTorch's, one per core); on a machine "
+                             "other jobs keep busy, fewer threads than cores can be several times faster")
+
+
+def positive_int(text):
+    """argparse type: an int >= 1 (argparse reports anything else as one error line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def validate_common(parser, opt, samplers, aliases):
@@ -109,15 +135,13 @@ def validate_common(parser, opt, samplers, aliases):
     # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
     if not 0 <= opt.ddim_eta <= 1:
         parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
-    if not math.isfinite(opt.scale):
-        parser.error(f"--scale must be a finite number, got {opt.scale}")
     if not 0 <= opt.seed < 2**32:  # numpy's and upstream's (pytorch_lightning's) seed range
         parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
-    if opt.threads is not None and opt.threads < 1:
-        parser.error(f"--threads must be at least 1, got {opt.threads}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     resolve_model(parser, opt)
+    if not math.isfinite(opt.scale):
+        parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.ddim_steps >= opt.geometry.timesteps:
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
@@ -185,6 +209,7 @@ class ModelGeometry:
     width: int = 512
     display_scale: int = 1
     weights: str | None = None
+    scale: float | None = None  # guidance scale (None: the script's default)
     timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
 
     @property
@@ -251,7 +276,9 @@ def resolve_model(parser, opt):
         if given is not None and given != value:
             parser.error(f"{flag} {given} does not match the model: {opt.config} has {flag} {value} (leave {flag} out)")
         setattr(opt, name, value)
-    for name, value in (("H", geometry.height), ("W", geometry.width), ("display_scale", geometry.display_scale)):
+    scale = geometry.scale if geometry.scale is not None else opt.default_scale
+    for name, value in (("H", geometry.height), ("W", geometry.width), ("display_scale", geometry.display_scale),
+                        ("scale", scale)):
         if name in vars(opt) and getattr(opt, name) is None:  # img2img has no --H/--W
             setattr(opt, name, value)
     opt.geometry = geometry
@@ -260,12 +287,12 @@ def resolve_model(parser, opt):
 def default_config(parser, opt):
     if opt.random_weights or opt.ckpt:
         return SD_V1_CONFIG
-    for path in DEFAULT_CONFIGS:
-        weights = read_geometry(load_config(path)).weights
+    sd_weights, embedded_weights = (read_geometry(load_config(path)).weights for path in DEFAULT_CONFIGS)
+    for path, weights in zip(DEFAULT_CONFIGS, (sd_weights, embedded_weights)):
         if weights and os.path.isfile(weights):
             return path
-    parser.error("no model weights found: put SD v1 weights at models/ldm/stable-diffusion-v1/model.ckpt or pass "
-                 "--ckpt PATH (with --config), or train the embedded model (models/embedded/README.md); "
+    parser.error(f"no model weights found: put SD v1 weights at {sd_weights} or pass --ckpt PATH (with --config), "
+                 f"or train the embedded model into {embedded_weights} (models/embedded/README.md); "
                  "--random-weights runs without weights")
 
 

@@ -31,7 +31,6 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png} (figure: the conditions, then one
 row per setting, for --figure PROMPT SEED) and prints the table.
 """
-import argparse
 import logging
 import os
 import sys
@@ -47,8 +46,8 @@ from ldm.data import procedural  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, first_stage_factor,  # noqa: E402
                                   injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import consistent_attention  # noqa: E402
-from ldm.script_helpers import (check_output_dir, conditionings, configure_logging, latents_to_images,  # noqa: E402
-                                resolve_device)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
+                                configure_logging, latents_to_images, resolve_device, set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
@@ -69,7 +68,7 @@ HEADER = "| setting | IoU ↑ | agreement (unnamed colours) ↑ | colour spread 
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Layout following (IoU) and batch consistency with and without "
+    parser = ArgumentParser(description="Layout following (IoU) and batch consistency with and without "
                                                  "a T2I-Adapter, on procedural prompts.")
     cb.add_model_arguments(parser)
     parser.add_argument("--adapter", required=True, help="adapter file (scripts/train_adapter.py)")
@@ -90,6 +89,7 @@ def build_parser():
     parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
                         help="index into --prompts and --seeds of the batch shown in figure.png")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_threads_argument(parser)
     return parser
 
 
@@ -221,6 +221,8 @@ def main(argv=None):
     validate(parser, opt)
     opt.condition = opt.condition or recorded_condition(opt.adapter) or "outline"
     device = resolve_device(opt.device)
+    if device.type == "cpu":
+        set_cpu_threads(opt.threads)
     model = cb.load(opt, device)
     adapter = load_adapter_for(model, opt, device)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]

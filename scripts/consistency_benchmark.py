@@ -37,7 +37,6 @@ settings, so the rows compare directly; the reference image is exactly the plain
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
-import argparse
 import csv
 import dataclasses
 import logging
@@ -54,8 +53,9 @@ from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference  # noqa: E402
-from ldm.script_helpers import (check_output_dir, conditionings, configure_logging, cpu_noise,  # noqa: E402
-                                latents_to_images, read_model_geometry, resolve_device)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
+                                configure_logging, cpu_noise, latents_to_images, read_model_geometry,
+                                resolve_device, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -124,7 +124,7 @@ DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
 # --- command line -------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Consistency of batches per self-attention sharing setting "
+    parser = ArgumentParser(description="Consistency of batches per self-attention sharing setting "
                                                  "(procedural prompts, pixel read-back metrics).")
     add_model_arguments(parser)
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
@@ -147,6 +147,7 @@ def build_parser():
                              "first per-image entry, whose scenes should differ while the object agrees, and "
                              "seed index 0; without one, prompt 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_threads_argument(parser)
     return parser
 
 
@@ -415,6 +416,8 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
+    if device.type == "cpu":
+        set_cpu_threads(opt.threads)
     try:
         embedder = load_embedder(opt.embedder, device) if opt.embedder else None
     except EmbedderError as e:

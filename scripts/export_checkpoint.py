@@ -15,7 +15,6 @@
 
 Existing output files are never overwritten.
 """
-import argparse
 import csv
 import glob
 import json
@@ -27,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import check_new_file  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
 from ldm.util import CheckpointError, read_checkpoint, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
@@ -165,7 +164,7 @@ def sidecar_path(out_path):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Export a Lightning last.ckpt as .safetensors for txt2img.")
+    parser = ArgumentParser(description="Export a Lightning last.ckpt as .safetensors for txt2img.")
     parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt), e.g. logs/RUN/checkpoints/last.ckpt")
     parser.add_argument("out", help="output .safetensors path (a .json sidecar is written next to it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",

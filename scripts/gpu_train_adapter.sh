@@ -17,7 +17,8 @@
 #
 # Environment overrides (defaults for one H100):
 #   STEPS=2000 BATCH=256 NUM_WORKERS=8 DEVICE=cuda PRECISION=bf16 CONDITION=outline
-#   MAX_MINUTES=10        train_adapter.py stops there and still saves (--max-minutes)
+#   MAX_MINUTES=6         train_adapter.py stops there and still saves (--max-minutes); below the
+#                         device's 10-minute command limit, leaving time for the benchmark
 #   NAME=procedural-$CONDITION-adapter
 #   TRAIN_ARGS=""         extra arguments for train_adapter.py (e.g. "--lr 2e-4 --ema-decay 0")
 #   BENCHMARK=1 BENCH_ARGS=""   extra arguments for the benchmark (e.g. "--n 4 --seeds 0 --prompts 'a chair'");
@@ -44,7 +45,7 @@ NUM_WORKERS=${NUM_WORKERS:-8}
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 CONDITION=${CONDITION:-outline}
-MAX_MINUTES=${MAX_MINUTES:-10}
+MAX_MINUTES=${MAX_MINUTES:-6}
 NAME=${NAME:-procedural-$CONDITION-adapter}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 BENCHMARK=${BENCHMARK:-1}

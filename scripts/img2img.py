@@ -4,7 +4,6 @@ Noises an init image part of the way (--strength) with DDIM's stochastic_encode 
 again under the prompt. main() is split like scripts/txt2img.py: build_parser /
 validate_options / load / generate / save_outputs, with an ``extra_metadata`` hook.
 """
-import argparse
 import logging
 
 import numpy as np
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_reference
-from ldm.script_helpers import (add_common_arguments, attention_sharing, build_postprocess,
+from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
                                 check_output_dir, check_sharing, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, prompt_batches, resolve_device, save_results,
@@ -29,7 +28,7 @@ SAMPLER_ALIASES = {"plms": "plms"}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Make variations of an input image guided by a prompt.")
+    parser = ArgumentParser(description="Make variations of an input image guided by a prompt.")
     add_common_arguments(parser, samplers=SAMPLERS, aliases=SAMPLER_ALIASES,
                          outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
     parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")

@@ -5,7 +5,6 @@
 Each tile is one ProceduralScenes item upscaled (nearest neighbour) with its caption
 (wrapped) underneath, and the attributes read back from its pixels marked ok/BAD.
 """
-import argparse
 import os
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data.procedural import ALL_KINDS, KINDS, ProceduralScenes, read_attributes  # noqa: E402
-from ldm.script_helpers import check_new_file  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
 
 # The renderer draws every scene from 13 px up (the furniture's parts collide below that);
 # 16 leaves a margin. It is designed for 32.
@@ -23,7 +22,7 @@ MIN_SIZE = 16
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output PNG path (a new file; an existing one is never overwritten)")
     ap.add_argument("--n", type=int, default=24, help="number of scenes")
     ap.add_argument("--cols", type=int, default=6, help="tiles per row")

@@ -30,7 +30,6 @@ class, EMA and checkpoint handling, and an export step to get the released key l
 adapter loop is a few dozen lines, runs the exact sampling-time injection, and writes the
 final file directly.
 """
-import argparse
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import check_new_file, configure_logging, resolve_device  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file, configure_logging, resolve_device  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
 
@@ -55,7 +54,7 @@ COND_TYPE = "sketch"  # how txt2img reads both maps: 1 channel, binarised at 0.5
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train a T2I-Adapter for a frozen text-to-image model on the "
+    parser = ArgumentParser(description="Train a T2I-Adapter for a frozen text-to-image model on the "
                                                  "procedural scenes' outline or mask maps.")
     add = parser.add_argument
     add("--config", default=DEFAULT_CONFIG, help="model config (default: the embedded procedural model)")

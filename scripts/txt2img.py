@@ -3,24 +3,23 @@
 main() is split into build_parser / validate_options / load / generate / save_outputs so that
 features can add their own flags, checks and PNG metadata (see ``extra_metadata``).
 """
-import argparse
 import logging
 
 import torch
 from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, add_common_arguments, attention_sharing, feature_metadata,
+from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, attention_sharing,
                                 build_postprocess, check_image_size, check_output_dir, check_sharing, conditionings,
-                                configure_logging, cpu_noise, latents_to_images, load_model, make_sampler,
-                                precision_context, prompt_batches, resolve_device, save_results,
+                                configure_logging, cpu_noise, feature_metadata, latents_to_images, load_model,
+                                make_sampler, precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
 
 logger = logging.getLogger("txt2img")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Generate images from text prompts.")
+    parser = ArgumentParser(description="Generate images from text prompts.")
     add_common_arguments(parser, samplers=SAMPLERS, aliases=SAMPLER_ALIASES,
                          outdir="outputs/txt2img-samples", n_iter=2, n_samples=3, scale=7.5)
     parser.add_argument("--H", type=int, default=None,

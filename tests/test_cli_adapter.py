@@ -101,7 +101,7 @@ def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
     (["--adapter", "{sd14}", "--cond", "{photo}", "--cond-type", "canny"],
      "widths [320, 640, 1280, 1280] but this UNet's levels have [32, 64, 128, 128]"),
     (["--adapter", "{canny}", "--cond", "{photo}"], "1 --adapter given but 0 --cond-type"),
-    (["--cond", "{photo}", "--cond-tau", "0.5"], "--cond, --cond-tau only take effect with --adapter"),
+    (["--cond", "{photo}", "--cond-tau", "0.5"], "--cond, --cond-tau take effect only with --adapter"),
     (["--adapter", "{canny}", "--cond", "{photo}", "--cond-type", "canny", "--cond-tau", "0"], "--cond-tau must be in (0, 1]"),
     (["--adapter", "{canny}", "--cond", "{photo}", "--cond-type", "canny", "--adapter-weight", "nan"],
      "--adapter-weight must be finite"),

@@ -76,7 +76,7 @@ def test_img2img_shares_too(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--share-mode", "anchor"], "only take effect with --consistent-attn"),
+    (["--share-mode", "anchor"], "--share-mode takes effect only with --consistent-attn"),
     (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
     (["--consistent-attn", "--share-window", "0.9:0.1"], "step window"),
 ])

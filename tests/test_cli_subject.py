@@ -35,4 +35,4 @@ def test_subject_missing_from_a_prompt_is_one_error_line(tmp_path):
 
 def test_subject_without_consistent_attn_is_one_error_line(tmp_path):
     result = txt2img("--config", TINY_CONFIG, "--random-weights", "--outdir", tmp_path, "--subject", "chair")
-    assert_one_line_error(result, "--subject only take effect with --consistent-attn; add it")
+    assert_one_line_error(result, "--subject takes effect only with --consistent-attn; add it")

@@ -401,7 +401,7 @@ def test_cli_flags_build_the_config():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--share-mode", "anchor"], "only take effect with --consistent-attn"),
+    (["--share-mode", "anchor"], "--share-mode takes effect only with --consistent-attn"),
     (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
     (["--consistent-attn", "--share-window", "0.8:0.2"], "step window"),
     (["--consistent-attn", "--share-mode", "sample", "--share-rate", "1.5"], "sample rate"),

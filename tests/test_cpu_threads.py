@@ -31,4 +31,4 @@ def test_threads_below_one_is_one_error_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         txt2img.validate_options(parser, parser.parse_args(["--random-weights", "--threads", "0"]))
     assert exit_info.value.code == 2
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --threads: must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]

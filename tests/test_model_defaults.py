@@ -3,6 +3,7 @@ import argparse
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO
@@ -24,7 +25,8 @@ def test_geometry_is_read_from_the_model_definition(path, channels, factor, mult
 
 
 def options(**given):
-    defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None)
+    defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None,
+                    scale=None, default_scale=7.5)
     return argparse.Namespace(**{**defaults, **given})
 
 
@@ -54,7 +56,7 @@ def test_without_any_weights_the_error_says_every_way_out(workdir):
     with pytest.raises(ValueError, match="no model weights found") as error:
         resolve_model(Parser(), options())
     for fragment in ("models/ldm/stable-diffusion-v1/model.ckpt", "--ckpt", "models/embedded/README.md",
-                     "--random-weights"):
+                     "models/embedded/procedural-t2i.safetensors", "--random-weights"):
         assert fragment in str(error.value)
 
 
@@ -63,7 +65,10 @@ def test_the_embedded_model_runs_when_no_sd_weights_are_in_place(workdir):
     opt = options()
     resolve_model(Parser(), opt)
     assert (opt.config, opt.ckpt) == (EMBEDDED_CONFIG, "models/embedded/procedural-t2i.safetensors")
-    assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale) == (3, 1, 32, 32, 8)
+    assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale) == (3, 1, 32, 32, 8, 5.0)
+    given = options(scale=3.0)
+    resolve_model(Parser(), given)
+    assert given.scale == 3.0  # a given --scale wins over the config's
 
 
 def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
@@ -73,6 +78,7 @@ def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     resolve_model(Parser(), opt)
     assert (opt.config, opt.ckpt) == (SD_V1_CONFIG, "models/ldm/stable-diffusion-v1/model.ckpt")
     assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale) == (4, 8, 768, 512, 1)  # a given --H wins
+    assert opt.scale == 7.5  # SD v1's config names no scale: the script's default, as upstream
 
 
 def test_random_weights_without_config_build_sd_v1_as_upstream(workdir):
@@ -118,3 +124,19 @@ def test_a_config_without_a_unet_is_one_error_line(tmp_path):
     result = run("txt2img.py", "--config", "configs/autoencoder/autoencoder_kl_32x32x4.yaml", "--random-weights",
                  "--outdir", tmp_path)
     assert_one_line_error(result, "is not a diffusion model config", SD_V1_CONFIG)
+
+
+def test_a_hub_text_encoder_offline_is_one_error_line(tmp_path):
+    config = tmp_path / "hub.yaml"
+    hub = OmegaConf.load(REPO / "configs/stable-diffusion/v1-tiny.yaml")
+    hub.model.params.cond_stage_config.params = {"version": "openai/clip-vit-base-patch32"}
+    OmegaConf.save(hub, config)
+    result = run("txt2img.py", "--config", config, "--random-weights", "--H", "64", "--W", "64",
+                 "--outdir", tmp_path / "out")
+    assert_one_line_error(result, "Cannot load text encoder 'openai/clip-vit-base-patch32'")
+    hub.model.params.cond_stage_config.params = {"version": "openai/clip-vit-base-patch32",
+                                                  "text_config": {"hidden_size": 32}}
+    OmegaConf.save(hub, config)
+    result = run("txt2img.py", "--config", config, "--random-weights", "--H", "64", "--W", "64",
+                 "--outdir", tmp_path / "out")
+    assert_one_line_error(result, "text_config is only used with version='openai/clip-vit-large-patch14'")

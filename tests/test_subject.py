@@ -318,8 +318,8 @@ def test_cli_builds_subject_and_adain_config():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--subject", "chair"], "--subject only take effect with --consistent-attn"),
-    (["--share-adain"], "--share-adain only take effect with --consistent-attn"),
+    (["--subject", "chair"], "--subject takes effect only with --consistent-attn"),
+    (["--share-adain"], "--share-adain takes effect only with --consistent-attn"),
     (["--consistent-attn", "--subject", "chair,,dog"], "empty subject word"),
 ])
 def test_cli_rejects_bad_subject_flags_with_one_line(argv, message, capsys):

@@ -66,7 +66,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):
 
 
 def test_text_config_with_a_non_default_version_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="text_config"):
+    with pytest.raises(TextEncoderLoadError, match="text_config"):
         FrozenCLIPEmbedder(version=str(tmp_path), text_config={"hidden_size": 32})
 
 

@@ -161,3 +161,15 @@ def test_an_override_swallowed_by_a_flag_is_explained(main_module, capsys):
     assert "got 'data.params.batch_size=4'" in last and "--logdir" in last, last
     last = error_line(capsys, main_module.load_config, parser, ["data.params.batch_size=4"], [])
     assert "config not found: data.params.batch_size=4 (a KEY=VALUE override?" in last, last
+
+
+def test_a_parameter_the_model_does_not_take_is_one_error_line_and_a_bug_keeps_its_traceback(main_module, capsys):
+    from omegaconf import OmegaConf
+    parser = main_module.get_parser()
+    misspelt = OmegaConf.create({"target": "ldm.modules.attention.GEGLU",
+                                 "params": {"dim_in": 2, "dim_out": 2, "dim_outt": 2}})
+    last = error_line(capsys, main_module.build_model, parser, misspelt, ["cfg.yaml"])
+    assert "cannot build the model of cfg.yaml" in last and "'dim_outt'" in last, last
+    broken = OmegaConf.create({"target": "ldm.modules.attention.GEGLU", "params": {"dim_in": "2", "dim_out": 2}})
+    with pytest.raises(TypeError):  # not a config key: raised inside the constructor
+        main_module.build_model(parser, broken, ["cfg.yaml"])

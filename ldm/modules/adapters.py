@@ -581,7 +581,8 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
              if value is not None]
     if not opt.adapter:
         if given:
-            parser.error(f"{', '.join(given)} only take effect with --adapter CKPT; add it")
+            parser.error(f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with "
+                         f"--adapter CKPT; add it")
         return None
     n = len(opt.adapter)
     weights = opt.adapter_weight or [1.0] * n

@@ -635,7 +635,8 @@ def config_from_arguments(opt, parser, images_per_batch):
         # with a reference (consistency_reference.py) the --share-* flags are checked there
         with_reference = getattr(opt, "write_reference", None) or getattr(opt, "read_reference", None)
         if given and not with_reference:
-            parser.error(f"{', '.join(given)} only take effect with --consistent-attn; add it")
+            parser.error(f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with "
+                         f"--consistent-attn; add it")
         return None
     config = config_from_share_flags(opt, parser)
     for flag, value, mode in (("--share-anchors", opt.share_anchors, ShareMode.ANCHOR),

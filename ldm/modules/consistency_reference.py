@@ -273,8 +273,9 @@ def _enable(model, state: _Pass, sites):
 def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
                      n_images: int | None = None, dtype=None, run_info: dict | None = None,
                      prompts=None, subject_tokens=None):
-    """Inside: every sampling pass of `model` records the K/V of the first `n_images` (default
-    config.n_anchors) images of each CFG half, in the layers and step window `config` selects.
+    """Inside: one sampling pass of `model` records the K/V of the first `n_images` (default
+    config.n_anchors) images of each CFG half, in the layers and step window `config` selects
+    (UNet calls are numbered from the first; a reader replays exactly that one trajectory).
     Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
     With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
     `enable_consistent_attention`."""

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange, repeat
 
+from ldm.util import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 # Hugging Face id of the text encoder used by Stable Diffusion 1.x.
@@ -40,8 +42,9 @@ CLIP_L14_TEXT_CONFIG = dict(
 )
 
 
-class TextEncoderLoadError(RuntimeError):
-    """The requested text encoder could not be loaded; the message is one line for the user."""
+class TextEncoderLoadError(CheckpointError, RuntimeError):
+    """The requested text encoder could not be loaded; the message is one line for the user. A
+    CheckpointError, so every script that reports unusable weights in one line reports this too."""
 
 
 class AbstractEncoder(nn.Module):
@@ -277,7 +280,8 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
         from transformers import CLIPTextModel
         return build_clip_tokenizer(model_max_length=max_length), CLIPTextModel(clip_text_config(text_config))
     if text_config:
-        raise ValueError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}")
+        raise TextEncoderLoadError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}; "
+                                   f"remove one of them from the config")
     if os.path.isdir(version):
         return _load_clip_from_directory(version)
     return _load_clip_from_hub(version)
