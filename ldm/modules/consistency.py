@@ -208,8 +208,8 @@ class SharedKV:
         if mode is ShareMode.ANCHOR:
             return masked_anchor_attention(q, k, v, attend, self.config.n_anchors, readable)
         if mode is ShareMode.SAMPLE:
-            readable = readable & sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
-                                                 self.generator).to(q.device)
+            readable = readable & _to_device(sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
+                                                            self.generator), q.device)
         return masked_joint_attention(q, k, v, attend, readable)
 
 
@@ -330,10 +330,7 @@ def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
 
 def masked_joint_attention(q, k, v, attend, readable):
     """`joint_attention` where another image's tokens are read only where `readable` (N, T) is True."""
-    N = q.shape[1]
-    others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], device=q.device,
-                          dtype=torch.long).reshape(N, N - 1)
-    return read_masked(q, k, v, attend, others, k, v, readable)
+    return read_masked(q, k, v, attend, _others(q.shape[1], q.device), k, v, readable)
 
 
 def masked_anchor_attention(q, k, v, attend, n_anchors, readable):
@@ -383,12 +380,16 @@ def sampled_attention(q, k, v, attend, rate, generator):
 def _sample_index(picked, N, T):
     """(N, T + (N-1)·m) positions in a group's token sequence (image j's token i at j·T + i):
     row i = image i's own tokens, then the picked tokens of every other image, in image order."""
-    device = picked.device
-    own = torch.arange(N * T, device=device).view(N, T)
+    own = torch.arange(N * T, device=picked.device).view(N, T)
     pool = picked + own[:, :1]                                            # (N, m), shifted to image j's tokens
+    return torch.cat([own, pool[_others(N, picked.device)].flatten(1)], dim=1)
+
+
+def _others(N, device):
+    """(N, N-1): row i lists the images other than i, in order. Built on `device`: a host tensor
+    copied per layer would make the CPU wait for the GPU (see `_to_device`)."""
     i, j = torch.arange(N, device=device)[:, None], torch.arange(N - 1, device=device)[None]
-    others = j + (j >= i)                                                 # (N, N-1): the images other than i
-    return torch.cat([own, pool[others].flatten(1)], dim=1)
+    return j + (j >= i)
 
 
 def _token_major(t):
