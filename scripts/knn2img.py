@@ -52,8 +52,7 @@ def load_model_from_config(config, ckpt, verbose=False, unsafe_pickle=False):
         print("unexpected keys:")
         print(u)
 
-    model.cuda()
-    model.eval()
+    model.eval()  # main() moves it to the device (upstream forced CUDA here)
     return model
 
 
@@ -374,7 +373,7 @@ if __name__ == "__main__":
                     uc = None
                     if searcher is not None:
                         nn_dict = searcher(c, opt.knn)
-                        c = torch.cat([c, torch.from_numpy(nn_dict['nn_embeddings']).cuda()], dim=1)
+                        c = torch.cat([c, torch.from_numpy(nn_dict['nn_embeddings']).to(c.device)], dim=1)
                     if opt.scale != 1.0:
                         uc = torch.zeros_like(c)
                     if isinstance(prompts, tuple):

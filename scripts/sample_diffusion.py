@@ -221,7 +221,7 @@ def get_parser():
 def load_model_from_config(config, sd):
     model = instantiate_from_config(config)
     model.load_state_dict(sd,strict=False)
-    model.cuda()
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # upstream forced CUDA
     model.eval()
     return model
 
