@@ -188,7 +188,8 @@ def _settings(cache, **changes):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda c: (_settings(c, subjects=["chair"]), c.tensors), "settings name subjects ['chair'] but it holds no subject masks"),
+    (lambda c: (_settings(c, subjects=["chair"]), c.tensors),
+     "settings name subjects ['chair'] but it holds no subject masks"),
     (lambda c: (_settings(c, adain=True), c.tensors), "lacks q_mean, q_std, k_mean, k_std"),
     (lambda c: (_settings(c, modee="all"), c.tensors), "its settings are not valid"),
     (lambda c: (_settings(c, n_anchors=0), c.tensors), "its settings are not valid (anchor count"),

@@ -691,7 +691,8 @@ def check_subjects(model, config, prompt_batches):
 
 
 __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
-           "AttentionSite", "self_attention_sites", "selected_sites", "share_per_cfg_group", "split_groups", "enable_consistent_attention",
+           "AttentionSite", "self_attention_sites", "selected_sites", "share_per_cfg_group", "split_groups",
+           "enable_consistent_attention",
            "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
            "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
            "in_window", "unet_of",
