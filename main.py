@@ -831,11 +831,10 @@ if __name__ == "__main__":
 
         # allow checkpointing via USR1
         def melk(*args, **kwargs):
-            # run all checkpoint hooks
             if trainer.global_rank == 0:
-                logger.info("Summoning checkpoint.")
-                ckpt_path = os.path.join(ckptdir, "last.ckpt")
-                trainer.save_checkpoint(ckpt_path)
+                last = os.path.join(ckptdir, "last.ckpt")
+                logger.info("Saving %s at step %d.", last, trainer.global_step)
+                trainer.save_checkpoint(last)
 
 
         def divein(*args, **kwargs):
@@ -856,6 +855,9 @@ if __name__ == "__main__":
             except Exception:
                 melk()
                 raise
+            # A run stopped by lightning.trainer.max_time (or Ctrl-C) ends between the
+            # every_n_train_steps checkpoints; without this its last steps would be lost.
+            melk()
         has_test = "test" in data.dataset_configs and is_overridden("test_step", model)
         if not opt.no_test and not trainer.interrupted and has_test:
             trainer.test(model, data)

@@ -12,23 +12,29 @@ from conftest import REPO, TINY_CONFIG
 DATA_CONFIG = REPO / "tests" / "configs" / "tiny-train-data.yaml"
 
 
-def test_main_trains_two_steps_with_checkpoint_and_csv_log(tmp_path):
-    # the procedural scenes name their keys "image" and "caption"
-    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption"]
+def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
+    # the procedural scenes name their keys "image" and "caption". The embedded configs' checkpoints
+    # (no monitor, last.ckpt every N steps), a periodic one at step 2 and the run ends at step 3,
+    # between two of them, as a run stopped by max_time does: last.ckpt must hold the final
+    # weights (Lightning's save_last alone keeps step 2's)
+    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                 "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0",
+                 "lightning.modelcheckpoint.params.every_n_train_steps=2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t",
-         "--accelerator", "cpu", "--devices", "1", "--max_steps", "2", "--logdir", str(tmp_path), *overrides],
+         "--accelerator", "cpu", "--devices", "1", "--max_steps", "3", "--logdir", str(tmp_path), *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    from ldm.util import read_checkpoint
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert sorted(p.name.rsplit("-", 1)[-1] for p in (run_dir / "configs").iterdir()) == [
         "lightning.yaml", "project.yaml"]
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
-    assert len(losses) == 2 and all(loss == loss for loss in losses)  # two finite steps
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # three finite steps
     assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("samples_*.png"))
 
 
