@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from conftest import REPO
 
 EMBEDDED_CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
+EMBEDDED_16PX_CONFIG = REPO / "configs" / "embedded" / "procedural-t2i-16px.yaml"
 
 
 def count(module):
@@ -38,6 +39,15 @@ def test_all_three_consistency_groups_have_self_attention(model):
     assert groups == set(Group)
     sides = {(site.group, site.side) for site, _ in self_attention_sites(model)}
     assert (Group.INNER, "middle") in sides
+
+
+def test_the_16px_stand_in_has_the_same_groups_with_a_fifth_of_the_unet():
+    from ldm.modules.consistency import Group, self_attention_sites
+    from ldm.util import instantiate_from_config
+    model = instantiate_from_config(OmegaConf.load(EMBEDDED_16PX_CONFIG).model)
+    assert {site.group for site, _ in self_attention_sites(model)} == set(Group)
+    assert model.image_size == 16 and model.channels == 3
+    assert count(model.model) < 1e6
 
 
 def test_pixel_space_first_stage_and_trainable_text_encoder(model):

@@ -16,6 +16,7 @@ from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, SD_V1_CONFIG, 
 @pytest.mark.parametrize("path, channels, factor, multiple, size, scale", [
     (SD_V1_CONFIG, 4, 8, 64, 512, 1),                       # SD v1: 4 latent channels, 8x VAE
     (EMBEDDED_CONFIG, 3, 1, 8, 32, 8),                      # pixel space, identity first stage
+    ("configs/embedded/procedural-t2i-16px.yaml", 3, 1, 8, 16, 16),  # its preliminary CPU-trained stand-in
     ("configs/stable-diffusion/v1-tiny.yaml", 4, 8, 64, 512, 1),  # no sampling block: upstream defaults
 ])
 def test_geometry_is_read_from_the_model_definition(path, channels, factor, multiple, size, scale):
