@@ -46,7 +46,7 @@ def test_the_16px_stand_in_has_the_same_groups_with_a_sixth_of_the_unet():
     from ldm.util import instantiate_from_config
     model = instantiate_from_config(OmegaConf.load(EMBEDDED_16PX_CONFIG).model)
     assert {site.group for site, _ in self_attention_sites(model)} == set(Group)
-    assert model.image_size == 16 and model.channels == 3
+    assert model.image_size == 16 and model.channels == 3 and model.clip_denoised
     assert count(model.model) < 1e6  # 739,939 against 4,306,243
 
 
@@ -54,6 +54,7 @@ def test_pixel_space_first_stage_and_trainable_text_encoder(model):
     from ldm.models.autoencoder import IdentityFirstStage
     assert isinstance(model.first_stage_model, IdentityFirstStage)
     assert model.scale_factor == 1.0 and model.channels == 3 and model.image_size == 32
+    assert model.clip_denoised  # samplers keep predicted x0 in the pixels' [-1, 1]
     assert model.cond_stage_trainable
     assert all(p.requires_grad for p in model.cond_stage_model.parameters())
     assert model.cond_stage_model.max_length == 32

@@ -41,6 +41,53 @@ def test_ddim_stochastic_encode_decode_on_cpu(tiny_model, conds):
     assert out.shape == x0.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_update_clips_x0_only_for_pixel_space_models(tiny_model, clip, monkeypatch):
+    assert not tiny_model.clip_denoised  # a latent model: its x0 is unbounded
+    monkeypatch.setattr(tiny_model, "clip_denoised", clip)
+    sampler = DDIMSampler(tiny_model)
+    sampler.make_schedule(ddim_num_steps=5, ddim_eta=0.0, verbose=False)
+    index = 2
+    a_t, a_prev = sampler.ddim_alphas[index], sampler.ddim_alphas_prev[index]
+    torch.manual_seed(0)
+    x, e_t = torch.randn(2, 4, 8, 8), 3 * torch.randn(2, 4, 8, 8)
+    raw_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    assert raw_x0.abs().max() > 1
+    x_prev, pred_x0 = sampler.ddim_update(x, e_t, index)
+    expected_x0 = raw_x0.clamp(-1, 1) if clip else raw_x0
+    torch.testing.assert_close(pred_x0, expected_x0)
+    # eta 0: x_{t-1} stays on the DDIM line through x_t and the (clipped) x0
+    noise = (x - a_t.sqrt() * expected_x0) / (1 - a_t).sqrt()
+    torch.testing.assert_close(x_prev, a_prev.sqrt() * expected_x0 + (1 - a_prev).sqrt() * noise)
+
+
+def test_clipped_dpm_solver_clips_the_data_prediction(tiny_model):
+    from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVP
+    from ldm.models.diffusion.dpm_solver.sampler import ClippedDPMSolver
+    schedule = NoiseScheduleVP("discrete", alphas_cumprod=tiny_model.alphas_cumprod)
+    noise_fn = lambda x, t: -5 * x  # drives x0 far outside [-1, 1]
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
+    raw = DPM_Solver(noise_fn, schedule, predict_x0=True).data_prediction_fn(x, t)
+    clipped = ClippedDPMSolver(noise_fn, schedule, predict_x0=True).data_prediction_fn(x, t)
+    assert raw.abs().max() > 1
+    assert torch.equal(clipped, raw.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_dpm_sampler_clips_x0_only_for_pixel_space_models(tiny_model, conds, clip, monkeypatch):
+    from ldm.models.diffusion.dpm_solver.sampler import ClippedDPMSolver
+    monkeypatch.setattr(tiny_model, "clip_denoised", clip)
+    predictions = []
+    original = ClippedDPMSolver.data_prediction_fn
+    monkeypatch.setattr(ClippedDPMSolver, "data_prediction_fn",
+                        lambda self, x, t: predictions.append(original(self, x, t)) or predictions[-1])
+    c, uc = conds
+    DPMSolverSampler(tiny_model).sample(S=3, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                        unconditional_guidance_scale=7.5, unconditional_conditioning=uc)
+    assert len(predictions) == (3 if clip else 0)
+    assert all(p.abs().max() <= 1 for p in predictions)
+
+
 def test_guided_eps_scale_one_is_plain_cond_call(tiny_model_with_weights):
     model = tiny_model_with_weights  # the zero-output tiny model would make every call equal
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])

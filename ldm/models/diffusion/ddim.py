@@ -87,6 +87,13 @@ class DDIMSampler(Sampler):
 
         # current prediction for x_0
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        if self.model.clip_denoised:
+            # Pixel-space data lies in [-1, 1]. On the deterministic (eta = 0) path an error in x_0
+            # is never re-noised away: a small model's overshoot on saturated colours stays as
+            # pixel noise in the final image. Clip x_0 and re-derive the noise from it (as GLIDE
+            # does), so x_{t-1} stays on the DDIM line between x_t and the clipped x_0.
+            pred_x0 = pred_x0.clamp(-1., 1.)
+            e_t = (x - a_t.sqrt() * pred_x0) / sqrt_one_minus_at
         if quantize_denoised:
             pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
         # direction pointing to x_t

@@ -38,7 +38,17 @@ class DPMSolverSampler(Sampler):
             model_type="noise",
             guidance_type="uncond",
         )
-        dpm_solver = DPM_Solver(model_fn, ns, predict_x0=True, thresholding=False)
+        # A pixel-space model's x_0 is clipped to [-1, 1] as in DDIM (ddim.py says why). Not the
+        # solver's own dynamic thresholding: rescaling the early, wide x_0 greys the small model's images.
+        solver = ClippedDPMSolver if self.model.clip_denoised else DPM_Solver
+        dpm_solver = solver(model_fn, ns, predict_x0=True, thresholding=False)
         x = dpm_solver.sample(x_T, steps=self.steps, skip_type="time_uniform", method="multistep", order=2,
                               lower_order_final=True)
         return x.to(self.model.betas.device), None
+
+
+class ClippedDPMSolver(DPM_Solver):
+    """DPM-Solver++ whose data prediction x_0 is clipped to the pixels' [-1, 1]."""
+
+    def data_prediction_fn(self, x, t):
+        return super().data_prediction_fn(x, t).clamp(-1., 1.)
