@@ -1,6 +1,7 @@
 """Tests of the procedural scene generator and its pixel read-back metrics."""
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -195,6 +196,16 @@ def test_read_attributes_accepts_model_output_formats():
     chw = torch.from_numpy(f).permute(2, 0, 1)
     assert read_attributes(f, "table") == read_attributes(img, "table") \
         == read_attributes(chw, "table") == dict(s.attributes)
+
+
+def test_read_attributes_of_an_object_two_pixels_wide_reads_one_leg():
+    """No column of a 2 px box lies in its central third: its middle columns stand in (this
+    used to average an empty slice, a NaN that always read as four legs)."""
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[4:14, 7:9] = (255, 0, 0)  # a red bar, columns 7 and 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_attributes(img, "chair")["legs"] == "single"
 
 
 # ---------------------------------------------------------------- batch metrics

@@ -731,7 +731,10 @@ def _read_object(img: np.ndarray, kind: str) -> dict[str, str]:
         r1 = max(r0 + 1, int(round(y0 + 0.88 * (y1 - y0))))
         band = mask[r0:r1].astype(np.float64)
         cols = (np.arange(W) + 0.5 - x0) / max(x1 - x0, 1e-6)
-        centre = band[:, (cols > 0.35) & (cols < 0.65)].mean() if band.size else 0.0
+        central = (cols > 0.35) & (cols < 0.65)
+        if not central.any():  # a box one or two pixels wide (small images): its middle column
+            central = np.abs(cols - 0.5) == np.abs(cols - 0.5).min()
+        centre = band[:, central].mean() if band.size else 0.0
         sides = band[:, ((cols > -0.05) & (cols < 0.25)) | ((cols > 0.75) & (cols < 1.05))]
         sides = sides.mean() if sides.size else 0.0
         out["legs"] = "single" if centre > sides else "four"
