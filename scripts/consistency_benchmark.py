@@ -35,6 +35,10 @@ settings, so the rows compare directly; the reference image is exactly the plain
         --settings none all:all subject:all adain:all subject+adain:all subject:anchor reference:all \
         reference+subject:all
 
+Every setting starts from the same noise and prompts as `none`, so a second table gives each
+setting minus `none` batch by batch (mean ± standard error): the differences between prompts and
+seeds, which dominate the first table's ± std, cancel there.
+
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 """
 import csv
@@ -378,6 +382,36 @@ def markdown_table(rows, settings):
     return "\n".join(lines)
 
 
+PAIRED_METRICS = ("colour_spread", "agreement", "fidelity")
+
+
+def mean_se(values):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):+.3f} ± {se:.3f}"
+
+
+def paired_table(rows, settings, baseline="none"):
+    """Each setting minus `baseline` in the same batch (same prompt, seed and start noise), mean ±
+    standard error over the batches: the between-batch spread of the first table cancels. Empty
+    when the baseline was not run."""
+    base = {(r["prompt"], r["seed"]): r for r in rows if r["setting"] == baseline}
+    others = [s for s in settings if s != baseline]
+    if not base or not others:
+        return ""
+    lines = [f"| setting | colour spread − {baseline} | batches narrower | agreement − {baseline} "
+             f"| fidelity − {baseline} |", "|---|---|---|---|---|"]
+    for setting in others:
+        pairs = [(r, base[r["prompt"], r["seed"]]) for r in rows if r["setting"] == setting]
+        diffs = {m: [r[m] - b[m] for r, b in pairs] for m in PAIRED_METRICS}
+        narrower = sum(d < 0 for d in diffs["colour_spread"])
+        lines.append(f"| {setting} | {mean_se(diffs['colour_spread'])} | {narrower}/{len(pairs)} | "
+                     f"{mean_se(diffs['agreement'])} | {mean_se(diffs['fidelity'])} |")
+    return "\n".join(lines)
+
+
 def run_header(opt, device, n_batches):
     weights = "random weights" if opt.random_weights else opt.ckpt
     return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; "
@@ -431,6 +465,8 @@ def main(argv=None):
         if row["prompt"] == figure_prompt and row["seed"] == figure_seed:
             figure_batches[row["setting"]] = images
     table = markdown_table(rows, opt.settings)
+    paired = paired_table(rows, opt.settings)
+    table += f"\n\nPaired with `none` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
     header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
     run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:

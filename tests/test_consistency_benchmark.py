@@ -24,9 +24,12 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
             "--settings", "none", "all:middle+inner", "--outdir", tmp_path]
     result = run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| setting | agreement")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| none", "| all:middle+inner"]
+    table, paired = ([line for line in block.splitlines() if line.startswith("| ")]
+                     for block in result.stdout.split("Paired with `none`"))
+    assert table[0].startswith("| setting | agreement")
+    assert [r.split(" | ")[0] for r in table[1:]] == ["| none", "| all:middle+inner"]
+    assert paired[0].startswith("| setting | colour spread − none")
+    assert [r.split(" | ")[0] for r in paired[1:]] == ["| all:middle+inner"]
     run_dir = tmp_path / "run-001"
     with open(run_dir / "results.csv") as f:
         results = list(csv.DictReader(f))
@@ -40,6 +43,19 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
     again = run(*args, "--settings", "none")  # a second run never touches the first
     assert again.returncode == 0 and (tmp_path / "run-002" / "results.csv").is_file()
     assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 14
+
+
+def test_paired_table_subtracts_the_same_batch_without_sharing():
+    bench = load_script("consistency_benchmark")
+    row = lambda setting, prompt, seed, spread, agreement, fidelity: dict(
+        setting=setting, prompt=prompt, seed=seed, colour_spread=spread, agreement=agreement, fidelity=fidelity)
+    rows = [row("none", "a chair", 0, 0.9, 0.5, 0.4), row("none", "a face", 0, 0.5, 0.6, float("nan")),
+            row("all:all", "a chair", 0, 0.6, 0.6, 0.4), row("all:all", "a face", 0, 0.6, 0.5, float("nan"))]
+    lines = bench.paired_table(rows, ["none", "all:all"]).splitlines()
+    # colour spread: -0.3 and +0.1 -> mean -0.1, std 0.4 / sqrt(2), standard error std / sqrt(2) = 0.2;
+    # fidelity: the face pair is NaN (its prompt names nothing), one pair left
+    assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
+    assert bench.paired_table(rows[2:], ["all:all"]) == ""  # no baseline run: no table
 
 
 def one_error_line(result, text):
