@@ -19,13 +19,18 @@ def run(*args, timeout=300):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def printed_tables(stdout):
+    """The rows of the printed table and of the table paired with `none` (empty without it)."""
+    table, _, paired = stdout.partition("Paired with `none`")
+    return ([line for line in block.splitlines() if line.startswith("| ")] for block in (table, paired))
+
+
 def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
     args = ["--random-weights", "--n", "2", "--steps", "2", "--seeds", "0",
             "--settings", "none", "all:middle+inner", "--outdir", tmp_path]
     result = run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    table, paired = ([line for line in block.splitlines() if line.startswith("| ")]
-                     for block in result.stdout.split("Paired with `none`"))
+    table, paired = printed_tables(result.stdout)
     assert table[0].startswith("| setting | agreement")
     assert [r.split(" | ")[0] for r in table[1:]] == ["| none", "| all:middle+inner"]
     assert paired[0].startswith("| setting | colour spread − none")
@@ -82,7 +87,7 @@ def test_subject_and_adain_rows_on_the_tiny_sd_config(tmp_path):
                  "--n", "2", "--steps", "2", "--seeds", "0", "--prompts", "a red chair", "a large table",
                  "--settings", *settings, "--outdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows, _ = printed_tables(result.stdout)
     assert "| subject agreement ↑ | scene diversity |" in rows[0]
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
     with open(tmp_path / "run-001" / "results.csv") as f:
@@ -150,7 +155,7 @@ def test_reference_rows_in_a_cli_run(tmp_path):
                  "--n", "3", "--steps", "2", "--seeds", "0", "--prompts", "a red chair",
                  "--settings", *settings, "--outdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows, _ = printed_tables(result.stdout)
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == settings
 
 
