@@ -45,6 +45,7 @@ EMBEDDED_CONFIG = "configs/embedded/procedural-t2i.yaml"
 DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+DEFAULT_STEPS = 50  # upstream's --ddim_steps; a config's `sampling: steps:` overrides it
 
 
 def configure_logging(level=logging.INFO):
@@ -62,7 +63,8 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--skip_grid", action="store_true",
         help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
     add("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
-    add("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    add("--ddim_steps", type=int, default=None,
+        help=f"number of sampling steps (default: from the config's `sampling` block, else {DEFAULT_STEPS})")
     add("--sampler", choices=sorted(samplers), default=None, help="sampling method (default: ddim)")
     for flag, name in aliases.items():
         add(f"--{flag}", action="store_true",
@@ -128,8 +130,6 @@ def validate_common(parser, opt, samplers, aliases):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     sampler = samplers[opt.sampler]
-    if opt.ddim_steps < sampler.min_steps:
-        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
     if opt.ddim_eta != 0 and not sampler.stochastic:
         parser.error(f"--ddim_eta applies to the ddim sampler; --sampler {opt.sampler} is deterministic "
                      f"(leave --ddim_eta out)")
@@ -143,6 +143,8 @@ def validate_common(parser, opt, samplers, aliases):
     resolve_model(parser, opt)
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
+    if opt.ddim_steps < sampler.min_steps:
+        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
     if opt.ddim_steps >= opt.geometry.timesteps:
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
@@ -211,6 +213,7 @@ class ModelGeometry:
     display_scale: int = 1
     weights: str | None = None
     scale: float | None = None  # guidance scale (None: the script's default)
+    steps: int = DEFAULT_STEPS  # sampling steps; a small pixel-space model needs fewer than SD
     timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
 
     @property
@@ -260,7 +263,8 @@ def read_model_geometry(parser, flag, path, example=SD_V1_CONFIG):
 
 
 def resolve_model(parser, opt):
-    """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale and opt.geometry.
+    """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale,
+    opt.ddim_steps and opt.geometry.
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
     (with --random-weights: SD v1, as upstream). Flags the user gave always win, except --C/--f,
@@ -279,7 +283,7 @@ def resolve_model(parser, opt):
         setattr(opt, name, value)
     scale = geometry.scale if geometry.scale is not None else opt.default_scale
     for name, value in (("H", geometry.height), ("W", geometry.width), ("display_scale", geometry.display_scale),
-                        ("scale", scale)):
+                        ("scale", scale), ("ddim_steps", geometry.steps)):
         if name in vars(opt) and getattr(opt, name) is None:  # img2img has no --H/--W
             setattr(opt, name, value)
     opt.geometry = geometry

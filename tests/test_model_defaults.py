@@ -13,21 +13,22 @@ from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, SD_V1_CONFIG, 
                                 resolve_model)
 
 
-@pytest.mark.parametrize("path, channels, factor, multiple, size, scale", [
-    (SD_V1_CONFIG, 4, 8, 64, 512, 1),                       # SD v1: 4 latent channels, 8x VAE
-    (EMBEDDED_CONFIG, 3, 1, 8, 32, 8),                      # pixel space, identity first stage
-    ("configs/embedded/procedural-t2i-16px.yaml", 3, 1, 8, 16, 16),  # its preliminary CPU-trained stand-in
-    ("configs/stable-diffusion/v1-tiny.yaml", 4, 8, 64, 512, 1),  # no sampling block: upstream defaults
+@pytest.mark.parametrize("path, channels, factor, multiple, size, scale, steps", [
+    (SD_V1_CONFIG, 4, 8, 64, 512, 1, 50),                   # SD v1: 4 latent channels, 8x VAE
+    (EMBEDDED_CONFIG, 3, 1, 8, 32, 8, 50),                  # pixel space, identity first stage
+    ("configs/embedded/procedural-t2i-16px.yaml", 3, 1, 8, 16, 16, 20),  # its preliminary CPU-trained stand-in
+    ("configs/stable-diffusion/v1-tiny.yaml", 4, 8, 64, 512, 1, 50),  # no sampling block: upstream defaults
 ])
-def test_geometry_is_read_from_the_model_definition(path, channels, factor, multiple, size, scale):
+def test_geometry_is_read_from_the_model_definition(path, channels, factor, multiple, size, scale, steps):
     geometry = read_geometry(load_config(REPO / path))
     assert (geometry.channels, geometry.factor, geometry.multiple) == (channels, factor, multiple)
     assert (geometry.height, geometry.width, geometry.display_scale) == (size, size, scale)
+    assert geometry.steps == steps
 
 
 def options(**given):
     defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None,
-                    scale=None, default_scale=7.5)
+                    scale=None, default_scale=7.5, ddim_steps=None)
     return argparse.Namespace(**{**defaults, **given})
 
 
@@ -80,6 +81,17 @@ def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     assert (opt.config, opt.ckpt) == (SD_V1_CONFIG, "models/ldm/stable-diffusion-v1/model.ckpt")
     assert (opt.C, opt.f, opt.H, opt.W, opt.display_scale) == (4, 8, 768, 512, 1)  # a given --H wins
     assert opt.scale == 7.5  # SD v1's config names no scale: the script's default, as upstream
+    assert opt.ddim_steps == 50  # nor steps: upstream's 50
+
+
+def test_a_config_that_names_its_steps_sets_the_default_and_a_given_flag_wins():
+    config = "configs/embedded/procedural-t2i-16px.yaml"
+    opt = options(config=config, random_weights=True)
+    resolve_model(Parser(), opt)
+    assert opt.ddim_steps == 20
+    given = options(config=config, random_weights=True, ddim_steps=7)
+    resolve_model(Parser(), given)
+    assert given.ddim_steps == 7
 
 
 def test_random_weights_without_config_build_sd_v1_as_upstream(workdir):
