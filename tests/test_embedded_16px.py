@@ -28,7 +28,7 @@ def mean(rows, setting, metric):
 
 def test_sharing_middle_and_inner_narrows_the_colours_of_a_batch(tmp_path):
     """Seed 0 of the benchmark's seven prompts. Measured on this model (CONSISTENCY_NOTES.md,
-    seed 0): colour spread 0.684 without sharing, 0.549 with; fidelity 0.430 and 0.422; diversity
+    seed 0): colour spread 0.685 without sharing, 0.521 with; fidelity 0.508 and 0.469; diversity
     0.377 with. The thresholds keep half the measured gap and allow fidelity a 0.1 loss."""
     result = run("consistency_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--seeds", "0",
                  "--settings", "none", "all:middle+inner", "--outdir", tmp_path)
@@ -37,14 +37,14 @@ def test_sharing_middle_and_inner_narrows_the_colours_of_a_batch(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 7
     plain, shared = (mean(rows, s, "colour_spread") for s in ("none", "all:middle+inner"))
-    assert shared < plain - 0.06, (plain, shared)
+    assert shared < plain - 0.08, (plain, shared)
     assert mean(rows, "all:middle+inner", "fidelity") > mean(rows, "none", "fidelity") - 0.1
     assert mean(rows, "all:middle+inner", "diversity") > 0.3  # not copies of one image
 
 
 def test_the_shipped_16px_adapter_moves_the_object_to_the_outline(tmp_path):
     """Seed 0 of the adapter benchmark's four prompts; measured (models/embedded/README.md):
-    IoU of the object with the condition's mask 0.121 without the adapter, 0.414 with it; the
+    IoU of the object with the condition's mask 0.141 without the adapter, 0.414 with it; the
     threshold keeps half the gap."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
                  "--settings", "plain", "adapter", "--outdir", tmp_path)
@@ -52,4 +52,4 @@ def test_the_shipped_16px_adapter_moves_the_object_to_the_outline(tmp_path):
     with open(tmp_path / "run-001" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 4
-    assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.15
+    assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.13
