@@ -53,11 +53,10 @@ class LambdaWarmUpCosineScheduler2:
         self.verbosity_interval = verbosity_interval
 
     def find_in_interval(self, n):
-        interval = 0
-        for cl in self.cum_cycles[1:]:
-            if n <= cl:
-                return interval
-            interval += 1
+        """The cycle step n falls in. Past the last cycle it stays in the last one, at its end value:
+        a run that trains longer than its schedule (more steps, a resumed run) keeps f_min
+        instead of failing on an index."""
+        return min(int(np.searchsorted(self.cum_cycles[1:], n)), len(self.cycle_lengths) - 1)
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
@@ -95,6 +94,7 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
             self.last_f = f
             return f
         else:
+            n = min(n, self.cycle_lengths[cycle])  # past the end: stay at f_min
             f = self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (self.cycle_lengths[cycle] - n) / (self.cycle_lengths[cycle])
             self.last_f = f
             return f

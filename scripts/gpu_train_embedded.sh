@@ -61,6 +61,7 @@ set +e
 python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
   --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
   data.params.batch_size="$BATCH" data.params.num_workers="$NUM_WORKERS" \
+  model.params.scheduler_config.params.cycle_lengths="[$MAX_STEPS]" \
   lightning.trainer.max_time="$MAX_TIME" 2>&1 | tee "$LOGDIR/train.log" \
   | grep --line-buffered -E "Trainer.fit|Setting learning rate|Average|Error|error"
 status=${PIPESTATUS[0]}

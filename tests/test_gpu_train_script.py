@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import REPO
 
@@ -31,6 +32,9 @@ def test_tiny_cpu_run_fills_out_with_weights_log_and_samples(tmp_path):
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     info = json.loads((out / "procedural-t2i.json").read_text())
     assert info["global_step"] == 2 and info["ema"] is True
+    # the lr schedule decays over the run's MAX_STEPS, not the config's planned 3000
+    (project,) = (tmp_path / "logs").glob("*_procedural-t2i/configs/*-project.yaml")
+    assert OmegaConf.load(project).model.params.scheduler_config.params.cycle_lengths == [2]
 
     again = run(tmp_path)  # the outputs of the first run are never overwritten
     assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
