@@ -391,7 +391,7 @@ class SetupCallback(Callback):
         if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
             logger.info("Summoning checkpoint.")
             ckpt_path = os.path.join(self.ckptdir, "last.ckpt")
-            trainer.save_checkpoint(ckpt_path)
+            trainer.save_checkpoint(ckpt_path, weights_only=False)
 
     def on_fit_start(self, trainer, pl_module):
         if trainer.global_rank == 0:
@@ -834,7 +834,7 @@ if __name__ == "__main__":
             if trainer.global_rank == 0:
                 last = os.path.join(ckptdir, "last.ckpt")
                 logger.info("Saving %s at step %d.", last, trainer.global_step)
-                trainer.save_checkpoint(last)
+                trainer.save_checkpoint(last, weights_only=False)  # with optimizer state: --resume continues it
 
 
         def divein(*args, **kwargs):
