@@ -1,0 +1,33 @@
+"""scripts/heldout_loss.py: paired held-out loss of weight files, on the shipped 16 px model."""
+from safetensors.torch import load_file, save_file
+
+from test_cli import assert_ok, assert_one_line_error, run
+from test_embedded_16px import CONFIG, WEIGHTS as REPO_WEIGHTS
+
+
+def rows_of(stdout):
+    """[(path, loss, difference to the first)] from the printed table."""
+    rows = [line.split("|")[1:4] for line in stdout.splitlines() if line.startswith("| ") and "±" in line]
+    return [(path.strip(), float(loss.split("±")[0]), float(diff.split("±")[0])) for path, loss, diff in rows]
+
+
+def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
+    weights = load_file(REPO_WEIGHTS)
+    out_conv = [k for k in weights if k.startswith("model.diffusion_model.out.2.")]
+    assert out_conv, sorted(weights)[:5]
+    broken = {k: v.clone().zero_() if k in out_conv else v for k, v in weights.items()}  # predicts zero noise
+    save_file(broken, tmp_path / "broken.safetensors")
+
+    result = run("heldout_loss.py", "--config", CONFIG, "--ckpt", REPO_WEIGHTS, tmp_path / "broken.safetensors",
+                 REPO_WEIGHTS, "--n", "48", "--batch-size", "16", "--threads", "1")
+    assert_ok(result)
+    shipped, broken, again = rows_of(result.stdout)
+    assert [shipped[0], broken[0], again[0]] == [REPO_WEIGHTS, str(tmp_path / "broken.safetensors"), REPO_WEIGHTS]
+    assert 0.002 < shipped[1] < 0.05 and shipped[2] == 0.0, shipped
+    assert again[1:] == shipped[1:]  # the same file again: the same scenes, timesteps and noise
+    assert 0.8 < broken[1] < 1.2 and broken[2] > 0.7, broken  # zero prediction: the loss is E[noise²] = 1
+
+
+def test_a_missing_weight_file_is_one_error_line(tmp_path):
+    assert_one_line_error(run("heldout_loss.py", "--config", CONFIG, "--ckpt", tmp_path / "none.safetensors"),
+                          "none.safetensors", "no such file")
