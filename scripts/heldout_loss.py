@@ -43,7 +43,11 @@ def validation_batches(config, n, batch_size):
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
-    spec = OmegaConf.merge(config.data.params.validation, {"params": {"length": n}})
+    spec = OmegaConf.select(config, "data.params.validation")
+    if spec is None:
+        raise SystemExit("error: the config has no data.params.validation dataset to measure on; use a "
+                         "training config such as configs/embedded/procedural-t2i-16px.yaml")
+    spec = OmegaConf.merge(spec, {"params": {"length": n}})
     data = instantiate_from_config(spec)
     batches = []
     for start in range(0, n, batch_size):
@@ -86,7 +90,7 @@ def main(argv=None):
             raise SystemExit(f"error: {err}")
         if first is None:  # drawn once, in the model's latent shape, for every file
             generator = torch.Generator().manual_seed(opt.seed)
-            shapes = [model.get_first_stage_encoding(model.encode_first_stage(images)).shape for images, _ in batches]
+            shapes = [(len(captions), model.channels, model.image_size, model.image_size) for _, captions in batches]
             timesteps = [torch.randint(0, model.num_timesteps, (s[0],), generator=generator) for s in shapes]
             noises = [torch.randn(s, generator=generator) for s in shapes]
         losses = losses_of(model, batches, timesteps, noises)

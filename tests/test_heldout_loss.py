@@ -31,3 +31,8 @@ def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
 def test_a_missing_weight_file_is_one_error_line(tmp_path):
     assert_one_line_error(run("heldout_loss.py", "--config", CONFIG, "--ckpt", tmp_path / "none.safetensors"),
                           "none.safetensors", "no such file")
+
+
+def test_a_config_without_validation_data_is_one_error_line():
+    result = run("heldout_loss.py", "--config", "configs/stable-diffusion/v1-inference.yaml", "--ckpt", REPO_WEIGHTS)
+    assert_one_line_error(result, "data.params.validation")
