@@ -39,10 +39,13 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
 SAMPLER_ALIASES = {"plms": "plms", "dpm_solver": "dpm"}
 
 # The models a command without --config/--ckpt may run, first match wins: upstream's SD v1 path
-# (so upstream users' commands keep working), then the small model this fork ships.
+# (so upstream users' commands keep working), then the small model this fork ships, then its
+# preliminary CPU-trained stand-in, whose weights are in every clone: a new user's first command
+# runs a trained model (and says which) instead of stopping for want of weights.
 SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 EMBEDDED_CONFIG = "configs/embedded/procedural-t2i.yaml"
-DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG)
+PRELIMINARY_CONFIG = "configs/embedded/procedural-t2i-16px.yaml"
+DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG, PRELIMINARY_CONFIG)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_STEPS = 50  # upstream's --ddim_steps; a config's `sampling: steps:` overrides it
@@ -84,8 +87,8 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     parser.set_defaults(default_scale=scale)  # this script's, for models whose config names none
     add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     add("--config", type=str, default=None,
-        help=f"path to config which constructs model (default: {SD_V1_CONFIG} if its weights are in "
-             f"place, else the embedded model {EMBEDDED_CONFIG})")
+        help=f"path to config which constructs model (default: the first of {', '.join(DEFAULT_CONFIGS)} "
+             "whose weights are in place)")
     add("--ckpt", type=str, default=None,
         help="path to checkpoint of model, .safetensors or .ckpt (default: the weights named in the "
              "config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt for SD v1)")
@@ -292,12 +295,16 @@ def resolve_model(parser, opt):
 def default_config(parser, opt):
     if opt.random_weights or opt.ckpt:
         return SD_V1_CONFIG
-    sd_weights, embedded_weights = (read_geometry(load_config(path)).weights for path in DEFAULT_CONFIGS)
-    for path, weights in zip(DEFAULT_CONFIGS, (sd_weights, embedded_weights)):
-        if weights and os.path.isfile(weights):
+    weights = [read_geometry(load_config(path)).weights for path in DEFAULT_CONFIGS]
+    for path, file in zip(DEFAULT_CONFIGS, weights):
+        if file and os.path.isfile(file):
+            if path == PRELIMINARY_CONFIG:
+                logger.warning("no SD v1 weights (%s) and no 32 px embedded model (%s): running the preliminary "
+                               "16 px model trained on a CPU, a weak stand-in (models/embedded/README.md); "
+                               "pass --ckpt/--config for another model", weights[0], weights[1])
             return path
-    parser.error(f"no model weights found: put SD v1 weights at {sd_weights} or pass --ckpt PATH (with --config), "
-                 f"or train the embedded model into {embedded_weights} (models/embedded/README.md); "
+    parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
+                 f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")
 
 

@@ -9,14 +9,14 @@ from PIL import Image
 from conftest import REPO
 from test_cli import assert_ok, assert_one_line_error, pngs, run
 from ldm.image_io import read_parameters
-from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, SD_V1_CONFIG, load_config, read_geometry,
-                                resolve_model)
+from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, PRELIMINARY_CONFIG, SD_V1_CONFIG, load_config,
+                                read_geometry, resolve_model)
 
 
 @pytest.mark.parametrize("path, channels, factor, multiple, size, scale, steps", [
     (SD_V1_CONFIG, 4, 8, 64, 512, 1, 50),                   # SD v1: 4 latent channels, 8x VAE
     (EMBEDDED_CONFIG, 3, 1, 8, 32, 8, 50),                  # pixel space, identity first stage
-    ("configs/embedded/procedural-t2i-16px.yaml", 3, 1, 8, 16, 16, 20),  # its preliminary CPU-trained stand-in
+    (PRELIMINARY_CONFIG, 3, 1, 8, 16, 16, 20),             # its preliminary CPU-trained stand-in
     ("configs/stable-diffusion/v1-tiny.yaml", 4, 8, 64, 512, 1, 50),  # no sampling block: upstream defaults
 ])
 def test_geometry_is_read_from_the_model_definition(path, channels, factor, multiple, size, scale, steps):
@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A copy of the two default configs at their relative paths, and no weights anywhere."""
+    """A copy of the default configs at their relative paths, and no weights anywhere."""
     for path in DEFAULT_CONFIGS:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / path, tmp_path / path)
@@ -71,6 +71,32 @@ def test_the_embedded_model_runs_when_no_sd_weights_are_in_place(workdir):
     given = options(scale=3.0)
     resolve_model(Parser(), given)
     assert given.scale == 3.0  # a given --scale wins over the config's
+
+
+def test_the_preliminary_model_runs_when_nothing_better_is_in_place_and_says_so(workdir, caplog):
+    put_weights(workdir, PRELIMINARY_CONFIG)
+    opt = options()
+    resolve_model(Parser(), opt)
+    assert (opt.config, opt.ckpt) == (PRELIMINARY_CONFIG, "models/embedded/procedural-t2i-16px.safetensors")
+    assert (opt.H, opt.W, opt.display_scale, opt.ddim_steps) == (16, 16, 16, 20)
+    assert "preliminary 16 px model" in caplog.text
+    caplog.clear()
+    put_weights(workdir, EMBEDDED_CONFIG)  # the 32 px model, once trained, wins over its stand-in
+    resolve_model(Parser(), winner := options())
+    assert winner.config == EMBEDDED_CONFIG and "preliminary" not in caplog.text
+
+
+def test_a_fresh_clones_first_command_runs_a_trained_model(tmp_path):
+    """README's first command, without --config/--ckpt: the first default whose weights are in the
+    checkout (in a fresh clone, the preliminary 16 px model, whose weights are committed)."""
+    expected = next(path for path in DEFAULT_CONFIGS
+                    if (REPO / read_geometry(load_config(REPO / path)).weights).is_file())
+    result = run("txt2img.py", "--prompt", "a chair", "--consistent-attn", "--n_samples", "2", "--n_iter", "1",
+                 "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path)
+    assert_ok(result)
+    meta = read_parameters(tmp_path / "samples" / "00000.png")
+    assert meta["config"] == expected and meta["ckpt"] != ""
+    assert ("preliminary 16 px model" in result.stderr) == (expected == PRELIMINARY_CONFIG)
 
 
 def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
