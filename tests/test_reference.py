@@ -1,5 +1,6 @@
 """Reference cache (ldm/modules/consistency_reference.py): written once, read by later batches,
 bit-exactly equal to in-batch anchor mode on the tiny UNet / tiny LatentDiffusion (CPU)."""
+import copy
 import dataclasses
 
 import pytest
@@ -114,6 +115,30 @@ def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, 
     with read_reference(model, cache, N):
         read = sampled["run"]()
     assert torch.equal(read[1:], anchored[1:])
+
+
+@pytest.mark.parametrize("extras", [dict(), dict(subjects=("chair",), adain=True)], ids=["kv", "subject+adain"])
+def test_reading_a_reference_never_changes_it(model, sampled, extras, tmp_path):
+    """Readers take the reference's tensors as they are (no copy on their device): nothing a
+    reading batch computes may write into them, in memory or in the file."""
+    config = dataclasses.replace(ANCHOR, **extras)
+    with record_reference(model, config, N, prompts=PROMPTS) as cache:
+        sampled["run"]()
+    path = tmp_path / "ref.safetensors"
+    cache.save(path, dtype=torch.float32)
+    file_bytes = path.read_bytes()
+    recorded = {key: t.clone() for key, t in cache.tensors.items()}
+    header = copy.deepcopy(cache.header)
+    reads = []
+    for _ in range(2):
+        with read_reference(model, cache, N):
+            reads.append(sampled["run"]())
+    assert torch.equal(reads[0], reads[1])  # the second batch reads exactly what the first read
+    assert cache.header == header and cache.tensors.keys() == recorded.keys()
+    assert all(torch.equal(cache.tensors[key], t) for key, t in recorded.items())
+    with read_reference(model, ReferenceCache.load(path), N):
+        assert torch.equal(sampled["run"](), reads[0])
+    assert path.read_bytes() == file_bytes
 
 
 def test_only_the_recorded_images_need_the_subject_word(model, sampled):
