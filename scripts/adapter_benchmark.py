@@ -6,8 +6,11 @@ trained: its file header says which). The same start noise is sampled under four
 
     plain               the model alone (the IoU it reaches by chance is the baseline)
     adapter             with the adapter's features of the N conditions
-    plain+consistent    consistent self-attention over the batch (--consistent-attn, all groups)
+    plain+consistent    consistent self-attention over the batch (--consistent-attn's defaults)
     adapter+consistent  both: layout from the conditions, shared appearance from the batch
+
+Every setting starts from the same noise and conditions, so a second table gives, batch by
+batch, what consistent attention changes: each `X+consistent` minus `X` (mean ± standard error).
 
 Metrics, read from the pixels without a classifier (ldm.data.procedural):
 
@@ -45,19 +48,21 @@ import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure 
 from ldm.data import procedural  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, first_stage_factor,  # noqa: E402
                                   injection_sites, load_adapter, unet_of)
-from ldm.modules.consistency import consistent_attention  # noqa: E402
+from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, latents_to_images, resolve_device, set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
 
-# name -> (use the adapter, consistent attention config or None)
+# name -> (use the adapter, consistent attention config or None); "consistent" is what
+# --consistent-attn does without further flags
+CONSISTENT = ConsistentAttentionConfig()
 SETTINGS = {
     "plain": (False, None),
     "adapter": (True, None),
-    "plain+consistent": (False, cb.SETTINGS["all:all"]),
-    "adapter+consistent": (True, cb.SETTINGS["all:all"]),
+    "plain+consistent": (False, CONSISTENT),
+    "adapter+consistent": (True, CONSISTENT),
 }
 READABLE_KINDS = ("chair", "table", "shape")  # read_mask does not read faces (fixed layout)
 APPEARANCE = ("colour", "background")  # attributes a layout condition does not fix
@@ -205,13 +210,20 @@ def markdown_table(rows, settings):
     return "\n".join(lines)
 
 
+def consistency_effect(rows, settings):
+    """Each `X+consistent` setting minus `X` in the same batch (cb.paired_table), one table each."""
+    pairs = [(s, s.removesuffix("+consistent")) for s in settings if s.endswith("+consistent")]
+    return "\n\n".join(cb.paired_table(rows, [s], baseline=base) for s, base in pairs if base in settings)
+
+
 def run_header(opt, device, n_batches):
     weights = "random weights" if opt.random_weights else opt.ckpt
     return (f"config {opt.config}, {weights}; adapter {opt.adapter} ({opt.condition} maps, weight "
             f"{opt.adapter_weight}, cond_tau {opt.cond_tau}); N={opt.n} differently laid out conditions per batch, "
             f"DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
             f"{' '.join(map(str, opt.seeds))} = {n_batches} batches per setting (mean ± std over them); "
-            f"consistent = consistent self-attention, all groups; device {device}")
+            f"consistent = consistent self-attention, groups {'+'.join(sorted(CONSISTENT.groups))}, mode "
+            f"{CONSISTENT.mode.value}; device {device}")
 
 
 def main(argv=None):
@@ -233,6 +245,9 @@ def main(argv=None):
             figure_batches.setdefault(f"{opt.condition} (condition)", conds.expand(-1, 3, -1, -1))
             figure_batches[row["setting"]] = images
     table = markdown_table(rows, opt.settings)
+    effect = consistency_effect(rows, opt.settings)
+    table += f"\n\nWhat consistent attention changes in the same batch (mean ± standard error):\n\n{effect}" \
+        if effect else ""
     header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
     run_dir = cb.new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:

@@ -93,11 +93,17 @@ def test_benchmark_prints_iou_for_all_four_settings(trained, tmp_path):
     result = run("adapter_benchmark.py", "--config", CONFIG, "--random-weights", "--adapter", adapter, "--n", 2,
                  "--steps", 1, "--seeds", 0, "--prompts", "a chair", "--scale", 1, "--outdir", tmp_path)
     assert_ok(result)
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    table, _, effect = result.stdout.partition("What consistent attention changes in the same batch")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| setting | IoU")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+consistent",
                                                      "| adapter+consistent"]
     assert all(0 <= float(r.split(" | ")[1].split(" ")[0]) <= 1 for r in rows[1:])
+    # each +consistent setting against the same batches without sharing
+    paired = [line.split(" | ")[:2] for line in effect.splitlines() if line.startswith("| ") and "---" not in line]
+    assert paired == [["| setting", "colour spread − plain"], ["| plain+consistent", paired[1][1]],
+                      ["| setting", "colour spread − adapter"], ["| adapter+consistent", paired[3][1]]]
+    assert "groups inner+middle, mode all" in result.stdout
     assert "(outline maps" in result.stdout  # the condition kind recorded in the adapter file
     run_dir = tmp_path / "run-001"
     assert {p.name for p in run_dir.iterdir()} == {"table.md", "results.csv", "figure.png"}
