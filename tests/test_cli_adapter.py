@@ -84,6 +84,23 @@ def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files
     assert "t2i_adapter" not in read_parameters(tmp_path / "plain" / "samples" / "00000.png")["extra"]
 
 
+@pytest.mark.parametrize("sampler", ["plms", "dpm"])
+def test_every_sampler_passes_the_adapter_features_to_the_unet(tmp_path, files, sampler):
+    """The features are added inside the UNet, whatever the sampler calls it with: PLMS's
+    multistep estimate and DPM-Solver's continuous times steer like DDIM."""
+    script = load_script("txt2img")
+
+    def image(name, *extra):
+        script.main([str(a) for a in ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64",
+                                      "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4",
+                                      "--sampler", sampler, "--skip_grid", "--outdir", tmp_path / name, *extra]])
+        return pixels(tmp_path / name)[0]
+
+    steered = image("steered", "--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny")
+    assert not np.array_equal(steered, image("plain"))
+    assert read_parameters(tmp_path / "steered" / "samples" / "00000.png")["sampler"] == sampler
+
+
 def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
     result = txt2img(files, tmp_path, "--adapter", files / "canny.pth", "--cond", files / "photo.png",
                      "--cond-type", "depth")
