@@ -50,6 +50,14 @@ def pixels(outdir):
     return [np.asarray(Image.open(p)) for p in sorted((outdir / "samples").glob("*.png"))]
 
 
+def one_image(files, outdir, *extra):
+    """One image from txt2img run in-process (cheaper than a subprocess), as pixels."""
+    load_script("txt2img").main([str(a) for a in [
+        "--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64", "--W", "64", "--n_samples", "1",
+        "--n_iter", "1", "--skip_grid", "--outdir", outdir, *extra]])
+    return pixels(outdir)[0]
+
+
 def test_two_adapters_run_and_are_recorded(tmp_path, files):
     result = txt2img(files, tmp_path,
                      "--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny",
@@ -69,15 +77,8 @@ def test_two_adapters_run_and_are_recorded(tmp_path, files):
 def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files):
     """In-process (cheaper than three more subprocesses). DDIM with 2 steps runs t = 501, 1:
     --cond-tau 0.4 ends before the first step (progress 0.499), so the image is the plain one."""
-    script = load_script("txt2img")
     adapter = ["--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny"]
-
-    def image(name, *extra):
-        script.main([str(a) for a in ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64",
-                                      "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2",
-                                      "--skip_grid", "--outdir", tmp_path / name, *extra]])
-        return pixels(tmp_path / name)[0]
-
+    image = lambda name, *extra: one_image(files, tmp_path / name, "--ddim_steps", "2", *extra)
     plain = image("plain")
     assert not np.array_equal(image("steered", *adapter), plain)
     assert np.array_equal(image("outside", *adapter, "--cond-tau", "0.4"), plain)
@@ -88,14 +89,7 @@ def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files
 def test_every_sampler_passes_the_adapter_features_to_the_unet(tmp_path, files, sampler):
     """The features are added inside the UNet, whatever the sampler calls it with: PLMS's
     multistep estimate and DPM-Solver's continuous times steer like DDIM."""
-    script = load_script("txt2img")
-
-    def image(name, *extra):
-        script.main([str(a) for a in ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64",
-                                      "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4",
-                                      "--sampler", sampler, "--skip_grid", "--outdir", tmp_path / name, *extra]])
-        return pixels(tmp_path / name)[0]
-
+    image = lambda name, *extra: one_image(files, tmp_path / name, "--ddim_steps", "4", "--sampler", sampler, *extra)
     steered = image("steered", "--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny")
     assert not np.array_equal(steered, image("plain"))
     assert read_parameters(tmp_path / "steered" / "samples" / "00000.png")["sampler"] == sampler
