@@ -2,15 +2,18 @@
 
 For every prompt and seed, N procedural scenes of the prompt's kind with different layouts
 (position, size, legs / shape) give N condition maps (outline or mask, as the adapter was
-trained: its file header says which). The same start noise is sampled under four settings:
+trained: its file header says which). The same start noise is sampled under six settings:
 
     plain               the model alone (the IoU it reaches by chance is the baseline)
     adapter             with the adapter's features of the N conditions
     plain+consistent    consistent self-attention over the batch (--consistent-attn's defaults)
     adapter+consistent  both: layout from the conditions, shared appearance from the batch
+    plain+anchor        --consistent-attn --share-mode anchor: every image reads the first one
+    adapter+anchor      the same with the adapter
 
 Every setting starts from the same noise and conditions, so a second table gives, batch by
-batch, what consistent attention changes: each `X+consistent` minus `X` (mean ± standard error).
+batch, what consistent attention changes: each `X+consistent` and `X+anchor` minus `X` (mean ±
+standard error), IoU included: how much of the layout the sharing costs.
 
 Metrics, read from the pixels without a classifier (ldm.data.procedural):
 
@@ -56,13 +59,19 @@ from ldm.util import CheckpointError  # noqa: E402
 logger = logging.getLogger("adapter_benchmark")
 
 # name -> (use the adapter, consistent attention config or None); "consistent" is what
-# --consistent-attn does without further flags
+# --consistent-attn does without further flags. In mode all every image reads all N images, so
+# it also reads N-1 other layouts, and the object drifts from its own outline towards theirs;
+# in anchor mode an image reads one other image, the anchor, which itself stays exact: one
+# appearance to follow and one foreign layout instead of N-1.
 CONSISTENT = ConsistentAttentionConfig()
+ANCHOR = ConsistentAttentionConfig(mode="anchor")
 SETTINGS = {
     "plain": (False, None),
     "adapter": (True, None),
     "plain+consistent": (False, CONSISTENT),
     "adapter+consistent": (True, CONSISTENT),
+    "plain+anchor": (False, ANCHOR),
+    "adapter+anchor": (True, ANCHOR),
 }
 READABLE_KINDS = ("chair", "table", "shape")  # read_mask does not read faces (fixed layout)
 APPEARANCE = ("colour", "background")  # attributes a layout condition does not fix
@@ -211,9 +220,11 @@ def markdown_table(rows, settings):
 
 
 def consistency_effect(rows, settings):
-    """Each `X+consistent` setting minus `X` in the same batch (cb.paired_table), one table each."""
-    pairs = [(s, s.removesuffix("+consistent")) for s in settings if s.endswith("+consistent")]
-    return "\n\n".join(cb.paired_table(rows, [s], baseline=base) for s, base in pairs if base in settings)
+    """Each sharing setting `X+...` minus `X` in the same batch (cb.paired_table), one table per `X`."""
+    baselines = [s for s in settings if "+" not in s]
+    tables = [cb.paired_table(rows, [s for s in settings if s.startswith(base + "+")], baseline=base,
+                              first=("iou",)) for base in baselines]
+    return "\n\n".join(t for t in tables if t)
 
 
 def run_header(opt, device, n_batches):
@@ -223,7 +234,8 @@ def run_header(opt, device, n_batches):
             f"DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
             f"{' '.join(map(str, opt.seeds))} = {n_batches} batches per setting (mean ± std over them); "
             f"consistent = consistent self-attention, groups {'+'.join(sorted(CONSISTENT.groups))}, mode "
-            f"{CONSISTENT.mode.value}; device {device}")
+            f"{CONSISTENT.mode.value}; anchor = the same groups, mode anchor ({ANCHOR.n_anchors} anchor); "
+            f"device {device}")
 
 
 def main(argv=None):

@@ -383,6 +383,8 @@ def markdown_table(rows, settings):
 
 
 PAIRED_METRICS = ("colour_spread", "agreement", "fidelity")
+METRIC_LABELS = {"colour_spread": "colour spread", "agreement": "agreement", "fidelity": "fidelity",
+                 "iou": "IoU"}
 
 
 def mean_se(values):
@@ -393,22 +395,23 @@ def mean_se(values):
     return f"{statistics.fmean(values):+.3f} ± {se:.3f}"
 
 
-def paired_table(rows, settings, baseline="none"):
+def paired_table(rows, settings, baseline="none", first=()):
     """Each setting minus `baseline` in the same batch (same prompt, seed and start noise), mean ±
     standard error over the batches: the between-batch spread of the first table cancels. Empty
-    when the baseline was not run."""
+    when the baseline was not run. `first`: metrics shown before colour spread (e.g. "iou")."""
     base = {(r["prompt"], r["seed"]): r for r in rows if r["setting"] == baseline}
     others = [s for s in settings if s != baseline]
     if not base or not others:
         return ""
-    lines = [f"| setting | colour spread − {baseline} | batches narrower | agreement − {baseline} "
-             f"| fidelity − {baseline} |", "|---|---|---|---|---|"]
+    columns = [*first, "colour_spread", "narrower", "agreement", "fidelity"]
+    header = [f"{METRIC_LABELS[m]} − {baseline}" if m != "narrower" else "batches narrower" for m in columns]
+    lines = ["| setting | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
     for setting in others:
         pairs = [(r, base[r["prompt"], r["seed"]]) for r in rows if r["setting"] == setting]
-        diffs = {m: [r[m] - b[m] for r, b in pairs] for m in PAIRED_METRICS}
-        narrower = sum(d < 0 for d in diffs["colour_spread"])
-        lines.append(f"| {setting} | {mean_se(diffs['colour_spread'])} | {narrower}/{len(pairs)} | "
-                     f"{mean_se(diffs['agreement'])} | {mean_se(diffs['fidelity'])} |")
+        diffs = {m: [r[m] - b[m] for r, b in pairs] for m in (*first, *PAIRED_METRICS)}
+        narrower = f"{sum(d < 0 for d in diffs['colour_spread'])}/{len(pairs)}"
+        cells = [narrower if m == "narrower" else mean_se(diffs[m]) for m in columns]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -61,6 +61,12 @@ def test_paired_table_subtracts_the_same_batch_without_sharing():
     # fidelity: the face pair is NaN (its prompt names nothing), one pair left
     assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
     assert bench.paired_table(rows[2:], ["all:all"]) == ""  # no baseline run: no table
+    for r, iou in zip(rows, [0.5, 0.7, 0.25, 0.35]):
+        r["iou"] = iou
+    lines = bench.paired_table(rows, ["all:all"], first=("iou",)).splitlines()
+    assert lines[0] == ("| setting | IoU − none | colour spread − none | batches narrower | agreement − none "
+                        "| fidelity − none |")
+    assert lines[2] == "| all:all | -0.300 ± 0.050 | -0.100 ± 0.200 | 1/2 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
 
 
 def one_error_line(result, text):

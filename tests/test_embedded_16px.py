@@ -44,17 +44,20 @@ def test_sharing_middle_and_inner_narrows_the_colours_of_a_batch(tmp_path):
 
 def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_keeps_it_there(tmp_path):
     """Seed 0 of the adapter benchmark's four prompts, eight differently laid out outlines per
-    batch; measured (models/embedded/README.md, 2026-12-02): IoU of the object with the
+    batch; measured (models/embedded/README.md, 2026-12-03): IoU of the object with the
     condition's mask 0.141 without the adapter, 0.414 with it, 0.292 with it and consistent
-    attention (--consistent-attn's defaults), whose colour spread is 0.658 against the adapter's
-    0.706. Each threshold keeps half its measured gap."""
+    attention (--consistent-attn's defaults), 0.355 in anchor mode; colour spread 0.706 with the
+    adapter, 0.658 with mode all, 0.639 with anchor. Each threshold keeps half its measured gap."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
-                 "--settings", "plain", "adapter", "adapter+consistent", "--outdir", tmp_path)
+                 "--settings", "plain", "adapter", "adapter+consistent", "adapter+anchor", "--outdir", tmp_path)
     assert_ok(result)
     with open(tmp_path / "run-001" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 4
+    assert len(rows) == 4 * 4
     assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.13
     # one appearance across different poses: the colours narrow, the objects still follow their outlines
     assert mean(rows, "adapter+consistent", "colour_spread") < mean(rows, "adapter", "colour_spread") - 0.024
     assert mean(rows, "adapter+consistent", "iou") > mean(rows, "plain", "iou") + 0.07
+    # anchor mode reads one other layout instead of seven: more of the outline kept, colours as narrow
+    assert mean(rows, "adapter+anchor", "iou") > mean(rows, "adapter+consistent", "iou") + 0.031
+    assert mean(rows, "adapter+anchor", "colour_spread") < mean(rows, "adapter", "colour_spread") - 0.033
