@@ -93,6 +93,7 @@ SETTINGS = {
     "all:all": shared(ALL_GROUPS),
     "decoder:outer+middle": shared({"outer", "middle"}, half="decoder"),
     "anchor:all": shared(ALL_GROUPS, mode="anchor", n_anchors=1),
+    "anchor:middle+inner": shared({"middle", "inner"}, mode="anchor", n_anchors=1),  # --share-mode anchor
     "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
     "all:all@0-0.6": shared(ALL_GROUPS, window=(0.0, 0.6)),
     "subject:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,)),
