@@ -609,8 +609,9 @@ def add_arguments(parser):
     group.add_argument("--share-blocks", choices=HALF_CHOICES,
                        help="share in the encoder (input blocks), the decoder (output blocks) or both")
     group.add_argument("--share-mode", choices=MODE_CHOICES,
-                       help="all: read every image of the batch; anchor: read the first K images; "
-                            "sample: read a random fraction of the other images' tokens")
+                       help="all: read every image of the batch; anchor: read the first K images (cost O(N); "
+                            "with --adapter it keeps more of each image's layout); sample: read a random "
+                            "fraction of the other images' tokens")
     group.add_argument("--share-anchors", type=int, metavar="K", help="anchor images for --share-mode anchor")
     group.add_argument("--share-rate", type=float, metavar="R",
                        help="fraction of each other image's tokens read in --share-mode sample, in (0, 1]")
