@@ -1,0 +1,94 @@
+"""What gradient checkpointing of the UNet's transformer blocks costs a training step.
+
+One step is the model's denoising loss on random latents and a caption (the text encoder runs
+too when it is trainable), backward, no optimizer update; random weights, since the cost does
+not depend on them. Checkpointed and plain steps alternate, so a machine that drifts affects
+both columns alike; the table gives medians and their ratio from one run.
+
+    # the embedded model's training step on this CPU (batch 16: a step of batch 64 takes ~10 s)
+    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 16
+    # on a GPU, as main.py trains it (bf16 autocast)
+    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\
+        --device cuda --autocast bf16
+"""
+import datetime
+import logging
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.modules.attention import BasicTransformerBlock  # noqa: E402
+from ldm.script_helpers import ArgumentParser, read_model_geometry  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
+
+AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_step(model, latent, batch, device, autocast):
+    """A closure: one forward and backward of the model's loss, as a training step computes it.
+    `latent`: (C, H, W) of what the UNet denoises (pixels for the pixel-space embedded model)."""
+    z = torch.randn(batch, *latent, device=device)
+    captions = ["a red chair with four legs"] * batch
+    context = captions if model.cond_stage_trainable else model.get_learned_conditioning(captions).detach()
+    amp = torch.autocast(device.type, dtype=AUTOCAST[autocast]) if AUTOCAST[autocast] else nullcontext()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with amp:
+            loss, _ = model(z, context)
+        loss.backward()
+    return step
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--batch", type=int, default=16, help="images per training step")
+    parser.add_argument("--size", type=int, metavar="PX", help="image size (default: the config's sampling size, else 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per setting and round (2 rounds)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--autocast", default="off", choices=list(AUTOCAST), help="mixed precision of the step")
+    opt = parser.parse_args(argv)
+    if opt.batch < 1 or opt.repeats < 1:
+        parser.error("--batch and --repeats must be at least 1")
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    geometry = read_model_geometry(parser, "--config", opt.config)
+    size = opt.size or geometry.height
+    if size % geometry.multiple:
+        parser.error(f"--size {size} is not a multiple of {geometry.multiple}, which this model needs")
+    device = torch.device(opt.device)
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(opt.config).model).to(device).train()
+    blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    if not blocks:
+        parser.error(f"{opt.config} has no transformer blocks to checkpoint")
+    latent = (geometry.channels, size // geometry.factor, size // geometry.factor)
+    step = training_step(model, latent, opt.batch, device, opt.autocast)
+    seconds = {True: [], False: []}
+    for _ in range(2):  # alternate: drift of a shared machine lands on both settings
+        for checkpointed in (True, False):
+            for block in blocks:
+                block.checkpoint = checkpointed
+            seconds[checkpointed].append(time_calls(step, opt.repeats, device)[0])
+    on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(f"# {device_name(device)}, torch {torch.__version__}, {date}, {opt.config}, batch {opt.batch}, "
+          f"{size}x{size} px, autocast {opt.autocast}, {len(blocks)} transformer blocks, "
+          f"medians of 2 rounds of {opt.repeats} steps")
+    print("| transformer blocks | ms/step | x plain |")
+    print("|---|---|---|")
+    print(f"| checkpointed | {on * 1000:.0f} | {on / off:.3f} |")
+    print(f"| plain | {off * 1000:.0f} | 1.000 |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""scripts/benchmark_train_step.py on CPU at a small batch: its table and its error lines (in-process)."""
+import re
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark_train_step as bench  # noqa: E402
+
+SMALL = ["--config", str(REPO / "configs/embedded/procedural-t2i-16px.yaml"), "--batch", "2", "--repeats", "1"]
+
+
+def test_table_times_the_step_with_and_without_checkpointed_transformer_blocks(capsys):
+    bench.main(SMALL)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# cpu") and "batch 2, 16x16 px" in lines[0] and "10 transformer blocks" in lines[0]
+    rows = {m[1]: (float(m[2]), float(m[3])) for m in (re.match(r"\| (\w+) \| (\d+) \| ([\d.]+) \|", l) for l in lines) if m}
+    assert set(rows) == {"checkpointed", "plain"}
+    (on, ratio), (off, one) = rows["checkpointed"], rows["plain"]
+    assert on > 0 and off > 0 and one == 1.0
+    assert ratio == pytest.approx(on / off, abs=0.01 + 1.0 / off)  # the ratio is of the printed medians
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch and --repeats must be at least 1"),
+    (["--size", "12"], "--size 12 is not a multiple of 8"),
+    (["--config", "missing.yaml"], "config not found: missing.yaml"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(SMALL + argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
