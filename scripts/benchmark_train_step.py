@@ -5,7 +5,7 @@ too when it is trainable), backward, no optimizer update; random weights, since 
 not depend on them. Checkpointed and plain steps alternate, so a machine that drifts affects
 both columns alike; the table gives medians and their ratio from one run.
 
-    # the embedded model's training step on this CPU (batch 16: a step of batch 64 takes ~10 s)
+    # the embedded model's training step on a CPU (batch 16 keeps a step to seconds)
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 16
     # on a GPU, as main.py trains it (bf16 autocast)
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\

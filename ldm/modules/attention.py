@@ -191,8 +191,8 @@ class SpatialTransformer(nn.Module):
     Finally, reshape to image
     `use_checkpoint`: recompute the blocks in the backward pass instead of keeping their
     activations. The UNet passes its own `use_checkpoint`; upstream always checkpointed here,
-    whatever the config said, which made a training step of the 32 px embedded model 13-15 %
-    slower (CPU, batch 16, scripts/benchmark_train_step.py) for memory it does not need.
+    whatever the config said, which cost small models like the embedded one training time for
+    memory they do not need (measured in docs/benchmarks.md).
     """
     def __init__(self, in_channels, n_heads, d_head,
                  depth=1, dropout=0., context_dim=None, use_checkpoint=True):
