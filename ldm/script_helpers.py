@@ -415,16 +415,20 @@ def conditionings(model, prompts, scale):
     return model.get_learned_conditioning(prompts), uc
 
 
-def check_sharing(opt, model):
+def check_sharing(parser, opt, model):
     """After loading, before sampling: a reference from another model, or a --subject word that is
-    missing from a prompt, ends the run with one error line."""
+    missing from a prompt, ends the run with one ``prog: error:`` line (the checks need the
+    loaded model: its weights' fingerprint, its tokenizer)."""
     from ldm.modules.consistency import check_subjects
     reference = getattr(opt, "reference", None)
-    if reference is not None:
-        reference.check_model(model)
-        if reference.config is not None:  # writing: the first batch's reference images, with their masks
-            check_subjects(model, reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]])
-    check_subjects(model, opt.consistency, prompt_batches(opt))
+    try:
+        if reference is not None:
+            reference.check_model(model)
+            if reference.config is not None:  # writing: the first batch's reference images, with their masks
+                check_subjects(model, reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]])
+        check_subjects(model, opt.consistency, prompt_batches(opt))
+    except ValueError as err:  # SubjectNotInPrompt, ReferenceMismatch
+        parser.error(str(err))
 
 
 def attention_sharing(opt, model, prompts):

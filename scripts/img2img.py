@@ -145,7 +145,7 @@ def main(argv=None, extra_metadata=None):
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
-    check_sharing(opt, model)
+    check_sharing(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     results = generate(opt, model, sampler, device, postprocess, init_image)
     paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)

@@ -102,7 +102,7 @@ def main(argv=None, extra_metadata=None):
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
-    check_sharing(opt, model)
+    check_sharing(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
     logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)

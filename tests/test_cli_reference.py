@@ -41,7 +41,8 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     ref, _ = reference
     result = txt2img("--config", TINY_CONFIG, "--random-weights", "--n_samples", 3, "--ddim_steps", 4,
                      "--outdir", tmp_path, "--read-reference", ref)
-    assert_one_line_error(result, "another model")
+    assert_one_line_error(result, f"txt2img.py: error: {ref}: ", "another model")
+    assert result.returncode == 2
     assert not (tmp_path / "samples").exists()
 
 

@@ -287,11 +287,11 @@ def test_subject_tokens_are_found_per_prompt():
         subject_token_mask(tokenizer, ["a chair", "two chairs"], ("chair",), 77)
 
 
-def test_check_subjects_is_one_error_line(tiny_model):
+def test_check_subjects_names_the_word_and_the_prompt(tiny_model):
     cfg = ConsistentAttentionConfig(subjects=("dog",))
     check_subjects(tiny_model, cfg, [["a dog", "a dog on a beach"]])
     check_subjects(tiny_model, None, [["no subject needed"]])
-    with pytest.raises(SystemExit, match="^error: --subject 'dog' is not a word of prompt 1 'a cat'"):
+    with pytest.raises(SubjectNotInPrompt, match="^--subject 'dog' is not a word of prompt 1 'a cat'"):
         check_subjects(tiny_model, cfg, [["a dog", "a dog"], ["a cat", "a dog"]])
 
 

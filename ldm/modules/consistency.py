@@ -679,16 +679,13 @@ def config_from_share_flags(opt, parser):
 
 
 def check_subjects(model, config, prompt_batches):
-    """Before sampling: every prompt contains every --subject word. Ends the run with one
-    error line naming the word and the prompt otherwise."""
+    """Before sampling: every prompt contains every --subject word; SubjectNotInPrompt names the
+    word and the prompt otherwise."""
     if config is None or not config.subjects:
         return
-    try:
-        tokenizer, max_length = tokenizer_of(model)
-        for prompts in prompt_batches:
-            subject_token_mask(tokenizer, prompts, config.subjects, max_length)
-    except SubjectNotInPrompt as err:
-        raise SystemExit(f"error: {err}")
+    tokenizer, max_length = tokenizer_of(model)
+    for prompts in prompt_batches:
+        subject_token_mask(tokenizer, prompts, config.subjects, max_length)
 
 
 __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",

@@ -356,12 +356,12 @@ class ReferenceRun:
         return {"write": self.path, **self.config.describe()}
 
     def check_model(self, model):
-        """After loading: a reference from another model ends the run with one error line."""
+        """After loading: ReferenceMismatch, naming the file, for a reference from another model."""
         if self.cache is not None:
             try:
                 self.cache.check(model=model)
             except ReferenceMismatch as err:
-                raise SystemExit(f"error: {self.path}: {err}")
+                raise ReferenceMismatch(f"{self.path}: {err}") from None
 
     @contextmanager
     def batch(self, model, prompts):
