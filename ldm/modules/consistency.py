@@ -314,11 +314,9 @@ def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
     Keys outside the masks are excluded with a boolean key mask (-inf before the softmax: exactly
     zero weight). Every query row keeps its own T keys allowed, so no row is fully masked (no NaN).
 
-    Memory: each reader gets its own copy of its sources' K/V, R·(1+s)·T tokens in all, so
-    `masked_joint_attention` (s = N-1) holds N² images' K/V per layer where `joint_attention`
-    holds N. The alternative, one folded sequence with an (N·T)² mask, is larger still at SD's
-    64² level (N=8: 1 GiB of mask against ~0.7 GB of copies); a block-sparse kernel
-    (flex_attention) would need neither."""
+    Memory: each reader gets its own copy of its sources' K/V, R·(1+s)·T tokens in all: linear in
+    the readers for a fixed number of sources (anchors, a reference). Every other image as a
+    source would be N² images' K/V; `masked_joint_attention` reads a shared sequence instead."""
     G, R, nh, T, hs = q.shape
     with_sources = lambda own, src: torch.cat(
         [own, src[:, sources].transpose(2, 3).reshape(G, R, nh, -1, hs)], dim=3)  # (G, R, nh, (1+s)T, hs)
@@ -329,8 +327,20 @@ def read_masked(q, k, v, attend, sources, source_k, source_v, readable):
 
 
 def masked_joint_attention(q, k, v, attend, readable):
-    """`joint_attention` where another image's tokens are read only where `readable` (N, T) is True."""
-    return read_masked(q, k, v, attend, _others(q.shape[1], q.device), k, v, readable)
+    """`joint_attention` where another image's tokens are read only where `readable` (N, T) is True.
+
+    One attention call per reader image, all over the same folded sequence of the group's N·T
+    keys, with a key mask: its own block whole, the others' where readable. `read_masked` with the
+    other N-1 images as sources gives the same result in one call but copies them for every
+    reader, N² images' K/V per layer (~0.7 GB at SD's 64² level, N=8, fp16); here it is the N of
+    `joint_attention`. The mask depends only on the reader, never on the query token, so the
+    (N·T)² mask of a single folded call (1 GiB there) is not needed either. Measured on CPU
+    (docs/benchmarks.md): faster too, fewer bytes written outweigh N calls instead of one."""
+    G, N, nh, T, hs = q.shape
+    keys, values = _fold(k), _fold(v)                                                 # (G, nh, N·T, hs)
+    own = torch.eye(N, dtype=torch.bool, device=q.device).repeat_interleave(T, dim=1)  # (N, N·T)
+    allowed = own | readable.reshape(1, N * T)                                        # row r: what image r reads
+    return torch.stack([attend(q[:, r], keys, values, allowed[r].expand(G, -1)) for r in range(N)], dim=1)
 
 
 def masked_anchor_attention(q, k, v, attend, n_anchors, readable):
