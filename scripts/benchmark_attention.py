@@ -82,6 +82,7 @@ SETTINGS = [
     shared("anchor: all groups", ALL_GROUPS, mode="anchor"),
     shared("sample 0.25: middle+inner", {"middle", "inner"}, mode="sample", sample_rate=0.25),
     shared("sample 0.25: all groups", ALL_GROUPS, mode="sample", sample_rate=0.25),
+    shared("all+subject: middle+inner", {"middle", "inner"}, subjects=("subject",)),
 ]
 BASELINE = "vanilla sdpa"
 DEFAULT_SHARING = "all: middle+inner"  # = ConsistentAttentionConfig(), what --consistent-attn uses
@@ -112,6 +113,16 @@ def unet_inputs(unet, context_dim, n, latent, device, dtype, channels_last=False
     t = torch.full((batch,), 500, device=device)
     context = torch.randn(batch, context_len, context_dim, device=device, dtype=dtype)
     return x, t, context
+
+
+def subject_tokens(setting, n, context_len=77):
+    """(n, context_len) bool for a --subject setting, else None: the subject at token 2 of every
+    prompt. Where it is does not change the cost: the masks select keys, the kernels attend to all."""
+    if setting.sharing is None or not setting.sharing.subjects:
+        return None
+    tokens = torch.zeros(n, context_len, dtype=torch.bool)
+    tokens[:, 2] = True
+    return tokens
 
 
 def device_name(device):
@@ -178,10 +189,12 @@ def cuda_graph(fn):
 
 
 def needs_host_each_call(setting):
-    """Sample mode draws its tokens on the CPU every call (seeded by the timestep): a CUDA graph
-    would replay the draws of the capture forever. Every other setting is capturable."""
+    """Sample mode draws its tokens on the CPU every call (seeded by the timestep), and --subject
+    turns each call's cross-attention maps into the next call's masks in Python: a CUDA graph
+    would replay the capture's draws and masks forever. Every other setting is capturable."""
     sharing = setting.sharing
-    return sharing is not None and (sharing.mode.value == "sample" or sharing.window != (0.0, 1.0))
+    return sharing is not None and (sharing.mode.value == "sample" or sharing.window != (0.0, 1.0)
+                                    or bool(sharing.subjects))
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,11 +219,14 @@ class FlopCounter:
         x, t, context = unet_inputs(self.unet, self.context_dim, n, latent, torch.device("meta"), self.dtype)
         set_attention_backend(self.unet, setting.backend)
         counter = FlopCounterMode(display=False)
-        with consistent_attention(self.unet, setting.sharing, n) as policy:
+        with consistent_attention(self.unet, setting.sharing, n, subject_tokens=subject_tokens(setting, n)) as policy:
             if policy is not None:
                 # The pre-hook reads the timestep's value, which a meta tensor does not have;
                 # the FLOPs do not depend on it (sharing on, sampled token count fixed by the rate).
                 policy.hook.remove()
+            if policy is not None and policy.subject is not None:
+                self.unet(x, t, context=context)  # the maps the counted call's masks come from
+                policy.subject.start_call()     # what the removed pre-hook would do
             with counter:
                 self.unet(x, t, context=context)
         return counter.get_total_flops()
@@ -226,7 +242,8 @@ def measure(unet, call, context_dim, setting, n, opt, device, dtype):
     set_attention_backend(unet, setting.backend)
     reset_memory(device)
     try:
-        with torch.no_grad(), consistent_attention(unet, setting.sharing, n):
+        # with --subject the warm-up call makes the masks that the timed calls share through
+        with torch.no_grad(), consistent_attention(unet, setting.sharing, n, subject_tokens=subject_tokens(setting, n)):
             fn = lambda: call(x, t, context=context)  # noqa: E731
             if opt.cuda_graphs:
                 fn = cuda_graph(fn)

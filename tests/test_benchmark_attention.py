@@ -34,21 +34,21 @@ def table_rows(stdout):
 def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path, capsys):
     path = tmp_path / "results.csv"
     bench.main(TINY + ["--n", "1", "2", "--settings", "vanilla einsum (upstream)", "anchor: all groups",
-                       "--csv", str(path)])
+                       "all+subject: middle+inner", "--csv", str(path)])
     out = capsys.readouterr().out
     header = out.splitlines()[0]
     assert header.startswith("# cpu") and f"torch {torch.__version__}" in header and "fp32" in header
     rows = table_rows(out)
-    assert len(rows) == 2 * 3  # baseline + two chosen settings, for N = 1 and 2
+    assert len(rows) == 2 * 4  # baseline + three chosen settings, for N = 1 and 2
     assert all(float(row.split("|")[3]) > 0 for row in rows)
     assert any("anchor: all groups" in row and "|   2 |" in row for row in rows)
 
     records = list(csv.DictReader(path.open()))
-    assert len(records) == 6 and {r["kind"] for r in records} == {"unet"}
+    assert len(records) == 8 and {r["kind"] for r in records} == {"unet"}
     assert all(float(r["gflop_call"]) > 0 and float(r["tflops"]) > 0 for r in records)
     assert [r["x_sdpa"] for r in records if r["setting"] == "vanilla sdpa"] == ["1", "1"]
     bench.main(TINY + ["--n", "1", "--settings", "vanilla sdpa", "--csv", str(path)])  # appends, one header
-    assert len(list(csv.DictReader(path.open()))) == 7
+    assert len(list(csv.DictReader(path.open()))) == 9
 
 
 def test_end_to_end_table_with_and_without_sharing(tmp_path, capsys):
@@ -71,6 +71,21 @@ def test_flops_grow_with_the_batch_and_with_sharing():
     joint, anchor = flops(setting["all: all groups"], 4, 8), flops(setting["anchor: all groups"], 4, 8)
     sample = flops(setting["sample 0.25: all groups"], 4, 8)
     assert 2 * plain2 < anchor < sample < joint
+
+
+def test_subject_setting_counts_and_times_masked_sharing(monkeypatch, capsys):
+    # a UNet call's subject masks come from the call before: the first call shares nothing, so
+    # counting or timing only a first call would measure vanilla attention plus the maps
+    import ldm.modules.consistency as consistency
+    masked_calls = []
+    real = consistency.masked_joint_attention
+    monkeypatch.setattr(consistency, "masked_joint_attention", lambda *a: masked_calls.append(1) or real(*a))
+    subject = next(s for s in bench.SETTINGS if s.name == "all+subject: middle+inner")
+    bench.FlopCounter(str(TINY_CONFIG), torch.float32)(subject, 2, 8)
+    assert masked_calls
+    masked_calls.clear()
+    bench.main(TINY + ["--n", "2", "--settings", subject.name])
+    assert masked_calls and subject.name in capsys.readouterr().out
 
 
 def test_unet_runs_in_the_dtype_of_its_weights():

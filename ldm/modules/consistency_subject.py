@@ -27,6 +27,7 @@ unmasked first step would pull the backgrounds together at the moment the layout
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -129,8 +130,9 @@ class SubjectMasks:
         if tokens.shape[1] != k.shape[2]:
             raise ValueError(f"subject tokens for a context of {tokens.shape[1]}, the layer reads {k.shape[2]}")
         # in float32 even under fp16 autocast (which would cast the matmuls back): the maps of
-        # 16 layers are summed and thresholded, and fp16 rounding would move the Otsu cut
-        with torch.autocast(q.device.type, enabled=False):
+        # 16 layers are summed and thresholded, and fp16 rounding would move the Otsu cut (the meta
+        # device, on which scripts/benchmark_attention.py counts FLOPs, has no autocast to leave)
+        with nullcontext() if q.is_meta else torch.autocast(q.device.type, enabled=False):
             probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)     # (n, nh, T, L)
             mass = torch.einsum("bhtl,bl->bt", probs, tokens) / q.shape[1]  # subject share, mean over heads
         total = self._sums.setdefault(q.shape[2], [torch.zeros_like(mass), 0])
