@@ -60,3 +60,23 @@ def tiny_model_with_weights():
     model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
     fill_zero_weights_(model.model)
     return model
+
+
+def count_ops(fn):
+    """(ops dispatched, bytes of the new, non-view tensors they return) while fn() runs: what a
+    function launches and writes, counted on CPU without timing anything."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    counts = {"ops": 0, "bytes": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            counts["ops"] += 1
+            counts["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                   if isinstance(t, torch.Tensor) and not t._is_view())
+            return out
+
+    with Count():
+        fn()
+    return counts["ops"], counts["bytes"]

@@ -10,7 +10,7 @@ from ldm.modules.consistency import (
     consistent_attention, disable_consistent_attention, enable_consistent_attention,
     joint_attention, parse_groups, parse_window, sampled_attention, self_attention_sites)
 from ldm.util import instantiate_from_config
-from conftest import fill_zero_weights_
+from conftest import count_ops, fill_zero_weights_
 
 TINY = "configs/stable-diffusion/v1-tiny.yaml"
 FULL = "configs/stable-diffusion/v1-inference.yaml"
@@ -140,28 +140,13 @@ def test_sampled_attention_matches_the_straightforward_reference(attend, G, N, T
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
-def count_kernels(fn):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.calls
-
-
 def test_sampled_attention_launches_the_same_kernels_for_any_batch():
     # one gather per tensor, not one per image: the op count must not grow with N
     counts = []
     for N in (2, 8):
         q, k, v = as_linear_output_views(1, N, 2, 16, 8, seed=0)
-        counts.append(count_kernels(lambda: sampled_attention(q, k, v, sdpa_attention, 0.5,
-                                                              torch.Generator().manual_seed(0))))
+        ops, _ = count_ops(lambda: sampled_attention(q, k, v, sdpa_attention, 0.5, torch.Generator().manual_seed(0)))
+        counts.append(ops)
     assert counts[0] == counts[1]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_CONFIG, fill_zero_weights_
+from conftest import TINY_CONFIG, count_ops, fill_zero_weights_
 from ldm.modules.attention import CrossAttention, einsum_attention, sdpa_attention
 from ldm.modules.consistency import (ConsistentAttentionConfig, Group, adain_to_anchor, check_subjects,
                                      consistent_attention, cross_attention_layers, joint_attention,
@@ -173,25 +173,6 @@ def test_masked_reading_is_attention_over_own_and_subject_tokens():
     torch.testing.assert_close(flat(alone), sdpa_attention(flat(q), flat(k), flat(v)), rtol=1e-5, atol=1e-5)
 
 
-def bytes_written(fn):
-    """Bytes of every new (non-view) tensor the ops of fn() return."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            Count.total += sum(t.numel() * t.element_size() for t in tree_leaves(out)
-                               if isinstance(t, torch.Tensor) and not t._is_view())
-            return out
-
-    with Count():
-        fn()
-    return Count.total
-
-
 def test_masked_reading_writes_memory_linear_in_the_batch():
     # every reader reads the one shared sequence: no per-reader copy of the other N-1 images' K/V
     # (which made it N² images' worth: 5.3x more bytes per image at N=8 than at N=2)
@@ -199,7 +180,8 @@ def test_masked_reading_writes_memory_linear_in_the_batch():
     for N in (2, 8):
         q, k, v = qkv(G=2, N=N, T=16, hs=8)
         readable = torch.rand(N, 16, generator=torch.Generator().manual_seed(N)) > 0.5
-        per_image.append(bytes_written(lambda: masked_joint_attention(q, k, v, sdpa_attention, readable)) / N)
+        _, written = count_ops(lambda: masked_joint_attention(q, k, v, sdpa_attention, readable))
+        per_image.append(written / N)
     assert per_image[1] < 1.5 * per_image[0], per_image
 
 
