@@ -416,18 +416,45 @@ def conditionings(model, prompts, scale):
 
 
 def check_sharing(parser, opt, model):
-    """After loading, before sampling: a reference from another model, or a --subject word that is
-    missing from a prompt, ends the run with one ``prog: error:`` line (the checks need the
-    loaded model: its weights' fingerprint, its tokenizer)."""
-    from ldm.modules.consistency import check_subjects
+    """After loading, before sampling: a reference from another model, or a --subject word missing
+    from a prompt (checked again with the model's own tokenizer: a text encoder other than the
+    vendored CLIP has none before loading), ends the run with one ``prog: error:`` line."""
     reference = getattr(opt, "reference", None)
-    try:
-        if reference is not None:
+    if reference is not None:
+        try:
             reference.check_model(model)
-            if reference.config is not None:  # writing: the first batch's reference images, with their masks
-                check_subjects(model, reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]])
-        check_subjects(model, opt.consistency, prompt_batches(opt))
-    except ValueError as err:  # SubjectNotInPrompt, ReferenceMismatch
+        except ValueError as err:  # ReferenceMismatch
+            parser.error(str(err))
+    from ldm.modules.consistency_subject import tokenizer_of
+    check_subject_words(parser, opt, lambda: tokenizer_of(model))
+
+
+def check_subject_words_before_loading(parser, opt):
+    """The --subject check with the tokenizer that opt.config names, when the config alone gives
+    it (the vendored CLIP tokenizer of SD v1 and the embedded models): a word missing from a
+    prompt then costs no model load, which for SD is gigabytes."""
+    from ldm.modules.encoders.modules import clip_tokenizer_from_config
+    cond_stage = load_config(opt.config).model.params.get("cond_stage_config")
+    check_subject_words(parser, opt, lambda: clip_tokenizer_from_config(cond_stage))
+
+
+def check_subject_words(parser, opt, tokenizer):
+    """Every --subject word (of --consistent-attn, and of a reference being written, whose masks
+    come from the first batch's reference images) is a word of every prompt it applies to, else
+    one error line naming the word and the prompt. `tokenizer()` -> (tokenizer, context length),
+    or None when not known yet; it is called only when there are subjects."""
+    from ldm.modules.consistency_subject import SubjectNotInPrompt, subject_token_mask
+    reference = getattr(opt, "reference", None)
+    checks = [(opt.consistency, prompt_batches(opt))]
+    if reference is not None and reference.config is not None:
+        checks.append((reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]]))
+    checks = [(config, batches) for config, batches in checks if config is not None and config.subjects]
+    try:
+        known = tokenizer() if checks else None
+        for config, batches in checks if known else ():
+            for prompts in batches:
+                subject_token_mask(known[0], prompts, config.subjects, known[1])
+    except SubjectNotInPrompt as err:
         parser.error(str(err))
 
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
-                                check_output_dir, check_sharing, feature_metadata,
+                                check_output_dir, check_sharing, check_subject_words_before_loading, feature_metadata,
                                 conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -142,6 +142,7 @@ def main(argv=None, extra_metadata=None):
                                                                    strength=opt.strength)
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")
+    check_subject_words_before_loading(parser, opt)
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, attention_sharing,
-                                build_postprocess, check_image_size, check_output_dir, check_sharing, conditionings,
+                                build_postprocess, check_image_size, check_output_dir, check_sharing,
+                                check_subject_words_before_loading, conditionings,
                                 configure_logging, cpu_noise, feature_metadata, latents_to_images, load_model,
                                 make_sampler, precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
@@ -47,6 +48,7 @@ def validate_options(parser, opt):
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     check_output_dir(parser, "--outdir", opt.outdir)
+    check_subject_words_before_loading(parser, opt)  # needs opt.reference
     return opt
 
 

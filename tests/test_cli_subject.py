@@ -24,11 +24,13 @@ def test_subject_masks_and_adain_with_per_image_prompts(tmp_path, tiny_ckpt):  #
     assert meta["extra"]["consistent_attn"]["adain"] is True
 
 
-def test_subject_missing_from_a_prompt_is_one_error_line(tmp_path):
-    result = txt2img("--config", TINY_CONFIG, "--random-weights", "--n_samples", 2, "--ddim_steps", 2,
+def test_subject_missing_from_a_prompt_is_one_error_line_before_the_model_loads(tmp_path):
+    # a checkpoint that cannot load: the tokenizer comes from the config, so the word is checked first
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    result = txt2img("--config", TINY_CONFIG, "--ckpt", broken, "--n_samples", 2, "--ddim_steps", 2,
                      "--outdir", tmp_path, "--consistent-attn", "--subject", "chair",
                      "--prompt", "a red chair", "--prompt", "two blue chairs")
-    # found after the model loads (it needs its tokenizer), yet the same argparse-style line as the others
     assert_one_line_error(result, "txt2img.py: error: --subject 'chair' is not a word of prompt 2 'two blue chairs'",
                           "put the word in every prompt, or drop --subject")
     assert result.returncode == 2

@@ -6,12 +6,12 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG, count_ops, fill_zero_weights_
 from ldm.modules.attention import CrossAttention, einsum_attention, sdpa_attention
-from ldm.modules.consistency import (ConsistentAttentionConfig, Group, adain_to_anchor, check_subjects,
+from ldm.modules.consistency import (ConsistentAttentionConfig, Group, adain_to_anchor,
                                      consistent_attention, cross_attention_layers, joint_attention,
                                      masked_anchor_attention, masked_joint_attention, self_attention_sites)
 from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, otsu_masks, parse_subjects,
                                              subject_token_mask)
-from ldm.modules.encoders.modules import build_clip_tokenizer
+from ldm.modules.encoders.modules import build_clip_tokenizer, clip_tokenizer_from_config
 from ldm.util import instantiate_from_config
 
 SUBJECT = ConsistentAttentionConfig(groups=frozenset(Group), subjects=("chair",))
@@ -299,12 +299,16 @@ def test_subject_tokens_are_found_per_prompt():
         subject_token_mask(tokenizer, ["a chair", "two chairs"], ("chair",), 77)
 
 
-def test_check_subjects_names_the_word_and_the_prompt(tiny_model):
-    cfg = ConsistentAttentionConfig(subjects=("dog",))
-    check_subjects(tiny_model, cfg, [["a dog", "a dog on a beach"]])
-    check_subjects(tiny_model, None, [["no subject needed"]])
-    with pytest.raises(SubjectNotInPrompt, match="^--subject 'dog' is not a word of prompt 1 'a cat'"):
-        check_subjects(tiny_model, cfg, [["a dog", "a dog"], ["a cat", "a dog"]])
+def test_the_config_alone_gives_the_models_tokenizer(tiny_model):
+    # what lets txt2img check --subject words before it loads (gigabytes for SD) the model
+    cond_stage = OmegaConf.load(TINY_CONFIG).model.params.cond_stage_config
+    tokenizer, max_length = clip_tokenizer_from_config(cond_stage)
+    assert max_length == tiny_model.cond_stage_model.max_length
+    prompt = "a photo of a teddy bear"
+    assert tokenizer(prompt)["input_ids"] == tiny_model.cond_stage_model.tokenizer(prompt)["input_ids"]
+    assert clip_tokenizer_from_config({"target": "ldm.modules.encoders.modules.BERTEmbedder"}) is None
+    assert clip_tokenizer_from_config({"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                       "params": {"version": "/some/local/clip"}}) is None
 
 
 def test_subject_flags_parse():

@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
-from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, parse_subjects,
-                                             subject_token_mask, tokenizer_of)
+from ldm.modules.consistency_subject import SubjectMasks, parse_subjects, subject_token_mask, tokenizer_of
 
 log = logging.getLogger(__name__)
 
@@ -688,16 +687,6 @@ def config_from_share_flags(opt, parser):
         parser.error(str(err))
 
 
-def check_subjects(model, config, prompt_batches):
-    """Before sampling: every prompt contains every --subject word; SubjectNotInPrompt names the
-    word and the prompt otherwise."""
-    if config is None or not config.subjects:
-        return
-    tokenizer, max_length = tokenizer_of(model)
-    for prompts in prompt_batches:
-        subject_token_mask(tokenizer, prompts, config.subjects, max_length)
-
-
 __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
            "AttentionSite", "self_attention_sites", "selected_sites", "share_per_cfg_group", "split_groups",
            "enable_consistent_attention",
@@ -707,5 +696,5 @@ __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttenti
            "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
            "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
            "masked_anchor_attention",
-           "sampled_tokens", "cross_attention_layers", "check_subjects", "subject_masks_for",
+           "sampled_tokens", "cross_attention_layers", "subject_masks_for",
            "subject_tokens_in"]

@@ -287,6 +287,18 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
     return _load_clip_from_hub(version)
 
 
+def clip_tokenizer_from_config(cond_stage_config):
+    """(tokenizer, context length) of the FrozenCLIPEmbedder that `cond_stage_config` builds, read
+    from the config alone (the vendored vocabulary: no weights, no model); None for any other
+    text encoder, or a CLIP loaded from a directory or the hub, whose tokenizer comes with it."""
+    target = (cond_stage_config or {}).get("target")
+    params = (cond_stage_config or {}).get("params") or {}
+    if target != f"{__name__}.FrozenCLIPEmbedder" or params.get("version", CLIP_VERSION) != CLIP_VERSION:
+        return None
+    max_length = int(params.get("max_length", 77))
+    return build_clip_tokenizer(model_max_length=max_length), max_length
+
+
 class FrozenCLIPEmbedder(AbstractEncoder):
     """Uses the CLIP transformer encoder for text (Hugging Face transformers), without the hub by default.
 
