@@ -434,8 +434,8 @@ def check_subject_words_before_loading(parser, opt):
     it (the vendored CLIP tokenizer of SD v1 and the embedded models): a word missing from a
     prompt then costs no model load, which for SD is gigabytes."""
     from ldm.modules.encoders.modules import clip_tokenizer_from_config
-    cond_stage = load_config(opt.config).model.params.get("cond_stage_config")
-    check_subject_words(parser, opt, lambda: clip_tokenizer_from_config(cond_stage))
+    check_subject_words(parser, opt, lambda: clip_tokenizer_from_config(
+        load_config(opt.config).model.params.get("cond_stage_config")))
 
 
 def check_subject_words(parser, opt, tokenizer):
@@ -449,11 +449,16 @@ def check_subject_words(parser, opt, tokenizer):
     if reference is not None and reference.config is not None:
         checks.append((reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]]))
     checks = [(config, batches) for config, batches in checks if config is not None and config.subjects]
+    if not checks:
+        return
     try:
-        known = tokenizer() if checks else None
-        for config, batches in checks if known else ():
+        known = tokenizer()
+        if known is None:
+            return
+        text_tokenizer, max_length = known
+        for config, batches in checks:
             for prompts in batches:
-                subject_token_mask(known[0], prompts, config.subjects, known[1])
+                subject_token_mask(text_tokenizer, prompts, config.subjects, max_length)
     except SubjectNotInPrompt as err:
         parser.error(str(err))
 
