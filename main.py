@@ -21,8 +21,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
 from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
+from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import CheckpointError, instantiate_from_config
+from ldm.util import CheckpointError, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -226,10 +227,11 @@ def load_config(parser, paths, overrides):
 
 
 def build_model(parser, model_config, paths):
-    """The model the config describes. A parameter its class does not take (a misspelt key or
+    """The model the config describes, as a LightningModule (ldm's models are plain modules until
+    trained: ldm/models/lightning.py). A parameter its class does not take (a misspelt key or
     override) or weights that cannot be loaded are one error line, not a traceback."""
     try:
-        return instantiate_from_config(model_config)
+        return lightning_module(get_obj_from_str(model_config.target))(**model_config.get("params", {}))
     except CheckpointError as e:
         parser.error(str(e))
     except TypeError as e:

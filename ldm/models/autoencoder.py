@@ -2,11 +2,11 @@ import logging
 
 import numpy as np
 import torch
-import pytorch_lightning as pl
 import torch.nn.functional as F
 from contextlib import contextmanager
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm.models.lightning import TrainableModule
 from ldm.modules.ema import LitEma
 
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
@@ -19,7 +19,7 @@ from ldm.util import instantiate_from_config, load_state_dict
 logger = logging.getLogger(__name__)
 
 
-class VQModel(pl.LightningModule):
+class VQModel(TrainableModule):
     def __init__(self,
                  ddconfig,
                  lossconfig,
@@ -289,7 +289,7 @@ class VQModelInterface(VQModel):
         return dec
 
 
-class AutoencoderKL(pl.LightningModule):
+class AutoencoderKL(TrainableModule):
     def __init__(self,
                  ddconfig,
                  lossconfig,

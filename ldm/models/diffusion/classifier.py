@@ -2,7 +2,6 @@ import logging
 import os
 import re
 import torch
-import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 from torch.optim import AdamW
@@ -11,6 +10,7 @@ from copy import deepcopy
 from einops import rearrange
 from glob import glob
 
+from ldm.models.lightning import TrainableModule
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
 from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config, load_state_dict
 
@@ -33,7 +33,7 @@ def disabled_train(self, mode=True):
     return self
 
 
-class NoisyLatentImageClassifier(pl.LightningModule):
+class NoisyLatentImageClassifier(TrainableModule):
 
     def __init__(self,
                  diffusion_path,

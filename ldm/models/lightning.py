@@ -1,0 +1,33 @@
+"""pytorch-lightning trains ldm's models; sampling never imports it.
+
+The models (DDPM, LatentDiffusion, the autoencoders, the latent classifier) keep upstream's
+Lightning training hooks (training_step, configure_optimizers, self.log, self.trainer ...) but
+derive from `TrainableModule`, a plain nn.Module: importing Lightning costs a CPU txt2img run
+about 3 s of its 8 (docs/benchmarks.md), for hooks that sampling never calls. main.py trains
+`lightning_module(cls)`, the same class with LightningModule mixed in, where every hook finds
+what it was written against.
+"""
+import functools
+import itertools
+
+import torch
+from torch import nn
+
+
+class TrainableModule(nn.Module):
+    """Base of ldm's trainable models: an nn.Module with LightningModule's `device`."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (what LightningModule.device says once Lightning moved it)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+
+@functools.cache
+def lightning_module(cls: type) -> type:
+    """`cls` with pytorch-lightning's LightningModule mixed in (`cls` itself if it is one already).
+    The class comes first in the MRO, so its hooks and `device` override Lightning's defaults."""
+    import pytorch_lightning as pl
+    if issubclass(cls, pl.LightningModule):
+        return cls
+    return type(cls.__name__, (cls, pl.LightningModule), {"__module__": cls.__module__, "__doc__": cls.__doc__})
