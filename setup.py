@@ -15,7 +15,8 @@ setup(
         "pillow",
         "omegaconf>=2.3",
         "einops>=0.6",
-        "transformers>=4.40",
+        "tokenizers>=0.15",  # SD's CLIP tokenizer (ldm/modules/encoders/clip_text.py)
+        "transformers>=4.40",  # CLIP from a local folder or the hub, BERT, image embedders; not SD's text encoder
         "safetensors>=0.4",
         "pytorch-lightning>=2.1",
     ],

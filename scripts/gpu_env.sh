@@ -1,13 +1,13 @@
 # Sourced by scripts/gpu_*.sh, from the repository root: what every command on the GPU machine needs.
 #
 # The device image (.library/device/KINDS.md, package list read 2026-11-17) holds torch,
-# pytorch-lightning, transformers, einops and safetensors, but not omegaconf, and nothing can be
+# pytorch-lightning, transformers, tokenizers, einops and safetensors, but not omegaconf, and nothing can be
 # installed from a registry there. scripts/gpu_wheels.sh downloads the missing wheels into .whl/
 # on the development machine; the device tool carries that folder (carry: [".whl"]) and they are
 # installed below into a private folder, only if something is missing.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's ldm, not an installed one
-REQUIRED_MODULES=${REQUIRED_MODULES:-torch omegaconf einops safetensors transformers pytorch_lightning}
+REQUIRED_MODULES=${REQUIRED_MODULES:-torch omegaconf einops safetensors tokenizers transformers pytorch_lightning}
 WHEELS=${WHEELS:-.whl}
 
 missing_modules() {

@@ -80,3 +80,13 @@ def count_ops(fn):
     with Count():
         fn()
     return counts["ops"], counts["bytes"]
+
+
+def write_clip_vocab_files(folder):
+    """vocab.json and merges.txt of the vendored CLIP vocabulary in `folder`: the files of a
+    transformers CLIP tokenizer folder, for comparisons with transformers."""
+    import json
+    from ldm.modules.encoders.modules import read_clip_bpe
+    vocab, merges = read_clip_bpe()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

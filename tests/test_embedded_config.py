@@ -88,7 +88,7 @@ def test_training_steps_give_finite_loss_and_reach_the_text_encoder(config):
         assert torch.isfinite(loss) and 0.1 < loss.item() < 10
         optimizer.step()
     assert set(loss_dict) >= {"train/loss", "train/loss_simple"}
-    token_grad = model.cond_stage_model.transformer.get_input_embeddings().weight.grad
+    token_grad = model.cond_stage_model.transformer.embeddings.token_embedding.weight.grad
     caption_ids = model.cond_stage_model.tokenize(batch["caption"]).unique()
     assert token_grad[caption_ids].abs().sum(dim=1).gt(0).all()  # every caption token learns
     unused = torch.ones(len(token_grad), dtype=torch.bool)

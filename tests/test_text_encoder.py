@@ -10,6 +10,7 @@ import torch
 from ldm.modules.encoders.modules import (
     CLIP_VERSION, FrozenCLIPEmbedder, TextEncoderLoadError, build_clip_tokenizer, read_clip_bpe)
 from ldm.util import instantiate_from_config
+from conftest import write_clip_vocab_files
 
 BOS, EOS = 49406, 49407
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
@@ -32,10 +33,10 @@ def test_vocab_matches_clip():
 
 def test_tokenizer_ids_match_the_hub_tokenizer():
     tokenizer = build_clip_tokenizer()
-    assert tokenizer("a photo of a cat").input_ids == [BOS, 320, 1125, 539, 320, 2368, EOS]
+    assert tokenizer("a photo of a cat")["input_ids"] == [BOS, 320, 1125, 539, 320, 2368, EOS]
     # CLIP lower-cases, splits digits one by one and splits punctuation
-    assert tokenizer("Hello World").input_ids == [BOS, 3306, 1002, EOS]
-    assert tokenizer("123").input_ids == [BOS, 272, 273, 274, EOS]
+    assert tokenizer("Hello World")["input_ids"] == [BOS, 3306, 1002, EOS]
+    assert tokenizer("123")["input_ids"] == [BOS, 272, 273, 274, EOS]
 
 
 def test_tokenizer_pads_with_endoftext_and_truncates_to_77():
@@ -93,11 +94,17 @@ def test_tiny_config_encodes_text_to_77_tokens(tiny_config):
 
 
 def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
+    # a transformers CLIP folder (what save_pretrained writes) holding the tiny encoder's weights
+    import transformers
+    from dataclasses import asdict
     torch.manual_seed(0)
     encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
-    encoder.tokenizer.save_pretrained(tmp_path)
-    encoder.transformer.save_pretrained(tmp_path)
+    folder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(encoder.transformer.config)))
+    folder.load_state_dict(encoder.transformer.state_dict())
+    folder.save_pretrained(tmp_path)
+    write_clip_vocab_files(tmp_path)
     reloaded = FrozenCLIPEmbedder(version=str(tmp_path), device="cuda")  # device must not force cuda
+    assert isinstance(reloaded.transformer, transformers.CLIPTextModel)
     assert reloaded.device == torch.device("cpu")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(["a cat"]), encoder.encode(["a cat"]))

@@ -1,20 +1,20 @@
 """Conditioning encoders.
 
-Only torch (and, lazily, transformers) is needed to import this module: ``clip``, ``kornia`` and
-the x-transformer code are imported inside the classes that use them, which txt2img never does.
+Only torch is needed to import this module, and SD's text encoder needs only torch and the
+`tokenizers` library (clip_text.py). transformers, ``clip``, ``kornia`` and the x-transformer code
+are imported inside what uses them, which txt2img with SD or the embedded models never does.
 """
 import functools
 import gzip
-import json
 import logging
 import os
-import tempfile
 from functools import partial
 
 import torch
 import torch.nn as nn
 from einops import rearrange, repeat
 
+from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -24,22 +24,6 @@ CLIP_VERSION = "openai/clip-vit-large-patch14"
 
 # CLIP's byte-pair-encoding vocabulary (from openai/CLIP, MIT licence; see CLIP_VOCAB_NOTICE.md).
 CLIP_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
-
-# The text half of openai/clip-vit-large-patch14's config.json: what SD 1.x checkpoints hold
-# under cond_stage_model.transformer.*.
-CLIP_L14_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    pad_token_id=1,
-    bos_token_id=49406,
-    eos_token_id=49407,
-)
 
 
 class TextEncoderLoadError(CheckpointError, RuntimeError):
@@ -207,6 +191,7 @@ def read_clip_bpe(bpe_path=CLIP_BPE_PATH):
 
 
 def _clip_tokenizer_class():
+    # for a CLIP loaded with transformers (a local directory or the hub) only.
     # transformers 4.x: CLIPTokenizerFast is the tokenizers-backed one (same ids as the hub's);
     # transformers 5.x: CLIPTokenizerFast is an alias of CLIPTokenizer.
     try:
@@ -228,25 +213,18 @@ def build_clip_tokenizer(bpe_path=CLIP_BPE_PATH, model_max_length=77):
 
 @functools.lru_cache(maxsize=None)
 def _build_clip_tokenizer(bpe_path, model_max_length):
-    vocab, merges = read_clip_bpe(bpe_path)
-    with tempfile.TemporaryDirectory(prefix="clip-tokenizer-") as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = _clip_tokenizer_class().from_pretrained(
-            tmp, model_max_length=model_max_length, local_files_only=True,
-            bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-            unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(*read_clip_bpe(bpe_path), model_max_length=model_max_length)
     logger.debug("Built the CLIP tokenizer from %s", bpe_path)
     return tokenizer
 
 
 def clip_text_config(overrides=None):
-    """A transformers CLIPTextConfig for CLIP ViT-L/14's text encoder, with `overrides` applied."""
-    from transformers import CLIPTextConfig
-    fields = dict(CLIP_L14_TEXT_CONFIG)
-    fields.update(dict(overrides or {}))
+    """CLIP ViT-L/14's text encoder config, with `overrides` (a config's `text_config`) applied."""
+    fields = dict(overrides or {})
+    unknown = sorted(set(fields) - set(CLIPTextConfig.__dataclass_fields__))
+    if unknown:
+        raise TextEncoderLoadError(f"text_config has no field(s) {', '.join(unknown)}; it takes "
+                                   f"{', '.join(CLIPTextConfig.__dataclass_fields__)}")
     return CLIPTextConfig(**fields)
 
 
@@ -272,13 +250,13 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
     """Return (tokenizer, CLIPTextModel) for `version`.
 
     - the default id CLIP_VERSION: tokenizer from the vendored BPE file and a randomly initialised
-      ViT-L/14 text model (``text_config`` overrides its fields); the weights come from the checkpoint;
+      ViT-L/14 text model of clip_text.py (``text_config`` overrides its fields); the weights come
+      from the checkpoint;
     - a local directory: ``from_pretrained(version)``;
     - any other string is taken as a hub id; TextEncoderLoadError if it cannot be fetched.
     """
     if version == CLIP_VERSION:
-        from transformers import CLIPTextModel
-        return build_clip_tokenizer(model_max_length=max_length), CLIPTextModel(clip_text_config(text_config))
+        return build_clip_tokenizer(model_max_length=max_length), CLIPTextTransformer(clip_text_config(text_config))
     if text_config:
         raise TextEncoderLoadError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}; "
                                    f"remove one of them from the config")
@@ -300,10 +278,11 @@ def clip_tokenizer_from_config(cond_stage_config):
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
-    """Uses the CLIP transformer encoder for text (Hugging Face transformers), without the hub by default.
+    """The CLIP text encoder, without the hub: SD 1.x's conditioning, the last layer's hidden states.
 
-    With the default `version` the architecture is built from CLIP ViT-L/14's config with random
-    weights, which the Stable Diffusion checkpoint (cond_stage_model.transformer.*) then fills.
+    With the default `version` it is clip_text.py's, built from CLIP ViT-L/14's config with random
+    weights, which the Stable Diffusion checkpoint (cond_stage_model.transformer.*) then fills;
+    another `version` (a local directory, a hub id) loads with transformers.
     `device` is accepted for backward compatibility only: inputs follow the model's parameters.
     `trainable=True` skips the freezing, for configs that train the text encoder from scratch
     (with LatentDiffusion's ``cond_stage_trainable: true``, which also puts it in the optimizer).
@@ -326,14 +305,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def tokenize(self, text):
         """Token ids, shape (B, max_length), padded with <|endoftext|> and truncated to max_length."""
-        batch_encoding = self.tokenizer(text, truncation=True, max_length=self.max_length, return_length=True,
-                                        return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
-        return batch_encoding["input_ids"]
+        return self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
+                              return_tensors="pt")["input_ids"]
 
     def forward(self, text):
         tokens = self.tokenize(text).to(self.device)
-        outputs = self.transformer(input_ids=tokens)
-        return outputs.last_hidden_state
+        hidden = self.transformer(tokens)
+        # a transformers CLIPTextModel (from a local directory or the hub) returns an output object
+        return hidden if isinstance(hidden, torch.Tensor) else hidden.last_hidden_state
 
     def encode(self, text):
         return self(text)
