@@ -18,7 +18,8 @@ setup(
         "tokenizers>=0.15",  # SD's CLIP tokenizer (ldm/modules/encoders/clip_text.py)
         "transformers>=4.40",  # CLIP from a local folder or the hub, BERT, image embedders; not SD's text encoder
         "safetensors>=0.4",
-        "pytorch-lightning>=2.1",
+        "pytorch-lightning>=2.1",  # main.py's training; sampling needs only its lightning-utilities
+        "lightning-utilities",
     ],
     extras_require={
         "test": ["pytest"],

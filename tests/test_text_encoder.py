@@ -71,6 +71,17 @@ def test_text_config_with_a_non_default_version_is_refused(tmp_path):
         FrozenCLIPEmbedder(version=str(tmp_path), text_config={"hidden_size": 32})
 
 
+@pytest.mark.parametrize("text_config, words", [
+    ({"hidden_sise": 32}, "no field(s) hidden_sise"),
+    ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ({"hidden_size": 30, "num_attention_heads": 4}, "not a multiple of num_attention_heads"),
+])
+def test_a_bad_text_config_is_one_line(text_config, words):
+    with pytest.raises(TextEncoderLoadError, match=r"^text_config") as info:
+        FrozenCLIPEmbedder(text_config=text_config)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
 def test_default_version_builds_vit_l14_text_encoder_on_meta():
     with torch.device("meta"):
         encoder = FrozenCLIPEmbedder(version=CLIP_VERSION)

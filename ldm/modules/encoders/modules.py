@@ -225,7 +225,10 @@ def clip_text_config(overrides=None):
     if unknown:
         raise TextEncoderLoadError(f"text_config has no field(s) {', '.join(unknown)}; it takes "
                                    f"{', '.join(CLIPTextConfig.__dataclass_fields__)}")
-    return CLIPTextConfig(**fields)
+    try:
+        return CLIPTextConfig(**fields)
+    except ValueError as err:
+        raise TextEncoderLoadError(f"text_config: {err}") from None
 
 
 def _load_clip_from_directory(path):
