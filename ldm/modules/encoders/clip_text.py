@@ -22,6 +22,11 @@ START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of other non-space characters
 WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # what OpenAI trained CLIP with
+    "gelu": F.gelu,
+}
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -46,12 +51,6 @@ class CLIPTextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
-
-
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # what OpenAI trained CLIP with
-    "gelu": F.gelu,
-}
 
 
 class CLIPAttention(nn.Module):
