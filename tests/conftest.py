@@ -90,3 +90,10 @@ def write_clip_vocab_files(folder):
     vocab, merges = read_clip_bpe()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def transformers_clip_text_model(config):
+    """transformers' CLIPTextModel (eval mode, random weights) with the fields of a clip_text.CLIPTextConfig."""
+    from dataclasses import asdict
+    import transformers
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(config))).eval()

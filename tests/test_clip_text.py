@@ -3,13 +3,12 @@ initialisation, and sampling that imports neither transformers nor pytorch-light
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_CONFIG, write_clip_vocab_files
+from conftest import REPO, TINY_CONFIG, transformers_clip_text_model, write_clip_vocab_files
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer
 from ldm.modules.encoders.modules import build_clip_tokenizer
 
@@ -59,10 +58,6 @@ def test_unsupported_call_options_are_refused():
         build_clip_tokenizer()(["a", "b c"], padding="longest")
 
 
-def hf_text_model(config: CLIPTextConfig):
-    return transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(config))).eval()
-
-
 SMALL = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                        max_position_embeddings=32)
 
@@ -71,7 +66,7 @@ SMALL = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=
                                                            num_attention_heads=3, hidden_act="gelu")])
 def test_hidden_states_are_transformers(config):
     torch.manual_seed(0)
-    reference = hf_text_model(config)
+    reference = transformers_clip_text_model(config)
     ours = CLIPTextTransformer(config).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)  # transformers' parameter names, all of them
     tokens = build_clip_tokenizer()(PROMPTS, truncation=True, max_length=config.max_position_embeddings,
@@ -88,7 +83,7 @@ def test_the_shipped_models_text_encoder_is_transformers():
                load_file(REPO / "models/embedded/procedural-t2i-16px.safetensors").items() if k.startswith(prefix)}
     config = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                             max_position_embeddings=weights["embeddings.position_embedding.weight"].shape[0])
-    reference, ours = hf_text_model(config), CLIPTextTransformer(config).eval()
+    reference, ours = transformers_clip_text_model(config), CLIPTextTransformer(config).eval()
     reference.load_state_dict(weights)
     ours.load_state_dict(weights)
     tokens = build_clip_tokenizer()(["a red chair", "a face with glasses and blue eyes", ""], truncation=True,
@@ -103,7 +98,7 @@ def test_initialisation_is_transformers():
     # the embedded configs train their text encoder from scratch: the same spread per weight as
     # transformers' CLIP gave it, so a retraining starts where the shipped model's training did
     torch.manual_seed(0)
-    reference = dict(hf_text_model(SMALL).named_parameters())
+    reference = dict(transformers_clip_text_model(SMALL).named_parameters())
     ours = dict(CLIPTextTransformer(SMALL).named_parameters())
     assert ours.keys() == reference.keys()
     for name, p in ours.items():

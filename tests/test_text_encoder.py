@@ -10,7 +10,7 @@ import torch
 from ldm.modules.encoders.modules import (
     CLIP_VERSION, FrozenCLIPEmbedder, TextEncoderLoadError, build_clip_tokenizer, read_clip_bpe)
 from ldm.util import instantiate_from_config
-from conftest import write_clip_vocab_files
+from conftest import transformers_clip_text_model, write_clip_vocab_files
 
 BOS, EOS = 49406, 49407
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
@@ -107,10 +107,9 @@ def test_tiny_config_encodes_text_to_77_tokens(tiny_config):
 def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
     # a transformers CLIP folder (what save_pretrained writes) holding the tiny encoder's weights
     import transformers
-    from dataclasses import asdict
     torch.manual_seed(0)
     encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
-    folder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(encoder.transformer.config)))
+    folder = transformers_clip_text_model(encoder.transformer.config)
     folder.load_state_dict(encoder.transformer.state_dict())
     folder.save_pretrained(tmp_path)
     write_clip_vocab_files(tmp_path)

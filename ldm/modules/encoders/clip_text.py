@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 from torch import nn
 
 START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
@@ -156,8 +158,6 @@ class CLIPTokenizer:
     """
 
     def __init__(self, vocab: dict, merges: list, model_max_length: int = 77):
-        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
         bpe = BPE(vocab, [tuple(m.split()) for m in merges], continuing_subword_prefix="", end_of_word_suffix="</w>",
                   unk_token=END_OF_TEXT, fuse_unk=False)
         self._tokenizer = Tokenizer(bpe)
