@@ -24,10 +24,14 @@ START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of other non-space characters
 WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # what OpenAI trained CLIP with
-    "gelu": F.gelu,
-}
+
+
+def quick_gelu(x):
+    """The GELU approximation OpenAI trained CLIP with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""ldm.models.lightning: main.py trains ldm's plain nn.Module models with LightningModule mixed in."""
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY_CONFIG
+
+pl = pytest.importorskip("pytorch_lightning")
+
+
+def build_tiny_lightning_model():
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.models.lightning import lightning_module
+    torch.manual_seed(0)
+    return lightning_module(LatentDiffusion)(**OmegaConf.load(TINY_CONFIG).model.params)
+
+
+def test_the_model_class_comes_first_and_is_built_once():
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    from ldm.models.lightning import TrainableModule, lightning_module
+    mixed = lightning_module(LatentDiffusion)
+    assert mixed.__mro__[1] is LatentDiffusion and issubclass(mixed, pl.LightningModule)
+    assert mixed.device is TrainableModule.device  # not LightningModule's, which only Lightning moves
+    assert lightning_module(LatentDiffusion) is mixed and lightning_module(mixed) is mixed
+    assert not issubclass(LatentDiffusion, pl.LightningModule)  # sampling never imports Lightning
+
+
+def test_a_pickled_model_loads_in_a_fresh_process(tmp_path):
+    """What a Lightning strategy that spawns processes does with the model (and torch.save(model)):
+    the fresh process has not built the mixed class yet, and pickle's lookup by module and name
+    would find the plain LatentDiffusion."""
+    model = build_tiny_lightning_model()
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(model))
+    expected = sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    load = ("import pickle, sys; import pytorch_lightning as pl; "
+            "m = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(type(m).__name__, isinstance(m, pl.LightningModule), "
+            "repr(sum(float(t.double().sum()) for t in m.state_dict().values() if t.is_floating_point())))")
+    result = subprocess.run([sys.executable, "-c", load, str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["LatentDiffusion", "True", repr(expected)]
