@@ -40,9 +40,13 @@ setting minus `none` batch by batch (mean ± standard error): the differences be
 seeds, which dominate the first table's ± std, cancel there.
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
+`--time-budget SECONDS` starts no batch after that time and writes what was measured: seed by
+seed, every prompt and every setting on each batch, so the rows still compare (a GPU lease's
+fixed time, scripts/gpu_session.sh).
 """
 import csv
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -151,6 +155,9 @@ def build_parser():
                         help="index into --prompts and --seeds of the batch shown in figure.png (default: the "
                              "first per-image entry, whose scenes should differ while the object agrees, and "
                              "seed index 0; without one, prompt 0)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no new batch after this many seconds of sampling and report the batches "
+                             "measured (every setting on each); a run cut by `timeout` reports nothing")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_threads_argument(parser)
     return parser
@@ -213,6 +220,8 @@ def validate(parser, opt):
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     check_run(parser, opt, SETTINGS)
+    if opt.time_budget is not None and not opt.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds, got {opt.time_budget:g}")
     if not_procedural and not opt.embedder:
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
                      f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
@@ -331,27 +340,34 @@ def measure(images, prompts, embedder=None):
 
 
 def run(opt, model, device, embedder=None):
-    """Yield (row dict, images) for every prompt x seed x setting."""
+    """Yield (row dict, images) for every seed x prompt x setting. Seeds are the outer loop and
+    settings the inner one, so a run stopped by --time-budget has measured every setting on the
+    same batches, and every prompt once before any prompt twice."""
     from ldm.models.diffusion.ddim import DDIMSampler
     sampler = DDIMSampler(model)
+    deadline = None if opt.time_budget is None else time.monotonic() + opt.time_budget
     with torch.no_grad(), model.ema_scope():
         warm_up(model, sampler, opt, device)
-        for p, prompt in enumerate(opt.prompts):
-            prompts = batch_prompts(prompt, opt.n)
-            c, uc = conditionings(model, prompts, opt.scale)
-            for seed in opt.seeds:
-                x_T = start_noise(opt.shape, p, seed, opt.n, device)
-                for setting in opt.settings:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)
-                    seconds = time.perf_counter() - start
-                    row = {"setting": setting, "prompt": prompt, "seed": seed,
-                           **measure(images, prompts, embedder), "seconds_per_image": seconds / opt.n}
-                    similarity = f", embedding sim {row['embedding_similarity']:.3f}" if embedder else ""
-                    logger.info("%-22s %-40s seed %d: agreement %.3f%s", setting, prompt[:40], seed,
-                                row["agreement"], similarity)
-                    yield row, images
+        batches = [batch_prompts(prompt, opt.n) for prompt in opt.prompts]
+        conds = [conditionings(model, prompts, opt.scale) for prompts in batches]
+        for i, (seed, (p, prompt)) in enumerate(itertools.product(opt.seeds, enumerate(opt.prompts))):
+            if i and deadline is not None and time.monotonic() > deadline:  # the first batch always runs
+                logger.warning("--time-budget %g s spent: stopped before seed %d, prompt %r; the table "
+                               "holds the batches measured so far", opt.time_budget, seed, prompt)
+                return
+            prompts, (c, uc) = batches[p], conds[p]
+            x_T = start_noise(opt.shape, p, seed, opt.n, device)
+            for setting in opt.settings:
+                synchronize(device)
+                start = time.perf_counter()
+                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)
+                seconds = time.perf_counter() - start
+                row = {"setting": setting, "prompt": prompt, "seed": seed,
+                       **measure(images, prompts, embedder), "seconds_per_image": seconds / opt.n}
+                similarity = f", embedding sim {row['embedding_similarity']:.3f}" if embedder else ""
+                logger.info("%-22s %-40s seed %d: agreement %.3f%s", setting, prompt[:40], seed,
+                            row["agreement"], similarity)
+                yield row, images
 
 
 def warm_up(model, sampler, opt, device):
@@ -418,9 +434,12 @@ def paired_table(rows, settings, baseline="none", first=()):
 
 def run_header(opt, device, n_batches):
     weights = "random weights" if opt.random_weights else opt.ckpt
+    planned = len(opt.prompts) * len(opt.seeds)
+    measured = (f" = {n_batches} batches" if n_batches == planned else
+                f": {n_batches} of {planned} batches (stopped by --time-budget {opt.time_budget:g} s)")
     return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; "
-            f"{len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))} = {n_batches} batches per "
-            f"setting (mean ± std over them; fidelity over prompts that name attributes); device {device}")
+            f"{len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} per setting "
+            f"(mean ± std over them; fidelity over prompts that name attributes); device {device}")
 
 
 def write_csv(rows, path):
@@ -462,16 +481,21 @@ def main(argv=None):
         parser.error(str(e))
     check_output_dir(parser, "--outdir", opt.outdir)  # after every input check: bad input creates nothing
     model = load(opt, device)
-    figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
-    rows, figure_batches = [], {}
+    figure_batch = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
+    rows, batches = [], {}
     for row, images in run(opt, model, device, embedder):
         rows.append(row)
-        if row["prompt"] == figure_prompt and row["seed"] == figure_seed:
-            figure_batches[row["setting"]] = images
+        batches.setdefault((row["prompt"], row["seed"]), {})[row["setting"]] = images
+    if figure_batch not in batches:  # --time-budget stopped the run before it
+        logger.warning("the figure's batch (%r, seed %d) was not reached; figure.png shows the first batch",
+                       *figure_batch)
+        figure_batch = next(iter(batches))
+    figure_prompt, figure_seed = figure_batch
+    figure_batches = batches[figure_batch]
     table = markdown_table(rows, opt.settings)
     paired = paired_table(rows, opt.settings)
     table += f"\n\nPaired with `none` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
-    header = run_header(opt, device, len(opt.prompts) * len(opt.seeds))
+    header = run_header(opt, device, len(batches))
     run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:
         f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")

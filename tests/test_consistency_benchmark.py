@@ -50,6 +50,22 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
     assert len(list(csv.DictReader(open(run_dir / "results.csv")))) == 14
 
 
+def test_a_spent_time_budget_reports_every_setting_on_the_batches_measured(tmp_path):
+    """What a GPU lease's consistency job relies on: stopped early, the run still writes its table,
+    CSV and figure, every setting measured on the same batches, seed 0 of every prompt first."""
+    result = run("--random-weights", "--n", "2", "--steps", "1", "--seeds", "0", "1", "--time-budget", "0.001",
+                 "--settings", "none", "all:all", "--outdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--time-budget 0.001 s spent: stopped before seed 0, prompt 'a face with short blond hair" in result.stderr
+    assert "7 prompts x seeds 0 1: 1 of 14 batches (stopped by --time-budget 0.001 s) per setting" in result.stdout
+    with open(tmp_path / "run-001" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert [(r["setting"], r["seed"]) for r in results] == [("none", "0"), ("all:all", "0")]
+    assert results[0]["prompt"] == results[1]["prompt"] == "a face"
+    with Image.open(tmp_path / "run-001" / "figure.png") as figure:  # the first batch stands in
+        assert figure.height == 2 * (32 * 4 + 2)
+
+
 def test_paired_table_subtracts_the_same_batch_without_sharing():
     bench = load_script("consistency_benchmark")
     row = lambda setting, prompt, seed, spread, agreement, fidelity: dict(
@@ -195,6 +211,7 @@ BAD_RUNS = [
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
     (["--config", "{bin}"], "is not a diffusion model config"),
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
+    (["--time-budget", "0"], "--time-budget must be a positive number of seconds, got 0"),
 ]
 
 
