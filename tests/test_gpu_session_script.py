@@ -1,8 +1,10 @@
 """scripts/gpu_session.sh, shrunk to CPU runs: the jobs of one device call each fill their folder
-(8 files for lease 1), a failed job does not cost the next, and a spent budget skips the benchmarks."""
+(at most 8 files come back: lease 1 packs its CSVs and logs), a failed job does not cost the next,
+and a spent budget skips the benchmarks."""
 import os
 import shutil
 import subprocess
+import tarfile
 
 import pytest
 
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 def run(out, logs, **env):
     tiny = {**TINY_TRAINING, **TINY_BENCHMARKS, "STAGES": "table", "NS": "1", "TABLE_SETTINGS": "anchor: all groups",
-            "CONFIG": str(TINY_CONFIG), "LOGDIR": str(logs)}
+            "CONFIG": str(TINY_CONFIG), "LOGDIR": str(logs),
+            "CONSISTENCY_ARGS": "--n 2 --steps 1 --seeds 0 --settings none all:all"}
     full_env = dict(os.environ, OUT=str(out), **{**tiny, **env})
     return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=900)
@@ -30,49 +33,52 @@ def files(out):
 
 @pytest.fixture(scope="module")
 def lease_one(tmp_path_factory):
-    """The default jobs, train and perf, as the first GPU lease runs them."""
+    """The default jobs, train, consistency and perf, as the first GPU lease runs them."""
     tmp = tmp_path_factory.mktemp("lease-one")
     return tmp / "out", run(tmp / "out", tmp / "logs")
 
 
-def test_lease_one_trains_then_benchmarks_and_returns_eight_files(lease_one, tmp_path):
+def test_lease_one_trains_measures_consistency_on_its_weights_then_benchmarks_in_seven_files(lease_one, tmp_path):
     out, result = lease_one
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert files(out) == ["perf/benchmarks.log", "perf/benchmarks.md", "perf/results.csv", "train/metrics.csv",
-                          "train/procedural-t2i.json", "train/procedural-t2i.safetensors", "train/samples.png",
-                          "train/train-tail.log"]
-    assert "stage table done" in (out / "perf" / "benchmarks.log").read_text()
+    assert files(out) == ["consistency/run-001/figure.png", "consistency/run-001/table.md", "logs.tar.gz",
+                          "perf/benchmarks.md", "train/procedural-t2i.json", "train/procedural-t2i.safetensors",
+                          "train/samples.png"]
+    assert str(out / "train" / "procedural-t2i.safetensors") in (out / "consistency" / "run-001" / "table.md").read_text()
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert sorted(logs.getnames()) == ["./consistency/run-001/results.csv", "./perf/benchmarks.log",
+                                           "./perf/results.csv", "./train/metrics.csv", "./train/train-tail.log"]
+        assert b"stage table done" in logs.extractfile("./perf/benchmarks.log").read()
 
     again = run(out, tmp_path / "logs")  # never overwrites what a call brought back
     assert again.returncode == 2 and "train exists; use an empty OUT" in again.stderr.strip().splitlines()[-1]
 
 
-def test_lease_two_benchmarks_consistency_and_trains_the_adapter_on_the_trained_weights(lease_one, tmp_path):
+def test_lease_two_trains_the_adapter_on_the_trained_weights_and_benchmarks(lease_one, tmp_path):
     out = tmp_path / "out"
-    result = run(out, tmp_path / "logs", JOBS="consistency adapter", MODEL=str(lease_one[0] / "train" /
+    result = run(out, tmp_path / "logs", JOBS="adapter perf", MODEL=str(lease_one[0] / "train" /
                  "procedural-t2i.safetensors"), PRECISION="fp32", STEPS="1", BENCHMARK="1", WORKDIR=str(tmp_path / "work"),
-                 TRAIN_ARGS="--eval-size 2", CONSISTENCY_ARGS="--n 2 --steps 1 --seeds 0 --settings none all:all",
+                 TRAIN_ARGS="--eval-size 2",
                  BENCH_ARGS="--n 2 --steps 1 --seeds 0 --scale 1 --prompts 'a chair' --settings plain adapter")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert files(out) == ["adapter/adapter-benchmark.md", "adapter/adapter-benchmark.png",
                           "adapter/procedural-outline-adapter.json", "adapter/procedural-outline-adapter.safetensors",
-                          "consistency/run-001/figure.png", "consistency/run-001/results.csv",
-                          "consistency/run-001/table.md"]
-    assert "| all:all |" in (out / "consistency" / "run-001" / "table.md").read_text()
+                          "perf/benchmarks.log", "perf/benchmarks.md", "perf/results.csv"]
 
 
 def test_a_failed_training_still_runs_the_benchmarks(tmp_path):
     result = run(tmp_path / "out", tmp_path / "logs", ACCELERATOR="no-such-accelerator")
     assert result.returncode == 1
     assert (tmp_path / "out" / "perf" / "benchmarks.md").is_file()
-    assert "failed, skipped or timed out: train" in result.stdout
+    assert "failed, skipped or timed out: train consistency" in result.stdout  # no weights to measure
 
 
 def test_benchmarks_are_skipped_when_the_time_is_spent(tmp_path):
     result = run(tmp_path / "out", tmp_path / "logs", ACCELERATOR="no-such-accelerator", TOTAL_SECONDS="0")
     assert result.returncode == 1
-    assert "perf skipped" in result.stdout and not (tmp_path / "out" / "perf").exists()
-    assert "failed, skipped or timed out: train perf" in result.stdout
+    assert "consistency skipped" in result.stdout and "perf skipped" in result.stdout
+    assert not (tmp_path / "out" / "perf").exists() and not (tmp_path / "out" / "consistency").exists()
+    assert "failed, skipped or timed out: train consistency perf" in result.stdout
 
 
 def test_an_unknown_job_is_one_error_line(tmp_path):
