@@ -47,3 +47,24 @@ def test_vq_model_with_ema_builds_and_loads_its_own_safetensors(tmp_path):
     reloaded = VQModel(**kwargs, use_ema=True, ckpt_path=str(path))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_ckpt_path_with_ignore_keys_keeps_those_weights_as_initialised(tmp_path):
+    """init_from_ckpt, one implementation for every ldm model (ldm.models.lightning.TrainableModule)."""
+    from safetensors.torch import save_file
+    from ldm.models.autoencoder import AutoencoderKL
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    kwargs = dict(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    torch.manual_seed(0)
+    saved = AutoencoderKL(**kwargs)
+    path = tmp_path / "kl.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    fresh = AutoencoderKL(**kwargs).state_dict()
+    torch.manual_seed(1)  # the same initialisation as `fresh`, then the file without the decoder
+    loaded = AutoencoderKL(**kwargs, ckpt_path=str(path), ignore_keys=["decoder."]).state_dict()
+    for name, tensor in loaded.items():
+        expected = fresh[name] if name.startswith("decoder.") else saved.state_dict()[name]
+        assert torch.equal(tensor, expected), name
+    assert not torch.equal(fresh["encoder.conv_in.weight"], saved.state_dict()["encoder.conv_in.weight"])

@@ -14,7 +14,7 @@ from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 from ldm.modules.diffusionmodules.model import Encoder, Decoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-from ldm.util import instantiate_from_config, load_state_dict
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +82,6 @@ class VQModel(TrainableModule):
                 self.model_ema.restore(self.parameters())
                 if context is not None:
                     logger.info(f"{context}: Restored training weights")
-
-    def init_from_ckpt(self, path, ignore_keys=list()):
-        sd = load_state_dict(path)  # safetensors or weights-only torch.load
-        keys = list(sd.keys())
-        for k in keys:
-            for ik in ignore_keys:
-                if k.startswith(ik):
-                    logger.info("Deleting key {} from state_dict.".format(k))
-                    del sd[k]
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        logger.info(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if len(missing) > 0:
-            logger.info(f"Missing Keys: {missing}")
-            logger.info(f"Unexpected Keys: {unexpected}")
 
     def on_train_batch_end(self, *args, **kwargs):
         if self.use_ema:
@@ -316,17 +302,6 @@ class AutoencoderKL(TrainableModule):
             self.monitor = monitor
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    def init_from_ckpt(self, path, ignore_keys=list()):
-        sd = load_state_dict(path)  # safetensors or weights-only torch.load
-        keys = list(sd.keys())
-        for k in keys:
-            for ik in ignore_keys:
-                if k.startswith(ik):
-                    logger.info("Deleting key {} from state_dict.".format(k))
-                    del sd[k]
-        self.load_state_dict(sd, strict=False)
-        logger.info(f"Restored from {path}")
 
     def encode(self, x):
         h = self.encoder(x)

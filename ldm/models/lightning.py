@@ -9,18 +9,38 @@ what it was written against.
 """
 import functools
 import itertools
+import logging
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 
 class TrainableModule(nn.Module):
-    """Base of ldm's trainable models: an nn.Module with LightningModule's `device`."""
+    """Base of ldm's trainable models: an nn.Module with LightningModule's `device`, and the
+    `ckpt_path` loading their configs share."""
 
     @property
     def device(self) -> torch.device:
         """Where the model's weights are (what LightningModule.device says once Lightning moved it)."""
         return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
+        """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
+        starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
+        of the model (the first stage's weights). `only_model`: into `self.model` alone."""
+        from ldm.util import load_state_dict
+        state = load_state_dict(path)
+        kept = {key: value for key, value in state.items() if not key.startswith(tuple(ignore_keys))}
+        if len(kept) < len(state):
+            logger.info("Left out %d keys starting with %s", len(state) - len(kept), ", ".join(ignore_keys))
+        missing, unexpected = (self.model if only_model else self).load_state_dict(kept, strict=False)
+        logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
+        if missing:
+            logger.info("Missing keys: %s", missing)
+        if unexpected:
+            logger.info("Unexpected keys: %s", unexpected)
 
 
 @functools.cache

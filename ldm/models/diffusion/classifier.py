@@ -12,7 +12,7 @@ from glob import glob
 
 from ldm.models.lightning import TrainableModule
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
-from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config, load_state_dict
+from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +74,6 @@ class NoisyLatentImageClassifier(TrainableModule):
         self.scheduler_config = scheduler_config
         self.use_scheduler = self.scheduler_config is not None
         self.weight_decay = weight_decay
-
-    def init_from_ckpt(self, path, ignore_keys=list(), only_model=False):
-        sd = load_state_dict(path)  # safetensors or weights-only torch.load
-        keys = list(sd.keys())
-        for k in keys:
-            for ik in ignore_keys:
-                if k.startswith(ik):
-                    logger.info("Deleting key {} from state_dict.".format(k))
-                    del sd[k]
-        missing, unexpected = self.load_state_dict(sd, strict=False) if not only_model else self.model.load_state_dict(
-            sd, strict=False)
-        logger.info(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if len(missing) > 0:
-            logger.info(f"Missing Keys: {missing}")
-        if len(unexpected) > 0:
-            logger.info(f"Unexpected Keys: {unexpected}")
 
     def load_diffusion(self):
         model = instantiate_from_config(self.diffusion_config)

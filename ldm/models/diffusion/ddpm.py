@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's, without importing Lightning
 
 from ldm.image_io import make_grid
-from ldm.util import log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config, load_state_dict
+from ldm.util import log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config
 from ldm.modules.ema import LitEma
 from ldm.modules.distributions.distributions import normal_kl, DiagonalGaussianDistribution
 from ldm.models.lightning import TrainableModule
@@ -185,22 +185,6 @@ class DDPM(TrainableModule):
                 self.model_ema.restore(self.model.parameters())
                 if context is not None:
                     logger.info(f"{context}: Restored training weights")
-
-    def init_from_ckpt(self, path, ignore_keys=list(), only_model=False):
-        sd = load_state_dict(path)  # safetensors or weights-only torch.load
-        keys = list(sd.keys())
-        for k in keys:
-            for ik in ignore_keys:
-                if k.startswith(ik):
-                    logger.info("Deleting key {} from state_dict.".format(k))
-                    del sd[k]
-        missing, unexpected = self.load_state_dict(sd, strict=False) if not only_model else self.model.load_state_dict(
-            sd, strict=False)
-        logger.info(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if len(missing) > 0:
-            logger.info(f"Missing Keys: {missing}")
-        if len(unexpected) > 0:
-            logger.info(f"Unexpected Keys: {unexpected}")
 
     def q_mean_variance(self, x_start, t):
         """
