@@ -712,77 +712,37 @@ class LatentDiffusion(DDPM):
         return self.first_stage_model.decode(z)
 
     def _decode_in_patches(self, z, force_not_quantize):
-        """Upstream's patch-wise decoding for large images (split_input_params, set by notebook_helpers):
-        overlapping crops decoded one by one and blended back with a weighting."""
+        return self._patchwise(z, lambda crop: self._decode(crop, force_not_quantize),
+                               uf=self.split_input_params["vqf"])
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        if hasattr(self, "split_input_params") and self.split_input_params["patch_distributed_vq"]:
+            self.split_input_params['original_image_size'] = x.shape[-2:]
+            return self._patchwise(x, self.first_stage_model.encode, df=self.split_input_params["vqf"])
+        return self.first_stage_model.encode(x)
+
+    def _patchwise(self, x, apply, **factor):
+        """Upstream's patch-wise first stage for large images (split_input_params, set by
+        notebook_helpers): `apply` on overlapping crops of x, blended back with a weighting.
+        `factor`: uf (decoding, the crops grow by it) or df (encoding, they shrink by it)."""
         ks = self.split_input_params["ks"]  # eg. (128, 128)
         stride = self.split_input_params["stride"]  # eg. (64, 64)
-        uf = self.split_input_params["vqf"]
-        bs, nc, h, w = z.shape
+        h, w = x.shape[-2:]
         if ks[0] > h or ks[1] > w:
             ks = (min(ks[0], h), min(ks[1], w))
             logger.info("reducing Kernel")
-
         if stride[0] > h or stride[1] > w:
             stride = (min(stride[0], h), min(stride[1], w))
             logger.info("reducing stride")
 
-        fold, unfold, normalization, weighting = self.get_fold_unfold(z, ks, stride, uf=uf)
-
-        z = unfold(z)  # (bn, nc * prod(**ks), L)
-        # 1. Reshape to img shape
-        z = z.view((z.shape[0], -1, ks[0], ks[1], z.shape[-1]))  # (bn, nc, ks[0], ks[1], L )
-
-        # 2. apply model loop over last dim
-        output_list = [self._decode(z[:, :, :, :, i], force_not_quantize) for i in range(z.shape[-1])]
-
-        o = torch.stack(output_list, axis=-1)  # # (bn, nc, ks[0], ks[1], L)
-        o = o * weighting
-        # Reverse 1. reshape to img shape
-        o = o.view((o.shape[0], -1, o.shape[-1]))  # (bn, nc * ks[0] * ks[1], L)
-        # stitch crops together
-        decoded = fold(o)
-        decoded = decoded / normalization  # norm is shape (1, 1, h, w)
-        return decoded
-
-    @torch.no_grad()
-    def encode_first_stage(self, x):
-        if hasattr(self, "split_input_params"):
-            if self.split_input_params["patch_distributed_vq"]:
-                ks = self.split_input_params["ks"]  # eg. (128, 128)
-                stride = self.split_input_params["stride"]  # eg. (64, 64)
-                df = self.split_input_params["vqf"]
-                self.split_input_params['original_image_size'] = x.shape[-2:]
-                bs, nc, h, w = x.shape
-                if ks[0] > h or ks[1] > w:
-                    ks = (min(ks[0], h), min(ks[1], w))
-                    logger.info("reducing Kernel")
-
-                if stride[0] > h or stride[1] > w:
-                    stride = (min(stride[0], h), min(stride[1], w))
-                    logger.info("reducing stride")
-
-                fold, unfold, normalization, weighting = self.get_fold_unfold(x, ks, stride, df=df)
-                z = unfold(x)  # (bn, nc * prod(**ks), L)
-                # Reshape to img shape
-                z = z.view((z.shape[0], -1, ks[0], ks[1], z.shape[-1]))  # (bn, nc, ks[0], ks[1], L )
-
-                output_list = [self.first_stage_model.encode(z[:, :, :, :, i])
-                               for i in range(z.shape[-1])]
-
-                o = torch.stack(output_list, axis=-1)
-                o = o * weighting
-
-                # Reverse reshape to img shape
-                o = o.view((o.shape[0], -1, o.shape[-1]))  # (bn, nc * ks[0] * ks[1], L)
-                # stitch crops together
-                decoded = fold(o)
-                decoded = decoded / normalization
-                return decoded
-
-            else:
-                return self.first_stage_model.encode(x)
-        else:
-            return self.first_stage_model.encode(x)
+        fold, unfold, normalization, weighting = self.get_fold_unfold(x, ks, stride, **factor)
+        crops = unfold(x)  # (bn, nc * prod(**ks), L)
+        crops = crops.view((crops.shape[0], -1, ks[0], ks[1], crops.shape[-1]))  # (bn, nc, ks[0], ks[1], L)
+        o = torch.stack([apply(crops[:, :, :, :, i]) for i in range(crops.shape[-1])], axis=-1)
+        o = o * weighting  # (bn, nc, ks'[0], ks'[1], L), ks' the crop size after `apply`
+        o = o.view((o.shape[0], -1, o.shape[-1]))  # (bn, nc * ks'[0] * ks'[1], L)
+        return fold(o) / normalization  # stitch the crops together; normalization is (1, 1, h', w')
 
     def shared_step(self, batch, **kwargs):
         x, c = self.get_input(batch, self.first_stage_key)
