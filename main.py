@@ -4,6 +4,7 @@ import inspect
 import logging
 import numpy as np
 import time
+import warnings
 import torch
 import yaml
 import pytorch_lightning as pl
@@ -801,6 +802,8 @@ if __name__ == "__main__":
             if problem:
                 parser.error(problem)
 
+        # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         trainer = Trainer(**trainer_config, **trainer_kwargs)
         trainer.logdir = logdir  ###
 

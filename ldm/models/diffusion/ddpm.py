@@ -327,7 +327,7 @@ class DDPM(TrainableModule):
     def training_step(self, batch, batch_idx):
         loss, loss_dict = self.shared_step(batch)
 
-        self.log_dict(loss_dict, prog_bar=True,
+        self.log_dict(loss_dict, prog_bar=True, batch_size=len(batch[self.first_stage_key]),
                       logger=True, on_step=True, on_epoch=True)
 
         self.log("global_step", self.global_step,
@@ -345,8 +345,10 @@ class DDPM(TrainableModule):
         with self.ema_scope():
             _, loss_dict_ema = self.shared_step(batch)
             loss_dict_ema = {key + '_ema': loss_dict_ema[key] for key in loss_dict_ema}
-        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
+        # a batch is a dict of images and captions: Lightning cannot tell its size for the epoch mean
+        batch_size = len(batch[self.first_stage_key])
+        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
 
     def on_train_batch_end(self, *args, **kwargs):
         if self.use_ema:
