@@ -47,6 +47,8 @@ EMBEDDED_CONFIG = "configs/embedded/procedural-t2i.yaml"
 PRELIMINARY_CONFIG = "configs/embedded/procedural-t2i-16px.yaml"
 DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG, PRELIMINARY_CONFIG)
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_STEPS = 50  # upstream's --ddim_steps; a config's `sampling: steps:` overrides it
 
@@ -265,17 +267,28 @@ def read_model_geometry(parser, flag, path, example=SD_V1_CONFIG):
         parser.error(f"{flag} {path} is not a diffusion model config ({reason}); pass one such as {example}")
 
 
+def in_repo(path):
+    """`path` as given if it exists from the working directory, else this repository's file of
+    that name if there is one: upstream's relative defaults (configs/..., the weights a config's
+    `sampling` block names, models/...) then also work from another folder, e.g. `python
+    ~/sd/scripts/txt2img.py` (outputs still go below the working directory)."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repository = os.path.join(REPO_ROOT, path)
+    return in_repository if os.path.exists(in_repository) else path
+
+
 def resolve_model(parser, opt):
     """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale,
     opt.ddim_steps and opt.geometry.
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
     (with --random-weights: SD v1, as upstream). Flags the user gave always win, except --C/--f,
-    which must match the model."""
-    if opt.config is None:
-        opt.config = default_config(parser, opt)
+    which must match the model. Relative paths are read from the working directory, else from
+    the repository (`in_repo`)."""
+    opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
     geometry = read_model_geometry(parser, "--config", opt.config)
-    opt.ckpt = opt.ckpt or geometry.weights
+    opt.ckpt = in_repo(opt.ckpt or geometry.weights)
     if not opt.random_weights and not (opt.ckpt and os.path.isfile(opt.ckpt)):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
         parser.error(f"{missing} (pass --ckpt PATH to the model weights, or --random-weights to run without weights)")
@@ -294,15 +307,15 @@ def resolve_model(parser, opt):
 
 def default_config(parser, opt):
     if opt.random_weights or opt.ckpt:
-        return SD_V1_CONFIG
-    weights = [read_geometry(load_config(path)).weights for path in DEFAULT_CONFIGS]
+        return in_repo(SD_V1_CONFIG)
+    weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
     for path, file in zip(DEFAULT_CONFIGS, weights):
-        if file and os.path.isfile(file):
+        if file and os.path.isfile(in_repo(file)):
             if path == PRELIMINARY_CONFIG:
                 logger.warning("no SD v1 weights (%s) and no 32 px embedded model (%s): running the preliminary "
                                "16 px model trained on a CPU, a weak stand-in (models/embedded/README.md); "
                                "pass --ckpt/--config for another model", weights[0], weights[1])
-            return path
+            return in_repo(path)
     parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
                  f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")

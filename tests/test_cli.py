@@ -13,12 +13,12 @@ TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "6
         "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3"]
 
 
-def run(script, *args):
+def run(script, *args, cwd=REPO):
     # this checkout's ldm first: the installed package may be another checkout (editable install)
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
     return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def assert_ok(result):
@@ -120,6 +120,22 @@ def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
     assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path / "out", "--from-file", prompts),
                           "is not UTF-8 text")
     assert not (tmp_path / "out").exists()
+
+
+def test_txt2img_from_another_folder_finds_the_repositorys_default_model_and_writes_below_it(tmp_path):
+    """Upstream's defaults are relative paths (configs/..., models/...); run by path from elsewhere,
+    the script falls back to the repository's files, and its outputs stay in the working folder."""
+    result = run("txt2img.py", "--prompt", "a chair", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2",
+                 "--outdir", "out", cwd=tmp_path)
+    assert_ok(result)
+    weights = REPO / "models" / "embedded" / "procedural-t2i-16px.safetensors"
+    assert f"Loading model weights from {weights}" in result.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
+        "out/grid-0000.png", "out/samples/00000.png"]
+
+    relative = run("txt2img.py", "--config", "configs/stable-diffusion/v1-tiny.yaml", "--random-weights", "--H", "64",
+                   "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "1", "--outdir", "tiny", cwd=tmp_path)
+    assert_ok(relative)  # a relative --config that is not below the working folder: the repository's
 
 
 def test_txt2img_missing_checkpoint_says_what_to_pass(tmp_path):
