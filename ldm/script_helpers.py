@@ -442,6 +442,29 @@ def check_sharing(parser, opt, model):
     check_subject_words(parser, opt, lambda: tokenizer_of(model))
 
 
+def check_step_window(parser, opt, sampler, timesteps=None):
+    """A --share-window holding none of the steps at which this run calls the model would share
+    (or record as a reference) nothing: one error line before the first image, instead of a
+    warning, or with --write-reference an error, after a batch. `timesteps`: the calls of a run
+    that samples part of the schedule (img2img); default a whole run of --ddim_steps (a dry run,
+    no model call)."""
+    from ldm.modules.consistency import in_window
+    reference = getattr(opt, "reference", None)
+    config = opt.consistency or (reference.config if reference is not None else None)
+    if config is None or config.window == (0.0, 1.0):
+        return
+    timesteps = sampler.model_timesteps(opt.ddim_steps) if timesteps is None else timesteps
+    num_timesteps = sampler.ddpm_num_timesteps
+    if any(in_window(config, t, num_timesteps) for t in timesteps):
+        return
+    start, end = config.window
+    positions = [1.0 - t / num_timesteps for t in timesteps]
+    nearest = [max((p for p in positions if p < start), default=None), min((p for p in positions if p > end), default=None)]
+    parser.error(f"--share-window {start:g}:{end:g} holds none of this run's {len(positions)} model calls (the nearest "
+                 f"at {' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
+                 f"1 = image): widen it or take more --ddim_steps")
+
+
 def check_subject_words_before_loading(parser, opt):
     """The --subject check with the tokenizer that opt.config names, when the config alone gives
     it (the vendored CLIP tokenizer of SD v1 and the embedded models): a word missing from a

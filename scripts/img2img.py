@@ -14,8 +14,8 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
-                                check_output_dir, check_sharing, check_subject_words_before_loading, feature_metadata,
-                                conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
+                                check_output_dir, check_sharing, check_step_window, check_subject_words_before_loading,
+                                feature_metadata, conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
                                 make_sampler, precision_context, prompt_batches, resolve_device, save_results,
                                 seed_everything, validate_common)
 
@@ -86,6 +86,11 @@ def encode_init_image(model, init_image, batch_size, device):
     return model.get_first_stage_encoding(model.encode_first_stage(init_image))
 
 
+def encode_steps(opt):
+    """How many of the --ddim_steps steps the init image is noised by, and denoised along."""
+    return int(opt.strength * opt.ddim_steps)
+
+
 def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
     """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
     n = len(prompts)
@@ -105,7 +110,7 @@ def generate(opt, model, sampler, device, postprocess, init_image):
     batches = prompt_batches(opt)
     generator = torch.Generator().manual_seed(opt.seed)  # noise drawn on the CPU
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
-    t_enc = int(opt.strength * opt.ddim_steps)
+    t_enc = encode_steps(opt)
     logger.info("target t_enc is %d steps", t_enc)
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
         init_latent = encode_init_image(model, init_image, opt.n_samples, device)
@@ -148,6 +153,8 @@ def main(argv=None, extra_metadata=None):
     model, device = load(opt)
     check_sharing(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
+    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
+    check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)
     paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)
     logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)

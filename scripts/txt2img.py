@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, attention_sharing,
-                                build_postprocess, check_image_size, check_output_dir, check_sharing,
+                                build_postprocess, check_image_size, check_output_dir, check_sharing, check_step_window,
                                 check_subject_words_before_loading, conditionings,
                                 configure_logging, cpu_noise, feature_metadata, latents_to_images, load_model,
                                 make_sampler, precision_context, prompt_batches, resolve_device, save_results,
@@ -106,6 +106,7 @@ def main(argv=None, extra_metadata=None):
     model, device = load(opt)
     check_sharing(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
+    check_step_window(parser, opt, sampler)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
     logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)
     return paths

@@ -83,3 +83,27 @@ def test_img2img_shares_too(tmp_path, tiny_ckpt):
 def test_bad_sharing_flags_are_one_error_line(tmp_path, tiny_ckpt, flags, fragment):
     assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path, *flags)), fragment)
     assert not (tmp_path / "samples").exists()
+
+
+# 4 DDIM steps call the model at 1 - t/1000 = 0.249, 0.499, 0.749, 0.999 of the trajectory
+@pytest.mark.parametrize("flags,fragment", [
+    (["--consistent-attn", "--share-window", "0.3:0.4"], "holds none of this run's 4 model calls (the nearest at "
+                                                         "0.249 and 0.499 of the trajectory"),
+    (["--write-reference", "{out}/ref.safetensors", "--share-window", "0:0.2"], "(the nearest at 0.249 of"),
+    (["--consistent-attn", "--share-window", "0:0.2", "--sampler", "plms"], "holds none of this run's 5 model calls"),
+])
+def test_a_step_window_without_a_model_call_is_one_error_line_before_sampling(tmp_path, tiny_ckpt, flags, fragment):
+    flags = [str(f).format(out=tmp_path) for f in flags]
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path, *flags)), "--share-window", fragment,
+                          "widen it or take more --ddim_steps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no image, no reference
+
+
+def test_img2img_checks_the_window_against_the_steps_its_strength_leaves(tmp_path, tiny_ckpt):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    # strength 0.5 of 4 steps: decoding calls the model at 0.749 and 0.999 only
+    common = ["--init-img", init, "--strength", "0.5", "--consistent-attn"]
+    result = run("img2img.py", *args(tiny_ckpt, tmp_path / "early", *common, "--share-window", "0:0.6"))
+    assert_one_line_error(result, "holds none of this run's 2 model calls (the nearest at 0.749 of")
+    assert_ok(run("img2img.py", *args(tiny_ckpt, tmp_path / "late", *common, "--share-window", "0.7:1")))

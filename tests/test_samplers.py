@@ -227,3 +227,20 @@ def test_ddim_and_plms_match_the_written_out_formulas(tiny_model_with_weights, n
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if name == "plms":  # six steps use every order, and PLMS is not DDIM
         assert not torch.allclose(out, written_out_ddim(tiny_model, x_T, c, uc, 5.0, steps=6), atol=1e-4)
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 4), ("plms", 4), ("dpm", 5)])
+def test_model_timesteps_are_the_timesteps_sampling_calls_the_unet_at(tiny_model, conds, name, steps):
+    """The dry run a step window is checked against: no model call, no random number drawn."""
+    sampler = SAMPLERS[name](tiny_model)
+    state = torch.get_rng_state()
+    dry = sampler.model_timesteps(steps)
+    assert torch.equal(torch.get_rng_state(), state)
+    seen = []
+    unet = tiny_model.model.diffusion_model
+    hook = unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1][0])))
+    try:
+        sampler.sample(steps, 1, [4, 8, 8], conditioning=conds[0][:1], verbose=False)
+    finally:
+        hook.remove()
+    assert dry == seen and len(seen) == {"ddim": steps, "plms": steps + 1, "dpm": steps}[name]

@@ -50,6 +50,26 @@ class Sampler:
                                   unconditional_guidance_scale=unconditional_guidance_scale,
                                   unconditional_conditioning=unconditional_conditioning, verbose=verbose)
 
+    def model_timesteps(self, S):
+        """The timesteps at which sampling `S` steps calls the model, found without calling it: the
+        loop runs on one zero latent pixel with a zero noise estimate (what a step window is checked
+        against before any image is sampled). The random state is restored: DDIM draws its eta
+        noise even at eta 0, and the run that follows must draw what it would have drawn."""
+        called = []
+
+        def zero_estimate(x, t, *args, **kwargs):
+            called.append(float(t[0]))
+            return torch.zeros_like(x)
+
+        device = self.model.betas.device
+        self.noise_estimate = zero_estimate  # shadows the method for this one run
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.sample(S, 1, [1, 1, 1], x_T=torch.zeros(1, 1, 1, 1, device=device), verbose=False)
+        finally:
+            del self.noise_estimate
+        return called
+
     def noise_estimate(self, x, t, cond, uncond, scale, score_corrector=None, corrector_kwargs=None):
         """The guided noise prediction at (x, t), corrected by `score_corrector` if given."""
         e_t = guided_eps(self.model, x, t, cond, uncond, scale)
