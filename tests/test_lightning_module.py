@@ -11,17 +11,16 @@ from conftest import REPO, TINY_CONFIG
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from ldm.models.diffusion.ddpm import LatentDiffusion  # noqa: E402
+from ldm.models.lightning import TrainableModule, lightning_module  # noqa: E402
+
 
 def build_tiny_lightning_model():
-    from ldm.models.diffusion.ddpm import LatentDiffusion
-    from ldm.models.lightning import lightning_module
     torch.manual_seed(0)
     return lightning_module(LatentDiffusion)(**OmegaConf.load(TINY_CONFIG).model.params)
 
 
 def test_the_model_class_comes_first_and_is_built_once():
-    from ldm.models.diffusion.ddpm import LatentDiffusion
-    from ldm.models.lightning import TrainableModule, lightning_module
     mixed = lightning_module(LatentDiffusion)
     assert mixed.__mro__[1] is LatentDiffusion and issubclass(mixed, pl.LightningModule)
     assert mixed.device is TrainableModule.device  # not LightningModule's, which only Lightning moves
@@ -45,3 +44,14 @@ def test_a_pickled_model_loads_in_a_fresh_process(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["LatentDiffusion", "True", repr(expected)]
+
+
+
+class ReportingLatentDiffusion(lightning_module(LatentDiffusion)):
+    """A subclass of the mixed class, as user code may write one."""
+
+
+def test_a_subclass_of_the_mixed_class_pickles_as_itself():
+    torch.manual_seed(0)
+    model = ReportingLatentDiffusion(**OmegaConf.load(TINY_CONFIG).model.params)
+    assert type(pickle.loads(pickle.dumps(model))) is ReportingLatentDiffusion

@@ -50,15 +50,20 @@ def lightning_module(cls: type) -> type:
     import pytorch_lightning as pl
     if issubclass(cls, pl.LightningModule):
         return cls
-    return type(cls.__name__, (cls, pl.LightningModule),
-                {"__module__": cls.__module__, "__doc__": cls.__doc__, "__reduce_ex__": _reduce_ex})
+    return type(cls.__name__, (cls, pl.LightningModule), {"__module__": cls.__module__, "__doc__": cls.__doc__,
+                                                          "__reduce_ex__": _reduce_ex, "_built_from": cls})
 
 
 def _reduce_ex(self, protocol):
-    # pickle finds a class by module and name, which lead to `cls`, not to the class built here; so the
-    # instance is rebuilt from `cls` (a Lightning strategy that spawns processes, torch.save(model)).
-    _, (mixed, *args), *state = object.__reduce_ex__(self, protocol)
-    return (_new_lightning_instance, (mixed.__mro__[1], *args), *state)
+    # pickle finds a class by module and name, which lead to `cls`, not to the class built here; so its
+    # instances are rebuilt from `cls` (a Lightning strategy that spawns processes, torch.save(model)).
+    # A subclass written in code is found by its name as usual.
+    reduced = object.__reduce_ex__(self, protocol)
+    built_from = type(self).__dict__.get("_built_from")
+    if built_from is None:
+        return reduced
+    _, (_, *args), *state = reduced
+    return (_new_lightning_instance, (built_from, *args), *state)
 
 
 def _new_lightning_instance(cls, *args):
