@@ -21,6 +21,8 @@
 #   SAMPLE_STEPS=50             (DDIM steps of the txt2img grid)
 #   BENCHMARK=1 BENCH_ARGS=""   (extra arguments for the benchmark, e.g. "--seeds 0 --n 4")
 #   LOGDIR=logs/embedded
+#   EARLY_FAILURE_SECONDS=120   a training that fails sooner is run once more with NUM_WORKERS=0
+#                               (the loader workers are what a new machine most likely refuses)
 #
 # Tested on a CPU with a tiny run (tests/test_gpu_train_script.py does the same):
 #   OUT=/tmp/out LOGDIR=/tmp/logs MAX_STEPS=2 BATCH=4 NUM_WORKERS=0 ACCELERATOR=cpu PRECISION=32 \
@@ -39,6 +41,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 BENCHMARK=${BENCHMARK:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
 LOGDIR=${LOGDIR:-logs/embedded}
+EARLY_FAILURE_SECONDS=${EARLY_FAILURE_SECONDS:-120}
 CONFIG=configs/embedded/procedural-t2i.yaml
 NAME=procedural-t2i
 
@@ -56,16 +59,33 @@ mkdir -p "$LOGDIR"
 log() { echo "[gpu_train_embedded $(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 
-log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), at most $MAX_TIME"
-set +e
-python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
-  --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
-  data.params.batch_size="$BATCH" data.params.num_workers="$NUM_WORKERS" \
-  model.params.scheduler_config.params.cycle_lengths="[$MAX_STEPS]" \
-  lightning.trainer.max_time="$MAX_TIME" 2>&1 | tee "$LOGDIR/train.log" \
-  | grep --line-buffered -E "Trainer.fit|Setting learning rate|Average|Error|error"
-status=${PIPESTATUS[0]}
-set -e
+train() {  # train WORKERS MAX_TIME: main.py's exit status; its log is appended to $LOGDIR/train.log
+  log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), $1 loader workers, at most $2"
+  set +e
+  python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
+    --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
+    data.params.batch_size="$BATCH" data.params.num_workers="$1" \
+    model.params.scheduler_config.params.cycle_lengths="[$MAX_STEPS]" \
+    lightning.trainer.max_time="$2" 2>&1 | tee -a "$LOGDIR/train.log" \
+    | grep --line-buffered -E "Trainer.fit|Setting learning rate|Average|Error|error"
+  local status=${PIPESTATUS[0]}
+  set -e
+  return "$status"
+}
+
+seconds_of() { local d h m s; IFS=: read -r d h m s <<< "$1"; echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s )); }
+status=0
+train "$NUM_WORKERS" "$MAX_TIME" || status=$?
+elapsed=$(( $(date +%s) - start ))
+if [ "$status" != 0 ] && [ "$NUM_WORKERS" != 0 ] && [ "$elapsed" -lt "$EARLY_FAILURE_SECONDS" ]; then
+  # A failure before the first steps is most likely the loader workers (shared memory, process
+  # limits of a new machine); the data renders in the main process too, only slower. One retry,
+  # in the time left, so that a lease still brings a model back.
+  left=$(( $(seconds_of "$MAX_TIME") - elapsed ))
+  log "training failed after ${elapsed} s (exit $status): once more without loader workers, at most ${left} s"
+  status=0
+  train 0 "$(printf '00:%02d:%02d:%02d' $((left / 3600)) $((left % 3600 / 60)) $((left % 60)))" || status=$?
+fi
 tail -n 300 "$LOGDIR/train.log" > "$OUT/train-tail.log"
 if [ "$status" != 0 ]; then
   echo "error: training failed (exit $status); see $OUT/train-tail.log" >&2; exit 1

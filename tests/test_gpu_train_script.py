@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def run(tmp_path, **env):
-    full_env = dict(os.environ, OUT=str(tmp_path / "out"), LOGDIR=str(tmp_path / "logs"), **TINY, **env)
+    full_env = dict(os.environ, OUT=str(tmp_path / "out"), LOGDIR=str(tmp_path / "logs"), **{**TINY, **env})
     return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=900)
 
@@ -38,3 +38,19 @@ def test_tiny_cpu_run_fills_out_with_weights_log_and_samples(tmp_path):
 
     again = run(tmp_path)  # the outputs of the first run are never overwritten
     assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
+
+
+def test_an_early_training_failure_is_retried_once_without_loader_workers(tmp_path):
+    """num_workers=-1 is refused by the DataLoader, as a new machine may refuse the workers' shared
+    memory: the run is repeated in the main process and the lease still brings a model back."""
+    result = run(tmp_path, NUM_WORKERS="-1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "once more without loader workers, at most" in result.stdout
+    assert (tmp_path / "out" / "procedural-t2i.safetensors").is_file()
+    assert "num_workers" in (tmp_path / "out" / "train-tail.log").read_text()  # the first attempt's error
+
+
+def test_a_late_training_failure_is_not_retried(tmp_path):
+    result = run(tmp_path, NUM_WORKERS="-1", EARLY_FAILURE_SECONDS="0")
+    assert result.returncode == 1 and "once more" not in result.stdout
+    assert "error: training failed" in result.stderr.strip().splitlines()[-1]
