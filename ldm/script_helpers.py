@@ -459,7 +459,8 @@ def check_step_window(parser, opt, sampler, timesteps=None):
         return
     start, end = config.window
     positions = [1.0 - t / num_timesteps for t in timesteps]
-    nearest = [max((p for p in positions if p < start), default=None), min((p for p in positions if p > end), default=None)]
+    nearest = [max((p for p in positions if p < start), default=None),
+               min((p for p in positions if p > end), default=None)]
     parser.error(f"--share-window {start:g}:{end:g} holds none of this run's {len(positions)} model calls (the nearest "
                  f"at {' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
                  f"1 = image): widen it or take more --ddim_steps")

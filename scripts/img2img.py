@@ -15,9 +15,9 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
                                 check_output_dir, check_sharing, check_step_window, check_subject_words_before_loading,
-                                feature_metadata, conditionings, configure_logging, cpu_noise, latents_to_images, load_model,
-                                make_sampler, precision_context, prompt_batches, resolve_device, save_results,
-                                seed_everything, validate_common)
+                                feature_metadata, conditionings, configure_logging, cpu_noise, latents_to_images,
+                                load_model, make_sampler, precision_context, prompt_batches, resolve_device,
+                                save_results, seed_everything, validate_common)
 
 logger = logging.getLogger("img2img")
 
@@ -106,10 +106,9 @@ def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
 
 
 def generate(opt, model, sampler, device, postprocess, init_image):
-    """Yield (prompts, images) for every batch of every iteration."""
+    """Yield (prompts, images) for every batch of every iteration; `sampler` has its schedule made."""
     batches = prompt_batches(opt)
     generator = torch.Generator().manual_seed(opt.seed)  # noise drawn on the CPU
-    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = encode_steps(opt)
     logger.info("target t_enc is %d steps", t_enc)
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
@@ -153,6 +152,7 @@ def main(argv=None, extra_metadata=None):
     model, device = load(opt)
     check_sharing(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
+    # one schedule for the step-window check and the sampling
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)

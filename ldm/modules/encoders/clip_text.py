@@ -25,7 +25,6 @@ START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"
 WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-
 def quick_gelu(x):
     """The GELU approximation OpenAI trained CLIP with."""
     return x * torch.sigmoid(1.702 * x)
