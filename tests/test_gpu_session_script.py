@@ -54,7 +54,7 @@ def test_lease_one_trains_measures_consistency_on_its_weights_then_benchmarks_in
     assert again.returncode == 2 and "train exists; use an empty OUT" in again.stderr.strip().splitlines()[-1]
 
 
-def test_lease_two_trains_the_adapter_on_the_trained_weights_and_benchmarks(lease_one, tmp_path):
+def test_lease_three_trains_the_adapter_on_the_committed_weights_and_benchmarks(lease_one, tmp_path):
     out = tmp_path / "out"
     result = run(out, tmp_path / "logs", JOBS="adapter perf", MODEL=str(lease_one[0] / "train" /
                  "procedural-t2i.safetensors"), PRECISION="fp32", STEPS="1", BENCHMARK="1", WORKDIR=str(tmp_path / "work"),
