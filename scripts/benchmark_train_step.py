@@ -7,6 +7,9 @@ both columns alike; the table gives medians and their ratio from one run.
 
     # the embedded model's training step on a CPU (batch 16 keeps a step to seconds)
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 16
+    # its FLOPs (counted, not timed; linear in the batch: x32 for the GPU recipe's 256, docs/gpu-session.md;
+    # the einsum attention keeps every score matrix, so large batches do not fit a CPU machine's memory)
+    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 8 --flops
     # on a GPU, as main.py trains it (bf16 autocast)
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\
         --device cuda --autocast bf16
@@ -22,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.modules.attention import BasicTransformerBlock  # noqa: E402
+from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
 from ldm.script_helpers import ArgumentParser, read_model_geometry  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
@@ -46,6 +49,18 @@ def training_step(model, latent, batch, device, autocast):
     return step
 
 
+def count_flops(model, blocks, step):
+    """Matmul and convolution FLOPs of one `step`, the usual MFU convention; plain blocks (a
+    checkpointed one would count its recomputed forward too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    set_attention_backend(model, "einsum")  # the fused CPU kernel is invisible to the counter
+    for block in blocks:
+        block.checkpoint = False
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,6 +70,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per setting and round (2 rounds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--autocast", default="off", choices=list(AUTOCAST), help="mixed precision of the step")
+    parser.add_argument("--flops", action="store_true",
+                        help="count the FLOPs of one plain step instead of timing (matmuls and convolutions, forward "
+                             "and backward; attention through the einsum backend, whose matmuls the counter sees)")
     opt = parser.parse_args(argv)
     if opt.batch < 1 or opt.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
@@ -73,6 +91,10 @@ def main(argv=None):
         parser.error(f"{opt.config} has no transformer blocks to checkpoint")
     latent = (geometry.channels, size // geometry.factor, size // geometry.factor)
     step = training_step(model, latent, opt.batch, device, opt.autocast)
+    if opt.flops:
+        print(f"# {opt.config}, batch {opt.batch}, {size}x{size} px, torch {torch.__version__}: one training step")
+        print(f"{count_flops(model, blocks, step) / 1e9:.3f} GFLOP")
+        return
     seconds = {True: [], False: []}
     for _ in range(2):  # alternate: drift of a shared machine lands on both settings
         for checkpointed in (True, False):

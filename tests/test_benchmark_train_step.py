@@ -23,6 +23,17 @@ def test_table_times_the_step_with_and_without_checkpointed_transformer_blocks(c
     assert ratio == pytest.approx(on / off, abs=0.01 + 1.0 / off)  # the ratio is of the printed medians
 
 
+def test_flops_of_a_step_grow_with_the_batch_and_count_attention(capsys):
+    def gflop(*extra):
+        bench.main([*SMALL, *extra, "--flops"])
+        lines = capsys.readouterr().out.splitlines()
+        assert "batch" in lines[0] and lines[1].endswith(" GFLOP")
+        return float(lines[1].split()[0])
+
+    one, two = gflop("--batch", "1"), gflop("--batch", "2")
+    assert one > 0 and two == pytest.approx(2 * one, abs=0.002)  # every matmul and convolution is per image
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "0"], "--batch and --repeats must be at least 1"),
     (["--size", "12"], "--size 12 is not a multiple of 8"),
