@@ -1,7 +1,8 @@
 """Which self-attention groups need sharing for consistent batches? (task.md, question 4)
 
-For every sharing setting (SETTINGS) the same batches are generated from the same start noise:
-for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may give
+For every sharing setting (SETTINGS) the same batches are generated from the same start noise
+(and, with --eta > 0, the same noise at every step): for each prompt and seed, N images with
+DDIM and classifier-free guidance. A prompt may give
 each image its own text ("a chair, on a white background | a chair, on a black background":
 image i gets part i mod k), the storyboard case: the object should agree, the named scenes
 differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch
@@ -14,6 +15,7 @@ without any classifier:
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
+* pixel noise   noise the sampler left in the images (0 on clean renders; procedural.pixel_noise)
 * embedding sim mean pairwise cosine similarity of image embeddings (--embedder PATH: a local
                 DINO/CLIP model, ldm.image_embedder); works for any prompt, e.g. on real SD weights
 * s/image       wall time of the sampling per image
@@ -124,7 +126,7 @@ DEFAULT_PROMPTS = [
 ]
 
 METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "diversity",
-           "embedding_similarity", "seconds_per_image")
+           "pixel_noise", "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
@@ -146,6 +148,9 @@ def build_parser():
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM eta: 0 deterministic, 1 DDPM-like (fresh noise at every step, the same "
+                             "draws for every setting of a batch)")
     parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
                         help="sharing settings to compare (default: all that apply to the prompts): "
                              + ", ".join(SETTINGS))
@@ -220,6 +225,8 @@ def validate(parser, opt):
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     check_run(parser, opt, SETTINGS)
+    if not 0 <= opt.eta <= 1:
+        parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     if opt.time_budget is not None and not opt.time_budget > 0:
         parser.error(f"--time-budget must be a positive number of seconds, got {opt.time_budget:g}")
     if not_procedural and not opt.embedder:
@@ -312,7 +319,7 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
 def ddim_images(model, sampler, opt, c, uc, x_T):
     latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(x_T), shape=opt.shape,
                                 unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                eta=0.0, x_T=x_T, verbose=False)
+                                eta=opt.eta, x_T=x_T, verbose=False)
     return latents_to_images(model, latents)
 
 
@@ -326,6 +333,7 @@ def measure(images, prompts, embedder=None):
     pixels = to_uint8_hwc(images)
     row = dict.fromkeys(METRICS[:-1], float("nan"))
     row["diversity"] = procedural.diversity_score(pixels)
+    row["pixel_noise"] = procedural.pixel_noise(pixels)
     scene = procedural.parse_caption(prompts[0])
     if scene is not None:
         score = procedural.consistency_score(pixels, scene.kind)
@@ -358,6 +366,7 @@ def run(opt, model, device, embedder=None):
             prompts, (c, uc) = batches[p], conds[p]
             x_T = start_noise(opt.shape, p, seed, opt.n, device)
             for setting in opt.settings:
+                torch.manual_seed(seed * 10_007 + p)  # with --eta > 0: the same step noise in every setting
                 synchronize(device)
                 start = time.perf_counter()
                 images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)
@@ -374,7 +383,7 @@ def warm_up(model, sampler, opt, device):
     """One untimed short sampling, so the first timed setting does not pay for kernel selection."""
     c, uc = conditionings(model, batch_prompts(opt.prompts[0], opt.n), opt.scale)
     sampler.sample(S=1, conditioning=c, batch_size=opt.n, shape=opt.shape,
-                   unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=0.0,
+                   unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=opt.eta,
                    x_T=start_noise(opt.shape, 0, 0, opt.n, device), verbose=False)
 
 
@@ -390,8 +399,8 @@ def mean_std(values):
 
 def markdown_table(rows, settings):
     lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | fidelity ↑ "
-             "| diversity | embedding sim ↑ | s/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
+             "|---" * (len(METRICS) + 1) + "|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         cells = [mean_std([r[m] for r in mine]) for m in METRICS]
@@ -437,7 +446,7 @@ def run_header(opt, device, n_batches):
     planned = len(opt.prompts) * len(opt.seeds)
     measured = (f" = {n_batches} batches" if n_batches == planned else
                 f": {n_batches} of {planned} batches (stopped by --time-budget {opt.time_budget:g} s)")
-    return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; "
+    return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta {opt.eta:g}, guidance {opt.scale}; "
             f"{len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} per setting "
             f"(mean ± std over them; fidelity over prompts that name attributes); device {device}")
 

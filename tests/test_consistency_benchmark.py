@@ -139,6 +139,27 @@ def test_per_image_prompts_fill_the_batch_in_turn_and_fidelity_is_per_image():
     assert row["fidelity"] == 1.0  # each image read against its own prompt (one prompt for both: 0.5)
     # backgrounds differ (agreement 1/2), positions agree (1): scene diversity 1 - 3/4
     assert row["scene_diversity"] == 0.25 and row["subject_agreement"] == 1.0
+    assert row["pixel_noise"] == 0.0  # clean renders
+
+
+def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_with_weights, monkeypatch):
+    """With --eta > 0 DDIM adds fresh noise at every step; the rows of one batch must still differ
+    only by their setting. A second plain setting must give the very same images, and eta must
+    change them (the noise is drawn at all)."""
+    import types
+
+    import torch
+    bench = benchmark_module()
+    monkeypatch.setitem(bench.SETTINGS, "none again", None)
+    opt = types.SimpleNamespace(n=2, steps=3, shape=[4, 8, 8], scale=5.0, seeds=[0], prompts=["a red chair"],
+                                settings=["none", "none again"], time_budget=None)
+    images = {}
+    for eta in (0.0, 1.0):
+        opt.eta = eta
+        torch.manual_seed(123)  # whatever the global generator held before: the rows must agree
+        images[eta] = [batch for _, batch in bench.run(opt, tiny_model_with_weights, torch.device("cpu"))]
+    assert torch.equal(images[1.0][0], images[1.0][1])
+    assert not torch.allclose(images[1.0][0], images[0.0][0], atol=1e-3)
 
 
 def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
@@ -153,7 +174,7 @@ def test_reference_rows_are_two_runs_and_equal_anchor_mode_with_the_last_image_f
     from ldm.models.diffusion.ddim import DDIMSampler
     bench = benchmark_module()
     model, n = tiny_model_with_weights, 3
-    opt = types.SimpleNamespace(n=n, steps=3, shape=[4, 8, 8], scale=5.0)
+    opt = types.SimpleNamespace(n=n, steps=3, shape=[4, 8, 8], scale=5.0, eta=0.0)
     prompts = ["a red chair", "a chair on the left", "a blue chair"]
     with torch.no_grad():
         c, uc = bench.conditionings(model, prompts, opt.scale)
@@ -212,6 +233,7 @@ BAD_RUNS = [
     (["--config", "{bin}"], "is not a diffusion model config"),
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
     (["--time-budget", "0"], "--time-budget must be a positive number of seconds, got 0"),
+    (["--eta", "1.5"], "--eta must be between 0 (deterministic) and 1 (DDPM-like), got 1.5"),
 ]
 
 

@@ -851,6 +851,23 @@ def diversity_score(images) -> float:
     return total / (n * (n - 1) / 2)
 
 
+def pixel_noise(images) -> float:
+    """Noise a sampler left in the images: per image the median, over pixels, of how far a pixel
+    lies from the median of its 3×3 neighbourhood (largest of R, G, B, in [0, 1] units); mean
+    over the batch.
+
+    Every scene is flat colour areas, so a clean render scores 0 at any size (edges and corners
+    are too few pixels to move the median). Gaussian pixel noise of standard deviation s scores
+    about 1.2·s (s up to 25/255); a sample covered in the speckle a small model's deterministic sampling can leave
+    (CONSISTENCY_NOTES.md, question 4) scores 0.1-0.25, a clean-looking sample below 0.03.
+    """
+    x = np.stack([_to_uint8(im).astype(np.float32) / 255.0 for im in images])  # (N, H, W, 3)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))  # (N, H, W, 3, 3, 3)
+    deviation = np.abs(x - np.median(windows, axis=(-2, -1))).max(axis=-1)  # (N, H, W)
+    return float(np.median(deviation.reshape(len(x), -1), axis=1).mean())
+
+
 def fidelity(images, caption_scene: Scene | str) -> float:
     """Fraction of the attributes NAMED in the prompt that are read back correctly,
     averaged over the images and the named attributes.
