@@ -95,8 +95,7 @@ def build_parser():
                         help="procedural chair/table/shape prompts (default: plain and described chairs and tables)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=8, help="images (differently laid out conditions) per batch")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    cb.add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
                         help="settings to compare: " + ", ".join(SETTINGS))
     parser.add_argument("--outdir", default="outputs/adapter-benchmark", help="results go to OUTDIR/run-NNN")
@@ -166,7 +165,7 @@ def sample(model, sampler, opt, c, uc, x_T, features, share):
     with consistent_attention(model, share, opt.n), adapter_conditioning(model, features, opt.cond_tau):
         latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                    eta=0.0, x_T=x_T, verbose=False)
+                                    eta=opt.eta, x_T=x_T, verbose=False)
     return latents_to_images(model, latents)
 
 
@@ -198,6 +197,7 @@ def run(opt, model, adapter, device):
                 x_T = cb.start_noise(opt.shape, p, seed, opt.n, device)
                 for setting in opt.settings:
                     use_adapter, share = SETTINGS[setting]
+                    cb.seed_step_noise(p, seed)
                     cb.synchronize(device)
                     start = time.perf_counter()
                     images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share)
@@ -231,7 +231,7 @@ def run_header(opt, device, n_batches):
     weights = "random weights" if opt.random_weights else opt.ckpt
     return (f"config {opt.config}, {weights}; adapter {opt.adapter} ({opt.condition} maps, weight "
             f"{opt.adapter_weight}, cond_tau {opt.cond_tau}); N={opt.n} differently laid out conditions per batch, "
-            f"DDIM {opt.steps} steps, eta 0, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
+            f"DDIM {opt.steps} steps, eta {opt.eta:g}, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
             f"{' '.join(map(str, opt.seeds))} = {n_batches} batches per setting (mean ± std over them); "
             f"consistent = consistent self-attention, groups {'+'.join(sorted(CONSISTENT.groups))}, mode "
             f"{CONSISTENT.mode.value}; anchor = the same groups, mode anchor ({ANCHOR.n_anchors} anchor); "

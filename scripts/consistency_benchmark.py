@@ -146,11 +146,7 @@ def build_parser():
                              "embeddings measure consistency for any prompt (nothing is downloaded)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM eta: 0 deterministic, 1 DDPM-like (fresh noise at every step, the same "
-                             "draws for every setting of a batch)")
+    add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
                         help="sharing settings to compare (default: all that apply to the prompts): "
                              + ", ".join(SETTINGS))
@@ -175,6 +171,15 @@ def add_model_arguments(parser):
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
 
 
+def add_sampling_arguments(parser):
+    """How every batch is sampled; scripts/adapter_benchmark.py samples the same way."""
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM eta: 0 deterministic, 1 DDPM-like (fresh noise at every step, the same "
+                             "draws for every setting of a batch)")
+
+
 def check_run(parser, opt, settings):
     """The checks every benchmark built on this loop shares (settings, sizes, model files, --figure,
     device); bad input ends with one ``error:`` line. Sets opt.shape, the latent shape."""
@@ -184,6 +189,8 @@ def check_run(parser, opt, settings):
     for flag, value, low in (("--n", opt.n, 2), ("--steps", opt.steps, 1)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= opt.eta <= 1:
+        parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     if opt.steps >= geometry.timesteps:
         parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
@@ -225,8 +232,6 @@ def validate(parser, opt):
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     check_run(parser, opt, SETTINGS)
-    if not 0 <= opt.eta <= 1:
-        parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     if opt.time_budget is not None and not opt.time_budget > 0:
         parser.error(f"--time-budget must be a positive number of seconds, got {opt.time_budget:g}")
     if not_procedural and not opt.embedder:
@@ -264,8 +269,21 @@ def load(opt, device):
 
 def start_noise(shape, prompt_index, seed, n, device):
     """The same x_T for every setting: seeded per (seed, prompt)."""
-    generator = torch.Generator().manual_seed(seed * 10_007 + prompt_index)
+    generator = torch.Generator().manual_seed(batch_seed(prompt_index, seed))
     return cpu_noise(generator, [n] + shape, device)
+
+
+def seed_step_noise(prompt_index, seed):
+    """Before each setting's sampling: with eta > 0 DDIM draws fresh noise at every step from the
+    global generators, and every setting of a batch must draw the same. A stream apart from
+    start_noise's: from the same seed the first step's noise would be x_T again, which at eta 0.5
+    leaves the images covered in noise. (The CPU generator keeps a seed's low 32 bits; batch seeds
+    stay below 2**31.)"""
+    torch.manual_seed(2**31 + batch_seed(prompt_index, seed))
+
+
+def batch_seed(prompt_index, seed):
+    return seed * 10_007 + prompt_index
 
 
 def synchronize(device):
@@ -366,7 +384,7 @@ def run(opt, model, device, embedder=None):
             prompts, (c, uc) = batches[p], conds[p]
             x_T = start_noise(opt.shape, p, seed, opt.n, device)
             for setting in opt.settings:
-                torch.manual_seed(seed * 10_007 + p)  # with --eta > 0: the same step noise in every setting
+                seed_step_noise(p, seed)
                 synchronize(device)
                 start = time.perf_counter()
                 images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)

@@ -160,6 +160,9 @@ def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_
         images[eta] = [batch for _, batch in bench.run(opt, tiny_model_with_weights, torch.device("cpu"))]
     assert torch.equal(images[1.0][0], images[1.0][1])
     assert not torch.allclose(images[1.0][0], images[0.0][0], atol=1e-3)
+    # and the step noise is not the start noise drawn again (it was: noisy images at eta 0.5)
+    bench.seed_step_noise(0, 0)
+    assert not torch.equal(torch.randn(2, 4, 8, 8), bench.start_noise([4, 8, 8], 0, 0, 2, torch.device("cpu")))
 
 
 def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
