@@ -76,7 +76,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
             help=f"same as --sampler {name} (upstream flag)" if name in samplers
             else f"upstream flag; {name} is not available in this script (refused with an error)")
     add("--fixed_code", action="store_true", help="if enabled, uses the same starting code across samples")
-    add("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
+    add("--ddim_eta", type=float, default=None,
+        help="ddim eta: 0 = deterministic, 1 = DDPM-like, fresh noise at every step (default: from the "
+             "config's `sampling` block, else 0)")
     add("--n_iter", type=int, default=n_iter, help="sample this often")
     add("--C", type=int, default=None, help="latent channels (default: read from --config)")
     add("--f", type=int, default=None, help="first-stage downsampling factor (default: read from --config)")
@@ -135,17 +137,18 @@ def validate_common(parser, opt, samplers, aliases):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     sampler = samplers[opt.sampler]
-    if opt.ddim_eta != 0 and not sampler.stochastic:
+    if opt.ddim_eta is not None and opt.ddim_eta != 0 and not sampler.stochastic:
         parser.error(f"--ddim_eta applies to the ddim sampler; --sampler {opt.sampler} is deterministic "
                      f"(leave --ddim_eta out)")
-    # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
-    if not 0 <= opt.ddim_eta <= 1:
+    if opt.ddim_eta is not None and not 0 <= opt.ddim_eta <= 1:
         parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
     if not 0 <= opt.seed < 2**32:  # numpy's and upstream's (pytorch_lightning's) seed range
         parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     resolve_model(parser, opt)
+    if opt.ddim_eta is None:  # a config's eta is for the sampler that draws step noise; the others have none
+        opt.ddim_eta = opt.geometry.eta if sampler.stochastic else 0.0
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.ddim_steps < sampler.min_steps:
@@ -219,7 +222,13 @@ class ModelGeometry:
     weights: str | None = None
     scale: float | None = None  # guidance scale (None: the script's default)
     steps: int = DEFAULT_STEPS  # sampling steps; a small pixel-space model needs fewer than SD
+    eta: float = 0.0  # DDIM eta; a small model can leave noise on the deterministic path (eta 0)
     timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
+
+    def __post_init__(self):
+        # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"sampling.eta must be between 0 and 1, got {self.eta}")
 
     @property
     def multiple(self) -> int:
@@ -280,7 +289,7 @@ def in_repo(path):
 
 def resolve_model(parser, opt):
     """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale,
-    opt.ddim_steps and opt.geometry.
+    opt.ddim_steps and opt.geometry (whose eta validate_common applies).
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
     (with --random-weights: SD v1, as upstream). Flags the user gave always win, except --C/--f,

@@ -27,19 +27,22 @@ def mean(rows, setting, metric):
 
 
 def test_sharing_middle_and_inner_narrows_the_colours_of_a_batch(tmp_path):
-    """Seed 0 of the benchmark's seven prompts. Measured on this model (CONSISTENCY_NOTES.md,
-    seed 0): colour spread 0.685 without sharing, 0.521 with; fidelity 0.508 and 0.469; diversity
-    0.377 with. The thresholds keep half the measured gap and allow fidelity a 0.1 loss."""
-    result = run("consistency_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--seeds", "0",
-                 "--settings", "none", "all:middle+inner", "--outdir", tmp_path)
+    """Seed 0 of the benchmark's seven prompts, sampled as txt2img samples this model (20 DDIM
+    steps, eta 1: its config's `sampling` block). Measured on this model (CONSISTENCY_NOTES.md,
+    seed 0): colour spread 0.551 without sharing, 0.448 with; fidelity 0.510 and 0.526; diversity
+    0.333 with; pixel noise 0.010 without (0.051 at eta 0). The thresholds keep half the measured
+    gap and allow fidelity a 0.1 loss."""
+    result = run("consistency_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--seeds", "0", "--steps", "20",
+                 "--eta", "1", "--settings", "none", "all:middle+inner", "--outdir", tmp_path)
     assert_ok(result)
     with open(tmp_path / "run-001" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 7
     plain, shared = (mean(rows, s, "colour_spread") for s in ("none", "all:middle+inner"))
-    assert shared < plain - 0.08, (plain, shared)
+    assert shared < plain - 0.05, (plain, shared)
     assert mean(rows, "all:middle+inner", "fidelity") > mean(rows, "none", "fidelity") - 0.1
-    assert mean(rows, "all:middle+inner", "diversity") > 0.3  # not copies of one image
+    assert mean(rows, "all:middle+inner", "diversity") > 0.25  # not copies of one image
+    assert mean(rows, "none", "pixel_noise") < 0.025  # the images are clean
 
 
 def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_keeps_it_there(tmp_path):

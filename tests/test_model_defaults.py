@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from test_cli import assert_ok, assert_one_line_error, pngs, run
 from ldm import script_helpers
 from ldm.image_io import read_parameters
@@ -99,6 +99,7 @@ def test_a_fresh_clones_first_command_runs_a_trained_model(tmp_path):
     assert_ok(result)
     meta = read_parameters(tmp_path / "samples" / "00000.png")
     assert meta["config"] == expected and meta["ckpt"] != ""
+    assert meta["eta"] == read_geometry(load_config(REPO / expected)).eta  # the model's own default
     assert ("preliminary 16 px model" in result.stderr) == (expected == PRELIMINARY_CONFIG)
 
 
@@ -121,6 +122,26 @@ def test_a_config_that_names_its_steps_sets_the_default_and_a_given_flag_wins():
     given = options(config=config, random_weights=True, ddim_steps=7)
     resolve_model(Parser(), given)
     assert given.ddim_steps == 7
+
+
+def validated_txt2img(tmp_path, *argv):
+    txt2img = load_script("txt2img")
+    parser = txt2img.build_parser()
+    opt = parser.parse_args(["--random-weights", "--outdir", str(tmp_path), *argv])
+    return txt2img.validate_options(parser, opt)
+
+
+def test_a_config_that_names_its_eta_sets_the_ddim_default_and_a_given_flag_wins(tmp_path):
+    config = ["--config", PRELIMINARY_CONFIG]
+    assert validated_txt2img(tmp_path, *config).ddim_eta == 1.0
+    assert validated_txt2img(tmp_path, *config, "--ddim_eta", "0").ddim_eta == 0.0
+    # plms and dpm draw no step noise: the config's eta is not theirs, and not an error either
+    assert validated_txt2img(tmp_path, *config, "--sampler", "plms").ddim_eta == 0.0
+    assert validated_txt2img(tmp_path, "--config", SD_V1_CONFIG).ddim_eta == 0.0  # no eta named: upstream's 0
+    bad = load_config(REPO / PRELIMINARY_CONFIG)
+    bad.sampling.eta = 1.5
+    with pytest.raises(ValueError, match="sampling.eta must be between 0 and 1, got 1.5"):
+        read_geometry(bad)
 
 
 def test_random_weights_without_config_build_sd_v1_as_upstream(workdir):
