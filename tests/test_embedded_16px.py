@@ -47,20 +47,20 @@ def test_sharing_middle_and_inner_narrows_the_colours_of_a_batch(tmp_path):
 
 def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_keeps_it_there(tmp_path):
     """Seed 0 of the adapter benchmark's four prompts, eight differently laid out outlines per
-    batch; measured (models/embedded/README.md, 2026-12-03): IoU of the object with the
-    condition's mask 0.141 without the adapter, 0.414 with it, 0.292 with it and consistent
-    attention (--consistent-attn's defaults), 0.355 in anchor mode; colour spread 0.706 with the
-    adapter, 0.658 with mode all, 0.639 with anchor. Each threshold keeps half its measured gap."""
+    batch, sampled as txt2img samples this model (20 DDIM steps, eta 1); measured
+    (models/embedded/README.md, 2026-12-04): IoU of the object with the condition's mask 0.201
+    without the adapter, 0.721 with it, 0.722 with it and consistent attention (--consistent-attn's
+    defaults), 0.714 in anchor mode; colour spread 0.622 with the adapter, 0.540 with mode all,
+    0.508 with anchor. Each threshold keeps half its measured gap; sharing may cost 0.1 of IoU."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
+                 "--steps", "20", "--eta", "1",
                  "--settings", "plain", "adapter", "adapter+consistent", "adapter+anchor", "--outdir", tmp_path)
     assert_ok(result)
     with open(tmp_path / "run-001" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 * 4
-    assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.13
+    assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.26
     # one appearance across different poses: the colours narrow, the objects still follow their outlines
-    assert mean(rows, "adapter+consistent", "colour_spread") < mean(rows, "adapter", "colour_spread") - 0.024
-    assert mean(rows, "adapter+consistent", "iou") > mean(rows, "plain", "iou") + 0.07
-    # anchor mode reads one other layout instead of seven: more of the outline kept, colours as narrow
-    assert mean(rows, "adapter+anchor", "iou") > mean(rows, "adapter+consistent", "iou") + 0.031
-    assert mean(rows, "adapter+anchor", "colour_spread") < mean(rows, "adapter", "colour_spread") - 0.033
+    for setting, narrower in (("adapter+consistent", 0.041), ("adapter+anchor", 0.057)):
+        assert mean(rows, setting, "colour_spread") < mean(rows, "adapter", "colour_spread") - narrower, setting
+        assert mean(rows, setting, "iou") > mean(rows, "adapter", "iou") - 0.1, setting
