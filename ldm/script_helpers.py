@@ -212,7 +212,8 @@ class ModelGeometry:
 
     channels/factor are read from the model definition itself (the latent channels, the first
     stage's downsampling), so --C/--f cannot disagree with the model; the default size, display
-    scale and weights come from the config's optional ``sampling`` block."""
+    scale, guidance scale, steps, DDIM eta and weights come from the config's optional
+    ``sampling`` block."""
     channels: int
     factor: int
     unet_factor: int
