@@ -110,8 +110,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--watermark", action="store_true",
         help="embed an invisible watermark (needs invisible-watermark and opencv-python-headless)")
     add("--display-scale", type=int, default=None, metavar="K",
-        help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make "
-             "(default: from the config's `sampling` block, else 1)")
+        help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make; img2img "
+             "reads --init-img shrunk by K, so those PNGs go back in at the model's size (default: from the "
+             "config's `sampling` block, else 1)")
 
 
 def add_threads_argument(parser):

@@ -56,18 +56,29 @@ def validate_options(parser, opt):
     return opt
 
 
-def load_img(path, multiple):
-    """(1, 3, H, W) tensor in [-1, 1]; sides cropped down to multiples of ``multiple`` (LANCZOS
-    resize): 64 for SD v1 (8x autoencoder times the UNet's 8x), 8 for the pixel-space embedded model."""
+def load_img(path, multiple, display_scale=1):
+    """(1, 3, H, W) tensor in [-1, 1], in the model's pixels. A model shown enlarged by
+    ``display_scale`` K (the small embedded models, whose PNGs are saved K times their size) reads
+    the image shrunk by K (BOX filter: exact for those PNGs), so that txt2img's outputs go back in
+    at the size the model made them; without it, a 16 px model fed its own 256 px PNG ran 256 times
+    the pixels it was trained on, for many minutes. Then, as upstream, the sides are cropped down to
+    multiples of ``multiple`` (LANCZOS resize): 64 for SD v1 (8x autoencoder times the UNet's 8x),
+    8 for the pixel-space embedded model."""
     try:
         image = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read --init-img {path}: {e}")
-    w, h = image.size
-    logger.info("loaded input image of size (%d, %d) from %s", w, h, path)
-    w, h = (x - x % multiple for x in (w, h))
+    logger.info("loaded input image of size (%d, %d) from %s", *image.size, path)
+    if display_scale > 1:
+        image = image.resize([max(1, round(x / display_scale)) for x in image.size], resample=Image.BOX)
+        logger.info("read at (%d, %d): the model's pixels, its images being shown %dx enlarged (--display-scale)",
+                    *image.size, display_scale)
+    w, h = (x - x % multiple for x in image.size)
     if w == 0 or h == 0:
-        raise SystemExit(f"error: --init-img must be at least {multiple}x{multiple} pixels")
+        smallest = multiple * display_scale
+        shrunk = f": the model reads it shrunk {display_scale}x, its display scale, and needs {multiple}x{multiple} " \
+                 f"(--display-scale 1 reads it pixel for pixel)" if display_scale > 1 else ""
+        raise SystemExit(f"error: --init-img must be at least {smallest}x{smallest} pixels{shrunk}")
     image = image.resize((w, h), resample=Image.LANCZOS)
     array = np.array(image).astype(np.float32) / 255.0
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2)) - 1.0
@@ -138,7 +149,7 @@ def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    init_image = load_img(opt.init_img, opt.geometry.multiple)
+    init_image = load_img(opt.init_img, opt.geometry.multiple, opt.display_scale)
     height, width = init_image.shape[2:]
     # the reference's image size is the (cropped) init image's, and a different strength is a
     # different trajectory: both are recorded and checked before the model loads

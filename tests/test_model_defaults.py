@@ -178,9 +178,32 @@ def test_img2img_crops_to_the_models_multiple(tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (45, 40), (200, 40, 40)).save(init)  # pixel-space model: cropped to 40x40, not 0x0
     out = tmp_path / "out"
-    assert_ok(run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init,
-                  "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid"))
-    assert Image.open(out / "samples" / "00000.png").size == (40 * 8, 40 * 8)
+    assert_ok(run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init, "--display-scale",
+                  "1", "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid"))
+    assert Image.open(out / "samples" / "00000.png").size == (40, 40)
+
+
+def test_img2img_reads_the_small_models_enlarged_pngs_at_the_models_size(tmp_path):
+    """txt2img saves the 16 px model's images 16x enlarged; img2img takes such a PNG back at
+    16x16 (it ran the model on all 256x256 pixels, for many minutes) and saves its result
+    enlarged again. A PNG too small for that is one error line that says why."""
+    common = ["--config", PRELIMINARY_CONFIG, "--random-weights", "--n_samples", "1", "--n_iter", "1",
+              "--ddim_steps", "2", "--skip_grid"]
+    assert_ok(run("txt2img.py", *common, "--outdir", tmp_path / "made"))
+    made = tmp_path / "made" / "samples" / "00000.png"
+    assert Image.open(made).size == (256, 256)
+    result = run("img2img.py", *common, "--init-img", made, "--strength", "0.5", "--outdir", tmp_path / "varied")
+    assert_ok(result)
+    assert "read at (16, 16)" in result.stderr
+    assert Image.open(tmp_path / "varied" / "samples" / "00000.png").size == (256, 256)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (100, 100)).save(small)
+    result = run("img2img.py", *common, "--init-img", small, "--outdir", tmp_path / "none")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --init-img must be at least 128x128 pixels: the model reads it shrunk 16x, its display scale, "
+        "and needs 8x8 (--display-scale 1 reads it pixel for pixel)")
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
 def test_a_config_without_a_unet_is_one_error_line(tmp_path):
