@@ -1,7 +1,8 @@
 """The preliminary CPU-trained model shipped in models/embedded (procedural-t2i-16px): it loads
-strictly and samples clean images through txt2img (at its config's DDIM eta 1), sharing the middle and inner groups measurably narrows
-the colours of a batch, as the table in CONSISTENCY_NOTES.md (question 4) says, and its outline
-adapter moves the object to where the condition draws it."""
+strictly and samples clean images through txt2img (at its config's DDIM eta 1), sharing the
+middle and inner groups measurably narrows the colours of a batch, as the table in
+CONSISTENCY_NOTES.md (question 4) says, and its outline adapter moves the object to where the
+condition draws it."""
 import csv
 import statistics
 
