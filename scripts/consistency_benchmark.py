@@ -2,11 +2,10 @@
 
 For every sharing setting (SETTINGS) the same batches are generated from the same start noise
 (and, with --eta > 0, the same noise at every step): for each prompt and seed, N images with
-DDIM and classifier-free guidance. A prompt may give
-each image its own text ("a chair, on a white background | a chair, on a black background":
-image i gets part i mod k), the storyboard case: the object should agree, the named scenes
-differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch
-without any classifier:
+DDIM and classifier-free guidance. A prompt may give each image its own text ("a chair, on a
+white background | a chair, on a black background": image i gets part i mod k), the storyboard
+case: the object should agree, the named scenes differ. The procedural scenes' pixel read-back
+(ldm.data.procedural) measures each batch without any classifier:
 
 * agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
@@ -283,6 +282,7 @@ def seed_step_noise(prompt_index, seed):
 
 
 def batch_seed(prompt_index, seed):
+    """The seed of one batch (a prompt and a --seeds value), below 2**31 for seeds below 214,000."""
     return seed * 10_007 + prompt_index
 
 
@@ -464,8 +464,8 @@ def run_header(opt, device, n_batches):
     planned = len(opt.prompts) * len(opt.seeds)
     measured = (f" = {n_batches} batches" if n_batches == planned else
                 f": {n_batches} of {planned} batches (stopped by --time-budget {opt.time_budget:g} s)")
-    return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta {opt.eta:g}, guidance {opt.scale}; "
-            f"{len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} per setting "
+    return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta {opt.eta:g}, "
+            f"guidance {opt.scale}; {len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} per setting "
             f"(mean ± std over them; fidelity over prompts that name attributes); device {device}")
 
 

@@ -858,8 +858,9 @@ def pixel_noise(images) -> float:
 
     Every scene is flat colour areas, so a clean render scores 0 at any size (edges and corners
     are too few pixels to move the median). Gaussian pixel noise of standard deviation s scores
-    about 1.2·s (s up to 25/255); a sample covered in the speckle a small model's deterministic sampling can leave
-    (CONSISTENCY_NOTES.md, question 4) scores 0.1-0.25, a clean-looking sample below 0.03.
+    about 1.2·s (s up to 25/255). A sample covered in the speckle that a small model's
+    deterministic sampling can leave (CONSISTENCY_NOTES.md, question 4) scores 0.1-0.25, a
+    clean-looking sample below 0.03.
     """
     x = np.stack([_to_uint8(im).astype(np.float32) / 255.0 for im in images])  # (N, H, W, 3)
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
