@@ -89,6 +89,17 @@ def test_condition_batch_errors(tmp_path, cond_type, channels, size, expected, m
         condition_batch([path], cond_type, channels, *expected)
 
 
+def test_a_condition_saved_at_the_display_scale_is_told_to_shrink(tmp_path):
+    """A 16 px model's PNGs are saved 16x enlarged: one such as condition is told to shrink, not to
+    run the model at 256 px; another size keeps the --W/--H hint."""
+    enlarged, other = write(tmp_path / "big.png", size=(256, 256)), write(tmp_path / "other.png", size=(32, 32))
+    with pytest.raises(ValueError, match="is 256x256, 16x the 16x16 images to generate, as PNGs saved with "
+                                         "--display-scale 16 are: shrink it 16x"):
+        condition_batch([enlarged], "sketch", 1, 16, 16, multiple=8, display_scale=16)
+    with pytest.raises(ValueError, match="pass --W 32 --H 32"):
+        condition_batch([other], "sketch", 1, 16, 16, multiple=8, display_scale=16)
+
+
 def test_unreadable_condition_image(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -150,14 +150,20 @@ def read_image(path) -> Image.Image:
 
 
 def check_size(path, image: Image.Image, width: int, height: int, size_hint: str | None = None,
-               multiple: int = SIZE_MULTIPLE) -> None:
+               multiple: int = SIZE_MULTIPLE, display_scale: int = 1) -> None:
     """The condition must have the output's size (no silent resizing). `size_hint` says how to
     change the output size; by default txt2img's flags. `multiple`: the adapter's downsampling
-    (64 for SD v1, 8 for a pixel-space adapter with four levels)."""
+    (64 for SD v1, 8 for a pixel-space adapter with four levels). `display_scale`: how much larger
+    the scripts save this model's images; a condition exactly that much larger is such a PNG, and
+    the hint says to shrink it (generating at its size would run a 16 px model at 256 px)."""
     w, h = image.size
     if w % multiple or h % multiple:
         raise ValueError(f"condition image {path} is {w}x{h}: both sides must be multiples of {multiple} "
                          f"(the adapter downsamples by {multiple})")
+    if (w, h) == (width * display_scale, height * display_scale) != (width, height):
+        raise ValueError(f"condition image {path} is {w}x{h}, {display_scale}x the {width}x{height} images to "
+                         f"generate, as PNGs saved with --display-scale {display_scale} are: shrink it "
+                         f"{display_scale}x")
     if (w, h) != (width, height):
         hint = size_hint or f"pass --W {w} --H {h}"
         raise ValueError(f"condition image {path} is {w}x{h} but the images to generate are {width}x{height}: "
@@ -165,7 +171,8 @@ def check_size(path, image: Image.Image, width: int, height: int, size_hint: str
 
 
 def condition_batch(paths, cond_type: str, cond_channels: int, width: int, height: int,
-                    size_hint: str | None = None, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+                    size_hint: str | None = None, multiple: int = SIZE_MULTIPLE,
+                    display_scale: int = 1) -> torch.Tensor:
     """(len(paths), cond_channels, height, width) float tensor in [0, 1].
 
     ValueError (one line) when the type gives another channel count than the adapter takes
@@ -181,6 +188,6 @@ def condition_batch(paths, cond_type: str, cond_channels: int, width: int, heigh
     maps = []
     for path in paths:
         image = read_image(path)
-        check_size(path, image, width, height, size_hint, multiple)
+        check_size(path, image, width, height, size_hint, multiple, display_scale)
         maps.append(torch.from_numpy(np.ascontiguousarray(preprocess(image))).permute(2, 0, 1))
     return torch.stack(maps)
