@@ -465,8 +465,8 @@ def run_header(opt, device, n_batches):
     measured = (f" = {n_batches} batches" if n_batches == planned else
                 f": {n_batches} of {planned} batches (stopped by --time-budget {opt.time_budget:g} s)")
     return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta {opt.eta:g}, "
-            f"guidance {opt.scale}; {len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} per setting "
-            f"(mean ± std over them; fidelity over prompts that name attributes); device {device}")
+            f"guidance {opt.scale}; {len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} "
+            f"per setting (mean ± std over them; fidelity over prompts that name attributes); device {device}")
 
 
 def write_csv(rows, path):
@@ -509,25 +509,28 @@ def main(argv=None):
     check_output_dir(parser, "--outdir", opt.outdir)  # after every input check: bad input creates nothing
     model = load(opt, device)
     figure_batch = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
-    rows, batches = [], {}
+    # Only the figure's batch is kept, and the first one in case --time-budget stops the run before
+    # it: keeping every batch's images would hold gigabytes for SD at 512².
+    rows, kept = [], {}
     for row, images in run(opt, model, device, embedder):
         rows.append(row)
-        batches.setdefault((row["prompt"], row["seed"]), {})[row["setting"]] = images
-    if figure_batch not in batches:  # --time-budget stopped the run before it
+        batch = row["prompt"], row["seed"]
+        if batch in (figure_batch, (rows[0]["prompt"], rows[0]["seed"])):
+            kept.setdefault(batch, {})[row["setting"]] = images
+    if figure_batch not in kept:
         logger.warning("the figure's batch (%r, seed %d) was not reached; figure.png shows the first batch",
                        *figure_batch)
-        figure_batch = next(iter(batches))
+        figure_batch = next(iter(kept))
     figure_prompt, figure_seed = figure_batch
-    figure_batches = batches[figure_batch]
     table = markdown_table(rows, opt.settings)
     paired = paired_table(rows, opt.settings)
     table += f"\n\nPaired with `none` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
-    header = run_header(opt, device, len(batches))
+    header = run_header(opt, device, len({(r["prompt"], r["seed"]) for r in rows}))
     run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:
         f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
     write_csv(rows, os.path.join(run_dir, "results.csv"))
-    write_figure(figure_batches, os.path.join(run_dir, "figure.png"))
+    write_figure(kept[figure_batch], os.path.join(run_dir, "figure.png"))
     sys.stdout.write(f"{header}\n\n{table}\n")
     logger.info("wrote table.md, results.csv and figure.png to %s", run_dir)
     return run_dir
