@@ -610,7 +610,7 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
                 raise ValueError(f"{len(files)} condition images for adapter {ckpt}: give one image for all "
                                  f"samples or exactly --n_samples ({n_samples})")
             conds = condition_batch(files, cond_type, adapter.cond_channels, width, height, size_hint,
-                                    adapter.downsampling, getattr(opt, "display_scale", None) or 1)
+                                    adapter.downsampling, opt.display_scale)
         except (CheckpointError, ValueError) as e:
             parser.error(str(e))
         uses.append(AdapterUse(ckpt, files, cond_type, weight, adapter, conds))

@@ -347,8 +347,8 @@ class DDPM(TrainableModule):
             loss_dict_ema = {key + '_ema': loss_dict_ema[key] for key in loss_dict_ema}
         # a batch is a dict of images and captions: Lightning cannot tell its size for the epoch mean
         batch_size = len(batch[self.first_stage_key])
-        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        for losses in (loss_dict_no_ema, loss_dict_ema):
+            self.log_dict(losses, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
 
     def on_train_batch_end(self, *args, **kwargs):
         if self.use_ema:
