@@ -150,6 +150,12 @@ def validate_common(parser, opt, samplers, aliases):
     resolve_model(parser, opt)
     if opt.ddim_eta is None:  # a config's eta is for the sampler that draws step noise; the others have none
         opt.ddim_eta = opt.geometry.eta if sampler.stochastic else 0.0
+        if opt.geometry.eta > 0 and not sampler.stochastic:
+            # a model that needs eta > 0 leaves pixel noise on a deterministic path (the 16 px model:
+            # pixel noise 0.04-0.14 with plms or dpm, 0.01 with its ddim eta 1; CONSISTENCY_NOTES.md)
+            logger.warning("this model's config samples with ddim eta %g: --sampler %s draws no step noise and "
+                           "can leave its images speckled (--sampler ddim samples it as intended)",
+                           opt.geometry.eta, opt.sampler)
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.ddim_steps < sampler.min_steps:

@@ -131,13 +131,18 @@ def validated_txt2img(tmp_path, *argv):
     return txt2img.validate_options(parser, opt)
 
 
-def test_a_config_that_names_its_eta_sets_the_ddim_default_and_a_given_flag_wins(tmp_path):
+def test_a_config_that_names_its_eta_sets_the_ddim_default_and_a_given_flag_wins(tmp_path, caplog):
     config = ["--config", PRELIMINARY_CONFIG]
     assert validated_txt2img(tmp_path, *config).ddim_eta == 1.0
     assert validated_txt2img(tmp_path, *config, "--ddim_eta", "0").ddim_eta == 0.0
-    # plms and dpm draw no step noise: the config's eta is not theirs, and not an error either
+    assert "speckled" not in caplog.text
+    # plms and dpm draw no step noise: the config's eta is not theirs, and not an error either,
+    # but the user hears that this model samples cleanly only with ddim
     assert validated_txt2img(tmp_path, *config, "--sampler", "plms").ddim_eta == 0.0
-    assert validated_txt2img(tmp_path, "--config", SD_V1_CONFIG).ddim_eta == 0.0  # no eta named: upstream's 0
+    assert "ddim eta 1: --sampler plms draws no step noise and can leave its images speckled" in caplog.text
+    caplog.clear()
+    assert validated_txt2img(tmp_path, "--config", SD_V1_CONFIG, "--plms").ddim_eta == 0.0  # upstream's 0
+    assert "speckled" not in caplog.text  # SD names no eta: nothing to warn about
     bad = load_config(REPO / PRELIMINARY_CONFIG)
     bad.sampling.eta = 1.5
     with pytest.raises(ValueError, match="sampling.eta must be between 0 and 1, got 1.5"):
