@@ -6,13 +6,14 @@ trained: its file header says which). The same start noise is sampled under six 
 
     plain               the model alone (the IoU it reaches by chance is the baseline)
     adapter             with the adapter's features of the N conditions
-    plain+consistent    consistent self-attention over the batch (--consistent-attn's defaults)
-    adapter+consistent  both: layout from the conditions, shared appearance from the batch
-    plain+anchor        --consistent-attn --share-mode anchor: every image reads the first one
+    plain+all           consistent self-attention in mode all (--share-mode all): every image
+                        reads every image of the batch
+    adapter+all         both: layout from the conditions, shared appearance from the batch
+    plain+anchor        --consistent-attn (its default mode anchor): every image reads the first one
     adapter+anchor      the same with the adapter
 
 Every setting starts from the same noise and conditions, so a second table gives, batch by
-batch, what consistent attention changes: each `X+consistent` and `X+anchor` minus `X` (mean ±
+batch, what consistent attention changes: each `X+all` and `X+anchor` minus `X` (mean ±
 standard error), IoU included: how much of the layout the sharing costs.
 
 Metrics, read from the pixels without a classifier (ldm.data.procedural):
@@ -37,6 +38,7 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png} (figure: the conditions, then one
 row per setting, for --figure PROMPT SEED) and prints the table.
 """
+import dataclasses
 import logging
 import os
 import sys
@@ -58,18 +60,18 @@ from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
 
-# name -> (use the adapter, consistent attention config or None); "consistent" is what
+# name -> (use the adapter, consistent attention config or None); "anchor" is what
 # --consistent-attn does without further flags. In mode all every image reads all N images, so
 # it also reads N-1 other layouts, and the object drifts from its own outline towards theirs;
 # in anchor mode an image reads one other image, the anchor, which itself stays exact: one
 # appearance to follow and one foreign layout instead of N-1.
-CONSISTENT = ConsistentAttentionConfig()
-ANCHOR = ConsistentAttentionConfig(mode="anchor")
+ANCHOR = ConsistentAttentionConfig()
+ALL = dataclasses.replace(ANCHOR, mode="all")
 SETTINGS = {
     "plain": (False, None),
     "adapter": (True, None),
-    "plain+consistent": (False, CONSISTENT),
-    "adapter+consistent": (True, CONSISTENT),
+    "plain+all": (False, ALL),
+    "adapter+all": (True, ALL),
     "plain+anchor": (False, ANCHOR),
     "adapter+anchor": (True, ANCHOR),
 }
@@ -233,8 +235,8 @@ def run_header(opt, device, n_batches):
             f"{opt.adapter_weight}, cond_tau {opt.cond_tau}); N={opt.n} differently laid out conditions per batch, "
             f"DDIM {opt.steps} steps, eta {opt.eta:g}, guidance {opt.scale}; {len(opt.prompts)} prompts x seeds "
             f"{' '.join(map(str, opt.seeds))} = {n_batches} batches per setting (mean ± std over them); "
-            f"consistent = consistent self-attention, groups {'+'.join(sorted(CONSISTENT.groups))}, mode "
-            f"{CONSISTENT.mode.value}; anchor = the same groups, mode anchor ({ANCHOR.n_anchors} anchor); "
+            f"anchor = --consistent-attn's defaults: groups {'+'.join(sorted(ANCHOR.groups))}, mode "
+            f"{ANCHOR.mode.value} ({ANCHOR.n_anchors} anchor); all = the same groups, mode all; "
             f"device {device}")
 
 

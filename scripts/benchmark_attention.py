@@ -66,8 +66,8 @@ class Setting:
     sharing: ConsistentAttentionConfig | None = None
 
 
-def shared(name, groups, **kw):
-    return Setting(name, sharing=ConsistentAttentionConfig(groups=groups, **kw))
+def shared(name, groups, mode="all", **kw):
+    return Setting(name, sharing=ConsistentAttentionConfig(groups=groups, mode=mode, **kw))
 
 
 ALL_GROUPS = {"outer", "middle", "inner"}
@@ -85,7 +85,7 @@ SETTINGS = [
     shared("all+subject: middle+inner", {"middle", "inner"}, subjects=("subject",)),
 ]
 BASELINE = "vanilla sdpa"
-DEFAULT_SHARING = "all: middle+inner"  # = ConsistentAttentionConfig(), what --consistent-attn uses
+DEFAULT_SHARING = "anchor: middle+inner"  # = ConsistentAttentionConfig(), what --consistent-attn uses
 assert next(s for s in SETTINGS if s.name == DEFAULT_SHARING).sharing == ConsistentAttentionConfig()
 
 

@@ -75,8 +75,9 @@ OBJECT_WORD = "<object>"
 PER_IMAGE = " | "  # separates per-image prompts in one --prompts entry; image i gets part i mod k
 
 
-def shared(groups, **kwargs):
-    return ConsistentAttentionConfig(groups=frozenset(groups), **kwargs)
+def shared(groups, mode="all", **kwargs):
+    """A setting's config; each names its mode (the `all:`/`anchor:` of its name), not the default's."""
+    return ConsistentAttentionConfig(groups=frozenset(groups), mode=mode, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +98,17 @@ SETTINGS = {
     "all:middle+inner": shared({"middle", "inner"}),
     "all:all": shared(ALL_GROUPS),
     "decoder:outer+middle": shared({"outer", "middle"}, half="decoder"),
-    "anchor:all": shared(ALL_GROUPS, mode="anchor", n_anchors=1),
-    "anchor:middle+inner": shared({"middle", "inner"}, mode="anchor", n_anchors=1),  # --share-mode anchor
+    "anchor:all": shared(ALL_GROUPS, mode="anchor"),
+    "anchor:middle+inner": shared({"middle", "inner"}, mode="anchor"),  # --consistent-attn's default
     "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
     "all:all@0-0.6": shared(ALL_GROUPS, window=(0.0, 0.6)),
     "subject:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,)),
     "subject:middle+inner": shared({"middle", "inner"}, subjects=(OBJECT_WORD,)),
-    "subject:anchor": shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,)),
+    "subject:anchor": shared(ALL_GROUPS, mode="anchor", subjects=(OBJECT_WORD,)),
     "adain:all": shared(ALL_GROUPS, adain=True),
     "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
-    "reference:all": FromReference(shared(ALL_GROUPS, mode="anchor", n_anchors=1)),
-    "reference+subject:all": FromReference(shared(ALL_GROUPS, mode="anchor", n_anchors=1, subjects=(OBJECT_WORD,))),
+    "reference:all": FromReference(shared(ALL_GROUPS, mode="anchor")),
+    "reference+subject:all": FromReference(shared(ALL_GROUPS, mode="anchor", subjects=(OBJECT_WORD,))),
 }
 
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).

@@ -9,7 +9,7 @@
 #   e2e         fp16, N=8: images/s of 50 DDIM steps with CFG + text encoder + VAE decoder,
 #               plain and with the default --consistent-attn
 #   bf16        bf16, N=8, every setting
-#   chlast      fp16 + channels_last, N=8: vanilla sdpa, the default sharing, anchor all groups
+#   chlast      fp16 + channels_last, N=8: vanilla sdpa, the default sharing (anchor), mode all
 #   graphs      fp16 + CUDA graphs, N=1 and 8: vanilla sdpa and the default sharing
 #   compile     fp16 + torch.compile, N=8: vanilla sdpa and the default sharing (compile time logged)
 # Estimated time on one H100 (an estimate, not a measurement): table ~2 min, e2e ~40 s, bf16 ~30 s,
@@ -91,7 +91,7 @@ run_stage() {  # run_stage NAME TITLE ARGS...: one benchmark_attention.py call, 
   fi
 }
 
-DEFAULT="all: middle+inner"
+DEFAULT="anchor: middle+inner"  # --consistent-attn's default (benchmark_attention.py DEFAULT_SHARING)
 table_settings=()
 if [ -n "$TABLE_SETTINGS" ]; then IFS=';' read -ra names <<< "$TABLE_SETTINGS"; table_settings=(--settings "${names[@]}"); fi
 total_start=$SECONDS
@@ -109,7 +109,7 @@ for stage in $STAGES; do
         "${table_settings[@]}" ;;
     chlast)
       run_stage chlast "UNet call, $DTYPE + channels_last" --dtype "$DTYPE" --channels-last --n "$N_VARIANT" \
-        --repeats "$REPEATS" --settings "$DEFAULT" "anchor: all groups" ;;
+        --repeats "$REPEATS" --settings "$DEFAULT" "all: middle+inner" ;;
     graphs)
       if [ "$DEVICE" = cuda ]; then
         run_stage graphs "UNet call, $DTYPE + CUDA graphs" --dtype "$DTYPE" --cuda-graphs --n 1 "$N_VARIANT" \

@@ -41,10 +41,10 @@ def pixels(outdir):
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm"])
 def test_anchor_image_is_the_vanilla_image_and_the_others_change(tmp_path, tiny_ckpt, sampler):
+    """--consistent-attn's default mode is anchor: the first image is the one sampled without it."""
     plain, shared = tmp_path / "plain", tmp_path / "shared"
     assert_ok(txt2img(*args(tiny_ckpt, plain, "--sampler", sampler)))
-    assert_ok(txt2img(*args(tiny_ckpt, shared, "--sampler", sampler, "--consistent-attn",
-                                      "--share-mode", "anchor", "--share-groups", "all")))
+    assert_ok(txt2img(*args(tiny_ckpt, shared, "--sampler", sampler, "--consistent-attn", "--share-groups", "all")))
     before, after = pixels(plain), pixels(shared)
     assert len(before) == len(after) == 3
     assert np.array_equal(after[0], before[0])  # the anchor is computed exactly as without sharing
@@ -72,7 +72,7 @@ def test_img2img_shares_too(tmp_path, tiny_ckpt):
     assert_ok(run("img2img.py", *args(tiny_ckpt, plain, *common)))
     assert_ok(run("img2img.py", *args(tiny_ckpt, shared, *common, "--consistent-attn", "--share-groups", "all")))
     assert any(not np.array_equal(a, b) for a, b in zip(pixels(shared), pixels(plain)))
-    assert read_parameters(shared / "samples" / "00000.png")["extra"]["consistent_attn"]["mode"] == "all"
+    assert read_parameters(shared / "samples" / "00000.png")["extra"]["consistent_attn"]["mode"] == "anchor"
 
 
 @pytest.mark.parametrize("flags,fragment", [

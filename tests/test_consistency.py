@@ -377,6 +377,9 @@ def test_cli_flags_build_the_config():
     assert parse_cli([]) is None
     default = parse_cli(["--consistent-attn"])
     assert default == ConsistentAttentionConfig(seed=42)
+    # the defaults README.md and CONSISTENCY_NOTES.md state (and measured there)
+    assert (default.mode, default.n_anchors, default.groups) == (ShareMode.ANCHOR, 1, {Group.MIDDLE, Group.INNER})
+    assert parse_cli(["--consistent-attn", "--share-anchors", "2"]).n_anchors == 2  # no --share-mode needed
     cfg = parse_cli(["--consistent-attn", "--share-groups", "outer", "--share-mode", "anchor",
                      "--share-anchors", "2", "--share-window", "0:0.6", "--share-cfg", "cond",
                      "--share-blocks", "decoder"])
@@ -393,7 +396,8 @@ def test_cli_flags_build_the_config():
     (["--consistent-attn", "--share-mode", "everything"], "invalid choice"),
     # never silently ignored: a flag of another mode, or anchors that leave nobody to read them
     (["--consistent-attn", "--share-rate", "0.3"], "--share-rate applies to --share-mode sample"),
-    (["--consistent-attn", "--share-anchors", "2"], "--share-anchors applies to --share-mode anchor"),
+    (["--consistent-attn", "--share-mode", "all", "--share-anchors", "2"],
+     "--share-anchors applies to --share-mode anchor"),
     (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "leaves no image"),
     # one image has nothing to share, but a bad flag is still an error, not hidden by the warning
     (["--consistent-attn", "--share-anchors", "0", "--share-mode", "anchor", "IMAGES=1"], "anchor count must be >= 1"),

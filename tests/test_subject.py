@@ -1,5 +1,7 @@
 """Subject masks (ldm/modules/consistency_subject.py) and StyleAligned AdaIN in consistent attention:
 read-only cross-attention maps, masked reading of other images, CFG halves, anchors, on the tiny UNet (CPU)."""
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +16,7 @@ from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, o
 from ldm.modules.encoders.modules import build_clip_tokenizer, clip_tokenizer_from_config
 from ldm.util import instantiate_from_config
 
-SUBJECT = ConsistentAttentionConfig(groups=frozenset(Group), subjects=("chair",))
+SUBJECT = ConsistentAttentionConfig(groups=frozenset(Group), mode="all", subjects=("chair",))  # masked joint attention
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,7 @@ def test_masks_from_one_call_shape_the_sharing_of_the_next(unet):
     assert (second - first).abs().max() > 1e-4       # the second shares inside the masks
     masks = policy.subject.masks
     assert any(0 < m.sum() < m.numel() for m in masks.values())  # and the masks do exclude tokens
-    with torch.no_grad(), consistent_attention(unet, ConsistentAttentionConfig(groups=frozenset(Group)), 3):
+    with torch.no_grad(), consistent_attention(unet, dataclasses.replace(SUBJECT, subjects=()), 3):
         unmasked = unet(x, t, context=c)
     assert not torch.equal(second, unmasked)
 

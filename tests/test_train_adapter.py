@@ -96,16 +96,17 @@ def test_benchmark_prints_iou_for_all_six_settings(trained, tmp_path):
     table, _, effect = result.stdout.partition("What consistent attention changes in the same batch")
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| setting | IoU")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+consistent",
-                                                     "| adapter+consistent", "| plain+anchor", "| adapter+anchor"]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+all",
+                                                     "| adapter+all", "| plain+anchor", "| adapter+anchor"]
     assert all(0 <= float(r.split(" | ")[1].split(" ")[0]) <= 1 for r in rows[1:])
     # each sharing setting against the same batches without sharing, what it costs in IoU first
     paired = [line.split(" | ")[:3] for line in effect.splitlines() if line.startswith("| ") and "---" not in line]
     assert [p[:2] for p in paired] == [
-        ["| setting", "IoU − plain"], ["| plain+consistent", paired[1][1]], ["| plain+anchor", paired[2][1]],
-        ["| setting", "IoU − adapter"], ["| adapter+consistent", paired[4][1]], ["| adapter+anchor", paired[5][1]]]
+        ["| setting", "IoU − plain"], ["| plain+all", paired[1][1]], ["| plain+anchor", paired[2][1]],
+        ["| setting", "IoU − adapter"], ["| adapter+all", paired[4][1]], ["| adapter+anchor", paired[5][1]]]
     assert paired[0][2] == "colour spread − plain"
-    assert "groups inner+middle, mode all; anchor = the same groups, mode anchor (1 anchor)" in result.stdout
+    assert "anchor = --consistent-attn's defaults: groups inner+middle, mode anchor (1 anchor); all = the same " \
+           "groups, mode all" in result.stdout
     assert "(outline maps" in result.stdout  # the condition kind recorded in the adapter file
     run_dir = tmp_path / "run-001"
     assert {p.name for p in run_dir.iterdir()} == {"table.md", "results.csv", "figure.png"}

@@ -91,10 +91,16 @@ CFG_CHOICES = _enum_choices(CfgPolicy)
 
 @dataclass(frozen=True)
 class ConsistentAttentionConfig:
-    """What the user chose. Validated once, here."""
+    """What the user chose. Validated once, here.
+
+    The defaults are `--consistent-attn`'s, chosen from the consistency benchmark on the shipped
+    model (CONSISTENCY_NOTES.md, question 4): the middle group does the work and inner costs
+    nothing; anchor mode narrows a batch's colours more than mode all on the same batches, keeps
+    the scenes more varied (an image reads one other image, not N-1, so less of their
+    backgrounds and layouts leaks in) and costs O(N), where mode all costs O(N²)."""
     groups: frozenset = frozenset({Group.MIDDLE, Group.INNER})
     half: Half = Half.BOTH
-    mode: ShareMode = ShareMode.ALL
+    mode: ShareMode = ShareMode.ANCHOR
     n_anchors: int = 1
     sample_rate: float = 0.5
     window: tuple = (0.0, 1.0)  # fraction of the trajectory, 0 = pure noise, 1 = clean image
@@ -618,9 +624,9 @@ def add_arguments(parser):
     group.add_argument("--share-blocks", choices=HALF_CHOICES,
                        help="share in the encoder (input blocks), the decoder (output blocks) or both")
     group.add_argument("--share-mode", choices=MODE_CHOICES,
-                       help="all: read every image of the batch; anchor: read the first K images (cost O(N); "
-                            "with --adapter it keeps more of each image's layout); sample: read a random "
-                            "fraction of the other images' tokens")
+                       help="anchor: every image reads the first K images, which stay exactly as without "
+                            "sharing (cost O(N)); all: every image reads every image of the batch (cost O(N²)); "
+                            f"sample: a random fraction of the other images' tokens (default: {defaults.mode.value})")
     group.add_argument("--share-anchors", type=int, metavar="K", help="anchor images for --share-mode anchor")
     group.add_argument("--share-rate", type=float, metavar="R",
                        help="fraction of each other image's tokens read in --share-mode sample, in (0, 1]")
