@@ -9,7 +9,10 @@ If a pixel may also read the keys/values of the *other* images in the batch, tho
 become part of "itself": the colour of the chair, the shape of the face are pulled towards
 what the other images are drawing, and the batch settles on one appearance. The queries stay
 per image, so each image still asks its own questions at its own positions: layout and pose
-can differ while appearance is shared.
+can differ while appearance is shared. In anchor mode, the default, every image reads only the
+first image (the anchor), which itself is computed as without sharing: the batch takes the
+anchor's appearance instead of averaging everyone's, and less of the other images' backgrounds
+and layouts leaks in.
 
 Cross-attention (`attn2`, the text) is left alone: it is the only way the prompt enters the
 UNet, and changing it would change *what* is drawn, not make the images agree on *how*.
