@@ -164,6 +164,8 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
     opt.prompts = read_prompts(parser, opt)
+    from ldm.modules.consistency_reference import run_anchors  # it imports this module
+    opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(prompt_batches(opt)))
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
 
@@ -519,10 +521,14 @@ def check_subject_words(parser, opt, tokenizer):
 
 def attention_sharing(opt, model, prompts):
     """The context that shares self-attention while one batch of `prompts` is sampled: the
-    --write-/--read-reference run, or --consistent-attn (a no-op when neither is on)."""
+    --write-/--read-reference run, --consistent-attn's anchors over a run of several batches
+    (the first batch's anchors for all), or --consistent-attn within the batch (a no-op when
+    none is on)."""
     from ldm.modules.consistency import consistent_attention
     if getattr(opt, "reference", None) is not None:
         return opt.reference.batch(model, prompts)
+    if opt.run_anchors is not None:
+        return opt.run_anchors.batch(model, prompts)
     return consistent_attention(model, opt.consistency, len(prompts), prompts=prompts)
 
 

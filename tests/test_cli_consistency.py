@@ -55,6 +55,19 @@ def test_anchor_image_is_the_vanilla_image_and_the_others_change(tmp_path, tiny_
     assert "consistent_attn" not in read_parameters(plain / "samples" / "00001.png")["extra"]
 
 
+def test_a_run_of_several_batches_follows_the_first_batchs_anchor(tmp_path, tiny_ckpt):
+    """--n_iter 2: the second batch reads the first batch's anchor instead of having its own."""
+    one, two, plain = tmp_path / "one", tmp_path / "two", tmp_path / "plain"
+    assert_ok(txt2img(*args(tiny_ckpt, one, "--consistent-attn", "--n_iter", "1")))
+    assert_ok(txt2img(*args(tiny_ckpt, two, "--consistent-attn", "--n_iter", "2")))
+    assert_ok(txt2img(*args(tiny_ckpt, plain, "--n_iter", "2")))
+    first, run, plain = pixels(one), pixels(two), pixels(plain)
+    assert len(run) == 6 and all(np.array_equal(a, b) for a, b in zip(run[:3], first))  # batch 1 as alone
+    assert np.array_equal(run[0], plain[0])        # the run's anchor is the plain image
+    assert not np.array_equal(run[3], plain[3])    # batch 2's first image reads it: no anchor of its own
+    assert not any(np.array_equal(a, b) for a, b in zip(run[4:], plain[4:]))
+
+
 def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):
     plain, shared = tmp_path / "plain", tmp_path / "shared"
     assert_ok(txt2img(*args(tiny_ckpt, plain, n=1)))

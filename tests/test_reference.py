@@ -11,7 +11,7 @@ from conftest import FULL_CONFIG, TINY_CONFIG
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention, self_attention_sites
 from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, read_reference,
-                                               record_reference, reference_nbytes)
+                                               record_reference, reference_nbytes, run_anchors)
 from ldm.util import instantiate_from_config
 
 ANCHOR = ConsistentAttentionConfig(groups=frozenset(Group), mode="anchor", n_anchors=1)
@@ -86,6 +86,26 @@ def test_sampling_with_the_reference_equals_anchor_mode(model, sampled):
     assert torch.equal(read[1:], sampled["anchored"][1:])
     assert not torch.equal(read[1:], sampled["plain"][1:])
     assert len(sampled["cache"].header["timesteps"]) == 3  # one UNet call per DDIM step
+
+
+def test_run_anchors_sample_the_first_batch_in_anchor_mode_and_later_batches_read_its_anchors(model, sampled):
+    """--consistent-attn over several batches (--n_iter): one set of anchors for the whole run."""
+    anchors = run_anchors(ANCHOR, batches=2)
+    with anchors.batch(model, PROMPTS):
+        first = sampled["run"]()
+    assert torch.equal(first, sampled["anchored"])  # keeping the anchors' K/V changes nothing
+    with anchors.batch(model, PROMPTS):  # a later batch reads them instead of having its own anchor
+        later = sampled["run"]()
+    assert torch.equal(later[1:], sampled["anchored"][1:])  # as if the first batch's anchor were in it
+    # image 0 reads its own K/V twice: the plain image up to rounding, summed over the 3 steps
+    torch.testing.assert_close(later[0], sampled["plain"][0], rtol=1e-3, atol=1e-4)
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
+    # mode all and sample have no images a later batch could read; one batch needs nothing kept
+    assert run_anchors(dataclasses.replace(ANCHOR, mode="all"), batches=2) is None
+    assert run_anchors(ANCHOR, batches=1) is None and run_anchors(None, batches=2) is None
+    with pytest.raises(ValueError, match="anchor mode only"):
+        with record_reference(model, dataclasses.replace(ANCHOR, mode="all"), N, share=True):
+            pass
 
 
 @pytest.mark.parametrize("extras", [dict(subjects=("chair",)), dict(adain=True), dict(subjects=("chair",), adain=True)],

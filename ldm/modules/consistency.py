@@ -618,9 +618,10 @@ def add_arguments(parser):
     defaults = ConsistentAttentionConfig()
     group = parser.add_argument_group("consistent attention (images of a batch share self-attention keys/values)")
     group.add_argument("--consistent-attn", action="store_true",
-                       help="make the images of each batch consistent (same object, face, style); "
-                            "defaults: groups %s, mode %s" % (",".join(sorted(g.value for g in defaults.groups)),
-                                                             defaults.mode.value))
+                       help="make the images of each batch consistent (same object, face, style); in anchor "
+                            "mode every later batch of the run (--n_iter, --from-file) follows the first "
+                            "batch's anchors too; defaults: groups %s, mode %s"
+                            % (",".join(sorted(g.value for g in defaults.groups)), defaults.mode.value))
     group.add_argument("--share-groups", metavar="GROUPS",
                        help="comma-separated UNet resolution groups that share: "
                             f"{', '.join(GROUP_CHOICES)} or all")

@@ -40,7 +40,7 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.modules.consistency import (ConsistentAttentionConfig, adain_to, channel_stats,
+from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
                                      selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
@@ -169,7 +169,9 @@ class _Pass:
     images_per_group: int
     writing: bool
     dtype: torch.dtype | None = None  # recording: store in this dtype (None: as computed)
+    storage: str | None = "cpu"  # recording: keep the K/V on this device (None: where computed)
     subject: object = None  # recording with subjects: the SubjectMasks observer of the reference batch
+    sharing: SharedKV | None = None  # recording: how the recorded batch itself attends (None: plainly)
     num_timesteps: int = 1000
     call: int = -1
     active: bool = False
@@ -212,6 +214,8 @@ class ReferenceKV:
         n = state.images_per_group
         if state.writing:
             self._record(split_groups(q, n), split_groups(k, n), split_groups(v, n))  # (halves, N, nh, T, hs)
+            if state.sharing is not None:  # anchor mode: the recorded anchors are computed plainly anyway
+                return state.sharing(q, k, v, attend, mask)
             return attend(q, k, v, mask)  # recording never changes the reference run
         cache, config = state.cache, state.config
         cache.check(halves=q.shape[0] // n)
@@ -234,7 +238,7 @@ class ReferenceKV:
         cache, key, a = state.cache, f"{self.site}|{state.call}", state.cache.header["n_images"]
         cache.header.setdefault("halves", q.shape[0])
         for name, t in (("k", k), ("v", v)):
-            cache.tensors[f"{key}|{name}"] = t[:, :a].to("cpu", state.dtype or t.dtype, copy=True)
+            cache.tensors[f"{key}|{name}"] = t[:, :a].to(state.storage or t.device, state.dtype or t.dtype, copy=True)
         if state.config.adain:  # image 0's statistics, as adain_to_anchor takes them
             q_stats, k_stats = channel_stats(q[:, :1]), channel_stats(k[:, :1])
             for name, t in zip(ADAIN_STATS, (*q_stats, *k_stats)):
@@ -272,13 +276,17 @@ def _enable(model, state: _Pass, sites):
 @contextmanager
 def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
                      n_images: int | None = None, dtype=None, run_info: dict | None = None,
-                     prompts=None, subject_tokens=None):
+                     prompts=None, subject_tokens=None, share: bool = False, storage: str | None = "cpu"):
     """Inside: one sampling pass of `model` records the K/V of the first `n_images` (default
     config.n_anchors) images of each CFG half, in the layers and step window `config` selects
     (UNet calls are numbered from the first; a reader replays exactly that one trajectory).
     Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
     With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
-    `enable_consistent_attention`."""
+    `enable_consistent_attention`. The pass samples plainly, or with `share` in anchor mode (its
+    anchors, the recorded images, are computed plainly in both). `storage`: where the K/V are
+    kept, "cpu" for a file, None to leave them on the model's device."""
+    if share and config.mode is not ShareMode.ANCHOR:
+        raise ValueError(f"a recording pass shares in anchor mode only, not {config.mode.value}")
     n_images = config.n_anchors if n_images is None else n_images
     if not 1 <= n_images <= images_per_group:
         raise ValueError(f"cannot record {n_images} reference images from a batch of {images_per_group}")
@@ -291,8 +299,9 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
         recorded = subject_tokens_in(model, config, prompts[:n_images])
         subject_tokens = torch.cat([recorded, recorded.new_zeros(images_per_group - n_images, recorded.shape[1])])
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
-    _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, subject=subject),
-            selected_sites(model, config))
+    sharing = SharedKV(config, images_per_group, subject=subject) if share else None
+    _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, storage=storage,
+                         subject=subject, sharing=sharing), selected_sites(model, config))
     try:
         yield cache
     finally:
@@ -311,6 +320,36 @@ def read_reference(model, cache: ReferenceCache, images_per_group: int):
         yield cache
     finally:
         disable_consistent_attention(model)
+
+
+@dataclass(eq=False)
+class RunAnchors:
+    """`--consistent-attn` in anchor mode over a run of several batches (`--n_iter`, `--from-file`):
+    one set of anchors for the whole run, not one per batch. The first batch samples in anchor mode
+    and keeps its anchors' keys/values (in memory, on the model's device); every image of a later
+    batch reads them as a reference, through the same function as in-batch anchors, so it comes out
+    as it would with those anchors in its own batch, and the anchors are not sampled again."""
+    config: ConsistentAttentionConfig
+    cache: ReferenceCache | None = None
+
+    @contextmanager
+    def batch(self, model, prompts):
+        """Around the sampling of one batch of `prompts` (one per image)."""
+        if self.cache is not None:
+            with read_reference(model, self.cache, len(prompts)):
+                yield
+            return
+        with record_reference(model, self.config, len(prompts), prompts=prompts, share=True, storage=None) as cache:
+            yield
+        self.cache = cache
+
+
+def run_anchors(config: ConsistentAttentionConfig | None, batches: int) -> RunAnchors | None:
+    """A RunAnchors where a run of `batches` batches shares in anchor mode, else None (each batch
+    shares within itself: mode all and sample have no images that the others could read later)."""
+    if config is None or config.mode is not ShareMode.ANCHOR or batches < 2:
+        return None
+    return RunAnchors(config)
 
 
 def reference_nbytes(model, config: ConsistentAttentionConfig, latent_hw, calls: int, halves: int = 2,
@@ -430,5 +469,6 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
     return ReferenceRun(read, cache=cache)
 
 
-__all__ = ["add_arguments", "reference_from_arguments", "ReferenceRun", "ReferenceCache", "ReferenceMismatch", "ReferenceKV", "model_fingerprint", "record_reference",
-           "read_reference", "reference_nbytes"]
+__all__ = ["add_arguments", "reference_from_arguments", "ReferenceRun", "ReferenceCache", "ReferenceMismatch",
+           "ReferenceKV", "RunAnchors", "run_anchors", "model_fingerprint", "record_reference", "read_reference",
+           "reference_nbytes"]
