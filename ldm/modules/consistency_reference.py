@@ -6,7 +6,9 @@ Here they are generated once: `record_reference` runs a normal sampling pass (it
 exactly the plain model's) and keeps the K/V of the first k images of each CFG half, per
 selected self-attention layer and per UNet call; `read_reference` lets every image of later
 batches read those K/V as extra keys/values, through the same code as in-batch anchors
-(`read_with_anchors`). Cost per image is O(1) in the batch size, like anchor mode.
+(`read_with_anchors`). Cost per image is O(1) in the batch size, like anchor mode. The same
+machinery, in memory, lets the later batches of a `--consistent-attn` run read the first batch's
+anchors (`RunAnchors`), so that a whole run agrees, not each batch on its own.
 
 Keys are (layer site name, UNet call index). The call index, not the timestep, because PLMS and
 DPM-Solver call the UNet more than once per step and may repeat a timestep; the timestep of
