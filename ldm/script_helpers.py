@@ -699,8 +699,8 @@ def feature_metadata(opt, extra_metadata=None):
     """Log the optional features this run uses and add their settings to the PNG metadata
     (keys the caller already set win)."""
     extra = dict(extra_metadata or {})
-    for key, attribute in (("consistent_attn", "consistency"), ("reference", "reference"),
-                           ("t2i_adapter", "adapters")):
+    for key, attribute in (("consistent_attn", "consistency"), ("run_anchors", "run_anchors"),
+                           ("reference", "reference"), ("t2i_adapter", "adapters")):
         feature = getattr(opt, attribute, None)
         if feature is not None:
             logger.info("%s: %s", key, feature.describe())

@@ -66,6 +66,8 @@ def test_a_run_of_several_batches_follows_the_first_batchs_anchor(tmp_path, tiny
     assert np.array_equal(run[0], plain[0])        # the run's anchor is the plain image
     assert not np.array_equal(run[3], plain[3])    # batch 2's first image reads it: no anchor of its own
     assert not any(np.array_equal(a, b) for a, b in zip(run[4:], plain[4:]))
+    assert "run's first batch" in read_parameters(two / "samples" / "00004.png")["extra"]["run_anchors"]["anchors"]
+    assert "run_anchors" not in read_parameters(one / "samples" / "00001.png")["extra"]  # one batch: its own
 
 
 def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):

@@ -334,6 +334,10 @@ class RunAnchors:
     config: ConsistentAttentionConfig
     cache: ReferenceCache | None = None
 
+    def describe(self) -> dict:
+        return {"anchors": f"the first {self.config.n_anchors} image(s) of the run's first batch, "
+                           f"read by every later batch"}
+
     @contextmanager
     def batch(self, model, prompts):
         """Around the sampling of one batch of `prompts` (one per image)."""
