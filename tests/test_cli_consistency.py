@@ -70,6 +70,15 @@ def test_a_run_of_several_batches_follows_the_first_batchs_anchor(tmp_path, tiny
     assert "run_anchors" not in read_parameters(one / "samples" / "00001.png")["extra"]  # one batch: its own
 
 
+def test_a_first_batch_shorter_than_the_anchor_count_is_all_anchors(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red chair\n")  # batches of 1 image, fewer than the 2 anchors asked for
+    result = txt2img(*args(tiny_ckpt, tmp_path / "out", "--from-file", prompts, "--consistent-attn",
+                           "--share-anchors", "2", "--n_iter", "2"))
+    assert_ok(result)
+    assert len(pixels(tmp_path / "out")) == 2
+
+
 def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):
     plain, shared = tmp_path / "plain", tmp_path / "shared"
     assert_ok(txt2img(*args(tiny_ckpt, plain, n=1)))

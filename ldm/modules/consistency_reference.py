@@ -345,7 +345,10 @@ class RunAnchors:
             with read_reference(model, self.cache, len(prompts)):
                 yield
             return
-        with record_reference(model, self.config, len(prompts), prompts=prompts, share=True, storage=None) as cache:
+        # a first batch shorter than the anchor count (--from-file) is all anchors, as in anchor_attention
+        n_images = min(self.config.n_anchors, len(prompts))
+        with record_reference(model, self.config, len(prompts), n_images=n_images, prompts=prompts, share=True,
+                              storage=None) as cache:
             yield
         self.cache = cache
 
