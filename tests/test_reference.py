@@ -135,6 +135,12 @@ def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, 
     with read_reference(model, cache, N):
         read = sampled["run"]()
     assert torch.equal(read[1:], anchored[1:])
+    # and over a run of batches: the first samples as in-batch anchor mode, a later one reads it
+    anchors = run_anchors(config, batches=2)
+    for _ in range(2):
+        with anchors.batch(model, PROMPTS):
+            batch = sampled["run"]()
+        assert torch.equal(batch[1:], anchored[1:])
 
 
 @pytest.mark.parametrize("extras", [dict(), dict(subjects=("chair",), adain=True)], ids=["kv", "subject+adain"])
