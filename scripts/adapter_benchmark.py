@@ -180,7 +180,7 @@ def measure(images, prompt, scenes):
     score = procedural.consistency_score(pixels, kind)
     agreement = float(np.mean([score["per_attribute"][a] for a in APPEARANCE]))
     return {"iou": float(np.mean(ious)), "agreement": agreement, "colour_spread": score["colour_spread"],
-            "fidelity": procedural.fidelity(pixels, prompt)}
+            "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, prompt)}
 
 
 def run(opt, model, adapter, device):

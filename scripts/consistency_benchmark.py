@@ -12,6 +12,8 @@ case: the object should agree, the named scenes differ. The procedural scenes' p
 * scene div.    1 - agreement over the scene attributes (background, position): subject-masked
                 sharing should keep the object consistent and leave these as free as without sharing
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
+* chroma spread the same with each colour's grey level removed: a batch that only got darker
+                narrows its colour spread, not this
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
 * pixel noise   noise the sampler left in the images (0 on clean renders; procedural.pixel_noise)
@@ -23,6 +25,11 @@ The reference:* settings measure two separate runs (consistency_reference.py): i
 is generated first and its self-attention recorded; then images 0..N-2 are generated in another
 run that reads that reference. Every image keeps the start noise and prompt it has in the other
 settings, so the rows compare directly; the reference image is exactly the plain model's.
+
+The n_iter2:* settings sample the batch as txt2img --n_iter 2 samples a run: two batches of N/2,
+images 0..N/2-1 first. n_iter2:anchor is what txt2img does (the second batch reads the first
+batch's anchor, consistency_reference.RunAnchors); n_iter2:own-anchors gives each batch its own
+anchor. Their spreads are over all N images: does the run agree, not only each batch?
 
     # the model trained on the procedural scenes (models/embedded/README.md)
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
@@ -61,7 +68,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.modules.consistency_reference import read_reference, record_reference  # noqa: E402
+from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, cpu_noise, latents_to_images, read_model_geometry,
                                 resolve_device, set_cpu_threads)
@@ -78,6 +85,14 @@ PER_IMAGE = " | "  # separates per-image prompts in one --prompts entry; image i
 def shared(groups, mode="all", **kwargs):
     """A setting's config; each names its mode (the `all:`/`anchor:` of its name), not the default's."""
     return ConsistentAttentionConfig(groups=frozenset(groups), mode=mode, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class InTwoBatches:
+    """A setting measured as a run of two batches of N/2 images, in anchor mode: with the run's
+    anchors read by the second batch (`run_wide`, txt2img's way), or an anchor per batch."""
+    config: ConsistentAttentionConfig
+    run_wide: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +124,8 @@ SETTINGS = {
     "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
     "reference:all": FromReference(shared(ALL_GROUPS, mode="anchor")),
     "reference+subject:all": FromReference(shared(ALL_GROUPS, mode="anchor", subjects=(OBJECT_WORD,))),
+    "n_iter2:anchor": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=True),
+    "n_iter2:own-anchors": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=False),
 }
 
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
@@ -125,8 +142,8 @@ DEFAULT_PROMPTS = [
                                                 ("black", "left"))),
 ]
 
-METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "diversity",
-           "pixel_noise", "embedding_similarity", "seconds_per_image")
+METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "chroma_spread", "fidelity",
+           "diversity", "pixel_noise", "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
@@ -156,6 +173,9 @@ def build_parser():
                         help="index into --prompts and --seeds of the batch shown in figure.png (default: the "
                              "first per-image entry, whose scenes should differ while the object agrees, and "
                              "seed index 0; without one, prompt 0)")
+    parser.add_argument("--paired-with", nargs="+", default=[], metavar="NAME",
+                        help="also pair every setting with these (each a setting of the run, e.g. "
+                             "all:middle+inner), as the second table pairs them with none")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new batch after this many seconds of sampling and report the batches "
                              "measured (every setting on each); a run cut by `timeout` reports nothing")
@@ -212,7 +232,7 @@ def check_run(parser, opt, settings):
 def config_of(setting):
     """The ConsistentAttentionConfig of a setting (None: plain), in-batch or recorded."""
     config = SETTINGS[setting]
-    return config.config if isinstance(config, FromReference) else config
+    return config.config if isinstance(config, (FromReference, InTwoBatches)) else config
 
 
 def takes_subject_from_prompt(setting):
@@ -232,6 +252,9 @@ def validate(parser, opt):
     if opt.settings is None:  # the subject settings need a procedural prompt's object word
         opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
     check_run(parser, opt, SETTINGS)
+    unmeasured = [name for name in opt.paired_with if name not in opt.settings]
+    if unmeasured:
+        parser.error(f"--paired-with {unmeasured[0]} is not one of this run's --settings")
     if opt.time_budget is not None and not opt.time_budget > 0:
         parser.error(f"--time-budget must be a positive number of seconds, got {opt.time_budget:g}")
     if not_procedural and not opt.embedder:
@@ -320,6 +343,8 @@ def sample(model, sampler, opt, prompts, c, uc, x_T, setting):
     config = setting_for(setting, prompts[0])
     if isinstance(SETTINGS[setting], FromReference):
         return sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config)
+    if isinstance(SETTINGS[setting], InTwoBatches):
+        return sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, SETTINGS[setting].run_wide)
     with consistent_attention(model, config, opt.n, prompts=prompts):
         return ddim_images(model, sampler, opt, c, uc, x_T)
 
@@ -333,6 +358,20 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
     with read_reference(model, cache, opt.n - 1):
         readers = ddim_images(model, sampler, opt, part(c, first), part(uc, first), x_T[first])
     return torch.cat([readers, reference])
+
+
+def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_wide):
+    """Images 0..N/2-1 as a first batch, the rest as a second, in anchor mode: the second reads the
+    first batch's anchors (`run_wide`, RunAnchors) or has its own."""
+    anchors = run_anchors(config, batches=2) if run_wide else None
+    part = lambda cond, which: None if cond is None else cond[which]
+    images = []
+    for batch in (slice(0, opt.n // 2), slice(opt.n // 2, opt.n)):
+        sharing = anchors.batch(model, prompts[batch]) if run_wide else \
+            consistent_attention(model, config, len(prompts[batch]), prompts=prompts[batch])
+        with sharing:
+            images.append(ddim_images(model, sampler, opt, part(c, batch), part(uc, batch), x_T[batch]))
+    return torch.cat(images)
 
 
 def ddim_images(model, sampler, opt, c, uc, x_T):
@@ -359,6 +398,7 @@ def measure(images, prompts, embedder=None):
         named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
         named = [f for f in named if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
+                   chroma_spread=score["chroma_spread"],
                    fidelity=statistics.fmean(named) if named else float("nan"),
                    **procedural.subject_and_scene(score["per_attribute"], scene.kind))
     if embedder is not None:
@@ -417,8 +457,8 @@ def mean_std(values):
 
 
 def markdown_table(rows, settings):
-    lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | fidelity ↑ "
-             "| diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
+    lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | chroma spread ↓ "
+             "| fidelity ↑ | diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
              "|---" * (len(METRICS) + 1) + "|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
@@ -427,9 +467,9 @@ def markdown_table(rows, settings):
     return "\n".join(lines)
 
 
-PAIRED_METRICS = ("colour_spread", "agreement", "fidelity")
-METRIC_LABELS = {"colour_spread": "colour spread", "agreement": "agreement", "fidelity": "fidelity",
-                 "iou": "IoU"}
+PAIRED_METRICS = ("colour_spread", "chroma_spread", "agreement", "fidelity")
+METRIC_LABELS = {"colour_spread": "colour spread", "chroma_spread": "chroma spread", "agreement": "agreement",
+                 "fidelity": "fidelity", "iou": "IoU"}
 
 
 def mean_se(values):
@@ -448,7 +488,7 @@ def paired_table(rows, settings, baseline="none", first=()):
     others = [s for s in settings if s != baseline]
     if not base or not others:
         return ""
-    columns = [*first, "colour_spread", "narrower", "agreement", "fidelity"]
+    columns = [*first, "colour_spread", "narrower", "chroma_spread", "agreement", "fidelity"]
     header = [f"{METRIC_LABELS[m]} − {baseline}" if m != "narrower" else "batches narrower" for m in columns]
     lines = ["| setting | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
     for setting in others:
@@ -524,8 +564,9 @@ def main(argv=None):
         figure_batch = next(iter(kept))
     figure_prompt, figure_seed = figure_batch
     table = markdown_table(rows, opt.settings)
-    paired = paired_table(rows, opt.settings)
-    table += f"\n\nPaired with `none` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
+    for baseline in ["none", *opt.paired_with]:
+        paired = paired_table(rows, opt.settings, baseline=baseline)
+        table += f"\n\nPaired with `{baseline}` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
     header = run_header(opt, device, len({(r["prompt"], r["seed"]) for r in rows}))
     run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:

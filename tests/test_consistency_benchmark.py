@@ -69,20 +69,22 @@ def test_a_spent_time_budget_reports_every_setting_on_the_batches_measured(tmp_p
 def test_paired_table_subtracts_the_same_batch_without_sharing():
     bench = load_script("consistency_benchmark")
     row = lambda setting, prompt, seed, spread, agreement, fidelity: dict(
-        setting=setting, prompt=prompt, seed=seed, colour_spread=spread, agreement=agreement, fidelity=fidelity)
+        setting=setting, prompt=prompt, seed=seed, colour_spread=spread, chroma_spread=spread / 2,
+        agreement=agreement, fidelity=fidelity)
     rows = [row("none", "a chair", 0, 0.9, 0.5, 0.4), row("none", "a face", 0, 0.5, 0.6, float("nan")),
             row("all:all", "a chair", 0, 0.6, 0.6, 0.4), row("all:all", "a face", 0, 0.6, 0.5, float("nan"))]
     lines = bench.paired_table(rows, ["none", "all:all"]).splitlines()
     # colour spread: -0.3 and +0.1 -> mean -0.1, std 0.4 / sqrt(2), standard error std / sqrt(2) = 0.2;
-    # fidelity: the face pair is NaN (its prompt names nothing), one pair left
-    assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
+    # chroma spread half of that; fidelity: the face pair is NaN (its prompt names nothing), one pair left
+    assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
     assert bench.paired_table(rows[2:], ["all:all"]) == ""  # no baseline run: no table
     for r, iou in zip(rows, [0.5, 0.7, 0.25, 0.35]):
         r["iou"] = iou
     lines = bench.paired_table(rows, ["all:all"], first=("iou",)).splitlines()
-    assert lines[0] == ("| setting | IoU − none | colour spread − none | batches narrower | agreement − none "
-                        "| fidelity − none |")
-    assert lines[2] == "| all:all | -0.300 ± 0.050 | -0.100 ± 0.200 | 1/2 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
+    assert lines[0] == ("| setting | IoU − none | colour spread − none | batches narrower | chroma spread − none "
+                        "| agreement − none | fidelity − none |")
+    assert lines[2] == ("| all:all | -0.300 ± 0.050 | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 "
+                        "| +0.000 ± 0.000 |")
 
 
 def one_error_line(result, text):
@@ -259,3 +261,21 @@ def test_a_run_that_fails_after_validation_leaves_no_run_folder(tmp_path, capsys
                                  str(files["out"]), "--n", "2", "--steps", "1", "--seeds", "0"])
     assert "error:" in str(exit_info.value) and "Traceback" not in capsys.readouterr().err
     assert list(files["out"].iterdir()) == []
+
+
+def test_two_batch_settings_and_extra_pairings(tmp_path):
+    """n_iter2:* sample the batch as a run of two batches (txt2img --n_iter 2); --paired-with adds a
+    table against another setting of the run."""
+    result = run("--random-weights", "--n", "4", "--steps", "2", "--seeds", "0", "--prompts", "a chair",
+                 "--settings", "none", "anchor:middle+inner", "n_iter2:anchor", "n_iter2:own-anchors",
+                 "--paired-with", "anchor:middle+inner", "--outdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, _, against_anchor = result.stdout.partition("Paired with `anchor:middle+inner`")
+    rows = [line.split(" | ")[0] for line in against_anchor.splitlines() if line.startswith("| ")]
+    assert rows == ["| setting", "| none", "| n_iter2:anchor", "| n_iter2:own-anchors"]
+    with open(tmp_path / "run-001" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    assert [r["setting"] for r in results] == ["none", "anchor:middle+inner", "n_iter2:anchor", "n_iter2:own-anchors"]
+    assert all(float(r["chroma_spread"]) <= float(r["colour_spread"]) + 1e-9 for r in results)
+    one_error_line(run("--random-weights", "--settings", "none", "--paired-with", "all:all", "--outdir", tmp_path),
+                   "--paired-with all:all is not one of this run's --settings")

@@ -237,6 +237,17 @@ def test_consistency_and_diversity(kind):
     assert diversity_score(rnd) > 0.15
 
 
+def test_chroma_spread_ignores_what_only_changes_the_grey_level():
+    image = render(sample_scene(np.random.default_rng(4), "chair"))
+    assert image.max() <= 255 - 30  # nothing clips below
+    lighter = image + np.uint8(30)  # every colour 30 grey levels up: hue and saturation unchanged
+    score = consistency_score([image, lighter], "chair")
+    assert score["colour_spread"] == pytest.approx(3 ** 0.5 * 30 / 255)
+    assert score["chroma_spread"] == pytest.approx(0, abs=1e-9)
+    darker_and_bluer = np.clip(image.astype(int) // 2 + [0, 0, 60], 0, 255).astype(np.uint8)
+    assert consistency_score([image, darker_and_bluer], "chair")["chroma_spread"] > 0.1
+
+
 @pytest.mark.parametrize("size", [16, 32])
 def test_pixel_noise_is_zero_on_clean_renders_and_grows_with_added_noise(size):
     rng = np.random.default_rng(3)

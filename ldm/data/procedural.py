@@ -797,6 +797,9 @@ def consistency_score(images, kind: str) -> dict:
         concatenated colours divided by 2). 0 means identical colours; the maximum
         distance of two RGB colours is sqrt(3) ~ 1.73; neighbouring vocabulary colours
         are ~0.35 apart.
+      * ``chroma_spread``: the same with each colour's grey level (the mean of its R, G, B)
+        removed: hue and saturation only. Dark colours lie close in RGB; a batch that only got
+        darker narrows its ``colour_spread`` but not this.
       * ``attributes``: the list of read attribute dicts.
     """
     imgs = [_to_uint8(x) for x in images]
@@ -808,14 +811,20 @@ def consistency_score(images, kind: str) -> dict:
     sig = np.stack([_object_colour(x, kind) for x in imgs])
     if kind == "face":
         sig = sig / 2.0     # 4 parts -> RMS distance per part
-    n = len(sig)
-    if n > 1:
-        dmat = np.linalg.norm(sig[:, None] - sig[None], axis=-1)
-        spread = float(dmat[np.triu_indices(n, 1)].mean())
-    else:
-        spread = 0.0
+    colours = sig.reshape(len(sig), -1, 3)  # (N, parts, RGB)
+    chroma = (colours - colours.mean(-1, keepdims=True)).reshape(len(sig), -1)
     return {"agreement": float(np.mean(list(per.values()))), "per_attribute": per,
-            "colour_spread": spread, "attributes": reads}
+            "colour_spread": _mean_pairwise_distance(sig), "chroma_spread": _mean_pairwise_distance(chroma),
+            "attributes": reads}
+
+
+def _mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean Euclidean distance over the pairs of rows of (N, D) `x`; 0 for a single row."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    dmat = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    return float(dmat[np.triu_indices(n, 1)].mean())
 
 
 def subject_and_scene(per_attribute: Mapping[str, float], kind: str) -> dict:
