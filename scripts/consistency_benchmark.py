@@ -367,7 +367,7 @@ def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_
     part = lambda cond, which: None if cond is None else cond[which]
     images = []
     for batch in (slice(0, opt.n // 2), slice(opt.n // 2, opt.n)):
-        sharing = anchors.batch(model, prompts[batch]) if run_wide else \
+        sharing = anchors.batch(model, prompts[batch]) if anchors is not None else \
             consistent_attention(model, config, len(prompts[batch]), prompts=prompts[batch])
         with sharing:
             images.append(ddim_images(model, sampler, opt, part(c, batch), part(uc, batch), x_T[batch]))
