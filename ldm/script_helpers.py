@@ -164,6 +164,8 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
     opt.prompts = read_prompts(parser, opt)
+    from ldm.modules.consistency import check_anchor_images
+    check_anchor_images(parser, opt.consistency, len(prompt_batches(opt)[0]))  # --from-file: maybe < n_samples
     from ldm.modules.consistency_reference import run_anchors  # it imports this module
     opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(prompt_batches(opt)))
     if opt.device == "cuda" and not torch.cuda.is_available():
@@ -503,7 +505,8 @@ def check_subject_words(parser, opt, tokenizer):
     reference = getattr(opt, "reference", None)
     checks = [(opt.consistency, prompt_batches(opt))]
     if reference is not None and reference.config is not None:
-        checks.append((reference.config, [prompt_batches(opt)[0][:reference.config.n_anchors]]))
+        first = prompt_batches(opt)[0]
+        checks.append((reference.config, [[first[i] for i in reference.config.anchor_positions(len(first))]]))
     checks = [(config, batches) for config, batches in checks if config is not None and config.subjects]
     if not checks:
         return

@@ -70,6 +70,29 @@ def test_a_run_of_several_batches_follows_the_first_batchs_anchor(tmp_path, tiny
     assert "run_anchors" not in read_parameters(one / "samples" / "00001.png")["extra"]  # one batch: its own
 
 
+def test_a_chosen_anchor_image_stays_the_plain_image_and_the_run_follows_it(tmp_path, tiny_ckpt):
+    """--anchor-images 2: the user picks image 2 of a plain batch; with the same seed it stays exactly
+    that image, the others of its batch and every image of the next batch read it."""
+    plain, chosen = tmp_path / "plain", tmp_path / "chosen"
+    assert_ok(txt2img(*args(tiny_ckpt, plain, "--n_iter", "2")))
+    assert_ok(txt2img(*args(tiny_ckpt, chosen, "--n_iter", "2", "--consistent-attn", "--anchor-images", "2")))
+    before, after = pixels(plain), pixels(chosen)
+    assert np.array_equal(after[2], before[2])
+    assert not any(np.array_equal(after[i], before[i]) for i in (0, 1, 3, 4, 5))
+    meta = read_parameters(chosen / "samples" / "00004.png")["extra"]
+    assert meta["consistent_attn"]["anchor_images"] == [2]
+    assert meta["run_anchors"]["anchors"].startswith("image(s) 2 of the run's first batch")
+
+
+def test_an_anchor_image_beyond_a_short_first_batch_is_one_error_line(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red chair\na blue chair\n")  # a first batch of 2 images, fewer than --n_samples 3
+    out = tmp_path / "out"
+    result = txt2img(*args(tiny_ckpt, out, "--from-file", prompts, "--consistent-attn", "--anchor-images", "2"))
+    assert_one_line_error(result, "--anchor-images 2: the batch has 2 image(s), at positions 0 to 1")
+    assert not out.exists()
+
+
 def test_a_first_batch_shorter_than_the_anchor_count_is_all_anchors(tmp_path, tiny_ckpt):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red chair\n")  # batches of 1 image, fewer than the 2 anchors asked for

@@ -37,6 +37,18 @@ def test_write_then_read_a_reference(tmp_path, tiny_ckpt, reference):  # noqa: F
     assert meta["read"] == str(ref) and meta["reference_run"]["seed"] == 42
 
 
+def test_a_reference_of_a_chosen_image_records_that_image_and_its_prompt(tmp_path, tiny_ckpt):  # noqa: F811
+    ref, written, read = tmp_path / "ref.safetensors", tmp_path / "written", tmp_path / "read"
+    prompts = ["--prompt", "a red chair", "--prompt", "a blue chair", "--prompt", "a green chair"]
+    assert_ok(txt2img(*args(tiny_ckpt, written, *prompts, "--write-reference", ref, "--anchor-images", "1")))
+    header = ReferenceCache.load(ref).header
+    assert header["run"]["prompts"] == ["a blue chair"] and header["settings"]["anchor_images"] == [1]
+    assert_ok(txt2img(*args(tiny_ckpt, read, *prompts, "--read-reference", ref)))
+    # same seed: image 1 reads its own reference (equal up to fp16 rounding), the others follow it
+    assert np.abs(pixels(read)[1].astype(int) - pixels(written)[1]).max() <= 2
+    assert not any(np.array_equal(pixels(read)[i], pixels(written)[i]) for i in (0, 2))
+
+
 def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     ref, _ = reference
     result = txt2img("--config", TINY_CONFIG, "--random-weights", "--n_samples", 3, "--ddim_steps", 4,
@@ -59,6 +71,9 @@ def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     (["--write-reference", "NEW", "--share-rate", "0.5"], "--share-mode and --share-rate do not apply"),
     # the reference is recorded from the first batch: one prompt line makes a batch of one
     (["--write-reference", "NEW", "--share-anchors", "2", "--from-file", "ONE_LINE"], "the first batch has 1 image"),
+    (["--write-reference", "NEW", "--anchor-images", "1", "--from-file", "ONE_LINE"],
+     "--anchor-images 1: the batch has 1 image(s)"),
+    (["--read-reference", "REF", "--anchor-images", "1"], "uses the settings the reference was recorded with"),
 ])
 def test_bad_reference_options_are_one_error_line(reference, tiny_ckpt, tmp_path, capsys, flags, message):  # noqa: F811
     script = load_script("txt2img")

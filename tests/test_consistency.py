@@ -241,12 +241,13 @@ def test_only_self_attention_consults_the_policy():
     assert not torch.equal(attn(x), plain_self)          # context is None: self-attention shares
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_cfg_halves_never_mix(unet, mode):
+@pytest.mark.parametrize("settings", [dict(mode=m) for m in MODES] + [dict(anchor_images=(2,))],
+                         ids=[m.value for m in MODES] + ["anchor-image-2"])
+def test_cfg_halves_never_mix(unet, settings):
     n = 3
     x, t, c = inputs(2 * n)
     x2, _, c2 = inputs(2 * n, seed=9)
-    cfg = config(mode=mode)
+    cfg = config(**settings)
     base = run(unet, x, t, c, cfg, n)
     # new content in the cond half: the uncond half is untouched, and vice versa
     cond_changed = run(unet, torch.cat([x[:n], x2[n:]]), t, torch.cat([c[:n], c2[n:]]), cfg, n)
@@ -287,6 +288,32 @@ def test_anchor_images_are_exactly_vanilla(unet, n_anchors):
     for half in (0, n):
         assert torch.equal(out[half:half + n_anchors], plain[half:half + n_anchors])
         assert not torch.equal(out[half + n_anchors:half + n], plain[half + n_anchors:half + n])
+
+
+@pytest.mark.parametrize("anchor_images", [(2,), (3, 1)])
+def test_chosen_anchor_images_are_exactly_vanilla_and_equal_the_first_anchors_of_a_reordered_batch(
+        unet, anchor_images):
+    n = 4
+    x, t, c = inputs(2 * n)
+    out = run(unet, x, t, c, config(mode=ShareMode.ANCHOR, anchor_images=anchor_images), n)
+    plain = run(unet, x, t, c)
+    others = [i for i in range(n) if i not in anchor_images]
+    for half in (0, n):
+        anchors, readers = [half + i for i in anchor_images], [half + i for i in others]
+        assert torch.equal(out[anchors], plain[anchors])
+        assert not torch.equal(out[readers], plain[readers])
+    # the same as the default anchors (the first images) on a batch with the chosen ones moved first
+    order = [half + i for half in (0, n) for i in [*anchor_images, *others]]
+    first = run(unet, x[order], t[order], c[order], config(mode=ShareMode.ANCHOR, n_anchors=len(anchor_images)), n)
+    assert torch.equal(out[order], first)
+
+
+def test_anchor_image_0_is_the_default_anchor(unet):
+    x, t, c = inputs(6)
+    assert torch.equal(run(unet, x, t, c, config(anchor_images=(0,)), 3), run(unet, x, t, c, config(), 3))
+    assert SharedKV(config(anchor_images=(0, 1)), 4).order is None  # nothing to reorder, nothing copied
+    with pytest.raises(ValueError, match="not in a batch of 3 images"):
+        SharedKV(config(anchor_images=(3,)), 3)
 
 
 def test_step_window(unet):
@@ -380,6 +407,9 @@ def test_cli_flags_build_the_config():
     # the defaults README.md and CONSISTENCY_NOTES.md state (and measured there)
     assert (default.mode, default.n_anchors, default.groups) == (ShareMode.ANCHOR, 1, {Group.MIDDLE, Group.INNER})
     assert parse_cli(["--consistent-attn", "--share-anchors", "2"]).n_anchors == 2  # no --share-mode needed
+    chosen = parse_cli(["--consistent-attn", "--anchor-images", "2,0"])
+    assert (chosen.anchor_images, chosen.n_anchors) == ((2, 0), 2)
+    assert parse_cli(["--consistent-attn", "--anchor-images", "3", "--share-anchors", "1"]).anchor_images == (3,)
     cfg = parse_cli(["--consistent-attn", "--share-groups", "outer", "--share-mode", "anchor",
                      "--share-anchors", "2", "--share-window", "0:0.6", "--share-cfg", "cond",
                      "--share-blocks", "decoder"])
@@ -399,6 +429,15 @@ def test_cli_flags_build_the_config():
     (["--consistent-attn", "--share-mode", "all", "--share-anchors", "2"],
      "--share-anchors applies to --share-mode anchor"),
     (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "leaves no image"),
+    (["--consistent-attn", "--anchor-images", "4"], "--anchor-images 4: the batch has 4 image(s), at positions 0 to 3"),
+    (["--consistent-attn", "--anchor-images", "0,1,2,3"], "leaves no image"),
+    (["--consistent-attn", "--anchor-images", "1,1"], "distinct batch positions"),
+    (["--consistent-attn", "--anchor-images", "-1"], "distinct batch positions"),
+    (["--consistent-attn", "--anchor-images", "first"], "batch positions from 0, like 2 or 2,5"),
+    (["--consistent-attn", "--anchor-images", "1", "--share-anchors", "2"], "drop --share-anchors"),
+    (["--consistent-attn", "--share-mode", "sample", "--anchor-images", "1"],
+     "--anchor-images applies to --share-mode anchor"),
+    (["--anchor-images", "1"], "--anchor-images takes effect only with --consistent-attn"),
     # one image has nothing to share, but a bad flag is still an error, not hidden by the warning
     (["--consistent-attn", "--share-anchors", "0", "--share-mode", "anchor", "IMAGES=1"], "anchor count must be >= 1"),
     (["--consistent-attn", "--share-rate", "0.3", "IMAGES=1"], "--share-rate applies to --share-mode sample"),

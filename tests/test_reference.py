@@ -144,6 +144,31 @@ def test_subject_masks_and_adain_read_from_a_reference_equal_anchor_mode(model, 
 
 
 @pytest.mark.parametrize("extras", [dict(), dict(subjects=("chair",), adain=True)], ids=["kv", "subject+adain"])
+def test_a_chosen_anchor_image_is_recorded_and_read_like_the_first(model, sampled, extras):
+    """--anchor-images 2: image 2 is the anchor in the batch, in a reference and over a run; only
+    its prompt needs the subject word."""
+    config = dataclasses.replace(ANCHOR, anchor_images=(2,), **extras)
+    prompts = ["a table", "a lamp", PROMPTS[2]]  # where the recorded image's subject is: only its own prompt
+    readers = [0, 1]
+    with consistent_attention(model, config, N, prompts=PROMPTS):
+        anchored = sampled["run"]()
+    assert torch.equal(anchored[2], sampled["plain"][2])  # the chosen anchor is the plain image
+    assert not torch.equal(anchored[readers], sampled["plain"][readers])
+    assert not torch.equal(anchored[readers], sampled["anchored"][readers])  # another anchor, another look
+    with record_reference(model, config, N, prompts=prompts) as cache:
+        assert torch.equal(sampled["run"](), sampled["plain"])
+    assert cache.header["n_images"] == 1 and cache.header["settings"]["anchor_images"] == [2]
+    with read_reference(model, cache, N):
+        read = sampled["run"]()
+    assert torch.equal(read[readers], anchored[readers])
+    anchors = run_anchors(config, batches=2)
+    for _ in range(2):  # the first batch as in-batch anchor mode, the later one reads its image 2
+        with anchors.batch(model, PROMPTS):
+            batch = sampled["run"]()
+        assert torch.equal(batch[readers], anchored[readers])
+
+
+@pytest.mark.parametrize("extras", [dict(), dict(subjects=("chair",), adain=True)], ids=["kv", "subject+adain"])
 def test_reading_a_reference_never_changes_it(model, sampled, extras, tmp_path):
     """Readers take the reference's tensors as they are (no copy on their device): nothing a
     reading batch computes may write into them, in memory or in the file."""

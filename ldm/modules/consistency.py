@@ -10,9 +10,9 @@ become part of "itself": the colour of the chair, the shape of the face are pull
 what the other images are drawing, and the batch settles on one appearance. The queries stay
 per image, so each image still asks its own questions at its own positions: layout and pose
 can differ while appearance is shared. In anchor mode, the default, every image reads only the
-first image (the anchor), which itself is computed as without sharing: the batch takes the
-anchor's appearance instead of averaging everyone's, and less of the other images' backgrounds
-and layouts leaks in.
+first image (the anchor, or the image a user picks), which itself is computed as without
+sharing: the batch takes the anchor's appearance instead of averaging everyone's, and less of
+the other images' backgrounds and layouts leaks in.
 
 Cross-attention (`attn2`, the text) is left alone: it is the only way the prompt enters the
 UNet, and changing it would change *what* is drawn, not make the images agree on *how*.
@@ -104,7 +104,8 @@ class ConsistentAttentionConfig:
     groups: frozenset = frozenset({Group.MIDDLE, Group.INNER})
     half: Half = Half.BOTH
     mode: ShareMode = ShareMode.ANCHOR
-    n_anchors: int = 1
+    n_anchors: int | None = None  # anchor mode: how many anchors (default: len(anchor_images), else 1)
+    anchor_images: tuple = ()     # anchor mode: their positions in each batch, from 0 (default: the first n_anchors)
     sample_rate: float = 0.5
     window: tuple = (0.0, 1.0)  # fraction of the trajectory, 0 = pure noise, 1 = clean image
     cfg: CfgPolicy = CfgPolicy.BOTH
@@ -120,12 +121,24 @@ class ConsistentAttentionConfig:
         object.__setattr__(self, "window", tuple(float(w) for w in self.window))
         object.__setattr__(self, "subjects", tuple(self.subjects))
         object.__setattr__(self, "adain", bool(self.adain))
+        object.__setattr__(self, "anchor_images", tuple(int(i) for i in self.anchor_images))
+        if self.n_anchors is None:
+            object.__setattr__(self, "n_anchors", len(self.anchor_images) or 1)
         if any(not isinstance(w, str) or not w.strip() for w in self.subjects):
             raise ValueError(f"subject words must be non-empty strings, got {list(self.subjects)}")
         if not self.groups:
             raise ValueError("no attention group selected: choose from " + ", ".join(GROUP_CHOICES))
         if self.n_anchors < 1:
             raise ValueError(f"anchor count must be >= 1, got {self.n_anchors}")
+        if self.anchor_images:
+            if self.mode is not ShareMode.ANCHOR:
+                raise ValueError(f"anchor images are for anchor mode, not mode {self.mode.value}")
+            if min(self.anchor_images) < 0 or len(set(self.anchor_images)) != len(self.anchor_images):
+                raise ValueError(f"anchor images must be distinct batch positions (0 = the first image), "
+                                 f"got {list(self.anchor_images)}")
+            if len(self.anchor_images) != self.n_anchors:
+                raise ValueError(f"{len(self.anchor_images)} anchor image(s) {list(self.anchor_images)} but "
+                                 f"{self.n_anchors} anchors asked for: give one position per anchor")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
         start, end = self.window
@@ -135,9 +148,15 @@ class ConsistentAttentionConfig:
     def describe(self) -> dict:
         """Plain-data form, for logs and PNG metadata."""
         return {"groups": sorted(g.value for g in self.groups), "half": self.half.value,
-                "mode": self.mode.value, "n_anchors": self.n_anchors, "sample_rate": self.sample_rate,
+                "mode": self.mode.value, "n_anchors": self.n_anchors, "anchor_images": list(self.anchor_images),
+                "sample_rate": self.sample_rate,
                 "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed,
                 "subjects": list(self.subjects), "adain": self.adain}
+
+    def anchor_positions(self, n: int) -> list:
+        """Where the anchors stand in a group of `n` images: the chosen ones, else the first
+        n_anchors (all n images when the group is smaller, as `anchor_attention` takes them)."""
+        return list(self.anchor_images) or list(range(min(self.n_anchors, n)))
 
 
 def parse_groups(text: str) -> frozenset:
@@ -184,6 +203,10 @@ class SharedKV:
     generator: torch.Generator = field(default_factory=torch.Generator)
     hook: object = None  # the UNet pre-hook that sets `active`; removed on disable
     subject: object = None  # SubjectMasks, or None: other images are read everywhere
+    order: AnchorsFirst | None = field(init=False)  # chosen anchors that are not the first images
+
+    def __post_init__(self):
+        self.order = anchors_first(self.config, self.images_per_group)
 
     def __call__(self, q, k, v, attend, mask=None):
         """q, k, v: (B, nh, T, hs), B = groups · images_per_group. Returns (B, nh, T, hs)."""
@@ -201,7 +224,15 @@ class SharedKV:
                                    lambda q, k, v, groups: self._share(q, k, v, attend, readable))
 
     def _share(self, q, k, v, attend, readable=None):
-        """`readable`: (N, T) bool, the tokens of each image that the OTHER images may read, or None (all)."""
+        """q, k, v: (G, N, nh, T, hs); `readable`: (N, T) bool, the tokens of each image that the
+        OTHER images may read, or None (all)."""
+        order = self.order
+        if order is None:
+            return self._share_in_order(q, k, v, attend, readable)
+        readable = None if readable is None else order.apply(readable, dim=0)
+        return order.undo(self._share_in_order(order.apply(q), order.apply(k), order.apply(v), attend, readable))
+
+    def _share_in_order(self, q, k, v, attend, readable=None):
         mode = self.config.mode
         if self.config.adain:
             keep = self.config.n_anchors if mode is ShareMode.ANCHOR else 1
@@ -219,6 +250,52 @@ class SharedKV:
             readable = readable & _to_device(sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
                                                             self.generator), q.device)
         return masked_joint_attention(q, k, v, attend, readable)
+
+
+class AnchorsFirst:
+    """A group's images reordered so that the chosen anchors come first, and back again.
+
+    Anchor mode, AdaIN and a recorded reference take the anchors to be the first images of each
+    group; anchors a user chose elsewhere in the batch (`anchor_images`, e.g. the image of a plain
+    batch whose look they like) are brought there around those functions. An anchor keeps its
+    batch position, so its start noise and step noise, and its attention is plain: it comes out
+    exactly as that image of the batch sampled without sharing, and the others take its look."""
+
+    def __init__(self, positions, n):
+        if max(positions) >= n:
+            raise ValueError(f"anchor image {max(positions)} is not in a batch of {n} images "
+                             f"(positions 0 to {n - 1})")
+        self.order = list(positions) + [i for i in range(n) if i not in positions]
+        self.inverse = sorted(range(n), key=self.order.__getitem__)
+        self._indices = {}  # (device, inverse) -> index tensor: copied to a GPU once, not per layer
+
+    def _index(self, device, inverse):
+        key = (str(device), inverse)
+        if key not in self._indices:
+            self._indices[key] = _to_device(torch.tensor(self.inverse if inverse else self.order), device)
+        return self._indices[key]
+
+    def apply(self, t, dim=1):
+        """Images along `dim` (the N of (G, N, nh, T, hs) by default) in anchors-first order."""
+        return self._gather(t, dim, inverse=False)
+
+    def undo(self, t, dim=1):
+        return self._gather(t, dim, inverse=True)
+
+    def _gather(self, t, dim, inverse):
+        # in t's own memory layout: reductions over a reordered copy (AdaIN's statistics, the
+        # kernels) then add up in the same order as over the batch itself, to the last bit
+        out = torch.empty_like(t)
+        return torch.index_select(t, dim, self._index(t.device, inverse), out=out)
+
+
+def anchors_first(config: ConsistentAttentionConfig, n: int) -> AnchorsFirst | None:
+    """The reordering that anchor mode with `config` needs in a group of `n` images, or None
+    where its anchors are the first images already (the default)."""
+    positions = config.anchor_positions(n) if config.mode is ShareMode.ANCHOR else []
+    if positions == list(range(len(positions))):
+        return None
+    return AnchorsFirst(positions, n)
 
 
 def split_groups(t, n):
@@ -610,7 +687,7 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
 # Command line (shared by scripts/txt2img.py and scripts/img2img.py)
 # --------------------------------------------------------------------------------------------
 
-SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "share_rate",
+SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "anchor_images", "share_rate",
                "share_window", "share_cfg", "subject", "share_adain")
 
 
@@ -632,6 +709,10 @@ def add_arguments(parser):
                             "sharing (cost O(N)); all: every image reads every image of the batch (cost O(N²)); "
                             f"sample: a random fraction of the other images' tokens (default: {defaults.mode.value})")
     group.add_argument("--share-anchors", type=int, metavar="K", help="anchor images for --share-mode anchor")
+    group.add_argument("--anchor-images", metavar="I[,J...]",
+                       help="which images of the batch are the anchors, by position from 0 (the grid's row, "
+                            "left to right; default: the first K): with the same --seed, image I comes out "
+                            "exactly as without sharing and the others take its look")
     group.add_argument("--share-rate", type=float, metavar="R",
                        help="fraction of each other image's tokens read in --share-mode sample, in (0, 1]")
     group.add_argument("--share-window", metavar="START:END",
@@ -646,7 +727,8 @@ def add_arguments(parser):
                             "for several subjects; backgrounds then stay free")
     group.add_argument("--share-adain", action="store_true", default=None,
                        help="StyleAligned AdaIN: in sharing layers, give every image's queries and keys the "
-                            "per-channel mean/std of the first image of the batch (which stays unchanged)")
+                            "per-channel mean/std of the first image of the batch, in anchor mode of the first "
+                            "anchor (which stays unchanged)")
 
 
 def config_from_arguments(opt, parser, images_per_batch):
@@ -659,11 +741,14 @@ def config_from_arguments(opt, parser, images_per_batch):
             parser.error(f"{', '.join(given)} {'takes' if len(given) == 1 else 'take'} effect only with "
                          f"--consistent-attn; add it")
         return None
-    config = config_from_share_flags(opt, parser)
+    chosen_mode = ShareMode(opt.share_mode or ConsistentAttentionConfig.mode)
     for flag, value, mode in (("--share-anchors", opt.share_anchors, ShareMode.ANCHOR),
+                              ("--anchor-images", opt.anchor_images, ShareMode.ANCHOR),
                               ("--share-rate", opt.share_rate, ShareMode.SAMPLE)):
-        if value is not None and config.mode is not mode:
+        if value is not None and chosen_mode is not mode:
             parser.error(f"{flag} applies to --share-mode {mode.value}; add that or drop {flag}")
+    config = config_from_share_flags(opt, parser)
+    check_anchor_images(parser, config, images_per_batch)
     if images_per_batch == 1:  # after the checks: a typo is an error with any batch size
         log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
                     "(use --n_samples 2 or more)")
@@ -672,6 +757,21 @@ def config_from_arguments(opt, parser, images_per_batch):
         parser.error(f"--share-anchors {config.n_anchors} with {images_per_batch} images per batch leaves no image "
                      f"to read the anchors: use fewer anchors or a larger --n_samples")
     return config
+
+
+def check_anchor_images(parser, config, images):
+    """One error line where --anchor-images names a position outside a batch of `images` images."""
+    if config is not None and config.anchor_images and max(config.anchor_images) >= images:
+        parser.error(f"--anchor-images {max(config.anchor_images)}: the batch has {images} image(s), at positions "
+                     f"0 to {images - 1}; choose one of those or take a larger --n_samples")
+
+
+def parse_positions(text: str) -> tuple:
+    """'2,5' -> (2, 5): batch positions, counted from 0."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"anchor images are batch positions from 0, like 2 or 2,5; got {text!r}") from None
 
 
 def given_share_flags(opt):
@@ -688,6 +788,11 @@ def config_from_share_flags(opt, parser):
             chosen["window"] = parse_window(opt.share_window)
         if opt.subject is not None:
             chosen["subjects"] = parse_subjects(opt.subject)
+        if opt.anchor_images is not None:
+            chosen["anchor_images"] = parse_positions(opt.anchor_images)
+            if opt.share_anchors is not None and opt.share_anchors != len(chosen["anchor_images"]):
+                parser.error(f"--anchor-images names {len(chosen['anchor_images'])} image(s), --share-anchors "
+                             f"{opt.share_anchors}: drop --share-anchors, the anchors are the images named")
         for flag, field_name in [("share_blocks", "half"), ("share_mode", "mode"), ("share_anchors", "n_anchors"),
                                  ("share_rate", "sample_rate"), ("share_cfg", "cfg"), ("share_adain", "adain")]:
             if getattr(opt, flag) is not None:
@@ -707,4 +812,4 @@ __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttenti
            "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
            "masked_anchor_attention",
            "sampled_tokens", "cross_attention_layers", "subject_masks_for",
-           "subject_tokens_in"]
+           "subject_tokens_in", "AnchorsFirst", "anchors_first", "check_anchor_images", "parse_positions"]

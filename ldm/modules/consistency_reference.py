@@ -42,8 +42,8 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
-                                     config_from_share_flags, cross_attention_layers, disable_consistent_attention,
+from ldm.modules.consistency import (AnchorsFirst, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to,
+                                     anchors_first, channel_stats, check_anchor_images, config_from_share_flags, cross_attention_layers, disable_consistent_attention,
                                      given_share_flags, in_window, read_masked, read_with_anchors,
                                      selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
                                      subject_tokens_in, unet_of)
@@ -174,6 +174,7 @@ class _Pass:
     storage: str | None = "cpu"  # recording: keep the K/V on this device (None: where computed)
     subject: object = None  # recording with subjects: the SubjectMasks observer of the reference batch
     sharing: SharedKV | None = None  # recording: how the recorded batch itself attends (None: plainly)
+    order: AnchorsFirst | None = None  # recording: brings chosen reference images (anchor_images) first
     num_timesteps: int = 1000
     call: int = -1
     active: bool = False
@@ -215,7 +216,7 @@ class ReferenceKV:
             raise NotImplementedError("reference keys/values with an attention mask")
         n = state.images_per_group
         if state.writing:
-            self._record(split_groups(q, n), split_groups(k, n), split_groups(v, n))  # (halves, N, nh, T, hs)
+            self._record(*(self._anchors_first(split_groups(t, n)) for t in (q, k, v)))  # (halves, N, nh, T, hs)
             if state.sharing is not None:  # anchor mode: the recorded anchors are computed plainly anyway
                 return state.sharing(q, k, v, attend, mask)
             return attend(q, k, v, mask)  # recording never changes the reference run
@@ -234,8 +235,13 @@ class ReferenceKV:
         return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups: self._read(
             q, k, v, attend, [t[groups] for t in ref], readable))
 
+    def _anchors_first(self, t, dim=1):
+        order = self.state.order
+        return t if order is None else order.apply(t, dim)
+
     def _record(self, q, k, v):
-        """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need."""
+        """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need.
+        q, k, v: (halves, N, nh, T, hs) with the reference images first."""
         state = self.state
         cache, key, a = state.cache, f"{self.site}|{state.call}", state.cache.header["n_images"]
         cache.header.setdefault("halves", q.shape[0])
@@ -248,7 +254,7 @@ class ReferenceKV:
         if state.subject is not None:
             masks = state.subject.masks_for(q.shape[3])
             if masks is not None:  # per token resolution and call, shared by its layers
-                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", masks[:a].cpu())
+                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", self._anchors_first(masks, 0)[:a].cpu())
 
     def _read(self, q, k, v, attend, ref, readable):
         """q, k, v: (G, N, nh, T, hs) of the readers; ref: the reference's K/V (G, a, nh, T, hs),
@@ -279,8 +285,8 @@ def _enable(model, state: _Pass, sites):
 def record_reference(model, config: ConsistentAttentionConfig, images_per_group: int, *,
                      n_images: int | None = None, dtype=None, run_info: dict | None = None,
                      prompts=None, subject_tokens=None, share: bool = False, storage: str | None = "cpu"):
-    """Inside: one sampling pass of `model` records the K/V of the first `n_images` (default
-    config.n_anchors) images of each CFG half, in the layers and step window `config` selects
+    """Inside: one sampling pass of `model` records the K/V of `n_images` (default config.n_anchors)
+    images of each CFG half, the first ones or `config.anchor_images`, in the layers and step window `config` selects
     (UNet calls are numbered from the first; a reader replays exactly that one trajectory).
     Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
     With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
@@ -298,12 +304,15 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
     cache = ReferenceCache(header)
     if config.subjects and subject_tokens is None and prompts is not None:
         # only the recorded images' masks are kept, so only their prompts need the subject word
-        recorded = subject_tokens_in(model, config, prompts[:n_images])
-        subject_tokens = torch.cat([recorded, recorded.new_zeros(images_per_group - n_images, recorded.shape[1])])
+        recorded = config.anchor_positions(images_per_group)[:n_images]
+        found = subject_tokens_in(model, config, [prompts[i] for i in recorded])
+        subject_tokens = found.new_zeros(images_per_group, found.shape[1])
+        subject_tokens[recorded] = found
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     sharing = SharedKV(config, images_per_group, subject=subject) if share else None
     _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, storage=storage,
-                         subject=subject, sharing=sharing), selected_sites(model, config))
+                         subject=subject, sharing=sharing, order=anchors_first(config, images_per_group)),
+            selected_sites(model, config))
     try:
         yield cache
     finally:
@@ -335,8 +344,9 @@ class RunAnchors:
     cache: ReferenceCache | None = None
 
     def describe(self) -> dict:
-        return {"anchors": f"the first {self.config.n_anchors} image(s) of the run's first batch, "
-                           f"read by every later batch"}
+        chosen = (f"image(s) {', '.join(map(str, self.config.anchor_images))}" if self.config.anchor_images
+                  else f"the first {self.config.n_anchors} image(s)")
+        return {"anchors": f"{chosen} of the run's first batch, read by every later batch"}
 
     @contextmanager
     def batch(self, model, prompts):
@@ -379,7 +389,8 @@ def add_arguments(parser):
     group = parser.add_argument_group("reference (record a reference's self-attention once, read it in later runs)")
     group.add_argument("--write-reference", metavar="PATH",
                        help="record the self-attention keys/values of the first --share-anchors K images "
-                            "(default 1) of the first batch to a new file; the images are the plain "
+                            "(default 1; or the --anchor-images chosen) of the first batch to a new file; the "
+                            "images are the plain "
                             "model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
                             "is stored; with --subject and --share-adain readers also get the reference's "
                             "subject masks and AdaIN statistics")
@@ -422,7 +433,8 @@ class ReferenceRun:
         elif self.written:  # recorded from the first batch; later batches sample plainly
             yield
         else:
-            run_info = {**self.run_info, "prompts": list(prompts[:self.config.n_anchors])}
+            recorded = self.config.anchor_positions(len(prompts))
+            run_info = {**self.run_info, "prompts": [prompts[i] for i in recorded]}
             with record_reference(model, self.config, len(prompts), dtype=torch.float16,
                                   run_info=run_info, prompts=prompts) as cache:
                 yield
@@ -460,6 +472,7 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
         if config.n_anchors > first_batch:
             parser.error(f"--share-anchors {config.n_anchors} reference images but the first batch has "
                          f"{first_batch} image(s) (--n_samples {opt.n_samples}, one per prompt)")
+        check_anchor_images(parser, config, first_batch)
         return ReferenceRun(write, config=config, run_info={**run_info, "seed": opt.seed,
                                                             "ckpt": None if opt.random_weights else opt.ckpt})
     if given_share_flags(opt):
