@@ -43,8 +43,8 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
 from ldm.modules.consistency import (AnchorsFirst, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to,
-                                     anchors_first, channel_stats, check_anchor_images, config_from_share_flags, cross_attention_layers, disable_consistent_attention,
-                                     given_share_flags, in_window, read_masked, read_with_anchors,
+                                     anchors_first, channel_stats, check_anchor_images, config_from_share_flags,
+                                     cross_attention_layers, disable_consistent_attention, given_share_flags, in_window, read_masked, read_with_anchors,
                                      selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
                                      subject_tokens_in, unet_of)
 
@@ -254,7 +254,8 @@ class ReferenceKV:
         if state.subject is not None:
             masks = state.subject.masks_for(q.shape[3])
             if masks is not None:  # per token resolution and call, shared by its layers
-                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", self._anchors_first(masks, 0)[:a].cpu())
+                recorded = self._anchors_first(masks, dim=0)[:a]
+                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", recorded.cpu())
 
     def _read(self, q, k, v, attend, ref, readable):
         """q, k, v: (G, N, nh, T, hs) of the readers; ref: the reference's K/V (G, a, nh, T, hs),
@@ -286,9 +287,9 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
                      n_images: int | None = None, dtype=None, run_info: dict | None = None,
                      prompts=None, subject_tokens=None, share: bool = False, storage: str | None = "cpu"):
     """Inside: one sampling pass of `model` records the K/V of `n_images` (default config.n_anchors)
-    images of each CFG half, the first ones or `config.anchor_images`, in the layers and step window `config` selects
-    (UNet calls are numbered from the first; a reader replays exactly that one trajectory).
-    Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
+    images of each CFG half, the first ones or `config.anchor_images`, in the layers and step
+    window `config` selects (UNet calls are numbered from the first; a reader replays exactly that
+    one trajectory). Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
     With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
     `enable_consistent_attention`. The pass samples plainly, or with `share` in anchor mode (its
     anchors, the recorded images, are computed plainly in both). `storage`: where the K/V are
@@ -390,8 +391,7 @@ def add_arguments(parser):
     group.add_argument("--write-reference", metavar="PATH",
                        help="record the self-attention keys/values of the first --share-anchors K images "
                             "(default 1; or the --anchor-images chosen) of the first batch to a new file; the "
-                            "images are the plain "
-                            "model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
+                            "images are the plain model's. --share-groups/--share-blocks/--share-window/--share-cfg choose what "
                             "is stored; with --subject and --share-adain readers also get the reference's "
                             "subject masks and AdaIN statistics")
     group.add_argument("--read-reference", metavar="PATH",
