@@ -623,10 +623,12 @@ def _load_watermarker():
 
 # --- outputs ------------------------------------------------------------------------------
 
-def run_metadata(opt, *, prompt, height, width, extra_metadata=None):
+def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None, position=None):
     """The JSON stored in each PNG's "parameters" text chunk.
 
     ``extra_metadata`` is a dict other features add their settings to (stored under "extra").
+    A sample also records where it was made: ``batch`` (from 0, in the run) and ``position`` in
+    that batch, which with the same seed reproduces it and is what --anchor-images takes.
     """
     metadata = {
         "prompt": prompt,
@@ -641,6 +643,8 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None):
         "ckpt": None if opt.random_weights else opt.ckpt,
         "extra": dict(extra_metadata or {}),
     }
+    if batch is not None:
+        metadata.update(batch=batch, position=position)
     if opt.random_weights:
         metadata["random_weights"] = True
     return metadata
@@ -682,13 +686,13 @@ def save_results(opt, results, *, height, width, extra_metadata=None):
     and all of them as one grid (unless --skip_grid), with metadata; returns the paths."""
     writer = OutputWriter(opt.outdir, opt.display_scale)
 
-    def metadata(prompt):
-        return run_metadata(opt, prompt=prompt, height=height, width=width, extra_metadata=extra_metadata)
+    def metadata(prompt, **where):
+        return run_metadata(opt, prompt=prompt, height=height, width=width, extra_metadata=extra_metadata, **where)
 
     paths, all_images, all_prompts = [], [], []
-    for prompts, images in results:
+    for batch, (prompts, images) in enumerate(results):
         if not opt.skip_save:
-            paths += writer.save_samples(images, lambda i: metadata(prompts[i]))
+            paths += writer.save_samples(images, lambda i: metadata(prompts[i], batch=batch, position=i))
         if not opt.skip_grid:
             all_images.append(images)
             all_prompts += prompts

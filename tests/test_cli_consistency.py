@@ -79,7 +79,9 @@ def test_a_chosen_anchor_image_stays_the_plain_image_and_the_run_follows_it(tmp_
     before, after = pixels(plain), pixels(chosen)
     assert np.array_equal(after[2], before[2])
     assert not any(np.array_equal(after[i], before[i]) for i in (0, 1, 3, 4, 5))
-    meta = read_parameters(chosen / "samples" / "00004.png")["extra"]
+    parameters = read_parameters(chosen / "samples" / "00004.png")
+    assert (parameters["batch"], parameters["position"]) == (1, 1)  # what --anchor-images takes
+    meta = parameters["extra"]
     assert meta["consistent_attn"]["anchor_images"] == [2]
     assert meta["run_anchors"]["anchors"].startswith("image(s) 2 of the run's first batch")
 
