@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one 15-minute GPU lease must bring back, in ONE device call (docs/gpu-session.md):
 #
-#   OUT=/path/to/out bash scripts/gpu_session.sh                         # lease 1: train consistency perf
+#   OUT=/path/to/out bash scripts/gpu_session.sh                         # lease 1: train consistency cuda perf
 #   OUT=/path/to/out JOBS=perf bash scripts/gpu_session.sh               # lease 2: the whole perf table
 #   OUT=/path/to/out JOBS="adapter perf" STAGES="bf16 chlast graphs compile" \
 #     bash scripts/gpu_session.sh                                        # lease 3, weights committed
@@ -14,6 +14,10 @@
 #   consistency  scripts/consistency_benchmark.py (task.md's question 4) on MODEL: the weights
 #                train exported in this call, else the committed ones; at most CONSISTENCY_SECONDS
 #                (less if less is left), stopping cleanly by --time-budget; consistency/run-001/, 3 files
+#   cuda         tests/test_devices.py on the GPU, CUDA fp32 and fp16 autocast: do the invariants the
+#                README states as exact (anchors are the plain images, CFG halves never mix, ...) hold
+#                with CUDA's kernels too; at most CUDA_SECONDS; cuda/pytest.log, and its last line in
+#                this script's output
 #   perf         scripts/gpu_benchmarks.sh, stages "table e2e": the SD v1 UNet at 512² for every
 #                setting and N, and images/s end to end; perf/, 3 files. It needs no trained
 #                weights and gets whatever is left of TOTAL_SECONDS when its turn comes
@@ -24,7 +28,7 @@
 #
 # Environment overrides (defaults for one H100/H200; everything else passes through to the
 # scripts, whose headers list their variables):
-#   JOBS="train consistency perf"   TOTAL_SECONDS=540 (the whole command, below the device's 600 s)
+#   JOBS="train consistency cuda perf"   TOTAL_SECONDS=540 (the whole command, below the device's 600 s)
 #   MAX_TIME=00:00:05:30  training's wall-clock cap (Lightning still saves last.ckpt); 3000 steps of
 #                         batch 256 are expected inside it (the issue measured ~5.5 min on one H100
 #                         for a model twice this size; not measured here)
@@ -32,6 +36,9 @@
 #   MIN_PERF_SECONDS=90   perf is skipped with less left
 #   CONSISTENCY_SECONDS=180 CONSISTENCY_ARGS=""   (extra benchmark arguments, e.g. "--seeds 0 --n 4")
 #   MIN_CONSISTENCY_SECONDS=60   consistency is skipped with less left
+#   CUDA_SECONDS=90       cuda: its time limit (skipped under 30 s left)
+#   DEVICE_TESTS=cuda     cuda: pytest's -k selection of tests/test_devices.py; with no "cuda" in it (a
+#                         CPU rehearsal: "cpu") the job does not insist on a CUDA device
 #   MODEL=$OUT/train/procedural-t2i.safetensors when JOBS has train, else
 #         models/embedded/procedural-t2i.safetensors   (consistency, adapter)
 #
@@ -39,13 +46,15 @@
 set -uo pipefail
 
 : "${OUT:?set OUT to the output folder}"
-JOBS=${JOBS:-train consistency perf}
+JOBS=${JOBS:-train consistency cuda perf}
 TOTAL_SECONDS=${TOTAL_SECONDS:-540}
 E2E_SECONDS=${E2E_SECONDS:-60}
 MIN_PERF_SECONDS=${MIN_PERF_SECONDS:-90}
 CONSISTENCY_SECONDS=${CONSISTENCY_SECONDS:-180}
 MIN_CONSISTENCY_SECONDS=${MIN_CONSISTENCY_SECONDS:-60}
 CONSISTENCY_ARGS=${CONSISTENCY_ARGS:-}
+CUDA_SECONDS=${CUDA_SECONDS:-90}
+DEVICE_TESTS=${DEVICE_TESTS:-cuda}
 if [[ " $JOBS " == *" train "* ]]; then
   export MODEL=${MODEL:-$OUT/train/procedural-t2i.safetensors}
 else
@@ -55,8 +64,8 @@ export MAX_TIME=${MAX_TIME:-00:00:05:30} MAX_MINUTES=${MAX_MINUTES:-5}
 
 log() { echo "[gpu_session $(date +%H:%M:%S)] $*"; }
 for job in $JOBS; do
-  case $job in train|perf|consistency|adapter) ;;
-    *) echo "error: unknown job '$job' in JOBS; choose from: train perf consistency adapter" >&2; exit 2;;
+  case $job in train|perf|consistency|cuda|adapter) ;;
+    *) echo "error: unknown job '$job' in JOBS; choose from: train perf consistency cuda adapter" >&2; exit 2;;
   esac
   if [ -e "$OUT/$job" ]; then
     echo "error: $OUT/$job exists; use an empty OUT (outputs are never overwritten)" >&2; exit 2
@@ -92,6 +101,25 @@ consistency() {
     --outdir "$OUT/consistency" --time-budget $((limit > 90 ? limit - 45 : limit / 2)) $CONSISTENCY_ARGS)
 }
 
+cuda() {
+  local left=$((TOTAL_SECONDS - SECONDS)) limit=$CUDA_SECONDS
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then
+    log "cuda skipped: ${left} s left of ${TOTAL_SECONDS}"; return 1
+  fi
+  mkdir -p "$OUT/cuda"
+  # a run in which every CUDA test was skipped for want of a device must not pass for a check
+  (source scripts/gpu_env.sh &&
+    if [[ "$DEVICE_TESTS" == *cuda* ]]; then
+      python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "error: torch sees no CUDA device")'
+    fi &&
+    timeout "$limit" python3 -m pytest -q -rs -p no:cacheprovider tests/test_devices.py -k "$DEVICE_TESTS") \
+    > "$OUT/cuda/pytest.log" 2>&1
+  local status=$?
+  log "cuda: $(tail -n 1 "$OUT/cuda/pytest.log") (exit $status)"
+  return $status
+}
+
 pack_logs() {
   local n; n=$(find "$OUT" -type f | wc -l)
   [ "$n" -le 8 ] && return 0
@@ -107,6 +135,7 @@ for job in $JOBS; do
     train) OUT="$OUT/train" BENCHMARK=0 bash scripts/gpu_train_embedded.sh ;;
     perf) perf ;;
     consistency) consistency ;;
+    cuda) cuda ;;
     adapter) OUT="$OUT/adapter" bash scripts/gpu_train_adapter.sh ;;
   esac || failed+=("$job")
 done

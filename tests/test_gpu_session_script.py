@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 def run(out, logs, **env):
     tiny = {**TINY_TRAINING, **TINY_BENCHMARKS, "STAGES": "table", "NS": "1", "TABLE_SETTINGS": "anchor: all groups",
             "CONFIG": str(TINY_CONFIG), "LOGDIR": str(logs),
-            "CONSISTENCY_ARGS": "--n 2 --steps 1 --seeds 0 --settings none all:all"}
+            "CONSISTENCY_ARGS": "--n 2 --steps 1 --seeds 0 --settings none all:all",
+            "DEVICE_TESTS": "cpu and not ddim"}  # the device tests' CPU half, less its sampling run
     full_env = dict(os.environ, OUT=str(out), **{**tiny, **env})
     return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=900)
@@ -33,7 +34,7 @@ def files(out):
 
 @pytest.fixture(scope="module")
 def lease_one(tmp_path_factory):
-    """The default jobs, train, consistency and perf, as the first GPU lease runs them."""
+    """The default jobs, train, consistency, cuda and perf, as the first GPU lease runs them."""
     tmp = tmp_path_factory.mktemp("lease-one")
     return tmp / "out", run(tmp / "out", tmp / "logs")
 
@@ -46,9 +47,12 @@ def test_lease_one_trains_measures_consistency_on_its_weights_then_benchmarks_in
                           "train/samples.png"]
     assert str(out / "train" / "procedural-t2i.safetensors") in (out / "consistency" / "run-001" / "table.md").read_text()
     with tarfile.open(out / "logs.tar.gz") as logs:
-        assert sorted(logs.getnames()) == ["./consistency/run-001/results.csv", "./perf/benchmarks.log",
-                                           "./perf/results.csv", "./train/metrics.csv", "./train/train-tail.log"]
+        assert sorted(logs.getnames()) == ["./consistency/run-001/results.csv", "./cuda/pytest.log",
+                                           "./perf/benchmarks.log", "./perf/results.csv", "./train/metrics.csv",
+                                           "./train/train-tail.log"]
         assert b"stage table done" in logs.extractfile("./perf/benchmarks.log").read()
+        assert b" passed" in logs.extractfile("./cuda/pytest.log").read()
+    assert "[gpu_session" in result.stdout and " passed" in result.stdout.split("cuda: ")[-1].splitlines()[0]
 
     again = run(out, tmp_path / "logs")  # never overwrites what a call brought back
     assert again.returncode == 2 and "train exists; use an empty OUT" in again.stderr.strip().splitlines()[-1]
@@ -73,12 +77,21 @@ def test_a_failed_training_still_runs_the_benchmarks(tmp_path):
     assert "failed, skipped or timed out: train consistency" in result.stdout  # no weights to measure
 
 
+def test_the_cuda_job_fails_without_a_cuda_device_instead_of_skipping_its_tests(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = run(tmp_path / "out", tmp_path / "logs", JOBS="cuda", DEVICE_TESTS="cuda")
+    assert result.returncode == 1
+    assert (tmp_path / "out" / "cuda" / "pytest.log").read_text().strip() == "error: torch sees no CUDA device"
+    assert "failed, skipped or timed out: cuda" in result.stdout
+
+
 def test_benchmarks_are_skipped_when_the_time_is_spent(tmp_path):
     result = run(tmp_path / "out", tmp_path / "logs", ACCELERATOR="no-such-accelerator", TOTAL_SECONDS="0")
     assert result.returncode == 1
-    assert "consistency skipped" in result.stdout and "perf skipped" in result.stdout
-    assert not (tmp_path / "out" / "perf").exists() and not (tmp_path / "out" / "consistency").exists()
-    assert "failed, skipped or timed out: train consistency perf" in result.stdout
+    assert all(f"{job} skipped" in result.stdout for job in ("consistency", "cuda", "perf"))
+    assert not any((tmp_path / "out" / job).exists() for job in ("consistency", "cuda", "perf"))
+    assert "failed, skipped or timed out: train consistency cuda perf" in result.stdout
 
 
 def test_an_unknown_job_is_one_error_line(tmp_path):
