@@ -42,9 +42,8 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.modules.consistency import (AnchorsFirst, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to,
-                                     anchors_first, channel_stats, check_anchor_images, config_from_share_flags,
-                                     cross_attention_layers, disable_consistent_attention, given_share_flags, in_window, read_masked, read_with_anchors,
+from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
+                                     check_anchor_images, config_from_share_flags, cross_attention_layers, disable_consistent_attention, given_share_flags, in_window, read_masked, read_with_anchors,
                                      selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
                                      subject_tokens_in, unet_of)
 
@@ -174,7 +173,7 @@ class _Pass:
     storage: str | None = "cpu"  # recording: keep the K/V on this device (None: where computed)
     subject: object = None  # recording with subjects: the SubjectMasks observer of the reference batch
     sharing: SharedKV | None = None  # recording: how the recorded batch itself attends (None: plainly)
-    order: AnchorsFirst | None = None  # recording: brings chosen reference images (anchor_images) first
+    recorded: tuple = ()  # recording: the batch positions of the images recorded (anchors)
     num_timesteps: int = 1000
     call: int = -1
     active: bool = False
@@ -216,7 +215,7 @@ class ReferenceKV:
             raise NotImplementedError("reference keys/values with an attention mask")
         n = state.images_per_group
         if state.writing:
-            self._record(*(self._anchors_first(split_groups(t, n)) for t in (q, k, v)))  # (halves, N, nh, T, hs)
+            self._record(split_groups(q, n), split_groups(k, n), split_groups(v, n))  # (halves, N, nh, T, hs)
             if state.sharing is not None:  # anchor mode: the recorded anchors are computed plainly anyway
                 return state.sharing(q, k, v, attend, mask)
             return attend(q, k, v, mask)  # recording never changes the reference run
@@ -235,27 +234,24 @@ class ReferenceKV:
         return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups: self._read(
             q, k, v, attend, [t[groups] for t in ref], readable))
 
-    def _anchors_first(self, t, dim=1):
-        order = self.state.order
-        return t if order is None else order.apply(t, dim)
-
     def _record(self, q, k, v):
         """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need.
-        q, k, v: (halves, N, nh, T, hs) with the reference images first."""
+        q, k, v: (halves, N, nh, T, hs)."""
         state = self.state
-        cache, key, a = state.cache, f"{self.site}|{state.call}", state.cache.header["n_images"]
+        cache, key, first = state.cache, f"{self.site}|{state.call}", state.recorded[0]
+        # the recorded images, in their order: slices of the batch, so no index tensor goes to a GPU
+        recorded = lambda t, dim=1: torch.cat([t.narrow(dim, i, 1) for i in state.recorded], dim)  # a new tensor
         cache.header.setdefault("halves", q.shape[0])
         for name, t in (("k", k), ("v", v)):
-            cache.tensors[f"{key}|{name}"] = t[:, :a].to(state.storage or t.device, state.dtype or t.dtype, copy=True)
-        if state.config.adain:  # image 0's statistics, as adain_to_anchor takes them
-            q_stats, k_stats = channel_stats(q[:, :1]), channel_stats(k[:, :1])
+            cache.tensors[f"{key}|{name}"] = recorded(t).to(state.storage or t.device, state.dtype or t.dtype)
+        if state.config.adain:  # the first anchor's statistics, as adain_to_anchor takes them
+            q_stats, k_stats = channel_stats(q[:, first:first + 1]), channel_stats(k[:, first:first + 1])
             for name, t in zip(ADAIN_STATS, (*q_stats, *k_stats)):
                 cache.tensors[f"{key}|{name}"] = t.cpu()
         if state.subject is not None:
             masks = state.subject.masks_for(q.shape[3])
             if masks is not None:  # per token resolution and call, shared by its layers
-                recorded = self._anchors_first(masks, dim=0)[:a]
-                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", recorded.cpu())
+                cache.tensors.setdefault(f"mask|{q.shape[3]}|{state.call}", recorded(masks, dim=0).cpu())
 
     def _read(self, q, k, v, attend, ref, readable):
         """q, k, v: (G, N, nh, T, hs) of the readers; ref: the reference's K/V (G, a, nh, T, hs),
@@ -303,17 +299,16 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
               "model": model_fingerprint(model), "n_images": n_images,
               "settings": config.describe(), "timesteps": [], "run": dict(run_info or {})}
     cache = ReferenceCache(header)
+    recorded = config.anchor_positions(images_per_group)[:n_images]
     if config.subjects and subject_tokens is None and prompts is not None:
         # only the recorded images' masks are kept, so only their prompts need the subject word
-        recorded = config.anchor_positions(images_per_group)[:n_images]
         found = subject_tokens_in(model, config, [prompts[i] for i in recorded])
         subject_tokens = found.new_zeros(images_per_group, found.shape[1])
         subject_tokens[recorded] = found
     subject = subject_masks_for(model, config, images_per_group, prompts, subject_tokens)
     sharing = SharedKV(config, images_per_group, subject=subject) if share else None
     _enable(model, _Pass(cache, config, images_per_group, writing=True, dtype=dtype, storage=storage,
-                         subject=subject, sharing=sharing, order=anchors_first(config, images_per_group)),
-            selected_sites(model, config))
+                         subject=subject, sharing=sharing, recorded=tuple(recorded)), selected_sites(model, config))
     try:
         yield cache
     finally:
