@@ -43,8 +43,9 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
 from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
-                                     check_anchor_images, config_from_share_flags, cross_attention_layers, disable_consistent_attention, given_share_flags, in_window, read_masked, read_with_anchors,
-                                     selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
+                                     check_anchor_images, config_from_share_flags, cross_attention_layers,
+                                     disable_consistent_attention, given_share_flags, in_window, read_masked,
+                                     read_with_anchors, selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
                                      subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
@@ -285,8 +286,8 @@ def record_reference(model, config: ConsistentAttentionConfig, images_per_group:
     """Inside: one sampling pass of `model` records the K/V of `n_images` (default config.n_anchors)
     images of each CFG half, the first ones or `config.anchor_images`, in the layers and step
     window `config` selects (UNet calls are numbered from the first; a reader replays exactly that
-    one trajectory). Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes into the header.
-    With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
+    one trajectory). Yields the ReferenceCache being filled. `run_info` (seed, prompt, ...) goes
+    into the header. With `config.subjects`, `prompts` or `subject_tokens` locate the subject as in
     `enable_consistent_attention`. The pass samples plainly, or with `share` in anchor mode (its
     anchors, the recorded images, are computed plainly in both). `storage`: where the K/V are
     kept, "cpu" for a file, None to leave them on the model's device."""
