@@ -45,8 +45,8 @@ from ldm.script_helpers import check_new_file
 from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,
                                      disable_consistent_attention, given_share_flags, in_window, read_masked,
-                                     read_with_anchors, selected_sites, share_per_cfg_group, split_groups, subject_masks_for,
-                                     subject_tokens_in, unet_of)
+                                     read_with_anchors, selected_sites, share_per_cfg_group, split_groups,
+                                     subject_masks_for, subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
 
