@@ -706,7 +706,8 @@ def add_arguments(parser):
                        help="share in the encoder (input blocks), the decoder (output blocks) or both")
     group.add_argument("--share-mode", choices=MODE_CHOICES,
                        help="anchor: every image reads K anchor images (the first K, or --anchor-images), "
-                            "which stay exactly as without sharing (cost O(N)); all: every image reads every image of the batch (cost O(N²)); "
+                            "which stay exactly as without sharing (cost O(N)); all: every image reads every "
+                            "image of the batch (cost O(N²)); "
                             f"sample: a random fraction of the other images' tokens (default: {defaults.mode.value})")
     group.add_argument("--share-anchors", type=int, metavar="K", help="anchor images for --share-mode anchor")
     group.add_argument("--anchor-images", metavar="I[,J...]",
