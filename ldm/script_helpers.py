@@ -164,10 +164,11 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
     opt.prompts = read_prompts(parser, opt)
+    batches = prompt_batches(opt)
     from ldm.modules.consistency import check_anchor_images
-    check_anchor_images(parser, opt.consistency, len(prompt_batches(opt)[0]))  # --from-file: maybe < n_samples
+    check_anchor_images(parser, opt.consistency, len(batches[0]))  # --from-file: maybe fewer than n_samples
     from ldm.modules.consistency_reference import run_anchors  # it imports this module
-    opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(prompt_batches(opt)))
+    opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(batches))
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
 

@@ -388,8 +388,8 @@ def add_arguments(parser):
                        help="record the self-attention keys/values of the first --share-anchors K images "
                             "(default 1; or the --anchor-images chosen) of the first batch to a new file; the "
                             "images are the plain model's. --share-groups/--share-blocks/--share-window/"
-                            "--share-cfg choose what is stored; with --subject and --share-adain readers also get the reference's "
-                            "subject masks and AdaIN statistics")
+                            "--share-cfg choose what is stored; with --subject and --share-adain readers also "
+                            "get the reference's subject masks and AdaIN statistics")
     group.add_argument("--read-reference", metavar="PATH",
                        help="every image also reads the keys/values of a reference file written with "
                             "--write-reference (same model, image size, sampler and steps), with the "
