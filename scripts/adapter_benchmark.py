@@ -55,7 +55,7 @@ from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, firs
                                   injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
-                                configure_logging, latents_to_images, resolve_device, set_cpu_threads)
+                                configure_logging, in_repo, latents_to_images, resolve_device, set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
@@ -87,7 +87,7 @@ def build_parser():
     parser = ArgumentParser(description="Layout following (IoU) and batch consistency with and without "
                                                  "a T2I-Adapter, on procedural prompts.")
     cb.add_model_arguments(parser)
-    parser.add_argument("--adapter", required=True, help="adapter file (scripts/train_adapter.py)")
+    parser.add_argument("--adapter", required=True, type=in_repo, help="adapter file (scripts/train_adapter.py)")
     parser.add_argument("--condition", choices=procedural.CONDITION_KINDS,
                         help="layout map fed to the adapter (default: the one recorded in the adapter file, "
                              "else outline)")

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file, read_model_geometry  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file, in_repo, read_model_geometry  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")
@@ -419,7 +419,7 @@ def write_csv(path, rows, common):
 
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, type=in_repo)
     parser.add_argument("--size", type=int,
                         help="image size in pixels; default: the config's sampling size (512 for SD v1)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="images per CFG half")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
-from ldm.script_helpers import ArgumentParser, read_model_geometry  # noqa: E402
+from ldm.script_helpers import ArgumentParser, in_repo, read_model_geometry  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
 
@@ -64,7 +64,7 @@ def count_flops(model, blocks, step):
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", help="model config")
+    parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", type=in_repo, help="model config")
     parser.add_argument("--batch", type=int, default=16, help="images per training step")
     parser.add_argument("--size", type=int, metavar="PX", help="image size (default: the config's sampling size, else 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per setting and round (2 rounds)")

@@ -70,7 +70,7 @@ from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedde
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
-                                configure_logging, cpu_noise, latents_to_images, read_model_geometry,
+                                configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
                                 resolve_device, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
@@ -186,8 +186,8 @@ def build_parser():
 
 def add_model_arguments(parser):
     """The model to measure; scripts/adapter_benchmark.py takes it the same way."""
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="model config")
-    parser.add_argument("--ckpt", help="weights (.safetensors or .ckpt)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, type=in_repo, help="model config")
+    parser.add_argument("--ckpt", type=in_repo, help="weights (.safetensors or .ckpt)")
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
 
 

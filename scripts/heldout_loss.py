@@ -18,15 +18,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, configure_logging,  # noqa: E402
-                                positive_int, set_cpu_threads)
+                                in_repo, positive_int, set_cpu_threads)
 
 logger = logging.getLogger("heldout_loss")
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="model config with a data.params.validation dataset")
-    parser.add_argument("--ckpt", required=True, nargs="+", help="weight files (.safetensors or .ckpt) to compare")
+    parser.add_argument("--config", required=True, type=in_repo,
+                        help="model config with a data.params.validation dataset")
+    parser.add_argument("--ckpt", required=True, nargs="+", type=in_repo,
+                        help="weight files (.safetensors or .ckpt) to compare")
     parser.add_argument("--n", type=positive_int, default=1024, help="validation scenes")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise")

@@ -44,7 +44,7 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file, configure_logging, resolve_device  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file, configure_logging, in_repo, resolve_device  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
 
@@ -57,8 +57,8 @@ def build_parser():
     parser = ArgumentParser(description="Train a T2I-Adapter for a frozen text-to-image model on the "
                                                  "procedural scenes' outline or mask maps.")
     add = parser.add_argument
-    add("--config", default=DEFAULT_CONFIG, help="model config (default: the embedded procedural model)")
-    add("--ckpt", help="the trained model's weights (.safetensors or .ckpt)")
+    add("--config", default=DEFAULT_CONFIG, type=in_repo, help="model config (default: the embedded procedural model)")
+    add("--ckpt", type=in_repo, help="the trained model's weights (.safetensors or .ckpt)")
     add("--random-weights", action="store_true", help="no checkpoint: a random model (CPU smoke runs only)")
     add("--out", required=True, help="adapter file to write (.safetensors); OUT with .json gets the report")
     add("--condition", choices=CONDITION_KINDS, default="outline",

@@ -138,6 +138,36 @@ def test_txt2img_from_another_folder_finds_the_repositorys_default_model_and_wri
     assert_ok(relative)  # a relative --config that is not below the working folder: the repository's
 
 
+WEIGHTS_16PX = "models/embedded/procedural-t2i-16px.safetensors"
+
+
+@pytest.mark.parametrize("script, args, written", [
+    ("consistency_benchmark.py", ["--random-weights", "--n", "2", "--steps", "1", "--seeds", "0",
+                                  "--settings", "none", "--outdir", "out"], "out/run-001/table.md"),
+    ("heldout_loss.py", ["--config", "configs/embedded/procedural-t2i-16px.yaml", "--ckpt", WEIGHTS_16PX,
+                         "--n", "4", "--batch-size", "4"], None),
+    ("benchmark_train_step.py", ["--batch", "1", "--size", "16", "--flops"], None),
+])
+def test_research_scripts_from_another_folder_read_the_repositorys_configs_and_weights(tmp_path, script, args,
+                                                                                      written):
+    """Their default --config and relative --config/--ckpt fall back to the repository like txt2img's."""
+    assert_ok(run(script, *args, cwd=tmp_path))
+    if written:
+        assert (tmp_path / written).is_file()
+
+
+def test_adapter_scripts_resolve_relative_paths_against_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter = "models/embedded/procedural-16px-outline-adapter.safetensors"
+    opt = load_script("adapter_benchmark").build_parser().parse_args(["--adapter", adapter, "--ckpt", WEIGHTS_16PX])
+    assert (opt.adapter, opt.ckpt) == (str(REPO / adapter), str(REPO / WEIGHTS_16PX))
+    assert opt.config == str(REPO / "configs" / "embedded" / "procedural-t2i.yaml")
+    opt = load_script("train_adapter").build_parser().parse_args(["--random-weights", "--out", "a.safetensors"])
+    assert opt.config == str(REPO / "configs" / "embedded" / "procedural-t2i.yaml")
+    (tmp_path / "configs").mkdir()  # a file of that name in the working folder wins
+    (tmp_path / "configs" / "mine.yaml").write_text("model: {}\n")
+    assert load_script("benchmark_attention").build_parser().parse_args(["--config", "configs/mine.yaml"]).config \
+        == "configs/mine.yaml"
 def test_txt2img_missing_checkpoint_says_what_to_pass(tmp_path):
     result = run("txt2img.py", "--config", TINY_CONFIG, "--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path)
     assert_one_line_error(result, "checkpoint not found", "--ckpt", "--random-weights")
