@@ -281,6 +281,15 @@ def _load_pickle(path, unsafe_pickle):
                               f"({refused}); if you trust the file, pass --unsafe-pickle") from e
 
 
+def _is_safetensors(path):
+    """Whether the file starts as safetensors do (an 8-byte header length, then the JSON header):
+    README's `ln -s sd-v1-5.safetensors models/ldm/stable-diffusion-v1/model.ckpt` keeps upstream's
+    path, so the name alone does not tell the format."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") < os.path.getsize(path)
+
+
 def read_checkpoint(path, *, unsafe_pickle=False):
     """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats."""
     path = os.fspath(path)
@@ -288,7 +297,7 @@ def read_checkpoint(path, *, unsafe_pickle=False):
         raise CheckpointError(f"Checkpoint not found: {path}")
     suffix = os.path.splitext(path)[1].lower()
     try:
-        if suffix in SAFETENSORS_SUFFIXES:
+        if suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
         if suffix in PICKLE_SUFFIXES:
@@ -317,7 +326,7 @@ def state_dict_of(checkpoint, path="checkpoint"):
 def load_state_dict(path, *, unsafe_pickle=False):
     """Load the weights of a checkpoint file as {name: tensor} on the CPU.
 
-    .safetensors: safetensors; .ckpt/.pt/.pth: torch.load(weights_only=True) with a small
+    .safetensors (or any name, by content): safetensors; .ckpt/.pt/.pth: torch.load(weights_only=True) with a small
     allow-list (checkpoint_safe_globals) for what Stable Diffusion 1.x .ckpt files contain.
     unsafe_pickle=True allows full unpickling (arbitrary code!) for trusted files.
     Raises CheckpointError with a one-line message.

@@ -170,6 +170,15 @@ def test_tiny_model_round_trips(tmp_path, tiny_config, tiny_model, suffix, caplo
         assert any("global step: 3" in r.getMessage() for r in caplog.records)
 
 
+def test_a_safetensors_file_linked_to_upstreams_ckpt_path_loads(tmp_path, tiny_config, tiny_model):
+    """README: `ln -s sd-v1-5.safetensors models/ldm/stable-diffusion-v1/model.ckpt`; the format
+    is read from the file, not from its name."""
+    save_file(tiny_state_dict(tiny_model), str(tmp_path / "tiny.safetensors"))
+    (tmp_path / "model.ckpt").symlink_to(tmp_path / "tiny.safetensors")
+    torch.manual_seed(1)
+    assert_same_parameters(load_model_from_config(tiny_config, str(tmp_path / "model.ckpt")), tiny_model)
+
+
 def test_ema_weights_are_ignored_when_the_config_has_no_ema(tmp_path, tiny_config, tiny_model):
     sd = tiny_state_dict(tiny_model)
     sd["model_ema.decay"] = torch.tensor(0.9999)
