@@ -22,7 +22,7 @@ setup(
         "lightning-utilities",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "diffusers"],  # diffusers: parity of pipeline-folder loading (tests only)
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],

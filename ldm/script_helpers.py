@@ -15,6 +15,7 @@ from itertools import islice
 
 import torch
 
+from ldm import diffusers_folder
 from ldm.image_io import make_grid, next_free_index, save_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
@@ -94,8 +95,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help=f"path to config which constructs model (default: the first of {', '.join(DEFAULT_CONFIGS)} "
              "whose weights are in place)")
     add("--ckpt", type=str, default=None,
-        help="path to checkpoint of model, .safetensors or .ckpt (default: the weights named in the "
-             "config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt for SD v1)")
+        help="path to checkpoint of model, .safetensors or .ckpt, or a diffusers pipeline folder (default: "
+             "the weights named in the config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt "
+             "for SD v1)")
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
@@ -311,9 +313,14 @@ def resolve_model(parser, opt):
     opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
     geometry = read_model_geometry(parser, "--config", opt.config)
     opt.ckpt = in_repo(opt.ckpt or geometry.weights)
-    if not opt.random_weights and not (opt.ckpt and os.path.isfile(opt.ckpt)):
+    if not opt.random_weights and not (opt.ckpt and os.path.exists(opt.ckpt)):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
         parser.error(f"{missing} (pass --ckpt PATH to the model weights, or --random-weights to run without weights)")
+    if not opt.random_weights and os.path.isdir(opt.ckpt):
+        try:
+            diffusers_folder.weight_files(opt.ckpt)
+        except ValueError as e:
+            parser.error(f"--ckpt {e}")
     for flag, name, value in (("--C", "C", geometry.channels), ("--f", "f", geometry.factor)):
         given = getattr(opt, name)
         if given is not None and given != value:

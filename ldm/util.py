@@ -17,6 +17,8 @@ from queue import Queue
 from inspect import isfunction
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.diffusers_folder import read_pipeline_folder
+
 logger = logging.getLogger(__name__)
 
 
@@ -291,8 +293,15 @@ def _is_safetensors(path):
 
 
 def read_checkpoint(path, *, unsafe_pickle=False):
-    """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats."""
+    """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats. A
+    diffusers pipeline folder (unet/, vae/, text_encoder/) is read as one state dict in the
+    single-file layout (ldm/diffusers_folder.py)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            return read_pipeline_folder(path, lambda file: read_checkpoint(file, unsafe_pickle=unsafe_pickle))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint not found: {path}")
     suffix = os.path.splitext(path)[1].lower()
@@ -327,7 +336,8 @@ def load_state_dict(path, *, unsafe_pickle=False):
     """Load the weights of a checkpoint file as {name: tensor} on the CPU.
 
     .safetensors (or any name, by content): safetensors; .ckpt/.pt/.pth: torch.load(weights_only=True) with a small
-    allow-list (checkpoint_safe_globals) for what Stable Diffusion 1.x .ckpt files contain.
+    allow-list (checkpoint_safe_globals) for what Stable Diffusion 1.x .ckpt files contain; a
+    diffusers pipeline folder: its UNet, VAE and text encoder, renamed to this layout.
     unsafe_pickle=True allows full unpickling (arbitrary code!) for trusted files.
     Raises CheckpointError with a one-line message.
     """

@@ -219,7 +219,7 @@ def check_run(parser, opt, settings):
     opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
     if opt.random_weights == bool(opt.ckpt):
         parser.error("pass exactly one of --ckpt PATH and --random-weights")
-    if opt.ckpt and not os.path.isfile(opt.ckpt):
+    if opt.ckpt and not os.path.exists(opt.ckpt):
         parser.error(f"checkpoint not found: {opt.ckpt}")
     prompt_index, seed_index = opt.figure
     if not (0 <= prompt_index < len(opt.prompts) and 0 <= seed_index < len(opt.seeds)):

@@ -13,6 +13,9 @@
 * A JSON sidecar (same name, .json) records the source, global step, dtype, parameter counts
   and, when a Lightning metrics.csv is found (next to the run, or --metrics), the final losses.
 
+* A diffusers pipeline folder (SD 1.x's unet/, vae/, text_encoder/) is read in this
+  repository's layout (ldm/diffusers_folder.py), so it becomes one file like upstream's.
+
 Existing output files are never overwritten.
 """
 import csv
@@ -165,7 +168,8 @@ def sidecar_path(out_path):
 
 def build_parser():
     parser = ArgumentParser(description="Export a Lightning last.ckpt as .safetensors for txt2img.")
-    parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt), e.g. logs/RUN/checkpoints/last.ckpt")
+    parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt), e.g. logs/RUN/checkpoints/last.ckpt, or a "
+                                      "diffusers pipeline folder")
     parser.add_argument("out", help="output .safetensors path (a .json sidecar is written next to it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
                         help="dtype of the UNet and text-encoder weights (default fp16)")
@@ -178,7 +182,7 @@ def build_parser():
 
 
 def validate(parser, opt):
-    if not os.path.isfile(opt.ckpt):
+    if not os.path.exists(opt.ckpt):
         parser.error(f"checkpoint not found: {opt.ckpt}")
     if not opt.out.endswith(".safetensors"):
         parser.error(f"the output must be a .safetensors file, got {opt.out}")
