@@ -90,6 +90,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) "
              f"(default: from the config's `sampling` block, else {scale})")
     parser.set_defaults(default_scale=scale)  # this script's, for models whose config names none
+    add("--negative-prompt", default="", metavar="TEXT",
+        help="what guidance steers away from: the unconditional half of classifier-free guidance reads "
+             "this prompt instead of the empty one (needs --scale other than 1)")
     add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     add("--config", type=str, default=None,
         help=f"path to config which constructs model (default: the first of {', '.join(DEFAULT_CONFIGS)} "
@@ -160,6 +163,9 @@ def validate_common(parser, opt, samplers, aliases):
                            opt.geometry.eta, opt.sampler)
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
+    if opt.negative_prompt and opt.scale == 1.0:
+        parser.error("--negative-prompt needs classifier-free guidance, which --scale 1 turns off (the "
+                     "unconditional pass it replaces does not run): pass --scale above 1 or leave it out")
     if opt.ddim_steps < sampler.min_steps:
         parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
     if opt.ddim_steps >= opt.geometry.timesteps:
@@ -451,9 +457,11 @@ def prompt_batches(opt):
     return list(iter(lambda: list(islice(it, opt.n_samples)), []))
 
 
-def conditionings(model, prompts, scale):
-    """(cond, uncond) for a batch of prompts; uncond is None when guidance is off (scale 1)."""
-    uc = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
+def conditionings(model, prompts, scale, negative_prompt=""):
+    """(cond, uncond) for a batch of prompts; uncond is None when guidance is off (scale 1). The
+    unconditional half reads `negative_prompt`: guidance `e_u + s·(e_c − e_u)` then pushes away
+    from it as well as towards the prompt."""
+    uc = model.get_learned_conditioning(len(prompts) * [negative_prompt]) if scale != 1.0 else None
     return model.get_learned_conditioning(prompts), uc
 
 
@@ -644,6 +652,7 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
         "sampler": opt.sampler,
         "steps": opt.ddim_steps,
         "scale": opt.scale,
+        "negative_prompt": opt.negative_prompt,
         "eta": opt.ddim_eta,
         "H": height,
         "W": width,

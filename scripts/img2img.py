@@ -105,7 +105,7 @@ def encode_steps(opt):
 def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
     """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
     n = len(prompts)
-    c, uc = conditionings(model, prompts, opt.scale)
+    c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
     # Upstream noises to DDIM index t_enc while decode's first step is index t_enc - 1, one level
     # less noisy; kept for strength < 1 (the same images as upstream). At strength 1.0 index t_enc
     # does not exist: noise to the last index, exactly the level decode starts from.

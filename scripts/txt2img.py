@@ -63,7 +63,7 @@ def load(opt):
 
 def sample_batch(opt, model, sampler, prompts, x_T):
     """(len(prompts), 3, H, W) images in [0, 1] on the CPU."""
-    c, uc = conditionings(model, prompts, opt.scale)
+    c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
     latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
                                 shape=[opt.C, opt.H // opt.f, opt.W // opt.f], verbose=False,
                                 unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,

@@ -159,3 +159,16 @@ def test_img2img_checks_the_window_against_the_steps_its_strength_leaves(tmp_pat
     result = run("img2img.py", *args(tiny_ckpt, tmp_path / "early", *common, "--share-window", "0:0.6"))
     assert_one_line_error(result, "holds none of this run's 2 model calls (the nearest at 0.749 of")
     assert_ok(run("img2img.py", *args(tiny_ckpt, tmp_path / "late", *common, "--share-window", "0.7:1")))
+
+
+def test_a_negative_prompt_steers_the_unconditional_half_and_the_anchor_stays_its_plain_image(tmp_path, tiny_ckpt):
+    plain, negative, shared = tmp_path / "plain", tmp_path / "negative", tmp_path / "shared"
+    assert_ok(txt2img(*args(tiny_ckpt, plain)))
+    assert_ok(txt2img(*args(tiny_ckpt, negative, "--negative-prompt", "blurry")))
+    assert_ok(txt2img(*args(tiny_ckpt, shared, "--negative-prompt", "blurry", "--consistent-attn")))
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(negative), pixels(plain)))
+    assert np.array_equal(pixels(shared)[0], pixels(negative)[0])  # the halves still share apart
+    assert read_parameters(negative / "samples" / "00000.png")["negative_prompt"] == "blurry"
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "off", "--negative-prompt", "blurry", "--scale", "1")),
+                          "--negative-prompt", "--scale 1")
+    assert not (tmp_path / "off").exists()
