@@ -724,7 +724,8 @@ def feature_metadata(opt, extra_metadata=None):
     (keys the caller already set win)."""
     extra = dict(extra_metadata or {})
     for key, attribute in (("consistent_attn", "consistency"), ("run_anchors", "run_anchors"),
-                           ("reference", "reference"), ("t2i_adapter", "adapters")):
+                           ("reference", "reference"), ("reference_image", "image_anchor"),
+                           ("t2i_adapter", "adapters")):
         feature = getattr(opt, attribute, None)
         if feature is not None:
             logger.info("%s: %s", key, feature.describe())

@@ -8,7 +8,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from ldm.modules import adapters, consistency, consistency_reference
+from ldm.modules import adapters, consistency, consistency_image, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, attention_sharing,
                                 build_postprocess, check_image_size, check_output_dir, check_sharing, check_step_window,
                                 check_subject_words_before_loading, conditionings,
@@ -29,6 +29,7 @@ def build_parser():
                         help="image width, in pixel space (default: from the config's `sampling` block, else 512)")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
     consistency.add_arguments(parser)
+    consistency_image.add_arguments(parser)
     consistency_reference.add_arguments(parser)
     adapters.add_arguments(parser)
     return parser
@@ -36,7 +37,8 @@ def build_parser():
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples)
+    # a --reference-image joins every batch as one more image, its anchor
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + bool(opt.reference_image))
     if opt.laion400m:  # upstream's shortcut to its LAION-400M model; flags the user gave win
         logger.info("Falling back to LAION 400M model...")
         opt.config = opt.config or "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
@@ -46,6 +48,9 @@ def validate_options(parser, opt):
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
+    opt.image_anchor = consistency_image.anchor_from_arguments(opt, parser)
+    if opt.image_anchor is not None:
+        opt.run_anchors = None  # every batch reads the image, not the first batch's anchor
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     check_output_dir(parser, "--outdir", opt.outdir)
     check_subject_words_before_loading(parser, opt)  # needs opt.reference
@@ -63,12 +68,17 @@ def load(opt):
 
 def sample_batch(opt, model, sampler, prompts, x_T):
     """(len(prompts), 3, H, W) images in [0, 1] on the CPU."""
-    c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
-    latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
-                                shape=[opt.C, opt.H // opt.f, opt.W // opt.f], verbose=False,
-                                unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                eta=opt.ddim_eta, x_T=x_T)
-    return latents_to_images(model, latents)
+    n, anchor, known = len(prompts), opt.image_anchor, {}
+    if anchor is not None:  # --reference-image: sampled as the batch's first image, not returned
+        prompts, x_T = anchor.extend(prompts, x_T)
+        known = anchor.known(model, len(prompts))
+    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, len(prompts)):
+        c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
+        latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
+                                    shape=[opt.C, opt.H // opt.f, opt.W // opt.f], verbose=False,
+                                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                    eta=opt.ddim_eta, x_T=x_T, **known)
+    return latents_to_images(model, latents[-n:])
 
 
 def generate(opt, model, sampler, device, postprocess):
@@ -86,8 +96,7 @@ def generate(opt, model, sampler, device, postprocess):
                     n = len(prompts)
                     x_T = fixed_code[:n] if fixed_code is not None else \
                         cpu_noise(generator, [n] + latent_shape[1:], device)
-                    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n):
-                        images = sample_batch(opt, model, sampler, prompts, x_T)
+                    images = sample_batch(opt, model, sampler, prompts, x_T)
                     yield prompts, postprocess(images)
                     progress.update()
 

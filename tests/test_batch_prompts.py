@@ -1,11 +1,12 @@
 """Per-image prompts in one batch (repeated --prompt, --from-file): each image is conditioned on
 its own text while consistent attention shares self-attention across the batch."""
 
+import argparse
+
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_script
-from ldm.modules.consistency import consistent_attention
 from ldm.script_helpers import prompt_batches
 
 PROMPTS = ["a red chair", "a blue table", "a green face"]
@@ -77,9 +78,9 @@ def test_each_image_gets_its_own_prompt_and_the_batch_still_shares(txt2img, mode
     apply_model = model.apply_model
     monkeypatch.setattr(model, "apply_model", lambda x, t, c, *a, **k: seen.append(c) or apply_model(x, t, c, *a, **k))
     with torch.no_grad():
-        with consistent_attention(model, opt.consistency, len(prompts)):  # as generate() does
-            shared = txt2img.sample_batch(opt, model, sampler, prompts, x_T)
-        plain = txt2img.sample_batch(opt, model, sampler, prompts, x_T)
+        shared = txt2img.sample_batch(opt, model, sampler, prompts, x_T)  # sharing as opt.consistency says
+        plain_opt = argparse.Namespace(**{**vars(opt), "consistency": None, "run_anchors": None})
+        plain = txt2img.sample_batch(plain_opt, model, sampler, prompts, x_T)
         cond = model.get_learned_conditioning(PROMPTS)
         uncond = model.get_learned_conditioning(3 * [""])
         singles = [model.get_learned_conditioning([p]) for p in PROMPTS]

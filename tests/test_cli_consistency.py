@@ -172,3 +172,55 @@ def test_a_negative_prompt_steers_the_unconditional_half_and_the_anchor_stays_it
     assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "off", "--negative-prompt", "blurry", "--scale", "1")),
                           "--negative-prompt", "--scale 1")
     assert not (tmp_path / "off").exists()
+
+
+def reference_png(path, colour):
+    Image.new("RGB", (64, 64), colour).save(path)
+    return path
+
+
+def test_a_reference_image_is_read_as_the_anchor_and_is_no_output(tmp_path, tiny_ckpt):
+    red, blue = reference_png(tmp_path / "red.png", "red"), reference_png(tmp_path / "blue.png", "blue")
+    runs = {name: tmp_path / name for name in ("plain", "red", "red-again", "blue")}
+    assert_ok(txt2img(*args(tiny_ckpt, runs["plain"], "--consistent-attn")))
+    for name, image in (("red", red), ("red-again", red), ("blue", blue)):
+        assert_ok(txt2img(*args(tiny_ckpt, runs[name], "--consistent-attn", "--reference-image", image)))
+    images = {name: pixels(folder) for name, folder in runs.items()}
+    assert [len(v) for v in images.values()] == [3, 3, 3, 3]  # n_samples each: the anchor is not saved
+    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"]))
+    # every image reads the reference: another image changes all of them, and none is the plain anchor
+    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
+    assert not np.array_equal(images["red"][0], images["plain"][0])
+    assert read_parameters(runs["red"] / "samples" / "00000.png")["extra"]["reference_image"] == {"image": str(red)}
+
+
+def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):
+    """--n_samples 1 has nothing to share within the batch, but the reference is one more image."""
+    red, blue = reference_png(tmp_path / "red.png", "red"), reference_png(tmp_path / "blue.png", "blue")
+    for image in (red, blue):
+        assert_ok(txt2img(*args(tiny_ckpt, tmp_path / image.stem, "--consistent-attn", "--reference-image", image,
+                                n=1)))
+    assert not np.array_equal(pixels(tmp_path / "red")[0], pixels(tmp_path / "blue")[0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "add --consistent-attn"),
+    (["--consistent-attn", "--share-mode", "all"], "--share-mode anchor"),
+    (["--consistent-attn", "--share-anchors", "2"], "--share-anchors"),
+    (["--consistent-attn", "--anchor-images", "1"], "--anchor-images"),
+    (["--consistent-attn", "--sampler", "dpm"], "--sampler ddim or plms"),
+    (["--consistent-attn", "--adapter", "adapter.safetensors"], "--adapter"),
+])
+def test_reference_image_misuse_is_one_error_line(tmp_path, tiny_ckpt, extra, message):
+    image = reference_png(tmp_path / "red.png", "red")
+    result = txt2img(*args(tiny_ckpt, tmp_path / "out", "--reference-image", image, *extra))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_reference_image_is_one_error_line(tmp_path, tiny_ckpt):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "out", "--consistent-attn", "--reference-image",
+                                        tmp_path / "notes.png")), "cannot read --reference-image")
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "out", "--consistent-attn", "--reference-image",
+                                        tmp_path / "missing.png")), "cannot read --reference-image")

@@ -1,0 +1,103 @@
+"""--reference-image: the batch takes the look of an image the user gives (a photo of their chair,
+face or style), in anchor mode.
+
+Anchor mode lets every image read the self-attention keys/values of an anchor sampled in the same
+batch. Here the anchor is given instead of sampled: it joins each batch as an extra first image
+whose latent is, before every step, the reference image's latent noised to that step. That is the
+replacement upstream's DDIM and PLMS make for inpainting (`mask`/`x0`), with a mask that covers the
+whole anchor and nothing else. The anchor's keys/values at step t are then what the model's
+self-attention makes of that image at noise level t, the level the other images' queries are at,
+so they read its colours, materials and identity as they would a sampled anchor's; their layout
+stays their own. The anchor's own output, a re-noised copy of the reference, is dropped.
+(ControlNet's "reference-only" mode feeds the reference the same way; StyleAligned inverts it
+with DDIM instead, which costs a second pass over the steps.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.modules.consistency import ShareMode
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+SAMPLERS = ("ddim", "plms")  # the samplers with upstream's mask/x0 replacement
+
+
+def add_arguments(parser):
+    parser.add_argument("--reference-image", metavar="PATH",
+                        help="the batch takes the look of this image (an object, face or style): it is read as "
+                             "an extra anchor, noised to each step, and is not itself an output; with "
+                             "--consistent-attn (anchor mode, one anchor) and --sampler ddim or plms. Resized to "
+                             "--W x --H")
+
+
+@dataclass(eq=False)
+class ImageAnchor:
+    """The reference image as the first image of every batch. `pixels`: (1, 3, H, W) in [-1, 1]."""
+    path: str
+    pixels: torch.Tensor
+    _latents: dict = field(default_factory=dict)  # device -> its first-stage encoding, made once
+
+    def describe(self) -> dict:
+        return {"image": self.path}
+
+    def extend(self, prompts, x_T):
+        """The batch with the anchor in front. Its prompt is the first image's (the anchor's text
+        shapes its own features as the batch's prompt would); its start code is zeros, so that no
+        noise is drawn for it: it is replaced before the first step anyway."""
+        return [prompts[0], *prompts], torch.cat([torch.zeros_like(x_T[:1]), x_T])
+
+    def known(self, model, n) -> dict:
+        """The sampler's `mask` and `x0` for a batch of `n` (anchor first): only the anchor is known."""
+        latent = self.latent(model)
+        mask = torch.zeros(n, 1, 1, 1, device=latent.device, dtype=latent.dtype)
+        mask[0] = 1
+        return {"mask": mask, "x0": latent.expand(n, -1, -1, -1)}
+
+    def latent(self, model):
+        device = model.betas.device
+        if device not in self._latents:
+            # the posterior's mean, not a sample: the reference as it is, the same in every batch
+            posterior = model.encode_first_stage(self.pixels.to(device))
+            if isinstance(posterior, DiagonalGaussianDistribution):
+                posterior = posterior.mode()
+            self._latents[device] = model.get_first_stage_encoding(posterior)
+        return self._latents[device]
+
+
+def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
+    """The anchor --reference-image asks for, or None; after validate_common (it needs opt.sampler,
+    opt.W and opt.H). Bad input ends in one parser.error line, before the model is loaded."""
+    path = opt.reference_image
+    if path is None:
+        return None
+    config = opt.consistency
+    if not opt.consistent_attn:
+        parser.error("--reference-image is read as the anchor of --consistent-attn; add --consistent-attn")
+    if config is not None and (config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images):
+        parser.error("--reference-image is the one anchor of --share-mode anchor: leave out --share-mode other than "
+                     "anchor, --share-anchors and --anchor-images")
+    if opt.sampler not in SAMPLERS:
+        parser.error(f"--reference-image needs --sampler {' or '.join(SAMPLERS)} (they keep the anchor at the "
+                     f"reference at every step); --sampler {opt.sampler} cannot")
+    if getattr(opt, "adapter", None):  # (--write-/--read-reference already exclude --consistent-attn)
+        parser.error("--reference-image and --adapter cannot be combined yet: the adapter's conditions are one "
+                     "per sampled image, and the reference would be one more")
+    return ImageAnchor(path, read_image(parser, path, opt.W, opt.H))
+
+
+def read_image(parser, path, width, height) -> torch.Tensor:
+    """(1, 3, height, width) in [-1, 1]. Shrinking uses a box filter: exact for the PNGs of a small
+    model saved enlarged by --display-scale, which then go back in at the model's own pixels."""
+    try:
+        with Image.open(path) as file:
+            image = file.convert("RGB")
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot read --reference-image {path}: {e}")
+    shrink = image.width >= width and image.height >= height
+    image = image.resize((width, height), resample=Image.BOX if shrink else Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
