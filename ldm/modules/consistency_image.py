@@ -14,7 +14,7 @@ with DDIM instead, which costs a second pass over the steps.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class ImageAnchor:
     """The reference image as the first image of every batch. `pixels`: (1, 3, H, W) in [-1, 1]."""
     path: str
     pixels: torch.Tensor
-    _latents: dict = field(default_factory=dict)  # device -> its first-stage encoding, made once
+    _latent: torch.Tensor | None = None  # its first-stage encoding, made once
 
     def describe(self) -> dict:
         return {"image": self.path}
@@ -58,14 +58,13 @@ class ImageAnchor:
         return {"mask": mask, "x0": latent.expand(n, -1, -1, -1)}
 
     def latent(self, model):
-        device = model.betas.device
-        if device not in self._latents:
+        if self._latent is None:
             # the posterior's mean, not a sample: the reference as it is, the same in every batch
-            posterior = model.encode_first_stage(self.pixels.to(device))
+            posterior = model.encode_first_stage(self.pixels.to(model.betas.device))
             if isinstance(posterior, DiagonalGaussianDistribution):
                 posterior = posterior.mode()
-            self._latents[device] = model.get_first_stage_encoding(posterior)
-        return self._latents[device]
+            self._latent = model.get_first_stage_encoding(posterior)
+        return self._latent
 
 
 def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
@@ -74,10 +73,10 @@ def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
     path = opt.reference_image
     if path is None:
         return None
-    config = opt.consistency
     if not opt.consistent_attn:
         parser.error("--reference-image is read as the anchor of --consistent-attn; add --consistent-attn")
-    if config is not None and (config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images):
+    config = opt.consistency  # not None: with the reference, a batch has two images or more
+    if config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images:
         parser.error("--reference-image is the one anchor of --share-mode anchor: leave out --share-mode other than "
                      "anchor, --share-anchors and --anchor-images")
     if opt.sampler not in SAMPLERS:
