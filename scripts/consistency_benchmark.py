@@ -15,6 +15,9 @@ case: the object should agree, the named scenes differ. The procedural scenes' p
 * chroma spread the same with each colour's grey level removed: a batch that only got darker
                 narrows its colour spread, not this
 * fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
+* ref. agreement fraction of the object's attributes that are the batch's reference scene's: a scene of
+                the prompt (what it names, the rest drawn per batch) that the image:* settings give as
+                --reference-image; in the other rows, how often the images match it by chance
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
 * pixel noise   noise the sampler left in the images (0 on clean renders; procedural.pixel_noise)
 * embedding sim mean pairwise cosine similarity of image embeddings (--embedder PATH: a local
@@ -25,6 +28,10 @@ The reference:* settings measure two separate runs (consistency_reference.py): i
 is generated first and its self-attention recorded; then images 0..N-2 are generated in another
 run that reads that reference. Every image keeps the start noise and prompt it has in the other
 settings, so the rows compare directly; the reference image is exactly the plain model's.
+
+The image:* settings sample the batch as txt2img --reference-image does: a render of the batch's
+reference scene is the anchor, one more image in front of the batch, noised to every step
+(consistency_image.py); their spreads are over the N sampled images.
 
 The n_iter2:* settings sample the batch as txt2img --n_iter 2 samples a run: two batches of N/2,
 images 0..N/2-1 first. n_iter2:anchor is what txt2img does (the second batch reads the first
@@ -62,12 +69,14 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.modules.consistency_image import ImageAnchor  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
@@ -102,6 +111,12 @@ class FromReference:
     config: ConsistentAttentionConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class FromImage:
+    """A setting whose anchor is a render of the batch's reference scene (txt2img --reference-image)."""
+    config: ConsistentAttentionConfig
+
+
 # name -> ConsistentAttentionConfig (None: plain self-attention). --settings picks from here.
 SETTINGS = {
     "none": None,
@@ -124,6 +139,8 @@ SETTINGS = {
     "subject+adain:all": shared(ALL_GROUPS, subjects=(OBJECT_WORD,), adain=True),
     "reference:all": FromReference(shared(ALL_GROUPS, mode="anchor")),
     "reference+subject:all": FromReference(shared(ALL_GROUPS, mode="anchor", subjects=(OBJECT_WORD,))),
+    "image:middle+inner": FromImage(shared({"middle", "inner"}, mode="anchor")),
+    "image:all": FromImage(shared(ALL_GROUPS, mode="anchor")),
     "n_iter2:anchor": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=True),
     "n_iter2:own-anchors": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=False),
 }
@@ -143,7 +160,7 @@ DEFAULT_PROMPTS = [
 ]
 
 METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "chroma_spread", "fidelity",
-           "diversity", "pixel_noise", "embedding_similarity", "seconds_per_image")
+           "reference_agreement", "diversity", "pixel_noise", "embedding_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
@@ -217,6 +234,7 @@ def check_run(parser, opt, settings):
                      f"(model.params.timesteps in {opt.config}), got {opt.steps}")
     # at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)
     opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
+    opt.image_size = (geometry.height, geometry.width)
     if opt.random_weights == bool(opt.ckpt):
         parser.error("pass exactly one of --ckpt PATH and --random-weights")
     if opt.ckpt and not os.path.exists(opt.ckpt):
@@ -232,11 +250,13 @@ def check_run(parser, opt, settings):
 def config_of(setting):
     """The ConsistentAttentionConfig of a setting (None: plain), in-batch or recorded."""
     config = SETTINGS[setting]
-    return config.config if isinstance(config, (FromReference, InTwoBatches)) else config
+    return config.config if isinstance(config, (FromReference, InTwoBatches, FromImage)) else config
 
 
-def takes_subject_from_prompt(setting):
-    return config_of(setting) is not None and OBJECT_WORD in config_of(setting).subjects
+def needs_procedural_prompt(setting):
+    """The subject settings take their word from a procedural caption, the image settings render its scene."""
+    config = config_of(setting)
+    return isinstance(SETTINGS[setting], FromImage) or (config is not None and OBJECT_WORD in config.subjects)
 
 
 def validate(parser, opt):
@@ -249,8 +269,8 @@ def validate(parser, opt):
     if opt.figure is None:
         storyboard = [i for i, entry in enumerate(opt.prompts) if len(per_image_parts(entry)) > 1]
         opt.figure = [storyboard[0] if storyboard else 0, 0]
-    if opt.settings is None:  # the subject settings need a procedural prompt's object word
-        opt.settings = [s for s in SETTINGS if not (not_procedural and takes_subject_from_prompt(s))]
+    if opt.settings is None:
+        opt.settings = [s for s in SETTINGS if not (not_procedural and needs_procedural_prompt(s))]
     check_run(parser, opt, SETTINGS)
     unmeasured = [name for name in opt.paired_with if name not in opt.settings]
     if unmeasured:
@@ -261,10 +281,11 @@ def validate(parser, opt):
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
                      f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
                      f"pass --embedder DIR, a local DINO/CLIP model folder")
-    subject_settings = [s for s in opt.settings if takes_subject_from_prompt(s)]
-    if not_procedural and subject_settings:
-        parser.error(f"setting {subject_settings[0]} takes its subject word from a procedural prompt, and "
-                     f"{not_procedural[0]!r} is not one: leave the subject settings out for such prompts")
+    procedural_only = [s for s in opt.settings if needs_procedural_prompt(s)]
+    if not_procedural and procedural_only:
+        parser.error(f"setting {procedural_only[0]} takes its subject word or reference scene from a procedural "
+                     f"prompt, and {not_procedural[0]!r} is not one: leave the subject and image settings out for "
+                     f"such prompts")
 
 
 def new_run_dir(outdir):
@@ -338,9 +359,12 @@ def setting_for(setting, prompt):
     return dataclasses.replace(config, subjects=(object_word(prompt),))
 
 
-def sample(model, sampler, opt, prompts, c, uc, x_T, setting):
-    """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on."""
+def sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference=None):
+    """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on. `reference`: the
+    batch's reference scene (image settings)."""
     config = setting_for(setting, prompts[0])
+    if isinstance(SETTINGS[setting], FromImage):
+        return sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference)
     if isinstance(SETTINGS[setting], FromReference):
         return sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config)
     if isinstance(SETTINGS[setting], InTwoBatches):
@@ -360,6 +384,27 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
     return torch.cat([readers, reference])
 
 
+def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference):
+    """The reference scene rendered at the model's size as the anchor, in front of the batch."""
+    height, width = opt.image_size
+    pixels = torch.from_numpy(np.array(procedural.render(reference, height))).permute(2, 0, 1)[None].float()
+    pixels = torch.nn.functional.interpolate(pixels / 127.5 - 1, size=(height, width))  # a square render
+    anchor = ImageAnchor("reference scene", pixels)
+    prompts, x_T = anchor.extend(prompts, x_T)
+    in_front = lambda cond: None if cond is None else torch.cat([cond[:1], cond])  # the anchor's: image 0's
+    with consistent_attention(model, config, len(prompts), prompts=prompts):
+        images = ddim_images(model, sampler, opt, in_front(c), in_front(uc), x_T, **anchor.known(model, len(prompts)))
+    return images[1:]
+
+
+def reference_scene(prompt, prompt_index, seed):
+    """A batch's reference scene: the prompt's object with the attributes it names, the others drawn
+    from the batch's seed (its own stream), the same for every setting."""
+    named = procedural.parse_caption(prompt)
+    drawn = procedural.sample_scene(np.random.default_rng([7, batch_seed(prompt_index, seed)]), kind=named.kind)
+    return procedural.Scene(named.kind, {**drawn.attributes, **named.attributes}, drawn.jitter)
+
+
 def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_wide):
     """Images 0..N/2-1 as a first batch, the rest as a second, in anchor mode: the second reads the
     first batch's anchors (`run_wide`, RunAnchors) or has its own."""
@@ -374,10 +419,11 @@ def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_
     return torch.cat(images)
 
 
-def ddim_images(model, sampler, opt, c, uc, x_T):
+def ddim_images(model, sampler, opt, c, uc, x_T, **known):
+    """`known`: the sampler's mask and x0 (a reference image's anchor)."""
     latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(x_T), shape=opt.shape,
                                 unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                eta=opt.eta, x_T=x_T, verbose=False)
+                                eta=opt.eta, x_T=x_T, verbose=False, **known)
     return latents_to_images(model, latents)
 
 
@@ -385,9 +431,10 @@ def to_uint8_hwc(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def measure(images, prompts, embedder=None):
+def measure(images, prompts, embedder=None, reference=None):
     """The metrics of one batch; NaN where they do not apply (read-back needs procedural prompts).
-    Fidelity is each image's against its own prompt."""
+    Fidelity is each image's against its own prompt, reference agreement against the object
+    attributes of the batch's `reference` scene."""
     pixels = to_uint8_hwc(images)
     row = dict.fromkeys(METRICS[:-1], float("nan"))
     row["diversity"] = procedural.diversity_score(pixels)
@@ -401,6 +448,9 @@ def measure(images, prompts, embedder=None):
                    chroma_spread=score["chroma_spread"],
                    fidelity=statistics.fmean(named) if named else float("nan"),
                    **procedural.subject_and_scene(score["per_attribute"], scene.kind))
+    if reference is not None:
+        own = {k: v for k, v in reference.attributes.items() if k not in procedural.SCENE_ATTRIBUTES[reference.kind]}
+        row["reference_agreement"] = procedural.fidelity(pixels, procedural.Scene(reference.kind, own))
     if embedder is not None:
         row["embedding_similarity"] = embedding_similarity(embedder(images))
     return row
@@ -424,14 +474,15 @@ def run(opt, model, device, embedder=None):
                 return
             prompts, (c, uc) = batches[p], conds[p]
             x_T = start_noise(opt.shape, p, seed, opt.n, device)
+            reference = reference_scene(prompts[0], p, seed) if procedural.parse_caption(prompts[0]) else None
             for setting in opt.settings:
                 seed_step_noise(p, seed)
                 synchronize(device)
                 start = time.perf_counter()
-                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting)
+                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference)
                 seconds = time.perf_counter() - start
                 row = {"setting": setting, "prompt": prompt, "seed": seed,
-                       **measure(images, prompts, embedder), "seconds_per_image": seconds / opt.n}
+                       **measure(images, prompts, embedder, reference), "seconds_per_image": seconds / opt.n}
                 similarity = f", embedding sim {row['embedding_similarity']:.3f}" if embedder else ""
                 logger.info("%-22s %-40s seed %d: agreement %.3f%s", setting, prompt[:40], seed,
                             row["agreement"], similarity)
@@ -458,7 +509,7 @@ def mean_std(values):
 
 def markdown_table(rows, settings):
     lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | chroma spread ↓ "
-             "| fidelity ↑ | diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
+             "| fidelity ↑ | ref. agreement ↑ | diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
              "|---" * (len(METRICS) + 1) + "|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]

@@ -279,3 +279,41 @@ def test_two_batch_settings_and_extra_pairings(tmp_path):
     assert all(float(r["chroma_spread"]) <= float(r["colour_spread"]) + 1e-9 for r in results)
     one_error_line(run("--random-weights", "--settings", "none", "--paired-with", "all:all", "--outdir", tmp_path),
                    "--paired-with all:all is not one of this run's --settings")
+
+
+def test_reference_scenes_keep_what_the_prompt_names_and_are_the_same_for_every_setting():
+    bench = benchmark_module()
+    scene = bench.reference_scene("a red chair with four legs", 0, 0)
+    assert scene.kind == "chair" and scene.attributes["colour"] == "red" and scene.attributes["legs"] == "four"
+    assert scene == bench.reference_scene("a red chair with four legs", 0, 0)
+    drawn = {bench.reference_scene("a chair", 0, seed).attributes["colour"] for seed in range(12)}
+    assert len(drawn) > 3  # what the prompt leaves open is drawn per batch
+
+
+def test_image_rows_read_the_reference_scene_as_their_anchor(tiny_model_with_weights, monkeypatch):
+    """An image: row samples one more image, the rendered reference, in front of the batch: another
+    reference scene changes every image of the row, and the plain row not at all."""
+    import types
+
+    import torch
+    bench = benchmark_module()
+    opt = types.SimpleNamespace(n=2, steps=3, shape=[4, 8, 8], image_size=(64, 64), scale=5.0, eta=0.0, seeds=[0],
+                                prompts=["a chair"], settings=["none", "image:middle+inner"], time_budget=None)
+    runs = {}
+    for colour in ("red", "blue"):
+        monkeypatch.setattr(bench, "reference_scene", lambda prompt, p, seed, colour=colour: bench.procedural.Scene(
+            "chair", {"colour": colour, "legs": "four", "size": "large", "position": "center",
+                      "background": "white"}))
+        runs[colour] = list(bench.run(opt, tiny_model_with_weights, torch.device("cpu")))  # (row, images)
+    (plain_red, red), (plain_blue, blue) = ((row_images[0][1], row_images[1][1]) for row_images in runs.values())
+    assert torch.equal(plain_red, plain_blue)
+    assert len(red) == 2 and all(not torch.equal(a, b) for a, b in zip(red, blue))
+    assert all(0 <= row["reference_agreement"] <= 1 for row, _ in runs["red"])
+
+
+def test_image_settings_in_a_cli_run(tmp_path):
+    result = run("--random-weights", "--n", "2", "--steps", "2", "--seeds", "0", "--prompts", "a chair",
+                 "--settings", "none", "image:middle+inner", "--outdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table, _ = printed_tables(result.stdout)
+    assert "ref. agreement" in table[0] and [r.split(" | ")[0] for r in table[1:]] == ["| none", "| image:middle+inner"]

@@ -70,8 +70,9 @@ def test_benchmark_with_a_bad_embedder_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_subject_settings_need_a_procedural_prompts_object_word(tmp_path):
+@pytest.mark.parametrize("setting", ["subject:all", "image:all"])
+def test_subject_and_image_settings_need_a_procedural_prompt(tmp_path, setting):
     result = run("--random-weights", "--prompts", "a photo of a chair", "--embedder", tmp_path,
-                 "--settings", "none", "subject:all", "--outdir", tmp_path / "out")
-    one_error_line(result, "setting subject:all takes its subject word from a procedural prompt")
+                 "--settings", "none", setting, "--outdir", tmp_path / "out")
+    one_error_line(result, f"setting {setting} takes its subject word or reference scene from a procedural prompt")
     assert not (tmp_path / "out").exists()
