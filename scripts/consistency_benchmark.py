@@ -71,12 +71,13 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.modules.consistency_image import ImageAnchor  # noqa: E402
+from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
@@ -387,9 +388,8 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
 def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference):
     """The reference scene rendered at the model's size as the anchor, in front of the batch."""
     height, width = opt.image_size
-    pixels = torch.from_numpy(np.array(procedural.render(reference, height))).permute(2, 0, 1)[None].float()
-    pixels = torch.nn.functional.interpolate(pixels / 127.5 - 1, size=(height, width))  # a square render
-    anchor = ImageAnchor("reference scene", pixels)
+    render = Image.fromarray(procedural.render(reference, height))  # square: resized for another width
+    anchor = consistency_image.ImageAnchor("reference scene", consistency_image.pixels(render, width, height))
     prompts, x_T = anchor.extend(prompts, x_T)
     in_front = lambda cond: None if cond is None else torch.cat([cond[:1], cond])  # the anchor's: image 0's
     with consistent_attention(model, config, len(prompts), prompts=prompts):
@@ -570,7 +570,7 @@ def write_csv(rows, path):
 
 def write_figure(batches, path):
     """Rows = settings (labelled), columns = the N images of one prompt/seed, nearest-neighbour x4."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
     first = next(iter(batches.values()))
     n, _, h, w = first.shape
     tile_h, tile_w = h * FIGURE_SCALE, w * FIGURE_SCALE

@@ -89,13 +89,17 @@ def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
 
 
 def read_image(parser, path, width, height) -> torch.Tensor:
-    """(1, 3, height, width) in [-1, 1]. Shrinking uses a box filter: exact for the PNGs of a small
-    model saved enlarged by --display-scale, which then go back in at the model's own pixels."""
+    """The image file as `pixels`; one error line for a file that is no image."""
     try:
         with Image.open(path) as file:
-            image = file.convert("RGB")
+            return pixels(file.convert("RGB"), width, height)
     except (OSError, ValueError) as e:
         parser.error(f"cannot read --reference-image {path}: {e}")
+
+
+def pixels(image: Image.Image, width, height) -> torch.Tensor:
+    """(1, 3, height, width) in [-1, 1]. Shrinking uses a box filter: exact for the PNGs of a small
+    model saved enlarged by --display-scale, which then go back in at the model's own pixels."""
     shrink = image.width >= width and image.height >= height
     image = image.resize((width, height), resample=Image.BOX if shrink else Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
