@@ -72,7 +72,7 @@ def sample_batch(opt, model, sampler, prompts, x_T):
     if anchor is not None:  # --reference-image: sampled as the batch's first image, not returned
         prompts, x_T = anchor.extend(prompts, x_T)
         known = anchor.known(model, len(prompts))
-    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, len(prompts)):
+    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n, len(prompts) - n):
         c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
         latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
                                     shape=[opt.C, opt.H // opt.f, opt.W // opt.f], verbose=False,

@@ -95,6 +95,31 @@ def test_every_sampler_passes_the_adapter_features_to_the_unet(tmp_path, files, 
     assert read_parameters(tmp_path / "steered" / "samples" / "00000.png")["sampler"] == sampler
 
 
+def test_with_a_reference_image_each_condition_reaches_its_own_image_and_the_anchor_none(tmp_path, files):
+    """Layout from the adapter, look from --reference-image. Anchor mode: image 0 reads only itself
+    and the reference, so image 1's condition must not change it; were the anchor given a
+    condition (image 1's, or the features shifted by one), image 0 would change with it."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    for name, colour in (("b", (200, 40, 40)), ("c", (20, 90, 220))):
+        image = Image.new("RGB", (64, 64))
+        ImageDraw.Draw(image).ellipse([8, 20, 56, 60], fill=colour)
+        image.resize((64, 64)).rotate(40 if name == "b" else 140).save(tmp_path / f"{name}.png")
+    script = load_script("txt2img")
+
+    def images(name, *conds):
+        adapter = ["--adapter", files / "canny.pth", "--cond", *conds, "--cond-type", "canny"] if conds else []
+        script.main([str(a) for a in [
+            "--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--H", "64", "--W", "64",
+            "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3", "--skip_grid", "--outdir", tmp_path / name,
+            "--consistent-attn", "--reference-image", tmp_path / "red.png", *adapter]])
+        return pixels(tmp_path / name)
+
+    ab = images("ab", files / "photo.png", tmp_path / "b.png")
+    ac = images("ac", files / "photo.png", tmp_path / "c.png")
+    assert np.array_equal(ab[0], ac[0]) and not np.array_equal(ab[1], ac[1])
+    assert not np.array_equal(ab[0], images("no-adapter")[0])  # the condition reaches image 0
+
+
 def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
     result = txt2img(files, tmp_path, "--adapter", files / "canny.pth", "--cond", files / "photo.png",
                      "--cond-type", "depth")

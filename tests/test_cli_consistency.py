@@ -209,7 +209,6 @@ def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):
     (["--consistent-attn", "--share-anchors", "2"], "--share-anchors"),
     (["--consistent-attn", "--anchor-images", "1"], "--anchor-images"),
     (["--consistent-attn", "--sampler", "dpm"], "--sampler ddim or plms"),
-    (["--consistent-attn", "--adapter", "adapter.safetensors"], "--adapter"),
 ])
 def test_reference_image_misuse_is_one_error_line(tmp_path, tiny_ckpt, extra, message):
     image = reference_png(tmp_path / "red.png", "red")

@@ -524,16 +524,23 @@ class AdapterRun:
         self.features = combine_features((use.adapter.to(device), use.conds.to(device).expand(batch, -1, -1, -1),
                                           use.weight) for use in self.uses)
 
-    def batch_features(self, n: int) -> list:
-        """Features for a batch of the first n images (the last prompt batch may be smaller)."""
-        return [f[:n] for f in self.features]
+    def batch_features(self, n: int, plain_first: int = 0) -> list:
+        """Features for a batch of the first n images (the last prompt batch may be smaller), behind
+        `plain_first` images that get none: --reference-image's anchor is the reference as it is, so
+        no condition reshapes the keys/values the other images read from it."""
+        features = [f[:n] for f in self.features]
+        if plain_first:
+            features = [torch.cat([f.new_zeros(plain_first, *f.shape[1:]), f.expand(n, -1, -1, -1)])
+                        for f in features]
+        return features
 
 
-def conditioning(model, run: AdapterRun | None, n: int):
-    """adapter_conditioning for a batch of n images, or a no-op without adapters."""
+def conditioning(model, run: AdapterRun | None, n: int, plain_first: int = 0):
+    """adapter_conditioning for a batch of n images behind `plain_first` images without adapter
+    features, or a no-op without adapters."""
     if run is None:
         return adapter_conditioning(model, None)
-    return adapter_conditioning(model, run.batch_features(n), run.cond_tau)
+    return adapter_conditioning(model, run.batch_features(n, plain_first), run.cond_tau)
 
 
 def add_arguments(parser):

@@ -8,7 +8,9 @@ replacement upstream's DDIM and PLMS make for inpainting (`mask`/`x0`), with a m
 whole anchor and nothing else. The anchor's keys/values at step t are then what the model's
 self-attention makes of that image at noise level t, the level the other images' queries are at,
 so they read its colours, materials and identity as they would a sampled anchor's; their layout
-stays their own. The anchor's own output, a re-noised copy of the reference, is dropped.
+stays their own (with --adapter, the layout their conditions give; the anchor gets no adapter
+features, so no condition reshapes the keys/values read from it). The anchor's own output, a
+re-noised copy of the reference, is dropped.
 (ControlNet's "reference-only" mode feeds the reference the same way; StyleAligned inverts it
 with DDIM instead, which costs a second pass over the steps.)
 """
@@ -82,9 +84,6 @@ def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
     if opt.sampler not in SAMPLERS:
         parser.error(f"--reference-image needs --sampler {' or '.join(SAMPLERS)} (they keep the anchor at the "
                      f"reference at every step); --sampler {opt.sampler} cannot")
-    if getattr(opt, "adapter", None):  # (--write-/--read-reference already exclude --consistent-attn)
-        parser.error("--reference-image and --adapter cannot be combined yet: the adapter's conditions are one "
-                     "per sampled image, and the reference would be one more")
     return ImageAnchor(path, read_image(parser, path, opt.W, opt.H))
 
 
