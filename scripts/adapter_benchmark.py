@@ -11,6 +11,9 @@ trained: its file header says which). The same start noise is sampled under six 
     adapter+all         both: layout from the conditions, shared appearance from the batch
     plain+anchor        --consistent-attn (its default mode anchor): every image reads the first one
     adapter+anchor      the same with the adapter
+    adapter+image       the adapter, and a render of the batch's reference scene as the anchor
+                        (txt2img --reference-image with --adapter): layout from the conditions,
+                        look from the reference
 
 Every setting starts from the same noise and conditions, so a second table gives, batch by
 batch, what consistent attention changes: each `X+all` and `X+anchor` minus `X` (mean ±
@@ -27,6 +30,8 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
                The layout attributes differ on purpose (the conditions differ) and are left out.
 * colour spread mean pairwise distance of the object colours, RGB in [0, 1] (lower = more alike)
 * fidelity     fraction of the attributes the prompt names that are read back
+* ref. colour  fraction of the objects in the colour of the batch's reference scene (the one
+               adapter+image reads; for the other settings, how often they match it by chance)
 * s/image      sampling wall time per image
 
     python scripts/adapter_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
@@ -51,8 +56,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure helpers)
 from ldm.data import procedural  # noqa: E402
-from ldm.modules.adapters import (adapter_conditioning, check_adapter_fits, first_stage_factor,  # noqa: E402
-                                  injection_sites, load_adapter, unet_of)
+from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
+                                  first_stage_factor, injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, in_repo, latents_to_images, resolve_device, set_cpu_threads)
@@ -74,13 +79,15 @@ SETTINGS = {
     "adapter+all": (True, ALL),
     "plain+anchor": (False, ANCHOR),
     "adapter+anchor": (True, ANCHOR),
+    "adapter+image": (True, cb.FromImage(ANCHOR)),
 }
 READABLE_KINDS = ("chair", "table", "shape")  # read_mask does not read faces (fixed layout)
 APPEARANCE = ("colour", "background")  # attributes a layout condition does not fix
 DEFAULT_PROMPTS = [procedural.describe("chair"), procedural.describe("table"),
                    procedural.describe("chair", colour="red"), procedural.describe("table", background="white")]
-METRICS = ("iou", "agreement", "colour_spread", "fidelity", "seconds_per_image")
-HEADER = "| setting | IoU ↑ | agreement (unnamed colours) ↑ | colour spread ↓ | fidelity ↑ | s/image |"
+REFERENCE_ATTRIBUTES = ("colour",)  # what a reference gives; its layout attributes are the conditions'
+METRICS = ("iou", "agreement", "colour_spread", "fidelity", "reference_colour", "seconds_per_image")
+HEADER = "| setting | IoU ↑ | agreement (unnamed colours) ↑ | colour spread ↓ | fidelity ↑ | ref. colour | s/image |"
 
 
 def build_parser():
@@ -162,16 +169,24 @@ def condition_tensor(scenes, condition, size):
 
 # --- sampling and measuring -----------------------------------------------------------------
 
-def sample(model, sampler, opt, c, uc, x_T, features, share):
-    """(N, 3, H, W) images in [0, 1] on the CPU under one setting."""
-    with consistent_attention(model, share, opt.n), adapter_conditioning(model, features, opt.cond_tau):
-        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=opt.n, shape=opt.shape,
+def sample(model, sampler, opt, c, uc, x_T, features, share, reference):
+    """(N, 3, H, W) images in [0, 1] on the CPU under one setting. A FromImage setting samples the
+    `reference` scene's render as the anchor in front of the batch, without adapter features."""
+    known = {}
+    if isinstance(share, cb.FromImage):
+        anchor = cb.scene_anchor(reference, opt.image_size)
+        _, x_T = anchor.extend([None], x_T)
+        c, uc = cb.cond_in_front(c), cb.cond_in_front(uc)
+        features = None if features is None else behind_plain_images(features, opt.n, 1)
+        known, share = anchor.known(model, len(x_T)), share.config
+    with consistent_attention(model, share, len(x_T)), adapter_conditioning(model, features, opt.cond_tau):
+        latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(x_T), shape=opt.shape,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                    eta=opt.eta, x_T=x_T, verbose=False)
-    return latents_to_images(model, latents)
+                                    eta=opt.eta, x_T=x_T, verbose=False, **known)
+    return latents_to_images(model, latents[-opt.n:])
 
 
-def measure(images, prompt, scenes):
+def measure(images, prompt, scenes, reference):
     pixels = cb.to_uint8_hwc(images)
     kind = procedural.parse_caption(prompt).kind
     size = pixels.shape[1]
@@ -180,7 +195,8 @@ def measure(images, prompt, scenes):
     score = procedural.consistency_score(pixels, kind)
     agreement = float(np.mean([score["per_attribute"][a] for a in APPEARANCE]))
     return {"iou": float(np.mean(ious)), "agreement": agreement, "colour_spread": score["colour_spread"],
-            "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, prompt)}
+            "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, prompt),
+            "reference_colour": cb.reference_agreement(pixels, reference, REFERENCE_ATTRIBUTES)}
 
 
 def run(opt, model, adapter, device):
@@ -197,14 +213,16 @@ def run(opt, model, adapter, device):
                 conds = condition_tensor(scenes, opt.condition, size)
                 features = [opt.adapter_weight * f for f in adapter(conds.to(device))]
                 x_T = cb.start_noise(opt.shape, p, seed, opt.n, device)
+                reference = cb.reference_scene(prompt, p, seed)
                 for setting in opt.settings:
                     use_adapter, share = SETTINGS[setting]
                     cb.seed_step_noise(p, seed)
                     cb.synchronize(device)
                     start = time.perf_counter()
-                    images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share)
+                    images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share,
+                                    reference)
                     seconds = time.perf_counter() - start
-                    row = {"setting": setting, "prompt": prompt, "seed": seed, **measure(images, prompt, scenes),
+                    row = {"setting": setting, "prompt": prompt, "seed": seed, **measure(images, prompt, scenes, reference),
                            "seconds_per_image": seconds / opt.n}
                     logger.info("%-18s %-32s seed %d: IoU %.3f agreement %.3f", setting, prompt[:32], seed,
                                 row["iou"], row["agreement"])
@@ -214,7 +232,7 @@ def run(opt, model, adapter, device):
 # --- reporting ------------------------------------------------------------------------------
 
 def markdown_table(rows, settings):
-    lines = [HEADER, "|---|---|---|---|---|---|"]
+    lines = [HEADER, "|---|---|---|---|---|---|---|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         lines.append(f"| {setting} | " + " | ".join(cb.mean_std([r[m] for r in mine]) for m in METRICS) + " |")
@@ -225,7 +243,7 @@ def consistency_effect(rows, settings):
     """Each sharing setting `X+...` minus `X` in the same batch (cb.paired_table), one table per `X`."""
     baselines = [s for s in settings if "+" not in s]
     tables = [cb.paired_table(rows, [s for s in settings if s.startswith(base + "+")], baseline=base,
-                              first=("iou",)) for base in baselines]
+                              first=("iou", "reference_colour")) for base in baselines]
     return "\n\n".join(t for t in tables if t)
 
 

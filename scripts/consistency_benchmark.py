@@ -387,14 +387,24 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
 
 def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference):
     """The reference scene rendered at the model's size as the anchor, in front of the batch."""
-    height, width = opt.image_size
-    render = Image.fromarray(procedural.render(reference, height))  # square: resized for another width
-    anchor = consistency_image.ImageAnchor("reference scene", consistency_image.pixels(render, width, height))
+    anchor = scene_anchor(reference, opt.image_size)
     prompts, x_T = anchor.extend(prompts, x_T)
-    in_front = lambda cond: None if cond is None else torch.cat([cond[:1], cond])  # the anchor's: image 0's
     with consistent_attention(model, config, len(prompts), prompts=prompts):
-        images = ddim_images(model, sampler, opt, in_front(c), in_front(uc), x_T, **anchor.known(model, len(prompts)))
+        images = ddim_images(model, sampler, opt, cond_in_front(c), cond_in_front(uc), x_T,
+                             **anchor.known(model, len(prompts)))
     return images[1:]
+
+
+def scene_anchor(scene, image_size):
+    """`scene` rendered at the model's (height, width) as a --reference-image anchor."""
+    height, width = image_size
+    render = Image.fromarray(procedural.render(scene, height))  # square: resized for another width
+    return consistency_image.ImageAnchor("reference scene", consistency_image.pixels(render, width, height))
+
+
+def cond_in_front(cond):
+    """A batch's conditioning with the anchor's in front: image 0's, as ImageAnchor.extend's prompt."""
+    return None if cond is None else torch.cat([cond[:1], cond])
 
 
 def reference_scene(prompt, prompt_index, seed):
@@ -449,11 +459,17 @@ def measure(images, prompts, embedder=None, reference=None):
                    fidelity=statistics.fmean(named) if named else float("nan"),
                    **procedural.subject_and_scene(score["per_attribute"], scene.kind))
     if reference is not None:
-        own = {k: v for k, v in reference.attributes.items() if k not in procedural.SCENE_ATTRIBUTES[reference.kind]}
-        row["reference_agreement"] = procedural.fidelity(pixels, procedural.Scene(reference.kind, own))
+        row["reference_agreement"] = reference_agreement(pixels, reference)
     if embedder is not None:
         row["embedding_similarity"] = embedding_similarity(embedder(images))
     return row
+
+
+def reference_agreement(pixels, reference, attributes=None):
+    """Share of the reference scene's object attributes (or of those named) read back from the images."""
+    own = {k: v for k, v in reference.attributes.items() if k not in procedural.SCENE_ATTRIBUTES[reference.kind]
+           and (attributes is None or k in attributes)}
+    return procedural.fidelity(pixels, procedural.Scene(reference.kind, own))
 
 
 def run(opt, model, device, embedder=None):
@@ -520,7 +536,7 @@ def markdown_table(rows, settings):
 
 PAIRED_METRICS = ("colour_spread", "chroma_spread", "agreement", "fidelity")
 METRIC_LABELS = {"colour_spread": "colour spread", "chroma_spread": "chroma spread", "agreement": "agreement",
-                 "fidelity": "fidelity", "iou": "IoU"}
+                 "fidelity": "fidelity", "iou": "IoU", "reference_colour": "ref. colour"}
 
 
 def mean_se(values):

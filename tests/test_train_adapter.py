@@ -88,7 +88,7 @@ def test_txt2img_takes_the_trained_adapter_on_the_embedded_config(trained, tmp_p
     assert meta["unshuffle"] == 1 and meta["channels"] == [64, 64, 64, 64] and meta["cond_type"] == "sketch"
 
 
-def test_benchmark_prints_iou_for_all_six_settings(trained, tmp_path):
+def test_benchmark_prints_iou_for_all_seven_settings(trained, tmp_path):
     adapter, _ = trained
     result = run("adapter_benchmark.py", "--config", CONFIG, "--random-weights", "--adapter", adapter, "--n", 2,
                  "--steps", 1, "--seeds", 0, "--prompts", "a chair", "--scale", 1, "--outdir", tmp_path)
@@ -96,22 +96,24 @@ def test_benchmark_prints_iou_for_all_six_settings(trained, tmp_path):
     table, _, effect = result.stdout.partition("What consistent attention changes in the same batch")
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| setting | IoU")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+all",
-                                                     "| adapter+all", "| plain+anchor", "| adapter+anchor"]
-    assert all(0 <= float(r.split(" | ")[1].split(" ")[0]) <= 1 for r in rows[1:])
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| plain", "| adapter", "| plain+all", "| adapter+all",
+                                                     "| plain+anchor", "| adapter+anchor", "| adapter+image"]
+    assert rows[0].split(" | ")[5] == "ref. colour"
+    assert all(0 <= float(r.split(" | ")[column].split(" ")[0]) <= 1 for r in rows[1:] for column in (1, 5))
     # each sharing setting against the same batches without sharing, what it costs in IoU first
     paired = [line.split(" | ")[:3] for line in effect.splitlines() if line.startswith("| ") and "---" not in line]
     assert [p[:2] for p in paired] == [
         ["| setting", "IoU − plain"], ["| plain+all", paired[1][1]], ["| plain+anchor", paired[2][1]],
-        ["| setting", "IoU − adapter"], ["| adapter+all", paired[4][1]], ["| adapter+anchor", paired[5][1]]]
-    assert paired[0][2] == "colour spread − plain"
+        ["| setting", "IoU − adapter"], ["| adapter+all", paired[4][1]], ["| adapter+anchor", paired[5][1]],
+        ["| adapter+image", paired[6][1]]]
+    assert paired[0][2] == "ref. colour − plain"
     assert "anchor = --consistent-attn's defaults: groups inner+middle, mode anchor (1 anchor); all = the same " \
            "groups, mode all" in result.stdout
     assert "(outline maps" in result.stdout  # the condition kind recorded in the adapter file
     run_dir = tmp_path / "run-001"
     assert {p.name for p in run_dir.iterdir()} == {"table.md", "results.csv", "figure.png"}
     with Image.open(run_dir / "figure.png") as figure:
-        assert figure.height == 7 * (32 * 4 + 2)  # the conditions + six settings
+        assert figure.height == 8 * (32 * 4 + 2)  # the conditions + seven settings
 
 
 def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):

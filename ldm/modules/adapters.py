@@ -528,11 +528,14 @@ class AdapterRun:
         """Features for a batch of the first n images (the last prompt batch may be smaller), behind
         `plain_first` images that get none: --reference-image's anchor is the reference as it is, so
         no condition reshapes the keys/values the other images read from it."""
-        features = [f[:n] for f in self.features]
-        if plain_first:
-            features = [torch.cat([f.new_zeros(plain_first, *f.shape[1:]), f.expand(n, -1, -1, -1)])
-                        for f in features]
+        return behind_plain_images([f[:n] for f in self.features], n, plain_first)
+
+
+def behind_plain_images(features: list, n: int, plain_first: int) -> list:
+    """Features (1 or n images per level) for a batch of n images behind `plain_first` that get none."""
+    if not plain_first:
         return features
+    return [torch.cat([f.new_zeros(plain_first, *f.shape[1:]), f.expand(n, -1, -1, -1)]) for f in features]
 
 
 def conditioning(model, run: AdapterRun | None, n: int, plain_first: int = 0):
