@@ -11,8 +11,9 @@
 #                           use: txt2img.py --config configs/embedded/procedural-t2i.yaml
 #                           --adapter $NAME.safetensors --cond outline.png --cond-type sketch
 #   $NAME.json              settings, loss curve, held-out loss with and without the adapter, seconds
-#   adapter-benchmark.md    scripts/adapter_benchmark.py's table (IoU with/without adapter and
-#                           consistent attention, agreement of the unnamed colours, fidelity)
+#   adapter-benchmark.md    scripts/adapter_benchmark.py's table (IoU with/without adapter,
+#                           consistent attention and a reference image, agreement of the unnamed
+#                           colours, fidelity, share of objects in the reference's colour)
 #   adapter-benchmark.png   its figure: the conditions, then one row per setting
 #
 # Environment overrides (defaults for one H100):
