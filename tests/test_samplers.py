@@ -41,6 +41,29 @@ def test_ddim_stochastic_encode_decode_on_cpu(tiny_model, conds):
     assert out.shape == x0.shape and torch.isfinite(out).all()
 
 
+def test_decode_keeps_the_known_part_as_sampling_does(tiny_model_with_weights):
+    """img2img's decode over the whole schedule is DDIM sampling from the same start, and its
+    `mask`/`x0` replacement (--reference-image in img2img) is sampling's, step for step."""
+    model = tiny_model_with_weights
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    known = {"mask": torch.tensor([1., 0., 0.])[:, None, None, None], "x0": torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)}
+    sampler = DDIMSampler(model)
+    with torch.no_grad():
+        c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table", "a chair"], [""] * 3))
+        results = []
+        for options in ({}, known):
+            torch.manual_seed(2)
+            sampled, _ = sampler.sample(S=4, batch_size=3, shape=[4, 8, 8], conditioning=c, x_T=x_T, verbose=False,
+                                        unconditional_guidance_scale=5.0, unconditional_conditioning=uc, **options)
+            torch.manual_seed(2)
+            decoded = sampler.decode(x_T, c, 4, unconditional_guidance_scale=5.0, unconditional_conditioning=uc,
+                                     verbose=False, **options)
+            assert torch.equal(decoded, sampled)
+            results.append(decoded)
+    # only the known image is replaced; without shared attention the others never see it
+    assert not torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1:], results[1][1:])
+
+
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_update_clips_x0_only_for_pixel_space_models(tiny_model, clip, monkeypatch):
     assert not tiny_model.clip_denoised  # a latent model: its x0 is unbounded

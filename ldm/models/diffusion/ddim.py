@@ -57,11 +57,7 @@ class DDIMSampler(Sampler):
             ts = torch.full((b,), step, device=device, dtype=torch.long)
             ts_next = torch.full((b,), time_range[min(i + 1, len(time_range) - 1)], device=device, dtype=torch.long)
 
-            if mask is not None:
-                assert x0 is not None
-                img_orig = self.model.q_sample(x0, ts)  # TODO: deterministic forward pass?
-                img = img_orig * mask + (1. - mask) * img
-
+            img = self.keep_known(img, ts, mask, x0)
             img, pred_x0 = self.denoise_step(img, ts, ts_next, index, eps, update, history)
             if callback: callback(i)
             if img_callback: img_callback(pred_x0, i)
@@ -71,6 +67,14 @@ class DDIMSampler(Sampler):
                 intermediates['pred_x0'].append(pred_x0)
 
         return img, intermediates
+
+    def keep_known(self, x, t, mask, x0):
+        """x with its known part (mask 1) replaced by x0 noised to timestep t: upstream's inpainting
+        replacement, before each step (also how --reference-image keeps its anchor at the reference)."""
+        if mask is None:
+            return x
+        assert x0 is not None
+        return self.model.q_sample(x0, t) * mask + (1. - mask) * x
 
     def denoise_step(self, x, t, t_next, index, eps, update, history):
         """One DDIM step: x_{t-1} and the predicted x_0 from the noise estimate at (x, t)."""
@@ -115,8 +119,9 @@ class DDIMSampler(Sampler):
 
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               verbose=True):
-        """Denoise `x_latent`, noised to schedule step t_start - 1, down the first t_start steps."""
+               verbose=True, mask=None, x0=None):
+        """Denoise `x_latent`, noised to schedule step t_start - 1, down the first t_start steps;
+        `mask`/`x0` as in `sample`."""
         time_range = np.flip(self.ddim_timesteps[:t_start])
         total_steps = len(time_range)
         logger.debug("Running DDIM decoding with %d timesteps", total_steps)
@@ -124,6 +129,7 @@ class DDIMSampler(Sampler):
         x_dec = x_latent
         for i, step in enumerate(tqdm(time_range, desc='Decoding image', total=total_steps, disable=not verbose)):
             ts = torch.full((x_latent.shape[0],), step, device=x_latent.device, dtype=torch.long)
+            x_dec = self.keep_known(x_dec, ts, mask, x0)
             e_t = self.noise_estimate(x_dec, ts, cond, unconditional_conditioning, unconditional_guidance_scale)
             x_dec, _ = self.ddim_update(x_dec, e_t, index=total_steps - i - 1)
         return x_dec
