@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules import adapters, consistency, consistency_reference
+from ldm.modules import adapters, consistency, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
                                 check_output_dir, check_sharing, check_step_window, check_subject_words_before_loading,
                                 feature_metadata, conditionings, configure_logging, cpu_noise, latents_to_images,
@@ -36,6 +36,7 @@ def build_parser():
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")
     consistency.add_arguments(parser)
+    consistency_image.add_arguments(parser)
     consistency_reference.add_arguments(parser)
     adapters.add_arguments(parser)
     return parser
@@ -43,7 +44,8 @@ def build_parser():
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples)
+    # a --reference-image joins every batch as one more image, its anchor
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + bool(opt.reference_image))
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     if not opt.init_img:
         parser.error("pass --init-img PATH (the image to vary)")
@@ -52,7 +54,6 @@ def validate_options(parser, opt):
     if int(opt.strength * opt.ddim_steps) < 1:
         parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
                      f"raise one of them")
-    check_output_dir(parser, "--outdir", opt.outdir)
     return opt
 
 
@@ -104,16 +105,20 @@ def encode_steps(opt):
 
 def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
     """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
-    n = len(prompts)
-    c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
+    n, anchor, known = len(prompts), opt.image_anchor, {}
     # Upstream noises to DDIM index t_enc while decode's first step is index t_enc - 1, one level
     # less noisy; kept for strength < 1 (the same images as upstream). At strength 1.0 index t_enc
     # does not exist: noise to the last index, exactly the level decode starts from.
     t = torch.full((n,), min(t_enc, opt.ddim_steps - 1), dtype=torch.long, device=init_latent.device)
     z_enc = sampler.stochastic_encode(init_latent[:n], t, noise=noise)
-    latents = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
-                             unconditional_conditioning=uc, verbose=False)
-    return latents_to_images(model, latents)
+    if anchor is not None:  # --reference-image: decoded as the batch's first image, not returned
+        prompts, z_enc = anchor.extend(prompts, z_enc)
+        known = anchor.known(model, len(prompts))
+    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n, len(prompts) - n):
+        c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
+        latents = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
+                                 unconditional_conditioning=uc, verbose=False, **known)
+    return latents_to_images(model, latents[-n:])
 
 
 def generate(opt, model, sampler, device, postprocess, init_image):
@@ -133,8 +138,7 @@ def generate(opt, model, sampler, device, postprocess, init_image):
                     n = len(prompts)
                     noise = fixed_noise[:n] if fixed_noise is not None else \
                         cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
-                    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n):
-                        images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
+                    images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
                     yield prompts, postprocess(images)
                     progress.update()
 
@@ -155,9 +159,11 @@ def main(argv=None, extra_metadata=None):
     # different trajectory: both are recorded and checked before the model loads
     opt.reference = consistency_reference.reference_from_arguments(opt, parser, size=(height, width),
                                                                    strength=opt.strength)
+    consistency_image.set_from_arguments(opt, parser, (height, width))
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")
     check_subject_words_before_loading(parser, opt)
+    check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)

@@ -48,9 +48,7 @@ def validate_options(parser, opt):
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
-    opt.image_anchor = consistency_image.anchor_from_arguments(opt, parser)
-    if opt.image_anchor is not None:
-        opt.run_anchors = None  # every batch reads the image, not the first batch's anchor
+    consistency_image.set_from_arguments(opt, parser, (opt.H, opt.W))
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
     check_output_dir(parser, "--outdir", opt.outdir)
     check_subject_words_before_loading(parser, opt)  # needs opt.reference

@@ -194,6 +194,30 @@ def test_a_reference_image_is_read_as_the_anchor_and_is_no_output(tmp_path, tiny
     assert read_parameters(runs["red"] / "samples" / "00000.png")["extra"]["reference_image"] == {"image": str(red)}
 
 
+def test_img2img_reads_a_reference_image_as_the_anchor(tmp_path, tiny_ckpt):
+    """img2img's decode keeps the extra anchor at the reference as DDIM sampling does; the
+    reference is resized to the init image's size (here 96x96 into 64x64)."""
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    red, blue = (tmp_path / "red.png", tmp_path / "blue.png")
+    for path, colour in ((red, "red"), (blue, "blue")):
+        Image.new("RGB", (96, 96), colour).save(path)
+    common = ["--init-img", init, "--strength", "0.75", "--consistent-attn"]
+    for name, extra in (("plain", []), ("red", ["--reference-image", red]), ("red-again", ["--reference-image", red]),
+                        ("blue", ["--reference-image", blue])):
+        assert_ok(run("img2img.py", *args(tiny_ckpt, tmp_path / name, *common, *extra, n=2)))
+    images = {name: pixels(tmp_path / name) for name in ("plain", "red", "red-again", "blue")}
+    assert [len(v) for v in images.values()] == [2, 2, 2, 2]  # the anchor is no output
+    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"]))
+    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
+    assert not np.array_equal(images["red"][0], images["plain"][0])  # image 0 reads the reference, not itself
+    meta = read_parameters(tmp_path / "red" / "samples" / "00000.png")["extra"]
+    assert meta["reference_image"] == {"image": str(red)} and meta["strength"] == 0.75
+    result = run("img2img.py", *args(tiny_ckpt, tmp_path / "alone", "--init-img", init, "--reference-image", red))
+    assert_one_line_error(result, "add --consistent-attn")
+    assert not (tmp_path / "alone").exists()
+
+
 def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):
     """--n_samples 1 has nothing to share within the batch, but the reference is one more image."""
     red, blue = reference_png(tmp_path / "red.png", "red"), reference_png(tmp_path / "blue.png", "blue")

@@ -5,12 +5,13 @@ Anchor mode lets every image read the self-attention keys/values of an anchor sa
 batch. Here the anchor is given instead of sampled: it joins each batch as an extra first image
 whose latent is, before every step, the reference image's latent noised to that step. That is the
 replacement upstream's DDIM and PLMS make for inpainting (`mask`/`x0`), with a mask that covers the
-whole anchor and nothing else. The anchor's keys/values at step t are then what the model's
-self-attention makes of that image at noise level t, the level the other images' queries are at,
-so they read its colours, materials and identity as they would a sampled anchor's; their layout
-stays their own (with --adapter, the layout their conditions give; the anchor gets no adapter
-features, so no condition reshapes the keys/values read from it). The anchor's own output, a
-re-noised copy of the reference, is dropped.
+whole anchor and nothing else (img2img's DDIM `decode` makes the same replacement). The anchor's
+keys/values at step t are then what the model's self-attention makes of that image at noise level
+t, the level the other images' queries are at, so they read its colours, materials and identity
+as they would a sampled anchor's; their layout stays their own (with --adapter, the layout their
+conditions give; the anchor gets no adapter features, so no condition reshapes the keys/values
+read from it; in img2img, the init image's). The anchor's own output, a re-noised copy of the
+reference, is dropped.
 (ControlNet's "reference-only" mode feeds the reference the same way; StyleAligned inverts it
 with DDIM instead, which costs a second pass over the steps.)
 """
@@ -33,7 +34,7 @@ def add_arguments(parser):
                         help="the batch takes the look of this image (an object, face or style): it is read as "
                              "an extra anchor, noised to each step, and is not itself an output; with "
                              "--consistent-attn (anchor mode, one anchor) and --sampler ddim or plms. Resized to "
-                             "--W x --H")
+                             "the output size")
 
 
 @dataclass(eq=False)
@@ -69,9 +70,18 @@ class ImageAnchor:
         return self._latent
 
 
-def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
-    """The anchor --reference-image asks for, or None; after validate_common (it needs opt.sampler,
-    opt.W and opt.H). Bad input ends in one parser.error line, before the model is loaded."""
+def set_from_arguments(opt, parser, size) -> None:
+    """opt.image_anchor: the anchor --reference-image asks for, or None. With one, every batch reads
+    the image, not the run's first anchor: opt.run_anchors becomes None."""
+    opt.image_anchor = anchor_from_arguments(opt, parser, size)
+    if opt.image_anchor is not None:
+        opt.run_anchors = None
+
+
+def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
+    """The anchor --reference-image asks for at `size` (height, width), or None; after
+    validate_common (it needs opt.sampler). Bad input ends in one parser.error line, before the
+    model is loaded."""
     path = opt.reference_image
     if path is None:
         return None
@@ -84,7 +94,8 @@ def anchor_from_arguments(opt, parser) -> ImageAnchor | None:
     if opt.sampler not in SAMPLERS:
         parser.error(f"--reference-image needs --sampler {' or '.join(SAMPLERS)} (they keep the anchor at the "
                      f"reference at every step); --sampler {opt.sampler} cannot")
-    return ImageAnchor(path, read_image(parser, path, opt.W, opt.H))
+    height, width = size
+    return ImageAnchor(path, read_image(parser, path, width, height))
 
 
 def read_image(parser, path, width, height) -> torch.Tensor:
