@@ -345,7 +345,7 @@ def default_config(parser, opt):
         return in_repo(SD_V1_CONFIG)
     weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
     for path, file in zip(DEFAULT_CONFIGS, weights):
-        if file and os.path.isfile(in_repo(file)):
+        if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
                 logger.warning("no SD v1 weights (%s) and no 32 px embedded model (%s): running the preliminary "
                                "16 px model trained on a CPU, a weak stand-in (models/embedded/README.md); "

@@ -114,6 +114,22 @@ def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     assert opt.ddim_steps == 50  # nor steps: upstream's 50
 
 
+def test_a_diffusers_folder_linked_at_upstreams_path_is_found_and_checked(workdir):
+    """`ln -s ~/sd-v1-4-diffusers models/ldm/stable-diffusion-v1/model.ckpt`: the default search
+    takes the folder as it takes a file, and a folder that is no pipeline is one error line."""
+    put_weights(workdir, EMBEDDED_CONFIG)
+    folder = workdir / read_geometry(load_config(SD_V1_CONFIG)).weights
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError, match="model.ckpt is a folder without unet/"):
+        resolve_model(Parser(), options())
+    for part, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        (folder / part).mkdir()
+        (folder / part / f"{file}.safetensors").write_bytes(b"")
+    resolve_model(Parser(), opt := options())
+    assert (opt.config, opt.ckpt) == (SD_V1_CONFIG, "models/ldm/stable-diffusion-v1/model.ckpt")
+
+
 def test_a_config_that_names_its_steps_sets_the_default_and_a_given_flag_wins():
     config = "configs/embedded/procedural-t2i-16px.yaml"
     opt = options(config=config, random_weights=True)
