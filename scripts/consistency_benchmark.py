@@ -399,7 +399,7 @@ def scene_anchor(scene, image_size):
     """`scene` rendered at the model's (height, width) as a --reference-image anchor."""
     height, width = image_size
     render = Image.fromarray(procedural.render(scene, height))  # square: resized for another width
-    return consistency_image.ImageAnchor("reference scene", consistency_image.pixels(render, width, height))
+    return consistency_image.ImageAnchor(("reference scene",), consistency_image.pixels(render, width, height))
 
 
 def cond_in_front(cond):

@@ -44,8 +44,8 @@ def build_parser():
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    # a --reference-image joins every batch as one more image, its anchor
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + bool(opt.reference_image))
+    # each --reference-image joins every batch as one more image, an anchor
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + len(opt.reference_image or ()))
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     if not opt.init_img:
         parser.error("pass --init-img PATH (the image to vary)")

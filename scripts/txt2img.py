@@ -37,8 +37,8 @@ def build_parser():
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    # a --reference-image joins every batch as one more image, its anchor
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + bool(opt.reference_image))
+    # each --reference-image joins every batch as one more image, an anchor
+    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + len(opt.reference_image or ()))
     if opt.laion400m:  # upstream's shortcut to its LAION-400M model; flags the user gave win
         logger.info("Falling back to LAION 400M model...")
         opt.config = opt.config or "configs/latent-diffusion/txt2img-1p4B-eval.yaml"

@@ -191,7 +191,7 @@ def test_a_reference_image_is_read_as_the_anchor_and_is_no_output(tmp_path, tiny
     # every image reads the reference: another image changes all of them, and none is the plain anchor
     assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
     assert not np.array_equal(images["red"][0], images["plain"][0])
-    assert read_parameters(runs["red"] / "samples" / "00000.png")["extra"]["reference_image"] == {"image": str(red)}
+    assert read_parameters(runs["red"] / "samples" / "00000.png")["extra"]["reference_image"] == {"images": [str(red)]}
 
 
 def test_img2img_reads_a_reference_image_as_the_anchor(tmp_path, tiny_ckpt):
@@ -212,10 +212,24 @@ def test_img2img_reads_a_reference_image_as_the_anchor(tmp_path, tiny_ckpt):
     assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
     assert not np.array_equal(images["red"][0], images["plain"][0])  # image 0 reads the reference, not itself
     meta = read_parameters(tmp_path / "red" / "samples" / "00000.png")["extra"]
-    assert meta["reference_image"] == {"image": str(red)} and meta["strength"] == 0.75
+    assert meta["reference_image"] == {"images": [str(red)]} and meta["strength"] == 0.75
     result = run("img2img.py", *args(tiny_ckpt, tmp_path / "alone", "--init-img", init, "--reference-image", red))
     assert_one_line_error(result, "add --consistent-attn")
     assert not (tmp_path / "alone").exists()
+
+
+def test_several_reference_images_are_one_anchor_each(tmp_path, tiny_ckpt):
+    """Views of one object: every image reads all of them (anchor mode with one anchor per image)."""
+    red, blue = reference_png(tmp_path / "red.png", "red"), reference_png(tmp_path / "blue.png", "blue")
+    for name, images in (("red", [red]), ("blue", [blue]), ("both", [red, blue])):
+        assert_ok(txt2img(*args(tiny_ckpt, tmp_path / name, "--consistent-attn", "--reference-image", *images)))
+    both = pixels(tmp_path / "both")
+    assert len(both) == 3  # n_samples: no anchor is an output
+    for one in ("red", "blue"):
+        assert all(not np.array_equal(a, b) for a, b in zip(both, pixels(tmp_path / one)))
+    meta = read_parameters(tmp_path / "both" / "samples" / "00000.png")["extra"]
+    assert meta["reference_image"] == {"images": [str(red), str(blue)]}
+    assert meta["consistent_attn"]["n_anchors"] == 2
 
 
 def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):

@@ -1,5 +1,5 @@
 """--reference-image: the batch takes the look of an image the user gives (a photo of their chair,
-face or style), in anchor mode.
+face or style; several images, e.g. views of one object, are one anchor each), in anchor mode.
 
 Anchor mode lets every image read the self-attention keys/values of an anchor sampled in the same
 batch. Here the anchor is given instead of sampled: it joins each batch as an extra first image
@@ -17,6 +17,7 @@ with DDIM instead, which costs a second pass over the steps.)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,35 +31,40 @@ SAMPLERS = ("ddim", "plms")  # the samplers with upstream's mask/x0 replacement
 
 
 def add_arguments(parser):
-    parser.add_argument("--reference-image", metavar="PATH",
-                        help="the batch takes the look of this image (an object, face or style): it is read as "
-                             "an extra anchor, noised to each step, and is not itself an output; with "
-                             "--consistent-attn (anchor mode, one anchor) and --sampler ddim or plms. Resized to "
-                             "the output size")
+    parser.add_argument("--reference-image", metavar="PATH", nargs="+",
+                        help="the batch takes the look of this image (an object, face or style; several: views "
+                             "of one): each is read as an extra anchor, noised to each step, and is not itself "
+                             "an output; with --consistent-attn (anchor mode) and --sampler ddim or plms. Resized "
+                             "to the output size")
 
 
 @dataclass(eq=False)
 class ImageAnchor:
-    """The reference image as the first image of every batch. `pixels`: (1, 3, H, W) in [-1, 1]."""
-    path: str
+    """The reference images as the first images (the anchors) of every batch. `pixels`: (K, 3, H, W)
+    in [-1, 1], one per path."""
+    paths: tuple
     pixels: torch.Tensor
-    _latent: torch.Tensor | None = None  # its first-stage encoding, made once
+    _latent: torch.Tensor | None = None  # their first-stage encodings, made once
+
+    def __len__(self):
+        return len(self.paths)
 
     def describe(self) -> dict:
-        return {"image": self.path}
+        return {"images": list(self.paths)}
 
     def extend(self, prompts, x_T):
-        """The batch with the anchor in front. Its prompt is the first image's (the anchor's text
-        shapes its own features as the batch's prompt would); its start code is zeros, so that no
-        noise is drawn for it: it is replaced before the first step anyway."""
-        return [prompts[0], *prompts], torch.cat([torch.zeros_like(x_T[:1]), x_T])
+        """The batch with the anchors in front. Their prompt is the first image's (an anchor's text
+        shapes its own features as the batch's prompt would); their start codes are zeros, so that
+        no noise is drawn for them: they are replaced before the first step anyway."""
+        k = len(self)
+        return [prompts[0]] * k + list(prompts), torch.cat([x_T[:1].new_zeros(k, *x_T.shape[1:]), x_T])
 
     def known(self, model, n) -> dict:
-        """The sampler's `mask` and `x0` for a batch of `n` (anchor first): only the anchor is known."""
-        latent = self.latent(model)
+        """The sampler's `mask` and `x0` for a batch of `n` (anchors first): only the anchors are known."""
+        latent, k = self.latent(model), len(self)
         mask = torch.zeros(n, 1, 1, 1, device=latent.device, dtype=latent.dtype)
-        mask[0] = 1
-        return {"mask": mask, "x0": latent.expand(n, -1, -1, -1)}
+        mask[:k] = 1
+        return {"mask": mask, "x0": torch.cat([latent, latent[:1].expand(n - k, -1, -1, -1)])}
 
     def latent(self, model):
         if self._latent is None:
@@ -71,31 +77,33 @@ class ImageAnchor:
 
 
 def set_from_arguments(opt, parser, size) -> None:
-    """opt.image_anchor: the anchor --reference-image asks for, or None. With one, every batch reads
-    the image, not the run's first anchor: opt.run_anchors becomes None."""
+    """opt.image_anchor: the anchors --reference-image asks for, or None. With them, every batch has
+    one anchor per image and reads the images, not the run's first anchors: opt.consistency gets
+    their count, opt.run_anchors becomes None."""
     opt.image_anchor = anchor_from_arguments(opt, parser, size)
     if opt.image_anchor is not None:
+        opt.consistency = dataclasses.replace(opt.consistency, n_anchors=len(opt.image_anchor))
         opt.run_anchors = None
 
 
 def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
-    """The anchor --reference-image asks for at `size` (height, width), or None; after
+    """The anchors --reference-image asks for at `size` (height, width), or None; after
     validate_common (it needs opt.sampler). Bad input ends in one parser.error line, before the
     model is loaded."""
-    path = opt.reference_image
-    if path is None:
+    paths = opt.reference_image
+    if paths is None:
         return None
     if not opt.consistent_attn:
         parser.error("--reference-image is read as the anchor of --consistent-attn; add --consistent-attn")
     config = opt.consistency  # not None: with the reference, a batch has two images or more
     if config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images:
-        parser.error("--reference-image is the one anchor of --share-mode anchor: leave out --share-mode other than "
-                     "anchor, --share-anchors and --anchor-images")
+        parser.error("--reference-image gives the anchors of --share-mode anchor, one per image: leave out "
+                     "--share-mode other than anchor, --share-anchors and --anchor-images")
     if opt.sampler not in SAMPLERS:
         parser.error(f"--reference-image needs --sampler {' or '.join(SAMPLERS)} (they keep the anchor at the "
                      f"reference at every step); --sampler {opt.sampler} cannot")
     height, width = size
-    return ImageAnchor(path, read_image(parser, path, width, height))
+    return ImageAnchor(tuple(paths), torch.cat([read_image(parser, path, width, height) for path in paths]))
 
 
 def read_image(parser, path, width, height) -> torch.Tensor:
