@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 
@@ -549,6 +549,21 @@ def attention_sharing(opt, model, prompts):
     if opt.run_anchors is not None:
         return opt.run_anchors.batch(model, prompts)
     return consistent_attention(model, opt.consistency, len(prompts), prompts=prompts)
+
+
+@contextmanager
+def sampling_batch(opt, model, prompts, x):
+    """One batch of `prompts` as the sampler sees it: --reference-image's anchors in front (of the
+    prompts and of `x`, the start latents), inside the sharing and adapter contexts. Yields
+    (c, uc, x, known): the conditionings, the start latents and the sampler's `mask`/`x0`
+    options; the last len(prompts) images sampled are the outputs."""
+    from ldm.modules import adapters
+    n, anchor, known = len(prompts), opt.image_anchor, {}
+    if anchor is not None:
+        prompts, x = anchor.extend(prompts, x)
+        known = anchor.known(model, len(prompts))
+    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n, len(prompts) - n):
+        yield (*conditionings(model, prompts, opt.scale, opt.negative_prompt), x, known)
 
 
 def latents_to_images(model, latents):

@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency, consistency_image, consistency_reference
-from ldm.script_helpers import (ArgumentParser, add_common_arguments, attention_sharing, build_postprocess,
-                                check_output_dir, check_sharing, check_step_window, check_subject_words_before_loading,
-                                feature_metadata, conditionings, configure_logging, cpu_noise, latents_to_images,
-                                load_model, make_sampler, precision_context, prompt_batches, resolve_device,
-                                save_results, seed_everything, validate_common)
+from ldm.script_helpers import (ArgumentParser, add_common_arguments, build_postprocess, check_output_dir,
+                                check_sharing, check_step_window, check_subject_words_before_loading, configure_logging,
+                                cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
+                                precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
+                                seed_everything, validate_common)
 
 logger = logging.getLogger("img2img")
 
@@ -105,17 +105,13 @@ def encode_steps(opt):
 
 def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
     """Vary the init latent for each prompt: (len(prompts), 3, H, W) images in [0, 1], CPU."""
-    n, anchor, known = len(prompts), opt.image_anchor, {}
+    n = len(prompts)
     # Upstream noises to DDIM index t_enc while decode's first step is index t_enc - 1, one level
     # less noisy; kept for strength < 1 (the same images as upstream). At strength 1.0 index t_enc
     # does not exist: noise to the last index, exactly the level decode starts from.
     t = torch.full((n,), min(t_enc, opt.ddim_steps - 1), dtype=torch.long, device=init_latent.device)
     z_enc = sampler.stochastic_encode(init_latent[:n], t, noise=noise)
-    if anchor is not None:  # --reference-image: decoded as the batch's first image, not returned
-        prompts, z_enc = anchor.extend(prompts, z_enc)
-        known = anchor.known(model, len(prompts))
-    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n, len(prompts) - n):
-        c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
+    with sampling_batch(opt, model, prompts, z_enc) as (c, uc, z_enc, known):
         latents = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
                                  unconditional_conditioning=uc, verbose=False, **known)
     return latents_to_images(model, latents[-n:])

@@ -9,12 +9,11 @@ import torch
 from tqdm import tqdm
 
 from ldm.modules import adapters, consistency, consistency_image, consistency_reference
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, attention_sharing,
-                                build_postprocess, check_image_size, check_output_dir, check_sharing, check_step_window,
-                                check_subject_words_before_loading, conditionings,
-                                configure_logging, cpu_noise, feature_metadata, latents_to_images, load_model,
-                                make_sampler, precision_context, prompt_batches, resolve_device, save_results,
-                                seed_everything, validate_common)
+from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, build_postprocess,
+                                check_image_size, check_output_dir, check_sharing, check_step_window,
+                                check_subject_words_before_loading, configure_logging, cpu_noise, feature_metadata,
+                                latents_to_images, load_model, make_sampler, precision_context, prompt_batches,
+                                resolve_device, sampling_batch, save_results, seed_everything, validate_common)
 
 logger = logging.getLogger("txt2img")
 
@@ -66,17 +65,12 @@ def load(opt):
 
 def sample_batch(opt, model, sampler, prompts, x_T):
     """(len(prompts), 3, H, W) images in [0, 1] on the CPU."""
-    n, anchor, known = len(prompts), opt.image_anchor, {}
-    if anchor is not None:  # --reference-image: sampled as the batch's first image, not returned
-        prompts, x_T = anchor.extend(prompts, x_T)
-        known = anchor.known(model, len(prompts))
-    with attention_sharing(opt, model, prompts), adapters.conditioning(model, opt.adapters, n, len(prompts) - n):
-        c, uc = conditionings(model, prompts, opt.scale, opt.negative_prompt)
-        latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
+    with sampling_batch(opt, model, prompts, x_T) as (c, uc, x_T, known):
+        latents, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(x_T),
                                     shape=[opt.C, opt.H // opt.f, opt.W // opt.f], verbose=False,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                     eta=opt.ddim_eta, x_T=x_T, **known)
-    return latents_to_images(model, latents[-n:])
+    return latents_to_images(model, latents[-len(prompts):])
 
 
 def generate(opt, model, sampler, device, postprocess):
