@@ -64,6 +64,37 @@ def test_decode_keeps_the_known_part_as_sampling_does(tiny_model_with_weights):
     assert not torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1:], results[1][1:])
 
 
+def test_dpm_solver_shows_the_model_the_known_part_at_each_calls_noise_level(tiny_model_with_weights, monkeypatch):
+    """DDIM's mask/x0 replacement, made on DPM-Solver's model input: the known image is x0 noised
+    to the call's level (alpha_t x0 + sigma_t noise), the others are the solver's own."""
+    model = tiny_model_with_weights
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x0 = torch.full((3, 4, 8, 8), 50.0)  # far from the noise: the known image is recognisable at every level
+    mask = torch.tensor([1., 0., 0.])[:, None, None, None]
+    seen, real = [], DPMSolverSampler.noise_estimate
+
+    def spy(self, x, t, *args, **kwargs):
+        seen.append((x.clone(), t.clone()))
+        return real(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(DPMSolverSampler, "noise_estimate", spy)
+    with torch.no_grad():
+        c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table", "a chair"], [""] * 3))
+        run = lambda **known: DPMSolverSampler(model).sample(
+            S=4, batch_size=3, shape=[4, 8, 8], conditioning=c, x_T=x_T, verbose=False,
+            unconditional_guidance_scale=5.0, unconditional_conditioning=uc, **known)[0]
+        plain, known = run(), run(mask=mask, x0=x0)
+    calls = seen[len(seen) // 2:]
+    abar = model.alphas_cumprod
+    for x, t in calls:
+        a = abar[int(t[0].round())]  # the discrete model's level at that call (to within a timestep)
+        noise = (x[0] - a.sqrt() * x0[0]) / (1 - a).sqrt()
+        assert noise.abs().max() < 6 and abs(noise.std().item() - 1) < 0.3, float(t[0])
+    assert torch.equal(calls[0][0][1:], x_T[1:])  # the first call: the start noise of the others
+    # without shared attention nothing else depends on the known image
+    assert not torch.equal(known[0], plain[0]) and torch.equal(known[1:], plain[1:])
+
+
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_update_clips_x0_only_for_pixel_space_models(tiny_model, clip, monkeypatch):
     assert not tiny_model.clip_denoised  # a latent model: its x0 is unbounded
@@ -195,7 +226,7 @@ def test_a_misspelt_option_is_an_error_not_ignored(tiny_model, conds):
     # DPM-Solver ran 5000 steps on a 1000-step model)
     ("ddim", dict(S=1000), "takes 1 to 999 steps"),
     ("dpm", dict(S=5000), "takes 2 to 999 steps"),
-    ("dpm", dict(mask=torch.ones(2, 1, 8, 8), x0=torch.zeros(2, 4, 8, 8)), "does not support mask, x0"),
+    ("dpm", dict(temperature=0.5), "does not support temperature"),
 ])
 def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, message):
     c, _ = conds

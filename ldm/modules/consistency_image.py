@@ -5,7 +5,8 @@ Anchor mode lets every image read the self-attention keys/values of an anchor sa
 batch. Here the anchor is given instead of sampled: it joins each batch as an extra first image
 whose latent is, before every step, the reference image's latent noised to that step. That is the
 replacement upstream's DDIM and PLMS make for inpainting (`mask`/`x0`), with a mask that covers the
-whole anchor and nothing else (img2img's DDIM `decode` makes the same replacement). The anchor's
+whole anchor and nothing else (img2img's DDIM `decode` and DPM-Solver make the same replacement,
+DPM-Solver on the model's input). The anchor's
 keys/values at step t are then what the model's self-attention makes of that image at noise level
 t, the level the other images' queries are at, so they read its colours, materials and identity
 as they would a sampled anchor's; their layout stays their own (with --adapter, the layout their
@@ -27,15 +28,12 @@ from PIL import Image
 from ldm.modules.consistency import ShareMode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-SAMPLERS = ("ddim", "plms")  # the samplers with upstream's mask/x0 replacement
-
 
 def add_arguments(parser):
     parser.add_argument("--reference-image", metavar="PATH", nargs="+",
                         help="the batch takes the look of this image (an object, face or style; several: views "
                              "of one): each is read as an extra anchor, noised to each step, and is not itself "
-                             "an output; with --consistent-attn (anchor mode) and --sampler ddim or plms. Resized "
-                             "to the output size")
+                             "an output; with --consistent-attn (anchor mode). Resized to the output size")
 
 
 @dataclass(eq=False)
@@ -88,7 +86,7 @@ def set_from_arguments(opt, parser, size) -> None:
 
 def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     """The anchors --reference-image asks for at `size` (height, width), or None; after
-    validate_common (it needs opt.sampler). Bad input ends in one parser.error line, before the
+    validate_common (it needs opt.consistency). Bad input ends in one parser.error line, before the
     model is loaded."""
     paths = opt.reference_image
     if paths is None:
@@ -99,9 +97,6 @@ def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     if config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images:
         parser.error("--reference-image gives the anchors of --share-mode anchor, one per image: leave out "
                      "--share-mode other than anchor, --share-anchors and --anchor-images")
-    if opt.sampler not in SAMPLERS:
-        parser.error(f"--reference-image needs --sampler {' or '.join(SAMPLERS)} (they keep the anchor at the "
-                     f"reference at every step); --sampler {opt.sampler} cannot")
     height, width = size
     return ImageAnchor(tuple(paths), torch.cat([read_image(parser, path, width, height) for path in paths]))
 

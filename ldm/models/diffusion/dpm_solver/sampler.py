@@ -22,10 +22,11 @@ class DPMSolverSampler(Sampler):
                       temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
                       log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None,
                       verbose=True):
-        """Returns (samples, None): no intermediates. DDIM/PLMS options it cannot honour are refused."""
+        """Returns (samples, None): no intermediates. DDIM/PLMS options it cannot honour are refused.
+        `mask`/`x0`: the model sees the known part (mask 1) as x0 noised to each call's level."""
         refused = [name for name, value, default in (
             ("callback", callback, None), ("img_callback", img_callback, None), ("quantize_x0", quantize_denoised, False),
-            ("mask", mask, None), ("x0", x0, None), ("temperature", temperature, 1.), ("noise_dropout", noise_dropout, 0.),
+            ("temperature", temperature, 1.), ("noise_dropout", noise_dropout, 0.),
             ("score_corrector", score_corrector, None)) if (value is not None if default is None else value != default)]
         if refused:
             raise ValueError(f"DPMSolverSampler does not support {', '.join(refused)} (use DDIMSampler)")
@@ -38,6 +39,8 @@ class DPMSolverSampler(Sampler):
             model_type="noise",
             guidance_type="uncond",
         )
+        if mask is not None:
+            model_fn = with_known_part(model_fn, ns, mask, x0)
         # A pixel-space model's x_0 is clipped to [-1, 1] as in DDIM (ddim.py says why). Not the
         # solver's own dynamic thresholding: rescaling the early, wide x_0 greys the small model's images.
         solver = ClippedDPMSolver if self.model.clip_denoised else DPM_Solver
@@ -45,6 +48,21 @@ class DPMSolverSampler(Sampler):
         x = dpm_solver.sample(x_T, steps=self.steps, skip_type="time_uniform", method="multistep", order=2,
                               lower_order_final=True)
         return x.to(self.model.betas.device), None
+
+
+def with_known_part(model_fn, ns, mask, x0):
+    """model_fn whose input has its known part (mask 1) replaced by x0 noised to the solver's level
+    at t, with fresh noise per call: DDIM's mask/x0 replacement (ddim.py, `keep_known`), made on
+    the model's input because the solver's multistep state is not the sampler's to overwrite. What
+    the other images read of the known part (shared attention, --reference-image) is then the same
+    as under DDIM; the known part's own output follows the model's predictions of x0."""
+    assert x0 is not None
+
+    def known_model_fn(x, t_continuous):
+        level = lambda f: f(t_continuous).reshape(-1, 1, 1, 1)
+        noised = level(ns.marginal_alpha) * x0 + level(ns.marginal_std) * torch.randn_like(x0)
+        return model_fn(noised * mask + (1. - mask) * x, t_continuous)
+    return known_model_fn
 
 
 class ClippedDPMSolver(DPM_Solver):
