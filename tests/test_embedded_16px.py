@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from test_cli import assert_ok, pngs, run
-from ldm.data.procedural import pixel_noise, read_attributes, render, sample_scene
+from ldm.data.procedural import Scene, pixel_noise, read_attributes, render, sample_scene
 from ldm.image_io import read_parameters
 
 CONFIG = "configs/embedded/procedural-t2i-16px.yaml"
@@ -90,21 +90,32 @@ def chair_colours(outdir):
 
 def test_a_reference_image_gives_the_batch_its_colour(tmp_path):
     """Three rendered chairs (green, blue, purple) as --reference-image for "a chair", seed 0, two
-    batches of 8 each (--n_iter 2), at the config's sampling settings. Measured when written
-    (2026-12-04): the share of the 16 chairs whose colour is the reference's, 0.06 / 0.25 / 0.00 in
-    the plain batches (mean 0.10), 0.50 / 0.81 / 0.31 with the reference image (mean 0.54). The
-    thresholds keep half the gap of the means, and half the smallest share."""
+    batches of 8 each (--n_iter 2), at the config's sampling settings; then each with a second
+    view (the same chair at another position, on another background unless the draw repeats it).
+    Measured when written (2026-12-04): the share of the 16 chairs whose colour is the
+    reference's, 0.06 / 0.25 / 0.00 in the plain batches (mean 0.10), 0.50 / 0.81 / 0.31 with the
+    reference image (mean 0.54), 0.88 / 0.94 / 0.19 with both views (mean 0.67). The thresholds
+    keep half the gap of the means, and half the smallest share of one view."""
     common = ["--prompt", "a chair", "--n_samples", "8", "--n_iter", "2", "--seed", "0", "--skip_grid"]
     assert_ok(run("txt2img.py", *common, "--outdir", tmp_path / "plain"))
-    plain, steered = [], []
+    plain, steered, two_views = [], [], []
     for seed in (101, 102, 103):
         scene = sample_scene(np.random.default_rng(seed), kind="chair")
+        elsewhere = sample_scene(np.random.default_rng(seed + 1000), kind="chair")
+        view = Scene("chair", {**scene.attributes, **{k: elsewhere.attributes[k] for k in ("position", "background")}},
+                     elsewhere.jitter)
         Image.fromarray(render(scene, 16)).save(tmp_path / f"{seed}.png")
+        Image.fromarray(render(view, 16)).save(tmp_path / f"{seed}-view.png")
         assert_ok(run("txt2img.py", *common, "--consistent-attn", "--reference-image", tmp_path / f"{seed}.png",
                       "--outdir", tmp_path / str(seed)))
+        assert_ok(run("txt2img.py", *common, "--consistent-attn", "--reference-image", tmp_path / f"{seed}.png",
+                      tmp_path / f"{seed}-view.png", "--outdir", tmp_path / f"{seed}-two"))
         colour = scene.attributes["colour"]
-        plain.append(statistics.fmean(c == colour for c in chair_colours(tmp_path / "plain")))
-        steered.append(statistics.fmean(c == colour for c in chair_colours(tmp_path / str(seed))))
-    assert len(chair_colours(tmp_path / "101")) == 16  # the reference is no output
+        share = lambda folder: statistics.fmean(c == colour for c in chair_colours(tmp_path / folder))
+        plain.append(share("plain"))
+        steered.append(share(str(seed)))
+        two_views.append(share(f"{seed}-two"))
+    assert len(chair_colours(tmp_path / "101")) == len(chair_colours(tmp_path / "101-two")) == 16  # no anchor saved
     assert statistics.fmean(steered) > statistics.fmean(plain) + 0.22, (plain, steered)
     assert min(steered) > 0.15, steered
+    assert statistics.fmean(two_views) > statistics.fmean(plain) + 0.28, (plain, two_views)
