@@ -6,20 +6,18 @@ batch. Here the anchor is given instead of sampled: it joins each batch as an ex
 whose latent is, before every step, the reference image's latent noised to that step. That is the
 replacement upstream's DDIM and PLMS make for inpainting (`mask`/`x0`), with a mask that covers the
 whole anchor and nothing else (img2img's DDIM `decode` and DPM-Solver make the same replacement,
-DPM-Solver on the model's input). The anchor's
-keys/values at step t are then what the model's self-attention makes of that image at noise level
-t, the level the other images' queries are at, so they read its colours, materials and identity
-as they would a sampled anchor's; their layout stays their own (with --adapter, the layout their
-conditions give; the anchor gets no adapter features, so no condition reshapes the keys/values
-read from it; in img2img, the init image's). The anchor's own output, a re-noised copy of the
-reference, is dropped.
+DPM-Solver on the model's input). The anchor's keys/values at step t are then what the model's
+self-attention makes of that image at noise level t, the level the other images' queries are at,
+so they read its colours, materials and identity as they would a sampled anchor's; their layout
+stays their own (with --adapter, the layout their conditions give; the anchor gets no adapter
+features, so no condition reshapes the keys/values read from it; in img2img, the init image's).
+The anchor's own output, a re-noised copy of the reference, is dropped.
 (ControlNet's "reference-only" mode feeds the reference the same way; StyleAligned inverts it
 with DDIM instead, which costs a second pass over the steps.)
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -80,14 +78,14 @@ def set_from_arguments(opt, parser, size) -> None:
     their count, opt.run_anchors becomes None."""
     opt.image_anchor = anchor_from_arguments(opt, parser, size)
     if opt.image_anchor is not None:
-        opt.consistency = dataclasses.replace(opt.consistency, n_anchors=len(opt.image_anchor))
+        opt.consistency = replace(opt.consistency, n_anchors=len(opt.image_anchor))
         opt.run_anchors = None
 
 
 def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     """The anchors --reference-image asks for at `size` (height, width), or None; after
-    validate_common (it needs opt.consistency). Bad input ends in one parser.error line, before the
-    model is loaded."""
+    consistency.config_from_arguments (it needs opt.consistency). Bad input ends in one
+    parser.error line, before the model is loaded."""
     paths = opt.reference_image
     if paths is None:
         return None
