@@ -88,3 +88,8 @@ def embedding_similarity(embeddings: torch.Tensor) -> float:
         return float("nan")
     similarity = embeddings @ embeddings.T  # (N, N), unit vectors
     return ((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def reference_similarity(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean cosine similarity of each image's embedding (N, D) to the reference's (1, D), unit vectors."""
+    return (embeddings @ reference.T).mean().item()

@@ -222,8 +222,8 @@ def run(opt, model, adapter, device):
                     images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share,
                                     reference)
                     seconds = time.perf_counter() - start
-                    row = {"setting": setting, "prompt": prompt, "seed": seed, **measure(images, prompt, scenes, reference),
-                           "seconds_per_image": seconds / opt.n}
+                    row = {"setting": setting, "prompt": prompt, "seed": seed,
+                           **measure(images, prompt, scenes, reference), "seconds_per_image": seconds / opt.n}
                     logger.info("%-18s %-32s seed %d: IoU %.3f agreement %.3f", setting, prompt[:32], seed,
                                 row["iou"], row["agreement"])
                     yield row, images, conds

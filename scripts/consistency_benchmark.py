@@ -22,6 +22,8 @@ case: the object should agree, the named scenes differ. The procedural scenes' p
 * pixel noise   noise the sampler left in the images (0 on clean renders; procedural.pixel_noise)
 * embedding sim mean pairwise cosine similarity of image embeddings (--embedder PATH: a local
                 DINO/CLIP model, ldm.image_embedder); works for any prompt, e.g. on real SD weights
+* ref. sim      mean cosine similarity of each image's embedding to the reference image's (the
+                reference scene's render, or --reference-image): how close the batch comes to it
 * s/image       wall time of the sampling per image
 
 The reference:* settings measure two separate runs (consistency_reference.py): image N-1 alone
@@ -31,7 +33,9 @@ settings, so the rows compare directly; the reference image is exactly the plain
 
 The image:* settings sample the batch as txt2img --reference-image does: a render of the batch's
 reference scene is the anchor, one more image in front of the batch, noised to every step
-(consistency_image.py); their spreads are over the N sampled images.
+(consistency_image.py); their spreads are over the N sampled images. With --reference-image PATH
+a file of your own is the anchor of every batch instead (any prompt: e.g. a photo of your chair
+for real SD weights, judged by --embedder's ref. sim).
 
 The n_iter2:* settings sample the batch as txt2img --n_iter 2 samples a run: two batches of N/2,
 images 0..N/2-1 first. n_iter2:anchor is what txt2img does (the second batch reads the first
@@ -45,6 +49,10 @@ anchor. Their spreads are over all N images: does the run agree, not only each b
     # real SD 1.x weights and any prompt, judged by a local DINOv2 (transformers folder)
     python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/
+    # ... and how close a photo of your own as the anchor brings the batch (ref. sim)
+    python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
+        --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/ \
+        --reference-image my-chair.jpg --settings none anchor:middle+inner image:middle+inner
     # subject masks and AdaIN against plain sharing, and a reference read by a separate run
     python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
         --settings none all:all subject:all adain:all subject+adain:all subject:anchor reference:all \
@@ -75,7 +83,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data import procedural  # noqa: E402
-from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder  # noqa: E402
+from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedder,  # noqa: E402
+                                 reference_similarity)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
@@ -161,7 +170,8 @@ DEFAULT_PROMPTS = [
 ]
 
 METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "chroma_spread", "fidelity",
-           "reference_agreement", "diversity", "pixel_noise", "embedding_similarity", "seconds_per_image")
+           "reference_agreement", "diversity", "pixel_noise", "embedding_similarity", "reference_similarity",
+           "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
@@ -179,6 +189,10 @@ def build_parser():
     parser.add_argument("--embedder", metavar="DIR",
                         help="local transformers image model (DINO/DINOv2/ViT/CLIP folder with config.json) whose "
                              "embeddings measure consistency for any prompt (nothing is downloaded)")
+    parser.add_argument("--reference-image", type=in_repo, metavar="PATH",
+                        help="the anchor of the image:* settings for every batch, and what ref. sim compares each "
+                             "image to (with --embedder); any prompt (default: a render of each batch's reference "
+                             "scene, procedural prompts only)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
     add_sampling_arguments(parser)
@@ -254,10 +268,12 @@ def config_of(setting):
     return config.config if isinstance(config, (FromReference, InTwoBatches, FromImage)) else config
 
 
-def needs_procedural_prompt(setting):
-    """The subject settings take their word from a procedural caption, the image settings render its scene."""
+def needs_procedural_prompt(setting, reference_file=False):
+    """The subject settings take their word from a procedural caption, the image settings render its
+    scene (unless a --reference-image file is their anchor)."""
     config = config_of(setting)
-    return isinstance(SETTINGS[setting], FromImage) or (config is not None and OBJECT_WORD in config.subjects)
+    return (isinstance(SETTINGS[setting], FromImage) and not reference_file) or \
+        (config is not None and OBJECT_WORD in config.subjects)
 
 
 def validate(parser, opt):
@@ -270,9 +286,13 @@ def validate(parser, opt):
     if opt.figure is None:
         storyboard = [i for i, entry in enumerate(opt.prompts) if len(per_image_parts(entry)) > 1]
         opt.figure = [storyboard[0] if storyboard else 0, 0]
+    reference_file = opt.reference_image is not None
     if opt.settings is None:
-        opt.settings = [s for s in SETTINGS if not (not_procedural and needs_procedural_prompt(s))]
+        opt.settings = [s for s in SETTINGS if not (not_procedural and needs_procedural_prompt(s, reference_file))]
     check_run(parser, opt, SETTINGS)
+    height, width = opt.image_size
+    opt.reference_pixels = consistency_image.read_image(parser, opt.reference_image, width, height) \
+        if reference_file else None
     unmeasured = [name for name in opt.paired_with if name not in opt.settings]
     if unmeasured:
         parser.error(f"--paired-with {unmeasured[0]} is not one of this run's --settings")
@@ -282,11 +302,11 @@ def validate(parser, opt):
         parser.error(f"pixel read-back needs procedural prompts (a face/chair/table as ldm.data.procedural "
                      f"captions them), not {not_procedural[0]!r}; for other prompts (e.g. a real SD checkpoint) "
                      f"pass --embedder DIR, a local DINO/CLIP model folder")
-    procedural_only = [s for s in opt.settings if needs_procedural_prompt(s)]
+    procedural_only = [s for s in opt.settings if needs_procedural_prompt(s, reference_file)]
     if not_procedural and procedural_only:
         parser.error(f"setting {procedural_only[0]} takes its subject word or reference scene from a procedural "
                      f"prompt, and {not_procedural[0]!r} is not one: leave the subject and image settings out for "
-                     f"such prompts")
+                     f"such prompts (image settings: or give --reference-image PATH)")
 
 
 def new_run_dir(outdir):
@@ -362,7 +382,7 @@ def setting_for(setting, prompt):
 
 def sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference=None):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on. `reference`: the
-    batch's reference scene (image settings)."""
+    batch's reference image, (1, 3, H, W) in [-1, 1] (image settings)."""
     config = setting_for(setting, prompts[0])
     if isinstance(SETTINGS[setting], FromImage):
         return sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference)
@@ -386,8 +406,8 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
 
 
 def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference):
-    """The reference scene rendered at the model's size as the anchor, in front of the batch."""
-    anchor = scene_anchor(reference, opt.image_size)
+    """The reference image as the anchor, in front of the batch."""
+    anchor = consistency_image.ImageAnchor(("reference",), reference)
     prompts, x_T = anchor.extend(prompts, x_T)
     with consistent_attention(model, config, len(prompts), prompts=prompts):
         images = ddim_images(model, sampler, opt, cond_in_front(c), cond_in_front(uc), x_T,
@@ -397,9 +417,14 @@ def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, referenc
 
 def scene_anchor(scene, image_size):
     """`scene` rendered at the model's (height, width) as a --reference-image anchor."""
+    return consistency_image.ImageAnchor(("reference scene",), scene_pixels(scene, image_size))
+
+
+def scene_pixels(scene, image_size):
+    """`scene` rendered at the model's (height, width): (1, 3, H, W) in [-1, 1]."""
     height, width = image_size
     render = Image.fromarray(procedural.render(scene, height))  # square: resized for another width
-    return consistency_image.ImageAnchor(("reference scene",), consistency_image.pixels(render, width, height))
+    return consistency_image.pixels(render, width, height)
 
 
 def cond_in_front(cond):
@@ -441,10 +466,10 @@ def to_uint8_hwc(images):
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def measure(images, prompts, embedder=None, reference=None):
+def measure(images, prompts, embedder=None, reference=None, reference_embedding=None):
     """The metrics of one batch; NaN where they do not apply (read-back needs procedural prompts).
     Fidelity is each image's against its own prompt, reference agreement against the object
-    attributes of the batch's `reference` scene."""
+    attributes of the batch's `reference` scene, ref. sim against `reference_embedding`."""
     pixels = to_uint8_hwc(images)
     row = dict.fromkeys(METRICS[:-1], float("nan"))
     row["diversity"] = procedural.diversity_score(pixels)
@@ -461,7 +486,10 @@ def measure(images, prompts, embedder=None, reference=None):
     if reference is not None:
         row["reference_agreement"] = reference_agreement(pixels, reference)
     if embedder is not None:
-        row["embedding_similarity"] = embedding_similarity(embedder(images))
+        embeddings = embedder(images)
+        row["embedding_similarity"] = embedding_similarity(embeddings)
+        if reference_embedding is not None:
+            row["reference_similarity"] = reference_similarity(embeddings, reference_embedding)
     return row
 
 
@@ -482,6 +510,7 @@ def run(opt, model, device, embedder=None):
     with torch.no_grad(), model.ema_scope():
         warm_up(model, sampler, opt, device)
         batches = [batch_prompts(prompt, opt.n) for prompt in opt.prompts]
+        image_settings = any(isinstance(SETTINGS[s], FromImage) for s in opt.settings)
         conds = [conditionings(model, prompts, opt.scale) for prompts in batches]
         for i, (seed, (p, prompt)) in enumerate(itertools.product(opt.seeds, enumerate(opt.prompts))):
             if i and deadline is not None and time.monotonic() > deadline:  # the first batch always runs
@@ -490,15 +519,21 @@ def run(opt, model, device, embedder=None):
                 return
             prompts, (c, uc) = batches[p], conds[p]
             x_T = start_noise(opt.shape, p, seed, opt.n, device)
-            reference = reference_scene(prompts[0], p, seed) if procedural.parse_caption(prompts[0]) else None
+            # the reference: a file given for every batch, else a scene of the prompt per batch
+            scene = reference_scene(prompts[0], p, seed) \
+                if opt.reference_pixels is None and procedural.parse_caption(prompts[0]) else None
+            image = opt.reference_pixels
+            if image is None and scene is not None and (embedder is not None or image_settings):
+                image = scene_pixels(scene, opt.image_size)
+            embedded = embedder((image + 1) / 2) if embedder is not None and image is not None else None
             for setting in opt.settings:
                 seed_step_noise(p, seed)
                 synchronize(device)
                 start = time.perf_counter()
-                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference)
+                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, image)
                 seconds = time.perf_counter() - start
                 row = {"setting": setting, "prompt": prompt, "seed": seed,
-                       **measure(images, prompts, embedder, reference), "seconds_per_image": seconds / opt.n}
+                       **measure(images, prompts, embedder, scene, embedded), "seconds_per_image": seconds / opt.n}
                 similarity = f", embedding sim {row['embedding_similarity']:.3f}" if embedder else ""
                 logger.info("%-22s %-40s seed %d: agreement %.3f%s", setting, prompt[:40], seed,
                             row["agreement"], similarity)
@@ -525,8 +560,8 @@ def mean_std(values):
 
 def markdown_table(rows, settings):
     lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | chroma spread ↓ "
-             "| fidelity ↑ | ref. agreement ↑ | diversity | pixel noise ↓ | embedding sim ↑ | s/image |",
-             "|---" * (len(METRICS) + 1) + "|"]
+             "| fidelity ↑ | ref. agreement ↑ | diversity | pixel noise ↓ | embedding sim ↑ | ref. sim ↑ "
+             "| s/image |", "|---" * (len(METRICS) + 1) + "|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
         cells = [mean_std([r[m] for r in mine]) for m in METRICS]

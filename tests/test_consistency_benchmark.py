@@ -154,7 +154,7 @@ def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_
     bench = benchmark_module()
     monkeypatch.setitem(bench.SETTINGS, "none again", None)
     opt = types.SimpleNamespace(n=2, steps=3, shape=[4, 8, 8], scale=5.0, seeds=[0], prompts=["a red chair"],
-                                settings=["none", "none again"], time_budget=None)
+                                settings=["none", "none again"], time_budget=None, reference_pixels=None)
     images = {}
     for eta in (0.0, 1.0):
         opt.eta = eta
@@ -298,7 +298,8 @@ def test_image_rows_read_the_reference_scene_as_their_anchor(tiny_model_with_wei
     import torch
     bench = benchmark_module()
     opt = types.SimpleNamespace(n=2, steps=3, shape=[4, 8, 8], image_size=(64, 64), scale=5.0, eta=0.0, seeds=[0],
-                                prompts=["a chair"], settings=["none", "image:middle+inner"], time_budget=None)
+                                prompts=["a chair"], settings=["none", "image:middle+inner"], time_budget=None,
+                                reference_pixels=None)
     runs = {}
     for colour in ("red", "blue"):
         monkeypatch.setattr(bench, "reference_scene", lambda prompt, p, seed, colour=colour: bench.procedural.Scene(

@@ -67,7 +67,8 @@ def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_ke
     Each threshold keeps half its measured gap; sharing may cost 0.1 of IoU."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
                  "--steps", "20", "--eta", "1",
-                 "--settings", "plain", "adapter", "adapter+all", "adapter+anchor", "adapter+image", "--outdir", tmp_path)
+                 "--settings", "plain", "adapter", "adapter+all", "adapter+anchor", "adapter+image",
+                 "--outdir", tmp_path)
     assert_ok(result)
     with open(tmp_path / "run-001" / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder
+from ldm.image_embedder import EmbedderError, embedding_similarity, load_embedder, reference_similarity
 from test_consistency_benchmark import one_error_line, run
 
 
@@ -42,6 +42,48 @@ def test_similarity_is_the_mean_over_pairs_of_different_images():
     expected = (0.0 + 2 ** -0.5 + 2 ** -0.5) / 3  # pairs (0,1), (0,2), (1,2)
     assert embedding_similarity(e) == pytest.approx(expected)
     assert math.isnan(embedding_similarity(e[:1]))
+
+
+def test_reference_similarity_is_the_mean_cosine_to_the_reference():
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    assert reference_similarity(e, e[:1]) == pytest.approx((1.0 + 0.0 + 2 ** -0.5) / 3)
+
+
+def test_a_benchmark_reference_image_of_your_own_is_the_image_rows_anchor_for_any_prompt(tmp_path):
+    """--reference-image: a file is the anchor of the image:* rows, and ref. sim compares every row's
+    images with it (needs no procedural prompt; ref. agreement, which reads a scene, stays n/a)."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conftest import TINY_CONFIG, fill_zero_weights_
+    from ldm.util import instantiate_from_config
+    model_dir = save_tiny_model(tmp_path / "dino", "dinov2")
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    fill_zero_weights_(model.model)  # random weights whose noise prediction attention reaches
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+    common = ["--config", TINY_CONFIG, "--ckpt", tmp_path / "tiny.safetensors", "--n", "2", "--steps", "1",
+              "--seeds", "0", "--prompts", "a photo of a chair", "--embedder", model_dir,
+              "--settings", "none", "image:middle+inner"]
+    rows = {}
+    for colour in ("red", "blue"):
+        Image.new("RGB", (300, 200), colour).save(tmp_path / f"{colour}.png")
+        result = run(*common, "--reference-image", tmp_path / f"{colour}.png", "--outdir", tmp_path / colour)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / colour / "run-001" / "results.csv") as f:
+            rows[colour] = {r["setting"]: r for r in csv.DictReader(f)}
+    for by_setting in rows.values():
+        assert all(-1.0 <= float(r["reference_similarity"]) <= 1.0 for r in by_setting.values())
+        assert all(math.isnan(float(r["reference_agreement"])) for r in by_setting.values())
+    assert rows["red"]["none"]["embedding_similarity"] == rows["blue"]["none"]["embedding_similarity"]
+    assert rows["red"]["image:middle+inner"]["embedding_similarity"] != \
+        rows["blue"]["image:middle+inner"]["embedding_similarity"]  # the anchor is the file
+    assert rows["red"]["none"]["reference_similarity"] != rows["blue"]["none"]["reference_similarity"]
+    assert "ref. sim" in result.stdout
+    (tmp_path / "notes.png").write_text("not an image")
+    one_error_line(run(*common, "--reference-image", tmp_path / "notes.png", "--outdir", tmp_path / "out"),
+                   "cannot read --reference-image")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_without_a_model_is_refused_with_what_to_give(tmp_path):

@@ -46,7 +46,8 @@ def test_decode_keeps_the_known_part_as_sampling_does(tiny_model_with_weights):
     `mask`/`x0` replacement (--reference-image in img2img) is sampling's, step for step."""
     model = tiny_model_with_weights
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    known = {"mask": torch.tensor([1., 0., 0.])[:, None, None, None], "x0": torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)}
+    known = {"mask": torch.tensor([1., 0., 0.])[:, None, None, None],
+             "x0": torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)}
     sampler = DDIMSampler(model)
     with torch.no_grad():
         c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table", "a chair"], [""] * 3))
