@@ -382,7 +382,7 @@ def setting_for(setting, prompt):
 
 def sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference=None):
     """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on. `reference`: the
-    batch's reference image, (1, 3, H, W) in [-1, 1] (image settings)."""
+    batch's reference image as an ImageAnchor (image settings)."""
     config = setting_for(setting, prompts[0])
     if isinstance(SETTINGS[setting], FromImage):
         return sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference)
@@ -405,9 +405,8 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
     return torch.cat([readers, reference])
 
 
-def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference):
-    """The reference image as the anchor, in front of the batch."""
-    anchor = consistency_image.ImageAnchor(("reference",), reference)
+def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, anchor):
+    """The reference image (an ImageAnchor) as the anchor, in front of the batch."""
     prompts, x_T = anchor.extend(prompts, x_T)
     with consistent_attention(model, config, len(prompts), prompts=prompts):
         images = ddim_images(model, sampler, opt, cond_in_front(c), cond_in_front(uc), x_T,
@@ -417,14 +416,9 @@ def sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, referenc
 
 def scene_anchor(scene, image_size):
     """`scene` rendered at the model's (height, width) as a --reference-image anchor."""
-    return consistency_image.ImageAnchor(("reference scene",), scene_pixels(scene, image_size))
-
-
-def scene_pixels(scene, image_size):
-    """`scene` rendered at the model's (height, width): (1, 3, H, W) in [-1, 1]."""
     height, width = image_size
     render = Image.fromarray(procedural.render(scene, height))  # square: resized for another width
-    return consistency_image.pixels(render, width, height)
+    return consistency_image.ImageAnchor(("reference scene",), consistency_image.pixels(render, width, height))
 
 
 def cond_in_front(cond):
@@ -511,6 +505,9 @@ def run(opt, model, device, embedder=None):
         warm_up(model, sampler, opt, device)
         batches = [batch_prompts(prompt, opt.n) for prompt in opt.prompts]
         image_settings = any(isinstance(SETTINGS[s], FromImage) for s in opt.settings)
+        # the reference: a file given for every batch (encoded once), else a scene of the prompt per batch
+        file_anchor = None if opt.reference_pixels is None else \
+            consistency_image.ImageAnchor((opt.reference_image,), opt.reference_pixels)
         conds = [conditionings(model, prompts, opt.scale) for prompts in batches]
         for i, (seed, (p, prompt)) in enumerate(itertools.product(opt.seeds, enumerate(opt.prompts))):
             if i and deadline is not None and time.monotonic() > deadline:  # the first batch always runs
@@ -519,18 +516,17 @@ def run(opt, model, device, embedder=None):
                 return
             prompts, (c, uc) = batches[p], conds[p]
             x_T = start_noise(opt.shape, p, seed, opt.n, device)
-            # the reference: a file given for every batch, else a scene of the prompt per batch
             scene = reference_scene(prompts[0], p, seed) \
-                if opt.reference_pixels is None and procedural.parse_caption(prompts[0]) else None
-            image = opt.reference_pixels
-            if image is None and scene is not None and (embedder is not None or image_settings):
-                image = scene_pixels(scene, opt.image_size)
-            embedded = embedder((image + 1) / 2) if embedder is not None and image is not None else None
+                if file_anchor is None and procedural.parse_caption(prompts[0]) else None
+            anchor = file_anchor
+            if anchor is None and scene is not None and (embedder is not None or image_settings):
+                anchor = scene_anchor(scene, opt.image_size)
+            embedded = embedder((anchor.pixels + 1) / 2) if embedder is not None and anchor is not None else None
             for setting in opt.settings:
                 seed_step_noise(p, seed)
                 synchronize(device)
                 start = time.perf_counter()
-                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, image)
+                images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, anchor)
                 seconds = time.perf_counter() - start
                 row = {"setting": setting, "prompt": prompt, "seed": seed,
                        **measure(images, prompts, embedder, scene, embedded), "seconds_per_image": seconds / opt.n}
