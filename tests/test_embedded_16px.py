@@ -95,11 +95,12 @@ def test_a_reference_image_gives_the_batch_its_colour(tmp_path):
     view (the same chair at another position, on another background unless the draw repeats it).
     Measured when written (2026-12-04): the share of the 16 chairs whose colour is the
     reference's, 0.06 / 0.25 / 0.00 in the plain batches (mean 0.10), 0.50 / 0.81 / 0.31 with the
-    reference image (mean 0.54), 0.88 / 0.94 / 0.19 with both views (mean 0.67). The thresholds
-    keep half the gap of the means, and half the smallest share of one view."""
+    reference image (mean 0.54), 0.31 / 0.38 / 0.19 with it read during the first half of the
+    trajectory only (--share-window 0:0.5, mean 0.29), 0.88 / 0.94 / 0.19 with both views (mean
+    0.67). The thresholds keep half the gap of the means, and half the smallest share of one view."""
     common = ["--prompt", "a chair", "--n_samples", "8", "--n_iter", "2", "--seed", "0", "--skip_grid"]
     assert_ok(run("txt2img.py", *common, "--outdir", tmp_path / "plain"))
-    plain, steered, two_views = [], [], []
+    plain, steered, half, two_views = [], [], [], []
     for seed in (101, 102, 103):
         scene = sample_scene(np.random.default_rng(seed), kind="chair")
         elsewhere = sample_scene(np.random.default_rng(seed + 1000), kind="chair")
@@ -111,12 +112,18 @@ def test_a_reference_image_gives_the_batch_its_colour(tmp_path):
                       "--outdir", tmp_path / str(seed)))
         assert_ok(run("txt2img.py", *common, "--consistent-attn", "--reference-image", tmp_path / f"{seed}.png",
                       tmp_path / f"{seed}-view.png", "--outdir", tmp_path / f"{seed}-two"))
+        assert_ok(run("txt2img.py", *common, "--consistent-attn", "--reference-image", tmp_path / f"{seed}.png",
+                      "--share-window", "0:0.5", "--outdir", tmp_path / f"{seed}-half"))
         colour = scene.attributes["colour"]
         share = lambda folder: statistics.fmean(c == colour for c in chair_colours(tmp_path / folder))
         plain.append(share("plain"))
         steered.append(share(str(seed)))
         two_views.append(share(f"{seed}-two"))
+        half.append(share(f"{seed}-half"))
     assert len(chair_colours(tmp_path / "101")) == len(chair_colours(tmp_path / "101-two")) == 16  # no anchor saved
     assert statistics.fmean(steered) > statistics.fmean(plain) + 0.22, (plain, steered)
     assert min(steered) > 0.15, steered
     assert statistics.fmean(two_views) > statistics.fmean(plain) + 0.28, (plain, two_views)
+    # --share-window dials the reference's strength: half the trajectory, about half the effect
+    assert statistics.fmean(plain) + 0.09 < statistics.fmean(half) < statistics.fmean(steered) - 0.12, \
+        (plain, half, steered)
