@@ -418,6 +418,7 @@ def apply_state_dict(model, sd, source="checkpoint"):
     Raises CheckpointError if a weight of the autoencoder, UNet or text encoder is missing or has
     the wrong shape; unexpected keys are only logged.
     """
+    _drop_ema_copy_without_weights(model, sd, source)
     model_sd = model.state_dict()
     sd = remap_clip_text_keys(_drop_ema_keys(sd, model_sd), model_sd.keys())
     _check_weights(sd, model_sd, source)
@@ -426,17 +427,18 @@ def apply_state_dict(model, sd, source="checkpoint"):
         logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))
     if unexpected:
         logger.info("%d keys of %s not used by the model: %s", len(unexpected), source, _some(unexpected))
-    _use_loaded_weights_without_ema(model, sd, source)
     return model
 
 
-def _use_loaded_weights_without_ema(model, sd, source):
+def _drop_ema_copy_without_weights(model, sd, source):
     """A config with use_ema keeps an EMA copy that ema_scope() swaps in for sampling; a file
-    without model_ema.* (e.g. exported with the EMA already in the UNet weights) leaves that
-    copy at its random initialisation, so sampling must use the loaded weights instead."""
+    without model_ema.* (e.g. exported with the EMA already in the UNet weights) would leave that
+    copy at its random initialisation, so sampling must use the loaded weights instead, and the
+    copy (as large as the UNet) goes."""
     if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in sd):
         logger.info("%s has no EMA weights (model_ema.*): sampling with its UNet weights as they are", source)
         model.use_ema = False
+        del model.model_ema
 
 
 def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):

@@ -89,6 +89,7 @@ def test_export_of_the_embedded_model_loads_for_sampling_with_the_ema_weights(tm
 
     loaded = load_model_from_config(config, str(out))
     assert loaded.use_ema is False  # ema_scope() must not swap the random EMA copy in
+    assert not any(k.startswith("model_ema.") for k in loaded.state_dict())  # nor keep it in memory
     name = "diffusion_model.input_blocks.0.0.weight"
     expected = (dict(model.model.named_parameters())[name] + 0.5).half().float()
     assert torch.equal(dict(loaded.model.named_parameters())[name], expected)
