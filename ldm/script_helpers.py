@@ -538,6 +538,21 @@ def check_subject_words(parser, opt, tokenizer):
         parser.error(str(err))
 
 
+def add_batch_arguments(parser):
+    """What a batch can share or follow, the same in txt2img and img2img: --consistent-attn and its
+    --share-* flags, --reference-image, --write-/--read-reference and --adapter."""
+    from ldm.modules import adapters, consistency, consistency_image, consistency_reference
+    for feature in (consistency, consistency_image, consistency_reference, adapters):
+        feature.add_arguments(parser)
+
+
+def consistency_from_arguments(parser, opt):
+    """--consistent-attn's config, or None; each --reference-image joins every batch as one more
+    image (an anchor), so it counts towards the images that share."""
+    from ldm.modules import consistency
+    return consistency.config_from_arguments(opt, parser, opt.n_samples + len(opt.reference_image or ()))
+
+
 def attention_sharing(opt, model, prompts):
     """The context that shares self-attention while one batch of `prompts` is sampled: the
     --write-/--read-reference run, --consistent-attn's anchors over a run of several batches

@@ -12,9 +12,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules import adapters, consistency, consistency_image, consistency_reference
-from ldm.script_helpers import (ArgumentParser, add_common_arguments, build_postprocess, check_output_dir,
-                                check_sharing, check_step_window, check_subject_words_before_loading, configure_logging,
+from ldm.modules import adapters, consistency_image, consistency_reference
+from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
+                                check_output_dir, check_sharing, check_step_window,
+                                check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
                                 precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
                                 seed_everything, validate_common)
@@ -35,17 +36,13 @@ def build_parser():
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")
-    consistency.add_arguments(parser)
-    consistency_image.add_arguments(parser)
-    consistency_reference.add_arguments(parser)
-    adapters.add_arguments(parser)
+    add_batch_arguments(parser)
     return parser
 
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    # each --reference-image joins every batch as one more image, an anchor
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + len(opt.reference_image or ()))
+    opt.consistency = consistency_from_arguments(parser, opt)
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     if not opt.init_img:
         parser.error("pass --init-img PATH (the image to vary)")

@@ -8,12 +8,13 @@ import logging
 import torch
 from tqdm import tqdm
 
-from ldm.modules import adapters, consistency, consistency_image, consistency_reference
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_common_arguments, build_postprocess,
-                                check_image_size, check_output_dir, check_sharing, check_step_window,
-                                check_subject_words_before_loading, configure_logging, cpu_noise, feature_metadata,
-                                latents_to_images, load_model, make_sampler, precision_context, prompt_batches,
-                                resolve_device, sampling_batch, save_results, seed_everything, validate_common)
+from ldm.modules import adapters, consistency_image, consistency_reference
+from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_batch_arguments, add_common_arguments,
+                                build_postprocess, check_image_size, check_output_dir, check_sharing,
+                                check_step_window, check_subject_words_before_loading, configure_logging,
+                                consistency_from_arguments, cpu_noise, feature_metadata, latents_to_images,
+                                load_model, make_sampler, precision_context, prompt_batches, resolve_device,
+                                sampling_batch, save_results, seed_everything, validate_common)
 
 logger = logging.getLogger("txt2img")
 
@@ -27,17 +28,13 @@ def build_parser():
     parser.add_argument("--W", type=int, default=None,
                         help="image width, in pixel space (default: from the config's `sampling` block, else 512)")
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
-    consistency.add_arguments(parser)
-    consistency_image.add_arguments(parser)
-    consistency_reference.add_arguments(parser)
-    adapters.add_arguments(parser)
+    add_batch_arguments(parser)
     return parser
 
 
 def validate_options(parser, opt):
     """Check the parsed options; bad input ends with one ``error:`` line (parser.error)."""
-    # each --reference-image joins every batch as one more image, an anchor
-    opt.consistency = consistency.config_from_arguments(opt, parser, opt.n_samples + len(opt.reference_image or ()))
+    opt.consistency = consistency_from_arguments(parser, opt)
     if opt.laion400m:  # upstream's shortcut to its LAION-400M model; flags the user gave win
         logger.info("Falling back to LAION 400M model...")
         opt.config = opt.config or "configs/latent-diffusion/txt2img-1p4B-eval.yaml"

@@ -84,7 +84,7 @@ def set_from_arguments(opt, parser, size) -> None:
 
 def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     """The anchors --reference-image asks for at `size` (height, width), or None; after
-    consistency.config_from_arguments (it needs opt.consistency). Bad input ends in one
+    script_helpers.consistency_from_arguments (it needs opt.consistency). Bad input ends in one
     parser.error line, before the model is loaded."""
     paths = opt.reference_image
     if paths is None:
