@@ -205,7 +205,8 @@ class FlopCounter:
     """FLOPs of one UNet call per (setting, N), counted on a meta-device copy of the UNet: shapes
     only, so even the settings that run out of memory on the GPU get a count, in milliseconds.
     On the meta device SDPA runs its math path (two bmm per call), which the counter sees; the
-    fused kernels do the same 4·B·heads·Tq·Tk·d multiply-adds."""
+    fused kernels do the same 4·B·heads·Tq·Tk·d multiply-adds. Anchor mode is counted as it runs
+    on a GPU, with the plain call its anchors come from (`rounds_by_batch_size`); the CPU skips it."""
 
     def __init__(self, config_path, dtype):
         cfg = OmegaConf.load(config_path).model.params.unet_config

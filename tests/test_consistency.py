@@ -80,10 +80,12 @@ def test_joint_attention_reads_all_images_of_the_group():
             torch.testing.assert_close(out[gi, n], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_anchor_attention_reads_self_and_anchors():
+@pytest.mark.parametrize("from_plain_call", [False, True], ids=["anchors-alone", "anchors-from-the-plain-call"])
+def test_anchor_attention_reads_self_and_anchors(from_plain_call):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 2, 6, 8, generator=g) for _ in range(3))
-    out = anchor_attention(q, k, v, einsum_attention, n_anchors=2)
+    plain = einsum_attention(*(t.flatten(0, 1) for t in (q, k, v))).unflatten(0, (1, 4)) if from_plain_call else None
+    out = anchor_attention(q, k, v, einsum_attention, n_anchors=2, plain=plain)
     for n in range(4):
         readable = [n] if n < 2 else [n, 0, 1]
         keys = torch.cat([k[0, j] for j in readable], dim=1)[None]

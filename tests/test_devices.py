@@ -6,9 +6,14 @@ states as exact is repeated here where other kernels run (CUDA's flash / memory-
 cuBLAS, cuDNN, fp16): one image shares nothing, the anchors (the first or chosen ones) are the
 plain images, CFG halves never mix, a reference reads like in-batch anchors, and the anchor of a
 whole DDIM run with step noise, in-process and through txt2img, is the image sampled without
-sharing. Only the agreement of SDPA with upstream's einsum attention has a tolerance."""
+sharing. Only the agreement of SDPA with upstream's einsum attention has a tolerance.
+
+The GPU kernels behind SDPA divide their work by the size of the call (FlashAttention splits the
+keys into pieces when batch x heads leaves SMs idle), so an image attended in a call of another
+batch size than the plain model's may differ in its last bits; the tiny test model is too small
+for that to happen on a GPU. `batch_variant_attention` makes it happen on the CPU, at any size."""
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ import torch
 
 from conftest import fill_zero_weights_
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.attention import set_attention_backend
+from ldm.modules.attention import CrossAttention, sdpa_attention, set_attention_backend
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention
 from ldm.modules.consistency_reference import read_reference, record_reference
 from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
@@ -105,6 +110,21 @@ def test_a_reference_reads_like_in_batch_anchors(models, device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_the_anchors_are_the_plain_images_where_a_gpu_kernel_splits_the_keys(models, device, dtype):
+    """A 32² latent and N = 4: on an H100 or H200 (132 SMs) FlashAttention-2's heuristic would split
+    the keys of an anchors-only call (batch 2) at the 1024-token level four ways, and those of the
+    plain call (batch 8) not at all."""
+    n, model = 4, models(device)
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(2 * n, 4, 32, 32, generator=g).to(device), torch.randn(2 * n, 77, 32, generator=g).to(device)
+    t = torch.full((2 * n,), 500, device=device)
+    config = ConsistentAttentionConfig(mode="anchor", **ALL)
+    shared, plain = unet_call(model, x, t, c, dtype, config, n=n), unet_call(model, x, t, c, dtype, n=n)
+    assert torch.equal(shared[[0, n]], plain[[0, n]])
+    assert not torch.equal(shared[[1, n + 1]], plain[[1, n + 1]])
+
+
+@pytest.mark.parametrize("device,dtype", SETTINGS)
 def test_sdpa_agrees_with_upstream_einsum_attention(models, device, dtype):
     model, (x, t, c) = models(device), batch(device)
     fast = unet_call(model, x, t, c, dtype)
@@ -150,3 +170,71 @@ def test_txt2img_keeps_the_anchor_image(tmp_path, tiny_ckpt, device):  # noqa: F
     before, after = pixels(plain), pixels(chosen)
     assert np.array_equal(after[1], before[1])
     assert not any(np.array_equal(after[i], before[i]) for i in (0, 2))
+
+
+def batch_variant_attention(q, k, v, mask=None):
+    """SDPA through a kernel whose rounding depends on the call's shape, as a GPU's does: the same
+    call gives the same numbers, a call with another batch size or key count differs in its last
+    bits (a relative 2^-20 per image and key)."""
+    return sdpa_attention(q, k, v, mask) * (1 + 2.0 ** -20 * (q.shape[0] + k.shape[2]))
+
+
+@contextmanager
+def batch_variant_kernel(model):
+    for layer in model.modules():
+        if isinstance(layer, CrossAttention):
+            layer.attend = batch_variant_attention
+    try:
+        yield
+    finally:
+        set_attention_backend(model, "sdpa")
+
+
+def test_the_batch_variant_kernel_differs_between_batch_sizes():
+    q, k, v = (torch.randn(4, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    assert torch.equal(batch_variant_attention(q, k, v), batch_variant_attention(q, k, v))
+    assert not torch.equal(batch_variant_attention(q[:1], k[:1], v[:1]), batch_variant_attention(q, k, v)[:1])
+
+
+SUBJECT_TOKENS = torch.zeros(N, 77, dtype=torch.bool)
+SUBJECT_TOKENS[:, 2] = True
+
+
+@pytest.mark.parametrize("settings,plain_images", [
+    (dict(mode="anchor"), [0, N]),
+    (dict(mode="anchor", anchor_images=(2,)), [2, N + 2]),
+    (dict(mode="anchor", n_anchors=2, adain=True), [0, 1, N, N + 1]),
+    (dict(mode="anchor", subjects=("chair",)), [0, N]),
+    (dict(mode="all", cfg="cond"), list(range(N))),
+], ids=["anchor", "chosen-anchor", "two-anchors-adain", "anchor-subject", "cond-only-uncond-half"])
+def test_images_promised_plain_are_plain_with_a_kernel_that_rounds_by_batch_size(models, settings, plain_images):
+    """They are rows of the plain model's own attention call, not of a smaller call of their own."""
+    model, (x, t, c) = models("cpu"), batch("cpu")
+    config = ConsistentAttentionConfig(**ALL, **settings)
+    with batch_variant_kernel(model):
+        plain = unet_call(model, x, t, c, None)
+        sharing = consistent_attention(model, config, N, subject_tokens=SUBJECT_TOKENS)
+        with torch.no_grad(), sharing:
+            unet = model.model.diffusion_model
+            if config.subjects:  # the first call finds the subject; the second reads through its masks
+                unet(x, t, context=c)
+            shared = unet(x, t, context=c)
+    readers = [i for i in range(2 * N) if i not in plain_images]
+    assert torch.equal(shared[plain_images], plain[plain_images])
+    assert not torch.equal(shared[readers], plain[readers])
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(anchor_images=(1,))], ids=["first", "chosen"])
+def test_a_reference_reads_like_in_batch_anchors_with_a_kernel_that_rounds_by_batch_size(models, settings):
+    """In-batch readers are attended in one call with the anchors' rows (dropped), the shape of a
+    batch reading the recorded anchors."""
+    model, (x, t, c) = models("cpu"), batch("cpu")
+    config = ConsistentAttentionConfig(mode="anchor", **ALL, **settings)
+    readers = [i for i in range(N) if i not in (settings.get("anchor_images") or (0,))]
+    with batch_variant_kernel(model):
+        anchored = unet_call(model, x, t, c, None, config)
+        with record_reference(model, config, N, storage=None) as cache:
+            unet_call(model, x, t, c, None, sharing=nullcontext())
+        read = unet_call(model, x, t, c, None, sharing=read_reference(model, cache, N))
+    for half in (0, N):
+        assert torch.equal(read[[half + i for i in readers]], anchored[[half + i for i in readers]])

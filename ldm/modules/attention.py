@@ -98,6 +98,16 @@ def sdpa_attention(q, k, v, mask=None):
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "einsum": einsum_attention}
 
 
+def rounds_by_batch_size(attend, device) -> bool:
+    """Whether `attend` on `device` may give an image's attention other last bits in a call with
+    another batch size. PyTorch's CPU SDPA computes every (image, head) alike at any batch size
+    (its blocks follow the token counts); GPU kernels divide their work by it (FlashAttention
+    splits the keys when batch x heads leaves SMs idle, and sums the pieces in another order).
+    Any other kernel is assumed to. Consistent attention keeps its exact images exact by it
+    (ldm/modules/consistency.py, `share_per_cfg_group`)."""
+    return not (device.type == "cpu" and attend is sdpa_attention)
+
+
 def set_attention_backend(model, backend):
     """Switch every CrossAttention of `model` to `backend` ("sdpa" or "einsum"); returns the count."""
     layers = [m for m in model.modules() if isinstance(m, CrossAttention)]

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldm.modules.attention import rounds_by_batch_size
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.modules.consistency_subject import SubjectMasks, parse_subjects, subject_token_mask, tokenizer_of
 
@@ -220,19 +221,23 @@ class SharedKV:
             readable = self.subject.masks_for(q.shape[2])  # (n, T) bool
             if readable is None:  # first UNet call: no maps yet, so nothing is shared
                 return attend(q, k, v)
+        keeps_plain_images = self.config.mode is ShareMode.ANCHOR or self.config.cfg is CfgPolicy.COND
         return share_per_cfg_group(q, k, v, attend, n, self.config.cfg,
-                                   lambda q, k, v, groups: self._share(q, k, v, attend, readable))
+                                   lambda q, k, v, groups, plain: self._share(q, k, v, attend, readable, plain),
+                                   from_plain_call=keeps_plain_images and rounds_by_batch_size(attend, q.device))
 
-    def _share(self, q, k, v, attend, readable=None):
+    def _share(self, q, k, v, attend, readable=None, plain=None):
         """q, k, v: (G, N, nh, T, hs); `readable`: (N, T) bool, the tokens of each image that the
-        OTHER images may read, or None (all)."""
+        OTHER images may read, or None (all); `plain`: the groups' rows of the plain call, or None
+        (see `share_per_cfg_group`)."""
         order = self.order
         if order is None:
-            return self._share_in_order(q, k, v, attend, readable)
+            return self._share_in_order(q, k, v, attend, readable, plain)
         readable = None if readable is None else order.apply(readable, dim=0)
-        return order.undo(self._share_in_order(order.apply(q), order.apply(k), order.apply(v), attend, readable))
+        q, k, v, plain = (None if t is None else order.apply(t) for t in (q, k, v, plain))
+        return order.undo(self._share_in_order(q, k, v, attend, readable, plain))
 
-    def _share_in_order(self, q, k, v, attend, readable=None):
+    def _share_in_order(self, q, k, v, attend, readable=None, plain=None):
         mode = self.config.mode
         if self.config.adain:
             keep = self.config.n_anchors if mode is ShareMode.ANCHOR else 1
@@ -241,11 +246,11 @@ class SharedKV:
             if mode is ShareMode.ALL:
                 return joint_attention(q, k, v, attend)
             if mode is ShareMode.ANCHOR:
-                return anchor_attention(q, k, v, attend, self.config.n_anchors)
+                return anchor_attention(q, k, v, attend, self.config.n_anchors, plain)
             return sampled_attention(q, k, v, attend, self.config.sample_rate, self.generator)
         readable = readable.to(q.device)
         if mode is ShareMode.ANCHOR:
-            return masked_anchor_attention(q, k, v, attend, self.config.n_anchors, readable)
+            return masked_anchor_attention(q, k, v, attend, self.config.n_anchors, readable, plain)
         if mode is ShareMode.SAMPLE:
             readable = readable & _to_device(sampled_tokens(q.shape[1], q.shape[3], self.config.sample_rate,
                                                             self.generator), q.device)
@@ -306,19 +311,28 @@ def split_groups(t, n):
     return t.reshape(t.shape[0] // n, n, *t.shape[1:])
 
 
-def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share):
+def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, from_plain_call=False):
     """Attention over a batch of CFG groups of `n` images, q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
 
-    `share(q, k, v, groups)` attends within each group of (G, n, nh, T, hs), `groups` being which
-    of the batch's groups it was given (a slice). With `CfgPolicy.COND` and a `[uncond; cond]`
-    batch, the unconditional group is plain attention and only the conditional one shares."""
+    `share(q, k, v, groups, plain)` attends within each group of (G, n, nh, T, hs), `groups` being
+    which of the batch's groups it was given (a slice), `plain` their rows of the plain call or
+    None. With `CfgPolicy.COND` and a `[uncond; cond]` batch, the unconditional group is plain
+    attention and only the conditional one shares.
+
+    Images that must come out exactly as without sharing (the unconditional group here, anchors
+    in `share`) can be attended in a smaller call of their own where the kernel computes every
+    image alike at any batch size (the CPU's). On a GPU it does not (`rounds_by_batch_size`), so
+    `from_plain_call` runs `attend(q, k, v)` over the whole batch, the very call the plain model
+    makes, and those images are its rows."""
     B = q.shape[0]
-    q, k, v = split_groups(q, n), split_groups(k, n), split_groups(v, n)  # (G, N, nh, T, hs)
-    if cfg is CfgPolicy.COND and q.shape[0] == 2:
-        plain = attend(q[0], k[0], v[0])[None]
-        out = torch.cat([plain, share(q[1:], k[1:], v[1:], slice(1, 2))])
-    else:
-        out = share(q, k, v, slice(None))
+    cond_only = cfg is CfgPolicy.COND and B == 2 * n
+    groups = slice(1, 2) if cond_only else slice(None)
+    plain = split_groups(attend(q, k, v), n) if from_plain_call else None  # the plain model's own call
+    q, k, v = (split_groups(t, n) for t in (q, k, v))  # (G, N, nh, T, hs)
+    out = share(q[groups], k[groups], v[groups], groups, None if plain is None else plain[groups])
+    if cond_only:
+        uncond = plain[:1] if plain is not None else attend(q[0], k[0], v[0])[None]
+        out = torch.cat([uncond, out])
     return out.reshape(B, *out.shape[2:])
 
 
@@ -341,17 +355,28 @@ def joint_attention(q, k, v, attend):
     return _unfold(attend(_fold(q), _fold(k), _fold(v)), N)
 
 
-def anchor_attention(q, k, v, attend, n_anchors):
+def anchor_attention(q, k, v, attend, n_anchors, plain=None):
     """The first `n_anchors` images of a group are computed exactly as without sharing; every
     other image reads its own tokens plus the anchors' tokens. Cost grows O(N), and the anchors
-    fix one appearance the rest of the batch follows."""
+    fix one appearance the rest of the batch follows.
+
+    `plain`: the group's rows of the plain call, for a kernel that rounds by batch size (see
+    `share_per_cfg_group`); the anchors are then its rows, and the anchors read too (their rows
+    dropped), so that the readers' call has the shape of a batch reading recorded anchors
+    (consistency_reference.py) and reading them back is exact too."""
     a = min(n_anchors, q.shape[1])
-    flat = lambda t: t.reshape(-1, *t.shape[2:])  # (G·n, nh, T, hs)
-    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(q[:, :a].shape)
+    anchors = plain[:, :a] if plain is not None else _attend_each(q[:, :a], k[:, :a], v[:, :a], attend)
     if a == q.shape[1]:
         return anchors
-    rest = read_with_anchors(q[:, a:], k[:, a:], v[:, a:], attend, k[:, :a], v[:, :a])
-    return torch.cat([anchors, rest], dim=1)
+    first = 0 if plain is not None else a  # the first image that reads
+    readers = read_with_anchors(q[:, first:], k[:, first:], v[:, first:], attend, k[:, :a], v[:, :a])
+    return torch.cat([anchors, readers[:, a - first:]], dim=1)
+
+
+def _attend_each(q, k, v, attend):
+    """Plain attention of every image of (G, N, nh, T, hs) to itself."""
+    flat = lambda t: t.reshape(-1, *t.shape[2:])  # (G·N, nh, T, hs)
+    return attend(flat(q), flat(k), flat(v)).reshape(q.shape)
 
 
 def read_with_anchors(q, k, v, attend, anchor_k, anchor_v):
@@ -428,17 +453,18 @@ def masked_joint_attention(q, k, v, attend, readable):
     return torch.stack([attend(q[:, r], keys, values, allowed[r].expand(G, -1)) for r in range(N)], dim=1)
 
 
-def masked_anchor_attention(q, k, v, attend, n_anchors, readable):
+def masked_anchor_attention(q, k, v, attend, n_anchors, readable, plain=None):
     """`anchor_attention` where the anchors' tokens are read only where `readable` (N, T) is True;
-    the anchors themselves stay exact."""
+    the anchors themselves stay exact (`plain` as there)."""
     N, a = q.shape[1], min(n_anchors, q.shape[1])
-    flat = lambda t: t.reshape(-1, *t.shape[2:])
-    anchors = attend(flat(q[:, :a]), flat(k[:, :a]), flat(v[:, :a])).reshape(q[:, :a].shape)
+    anchors = plain[:, :a] if plain is not None else _attend_each(q[:, :a], k[:, :a], v[:, :a], attend)
     if a == N:
         return anchors
-    sources = torch.arange(a, device=q.device).expand(N - a, a)
-    rest = read_masked(q[:, a:], k[:, a:], v[:, a:], attend, sources, k[:, :a], v[:, :a], readable[:a])
-    return torch.cat([anchors, rest], dim=1)
+    first = 0 if plain is not None else a
+    sources = torch.arange(a, device=q.device).expand(N - first, a)
+    readers = read_masked(q[:, first:], k[:, first:], v[:, first:], attend, sources, k[:, :a], v[:, :a],
+                          readable[:a])
+    return torch.cat([anchors, readers[:, a - first:]], dim=1)
 
 
 def sampled_tokens(N, T, rate, generator):

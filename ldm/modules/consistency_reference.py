@@ -42,7 +42,8 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
+from ldm.modules.attention import rounds_by_batch_size
+from ldm.modules.consistency import (CfgPolicy, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,
                                      disable_consistent_attention, given_share_flags, in_window, read_masked,
                                      read_with_anchors, selected_sites, share_per_cfg_group, split_groups,
@@ -232,8 +233,9 @@ class ReferenceKV:
         if config.adain:
             ref += [cache.tensors[f"{self.site}|{state.call}|{name}"].to(q.device) for name in ADAIN_STATS]
         # each CFG half reads the reference's matching half
-        return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups: self._read(
-            q, k, v, attend, [t[groups] for t in ref], readable))
+        return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups, plain: self._read(
+            q, k, v, attend, [t[groups] for t in ref], readable),
+            from_plain_call=config.cfg is CfgPolicy.COND and rounds_by_batch_size(attend, q.device))
 
     def _record(self, q, k, v):
         """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need.
