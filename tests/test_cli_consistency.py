@@ -111,6 +111,32 @@ def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):
     assert_ok(result)
     assert "nothing to share" in result.stderr
     assert np.array_equal(pixels(shared)[0], pixels(plain)[0])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red chair\n")  # a run of one image through --from-file
+    result = txt2img(*args(tiny_ckpt, tmp_path / "from-file", "--consistent-attn", "--from-file", prompts, n=1))
+    assert_ok(result)
+    assert "this run is a single image, nothing to share" in result.stderr
+
+
+def test_one_image_at_a_time_follows_the_runs_first_image(tmp_path, tiny_ckpt):
+    """--n_samples 1 --n_iter 3 (one image per batch, as on a GPU that holds one): in anchor mode the
+    second and third images read the first one's keys/values; with mode all there is nothing to share."""
+    plain, shared, joint = tmp_path / "plain", tmp_path / "shared", tmp_path / "joint"
+    assert_ok(txt2img(*args(tiny_ckpt, plain, "--n_iter", "3", n=1)))
+    result = txt2img(*args(tiny_ckpt, shared, "--n_iter", "3", "--consistent-attn", n=1))
+    assert_ok(result)
+    assert "nothing to share" not in result.stderr
+    before, after = pixels(plain), pixels(shared)
+    assert len(after) == 3 and np.array_equal(after[0], before[0])  # the anchor is the plain image
+    assert not any(np.array_equal(after[i], before[i]) for i in (1, 2))
+    assert "run's first batch" in read_parameters(shared / "samples" / "00002.png")["extra"]["run_anchors"]["anchors"]
+    result = txt2img(*args(tiny_ckpt, joint, "--n_iter", "3", "--consistent-attn", "--share-mode", "all", n=1))
+    assert_ok(result)
+    assert "nothing to share" in result.stderr
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(joint), before))
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "two", "--n_iter", "3", "--consistent-attn",
+                                        "--share-anchors", "2", n=1)),
+                          "--share-anchors 2: the anchors are images of the batch, which holds 1")
 
 
 def test_img2img_shares_too(tmp_path, tiny_ckpt):

@@ -776,13 +776,23 @@ def config_from_arguments(opt, parser, images_per_batch):
             parser.error(f"{flag} applies to --share-mode {mode.value}; add that or drop {flag}")
     config = config_from_share_flags(opt, parser)
     check_anchor_images(parser, config, images_per_batch)
-    if images_per_batch == 1:  # after the checks: a typo is an error with any batch size
+    # in anchor mode the later batches of a run read the first batch's anchors (RunAnchors in
+    # consistency_reference.py), so a run of one-image batches has something to share too: the
+    # way to consistent images on a GPU that holds one at a time
+    run_of_batches = config.mode is ShareMode.ANCHOR and (
+        getattr(opt, "n_iter", 1) > 1 or getattr(opt, "from_file", None) is not None)
+    if images_per_batch == 1 and not run_of_batches:  # after the checks: a typo is an error with any batch size
         log.warning("--consistent-attn with a single image per batch: nothing to share, sampling normally "
-                    "(use --n_samples 2 or more)")
+                    "(use --n_samples 2 or more, or --n_iter 2 or more in anchor mode: the later batches then "
+                    "read the first one's anchor)")
         return None
-    if config.mode is ShareMode.ANCHOR and config.n_anchors >= images_per_batch:
+    if config.mode is ShareMode.ANCHOR and config.n_anchors > images_per_batch:
+        parser.error(f"--share-anchors {config.n_anchors}: the anchors are images of the batch, which holds "
+                     f"{images_per_batch}: use at most {images_per_batch} or a larger --n_samples")
+    if config.mode is ShareMode.ANCHOR and config.n_anchors == images_per_batch and not run_of_batches:
         parser.error(f"--share-anchors {config.n_anchors} with {images_per_batch} images per batch leaves no image "
-                     f"to read the anchors: use fewer anchors or a larger --n_samples")
+                     f"to read the anchors: use fewer anchors, a larger --n_samples, or --n_iter 2 or more (the "
+                     f"later batches read them)")
     return config
 
 
