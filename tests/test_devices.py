@@ -224,17 +224,25 @@ def test_images_promised_plain_are_plain_with_a_kernel_that_rounds_by_batch_size
     assert not torch.equal(shared[readers], plain[readers])
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(anchor_images=(1,))], ids=["first", "chosen"])
+@pytest.mark.parametrize("settings", [dict(), dict(anchor_images=(1,)), dict(subjects=("chair",), adain=True)],
+                         ids=["first", "chosen", "subject+adain"])
 def test_a_reference_reads_like_in_batch_anchors_with_a_kernel_that_rounds_by_batch_size(models, settings):
     """In-batch readers are attended in one call with the anchors' rows (dropped), the shape of a
-    batch reading the recorded anchors."""
+    batch reading the recorded anchors. Two UNet calls: subject masks come from the call before."""
     model, (x, t, c) = models("cpu"), batch("cpu")
     config = ConsistentAttentionConfig(mode="anchor", **ALL, **settings)
     readers = [i for i in range(N) if i not in (settings.get("anchor_images") or (0,))]
+    unet = model.model.diffusion_model
+
+    def second_call(sharing):
+        with torch.no_grad(), sharing:
+            unet(x, t, context=c)
+            return unet(x, t, context=c)
+
     with batch_variant_kernel(model):
-        anchored = unet_call(model, x, t, c, None, config)
-        with record_reference(model, config, N, storage=None) as cache:
-            unet_call(model, x, t, c, None, sharing=nullcontext())
-        read = unet_call(model, x, t, c, None, sharing=read_reference(model, cache, N))
+        anchored = second_call(consistent_attention(model, config, N, subject_tokens=SUBJECT_TOKENS))
+        with record_reference(model, config, N, storage=None, subject_tokens=SUBJECT_TOKENS) as cache:
+            second_call(nullcontext())
+        read = second_call(read_reference(model, cache, N))
     for half in (0, N):
         assert torch.equal(read[[half + i for i in readers]], anchored[[half + i for i in readers]])
