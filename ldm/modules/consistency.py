@@ -364,12 +364,21 @@ def anchor_attention(q, k, v, attend, n_anchors, plain=None):
     `share_per_cfg_group`); the anchors are then its rows, and the anchors read too (their rows
     dropped), so that the readers' call has the shape of a batch reading recorded anchors
     (consistency_reference.py) and reading them back is exact too."""
+    return _anchors_and_readers(q, k, v, attend, n_anchors, plain, lambda q_, k_, v_, a: read_with_anchors(
+        q_, k_, v_, attend, k[:, :a], v[:, :a]))
+
+
+def _anchors_and_readers(q, k, v, attend, n_anchors, plain, read):
+    """What anchor mode's two variants share: the first `n_anchors` images plain (their rows of
+    `plain`, else attended alone), the others from `read(q, k, v, a)`, the images given reading
+    the first `a`. With `plain` the anchors are given to `read` too and their rows dropped (see
+    `anchor_attention`)."""
     a = min(n_anchors, q.shape[1])
     anchors = plain[:, :a] if plain is not None else _attend_each(q[:, :a], k[:, :a], v[:, :a], attend)
     if a == q.shape[1]:
         return anchors
     first = 0 if plain is not None else a  # the first image that reads
-    readers = read_with_anchors(q[:, first:], k[:, first:], v[:, first:], attend, k[:, :a], v[:, :a])
+    readers = read(q[:, first:], k[:, first:], v[:, first:], a)
     return torch.cat([anchors, readers[:, a - first:]], dim=1)
 
 
@@ -456,15 +465,9 @@ def masked_joint_attention(q, k, v, attend, readable):
 def masked_anchor_attention(q, k, v, attend, n_anchors, readable, plain=None):
     """`anchor_attention` where the anchors' tokens are read only where `readable` (N, T) is True;
     the anchors themselves stay exact (`plain` as there)."""
-    N, a = q.shape[1], min(n_anchors, q.shape[1])
-    anchors = plain[:, :a] if plain is not None else _attend_each(q[:, :a], k[:, :a], v[:, :a], attend)
-    if a == N:
-        return anchors
-    first = 0 if plain is not None else a
-    sources = torch.arange(a, device=q.device).expand(N - first, a)
-    readers = read_masked(q[:, first:], k[:, first:], v[:, first:], attend, sources, k[:, :a], v[:, :a],
-                          readable[:a])
-    return torch.cat([anchors, readers[:, a - first:]], dim=1)
+    return _anchors_and_readers(q, k, v, attend, n_anchors, plain, lambda q_, k_, v_, a: read_masked(
+        q_, k_, v_, attend, torch.arange(a, device=q.device).expand(q_.shape[1], a), k[:, :a], v[:, :a],
+        readable[:a]))
 
 
 def sampled_tokens(N, T, rate, generator):
