@@ -281,6 +281,7 @@ def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):
     ([], "add --consistent-attn"),
     (["--consistent-attn", "--share-mode", "all"], "--share-mode anchor"),
     (["--consistent-attn", "--share-anchors", "2"], "--share-anchors"),
+    (["--consistent-attn", "--share-anchors", "1"], "--share-anchors"),  # the default's value, still not used
     (["--consistent-attn", "--anchor-images", "1"], "--anchor-images"),
 ])
 def test_reference_image_misuse_is_one_error_line(tmp_path, tiny_ckpt, extra, message):

@@ -92,7 +92,9 @@ def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     if not opt.consistent_attn:
         parser.error("--reference-image is read as the anchor of --consistent-attn; add --consistent-attn")
     config = opt.consistency  # not None: with the reference, a batch has two images or more
-    if config.mode is not ShareMode.ANCHOR or config.n_anchors != 1 or config.anchor_images:
+    # the flags themselves, not the config's values: --share-anchors 1 with two images would
+    # otherwise pass as the default and be silently overridden by the image count
+    if config.mode is not ShareMode.ANCHOR or opt.share_anchors is not None or config.anchor_images:
         parser.error("--reference-image gives the anchors of --share-mode anchor, one per image: leave out "
                      "--share-mode other than anchor, --share-anchors and --anchor-images")
     height, width = size
