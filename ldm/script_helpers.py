@@ -188,10 +188,10 @@ def validate_common(parser, opt, samplers, aliases):
 def read_prompts(parser, opt):
     """Every image's prompt, in order: one --prompt repeated for the batch, several --prompt (one
     per image, so exactly n_samples of them), or the non-empty lines of --from-file."""
+    if opt.prompt and opt.from_file:  # upstream read the file and dropped --prompt without a word
+        parser.error("--prompt and --from-file both give the prompts: choose one source of prompts")
     prompts = opt.prompt or [DEFAULT_PROMPT]
     if len(prompts) > 1:
-        if opt.from_file:
-            parser.error("--prompt given several times and --from-file: choose one source of prompts")
         if opt.n_samples != len(prompts):
             parser.error(f"{len(prompts)} prompts given (one per image of the batch) but --n_samples is "
                          f"{opt.n_samples}: pass --n_samples {len(prompts)}")

@@ -51,6 +51,7 @@ def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
     (["--prompt", "a", "--prompt", "b", "--n_samples", "3"], "2 prompts given (one per image of the batch) "
                                                              "but --n_samples is 3: pass --n_samples 2"),
     (["--prompt", "a", "--prompt", "b", "--n_samples", "2", "--from-file", "FILE"], "choose one source"),
+    (["--prompt", "a", "--from-file", "FILE"], "choose one source"),  # upstream dropped the prompt silently
     (["--from-file", "EMPTY"], "has no prompts; pass a text file with one prompt per line"),
 ])
 def test_prompt_count_mismatch_is_one_error_line(txt2img, tmp_path, capsys, argv, message):
