@@ -5,12 +5,15 @@ again under the prompt. main() is split like scripts/txt2img.py: build_parser /
 validate_options / load / generate / save_outputs, with an ``extra_metadata`` hook.
 """
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,

@@ -4,9 +4,11 @@ from PIL import Image
 from tqdm import tqdm
 import numpy as np
 import torch
-from main import instantiate_from_config
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import CheckpointError, load_state_dict
+from ldm.util import CheckpointError, instantiate_from_config, load_state_dict
 
 CONFIG = "models/ldm/inpainting_big/config.yaml"
 CKPT = "models/ldm/inpainting_big/last.ckpt"

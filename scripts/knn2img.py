@@ -10,7 +10,9 @@ from itertools import islice
 from einops import rearrange, repeat
 import time
 from multiprocessing import cpu_count
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import make_grid
 from ldm.util import CheckpointError, instantiate_from_config, parallel_data_prefetch, read_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler

@@ -6,7 +6,9 @@ from tqdm import trange
 
 from omegaconf import OmegaConf
 from PIL import Image
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
 

@@ -4,8 +4,10 @@ import argparse
 import glob
 import importlib.util
 from multiprocessing import cpu_count
+from pathlib import Path
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.util import parallel_data_prefetch
 
 

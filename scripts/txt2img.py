@@ -4,10 +4,13 @@ main() is split into build_parser / validate_options / load / generate / save_ou
 features can add their own flags, checks and PNG metadata (see ``extra_metadata``).
 """
 import logging
+import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_batch_arguments, add_common_arguments,
                                 build_postprocess, check_image_size, check_output_dir, check_sharing,

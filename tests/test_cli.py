@@ -14,9 +14,7 @@ TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "6
 
 
 def run(script, *args, cwd=REPO):
-    # this checkout's ldm first: the installed package may be another checkout (editable install)
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # the script imports this checkout's ldm itself
     return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -14,7 +14,7 @@ CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
 
 
 def run(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, str(SCRIPT), "--config", str(CONFIG), *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -1,6 +1,5 @@
 """scripts/export_checkpoint.py: Lightning checkpoint -> .safetensors (+ JSON sidecar) for txt2img."""
 import json
-import os
 import subprocess
 import sys
 
@@ -97,9 +96,8 @@ def test_export_of_the_embedded_model_loads_for_sampling_with_the_ema_weights(tm
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_refuses_to_overwrite_with_one_error_line(tmp_path):

@@ -11,8 +11,7 @@ from conftest import REPO, TINY_CONFIG
 
 
 def run(script, *args):
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 

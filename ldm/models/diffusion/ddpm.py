@@ -91,7 +91,7 @@ class DDPM(TrainableModule):
         self.use_ema = use_ema
         if self.use_ema:
             self.model_ema = LitEma(self.model)
-            logger.info(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+            logger.debug("Keeping EMAs of %d.", len(list(self.model_ema.buffers())))
 
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
