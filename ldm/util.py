@@ -7,8 +7,6 @@ import re
 import torch
 import numpy as np
 from collections import abc
-from einops import rearrange
-from functools import partial
 
 import multiprocessing as mp
 from threading import Thread

@@ -1,13 +1,12 @@
 import argparse, os, sys, glob
 import importlib.util
 import torch
-import torch.nn as nn
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm, trange
 from itertools import islice
-from einops import rearrange, repeat
+from einops import rearrange
 import time
 from multiprocessing import cpu_count
 from pathlib import Path

@@ -1,6 +1,6 @@
 import logging
 from abc import abstractmethod
-from torch.utils.data import Dataset, ConcatDataset, ChainDataset, IterableDataset
+from torch.utils.data import IterableDataset
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from einops import rearrange, repeat
+from einops import repeat
 
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError

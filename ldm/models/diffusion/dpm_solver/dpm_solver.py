@@ -1,7 +1,6 @@
 import logging
 
 import torch
-import torch.nn.functional as F
 import math
 
 logger = logging.getLogger(__name__)
