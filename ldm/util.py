@@ -290,6 +290,18 @@ def _is_safetensors(path):
     return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") < os.path.getsize(path)
 
 
+def save_safetensors(tensors, path, metadata=None):
+    """`safetensors.torch.save_file`, leaving the file with the permissions of any other file this
+    process writes (0666 less the umask). safetensors 0.8 writes through a temporary file created
+    0600 and renames it (safetensors issue #782), so a reference, adapter or exported checkpoint
+    was unreadable to the other users of a machine it was written for."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)  # the only way to read it: set, then put back at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_checkpoint(path, *, unsafe_pickle=False):
     """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats. A
     diffusers pipeline folder (unet/, vae/, text_encoder/) is read as one state dict in the

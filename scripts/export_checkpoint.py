@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
-from ldm.util import CheckpointError, read_checkpoint, state_dict_of  # noqa: E402
+from ldm.util import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
 
@@ -122,8 +122,6 @@ def loss_summary(metrics_path):
 
 def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None, unsafe_pickle=False):
     """Write ``out_path`` (.safetensors) and its .json sidecar; returns the sidecar dict."""
-    from safetensors.torch import save_file
-
     checkpoint = read_checkpoint(ckpt_path, unsafe_pickle=unsafe_pickle)
     sd = state_dict_of(checkpoint, os.fspath(ckpt_path))
     has_ema = any(k.startswith(EMA_PREFIX) for k in sd)
@@ -148,7 +146,7 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
             info["losses"] = loss_summary(found)
         except (OSError, ValueError) as e:  # found, not asked for: the export goes on without it
             logger.warning("no losses in the sidecar: %s", e)
-    save_file(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
+    save_safetensors(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
     info["bytes"] = os.path.getsize(out_path)
     with open(sidecar_path(out_path), "x") as f:
         json.dump(info, f, indent=2, default=_json_default)

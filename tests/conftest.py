@@ -97,3 +97,15 @@ def transformers_clip_text_model(config):
     from dataclasses import asdict
     import transformers
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(config))).eval()
+
+
+def has_plain_file_mode(path):
+    """Whether `path` has the permission bits a file written with open() beside it gets (0666 less
+    the umask): safetensors 0.8 alone leaves its files 0600 (ldm.util.save_safetensors)."""
+    import stat
+    plain = Path(path).with_name(Path(path).name + ".plain")
+    plain.write_bytes(b"")
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    finally:
+        plain.unlink()

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import REPO, fill_zero_weights_
+from conftest import REPO, fill_zero_weights_, has_plain_file_mode
 from ldm.modules.adapter_training import AdapterEMA, diffusion_loss, sample_timesteps
 from ldm.modules.adapters import (Adapter, adapter_for_model, first_stage_factor, injection_sites, load_adapter,
                                   save_adapter, unet_level_channels)
@@ -66,6 +66,7 @@ def test_save_load_round_trip_is_strict_and_records_the_unshuffle_factor(model, 
     adapter = random_adapter(model)
     path = tmp_path / "outline.safetensors"
     save_adapter(adapter, path, {"condition": "outline"})
+    assert has_plain_file_mode(path)
     for hint in (None, 1):  # the header says f=1; the model's f agrees
         loaded = load_adapter(path, levels=4, unshuffle=hint)
         assert loaded.spec.unshuffle == 1 and loaded.channels == WIDTHS and loaded.cond_channels == 1

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, has_plain_file_mode
 
 sys.path.insert(0, str(REPO / "scripts"))
 import export_checkpoint  # noqa: E402
@@ -48,6 +48,7 @@ def test_ema_is_swapped_in_network_weights_are_fp16_and_sidecar_has_losses(tmp_p
     ckpt = fake_run(tmp_path, small_state_dict())
     out = tmp_path / "model.safetensors"
     info = export_checkpoint.export(ckpt, out)
+    assert has_plain_file_mode(out)
     sd = load_file(out)
     assert set(sd) == {"model.diffusion_model.out.2.weight", "alphas_cumprod",
                        "cond_stage_model.transformer.embeddings.token_embedding.weight"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, TINY_CONFIG
+from conftest import FULL_CONFIG, TINY_CONFIG, has_plain_file_mode
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention, self_attention_sites
 from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, read_reference,
@@ -203,6 +203,7 @@ def test_only_the_recorded_images_need_the_subject_word(model, sampled):
 def test_file_round_trip(model, sampled, tmp_path):
     cache, path = sampled["cache"], tmp_path / "ref.safetensors"
     cache.save(path, dtype=torch.float32)
+    assert has_plain_file_mode(path)  # readable by whoever may read the batch's other outputs
     loaded = ReferenceCache.load(path)
     assert loaded.header == cache.header and loaded.tensors.keys() == cache.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], t) for k, t in cache.tensors.items())

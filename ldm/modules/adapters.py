@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
-from ldm.util import CheckpointError, load_state_dict
+from ldm.util import CheckpointError, load_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -336,13 +336,11 @@ def save_adapter(adapter: nn.Module, path, metadata: dict | None = None) -> None
     """Write the weights as .safetensors in the released key layout (no prefix), so load_adapter
     (and --adapter) read them like a released file; the unshuffle factor, which the keys do not
     show, goes into the header with `metadata` (str -> str). Never overwrites a file."""
-    from safetensors.torch import save_file
-
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose a new file name (adapters are never overwritten)")
     header = {UNSHUFFLE_METADATA: str(adapter.factor), **{k: str(v) for k, v in (metadata or {}).items()}}
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, str(path),
-              metadata=header)
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, path,
+                     metadata=header)
 
 
 def first_stage_factor(model) -> int:

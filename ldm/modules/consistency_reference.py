@@ -42,6 +42,7 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
+from ldm.util import save_safetensors
 from ldm.modules.attention import rounds_by_batch_size
 from ldm.modules.consistency import (CfgPolicy, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,
@@ -107,7 +108,6 @@ class ReferenceCache:
         """safetensors file: the K/V (fp16 by default, half the size; lossless for K/V computed
         under fp16 autocast; masks and statistics as they are) and the header as JSON metadata.
         Never overwrites a file."""
-        from safetensors.torch import save_file
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; the reference is not overwritten")
         if not self.tensors:
@@ -115,7 +115,7 @@ class ReferenceCache:
                              "window; widen --share-window or take more --ddim_steps")
         tensors = {key: (t.to(dtype) if key.endswith(("|k", "|v")) else t).contiguous()
                    for key, t in self.tensors.items()}
-        save_file(tensors, str(path), metadata={"reference": json.dumps(self.header)})
+        save_safetensors(tensors, path, metadata={"reference": json.dumps(self.header)})
 
     @classmethod
     def load(cls, path, device="cpu"):
