@@ -469,10 +469,11 @@ def conditionings(model, prompts, scale, negative_prompt=""):
     return model.get_learned_conditioning(prompts), uc
 
 
-def check_sharing(parser, opt, model):
-    """After loading, before sampling: a reference from another model, or a --subject word missing
-    from a prompt (checked again with the model's own tokenizer: a text encoder other than the
-    vendored CLIP has none before loading), ends the run with one ``prog: error:`` line."""
+def check_against_model(parser, opt, model):
+    """After loading, before sampling, what only the loaded model can tell: a reference from
+    another model, or a --subject word missing from a prompt (checked again with the model's own
+    tokenizer: a text encoder other than the vendored CLIP has none before loading), ends the run
+    with one ``prog: error:`` line; a prompt longer than the text encoder reads is a warning."""
     reference = getattr(opt, "reference", None)
     if reference is not None:
         try:
@@ -481,6 +482,41 @@ def check_sharing(parser, opt, model):
             parser.error(str(err))
     from ldm.modules.consistency_subject import tokenizer_of
     check_subject_words(parser, opt, lambda: tokenizer_of(model))
+    warn_truncated_prompts(opt, model)
+
+
+def warn_truncated_prompts(opt, model):
+    """SD's text encoder reads a fixed context (77 tokens for CLIP, start and end included) and
+    cuts the rest, as in training; upstream cut silently, so the end of a long prompt had no effect
+    and nothing said why. One warning per prompt that is cut (and for --negative-prompt)."""
+    encoder = getattr(model, "cond_stage_model", None)
+    tokenizer, context = getattr(encoder, "tokenizer", None), getattr(encoder, "max_length", None)
+    if not callable(tokenizer) or context is None:
+        return  # a class-label or other encoder: nothing is cut
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    named = [(f"prompt {_shortened(prompt)}", prompt) for prompt in dict.fromkeys(opt.prompts)]
+    named += [("--negative-prompt", opt.negative_prompt)] if getattr(opt, "negative_prompt", "") else []
+    for name, text in named:
+        tokens, budget = count(text), context - 2
+        if tokens > budget:
+            words = text.split()
+            read = _longest_prefix(len(words), lambda n: count(" ".join(words[:n])) <= budget)
+            logger.warning("%s is %d tokens long; the text encoder reads %d (a context of %d with its start and end "
+                           "tokens): from %s on it has no effect", name, tokens, budget, context,
+                           _shortened(" ".join(words[read:])))
+
+
+def _longest_prefix(n, fits):
+    """The largest i <= n with fits(i), for a `fits` that holds up to some i and not after."""
+    low, high = 0, n
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _shortened(text, length=40):
+    return repr(text if len(text) <= length else text[:length - 1] + "…")
 
 
 def check_step_window(parser, opt, sampler, timesteps=None):

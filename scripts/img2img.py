@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
-                                check_output_dir, check_sharing, check_step_window,
+                                check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
                                 precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
@@ -163,7 +163,7 @@ def main(argv=None, extra_metadata=None):
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
-    check_sharing(parser, opt, model)
+    check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     # one schedule for the step-window check and the sampling
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_batch_arguments, add_common_arguments,
-                                build_postprocess, check_image_size, check_output_dir, check_sharing,
+                                build_postprocess, check_against_model, check_image_size, check_output_dir,
                                 check_step_window, check_subject_words_before_loading, configure_logging,
                                 consistency_from_arguments, cpu_noise, feature_metadata, latents_to_images,
                                 load_model, make_sampler, precision_context, prompt_batches, resolve_device,
@@ -105,7 +105,7 @@ def main(argv=None, extra_metadata=None):
     extra_metadata = feature_metadata(opt, extra_metadata)
     postprocess = build_postprocess(opt)
     model, device = load(opt)
-    check_sharing(parser, opt, model)
+    check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     check_step_window(parser, opt, sampler)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)

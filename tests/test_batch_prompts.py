@@ -95,3 +95,24 @@ def test_each_image_gets_its_own_prompt_and_the_batch_still_shares(txt2img, mode
     # anchor mode across different prompts: image 0 is the vanilla image, the others read it
     assert torch.equal(shared[0], plain[0])
     assert all(not torch.equal(shared[i], plain[i]) for i in (1, 2))
+
+
+def test_a_prompt_longer_than_the_text_context_is_a_warning_naming_what_is_cut(txt2img, model, caplog):
+    from ldm.script_helpers import warn_truncated_prompts
+    tokens = lambda text: len(model.cond_stage_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    filler = " ".join(["in a sunny room with plants"] * 12)
+    long = f"a photo of a wooden chair {filler} and a cat"
+    assert tokens(long) > 75 >= tokens(f"a photo of a wooden chair {filler}".rsplit(" room", 1)[0])
+    opt = options(txt2img, "--prompt", long, "--prompt", "a red chair", "--prompt", long, "--n_samples", 3,
+                  "--negative-prompt", "blurry")
+    with caplog.at_level("WARNING"):
+        warn_truncated_prompts(opt, model)
+    [warning] = [r.getMessage() for r in caplog.records]  # once per distinct prompt; short ones are quiet
+    assert f"is {tokens(long)} tokens long; the text encoder reads 75" in warning
+    assert "from 'room with plants and a cat' on it has no effect" in warning
+    caplog.clear()
+    opt.negative_prompt = long
+    with caplog.at_level("WARNING"):
+        warn_truncated_prompts(opt, model)
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [
+        "prompt 'a photo of a wooden chair in a sunny ro…'", "--negative-prompt"]
