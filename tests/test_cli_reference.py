@@ -49,6 +49,14 @@ def test_a_reference_of_a_chosen_image_records_that_image_and_its_prompt(tmp_pat
     assert not any(np.array_equal(pixels(read)[i], pixels(written)[i]) for i in (0, 2))
 
 
+def test_a_txt2img_reference_read_by_img2img_is_one_error_line(tmp_path, tiny_ckpt, reference):  # noqa: F811
+    init = tmp_path / "init.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(init)
+    result = run("img2img.py", *args(tiny_ckpt, tmp_path / "out", "--init-img", init, "--read-reference", reference[0]))
+    assert_one_line_error(result, "recorded by txt2img (the whole trajectory), this run is img2img with --strength")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_reference_from_another_model_is_one_error_line(tmp_path, reference):
     ref, _ = reference
     result = txt2img("--config", TINY_CONFIG, "--random-weights", "--n_samples", 3, "--ddim_steps", 4,
@@ -107,6 +115,10 @@ def test_img2img_write_then_read_a_reference(tmp_path, tiny_ckpt):  # noqa: F811
     other = run("img2img.py", *args(tiny_ckpt, tmp_path / "other", "--init-img", init, "--strength", "0.5",
                                     "--read-reference", ref))
     assert_one_line_error(other, "recorded with strength 0.75, this run uses 0.5")
+    # txt2img's whole trajectory is not img2img's last part: refused before the model loads, both ways
+    assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "t", "--read-reference", ref)),
+                          "recorded by img2img with --strength 0.75", "this run is txt2img")
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_reference_with_subject_masks_and_adain_is_read_by_prompts_without_the_word(tmp_path, tiny_ckpt):  # noqa: F811

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from conftest import FULL_CONFIG, TINY_CONFIG, has_plain_file_mode
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention, self_attention_sites
-from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, read_reference,
+from ldm.modules.consistency_reference import (ReferenceCache, ReferenceMismatch, ReferenceRun, read_reference,
                                                record_reference, reference_nbytes, run_anchors)
 from ldm.util import instantiate_from_config
 
@@ -250,6 +250,11 @@ def test_a_reference_from_another_model_size_or_trajectory_is_refused(model, sam
         unet_call(model, *batch())  # t=500: not the reference's first step
     with read_reference(model, cache, N), pytest.raises(ReferenceMismatch, match="trajectory"):  # 4 steps, not 3
         ddim(model, torch.randn(N, 4, 8, 8), *(model.get_learned_conditioning(N * [p]) for p in ("a", "")), steps=4)
+    assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
+    # the scripts' batch wrapper makes it one error line naming the file, not a traceback
+    with pytest.raises(SystemExit, match=r"^error: --read-reference ref.safetensors: the sampling trajectory"):
+        with ReferenceRun("ref.safetensors", cache=cache).batch(model, PROMPTS):
+            unet_call(model, *batch())
     assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
 
 

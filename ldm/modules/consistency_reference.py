@@ -426,8 +426,11 @@ class ReferenceRun:
         if self.cache is not None:
             # moved to the model's device once per run, not once per batch: it can hold GBs
             self.cache = self.cache.to(next(unet_of(model).parameters()).device)
-            with read_reference(model, self.cache, len(prompts)):
-                yield
+            try:
+                with read_reference(model, self.cache, len(prompts)):
+                    yield
+            except ReferenceMismatch as err:  # found at a UNet call: what the option checks could not see
+                raise SystemExit(f"error: --read-reference {self.path}: {err}") from None
         elif self.written:  # recorded from the first batch; later batches sample plainly
             yield
         else:
@@ -486,7 +489,16 @@ def reference_from_arguments(opt, parser, size=None, **run_settings):
     for key, value in run_info.items():  # known before the model loads: fail fast
         if key in recorded and recorded[key] != value:
             parser.error(f"{read}: the reference was recorded with {key} {recorded[key]}, this run uses {value}")
+    if ("strength" in recorded) != ("strength" in run_info):  # else refused at the first UNet call, mid-run
+        parser.error(f"{read}: the reference was recorded by {_trajectory(recorded)}, this run is "
+                     f"{_trajectory(run_info)}: record it with the same script (and --strength)")
     return ReferenceRun(read, cache=cache)
+
+
+def _trajectory(run_info) -> str:
+    if "strength" in run_info:
+        return f"img2img with --strength {run_info['strength']} (the last part of the trajectory)"
+    return "txt2img (the whole trajectory)"
 
 
 __all__ = ["add_arguments", "reference_from_arguments", "ReferenceRun", "ReferenceCache", "ReferenceMismatch",
