@@ -166,6 +166,9 @@ def validate_common(parser, opt, samplers, aliases):
     if opt.negative_prompt and opt.scale == 1.0:
         parser.error("--negative-prompt needs classifier-free guidance, which --scale 1 turns off (the "
                      "unconditional pass it replaces does not run): pass --scale above 1 or leave it out")
+    if getattr(opt, "share_cfg", None) == "cond" and opt.scale == 1.0:
+        parser.error("--share-cfg cond keeps the unconditional half of classifier-free guidance plain, and --scale 1 "
+                     "runs no unconditional half (every image shares): pass --scale above 1 or leave it out")
     if opt.ddim_steps < sampler.min_steps:
         parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
     if opt.ddim_steps >= opt.geometry.timesteps:

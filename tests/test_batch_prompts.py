@@ -53,11 +53,15 @@ def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
     (["--prompt", "a", "--prompt", "b", "--n_samples", "2", "--from-file", "FILE"], "choose one source"),
     (["--prompt", "a", "--from-file", "FILE"], "choose one source"),  # upstream dropped the prompt silently
     (["--from-file", "EMPTY"], "has no prompts; pass a text file with one prompt per line"),
+    # no unconditional half to keep plain: the flag would do nothing
+    (["--consistent-attn", "--share-cfg", "cond", "--scale", "1"], "--scale 1 runs no unconditional half"),
+    (["--write-reference", "NEW", "--share-cfg", "cond", "--scale", "1"], "--scale 1 runs no unconditional half"),
 ])
 def test_prompt_count_mismatch_is_one_error_line(txt2img, tmp_path, capsys, argv, message):
     (tmp_path / "p.txt").write_text("a\n")
     (tmp_path / "empty.txt").write_text("\n  \n")
-    files = {"FILE": str(tmp_path / "p.txt"), "EMPTY": str(tmp_path / "empty.txt")}
+    files = {"FILE": str(tmp_path / "p.txt"), "EMPTY": str(tmp_path / "empty.txt"),
+             "NEW": str(tmp_path / "new.safetensors")}
     argv = [files.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         options(txt2img, *argv)

@@ -430,9 +430,10 @@ def test_cli_flags_build_the_config():
     (["--consistent-attn", "--share-rate", "0.3"], "--share-rate applies to --share-mode sample"),
     (["--consistent-attn", "--share-mode", "all", "--share-anchors", "2"],
      "--share-anchors applies to --share-mode anchor"),
-    (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "leaves no image"),
+    (["--consistent-attn", "--share-mode", "anchor", "--share-anchors", "4"], "--share-anchors 4 with 4 images"),
     (["--consistent-attn", "--anchor-images", "4"], "--anchor-images 4: the batch has 4 image(s), at positions 0 to 3"),
-    (["--consistent-attn", "--anchor-images", "0,1,2,3"], "leaves no image"),
+    (["--consistent-attn", "--anchor-images", "0,1,2,3"], "--anchor-images 0,1,2,3 with 4 images per batch leaves no "
+                                                          "image"),  # the flag given, not the count it implies
     (["--consistent-attn", "--anchor-images", "1,1"], "distinct batch positions"),
     (["--consistent-attn", "--anchor-images", "-1"], "distinct batch positions"),
     (["--consistent-attn", "--anchor-images", "first"], "batch positions from 0, like 2 or 2,5"),

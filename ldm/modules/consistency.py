@@ -793,9 +793,9 @@ def config_from_arguments(opt, parser, images_per_batch):
         parser.error(f"--share-anchors {config.n_anchors}: the anchors are images of the batch, which holds "
                      f"{images_per_batch}: use at most {images_per_batch} or a larger --n_samples")
     if config.mode is ShareMode.ANCHOR and config.n_anchors == images_per_batch and not run_of_batches:
-        parser.error(f"--share-anchors {config.n_anchors} with {images_per_batch} images per batch leaves no image "
-                     f"to read the anchors: use fewer anchors, a larger --n_samples, or --n_iter 2 or more (the "
-                     f"later batches read them)")
+        anchors = f"--anchor-images {opt.anchor_images}" if opt.anchor_images else f"--share-anchors {config.n_anchors}"
+        parser.error(f"{anchors} with {images_per_batch} images per batch leaves no image to read the anchors: use "
+                     f"fewer anchors, a larger --n_samples, or --n_iter 2 or more (the later batches read them)")
     return config
 
 
