@@ -64,11 +64,11 @@ def load_img(path, multiple, display_scale=1):
     at the size the model made them; without it, a 16 px model fed its own 256 px PNG ran 256 times
     the pixels it was trained on, for many minutes. Then, as upstream, the sides are cropped down to
     multiples of ``multiple`` (LANCZOS resize): 64 for SD v1 (8x autoencoder times the UNet's 8x),
-    8 for the pixel-space embedded model."""
+    8 for the pixel-space embedded model. An unusable image is a ValueError saying why."""
     try:
         image = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --init-img {path}: {e}")
+        raise ValueError(f"cannot read --init-img {path}: {e}") from None
     logger.info("loaded input image of size (%d, %d) from %s", *image.size, path)
     if display_scale > 1:
         image = image.resize([max(1, round(x / display_scale)) for x in image.size], resample=Image.BOX)
@@ -79,7 +79,7 @@ def load_img(path, multiple, display_scale=1):
         smallest = multiple * display_scale
         shrunk = f": the model reads it shrunk {display_scale}x, its display scale, and needs {multiple}x{multiple} " \
                  f"(--display-scale 1 reads it pixel for pixel)" if display_scale > 1 else ""
-        raise SystemExit(f"error: --init-img must be at least {smallest}x{smallest} pixels{shrunk}")
+        raise ValueError(f"--init-img must be at least {smallest}x{smallest} pixels{shrunk}")
     image = image.resize((w, h), resample=Image.LANCZOS)
     array = np.array(image).astype(np.float32) / 255.0
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2)) - 1.0
@@ -149,7 +149,10 @@ def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
-    init_image = load_img(opt.init_img, opt.geometry.multiple, opt.display_scale)
+    try:
+        init_image = load_img(opt.init_img, opt.geometry.multiple, opt.display_scale)
+    except ValueError as err:
+        parser.error(str(err))
     height, width = init_image.shape[2:]
     # the reference's image size is the (cropped) init image's, and a different strength is a
     # different trajectory: both are recorded and checked before the model loads

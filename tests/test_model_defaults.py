@@ -222,7 +222,7 @@ def test_img2img_reads_the_small_models_enlarged_pngs_at_the_models_size(tmp_pat
     result = run("img2img.py", *common, "--init-img", small, "--outdir", tmp_path / "none")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --init-img must be at least 128x128 pixels: the model reads it shrunk 16x, its display scale, "
+        "img2img.py: error: --init-img must be at least 128x128 pixels: the model reads it shrunk 16x, its display scale, "
         "and needs 8x8 (--display-scale 1 reads it pixel for pixel)")
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
