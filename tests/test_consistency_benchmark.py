@@ -318,3 +318,21 @@ def test_image_settings_in_a_cli_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table, _ = printed_tables(result.stdout)
     assert "ref. agreement" in table[0] and [r.split(" | ")[0] for r in table[1:]] == ["| none", "| image:middle+inner"]
+
+
+def test_the_weights_default_to_those_the_config_names(capsys):
+    module = benchmark_module()
+    parser = module.build_parser()
+    preliminary = REPO / "configs" / "embedded" / "procedural-t2i-16px.yaml"
+    opt = parser.parse_args(["--config", str(preliminary), "--settings", "none"])
+    module.validate(parser, opt)
+    assert os.path.samefile(opt.ckpt, REPO / "models" / "embedded" / "procedural-t2i-16px.safetensors")
+    # the 32 px config's weights wait for a GPU session: one line naming them and what to pass instead
+    opt = parser.parse_args(["--config", str(CONFIG), "--settings", "none"])
+    if os.path.exists(REPO / "models" / "embedded" / "procedural-t2i.safetensors"):
+        pytest.skip("the 32 px weights are in place")
+    with pytest.raises(SystemExit) as exit_info:
+        module.validate(parser, opt)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "checkpoint not found: models/embedded/procedural-t2i.safetensors" in last
+    assert "--config configs/embedded/procedural-t2i-16px.yaml for the shipped 16 px model" in last
