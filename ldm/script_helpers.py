@@ -325,10 +325,7 @@ def resolve_model(parser, opt):
     the repository (`in_repo`)."""
     opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
     geometry = read_model_geometry(parser, "--config", opt.config)
-    opt.ckpt = in_repo(opt.ckpt or geometry.weights)
-    if not opt.random_weights and not (opt.ckpt and os.path.exists(opt.ckpt)):
-        missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
-        parser.error(f"{missing} (pass --ckpt PATH to the model weights, or --random-weights to run without weights)")
+    resolve_weights(parser, opt, geometry)
     if not opt.random_weights and os.path.isdir(opt.ckpt):
         try:
             diffusers_folder.weight_files(opt.ckpt)
@@ -345,6 +342,21 @@ def resolve_model(parser, opt):
         if name in vars(opt) and getattr(opt, name) is None:  # img2img has no --H/--W
             setattr(opt, name, value)
     opt.geometry = geometry
+
+
+def resolve_weights(parser, opt, geometry):
+    """opt.ckpt of a script with --ckpt and --random-weights: the file given, else the weights the
+    config's `sampling` block names (`in_repo`); None with --random-weights. A missing file is one
+    error line saying what to pass instead."""
+    if opt.random_weights:
+        if opt.ckpt:
+            parser.error("--ckpt and --random-weights: choose one")
+        return
+    opt.ckpt = in_repo(opt.ckpt or geometry.weights)
+    if not (opt.ckpt and os.path.exists(opt.ckpt)):
+        missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
+        parser.error(f"{missing}: pass --ckpt PATH, or --config {PRELIMINARY_CONFIG} for the shipped 16 px model, "
+                     f"or --random-weights to run without weights")
 
 
 def default_config(parser, opt):

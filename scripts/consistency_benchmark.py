@@ -88,9 +88,9 @@ from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedd
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
-from ldm.script_helpers import (PRELIMINARY_CONFIG, ArgumentParser, add_threads_argument, check_output_dir,  # noqa: E402
-                                conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
-                                read_model_geometry, resolve_device, set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
+                                configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
+                                resolve_device, resolve_weights, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -251,14 +251,7 @@ def check_run(parser, opt, settings):
     # at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)
     opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
     opt.image_size = (geometry.height, geometry.width)
-    if opt.random_weights and opt.ckpt:
-        parser.error("--ckpt and --random-weights: choose one")
-    if not opt.random_weights:
-        opt.ckpt = in_repo(opt.ckpt or geometry.weights)  # by default the config's own weights, as in txt2img
-        if not (opt.ckpt and os.path.exists(opt.ckpt)):
-            missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
-            parser.error(f"{missing}: pass --ckpt PATH, or --config {PRELIMINARY_CONFIG} for the shipped 16 px "
-                         f"model, or --random-weights for a smoke run")
+    resolve_weights(parser, opt, geometry)
     prompt_index, seed_index = opt.figure
     if not (0 <= prompt_index < len(opt.prompts) and 0 <= seed_index < len(opt.seeds)):
         parser.error(f"--figure {prompt_index} {seed_index} is outside the {len(opt.prompts)} prompts "

@@ -44,7 +44,8 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file, configure_logging, in_repo, resolve_device  # noqa: E402
+from ldm.script_helpers import (ArgumentParser, check_new_file, configure_logging, in_repo,  # noqa: E402
+                                read_model_geometry, resolve_device, resolve_weights)
 
 logger = logging.getLogger("train_adapter")
 
@@ -58,7 +59,8 @@ def build_parser():
                                                  "procedural scenes' outline or mask maps.")
     add = parser.add_argument
     add("--config", default=DEFAULT_CONFIG, type=in_repo, help="model config (default: the embedded procedural model)")
-    add("--ckpt", type=in_repo, help="the trained model's weights (.safetensors or .ckpt)")
+    add("--ckpt", type=in_repo, help="the trained model's weights (.safetensors or .ckpt; default: those the "
+                                     "config's sampling block names)")
     add("--random-weights", action="store_true", help="no checkpoint: a random model (CPU smoke runs only)")
     add("--out", required=True, help="adapter file to write (.safetensors); OUT with .json gets the report")
     add("--condition", choices=CONDITION_KINDS, default="outline",
@@ -93,12 +95,10 @@ def sidecar(path):
 
 def validate(parser, opt):
     """Bad input ends in one parser.error line, before anything is built."""
-    if opt.random_weights == bool(opt.ckpt):
-        parser.error("pass exactly one of --ckpt PATH (the trained model) and --random-weights (smoke runs)")
-    for path, what in ((opt.config, "config"), (opt.ckpt, "checkpoint")):
-        if path and not os.path.isfile(path):
-            parser.error(f"{what} not found: {path}")
+    if not os.path.isfile(opt.config):
+        parser.error(f"config not found: {opt.config}")
     check_captioned_model(parser, opt.config)
+    resolve_weights(parser, opt, read_model_geometry(parser, "--config", opt.config))
     if not opt.out.endswith(".safetensors"):
         parser.error(f"--out must end in .safetensors (got {opt.out})")
     for path in (opt.out, sidecar(opt.out)):

@@ -43,7 +43,7 @@ def test_three_cpu_steps_write_a_loadable_adapter_and_a_report(trained):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--random-weights", "--ckpt", "{existing}"], "pass exactly one of --ckpt PATH"),
+    (["--random-weights", "--ckpt", "{existing}"], "--ckpt and --random-weights: choose one"),
     (["--random-weights", "--out", "{existing}"], "exists; choose a new --out"),
     (["--random-weights", "--out", "x.pth"], "--out must end in .safetensors"),
     (["--random-weights", "--steps", "0"], "--steps must be at least 1"),
