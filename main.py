@@ -623,7 +623,8 @@ if __name__ == "__main__":
                      "use -n/--name in combination with --resume_from_checkpoint")
     if opt.resume:
         if not os.path.exists(opt.resume):
-            parser.error("Cannot find {}".format(opt.resume))
+            parser.error(f"--resume {opt.resume}: not found; pass a run's log folder (logs/<run>) or a checkpoint "
+                         f"in it (logs/<run>/checkpoints/last.ckpt)")
         if os.path.isfile(opt.resume):
             paths = opt.resume.split("/")
             logdir = "/".join(paths[:-2])

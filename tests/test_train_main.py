@@ -45,6 +45,15 @@ def test_main_missing_config_is_one_error_line(tmp_path):
     assert "config not found" in result.stderr.strip().splitlines()[-1]
 
 
+def test_resuming_a_missing_run_is_one_error_line_saying_what_to_pass(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--resume", str(tmp_path / "logs" / "gone"), "-t"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"main.py: error: --resume {tmp_path / 'logs' / 'gone'}: not found; pass a run's log folder "
+        f"(logs/<run>) or a checkpoint in it (logs/<run>/checkpoints/last.ckpt)")
+
+
 def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
     # images are first logged after batch_frequency steps: a typo must stop the run at once,
     # not be swallowed by **kwargs or raise a TypeError hours later
