@@ -152,6 +152,8 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
+    if opt.n_rows and opt.skip_grid:  # upstream's combination, so a warning, not an error
+        logger.warning("--n_rows %d lays out the grid, which --skip_grid leaves out: it has no effect", opt.n_rows)
     resolve_model(parser, opt)
     if opt.ddim_eta is None:  # a config's eta is for the sampler that draws step noise; the others have none
         opt.ddim_eta = opt.geometry.eta if sampler.stochastic else 0.0
@@ -781,6 +783,14 @@ class OutputWriter:
         save_png(to_pil(grid), path, metadata, self.display_scale)
         self.next_grid += 1
         return path
+
+
+def report_written(opt, paths):
+    """The run's last line: where the samples are, or that the flags asked for none."""
+    if paths:
+        logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)
+    else:
+        logger.info("no files written: --skip_save and --skip_grid leave out the samples and the grid")
 
 
 def save_results(opt, results, *, height, width, extra_metadata=None):

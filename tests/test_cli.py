@@ -112,6 +112,16 @@ def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, cap
     assert not any(tmp_path.iterdir())
 
 
+def test_txt2img_skip_grid_and_skip_save_write_nothing_and_say_why(txt2img, tmp_path, caplog):
+    """Upstream's flags, kept: --n_rows only lays out the grid, so with --skip_grid it is named as
+    having no effect, and a run that saves nothing says which flags asked for that."""
+    caplog.set_level("INFO")
+    paths = txt2img.main([*map(str, TINY), "--outdir", str(tmp_path), "--skip_grid", "--skip_save", "--n_rows", "1"])
+    assert paths == [] and pngs(tmp_path) == []
+    assert "--n_rows 1 lays out the grid, which --skip_grid leaves out" in caplog.text
+    assert "no files written: --skip_save and --skip_grid" in caplog.text
+
+
 def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(bytes(range(128, 256)))
