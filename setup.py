@@ -22,7 +22,8 @@ setup(
         "lightning-utilities",
     ],
     extras_require={
-        "test": ["pytest", "diffusers"],  # diffusers: parity of pipeline-folder loading (tests only)
+        # diffusers: parity of pipeline-folder loading; opencv: canny parity, the BSRGAN degradations
+        "test": ["pytest", "diffusers", "opencv-python-headless"],
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],
