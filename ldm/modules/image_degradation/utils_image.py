@@ -8,9 +8,6 @@ from ldm.image_io import make_grid
 from datetime import datetime
 
 
-os.environ["KMP_DUPLICATE_LIB_OK"]="TRUE"
-
-
 '''
 # --------------------------------------------
 # Kai Zhang (github: https://github.com/cszn)
