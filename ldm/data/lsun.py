@@ -1,6 +1,5 @@
 import os
 import numpy as np
-import PIL
 from PIL import Image
 from torch.utils.data import Dataset
 import random
@@ -26,10 +25,11 @@ class LSUNBase(Dataset):
         }
 
         self.size = size
-        self.interpolation = {"linear": PIL.Image.LINEAR,
-                              "bilinear": PIL.Image.BILINEAR,
-                              "bicubic": PIL.Image.BICUBIC,
-                              "lanczos": PIL.Image.LANCZOS,
+        # "linear" was Pillow's alias of bilinear, removed in Pillow 10
+        self.interpolation = {"linear": Image.Resampling.BILINEAR,
+                              "bilinear": Image.Resampling.BILINEAR,
+                              "bicubic": Image.Resampling.BICUBIC,
+                              "lanczos": Image.Resampling.LANCZOS,
                               }[interpolation]
         self.flip_p = flip_p
 
