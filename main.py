@@ -672,6 +672,11 @@ if __name__ == "__main__":
 
         # model
         model = build_model(parser, config.model, opt.base)
+        accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
+        if not model.automatic_optimization:
+            # Lightning 2 accumulates only for automatic optimization (and refuses the setting
+            # otherwise): models that step their optimizers themselves accumulate themselves
+            model.accumulate_grad_batches = trainer_config.pop("accumulate_grad_batches", 1)
 
         # trainer and callbacks
         trainer_kwargs = dict()
@@ -822,7 +827,6 @@ if __name__ == "__main__":
         # configure learning rate
         bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
         ngpu = trainer.num_devices if on_cuda else 1
-        accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         logger.info(f"accumulate_grad_batches = {accumulate_grad_batches}")
         if opt.scale_lr:
             model.learning_rate = accumulate_grad_batches * ngpu * bs * base_lr

@@ -19,7 +19,45 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 
-class VQModel(TrainableModule):
+class AdversarialTraining(TrainableModule):
+    """An autoencoder trained against its loss's discriminator: two optimizers, the autoencoder's
+    (0), then the discriminator's (1), each with its own forward pass on every batch.
+
+    Upstream had Lightning 1 step them (its automatic optimization ran `training_step` once per
+    optimizer, with an `optimizer_idx`); Lightning 2 steps several optimizers only by hand, and
+    then does not accumulate gradients either. This does what Lightning 1 did: only the stepping
+    optimizer's parameters require grad, gradients add up over `accumulate_grad_batches` batches
+    (main.py moves the trainer's setting here), and learning-rate schedulers step with the
+    optimizers. The losses get Lightning 1's `global_step`, the number of updates so far, which
+    their `disc_start` counts; Lightning 2's counts every optimizer's steps, twice as many, and
+    so do a trainer's `max_steps` and step-based checkpoints."""
+    automatic_optimization = False  # read by Lightning 2
+    accumulate_grad_batches = 1
+
+    def adversarial_loss(self, x, optimizer_idx, updates):
+        """The loss of optimizer `optimizer_idx` on the input batch `x` (logged here)."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x = self.get_input(batch, self.image_key)
+        optimizers = self.optimizers()
+        updates = self.global_step // len(optimizers)
+        update_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+        for optimizer_idx, optimizer in enumerate(optimizers):
+            self.toggle_optimizer(optimizer)
+            loss = self.adversarial_loss(x, optimizer_idx, updates)
+            self.manual_backward(loss / self.accumulate_grad_batches)
+            if update_now:
+                optimizer.step()
+                optimizer.zero_grad()
+            self.untoggle_optimizer(optimizer)
+        if update_now:
+            schedulers = self.lr_schedulers() or []  # None, one scheduler, or a list
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                scheduler.step()
+
+
+class VQModel(AdversarialTraining):
     def __init__(self,
                  ddconfig,
                  lossconfig,
@@ -133,27 +171,12 @@ class VQModel(TrainableModule):
             x = x.detach()
         return x
 
-    def training_step(self, batch, batch_idx, optimizer_idx):
-        # https://github.com/pytorch/pytorch/issues/37142
-        # try not to fool the heuristics
-        x = self.get_input(batch, self.image_key)
+    def adversarial_loss(self, x, optimizer_idx, updates):
         xrec, qloss, ind = self(x, return_pred_indices=True)
-
-        if optimizer_idx == 0:
-            # autoencode
-            aeloss, log_dict_ae = self.loss(qloss, x, xrec, optimizer_idx, self.global_step,
-                                            last_layer=self.get_last_layer(), split="train",
-                                            predicted_indices=ind)
-
-            self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-            return aeloss
-
-        if optimizer_idx == 1:
-            # discriminator
-            discloss, log_dict_disc = self.loss(qloss, x, xrec, optimizer_idx, self.global_step,
-                                            last_layer=self.get_last_layer(), split="train")
-            self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=True)
-            return discloss
+        loss, log_dict = self.loss(qloss, x, xrec, optimizer_idx, updates, last_layer=self.get_last_layer(),
+                                   split="train", predicted_indices=ind)
+        self.log_dict(log_dict, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         log_dict = self._validation_step(batch, batch_idx)
@@ -275,7 +298,7 @@ class VQModelInterface(VQModel):
         return dec
 
 
-class AutoencoderKL(TrainableModule):
+class AutoencoderKL(AdversarialTraining):
     def __init__(self,
                  ddconfig,
                  lossconfig,
@@ -330,26 +353,13 @@ class AutoencoderKL(TrainableModule):
         x = x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
         return x
 
-    def training_step(self, batch, batch_idx, optimizer_idx):
-        inputs = self.get_input(batch, self.image_key)
-        reconstructions, posterior = self(inputs)
-
-        if optimizer_idx == 0:
-            # train encoder+decoder+logvar
-            aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, optimizer_idx, self.global_step,
-                                            last_layer=self.get_last_layer(), split="train")
-            self.log("aeloss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
-            self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False)
-            return aeloss
-
-        if optimizer_idx == 1:
-            # train the discriminator
-            discloss, log_dict_disc = self.loss(inputs, reconstructions, posterior, optimizer_idx, self.global_step,
-                                                last_layer=self.get_last_layer(), split="train")
-
-            self.log("discloss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
-            self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False)
-            return discloss
+    def adversarial_loss(self, x, optimizer_idx, updates):
+        reconstructions, posterior = self(x)
+        loss, log_dict = self.loss(x, reconstructions, posterior, optimizer_idx, updates,
+                                   last_layer=self.get_last_layer(), split="train")
+        self.log(("aeloss", "discloss")[optimizer_idx], loss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log_dict(log_dict, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         inputs = self.get_input(batch, self.image_key)

@@ -1,0 +1,100 @@
+"""Upstream's first-stage training (configs/autoencoder/*.yaml: an autoencoder against a
+discriminator, two optimizers, gradients accumulated over two batches) on pytorch-lightning 2,
+which steps several optimizers only by hand and then accumulates nothing. The real losses run,
+with small stand-ins for taming-transformers' LPIPS and discriminator (gan_stand_ins.py)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from conftest import REPO  # noqa: E402
+from ldm.models.autoencoder import AutoencoderKL, VQModel  # noqa: E402
+from ldm.models.lightning import lightning_module  # noqa: E402
+
+DDCONFIG = dict(double_z=True, z_channels=2, resolution=8, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
+                num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+TRAIN_CONFIG = REPO / "tests" / "configs" / "tiny-autoencoder-train.yaml"
+
+
+def build(cls, disc_start):
+    if cls is AutoencoderKL:
+        loss = {"target": "gan_stand_ins.LPIPSWithDiscriminator",
+                "params": {"disc_start": disc_start, "kl_weight": 1e-6, "disc_weight": 0.5}}
+        model = lightning_module(cls)(ddconfig=DDCONFIG, lossconfig=loss, embed_dim=2)
+    else:
+        loss = {"target": "gan_stand_ins.VQLPIPSWithDiscriminator",
+                "params": {"disc_start": disc_start, "disc_weight": 0.5, "n_classes": 16}}
+        model = lightning_module(cls)(ddconfig={**DDCONFIG, "double_z": False}, lossconfig=loss,
+                                      n_embed=16, embed_dim=2)
+    model.learning_rate = 1e-3  # main.py sets it from base_learning_rate
+    return model
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+class Changes(pl.Callback):
+    """After every batch: have the decoder and the discriminator changed since the batch before?"""
+    def on_train_batch_start(self, trainer, model, *args):
+        self.before = snapshot(model.decoder), snapshot(model.loss.discriminator)
+
+    def on_train_batch_end(self, trainer, model, *args):
+        now = model.decoder, model.loss.discriminator
+        self.seen.append(tuple(any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+                               for before, module in zip(self.before, now)))
+
+    def on_train_start(self, trainer, model):
+        self.seen = []
+
+
+def fit(model, batches, accumulate):
+    model.accumulate_grad_batches = accumulate
+    calls = []  # (optimizer_idx, global_step) of every loss call
+    forward = model.loss.forward
+    model.loss.forward = lambda *args, **kwargs: calls.append(args[3:5]) or forward(*args, **kwargs)
+    changes = Changes()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[changes])
+    images = torch.rand(2 * batches, 8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trainer.fit(model, torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2))
+    return trainer, calls, changes.seen
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, VQModel], ids=lambda c: c.__name__)
+def test_each_batch_trains_the_autoencoder_then_the_discriminator_from_disc_start_on(cls):
+    trainer, calls, changed = fit(build(cls, disc_start=2), batches=3, accumulate=1)
+    # the loss's step is the number of updates so far, as Lightning 1's global_step was (Lightning
+    # 2's counts both optimizers' steps: 6)
+    assert calls == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)] and trainer.global_step == 6
+    # (decoder, discriminator) changed in each batch: the discriminator has no loss before step 2
+    assert changed == [(True, False), (True, False), (True, True)]
+
+
+def test_gradients_add_up_over_accumulate_grad_batches():
+    trainer, calls, changed = fit(build(AutoencoderKL, disc_start=0), batches=5, accumulate=2)
+    assert [step for _, step in calls] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2] and trainer.global_step == 6
+    # updates after the second and fourth batch, and after the last one, though it is alone
+    assert changed == [(False, False), (True, True), (False, False), (True, True), (True, True)]
+
+
+def test_main_trains_the_kl_autoencoder_config_with_accumulation(tmp_path):
+    """main.py, as upstream trained configs/autoencoder/*.yaml: the trainer's
+    accumulate_grad_batches (2 there) moves to the model, which Lightning 2 would refuse."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
+    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
+                             "--devices", "1", "--max_steps", "8", "--logdir", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    factors = [float(r["train/disc_factor"]) for r in rows if r.get("train/disc_factor")]
+    # 8 optimizer steps = 4 updates of 2 batches each; disc_start 2 (updates): off, off, on, on
+    assert factors == [0.0] * 4 + [1.0] * 4
+    assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("reconstructions_*.png"))
