@@ -11,6 +11,8 @@ import pytest
 import torch
 
 pl = pytest.importorskip("pytorch_lightning")
+# the perceptual loss stays in eval mode on purpose (as upstream's LPIPS; main.py says the same)
+pytestmark = pytest.mark.filterwarnings("ignore:Found 1 module\\(s\\) in eval mode")
 
 from conftest import REPO  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL, VQModel  # noqa: E402
@@ -53,22 +55,23 @@ class Changes(pl.Callback):
         self.seen = []
 
 
-def fit(model, batches, accumulate):
+def fit(model, batches, accumulate, logdir):
     model.accumulate_grad_batches = accumulate
     calls = []  # (optimizer_idx, global_step) of every loss call
     forward = model.loss.forward
     model.loss.forward = lambda *args, **kwargs: calls.append(args[3:5]) or forward(*args, **kwargs)
     changes = Changes()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[changes])
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=pl.loggers.CSVLogger(logdir), log_every_n_steps=1,
+                         limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[changes])
     images = torch.rand(2 * batches, 8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trainer.fit(model, torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2))
     return trainer, calls, changes.seen
 
 
 @pytest.mark.parametrize("cls", [AutoencoderKL, VQModel], ids=lambda c: c.__name__)
-def test_each_batch_trains_the_autoencoder_then_the_discriminator_from_disc_start_on(cls):
-    trainer, calls, changed = fit(build(cls, disc_start=2), batches=3, accumulate=1)
+def test_each_batch_trains_the_autoencoder_then_the_discriminator_from_disc_start_on(cls, tmp_path):
+    trainer, calls, changed = fit(build(cls, disc_start=2), batches=3, accumulate=1, logdir=tmp_path)
     # the loss's step is the number of updates so far, as Lightning 1's global_step was (Lightning
     # 2's counts both optimizers' steps: 6)
     assert calls == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)] and trainer.global_step == 6
@@ -76,8 +79,8 @@ def test_each_batch_trains_the_autoencoder_then_the_discriminator_from_disc_star
     assert changed == [(True, False), (True, False), (True, True)]
 
 
-def test_gradients_add_up_over_accumulate_grad_batches():
-    trainer, calls, changed = fit(build(AutoencoderKL, disc_start=0), batches=5, accumulate=2)
+def test_gradients_add_up_over_accumulate_grad_batches(tmp_path):
+    trainer, calls, changed = fit(build(AutoencoderKL, disc_start=0), batches=5, accumulate=2, logdir=tmp_path)
     assert [step for _, step in calls] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2] and trainer.global_step == 6
     # updates after the second and fourth batch, and after the last one, though it is alone
     assert changed == [(False, False), (True, True), (False, False), (True, True), (True, True)]

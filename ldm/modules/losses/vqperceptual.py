@@ -53,7 +53,7 @@ def measure_perplexity(predicted_indices, n_embed):
     encodings = F.one_hot(predicted_indices, n_embed).float().reshape(-1, n_embed)
     avg_probs = encodings.mean(0)
     perplexity = (-(avg_probs * torch.log(avg_probs + 1e-10)).sum()).exp()
-    cluster_use = torch.sum(avg_probs > 0)
+    cluster_use = torch.sum(avg_probs > 0).float()  # logged and averaged: a float
     return perplexity, cluster_use
 
 def l1(x, y):
