@@ -785,12 +785,11 @@ class OutputWriter:
         return path
 
 
-def report_written(opt, paths):
+def written_message(opt, paths):
     """The run's last line: where the samples are, or that the flags asked for none."""
     if paths:
-        logger.info("%d files written; your samples are ready and waiting for you here: %s", len(paths), opt.outdir)
-    else:
-        logger.info("no files written: --skip_save and --skip_grid leave out the samples and the grid")
+        return f"{len(paths)} files written; your samples are ready and waiting for you here: {opt.outdir}"
+    return "no files written: --skip_save and --skip_grid leave out the samples and the grid"
 
 
 def save_results(opt, results, *, height, width, extra_metadata=None):

@@ -20,8 +20,8 @@ from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_
                                 check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
-                                precision_context, prompt_batches, report_written, resolve_device, sampling_batch,
-                                save_results, seed_everything, validate_common)
+                                precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
+                                seed_everything, validate_common, written_message)
 
 logger = logging.getLogger("img2img")
 
@@ -173,7 +173,7 @@ def main(argv=None, extra_metadata=None):
     check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)
     paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)
-    report_written(opt, paths)
+    logger.info(written_message(opt, paths))
     return paths
 
 

@@ -16,8 +16,8 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_b
                                 build_postprocess, check_against_model, check_image_size, check_output_dir,
                                 check_step_window, check_subject_words_before_loading, configure_logging,
                                 consistency_from_arguments, cpu_noise, feature_metadata, latents_to_images,
-                                load_model, make_sampler, precision_context, prompt_batches, report_written,
-                                resolve_device, sampling_batch, save_results, seed_everything, validate_common)
+                                load_model, make_sampler, precision_context, prompt_batches, resolve_device,
+                                sampling_batch, save_results, seed_everything, validate_common, written_message)
 
 logger = logging.getLogger("txt2img")
 
@@ -109,7 +109,7 @@ def main(argv=None, extra_metadata=None):
     sampler = make_sampler(opt, model, SAMPLERS)
     check_step_window(parser, opt, sampler)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
-    report_written(opt, paths)
+    logger.info(written_message(opt, paths))
     return paths
 
 
