@@ -96,14 +96,9 @@ class NoisyLatentImageClassifier(TrainableModule):
 
     @torch.no_grad()
     def get_x_noisy(self, x, t, noise=None):
-        noise = default(noise, lambda: torch.randn_like(x))
-        continuous_sqrt_alpha_cumprod = None
-        if self.diffusion_model.use_continuous_noise:
-            continuous_sqrt_alpha_cumprod = self.diffusion_model.sample_continuous_noise_level(x.shape[0], t + 1)
-            # todo: make sure t+1 is correct here
-
-        return self.diffusion_model.q_sample(x_start=x, t=t, noise=noise,
-                                             continuous_sqrt_alpha_cumprod=continuous_sqrt_alpha_cumprod)
+        # upstream also asked DDPM for a "continuous noise" mode that no released DDPM has, so
+        # training stopped at the first batch with an AttributeError
+        return self.diffusion_model.q_sample(x_start=x, t=t, noise=default(noise, lambda: torch.randn_like(x)))
 
     def forward(self, x_noisy, t, *args, **kwargs):
         return self.model(x_noisy, t)
@@ -160,7 +155,8 @@ class NoisyLatentImageClassifier(TrainableModule):
 
         self.log_dict(log, prog_bar=False, logger=True, on_step=self.training, on_epoch=True)
         self.log('loss', log[f"{log_prefix}/loss"], prog_bar=True, logger=False)
-        self.log('global_step', self.global_step, logger=False, on_epoch=False, prog_bar=True)
+        # on_step: in validation Lightning 2 defaults it to False, and refuses a value logged neither way
+        self.log('global_step', self.global_step, logger=False, on_step=True, on_epoch=False, prog_bar=True)
         lr = self.optimizers().param_groups[0]['lr']
         self.log('lr_abs', lr, on_step=True, logger=True, on_epoch=False, prog_bar=True)
 
