@@ -1,4 +1,4 @@
-import argparse, os, sys, glob, datetime, yaml
+import argparse, os, sys, glob, datetime, math, yaml
 import torch
 import time
 import numpy as np
@@ -115,14 +115,15 @@ def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None
 
 
     tstart = time.time()
-    n_saved = len(glob.glob(os.path.join(logdir,'*.png')))-1
+    n_saved = len(glob.glob(os.path.join(logdir,'*.png')))  # upstream's "- 1" named the first sample_-00001
     # path = logdir
     if model.cond_stage_model is None:
         all_images = []
 
         print(f"Running unconditional sampling for {n_samples} samples")
-        for _ in trange(n_samples // batch_size, desc="Sampling Batches (unconditional)"):
-            logs = make_convolutional_sample(model, batch_size=batch_size,
+        # upstream drew n_samples // batch_size batches: none (and a crash) for fewer samples than a batch
+        for _ in trange(math.ceil(n_samples / batch_size), desc="Sampling Batches (unconditional)"):
+            logs = make_convolutional_sample(model, batch_size=min(batch_size, n_samples - n_saved),
                                              vanilla=vanilla, custom_steps=custom_steps,
                                              eta=eta)
             n_saved = save_logs(logs, logdir, n_saved=n_saved, key="sample")
@@ -168,7 +169,8 @@ def get_parser():
         "--resume",
         type=str,
         required=True,
-        help="load from logdir or checkpoint in logdir",
+        help="a model folder (config.yaml and model.ckpt), a checkpoint in one, or a checkpoint of a main.py run "
+             "(LOGDIR/checkpoints/last.ckpt, whose config is in LOGDIR/configs)",
     )
     parser.add_argument(
         "-n",
@@ -276,6 +278,10 @@ if __name__ == "__main__":
             parser.error(f"no model.ckpt in {logdir} (pass -r the checkpoint itself)")
 
     base_configs = sorted(glob.glob(os.path.join(logdir, "config.yaml")))
+    if not base_configs and os.path.basename(logdir) == "checkpoints":
+        # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt): its config, with the
+        # overrides it was trained with, is the latest LOGDIR/configs/*-project.yaml
+        base_configs = sorted(glob.glob(os.path.join(os.path.dirname(logdir), "configs", "*-project.yaml")))[-1:]
     if not base_configs:
         parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs

@@ -1,7 +1,9 @@
 """Upstream's legacy scripts (knn2img, train_searcher, sample_diffusion, inpaint): --help works
-without their optional packages, and bad input is one error line, not a traceback."""
+without their optional packages, bad input is one error line, not a traceback, and
+sample_diffusion samples an unconditional model."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,3 +61,32 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
 
 def test_inpaint_needs_its_folders(tmp_path):
     assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
+
+
+def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
+    """An unconditional LDM (the tiny config without text), trained for one step by main.py: sampled
+    from its run's checkpoint (config found in the run's configs/), and from upstream's model
+    folder layout (config.yaml + model.ckpt); fewer samples than a batch, as many files as asked."""
+    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                 "model.params.conditioning_key=null", "model.params.cond_stage_config=__is_unconditional__",
+                 "model.params.unet_config.params.use_spatial_transformer=false",
+                 "model.params.unet_config.params.context_dim=null", "lightning.modelcheckpoint.params.monitor=null",
+                 "lightning.modelcheckpoint.params.save_top_k=0"]
+    trained = subprocess.run([sys.executable, "main.py", "--base", str(TINY_CONFIG),
+                              str(REPO / "tests" / "configs" / "tiny-train-data.yaml"), "-t", "--accelerator", "cpu",
+                              "--devices", "1", "--max_steps", "1", "--logdir", str(tmp_path / "logs"), *overrides],
+                             cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                             timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(next((run_dir / "configs").glob("*-project.yaml")), folder / "config.yaml")
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", folder / "model.ckpt")
+    for name, resume in (("run", run_dir / "checkpoints" / "last.ckpt"), ("folder", folder)):
+        result = run("sample_diffusion.py", "-r", resume, "-n", "3", "--batch_size", "2", "-c", "2", "-e", "0",
+                     "-l", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (samples,) = (tmp_path / name).glob("*/samples/00000001/*")
+        assert sorted(p.name for p in (samples / "img").iterdir()) == [f"sample_{i:06}.png" for i in range(3)]
+        assert [p.name for p in (samples / "numpy").iterdir()] == ["3x64x64x3-samples.npz"]
