@@ -5,8 +5,12 @@ with ModuleNotFoundError for exactly the module (or one of the modules) listed t
 behind the allow-list. Where the target's own module is in this repository, its name is also
 looked up in the module's source, so a misspelt class name is caught even when an optional
 import keeps the module from loading.
+
+A training config's pretrained first stage (`ckpt_path`) is the file scripts/download_first_stages.sh
+puts in models/first_stage_models/, with the same architecture as that folder's config.yaml.
 """
 import ast
+import os
 
 import pytest
 from omegaconf import OmegaConf
@@ -105,3 +109,33 @@ def test_dummy_loss_of_the_inpainting_config_builds():
     config = OmegaConf.load(REPO / "models" / "ldm" / "inpainting_big" / "config.yaml")
     loss = instantiate_from_config(config.model.params.first_stage_config.params.lossconfig)
     assert type(loss).__name__ == "DummyLoss" and not list(loss.parameters())
+
+
+def first_stages_with_a_checkpoint():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        config = OmegaConf.load(path)
+        if OmegaConf.select(config, "model.params.first_stage_config.params.ckpt_path"):
+            yield str(path.relative_to(REPO)), config.model.params.first_stage_config
+
+
+FIRST_STAGE_CKPTS = list(first_stages_with_a_checkpoint())
+
+
+def test_some_configs_name_a_first_stage_checkpoint():
+    assert len(FIRST_STAGE_CKPTS) >= 5, FIRST_STAGE_CKPTS
+
+
+@pytest.mark.parametrize("path, first_stage", FIRST_STAGE_CKPTS, ids=[path for path, _ in FIRST_STAGE_CKPTS])
+def test_first_stage_checkpoint_is_where_the_download_script_puts_it(path, first_stage):
+    """A training config's first stage loads models/first_stage_models/<name>/model.ckpt, which
+    scripts/download_first_stages.sh downloads and unzips, and describes the same autoencoder as
+    that folder's config.yaml (upstream's vq configs named configs/first_stage_models/.../model.yaml,
+    a file that never existed, so training stopped at 'Checkpoint not found')."""
+    ckpt = first_stage.params.ckpt_path
+    folder, name = os.path.split(ckpt)
+    assert name == "model.ckpt" and os.path.dirname(folder) == "models/first_stage_models", f"{path}: {ckpt}"
+    download = (REPO / "scripts" / "download_first_stages.sh").read_text()
+    assert f"-O {folder}/model.zip" in download, f"{path}: download_first_stages.sh does not fetch {folder}"
+    released = OmegaConf.load(REPO / folder / "config.yaml").model.params
+    for key in ("ddconfig", "embed_dim", "n_embed"):
+        assert first_stage.params.get(key) == released.get(key), f"{path}: {key} differs from {folder}/config.yaml"
