@@ -1,14 +1,28 @@
-import argparse, os, sys, glob
-from omegaconf import OmegaConf
-from PIL import Image
-from tqdm import tqdm
-import numpy as np
-import torch
+"""Fill the masked part of images with upstream's LDM inpainting model.
+
+For every pair example.png + example_mask.png in --indir (white: fill, black: keep), writes
+example.png to --outdir. The model (models/ldm/inpainting_big, fetched by
+scripts/download_models.sh) is a LatentDiffusion without text: its UNet reads the VQ latent of
+the masked image and the downsampled mask, concatenated to the noisy latent, so it learns to
+continue what the mask leaves visible. Pixels outside the mask are copied from the input.
+"""
+import glob
+import logging
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
+from ldm import script_helpers as helpers
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import CheckpointError, instantiate_from_config, load_state_dict
+from ldm.util import CheckpointError, load_model_from_config
+
+logger = logging.getLogger("inpaint")
 
 CONFIG = "models/ldm/inpainting_big/config.yaml"
 CKPT = "models/ldm/inpainting_big/last.ckpt"
@@ -36,82 +50,99 @@ def make_batch(image, mask, device):
     return batch
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--indir",
-        type=str,
-        required=True,
-        help="dir containing image-mask pairs (`example.png` and `example_mask.png`)",
-    )
-    parser.add_argument(
-        "--outdir",
-        type=str,
-        required=True,
-        help="dir to write results to",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=50,
-        help="number of ddim sampling steps",
-    )
-    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
-    opt = parser.parse_args()
+def parse_args():
+    parser = helpers.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--indir", type=str, required=True,
+                        help="dir containing image-mask pairs (`example.png` and `example_mask.png`)")
+    parser.add_argument("--outdir", type=str, required=True,
+                        help="dir to write results to (files already there are never overwritten)")
+    parser.add_argument("--steps", type=helpers.positive_int, default=50, help="number of ddim sampling steps")
+    parser.add_argument("--seed", type=int, default=42, help="the same seed and inputs give the same images")
+    parser.add_argument("--config", type=str, default=CONFIG, help="the inpainting model's config")
+    parser.add_argument("--ckpt", type=str, default=CKPT, help="the inpainting model's weights")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
+    return parser, parser.parse_args()
 
+
+def find_pairs(parser, opt, multiple):
+    """(image, mask, output path) for each *_mask.png of --indir; every problem a user can fix
+    (missing image, sizes, an output that exists) is one error line before the model loads."""
     if not os.path.isdir(opt.indir):
         parser.error(f"--indir {opt.indir} is not a folder")
     masks = sorted(glob.glob(os.path.join(opt.indir, "*_mask.png")))
-    images = [x.replace("_mask.png", ".png") for x in masks]
     if not masks:
         parser.error(f"no *_mask.png in {opt.indir} (it needs pairs example.png + example_mask.png)")
-    missing = [x for x in images if not os.path.isfile(x)]
-    if missing:
-        parser.error(f"{missing[0]} not found (each *_mask.png needs its image next to it)")
-    if not os.path.isfile(CKPT):
-        parser.error(f"{CKPT} not found (scripts/download_models.sh downloads the inpainting model)")
-    print(f"Found {len(masks)} inputs.")
+    pairs = []
+    for mask in masks:
+        image = mask[:-len("_mask.png")] + ".png"
+        if not os.path.isfile(image):
+            parser.error(f"{image} not found (each *_mask.png needs its image next to it)")
+        size, mask_size = Image.open(image).size, Image.open(mask).size
+        if size != mask_size:
+            parser.error(f"{mask} is {mask_size[0]}x{mask_size[1]} but {image} is {size[0]}x{size[1]}; "
+                         "a mask must have its image's size")
+        if size[0] % multiple or size[1] % multiple:
+            parser.error(f"{image} is {size[0]}x{size[1]}; this model needs sides that are multiples of "
+                         f"{multiple} (crop or resize it, e.g. to 512x512)")
+        output = os.path.join(opt.outdir, os.path.basename(image))
+        if os.path.exists(output):
+            parser.error(f"{output} exists; outputs are never overwritten: pass a new --outdir")
+        pairs.append((image, mask, output))
+    return pairs
 
-    config = OmegaConf.load(CONFIG)
+
+def load_model(parser, opt, config, device):
+    if not os.path.isfile(opt.ckpt):
+        hint = " (scripts/download_models.sh downloads the inpainting model)" if opt.ckpt == CKPT else ""
+        parser.error(f"{opt.ckpt} not found{hint}")
+    if opt.unsafe_pickle:
+        logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     try:
-        state_dict = load_state_dict(CKPT, unsafe_pickle=opt.unsafe_pickle)
+        return load_model_from_config(config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
     except CheckpointError as e:
         parser.error(str(e))
-    model = instantiate_from_config(config.model)
-    model.load_state_dict(state_dict, strict=False)
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device)
+
+@torch.no_grad()
+def inpaint(model, sampler, batch, steps):
+    """The inpainted image as uint8 HxWx3: the model's image inside the mask, the input outside."""
+    # encode masked image and concat downsampled mask
+    c = model.cond_stage_model.encode(batch["masked_image"])
+    cc = torch.nn.functional.interpolate(batch["mask"], size=c.shape[-2:])
+    c = torch.cat((c, cc), dim=1)
+
+    shape = (c.shape[1]-1,)+c.shape[2:]
+    samples_ddim, _ = sampler.sample(S=steps, conditioning=c, batch_size=c.shape[0], shape=shape, verbose=False)
+    x_samples_ddim = model.decode_first_stage(samples_ddim)
+
+    image = torch.clamp((batch["image"]+1.0)/2.0, min=0.0, max=1.0)
+    mask = torch.clamp((batch["mask"]+1.0)/2.0, min=0.0, max=1.0)
+    predicted_image = torch.clamp((x_samples_ddim+1.0)/2.0, min=0.0, max=1.0)
+
+    inpainted = (1-mask)*image+mask*predicted_image
+    # rounded, not truncated (upstream): the kept pixels come back as they went in, not 1 darker
+    return (inpainted.cpu().numpy().transpose(0,2,3,1)[0]*255).round().astype(np.uint8)
+
+
+def main():
+    helpers.configure_logging()
+    parser, opt = parse_args()
+    opt.config, opt.ckpt = helpers.in_repo(opt.config), helpers.in_repo(opt.ckpt)
+    geometry = helpers.read_model_geometry(parser, "--config", opt.config, example=CONFIG)
+    pairs = find_pairs(parser, opt, geometry.multiple)
+    helpers.check_output_dir(parser, "--outdir", opt.outdir)
+    logger.info("Found %d inputs.", len(pairs))
+
+    device = helpers.resolve_device("auto")
+    model = load_model(parser, opt, helpers.load_config(opt.config), device)
     sampler = DDIMSampler(model)
+    helpers.seed_everything(opt.seed)
+    with model.ema_scope():
+        for image, mask, output in tqdm(pairs):
+            Image.fromarray(inpaint(model, sampler, make_batch(image, mask, device), opt.steps)).save(output)
+    logger.info("%d images written to %s", len(pairs), opt.outdir)
 
-    os.makedirs(opt.outdir, exist_ok=True)
-    with torch.no_grad():
-        with model.ema_scope():
-            for image, mask in tqdm(zip(images, masks)):
-                outpath = os.path.join(opt.outdir, os.path.split(image)[1])
-                batch = make_batch(image, mask, device=device)
 
-                # encode masked image and concat downsampled mask
-                c = model.cond_stage_model.encode(batch["masked_image"])
-                cc = torch.nn.functional.interpolate(batch["mask"],
-                                                     size=c.shape[-2:])
-                c = torch.cat((c, cc), dim=1)
-
-                shape = (c.shape[1]-1,)+c.shape[2:]
-                samples_ddim, _ = sampler.sample(S=opt.steps,
-                                                 conditioning=c,
-                                                 batch_size=c.shape[0],
-                                                 shape=shape,
-                                                 verbose=False)
-                x_samples_ddim = model.decode_first_stage(samples_ddim)
-
-                image = torch.clamp((batch["image"]+1.0)/2.0,
-                                    min=0.0, max=1.0)
-                mask = torch.clamp((batch["mask"]+1.0)/2.0,
-                                   min=0.0, max=1.0)
-                predicted_image = torch.clamp((x_samples_ddim+1.0)/2.0,
-                                              min=0.0, max=1.0)
-
-                inpainted = (1-mask)*image+mask*predicted_image
-                inpainted = inpainted.cpu().numpy().transpose(0,2,3,1)[0]*255
-                Image.fromarray(inpainted.astype(np.uint8)).save(outpath)
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,20 @@
 """Upstream's legacy scripts (knn2img, train_searcher, sample_diffusion, inpaint): --help works
-without their optional packages, bad input is one error line, not a traceback, and
-sample_diffusion samples an unconditional model."""
+without their optional packages, bad input is one error line, not a traceback,
+sample_diffusion samples an unconditional model and inpaint a tiny inpainting model."""
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import REPO, TINY_CONFIG
+from ldm.util import instantiate_from_config
 
 
 def run(script, *args):
@@ -61,6 +66,68 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
 
 def test_inpaint_needs_its_folders(tmp_path):
     assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting_model(tmp_path_factory):
+    """Upstream's inpainting config (VQ first stage, masked image + mask concatenated to the
+    latent), with fewer and narrower layers; random weights saved as a .ckpt like upstream's."""
+    folder = tmp_path_factory.mktemp("inpainting")
+    config = OmegaConf.load(REPO / "models" / "ldm" / "inpainting_big" / "config.yaml")
+    unet = config.model.params.unet_config.params
+    unet.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_heads=2)
+    first_stage = config.model.params.first_stage_config.params
+    first_stage.ddconfig.update(ch=32, ch_mult=[1, 2], num_res_blocks=1)
+    first_stage.n_embed = 16
+    OmegaConf.save(config, folder / "config.yaml")
+    torch.manual_seed(0)
+    torch.save({"state_dict": instantiate_from_config(config.model).state_dict()}, folder / "last.ckpt")
+    return folder / "config.yaml", folder / "last.ckpt"
+
+
+def inpainting_inputs(folder, size=(32, 32), mask_size=None):
+    folder.mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    mask = np.zeros((mask_size or size)[::-1], np.uint8)
+    mask[8:24, 4:20] = 255
+    Image.fromarray(image).save(folder / "cat.png")
+    Image.fromarray(mask).save(folder / "cat_mask.png")
+    return image, mask > 0
+
+
+def test_inpaint_fills_the_mask_and_keeps_the_rest(tiny_inpainting_model, tmp_path):
+    """Outside the mask every pixel is the input's (upstream truncated them, most came back 1
+    darker); the same seed gives the same image; a second run never overwrites the first."""
+    config, ckpt = tiny_inpainting_model
+    image, mask = inpainting_inputs(tmp_path / "in")
+    for name in ("out", "again"):
+        result = run("inpaint.py", "--indir", tmp_path / "in", "--outdir", tmp_path / name, "--steps", "2",
+                     "--config", config, "--ckpt", ckpt)
+        assert result.returncode == 0, result.stderr[-3000:]
+    inpainted = np.array(Image.open(tmp_path / "out" / "cat.png"))
+    assert inpainted.shape == image.shape
+    assert (inpainted[~mask] == image[~mask]).all()
+    assert (inpainted[mask] != image[mask]).mean() > 0.9
+    assert (tmp_path / "again" / "cat.png").read_bytes() == (tmp_path / "out" / "cat.png").read_bytes()
+    before = (tmp_path / "out" / "cat.png").read_bytes()
+    last = error_line(run("inpaint.py", "--indir", tmp_path / "in", "--outdir", tmp_path / "out",
+                          "--config", config, "--ckpt", ckpt))
+    assert last.endswith(f"{tmp_path / 'out' / 'cat.png'} exists; outputs are never overwritten: pass a new --outdir")
+    assert (tmp_path / "out" / "cat.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("size, mask_size, expected", [
+    ((34, 32), None, "cat.png is 34x32; this model needs sides that are multiples of 4"),  # its VQ and UNet: 2 x 2
+    ((32, 32), (32, 64), "cat_mask.png is 32x64 but"),
+], ids=["not a multiple", "mask of another size"])
+def test_inpaint_input_of_the_wrong_size_is_one_error_line(tiny_inpainting_model, tmp_path, size, mask_size,
+                                                           expected):
+    config, ckpt = tiny_inpainting_model
+    inpainting_inputs(tmp_path / "in", size, mask_size)
+    last = error_line(run("inpaint.py", "--indir", tmp_path / "in", "--outdir", tmp_path / "out",
+                          "--config", config, "--ckpt", ckpt))
+    assert expected in last, last
+    assert not (tmp_path / "out").exists()
 
 
 def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
