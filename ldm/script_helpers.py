@@ -5,6 +5,7 @@ traceback), device/precision selection, model loading, seeding, the optional saf
 and invisible watermark, and the writer that numbers and saves the PNGs with their metadata.
 """
 import argparse
+import atexit
 import logging
 import math
 import os
@@ -390,17 +391,39 @@ def check_image_size(parser, height, width, multiple):
 def check_output_dir(parser, flag, path):
     """Create the folder `path` for a run's outputs now, before any work, so that a bad one (a
     file, an unwritable place, no value at all) is one error line instead of a traceback after
-    sampling. Creating it early costs nothing: the run would create it anyway."""
+    sampling. The folders it creates are removed at exit if the run leaves them empty (weights
+    that fail to load, Ctrl-C while loading), so that a failed run leaves nothing behind."""
     if not path:
         parser.error(f"{flag} needs a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path} is a file, not a folder; pass a folder")
+    created = _missing_folders(path)
     try:
         os.makedirs(path, exist_ok=True)
+        if created:
+            atexit.register(_remove_if_empty, created)
         # a real file, not os.access: root passes permission-bit checks even where it cannot write (/proc)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         parser.error(f"{flag} {path}: cannot create files in this folder ({e.strerror}); pass a writable folder")
+
+
+def _missing_folders(path):
+    """The folders os.makedirs(path) would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_empty(folders):
+    for folder in reversed(folders):  # innermost first; a folder with anything in it stays, with its parents
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def check_new_file(parser, flag, path):

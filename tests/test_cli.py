@@ -185,9 +185,14 @@ def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"this is not a checkpoint")
     args = [a for a in TINY if a != "--random-weights"]
-    result = run("txt2img.py", *args, "--ckpt", bad, "--outdir", tmp_path / "out")
+    result = run("txt2img.py", *args, "--ckpt", bad, "--outdir", tmp_path / "out" / "run1")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    # --outdir was created before loading, to check it early; the failed run leaves no empty folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
+    (tmp_path / "mine").mkdir()  # but a folder that was there before stays, empty or not
+    assert run("txt2img.py", *args, "--ckpt", bad, "--outdir", tmp_path / "mine").returncode != 0
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_img2img_strength_one_noises_the_init_image_completely(tmp_path):
