@@ -43,7 +43,8 @@ def make_grid(images, nrow=8, padding=2, pad_value=0.0):
 
 
 def to_pil(image):
-    """A (C, H, W) tensor in [0, 1] → PIL RGB image (rounded like the upstream scripts)."""
+    """A (C, H, W) tensor in [0, 1] → PIL RGB image, truncated to 8 bits as upstream's scripts did
+    (not rounded): the same samples give upstream's PNG bytes."""
     array = 255.0 * image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array.astype(np.uint8))
 
