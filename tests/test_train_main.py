@@ -38,6 +38,24 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("samples_*.png"))
 
 
+def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
+    """Upstream's CelebA-HQ recipe (as FFHQ's and LSUN bedrooms'): the UNet learns in the latent
+    space of a VQ autoencoder, and the image log decodes samples through its codebook."""
+    result = subprocess.run(
+        [sys.executable, "main.py", "--base", "configs/latent-diffusion/celebahq-ldm-vq-4.yaml",
+         str(REPO / "tests" / "configs" / "tiny-vq-ldm-train.yaml"), "-t", "--accelerator", "cpu", "--devices", "1",
+         "--max_steps", "1", "--logdir", str(tmp_path)],
+        cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    from ldm.util import read_checkpoint
+    weights = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert weights["global_step"] == 1
+    assert weights["state_dict"]["first_stage_model.quantize.embedding.weight"].shape == (16, 3)
+    logged = {p.name.split("_gs-")[0] for p in (run_dir / "csv" / "version_0" / "images" / "train").iterdir()}
+    assert {"samples", "samples_x0_quantized", "samples_inpainting", "samples_outpainting"} <= logged, logged
+
+
 def test_main_missing_config_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "main.py", "--base", str(tmp_path / "nope.yaml"), "-t"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
