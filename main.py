@@ -121,7 +121,7 @@ def get_parser(**parser_kwargs):
         "--logdir",
         type=str,
         default="logs",
-        help="directory for logging dat shit",
+        help="folder of the runs: logs, configs, checkpoints",
     )
     parser.add_argument(
         "--scale_lr",
@@ -270,6 +270,16 @@ def trainer_config_from_args(trainer_config):
         if isinstance(value, float) and value.is_integer() and value > 1:
             trainer_config[key] = int(value)
     return trainer_config.pop("resume_from_checkpoint", None)
+
+
+def interactive_debugger():
+    """pudb where installed (upstream's choice), else the standard library's pdb: SIGUSR2 or a
+    crash under --debug opens one instead of raising ImportError into the training step."""
+    try:
+        import pudb as debugger
+    except ImportError:
+        import pdb as debugger
+    return debugger
 
 
 class WrappedDataset(Dataset):
@@ -849,8 +859,7 @@ if __name__ == "__main__":
 
         def divein(*args, **kwargs):
             if trainer.global_rank == 0:
-                import pudb;
-                pudb.set_trace()
+                interactive_debugger().set_trace()
 
 
         import signal
@@ -873,11 +882,7 @@ if __name__ == "__main__":
             trainer.test(model, data)
     except Exception:
         if opt.debug and trainer is not None and trainer.global_rank == 0:
-            try:
-                import pudb as debugger
-            except ImportError:
-                import pdb as debugger
-            debugger.post_mortem()
+            interactive_debugger().post_mortem()
         raise
     finally:
         # move newly created debug project to debug_runs

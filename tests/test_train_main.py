@@ -1,9 +1,12 @@
 """main.py (the training entry point) trains the tiny config for two steps on pytorch-lightning 2;
 bad input (no config, a config without model or data, a mistyped flag) is one error line."""
 import csv
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,6 +57,35 @@ def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
     assert weights["state_dict"]["first_stage_model.quantize.embedding.weight"].shape == (16, 3)
     logged = {p.name.split("_gs-")[0] for p in (run_dir / "csv" / "version_0" / "images" / "train").iterdir()}
     assert {"samples", "samples_x0_quantized", "samples_inpainting", "samples_outpainting"} <= logged, logged
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pudb") is not None, reason="pudb would open its full-screen UI")
+def test_signals_save_a_checkpoint_and_open_a_debugger_during_training(tmp_path):
+    """Upstream's hooks for cluster jobs: SIGUSR1 saves last.ckpt at the current step, SIGUSR2
+    opens a debugger (pdb where pudb is not installed: it raised ImportError into the training
+    step), and the run goes on to its last step after `c`."""
+    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                 "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0",
+                 "lightning.callbacks.image_logger.params.batch_frequency=1000"]
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "--no-test",
+         "--accelerator", "cpu", "--devices", "1", "--max_steps", "20", "--logdir", str(tmp_path), *overrides],
+        cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(tmp_path.glob("*/configs/*-project.yaml")):  # saved as fit starts, handlers in place
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGUSR2)
+        out, err = process.communicate("c\n", timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert "(Pdb)" in out, out[-2000:]
+    steps = [int(line.rsplit(" ", 1)[-1].rstrip(".")) for line in err.splitlines() if "last.ckpt at step" in line]
+    assert len(steps) == 2 and steps[0] < 20 == steps[1], err[-3000:]
 
 
 def test_main_missing_config_is_one_error_line(tmp_path):
