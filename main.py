@@ -91,7 +91,7 @@ def get_parser(**parser_kwargs):
     parser.add_argument(
         "-p",
         "--project",
-        help="name of new or path to existing project"
+        help="accepted for upstream's commands, without effect: use -n/--name, -l/--logdir or -r/--resume"
     )
     parser.add_argument(
         "-d",
@@ -627,6 +627,9 @@ if __name__ == "__main__":
 
     opt, unknown = parser.parse_known_args()
     check_overrides(parser, unknown)
+    if opt.project:
+        logger.warning("-p/--project has no effect (nor had it upstream): a run's folder is --logdir/<time>_<name>, "
+                       "named with -n/--name, or the run given to --resume")
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot be specified both. "
                      "If you want to resume training in a new log folder, "

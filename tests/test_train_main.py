@@ -131,9 +131,11 @@ def assert_one_error_line(result, *words):
 def test_main_with_a_text_file_as_config_is_one_error_line(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just some notes\nnot a config\n")
-    assert_one_error_line(run_main("-t", "--base", text, "--logdir", tmp_path / "logs"),
-                          str(text), "has no `model:` section", "procedural-t2i.yaml")
+    result = run_main("-t", "--base", text, "--logdir", tmp_path / "logs", "-p", "myproject")
+    assert_one_error_line(result, str(text), "has no `model:` section", "procedural-t2i.yaml")
     assert not (tmp_path / "logs").exists()
+    # upstream's -p never did anything; it is still accepted, and says so
+    assert "WARNING main: -p/--project has no effect" in result.stderr, result.stderr[-2000:]
 
 
 def test_main_rejects_a_mistyped_flag_and_names_the_right_one(tmp_path):
