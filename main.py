@@ -47,18 +47,14 @@ def get_parser(**parser_kwargs):
         "-n",
         "--name",
         type=str,
-        const=True,
         default="",
-        nargs="?",
         help="postfix for logdir",
     )
     parser.add_argument(
         "-r",
         "--resume",
         type=str,
-        const=True,
         default="",
-        nargs="?",
         help="resume from logdir or checkpoint in logdir",
     )
     parser.add_argument(

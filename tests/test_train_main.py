@@ -161,6 +161,13 @@ def error_line(capsys, function, *args):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("flag", ["-r", "-n"])
+def test_resume_or_name_without_a_value_is_one_error_line(main_module, capsys, flag):
+    # upstream took them alone as True: -n named the run "..._True", -r died on True.rstrip
+    last = error_line(capsys, main_module.get_parser().parse_known_args, ["-t", flag])
+    assert last.endswith(": expected one argument"), last
+
+
 def test_no_config_is_one_error_line(main_module, capsys):
     last = error_line(capsys, main_module.load_config, main_module.get_parser(), [], [])
     assert "no --base config given (pass a training config such as configs/embedded/procedural-t2i.yaml)" in last
