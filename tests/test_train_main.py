@@ -40,6 +40,19 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # three finite steps
     assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("samples_*.png"))
 
+    # --resume: the same run goes on from step 3, with its saved config and optimizer state
+    stopped = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    result = subprocess.run([sys.executable, "main.py", "--resume", str(run_dir), "-t", "--accelerator", "cpu",
+                             "--devices", "1", "--max_steps", "4"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
+    resumed = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 4
+    (adam,) = resumed["optimizer_states"]
+    assert all(state["step"] == 4 for state in adam["state"].values())  # Adam's moments came along
+    assert any(not resumed["state_dict"][k].equal(v) for k, v in stopped["state_dict"].items())
+
 
 def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
     """Upstream's CelebA-HQ recipe (as FFHQ's and LSUN bedrooms'): the UNet learns in the latent
