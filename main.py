@@ -240,6 +240,8 @@ def build_model(parser, model_config, paths):
 
 def parse_devices(devices):
     """'2' -> 2, '0,1' -> [0, 1], 'auto' -> 'auto' (Trainer(devices=...) accepts all three)."""
+    if isinstance(devices, (int, list)):  # already parsed (a config's devices: [0, 1])
+        return devices
     devices = str(devices).strip()
     if devices.isdigit():
         return int(devices)
@@ -251,14 +253,19 @@ def parse_devices(devices):
 def trainer_config_from_args(trainer_config):
     """Translate pytorch-lightning 1.x trainer options into 2.x ones, in place.
 
-    gpus=N / "0,1," -> accelerator="gpu", devices=...; resume_from_checkpoint is returned
+    gpus=N / "0,1," -> accelerator="gpu", devices=N / [0, 1] (gpus=0: the CPU); resume_from_checkpoint is returned
     (it is an argument of Trainer.fit in 2.x). Float limits that are whole numbers become
     batch counts (int), as in 1.x.
     """
     gpus = trainer_config.pop("gpus", None)
-    if gpus is not None and str(gpus).strip(", ") not in ("", "0"):
-        trainer_config["accelerator"] = "gpu"
-        trainer_config["devices"] = parse_devices(str(gpus).strip(", "))
+    if gpus is not None:
+        # as in 1.x: "0," (upstream's training command) is the GPU with id 0, 0 is no GPU
+        devices = parse_devices(str(gpus).strip())
+        if devices:
+            trainer_config["accelerator"] = "gpu"
+            trainer_config["devices"] = devices
+        else:
+            trainer_config["accelerator"] = "cpu"
     if "devices" in trainer_config:
         trainer_config["devices"] = parse_devices(trainer_config["devices"])
     for key in ("limit_train_batches", "limit_val_batches", "val_check_interval"):
@@ -675,6 +682,10 @@ if __name__ == "__main__":
             trainer_config[k] = getattr(opt, k)
         trainer_config = OmegaConf.to_container(trainer_config, resolve=True)
         ckpt_path = trainer_config_from_args(trainer_config)
+        if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+            parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
+                         "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "
+                         "--accelerator cpu and without --gpus")
         on_cuda = trainer_config.get("accelerator") in ("gpu", "cuda") or (
             trainer_config.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
         lightning_config.trainer = trainer_config

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO, TINY_CONFIG
 
@@ -172,6 +173,35 @@ def error_line(capsys, function, *args):
         function(*args)
     assert exit_info.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("gpus, expected", [
+    ("0,", {"accelerator": "gpu", "devices": [0]}),  # upstream's command: the GPU with id 0 (it trained on the CPU)
+    ("0,1", {"accelerator": "gpu", "devices": [0, 1]}),
+    ("2", {"accelerator": "gpu", "devices": 2}),
+    (2, {"accelerator": "gpu", "devices": 2}),
+    ("0", {"accelerator": "cpu"}),
+    (0, {"accelerator": "cpu"}),
+])
+def test_lightning_1_gpus_mean_what_they_meant(main_module, gpus, expected):
+    trainer_config = {"gpus": gpus, "max_steps": 3}
+    assert main_module.trainer_config_from_args(trainer_config) is None
+    assert trainer_config == {**expected, "max_steps": 3}
+
+
+@pytest.mark.parametrize("devices, expected", [("0,1", [0, 1]), ([0, 1], [0, 1]), ("2", 2), (2, 2), ("auto", "auto")])
+def test_devices_from_the_command_line_or_a_config(main_module, devices, expected):
+    # a config's `devices: [0, 1]` arrives as a list (it was turned into the string "[0, 1]" and failed)
+    trainer_config = {"devices": devices}
+    main_module.trainer_config_from_args(trainer_config)
+    assert trainer_config == {"devices": expected}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_gpu_without_cuda_is_one_error_line(tmp_path):
+    assert_one_error_line(run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--gpus", "0,", "--logdir", tmp_path),
+                          "asks for a GPU", "CUDA is not available here", "--accelerator cpu")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("flag", ["-r", "-n"])
