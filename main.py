@@ -10,7 +10,7 @@ import yaml
 import pytorch_lightning as pl
 
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from functools import partial
 from PIL import Image
 
@@ -273,6 +273,26 @@ def trainer_config_from_args(trainer_config):
         if isinstance(value, float) and value.is_integer() and value > 1:
             trainer_config[key] = int(value)
     return trainer_config.pop("resume_from_checkpoint", None)
+
+
+def check_data_keys(parser, model, datasets):
+    """The keys the model reads from a batch (model.params.first_stage_key, cond_stage_key for a
+    conditional model, an autoencoder's image_key) are in the data's samples: a mismatch, such
+    as SD's jpg/txt against a dataset of image/caption, is one error line before training instead
+    of a KeyError at the first step."""
+    wanted = {name: getattr(model, name) for name in ("first_stage_key", "image_key") if hasattr(model, name)}
+    if getattr(getattr(model, "model", None), "conditioning_key", None) is not None:
+        wanted["cond_stage_key"] = model.cond_stage_key
+    for split, dataset in datasets.items():
+        if isinstance(dataset, IterableDataset) or len(dataset) == 0:
+            continue
+        sample = dataset[0]
+        if not isinstance(sample, dict):
+            continue
+        for name, key in wanted.items():
+            if key not in sample:
+                parser.error(f"the {split} data has no {key!r}, which the model reads (model.params.{name}); its "
+                             f"samples have {', '.join(map(repr, sample))}: pass model.params.{name}=<one of them>")
 
 
 def interactive_debugger():
@@ -840,6 +860,7 @@ if __name__ == "__main__":
         # lightning still takes care of proper multiprocessing though
         data.prepare_data()
         data.setup()
+        check_data_keys(parser, model, data.datasets)
         logger.info("#### Data #####")
         for k in data.datasets:
             logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")

@@ -197,6 +197,17 @@ def test_devices_from_the_command_line_or_a_config(main_module, devices, expecte
     assert trainer_config == {"devices": expected}
 
 
+@pytest.mark.parametrize("overrides, key, name", [
+    ([], "jpg", "first_stage_key"),  # SD's keys against the procedural scenes' image/caption
+    (["model.params.first_stage_key=image"], "txt", "cond_stage_key"),
+])
+def test_data_without_the_keys_the_model_reads_is_one_error_line(tmp_path, overrides, key, name):
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path, *overrides)
+    assert_one_error_line(result, f"the train data has no '{key}', which the model reads (model.params.{name}); "
+                                  f"its samples have 'image', 'caption'", f"pass model.params.{name}=<one of them>")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_a_gpu_without_cuda_is_one_error_line(tmp_path):
     assert_one_error_line(run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--gpus", "0,", "--logdir", tmp_path),
