@@ -131,6 +131,7 @@ class NoisyLatentImageClassifier(TrainableModule):
         return targets
 
     def compute_top_k(self, logits, labels, k, reduction="mean"):
+        k = min(k, logits.shape[1])  # top-5 of fewer classes is all of them (topk raised an error)
         _, top_ks = torch.topk(logits, k, dim=1)
         if reduction == "mean":
             return (top_ks == labels[:, None]).float().sum(dim=-1).mean().item()
