@@ -156,5 +156,6 @@ def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
                      "-l", tmp_path / name)
         assert result.returncode == 0, result.stderr[-3000:]
         (samples,) = (tmp_path / name).glob("*/samples/00000001/*")
+        assert samples.parents[2].name == (run_dir.name if name == "run" else "model")  # the run's name, not checkpoints
         assert sorted(p.name for p in (samples / "img").iterdir()) == [f"sample_{i:06}.png" for i in range(3)]
         assert [p.name for p in (samples / "numpy").iterdir()] == ["3x64x64x3-samples.npz"]
