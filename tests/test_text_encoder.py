@@ -1,4 +1,5 @@
-"""The CLIP text encoder and tokenizer work offline (no Hugging Face hub)."""
+"""The CLIP text encoder and tokenizer work offline (no Hugging Face hub); LDM's BERT tokenizer, which
+comes from the hub, says so when it cannot load instead of turning every word into [UNK]."""
 import os
 import subprocess
 import sys
@@ -118,3 +119,26 @@ def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
     assert reloaded.device == torch.device("cpu")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(["a cat"]), encoder.encode(["a cat"]))
+
+
+# LDM's text-to-image models (txt2img-1p4B-eval.yaml, --laion400m) tokenize with BERT's bert-base-uncased
+
+def test_a_bert_tokenizer_that_did_not_load_is_an_error_not_a_model_that_ignores_the_prompt(tmp_path):
+    # transformers 5, offline or given a folder without vocab.txt, returns a tokenizer of its 5
+    # special tokens: every word became [UNK], and the model sampled without its prompt
+    from ldm.modules.encoders.modules import BERTEmbedder
+    with pytest.raises(TextEncoderLoadError) as info:
+        BERTEmbedder(n_embed=32, n_layer=1, tokenizer=str(tmp_path))
+    assert "it has 5 tokens, not 30522" in str(info.value) and "cond_stage_config.params.tokenizer" in str(info.value)
+
+
+def test_a_local_bert_tokenizer_folder_is_used(tmp_path):
+    from ldm.modules.encoders.modules import BERTEmbedder
+    words = ["a", "photo", "of", "chair"]
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    vocab += [f"word{i}" for i in range(30522 - len(vocab))]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    embedder = BERTEmbedder(n_embed=32, n_layer=1, max_seq_len=8, tokenizer=str(tmp_path))
+    tokens = embedder.tknz_fn(["a photo of a chair"])
+    assert tokens.tolist() == [[101, 104, 105, 106, 104, 107, 102, 0]]  # [CLS] a photo of a chair [SEP] [PAD]
+    assert embedder.encode(["a photo of a chair"]).shape == (1, 8, 32)

@@ -73,12 +73,32 @@ class TransformerEmbedder(AbstractEncoder):
         return self(x)
 
 
+# The tokenizer of LDM's text-to-image models (BERTEmbedder): a Hugging Face hub id, or a local copy.
+BERT_TOKENIZER = "bert-base-uncased"
+BERT_VOCAB_SIZE = 30522
+
+_BERT_TOKENIZER_FIX = (f"download it where there is network (huggingface-cli download {BERT_TOKENIZER}) or set "
+                       "the config's cond_stage_config.params.tokenizer to a folder with its files")
+
+
 class BERTTokenizer(AbstractEncoder):
-    """ Uses a pretrained BERT tokenizer by huggingface. Vocab size: 30522 (?)"""
-    def __init__(self, device="cuda", vq_interface=True, max_length=77):
+    """ Uses a pretrained BERT tokenizer by huggingface. Vocab size: 30522"""
+    def __init__(self, device="cuda", vq_interface=True, max_length=77, version=BERT_TOKENIZER,
+                 vocab_size=BERT_VOCAB_SIZE):
         super().__init__()
-        from transformers import BertTokenizerFast  # TODO: add to reuquirements
-        self.tokenizer = BertTokenizerFast.from_pretrained("bert-base-uncased")
+        from transformers import BertTokenizerFast
+        try:
+            self.tokenizer = BertTokenizerFast.from_pretrained(version)
+        except (OSError, ValueError) as e:
+            raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
+                                       f"{_BERT_TOKENIZER_FIX}") from e
+        # transformers 5 without the hub (or with a folder that lacks vocab.txt) returns a tokenizer
+        # of just its 5 special tokens instead of failing: every word would become [UNK] and the
+        # model would ignore the prompt without a word
+        if self.tokenizer.vocab_size != vocab_size:
+            raise TextEncoderLoadError(f"The BERT tokenizer {version!r} did not load: it has {self.tokenizer.vocab_size} "
+                                       f"tokens, not {vocab_size} (the Hugging Face hub is unreachable and it is not "
+                                       f"in the local cache?); {_BERT_TOKENIZER_FIX}")
         self.device = device
         self.vq_interface = vq_interface
         self.max_length = max_length
@@ -102,13 +122,14 @@ class BERTTokenizer(AbstractEncoder):
 
 class BERTEmbedder(AbstractEncoder):
     """Uses the BERT tokenizr model and add some transformer encoder layers"""
-    def __init__(self, n_embed, n_layer, vocab_size=30522, max_seq_len=77,
-                 device="cuda",use_tokenizer=True, embedding_dropout=0.0):
+    def __init__(self, n_embed, n_layer, vocab_size=BERT_VOCAB_SIZE, max_seq_len=77,
+                 device="cuda",use_tokenizer=True, embedding_dropout=0.0, tokenizer=BERT_TOKENIZER):
         super().__init__()
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
-            self.tknz_fn = BERTTokenizer(device="cpu", vq_interface=False, max_length=max_seq_len)
+            self.tknz_fn = BERTTokenizer(device="cpu", vq_interface=False, max_length=max_seq_len, version=tokenizer,
+                                         vocab_size=vocab_size)
         self.device = device
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer),
