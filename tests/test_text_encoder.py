@@ -121,6 +121,17 @@ def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
         torch.testing.assert_close(reloaded.encode(["a cat"]), encoder.encode(["a cat"]))
 
 
+def test_a_local_directory_without_tokenizer_files_is_an_error(tmp_path, tiny_config):
+    # a diffusers text_encoder/ folder: the weights without vocab.json and merges.txt, for which
+    # transformers 5 made a tokenizer of 2 special tokens, and every prompt encoded as unknowns
+    encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
+    transformers_clip_text_model(encoder.transformer.config).save_pretrained(tmp_path)
+    with pytest.raises(TextEncoderLoadError) as info:
+        FrozenCLIPEmbedder(version=str(tmp_path))
+    assert f"The CLIP tokenizer of {tmp_path} did not load: it knows only its 2 special tokens" in str(info.value)
+    assert "vocab.json and merges.txt" in str(info.value)
+
+
 # LDM's text-to-image models (txt2img-1p4B-eval.yaml, --laion400m) tokenize with BERT's bert-base-uncased
 
 def test_a_bert_tokenizer_that_did_not_load_is_an_error_not_a_model_that_ignores_the_prompt(tmp_path):
@@ -129,7 +140,9 @@ def test_a_bert_tokenizer_that_did_not_load_is_an_error_not_a_model_that_ignores
     from ldm.modules.encoders.modules import BERTEmbedder
     with pytest.raises(TextEncoderLoadError) as info:
         BERTEmbedder(n_embed=32, n_layer=1, tokenizer=str(tmp_path))
-    assert "it has 5 tokens, not 30522" in str(info.value) and "cond_stage_config.params.tokenizer" in str(info.value)
+    message = str(info.value)
+    assert "did not load: it knows only its 5 special tokens" in message, message
+    assert "huggingface-cli download bert-base-uncased" in message and "cond_stage_config.params.tokenizer" in message
 
 
 def test_a_local_bert_tokenizer_folder_is_used(tmp_path):

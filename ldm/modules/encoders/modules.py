@@ -73,6 +73,16 @@ class TransformerEmbedder(AbstractEncoder):
         return self(x)
 
 
+def check_tokenizer_has_words(tokenizer, what, fix):
+    """transformers 5, when the hub is unreachable or a folder lacks the vocabulary files, returns a
+    tokenizer of only its special tokens instead of failing: every word of a prompt would become
+    the unknown token and the model would ignore the prompt without a word. Raise instead."""
+    n_special = len(set(tokenizer.all_special_tokens))
+    if len(tokenizer.get_vocab()) <= n_special:
+        raise TextEncoderLoadError(f"{what} did not load: it knows only its {n_special} special tokens (its vocabulary "
+                                   f"files are missing, or the Hugging Face hub is unreachable); {fix}")
+
+
 # The tokenizer of LDM's text-to-image models (BERTEmbedder): a Hugging Face hub id, or a local copy.
 BERT_TOKENIZER = "bert-base-uncased"
 BERT_VOCAB_SIZE = 30522
@@ -92,13 +102,10 @@ class BERTTokenizer(AbstractEncoder):
         except (OSError, ValueError) as e:
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
                                        f"{_BERT_TOKENIZER_FIX}") from e
-        # transformers 5 without the hub (or with a folder that lacks vocab.txt) returns a tokenizer
-        # of just its 5 special tokens instead of failing: every word would become [UNK] and the
-        # model would ignore the prompt without a word
+        check_tokenizer_has_words(self.tokenizer, f"The BERT tokenizer {version!r}", _BERT_TOKENIZER_FIX)
         if self.tokenizer.vocab_size != vocab_size:
-            raise TextEncoderLoadError(f"The BERT tokenizer {version!r} did not load: it has {self.tokenizer.vocab_size} "
-                                       f"tokens, not {vocab_size} (the Hugging Face hub is unreachable and it is not "
-                                       f"in the local cache?); {_BERT_TOKENIZER_FIX}")
+            raise TextEncoderLoadError(f"The BERT tokenizer {version!r} has {self.tokenizer.vocab_size} tokens, but the "
+                                       f"model embeds {vocab_size}; {_BERT_TOKENIZER_FIX}")
         self.device = device
         self.vq_interface = vq_interface
         self.max_length = max_length
@@ -255,7 +262,11 @@ def clip_text_config(overrides=None):
 def _load_clip_from_directory(path):
     from transformers import CLIPTextModel
     logger.info("Loading the CLIP text encoder and tokenizer from %s", path)
-    return _clip_tokenizer_class().from_pretrained(path), CLIPTextModel.from_pretrained(path)
+    tokenizer = _clip_tokenizer_class().from_pretrained(path)
+    check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {path}",
+                              "put its vocab.json and merges.txt next to the model (a diffusers pipeline keeps "
+                              "them in the tokenizer/ folder beside text_encoder/)")
+    return tokenizer, CLIPTextModel.from_pretrained(path)
 
 
 def _load_clip_from_hub(version):
