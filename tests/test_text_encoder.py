@@ -67,6 +67,19 @@ def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):
     assert "openai/clip-vit-base-patch32" in message and "hub" in message and "local directory" in message
 
 
+def test_a_hub_model_whose_tokenizer_did_not_load_is_an_error(monkeypatch, tiny_config):
+    # the weights in the local cache, the tokenizer not: transformers 5 offline gives a tokenizer
+    # of special tokens only, instead of an error
+    import transformers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = transformers_clip_text_model(instantiate_from_config(tiny_config.model.params.cond_stage_config)
+                                          .transformer.config)
+    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", lambda *args, **kwargs: cached)
+    with pytest.raises(TextEncoderLoadError, match="The CLIP tokenizer of 'openai/clip-vit-base-patch32' did not "
+                                                   "load: it knows only its"):
+        FrozenCLIPEmbedder(version="openai/clip-vit-base-patch32")
+
+
 def test_text_config_with_a_non_default_version_is_refused(tmp_path):
     with pytest.raises(TextEncoderLoadError, match="text_config"):
         FrozenCLIPEmbedder(version=str(tmp_path), text_config={"hidden_size": 32})
@@ -155,3 +168,6 @@ def test_a_local_bert_tokenizer_folder_is_used(tmp_path):
     tokens = embedder.tknz_fn(["a photo of a chair"])
     assert tokens.tolist() == [[101, 104, 105, 106, 104, 107, 102, 0]]  # [CLS] a photo of a chair [SEP] [PAD]
     assert embedder.encode(["a photo of a chair"]).shape == (1, 8, 32)
+    # a tokenizer whose ids go past the model's embedding table
+    with pytest.raises(TextEncoderLoadError, match="has 30522 tokens, but the model embeds only 8192"):
+        BERTEmbedder(n_embed=32, n_layer=1, vocab_size=8192, tokenizer=str(tmp_path))

@@ -103,9 +103,9 @@ class BERTTokenizer(AbstractEncoder):
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
                                        f"{_BERT_TOKENIZER_FIX}") from e
         check_tokenizer_has_words(self.tokenizer, f"The BERT tokenizer {version!r}", _BERT_TOKENIZER_FIX)
-        if self.tokenizer.vocab_size != vocab_size:
+        if self.tokenizer.vocab_size > vocab_size:  # its ids would index past the model's embedding table
             raise TextEncoderLoadError(f"The BERT tokenizer {version!r} has {self.tokenizer.vocab_size} tokens, but the "
-                                       f"model embeds {vocab_size}; {_BERT_TOKENIZER_FIX}")
+                                       f"model embeds only {vocab_size}; use the tokenizer the model was trained with")
         self.device = device
         self.vq_interface = vq_interface
         self.max_length = max_length
@@ -272,13 +272,15 @@ def _load_clip_from_directory(path):
 def _load_clip_from_hub(version):
     from transformers import CLIPTextModel
     try:
-        return _clip_tokenizer_class().from_pretrained(version), CLIPTextModel.from_pretrained(version)
+        tokenizer, model = _clip_tokenizer_class().from_pretrained(version), CLIPTextModel.from_pretrained(version)
     except (OSError, ValueError) as e:
         raise TextEncoderLoadError(
             f"Cannot load text encoder {version!r}: it is not a local directory and the Hugging Face hub "
             f"is unreachable or does not have it ({type(e).__name__}); pass a local directory as `version`, "
             f"or keep the default {CLIP_VERSION!r}, whose weights come from the Stable Diffusion checkpoint"
         ) from e
+    check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {version!r}", "pass a local directory as `version`")
+    return tokenizer, model
 
 
 def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77):
