@@ -282,7 +282,8 @@ if __name__ == "__main__":
         # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt): its config, with the
         # overrides it was trained with, is the latest LOGDIR/configs/*-project.yaml
         base_configs = sorted(glob.glob(os.path.join(os.path.dirname(logdir), "configs", "*-project.yaml")))[-1:]
-        logdir = os.path.dirname(logdir)  # samples go to the run (-l: a folder named after it), not to checkpoints/
+        if base_configs:  # samples go to the run (-l: a folder named after it), not to checkpoints/
+            logdir = os.path.dirname(logdir)
     if not base_configs:
         parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs
