@@ -102,6 +102,18 @@ def test_signals_save_a_checkpoint_and_open_a_debugger_during_training(tmp_path)
     assert len(steps) == 2 and steps[0] < 20 == steps[1], err[-3000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pudb") is not None, reason="pudb would open its full-screen UI")
+def test_debug_opens_a_post_mortem_and_moves_the_run_to_debug_runs(tmp_path):
+    # scenes of 60 px: the UNet's skip connections do not line up, the first step fails
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "-d", "--accelerator", "cpu", "--devices", "1",
+                      "--max_steps", "2", "--logdir", tmp_path, "model.params.first_stage_key=image",
+                      "model.params.cond_stage_key=caption", "data.params.train.params.size=60", timeout=300)
+    assert result.returncode == 1 and "Sizes of tensors must match" in result.stderr, result.stderr[-3000:]
+    assert "(Pdb)" in result.stdout  # pdb where pudb is not installed
+    (run,) = (tmp_path / "debug_runs").iterdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"] and (run / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_main_missing_config_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "main.py", "--base", str(tmp_path / "nope.yaml"), "-t"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -132,8 +144,9 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
 
 
 def run_main(*args, timeout=120):
+    # empty stdin: a debugger that opens reads end-of-file and quits instead of waiting for a terminal
     return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                          capture_output=True, text=True, timeout=timeout)
+                          input="", capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_error_line(result, *words):
