@@ -476,8 +476,6 @@ def load_model(opt, device):
     import ldm.util
 
     config = load_config(opt.config)
-    if opt.unsafe_pickle and not opt.random_weights:
-        logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     ckpt = None if opt.random_weights else opt.ckpt
     if device.type == "cpu":
         threads = set_cpu_threads(opt.threads)

@@ -96,8 +96,6 @@ def load_model(parser, opt, config, device):
     if not os.path.isfile(opt.ckpt):
         hint = " (scripts/download_models.sh downloads the inpainting model)" if opt.ckpt == CKPT else ""
         parser.error(f"{opt.ckpt} not found{hint}")
-    if opt.unsafe_pickle:
-        logger.warning("--unsafe-pickle: fully unpickling %s; only do this for files you trust", opt.ckpt)
     try:
         return load_model_from_config(config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
     except CheckpointError as e:
