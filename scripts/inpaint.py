@@ -119,7 +119,7 @@ def inpaint(model, sampler, batch, steps):
     predicted_image = torch.clamp((x_samples_ddim+1.0)/2.0, min=0.0, max=1.0)
 
     inpainted = (1-mask)*image+mask*predicted_image
-    # rounded, not truncated (upstream): kept pixels come back as they went in (63 of 256 levels were 1 darker)
+    # rounded, not truncated (upstream): kept pixels come back as they went in, not some levels 1 darker
     return (inpainted.cpu().numpy().transpose(0,2,3,1)[0]*255).round().astype(np.uint8)
 
 

@@ -96,8 +96,8 @@ def inpainting_inputs(folder, size=(32, 32), mask_size=None):
 
 
 def test_inpaint_fills_the_mask_and_keeps_the_rest(tiny_inpainting_model, tmp_path):
-    """Outside the mask every pixel is the input's (upstream truncated them: 63 of the 256 levels
-    came back one darker); the same seed gives the same image; a second run never overwrites the
+    """Outside the mask every pixel is the input's (upstream truncated them: some levels came back
+    one darker); the same seed gives the same image; a second run never overwrites the
     first."""
     config, ckpt = tiny_inpainting_model
     image, mask = inpainting_inputs(tmp_path / "in")
