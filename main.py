@@ -275,14 +275,33 @@ def trainer_config_from_args(trainer_config):
     return trainer_config.pop("resume_from_checkpoint", None)
 
 
-def check_data_keys(parser, model, datasets):
-    """The keys the model reads from a batch (model.params.first_stage_key, cond_stage_key for a
-    conditional model, an autoencoder's image_key) are in the data's samples: a mismatch, such
-    as SD's jpg/txt against a dataset of image/caption, is one error line before training instead
-    of a KeyError at the first step."""
+def image_side_multiple(model):
+    """Training images' H and W must be multiples of this: an autoencoder's encoder (the first
+    stage of an LDM, or the model being trained) and each UNet level halve them, and a side
+    that does not halve evenly comes back a pixel short where the decoder meets its skip
+    connection or the reconstruction meets its input (a RuntimeError at the first step)."""
+    multiple = 1
+    encoder = getattr(getattr(model, "first_stage_model", model), "encoder", None)
+    if hasattr(encoder, "num_resolutions"):  # ldm's Encoder (KL and VQ autoencoders); not the identity
+        multiple *= 2 ** (encoder.num_resolutions - 1)
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if hasattr(unet, "channel_mult"):
+        multiple *= 2 ** (len(unet.channel_mult) - 1)
+    return multiple
+
+
+def check_data(parser, model, datasets):
+    """The data fits the model, checked on each split's first sample: one error line before
+    training instead of an error at the first step.
+
+    The keys the model reads from a batch (model.params.first_stage_key, cond_stage_key for a
+    conditional model, an autoencoder's image_key) are in the samples (SD's jpg/txt against a
+    dataset of image/caption is the usual mismatch), and the images' sides are multiples of
+    `image_side_multiple` (iterable datasets are not sampled)."""
     wanted = {name: getattr(model, name) for name in ("first_stage_key", "image_key") if hasattr(model, name)}
     if getattr(getattr(model, "model", None), "conditioning_key", None) is not None:
         wanted["cond_stage_key"] = model.cond_stage_key
+    multiple = image_side_multiple(model)
     for split, dataset in datasets.items():
         if isinstance(dataset, IterableDataset) or len(dataset) == 0:
             continue
@@ -293,6 +312,15 @@ def check_data_keys(parser, model, datasets):
             if key not in sample:
                 parser.error(f"the {split} data has no {key!r}, which the model reads (model.params.{name}); its "
                              f"samples have {', '.join(map(repr, sample))}: pass model.params.{name}=<one of them>")
+        for name in ("first_stage_key", "image_key"):
+            shape = getattr(sample.get(wanted.get(name)), "shape", ())
+            if len(shape) == 3 and (shape[0] % multiple or shape[1] % multiple):  # (H, W, C), as ldm's data
+                height, width = shape[:2]
+                sizes = sorted({max(multiple, round(side / multiple) * multiple) for side in (height, width)})
+                parser.error(f"the {split} data's images ({wanted[name]!r}) are {width}x{height} pixels, but this model "
+                             f"takes sides that are multiples of {multiple} (its first stage and UNet levels halve "
+                             f"them): resize or crop the data to sides such as {' or '.join(map(str, sizes))} "
+                             f"(ldm's datasets take a size parameter, e.g. data.params.{split}.params.size)")
 
 
 def interactive_debugger():
@@ -860,7 +888,7 @@ if __name__ == "__main__":
         # lightning still takes care of proper multiprocessing though
         data.prepare_data()
         data.setup()
-        check_data_keys(parser, model, data.datasets)
+        check_data(parser, model, data.datasets)
         logger.info("#### Data #####")
         for k in data.datasets:
             logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CONFIG
+from ldm.util import instantiate_from_config
 
 DATA_CONFIG = REPO / "tests" / "configs" / "tiny-train-data.yaml"
 
@@ -104,11 +105,12 @@ def test_signals_save_a_checkpoint_and_open_a_debugger_during_training(tmp_path)
 
 @pytest.mark.skipif(importlib.util.find_spec("pudb") is not None, reason="pudb would open its full-screen UI")
 def test_debug_opens_a_post_mortem_and_moves_the_run_to_debug_runs(tmp_path):
-    # scenes of 60 px: the UNet's skip connections do not line up, the first step fails
+    # a loss the model does not know: the first step fails, in DDPM.get_loss
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "-d", "--accelerator", "cpu", "--devices", "1",
                       "--max_steps", "2", "--logdir", tmp_path, "model.params.first_stage_key=image",
-                      "model.params.cond_stage_key=caption", "data.params.train.params.size=60", timeout=300)
-    assert result.returncode == 1 and "Sizes of tensors must match" in result.stderr, result.stderr[-3000:]
+                      "model.params.cond_stage_key=caption", "model.params.loss_type=l3", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "NotImplementedError: unknown loss type 'l3' (model.params.loss_type: l1 or l2)" in result.stderr
     assert "(Pdb)" in result.stdout  # pdb where pudb is not installed
     (run,) = (tmp_path / "debug_runs").iterdir()
     assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"] and (run / "checkpoints" / "last.ckpt").is_file()
@@ -219,6 +221,32 @@ def test_data_without_the_keys_the_model_reads_is_one_error_line(tmp_path, overr
     assert_one_error_line(result, f"the train data has no '{key}', which the model reads (model.params.{name}); "
                                   f"its samples have 'image', 'caption'", f"pass model.params.{name}=<one of them>")
     assert not any(tmp_path.iterdir())
+
+
+def test_images_the_model_cannot_halve_evenly_are_one_error_line(tmp_path):
+    # v1-tiny's KL first stage and UNet halve 3 + 3 times: 72 px came back 8 px short at the first
+    # step (RuntimeError: Sizes of tensors must match, in the UNet's skip connection)
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path,
+                      "model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                      "data.params.train.params.size=72")
+    assert_one_error_line(result, "the train data's images ('image') are 72x72 pixels", "multiples of 64",
+                          "sides such as 64", "data.params.train.params.size")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config, multiple", [
+    ("configs/stable-diffusion/v1-tiny.yaml", 64),             # KL autoencoder 8x, UNet 8x
+    ("configs/embedded/procedural-t2i-16px.yaml", 8),          # pixel space, UNet 8x
+    ("tests/configs/tiny-autoencoder-train.yaml", 2),          # the autoencoder itself, 2x
+    ("configs/latent-diffusion/celebahq-ldm-vq-4.yaml", 32),   # VQ autoencoder 4x, UNet 8x
+])
+def test_image_side_multiple_counts_every_halving(main_module, config, multiple):
+    from omegaconf import OmegaConf
+    model_config = OmegaConf.load(REPO / config).model
+    model_config.params.pop("ckpt_path", None)
+    model_config.params.get("first_stage_config", {}).get("params", {}).pop("ckpt_path", None)
+    model = instantiate_from_config(model_config)
+    assert main_module.image_side_multiple(model) == multiple
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

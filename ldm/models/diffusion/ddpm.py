@@ -272,7 +272,7 @@ class DDPM(TrainableModule):
             else:
                 loss = torch.nn.functional.mse_loss(target, pred, reduction='none')
         else:
-            raise NotImplementedError("unknown loss type '{loss_type}'")
+            raise NotImplementedError(f"unknown loss type '{self.loss_type}' (model.params.loss_type: l1 or l2)")
 
         return loss
 
