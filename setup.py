@@ -22,14 +22,15 @@ setup(
         "lightning-utilities",
     ],
     extras_require={
-        # diffusers: parity of pipeline-folder loading; opencv: canny parity, the BSRGAN degradations
-        "test": ["pytest", "diffusers", "opencv-python-headless"],
+        # diffusers: parity of pipeline-folder loading; opencv: canny parity; opencv and scipy: the
+        # BSRGAN degradations
+        "test": ["pytest", "diffusers", "opencv-python-headless", "scipy"],
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],
         # T2I-Adapter canny edges exactly as upstream (a numpy re-implementation is used without it).
         "adapter": ["opencv-python-headless"],
         # ldm.modules.image_degradation (super-resolution training data).
-        "data": ["opencv-python-headless", "albumentations"],
+        "data": ["opencv-python-headless", "scipy", "albumentations"],
     },
 )
