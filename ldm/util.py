@@ -235,8 +235,7 @@ class _PickledPlaceholder:
 
 def _numpy_safe_globals():
     """Numpy scalars and dtypes (e.g. a callback's best score) as (object, pickled name) pairs."""
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
+    from numpy._core.multiarray import scalar  # numpy 2, and 1.26 (whose numpy._core has it only imported by name)
     pairs = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
              (np.dtype, "numpy.dtype")]
     dtypes = getattr(np, "dtypes", None)
