@@ -11,11 +11,14 @@ import torch
 from ldm.modules.encoders.modules import (
     CLIP_VERSION, FrozenCLIPEmbedder, TextEncoderLoadError, build_clip_tokenizer, read_clip_bpe)
 from ldm.util import instantiate_from_config
-from conftest import transformers_clip_text_model, write_clip_vocab_files
+from conftest import text_transformer_of, transformers_clip_text_model, write_clip_vocab_files
 
 BOS, EOS = 49406, 49407
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tokenizer whose files are missing: transformers 4 raises OSError, transformers 5 returns one
+# that knows only its special tokens (offline, or from a folder without vocabulary files)
+TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
 def test_importing_encoders_needs_no_clip_kornia_or_x_transformer():
@@ -69,14 +72,15 @@ def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):
 
 def test_a_hub_model_whose_tokenizer_did_not_load_is_an_error(monkeypatch, tiny_config):
     # the weights in the local cache, the tokenizer not: transformers 5 offline gives a tokenizer
-    # of special tokens only, instead of an error
+    # of special tokens only, instead of an error (transformers 4 raises, as for a model not cached)
     import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cached = transformers_clip_text_model(instantiate_from_config(tiny_config.model.params.cond_stage_config)
                                           .transformer.config)
     monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", lambda *args, **kwargs: cached)
-    with pytest.raises(TextEncoderLoadError, match="The CLIP tokenizer of 'openai/clip-vit-base-patch32' did not "
-                                                   "load: it knows only its"):
+    expected = ("The CLIP tokenizer of 'openai/clip-vit-base-patch32' did not load: it knows only its" if TRANSFORMERS_5
+                else "Cannot load text encoder 'openai/clip-vit-base-patch32': it is not a local directory")
+    with pytest.raises(TextEncoderLoadError, match=expected):
         FrozenCLIPEmbedder(version="openai/clip-vit-base-patch32")
 
 
@@ -124,7 +128,7 @@ def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
     torch.manual_seed(0)
     encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
     folder = transformers_clip_text_model(encoder.transformer.config)
-    folder.load_state_dict(encoder.transformer.state_dict())
+    text_transformer_of(folder).load_state_dict(encoder.transformer.state_dict())
     folder.save_pretrained(tmp_path)
     write_clip_vocab_files(tmp_path)
     reloaded = FrozenCLIPEmbedder(version=str(tmp_path), device="cuda")  # device must not force cuda
@@ -137,12 +141,23 @@ def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
 def test_a_local_directory_without_tokenizer_files_is_an_error(tmp_path, tiny_config):
     # a diffusers text_encoder/ folder: the weights without vocab.json and merges.txt, for which
     # transformers 5 made a tokenizer of 2 special tokens, and every prompt encoded as unknowns
+    # (transformers 4 raised OSError: a traceback)
     encoder = instantiate_from_config(tiny_config.model.params.cond_stage_config)
     transformers_clip_text_model(encoder.transformer.config).save_pretrained(tmp_path)
     with pytest.raises(TextEncoderLoadError) as info:
         FrozenCLIPEmbedder(version=str(tmp_path))
-    assert f"The CLIP tokenizer of {tmp_path} did not load: it knows only its 2 special tokens" in str(info.value)
+    reason = ": it knows only its 2 special tokens" if TRANSFORMERS_5 else " (OSError)"
+    assert f"The CLIP tokenizer of {tmp_path} did not load{reason}" in str(info.value)
     assert "vocab.json and merges.txt" in str(info.value)
+
+
+def test_a_local_directory_with_only_the_tokenizer_is_an_error(tmp_path):
+    # a diffusers tokenizer/ folder given for the text encoder: OSError (a traceback) from transformers
+    write_clip_vocab_files(tmp_path)
+    with pytest.raises(TextEncoderLoadError) as info:
+        FrozenCLIPEmbedder(version=str(tmp_path))
+    assert str(info.value).startswith(f"The CLIP text encoder of {tmp_path} did not load (OSError): the folder needs "
+                                      "the config.json and weights that save_pretrained writes")
 
 
 # LDM's text-to-image models (txt2img-1p4B-eval.yaml, --laion400m) tokenize with BERT's bert-base-uncased
@@ -154,7 +169,8 @@ def test_a_bert_tokenizer_that_did_not_load_is_an_error_not_a_model_that_ignores
     with pytest.raises(TextEncoderLoadError) as info:
         BERTEmbedder(n_embed=32, n_layer=1, tokenizer=str(tmp_path))
     message = str(info.value)
-    assert "did not load: it knows only its 5 special tokens" in message, message
+    reason = "did not load: it knows only its 5 special tokens" if TRANSFORMERS_5 else "(OSError)"
+    assert f"the BERT tokenizer '{tmp_path}'".lower() in message.lower() and reason in message, message
     assert "huggingface-cli download bert-base-uncased" in message and "cond_stage_config.params.tokenizer" in message
 
 

@@ -260,13 +260,22 @@ def clip_text_config(overrides=None):
 
 
 def _load_clip_from_directory(path):
+    """A transformers CLIP folder (save_pretrained); what it lacks is one TextEncoderLoadError."""
     from transformers import CLIPTextModel
     logger.info("Loading the CLIP text encoder and tokenizer from %s", path)
-    tokenizer = _clip_tokenizer_class().from_pretrained(path)
-    check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {path}",
-                              "put its vocab.json and merges.txt next to the model (a diffusers pipeline keeps "
-                              "them in the tokenizer/ folder beside text_encoder/)")
-    return tokenizer, CLIPTextModel.from_pretrained(path)
+    fix = ("put its vocab.json and merges.txt next to the model (a diffusers pipeline keeps them in the "
+           "tokenizer/ folder beside text_encoder/)")
+    try:
+        tokenizer = _clip_tokenizer_class().from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers 4; transformers 5 returns a tokenizer without words
+        raise TextEncoderLoadError(f"The CLIP tokenizer of {path} did not load ({type(e).__name__}): {fix}") from e
+    check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {path}", fix)
+    try:
+        return tokenizer, CLIPTextModel.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise TextEncoderLoadError(f"The CLIP text encoder of {path} did not load ({type(e).__name__}): the folder "
+                                   f"needs the config.json and weights that save_pretrained writes (a diffusers "
+                                   f"pipeline keeps them in text_encoder/)") from e
 
 
 def _load_clip_from_hub(version):
