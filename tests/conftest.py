@@ -63,8 +63,10 @@ def tiny_model_with_weights():
 
 
 def count_ops(fn):
-    """(ops dispatched, bytes of the new, non-view tensors they return) while fn() runs: what a
-    function launches and writes, counted on CPU without timing anything."""
+    """(ops dispatched, bytes of the new tensors they return) while fn() runs: what a function
+    launches and writes, counted on CPU without timing anything. Outputs that alias an input (views,
+    in-place results) are not new; the op's schema says so (torch 2.6 does not flag a slice's
+    output as a view inside a dispatch mode)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     counts = {"ops": 0, "bytes": 0}
@@ -73,8 +75,9 @@ def count_ops(fn):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             counts["ops"] += 1
-            counts["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
-                                   if isinstance(t, torch.Tensor) and not t._is_view())
+            if not any(r.alias_info is not None for r in func._schema.returns):
+                counts["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                       if isinstance(t, torch.Tensor))
             return out
 
     with Count():
@@ -97,6 +100,12 @@ def transformers_clip_text_model(config):
     from dataclasses import asdict
     import transformers
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(config))).eval()
+
+
+def text_transformer_of(clip_text_model):
+    """The part of transformers' CLIPTextModel whose parameter names are clip_text.CLIPTextTransformer's:
+    transformers 4 nests it under `text_model.`, transformers 5 is it."""
+    return getattr(clip_text_model, "text_model", clip_text_model)
 
 
 def has_plain_file_mode(path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_CONFIG, transformers_clip_text_model, write_clip_vocab_files
+from conftest import REPO, TINY_CONFIG, text_transformer_of, transformers_clip_text_model, write_clip_vocab_files
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer
 from ldm.modules.encoders.modules import build_clip_tokenizer
 
@@ -68,7 +68,7 @@ def test_hidden_states_are_transformers(config):
     torch.manual_seed(0)
     reference = transformers_clip_text_model(config)
     ours = CLIPTextTransformer(config).eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)  # transformers' parameter names, all of them
+    ours.load_state_dict(text_transformer_of(reference).state_dict(), strict=True)  # transformers' names, all of them
     tokens = build_clip_tokenizer()(PROMPTS, truncation=True, max_length=config.max_position_embeddings,
                                     padding="max_length", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_the_shipped_models_text_encoder_is_transformers():
     config = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                             max_position_embeddings=weights["embeddings.position_embedding.weight"].shape[0])
     reference, ours = transformers_clip_text_model(config), CLIPTextTransformer(config).eval()
-    reference.load_state_dict(weights)
+    text_transformer_of(reference).load_state_dict(weights)
     ours.load_state_dict(weights)
     tokens = build_clip_tokenizer()(["a red chair", "a face with glasses and blue eyes", ""], truncation=True,
                                     max_length=config.max_position_embeddings, padding="max_length",
@@ -98,7 +98,7 @@ def test_initialisation_is_transformers():
     # the embedded configs train their text encoder from scratch: the same spread per weight as
     # transformers' CLIP gave it, so a retraining starts where the shipped model's training did
     torch.manual_seed(0)
-    reference = dict(transformers_clip_text_model(SMALL).named_parameters())
+    reference = dict(text_transformer_of(transformers_clip_text_model(SMALL)).named_parameters())
     ours = dict(CLIPTextTransformer(SMALL).named_parameters())
     assert ours.keys() == reference.keys()
     for name, p in ours.items():

@@ -271,7 +271,7 @@ def test_no_config_is_one_error_line(main_module, capsys):
 @pytest.mark.parametrize("content, words", [
     ("", ["has no `model:` section"]),
     ("model: [1\ndata: 2\n", ["cannot read", "as YAML", "line 2"]),
-    ("model:\n  target: a.B\n\tdata: 2\n", ["cannot read", "as YAML", "tab"]),
+    ("model:\n  target: a.B\n\tdata: 2\n", ["cannot read", "as YAML", "line 3"]),  # a tab
     ("- model\n- data\n", ["is not a YAML mapping"]),
     ("model: some.Model\n", ["the `model:` section", "has no `target:`"]),
     ("model:\n  target: some.Model\n", ["has no `data:` section"]),
