@@ -8,17 +8,18 @@ setup(
     # the CLIP BPE vocabulary the offline tokenizer is built from
     package_data={"ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz", "CLIP_VOCAB_NOTICE.md"]},
     python_requires=">=3.10",
+    # lower bounds: the oldest versions scripts/check_oldest_stack.sh runs the suite on
     install_requires=[
-        "torch>=2.1",
-        "numpy",
+        "torch>=2.6",  # torch.serialization.safe_globals, with (object, name) pairs: .ckpt loading
+        "numpy>=1.26.4",
         "tqdm",
         "pillow",
-        "omegaconf>=2.3",
-        "einops>=0.6",
-        "tokenizers>=0.15",  # SD's CLIP tokenizer (ldm/modules/encoders/clip_text.py)
-        "transformers>=4.40",  # CLIP from a local folder or the hub, BERT, image embedders; not SD's text encoder
-        "safetensors>=0.4",
-        "pytorch-lightning>=2.1",  # main.py's training; sampling needs only its lightning-utilities
+        "omegaconf>=2.3.0",
+        "einops>=0.6.0",
+        "tokenizers>=0.19.1",  # SD's CLIP tokenizer (ldm/modules/encoders/clip_text.py)
+        "transformers>=4.40.0",  # CLIP from a local folder or the hub, BERT, image embedders; not SD's text encoder
+        "safetensors>=0.4.1",
+        "pytorch-lightning>=2.1.0",  # main.py's training; sampling needs only its lightning-utilities
         "lightning-utilities",
     ],
     extras_require={
