@@ -239,11 +239,11 @@ def build_model(parser, model_config, paths):
 
 
 def parse_devices(devices):
-    """'2' -> 2, '0,1' -> [0, 1], 'auto' -> 'auto' (Trainer(devices=...) accepts all three)."""
+    """'2' -> 2, '-1' -> -1 (every GPU), '0,1' -> [0, 1], 'auto' -> 'auto' (Trainer(devices=...) accepts them all)."""
     if isinstance(devices, (int, list)):  # already parsed (a config's devices: [0, 1])
         return devices
     devices = str(devices).strip()
-    if devices.isdigit():
+    if devices.removeprefix("-").isdigit():
         return int(devices)
     if "," in devices:
         return [int(d) for d in devices.split(",") if d.strip()]

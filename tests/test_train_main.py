@@ -195,6 +195,7 @@ def error_line(capsys, function, *args):
     ("0,1", {"accelerator": "gpu", "devices": [0, 1]}),
     ("2", {"accelerator": "gpu", "devices": 2}),
     (2, {"accelerator": "gpu", "devices": 2}),
+    ("-1", {"accelerator": "gpu", "devices": -1}),  # every GPU
     ("0", {"accelerator": "cpu"}),
     (0, {"accelerator": "cpu"}),
 ])
