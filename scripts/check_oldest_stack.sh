@@ -3,7 +3,7 @@
 # CI runs the newest stack (.ci/run); this is the other end of the range, run by hand when a
 # lower bound changes or code starts using a newer API:
 #
-#   bash scripts/check_oldest_stack.sh [VENV]      (default VENV: /tmp/venv-oldest)
+#   [PYTHON=/path/to/python3.10] bash scripts/check_oldest_stack.sh [VENV]      (default VENV: /tmp/venv-oldest)
 #
 # It downloads about 3 GB (PyPI's torch for Linux is a CUDA build; the tests run on the CPU)
 # and takes as long as the suite. The pins below are setup.py's lower bounds
