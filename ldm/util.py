@@ -262,13 +262,13 @@ def _unsupported_global(error):
     return match.group(1) if match else None
 
 
-def _load_pickle(path, unsafe_pickle):
+def _load_pickle(path, unsafe_pickle, allowed):
     if unsafe_pickle:
         logger.warning("Loading %s with full unpickling (--unsafe-pickle): this can run arbitrary code, "
                        "only use it for files you trust", path)
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _unsupported_global(e)
@@ -314,12 +314,13 @@ def read_checkpoint(path, *, unsafe_pickle=False):
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint not found: {path}")
     suffix = os.path.splitext(path)[1].lower()
+    allowed = checkpoint_safe_globals()  # before the try below: a bug here is not a damaged file
     try:
         if suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
         if suffix in PICKLE_SUFFIXES:
-            return _load_pickle(path, unsafe_pickle)
+            return _load_pickle(path, unsafe_pickle, allowed)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise assorted types for damaged files

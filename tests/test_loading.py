@@ -86,6 +86,20 @@ def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
     assert list(sd) == ["w"] and torch.equal(sd["w"], torch.arange(3.0))
 
 
+def test_a_bug_in_the_allow_list_is_not_reported_as_a_damaged_file(tmp_path, monkeypatch):
+    # numpy 1.26 made building the allow-list raise AttributeError, and every .ckpt read as
+    # "damaged or not a checkpoint": a bug of ours must keep its traceback
+    import ldm.util
+
+    def broken():
+        raise AttributeError("module 'numpy._core' has no attribute 'multiarray'")
+    monkeypatch.setattr(ldm.util, "_numpy_safe_globals", broken)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(AttributeError, match="multiarray"):
+        load_state_dict(path)
+
+
 def test_non_allow_listed_object_needs_unsafe_pickle(tmp_path, caplog):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "extra": NotAllowListed()}, path)
