@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version as package_version
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tokenizer whose files are missing: transformers 4 raises OSError, transformers 5 returns one
 # that knows only its special tokens (offline, or from a folder without vocabulary files)
-TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+TRANSFORMERS_5 = int(package_version("transformers").split(".")[0]) >= 5
 
 
 def test_importing_encoders_needs_no_clip_kornia_or_x_transformer():
