@@ -50,3 +50,17 @@ def test_the_classifier_trains_on_noisy_latents_and_leaves_the_diffusion_model_a
     # validation measured the accuracy at every logged noise level of the trajectory
     assert set(model.noisy_acc) == set(range(0, 1000, 200)) and all(len(a["acc@1"]) == 1 for a in model.noisy_acc.values())
     assert all(a["acc@5"] == [1.0] for a in model.noisy_acc.values())  # the top 5 of 3 classes hold every label
+
+
+def test_a_misspelt_unet_argument_is_an_error_not_ignored():
+    """UNetModel.forward and EncoderUNetModel took **kwargs, so `contxt=` or a misspelt config key
+    ran without them. The classifier drops the full UNet's own settings by name instead."""
+    from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
+    from ldm.util import instantiate_from_config
+
+    unet_config = OmegaConf.load(TINY_CONFIG).model.params.unet_config
+    unet = instantiate_from_config(unet_config)
+    with pytest.raises(TypeError, match="contxt"):
+        unet(torch.zeros(1, 4, 8, 8), torch.zeros(1), contxt=torch.zeros(1, 1, 32))
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        EncoderUNetModel(**unet_config.params)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from ldm.models.autoencoder import VQModel  # noqa: F401  (imports without taming-transformers)
@@ -68,3 +69,19 @@ def test_ckpt_path_with_ignore_keys_keeps_those_weights_as_initialised(tmp_path)
         expected = fresh[name] if name.startswith("decoder.") else saved.state_dict()[name]
         assert torch.equal(tensor, expected), name
     assert not torch.equal(fresh["encoder.conv_in.weight"], saved.state_dict()["encoder.conv_in.weight"])
+
+
+@pytest.mark.parametrize("model", ["AutoencoderKL", "VQModel"])
+def test_a_misspelt_ddconfig_setting_is_an_error_and_each_half_gets_its_own(model):
+    """Encoder and Decoder share one ddconfig and used to swallow any key they did not take, so
+    `attn_typ: none` built attention anyway. double_z is the encoder's, tanh_out the decoder's."""
+    import ldm.models.autoencoder as autoencoder
+    double_z = model == "AutoencoderKL"  # KL's encoder outputs a mean and a log-variance
+    ddconfig = dict(double_z=double_z, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0, tanh_out=True)
+    kwargs = dict(lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                  **({"n_embed": 8} if model == "VQModel" else {}))
+    built = getattr(autoencoder, model)(ddconfig=ddconfig, **kwargs)
+    assert built.decoder.tanh_out and built.encoder.conv_out.out_channels == (8 if double_z else 4)
+    with pytest.raises(TypeError, match="attn_typ"):
+        getattr(autoencoder, model)(ddconfig={**ddconfig, "attn_typ": "none"}, **kwargs)

@@ -25,6 +25,10 @@ __models__ = {
     'class_label': EncoderUNetModel,
     'segmentation': UNetModel
 }
+# The class predictor reuses the diffusion UNet's config; these settings are the full UNet's
+# (conditioning and the decoder's output head), which the half UNet has no use for.
+UNET_ONLY_PARAMS = frozenset({"num_classes", "use_spatial_transformer", "transformer_depth", "context_dim",
+                              "n_embed", "legacy"})
 
 
 def disabled_train(self, mode=True):
@@ -87,7 +91,8 @@ class NoisyLatentImageClassifier(TrainableModule):
         model_config.in_channels = self.diffusion_config.params.unet_config.params.out_channels
         model_config.out_channels = self.num_classes
         if self.label_key == 'class_label':
-            model_config.pool = pool
+            model_config = {k: v for k, v in model_config.items() if k not in UNET_ONLY_PARAMS}
+            model_config["pool"] = pool
 
         self.model = __models__[self.label_key](**model_config)
         if ckpt_path is not None:

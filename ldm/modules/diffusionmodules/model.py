@@ -369,8 +369,7 @@ class Model(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1,2,4,8), num_res_blocks,
                  attn_resolutions, dropout=0.0, resamp_with_conv=True, in_channels,
-                 resolution, z_channels, double_z=True, use_linear_attn=False, attn_type="vanilla",
-                 **ignore_kwargs):
+                 resolution, z_channels, double_z=True, use_linear_attn=False, attn_type="vanilla"):
         super().__init__()
         if use_linear_attn: attn_type = "linear"
         self.ch = ch
@@ -464,7 +463,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1,2,4,8), num_res_blocks,
                  attn_resolutions, dropout=0.0, resamp_with_conv=True, in_channels,
                  resolution, z_channels, give_pre_end=False, tanh_out=False, use_linear_attn=False,
-                 attn_type="vanilla", **ignorekwargs):
+                 attn_type="vanilla"):
         super().__init__()
         if use_linear_attn: attn_type = "linear"
         self.ch = ch
@@ -567,6 +566,19 @@ class Decoder(nn.Module):
         if self.tanh_out:
             h = torch.tanh(h)
         return h
+
+
+# One `ddconfig` describes both halves of a first stage; these settings belong to one half only.
+ENCODER_ONLY = frozenset({"double_z"})
+DECODER_ONLY = frozenset({"give_pre_end", "tanh_out"})
+
+
+def encoder_and_decoder(ddconfig):
+    """Both halves of a first stage from its shared ``ddconfig``. A key neither half takes is a
+    TypeError: upstream's halves swallowed unknown keys, so a misspelt setting was dropped silently."""
+    encoder = Encoder(**{k: v for k, v in ddconfig.items() if k not in DECODER_ONLY})
+    decoder = Decoder(**{k: v for k, v in ddconfig.items() if k not in ENCODER_ONLY})
+    return encoder, decoder
 
 
 class SimpleDecoder(nn.Module):
