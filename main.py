@@ -24,7 +24,7 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import CheckpointError, get_obj_from_str, instantiate_from_config
+from ldm.util import CheckpointError, ConfigError, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -231,6 +231,8 @@ def build_model(parser, model_config, paths):
         return lightning_module(get_obj_from_str(model_config.target))(**model_config.get("params", {}))
     except CheckpointError as e:
         parser.error(str(e))
+    except ConfigError as e:
+        parser.error(f"{e} (set in {', '.join(paths)} or an override)")
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise  # a bug, not a config mistake: keep the traceback

@@ -485,6 +485,8 @@ def load_model(opt, device):
                                                random_weights=opt.random_weights)
     except (ldm.util.CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    except ldm.util.ConfigError as e:
+        raise SystemExit(f"error: {e} (set in {opt.config})")
 
 
 def make_sampler(opt, model, samplers):

@@ -215,6 +215,18 @@ class CheckpointError(Exception):
     """A checkpoint cannot be used; the message is one line meant for the user."""
 
 
+class ConfigError(ValueError):
+    """A model setting in the config has a value its class does not support; the message is one
+    line meant for the user, naming the setting and the values it takes."""
+
+
+def check_choice(setting, value, choices):
+    """Refuse a model setting (a model.params key) outside its choices when the model is built,
+    rather than at the first training step or sample that reads it."""
+    if value not in choices:
+        raise ConfigError(f"model.params.{setting} is {value!r}; it takes one of {', '.join(map(repr, choices))}")
+
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 

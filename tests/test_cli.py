@@ -195,6 +195,15 @@ def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("    linear_start:", "    loss_type: l3\n    linear_start:", 1))
+    args = [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
+    result = run("txt2img.py", *args, "--outdir", tmp_path / "out")
+    assert_one_line_error(result, "model.params.loss_type is 'l3'; it takes one of 'l1', 'l2'", f"(set in {config})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
+
+
 def test_img2img_strength_one_noises_the_init_image_completely(tmp_path):
     # upstream indexed one DDIM step past the schedule at strength 1.0 (IndexError)
     init = tmp_path / "init.png"

@@ -105,12 +105,14 @@ def test_signals_save_a_checkpoint_and_open_a_debugger_during_training(tmp_path)
 
 @pytest.mark.skipif(importlib.util.find_spec("pudb") is not None, reason="pudb would open its full-screen UI")
 def test_debug_opens_a_post_mortem_and_moves_the_run_to_debug_runs(tmp_path):
-    # a loss the model does not know: the first step fails, in DDPM.get_loss
+    # a UNet whose cross-attention expects 16-wide text features where the text encoder gives 32:
+    # nothing reads both before the first step, which fails in the cross-attention's key projection
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "-d", "--accelerator", "cpu", "--devices", "1",
                       "--max_steps", "2", "--logdir", tmp_path, "model.params.first_stage_key=image",
-                      "model.params.cond_stage_key=caption", "model.params.loss_type=l3", timeout=300)
+                      "model.params.cond_stage_key=caption", "model.params.unet_config.params.context_dim=16",
+                      timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "NotImplementedError: unknown loss type 'l3' (model.params.loss_type: l1 or l2)" in result.stderr
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in result.stderr, result.stderr[-3000:]
     assert "(Pdb)" in result.stdout  # pdb where pudb is not installed
     (run,) = (tmp_path / "debug_runs").iterdir()
     assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"] and (run / "checkpoints" / "last.ckpt").is_file()
@@ -221,6 +223,18 @@ def test_data_without_the_keys_the_model_reads_is_one_error_line(tmp_path, overr
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path, *overrides)
     assert_one_error_line(result, f"the train data has no '{key}', which the model reads (model.params.{name}); "
                                   f"its samples have 'image', 'caption'", f"pass model.params.{name}=<one of them>")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("setting, value, choices", [("loss_type", "l3", "'l1', 'l2'"),
+                                                     ("parameterization", "v", "'eps', 'x0'"),
+                                                     ("conditioning_key", "crossatn", "None, 'concat', 'crossattn'")])
+def test_a_setting_outside_its_choices_is_one_error_line_before_training(tmp_path, setting, value, choices):
+    # upstream: an assert, or (loss_type) a NotImplementedError at the first training step
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path,
+                      f"model.params.{setting}={value}")
+    assert_one_error_line(result, f"main.py: error: model.params.{setting} is '{value}'; it takes one of {choices}",
+                          f"(set in {TINY_CONFIG}, {DATA_CONFIG} or an override)")
     assert not any(tmp_path.iterdir())
 
 

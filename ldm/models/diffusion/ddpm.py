@@ -19,7 +19,8 @@ from tqdm import tqdm
 from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's, without importing Lightning
 
 from ldm.image_io import make_grid
-from ldm.util import log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config
+from ldm.util import (log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config,
+                      check_choice)
 from ldm.modules.ema import LitEma
 from ldm.modules.distributions.distributions import normal_kl, DiagonalGaussianDistribution
 from ldm.models.lightning import TrainableModule
@@ -76,7 +77,8 @@ class DDPM(TrainableModule):
                  logvar_init=0.,
                  ):
         super().__init__()
-        assert parameterization in ["eps", "x0"], 'currently only supporting "eps" and "x0"'
+        check_choice("parameterization", parameterization, ("eps", "x0"))
+        check_choice("loss_type", loss_type, ("l1", "l2"))
         self.parameterization = parameterization
         logger.info(f"{self.__class__.__name__}: Running in {self.parameterization}-prediction mode")
         self.cond_stage_model = None
@@ -1261,9 +1263,9 @@ class LatentDiffusion(DDPM):
 class DiffusionWrapper(nn.Module):
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
+        check_choice("conditioning_key", conditioning_key, (None, 'concat', 'crossattn', 'hybrid', 'adm'))
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
-        assert self.conditioning_key in [None, 'concat', 'crossattn', 'hybrid', 'adm']
 
     def forward(self, x, t, c_concat: list = None, c_crossattn: list = None):
         if self.conditioning_key is None:
