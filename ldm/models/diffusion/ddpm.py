@@ -20,7 +20,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's, wi
 
 from ldm.image_io import make_grid
 from ldm.util import (log_txt_as_img, exists, default, ismap, isimage, mean_flat, count_params, instantiate_from_config,
-                      check_choice)
+                      check_choice, ConfigError)
 from ldm.modules.ema import LitEma
 from ldm.modules.distributions.distributions import normal_kl, DiagonalGaussianDistribution
 from ldm.models.lightning import TrainableModule
@@ -29,6 +29,8 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule, extract_into_t
 from ldm.models.diffusion.ddim import DDIMSampler
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TIMESTEPS = 1000
 
 __conditioning_keys__ = {'concat': 'c_concat',
                          'crossattn': 'c_crossattn',
@@ -49,7 +51,7 @@ class DDPM(TrainableModule):
     # classic DDPM with Gaussian diffusion, in image space
     def __init__(self,
                  unet_config,
-                 timesteps=1000,
+                 timesteps=DEFAULT_TIMESTEPS,
                  beta_schedule="linear",
                  loss_type="l2",
                  ckpt_path=None,
@@ -427,7 +429,11 @@ class LatentDiffusion(DDPM):
                  *args, **kwargs):
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
-        assert self.num_timesteps_cond <= kwargs['timesteps']
+        # upstream read kwargs['timesteps'], a KeyError for a config that leaves DDPM's default
+        timesteps = kwargs.get("timesteps", DEFAULT_TIMESTEPS)
+        if self.num_timesteps_cond > timesteps:
+            raise ConfigError(f"model.params.num_timesteps_cond is {self.num_timesteps_cond}; it can be at most "
+                              f"model.params.timesteps ({timesteps})")
         # for backwards compatibility after implementation of DiffusionWrapper
         if conditioning_key is None:
             conditioning_key = 'concat' if concat_mode else 'crossattn'

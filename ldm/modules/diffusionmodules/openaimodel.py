@@ -16,6 +16,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
 )
 from ldm.modules.attention import SpatialTransformer
+from ldm.util import ConfigError
 
 
 # dummy replace
@@ -479,23 +480,19 @@ class UNetModel(nn.Module):
         legacy=True,
     ):
         super().__init__()
-        if use_spatial_transformer:
-            assert context_dim is not None, 'Fool!! You forgot to include the dimension of your cross-attention conditioning...'
-
+        if use_spatial_transformer != (context_dim is not None):
+            raise ConfigError("model.params.unet_config.params: use_spatial_transformer (cross-attention) and "
+                              "context_dim (the width of the text features it reads, 768 for SD v1) go together; "
+                              "set both or neither")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ConfigError("model.params.unet_config.params: set num_heads or num_head_channels")
         if context_dim is not None:
-            assert use_spatial_transformer, 'Fool!! You forgot to use the spatial transformer for your cross-attention conditioning...'
             from omegaconf.listconfig import ListConfig
             if type(context_dim) == ListConfig:
                 context_dim = list(context_dim)
 
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-
-        if num_heads == -1:
-            assert num_head_channels != -1, 'Either num_heads or num_head_channels has to be set'
-
-        if num_head_channels == -1:
-            assert num_heads != -1, 'Either num_heads or num_head_channels has to be set'
 
         self.image_size = image_size
         self.in_channels = in_channels

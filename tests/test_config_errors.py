@@ -1,0 +1,41 @@
+"""Model settings a config can get wrong are refused when the model is built, with a ConfigError
+naming the setting (main.py and the sampling scripts print it as one line, naming the config:
+tests/test_train_main.py, tests/test_cli.py); upstream asserted ("Fool!! You forgot ..."), or
+raised a KeyError."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import TINY_CONFIG
+from ldm.util import ConfigError, instantiate_from_config
+
+
+def build(edit):
+    config = OmegaConf.load(TINY_CONFIG)
+    edit(config.model.params)
+    with torch.device("meta"):
+        return instantiate_from_config(config.model)
+
+
+def unet(**settings):
+    return lambda params: params.unet_config.params.update(settings)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (unet(context_dim=None), "use_spatial_transformer (cross-attention) and context_dim (the width of the text "
+                             "features it reads, 768 for SD v1) go together; set both or neither"),
+    (unet(use_spatial_transformer=False), "set both or neither"),
+    (unet(num_heads=-1), "model.params.unet_config.params: set num_heads or num_head_channels"),
+    (lambda params: params.update(num_timesteps_cond=2000),
+     "model.params.num_timesteps_cond is 2000; it can be at most model.params.timesteps (1000)"),
+])
+def test_a_setting_the_model_cannot_use_is_a_config_error(edit, message):
+    with pytest.raises(ConfigError) as raised:
+        build(edit)
+    assert message in str(raised.value)
+
+
+def test_a_latent_diffusion_config_without_timesteps_takes_the_default():
+    # upstream's LatentDiffusion read kwargs['timesteps']: a KeyError unless the config set it
+    model = build(lambda params: params.pop("timesteps"))
+    assert model.num_timesteps == 1000
