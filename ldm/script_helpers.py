@@ -255,6 +255,7 @@ class ModelGeometry:
     steps: int = DEFAULT_STEPS  # sampling steps; a small pixel-space model needs fewer than SD
     eta: float = 0.0  # DDIM eta; a small model can leave noise on the deterministic path (eta 0)
     timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
+    not_text: str | None = None  # what the model is when not text-conditioned, e.g. "an unconditional model"
 
     def __post_init__(self):
         # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
@@ -272,7 +273,32 @@ def read_geometry(config) -> ModelGeometry:
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
-                         unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", 1000), **sampling)
+                         unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", 1000),
+                         not_text=_non_text_conditioning(params), **sampling)
+
+
+# What upstream's other LDMs condition on (model.params.cond_stage_key); a model with any other
+# conditioning stage is taken to read text, so a user's own text encoder needs no registration.
+NON_TEXT_CONDITIONING = {"class_label": "class labels", "segmentation": "segmentation maps",
+                         "coordinates_bbox": "bounding boxes", "LR_image": "a low-resolution image",
+                         "masked_image": "a masked image (scripts/inpaint.py runs it)", "image": "an image"}
+
+
+def _non_text_conditioning(params) -> str | None:
+    stage = params.get("cond_stage_config")
+    if stage == "__is_unconditional__":
+        return "an unconditional model (scripts/sample_diffusion.py samples those)"
+    kind = NON_TEXT_CONDITIONING.get(params.get("cond_stage_key"))
+    if kind or stage == "__is_first_stage__":
+        return f"a model conditioned on {kind or 'an image'}"
+    return None
+
+
+def require_text_model(parser, path, geometry):
+    """txt2img, img2img and the consistency benchmark sample from prompts."""
+    if geometry.not_text:
+        parser.error(f"--config {path} is {geometry.not_text}, not a text-to-image model; pass one such as "
+                     f"{SD_V1_CONFIG}")
 
 
 def _first_stage_factor_of(first_stage_config) -> int:
@@ -328,6 +354,7 @@ def resolve_model(parser, opt):
     the repository (`in_repo`)."""
     opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
     geometry = read_model_geometry(parser, "--config", opt.config)
+    require_text_model(parser, opt.config, geometry)
     resolve_weights(parser, opt, geometry)
     if not opt.random_weights and os.path.isdir(opt.ckpt):
         try:

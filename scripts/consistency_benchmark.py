@@ -90,7 +90,7 @@ from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
-                                resolve_device, resolve_weights, set_cpu_threads)
+                                require_text_model, resolve_device, resolve_weights, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -245,6 +245,7 @@ def check_run(parser, opt, settings):
     if not 0 <= opt.eta <= 1:
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
+    require_text_model(parser, opt.config, geometry)
     if opt.steps >= geometry.timesteps:
         parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
                      f"(model.params.timesteps in {opt.config}), got {opt.steps}")

@@ -195,6 +195,14 @@ def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_txt2img_with_a_class_conditional_model_is_one_error_line(tmp_path):
+    args = ["--config", REPO / "configs/latent-diffusion/cin256-v2.yaml", *TINY[2:]]
+    result = run("txt2img.py", *args, "--outdir", tmp_path / "out")
+    assert_one_line_error(result, "cin256-v2.yaml is a model conditioned on class labels, not a text-to-image model; "
+                                  "pass one such as configs/stable-diffusion/v1-inference.yaml")
+    assert not any(tmp_path.iterdir())
+
+
 def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text(TINY_CONFIG.read_text().replace("    linear_start:", "    loss_type: l3\n    linear_start:", 1))

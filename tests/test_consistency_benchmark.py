@@ -236,6 +236,8 @@ BAD_RUNS = [
     (["--outdir", "/proc"], "--outdir /proc: "),  # root passes os.access there
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
     (["--config", "{bin}"], "is not a diffusion model config"),
+    (["--config", "configs/latent-diffusion/cin256-v2.yaml"],
+     "is a model conditioned on class labels, not a text-to-image model"),
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
     (["--time-budget", "0"], "--time-budget must be a positive number of seconds, got 0"),
     (["--eta", "1.5"], "--eta must be between 0 (deterministic) and 1 (DDPM-like), got 1.5"),

@@ -27,6 +27,18 @@ def test_geometry_is_read_from_the_model_definition(path, channels, factor, mult
     assert geometry.steps == steps
 
 
+@pytest.mark.parametrize("path, not_text", [
+    (SD_V1_CONFIG, None), (EMBEDDED_CONFIG, None), ("configs/latent-diffusion/txt2img-1p4B-eval.yaml", None),
+    ("configs/latent-diffusion/cin256-v2.yaml", "a model conditioned on class labels"),
+    ("models/ldm/celeba256/config.yaml", "an unconditional model (scripts/sample_diffusion.py samples those)"),
+    ("models/ldm/inpainting_big/config.yaml", "a model conditioned on a masked image (scripts/inpaint.py runs it)"),
+    ("models/ldm/semantic_synthesis256/config.yaml", "a model conditioned on segmentation maps"),
+])
+def test_which_configs_are_text_to_image_models(path, not_text):
+    # upstream's txt2img fed the prompts to a class embedder or to nothing: a traceback at sampling
+    assert read_geometry(load_config(REPO / path)).not_text == not_text
+
+
 def options(**given):
     defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None,
                     scale=None, default_scale=7.5, ddim_steps=None)
