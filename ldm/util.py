@@ -1,3 +1,4 @@
+import copy
 import importlib
 import logging
 import os
@@ -463,12 +464,30 @@ def _drop_ema_copy_without_weights(model, sd, source):
         del model.model_ema
 
 
+def _drop_checkpoint_paths(node, where):
+    """Remove every `ckpt_path` of a model config in place; returns where they were. A training
+    config names its pretrained first stage there (models/first_stage_models/...), which a
+    sampling checkpoint holds anyway, and with random weights no file is wanted at all."""
+    if not isinstance(node, abc.MutableMapping):
+        return []
+    skipped = [f"{where}.ckpt_path"] if node.get("ckpt_path") is not None else []
+    node.pop("ckpt_path", None)
+    for key, value in node.items():
+        skipped += _drop_checkpoint_paths(value, f"{where}.{key}")
+    return skipped
+
+
 def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):
     """Build `config.model` and load the weights of checkpoint `ckpt` into it; returns it in eval mode on `device`.
 
     random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly.
     """
-    model = instantiate_from_config(config.model if "model" in config else config)
+    model_config = copy.deepcopy(config.model if "model" in config else config)
+    skipped = _drop_checkpoint_paths(model_config, "model")
+    if skipped:
+        logger.info("Not reading %s: %s", ", ".join(skipped),
+                    "random weights" if random_weights else "the checkpoint holds the whole model")
+    model = instantiate_from_config(model_config)
     if random_weights:
         logger.warning("THE MODEL HAS RANDOM WEIGHTS: no checkpoint loaded, outputs will be noise")
         return model.eval().to(device)

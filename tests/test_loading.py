@@ -1,4 +1,5 @@
 """Checkpoint loading (ldm.util): file formats, the weights-only allow-list, key remapping, missing weights."""
+import copy
 import logging
 
 import numpy as np
@@ -218,3 +219,19 @@ def test_wrong_shape_fails_loudly(tmp_path, tiny_config, tiny_model):
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match="shapes"):
         load_model_from_config(tiny_config, str(path))
+
+
+def test_the_configs_own_checkpoint_paths_are_not_read_when_sampling(tmp_path, tiny_config, tiny_model, caplog):
+    """A training config names its pretrained first stage (first_stage_config.params.ckpt_path),
+    which a full checkpoint holds anyway: upstream read it first, so sampling needed a file it then
+    overwrote, and --random-weights needed it too."""
+    config = copy.deepcopy(tiny_config)
+    config.model.params.first_stage_config.params.ckpt_path = str(tmp_path / "not-downloaded.ckpt")
+    save_file(tiny_state_dict(tiny_model), str(tmp_path / "tiny.safetensors"))
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        assert_same_parameters(load_model_from_config(config, str(tmp_path / "tiny.safetensors")), tiny_model)
+        load_model_from_config(config, None, random_weights=True)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Not reading")] == [
+        "Not reading model.params.first_stage_config.params.ckpt_path: the checkpoint holds the whole model",
+        "Not reading model.params.first_stage_config.params.ckpt_path: random weights"]
+    assert config.model.params.first_stage_config.params.ckpt_path  # the caller's config is left as it was
