@@ -85,3 +85,15 @@ def test_a_misspelt_ddconfig_setting_is_an_error_and_each_half_gets_its_own(mode
     assert built.decoder.tanh_out and built.encoder.conv_out.out_channels == (8 if double_z else 4)
     with pytest.raises(TypeError, match="attn_typ"):
         getattr(autoencoder, model)(ddconfig={**ddconfig, "attn_typ": "none"}, **kwargs)
+
+
+def test_a_missing_pretrained_first_stage_names_the_download_script(tmp_path):
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.util import CheckpointError
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    missing = tmp_path / "models" / "first_stage_models" / "kl-f8" / "model.ckpt"
+    with pytest.raises(CheckpointError) as raised:
+        AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4, ckpt_path=str(missing))
+    assert str(raised.value) == (f"Checkpoint not found: {missing} (the ckpt_path of the config's AutoencoderKL; "
+                                 f"scripts/download_first_stages.sh downloads the pretrained first stages)")

@@ -30,8 +30,13 @@ class TrainableModule(nn.Module):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
         of the model (the first stage's weights). `only_model`: into `self.model` alone."""
-        from ldm.util import load_state_dict
-        state = load_state_dict(path)
+        from ldm.util import CheckpointError, load_state_dict
+        try:
+            state = load_state_dict(path)
+        except CheckpointError as e:
+            download = ("; scripts/download_first_stages.sh downloads the pretrained first stages"
+                        if "first_stage_models" in str(path) else "")
+            raise CheckpointError(f"{e} (the ckpt_path of the config's {type(self).__name__}{download})") from e
         kept = {key: value for key, value in state.items() if not key.startswith(tuple(ignore_keys))}
         if len(kept) < len(state):
             logger.info("Left out %d keys starting with %s", len(state) - len(kept), ", ".join(ignore_keys))
