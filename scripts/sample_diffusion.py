@@ -1,4 +1,4 @@
-import argparse, os, sys, glob, datetime, math, yaml
+import argparse, os, sys, glob, datetime, logging, math, yaml
 import torch
 import time
 import numpy as np
@@ -10,7 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.script_helpers import configure_logging
 from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
+
+logger = logging.getLogger("sample_diffusion")
 
 rescale = lambda x: (x + 1.) / 2.
 
@@ -44,7 +47,7 @@ def logs2pil(logs, keys=["sample"]):
             elif len(logs[k].shape) == 3:
                 img = custom_to_pil(logs[k])
             else:
-                print(f"Unknown format for key {k}. ")
+                logger.warning("unknown format for key %s", k)
                 img = None
         except:
             img = None
@@ -104,14 +107,14 @@ def make_convolutional_sample(model, batch_size, vanilla=False, custom_steps=Non
     log["sample"] = x_sample
     log["time"] = t1 - t0
     log['throughput'] = sample.shape[0] / (t1 - t0)
-    print(f'Throughput for this batch: {log["throughput"]}')
+    logger.info("throughput for this batch: %.2f images/s", log["throughput"])
     return log
 
 def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None, n_samples=50000, nplog=None):
     if vanilla:
-        print(f'Using Vanilla DDPM sampling with {model.num_timesteps} sampling steps.')
+        logger.info("vanilla DDPM sampling with %d steps", model.num_timesteps)
     else:
-        print(f'Using DDIM sampling with {custom_steps} sampling steps and eta={eta}')
+        logger.info("DDIM sampling with %s steps and eta=%s", custom_steps, eta)
 
 
     tstart = time.time()
@@ -120,7 +123,7 @@ def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None
     if model.cond_stage_model is None:
         all_images = []
 
-        print(f"Running unconditional sampling for {n_samples} samples")
+        logger.info("unconditional sampling of %d samples", n_samples)
         # upstream drew n_samples // batch_size batches: none (and a crash) for fewer samples than a batch
         for _ in trange(math.ceil(n_samples / batch_size), desc="Sampling Batches (unconditional)"):
             logs = make_convolutional_sample(model, batch_size=min(batch_size, n_samples - n_saved),
@@ -129,7 +132,7 @@ def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None
             n_saved = save_logs(logs, logdir, n_saved=n_saved, key="sample")
             all_images.extend([custom_to_np(logs["sample"])])
             if n_saved >= n_samples:
-                print(f'Finish after generating {n_saved} samples')
+                logger.info("finished after %d samples", n_saved)
                 break
         all_img = np.concatenate(all_images, axis=0)
         all_img = all_img[:n_samples]
@@ -140,7 +143,7 @@ def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None
     else:
        raise NotImplementedError('Currently only sampling for unconditional models supported.')
 
-    print(f"sampling of {n_saved} images finished in {(time.time() - tstart) / 60.:.2f} minutes.")
+    logger.info("sampling of %d images finished in %.2f minutes", n_saved, (time.time() - tstart) / 60.)
 
 
 def save_logs(logs, path, n_saved=0, key="sample", np_path=None):
@@ -232,7 +235,7 @@ def load_model_from_config(config, sd):
 
 def load_model(config, ckpt, gpu, eval_mode, unsafe_pickle=False):
     if ckpt:
-        print(f"Loading model from {ckpt}")
+        logger.info("loading model from %s", ckpt)
         pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
         global_step = pl_sd["global_step"]
     else:
@@ -249,6 +252,7 @@ if __name__ == "__main__":
     sys.path.append(os.getcwd())
     command = " ".join(sys.argv)
 
+    configure_logging()
     parser = get_parser()
     opt, unknown = parser.parse_known_args()
     ckpt = None
@@ -264,7 +268,7 @@ if __name__ == "__main__":
         try:
             logdir = '/'.join(opt.resume.split('/')[:-1])
             # idx = len(paths)-paths[::-1].index("logs")+1
-            print(f'Logdir is {logdir}')
+            logger.info("logdir is %s", logdir)
         except ValueError:
             paths = opt.resume.split("/")
             idx = -2  # take a guess: path/to/logdir/checkpoints/model.ckpt
@@ -298,26 +302,23 @@ if __name__ == "__main__":
     if opt.logdir != "none":
         locallog = logdir.split(os.sep)[-1]
         if locallog == "": locallog = logdir.split(os.sep)[-2]
-        print(f"Switching logdir from '{logdir}' to '{os.path.join(opt.logdir, locallog)}'")
+        logger.info("switching logdir from %s to %s", logdir, os.path.join(opt.logdir, locallog))
         logdir = os.path.join(opt.logdir, locallog)
 
-    print(config)
+    logger.debug("config:\n%s", OmegaConf.to_yaml(config))
 
     try:
         model, global_step = load_model(config, ckpt, gpu, eval_mode, opt.unsafe_pickle)
     except CheckpointError as e:
         parser.error(str(e))
-    print(f"global step: {global_step}")
-    print(75 * "=")
-    print("logging to:")
+    logger.info("global step: %s", global_step)
     logdir = os.path.join(logdir, "samples", f"{global_step:08}", now)
     imglogdir = os.path.join(logdir, "img")
     numpylogdir = os.path.join(logdir, "numpy")
 
     os.makedirs(imglogdir)
     os.makedirs(numpylogdir)
-    print(logdir)
-    print(75 * "=")
+    logger.info("writing samples to %s", logdir)
 
     # write config out
     sampling_file = os.path.join(logdir, "sampling_config.yaml")
@@ -325,11 +326,11 @@ if __name__ == "__main__":
 
     with open(sampling_file, 'w') as f:
         yaml.dump(sampling_conf, f, default_flow_style=False)
-    print(sampling_conf)
+    logger.debug("sampling settings: %s", sampling_conf)
 
 
     run(model, imglogdir, eta=opt.eta,
         vanilla=opt.vanilla_sample,  n_samples=opt.n_samples, custom_steps=opt.custom_steps,
         batch_size=opt.batch_size, nplog=numpylogdir)
 
-    print("done.")
+    logger.info("done")
