@@ -480,7 +480,8 @@ def _drop_checkpoint_paths(node, where):
 def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):
     """Build `config.model` and load the weights of checkpoint `ckpt` into it; returns it in eval mode on `device`.
 
-    random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly.
+    random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly. The
+    config's own ckpt_path entries are not read either way (_drop_checkpoint_paths).
     """
     model_config = copy.deepcopy(config.model if "model" in config else config)
     skipped = _drop_checkpoint_paths(model_config, "model")
