@@ -449,7 +449,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_key = cond_stage_key
         try:
             self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1
-        except:
+        except AttributeError:  # a first stage without a ddconfig (the identity): no downsampling
             self.num_downs = 0
         if not scale_by_std:
             self.scale_factor = scale_factor
