@@ -49,6 +49,22 @@ def to_pil(image):
     return Image.fromarray(array.astype(np.uint8))
 
 
+def to_8bit(image):
+    """``image`` with 8 bits per channel, for the images users give (--init-img, --reference-image,
+    --cond). PIL's convert("RGB") and convert("L") clip a 16- or 32-bit greyscale image at 255
+    and a float one to 0, so a 16-bit depth map or scan came out white and a [0, 1] float image
+    black; their values are scaled instead: 16-bit ones by 257 (65535 -> 255), floats from
+    [0, 1]. Other modes (RGB, RGBA, L, P, CMYK, ...) are returned as they are."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+    elif image.mode != "I" or values.max(initial=0.0) > 255:  # "I" holding 8-bit values stays as it is
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 def upscale(image, factor):
     """Integer nearest-neighbour upscale, for viewing the tiny images small models make."""
     if factor == 1:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm import script_helpers as helpers
+from ldm.image_io import to_8bit
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import CheckpointError, load_model_from_config
 
@@ -29,12 +30,12 @@ CKPT = "models/ldm/inpainting_big/last.ckpt"
 
 
 def make_batch(image, mask, device):
-    image = np.array(Image.open(image).convert("RGB"))
+    image = np.array(to_8bit(Image.open(image)).convert("RGB"))
     image = image.astype(np.float32)/255.0
     image = image[None].transpose(0,3,1,2)
     image = torch.from_numpy(image)
 
-    mask = np.array(Image.open(mask).convert("L"))
+    mask = np.array(to_8bit(Image.open(mask)).convert("L"))
     mask = mask.astype(np.float32)/255.0
     mask = mask[None,None]
     mask[mask < 0.5] = 0

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldm.image_io import to_8bit
+
 log = logging.getLogger(__name__)
 
 PALETTE_CELL = 64          # colour adapter: one colour per 64x64 pixels, as upstream
@@ -144,7 +146,7 @@ def read_image(path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            return to_8bit(image)
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read condition image {path}: {e}")
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.image_io import to_8bit
 from ldm.modules.consistency import ShareMode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -105,7 +106,7 @@ def read_image(parser, path, width, height) -> torch.Tensor:
     """The image file as `pixels`; one error line for a file that is no image."""
     try:
         with Image.open(path) as file:
-            return pixels(file.convert("RGB"), width, height)
+            return pixels(to_8bit(file).convert("RGB"), width, height)
     except (OSError, ValueError) as e:
         parser.error(f"cannot read --reference-image {path}: {e}")
 
