@@ -10,7 +10,7 @@ import os
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 PARAMETERS_KEY = "parameters"
@@ -49,12 +49,21 @@ def to_pil(image):
     return Image.fromarray(array.astype(np.uint8))
 
 
+def read_user_image(path):
+    """An image file a user gives (--init-img, --reference-image, --cond, inpaint's image and mask)
+    as an image viewer shows it: turned upright by its EXIF orientation (cameras and phones store
+    portrait photos sideways with a tag saying so) and with 8 bits per channel (`to_8bit`).
+    OSError or ValueError where the file is no image."""
+    with Image.open(path) as image:
+        return to_8bit(ImageOps.exif_transpose(image))  # a loaded copy: usable after the file closes
+
+
 def to_8bit(image):
-    """``image`` with 8 bits per channel, for the images users give (--init-img, --reference-image,
-    --cond). PIL's convert("RGB") and convert("L") clip a 16- or 32-bit greyscale image at 255
-    and a float one to 0, so a 16-bit depth map or scan came out white and a [0, 1] float image
-    black; their values are scaled instead: 16-bit ones by 257 (65535 -> 255), floats from
-    [0, 1]. Other modes (RGB, RGBA, L, P, CMYK, ...) are returned as they are."""
+    """``image`` with 8 bits per channel. PIL's convert("RGB") and convert("L") clip a 16- or
+    32-bit greyscale image at 255 and a float one to 0, so a 16-bit depth map or scan came out
+    white and a [0, 1] float image black; their values are scaled instead: 16-bit ones by 257
+    (65535 -> 255), floats from [0, 1]. Other modes (RGB, RGBA, L, P, CMYK, ...) are returned as
+    they are."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image, dtype=np.float64)

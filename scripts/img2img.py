@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.image_io import to_8bit
+from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
@@ -67,7 +67,7 @@ def load_img(path, multiple, display_scale=1):
     multiples of ``multiple`` (LANCZOS resize): 64 for SD v1 (8x autoencoder times the UNet's 8x),
     8 for the pixel-space embedded model. An unusable image is a ValueError saying why."""
     try:
-        image = to_8bit(Image.open(path)).convert("RGB")
+        image = read_user_image(path).convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read --init-img {path}: {e}") from None
     logger.info("loaded input image of size (%d, %d) from %s", *image.size, path)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm import script_helpers as helpers
-from ldm.image_io import to_8bit
+from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import CheckpointError, load_model_from_config
 
@@ -30,12 +30,12 @@ CKPT = "models/ldm/inpainting_big/last.ckpt"
 
 
 def make_batch(image, mask, device):
-    image = np.array(to_8bit(Image.open(image)).convert("RGB"))
+    image = np.array(read_user_image(image).convert("RGB"))
     image = image.astype(np.float32)/255.0
     image = image[None].transpose(0,3,1,2)
     image = torch.from_numpy(image)
 
-    mask = np.array(to_8bit(Image.open(mask)).convert("L"))
+    mask = np.array(read_user_image(mask).convert("L"))
     mask = mask.astype(np.float32)/255.0
     mask = mask[None,None]
     mask[mask < 0.5] = 0
@@ -79,7 +79,10 @@ def find_pairs(parser, opt, multiple):
         image = mask[:-len("_mask.png")] + ".png"
         if not os.path.isfile(image):
             parser.error(f"{image} not found (each *_mask.png needs its image next to it)")
-        size, mask_size = Image.open(image).size, Image.open(mask).size
+        try:  # the sizes as sampling reads them (upright by EXIF orientation)
+            size, mask_size = read_user_image(image).size, read_user_image(mask).size
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot read {image} and its mask as images: {e}")
         if size != mask_size:
             parser.error(f"{mask} is {mask_size[0]}x{mask_size[1]} but {image} is {size[0]}x{size[1]}; "
                          "a mask must have its image's size")

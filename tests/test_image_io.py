@@ -1,6 +1,7 @@
 """Images users give the scripts (--init-img, --reference-image, --cond, inpaint's image and mask)
-in every bit depth PIL opens: a 16-bit PNG (depth maps, scans) was clipped at 255 by
-convert("RGB"/"L") and read as white, a float image as black."""
+are read as a viewer shows them (ldm.image_io.read_user_image): in every bit depth PIL opens (a
+16-bit PNG, a depth map or scan, was clipped at 255 by convert("RGB"/"L") and read as white, a
+float image as black), and upright by their EXIF orientation (phone photos came in sideways)."""
 import argparse
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import load_script
-from ldm.image_io import to_8bit
+from ldm.image_io import read_user_image, to_8bit
 from ldm.modules import adapter_conditions, consistency_image
 
 GREY = 128  # 8-bit value of the test images below; 16-bit: 128 * 257
@@ -31,6 +32,18 @@ def test_a_16_bit_gradient_keeps_its_range_and_8_bit_images_are_untouched():
     for mode in ("RGB", "RGBA", "L", "P"):
         image = Image.new(mode, (2, 2))
         assert to_8bit(image) is image
+
+
+def test_a_photo_stored_sideways_is_read_upright(tmp_path):
+    photo = Image.new("RGB", (40, 20), "red")
+    photo.paste((0, 0, 255), (0, 0, 10, 20))  # blue at the left of the stored pixels
+    exif = photo.getexif()
+    exif[0x0112] = 6  # EXIF Orientation: turn 90 degrees clockwise to show
+    photo.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    upright = read_user_image(tmp_path / "portrait.jpg")
+    assert upright.size == (20, 40) and upright.getexif().get(0x0112) is None
+    top, bottom = upright.getpixel((10, 2)), upright.getpixel((10, 37))
+    assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]  # the left edge came to the top
 
 
 @pytest.fixture

@@ -131,6 +131,16 @@ def test_inpaint_input_of_the_wrong_size_is_one_error_line(tiny_inpainting_model
     assert not (tmp_path / "out").exists()
 
 
+def test_inpaint_mask_that_is_no_image_is_one_error_line(tiny_inpainting_model, tmp_path):
+    config, ckpt = tiny_inpainting_model
+    inpainting_inputs(tmp_path / "in")
+    (tmp_path / "in" / "cat_mask.png").write_text("not a png")
+    last = error_line(run("inpaint.py", "--indir", tmp_path / "in", "--outdir", tmp_path / "out",
+                          "--config", config, "--ckpt", ckpt))
+    assert f"cannot read {tmp_path / 'in' / 'cat.png'} and its mask as images: cannot identify image file" in last, last
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
     """An unconditional LDM (the tiny config without text), trained for one step by main.py: sampled
     from its run's checkpoint (config found in the run's configs/), and from upstream's model

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ldm.image_io import to_8bit
+from ldm.image_io import read_user_image
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ def condition_files(entries) -> list:
 
 def read_image(path) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_8bit(image)
+        return read_user_image(path)
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read condition image {path}: {e}")
 

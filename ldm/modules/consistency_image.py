@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.image_io import to_8bit
+from ldm.image_io import read_user_image
 from ldm.modules.consistency import ShareMode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -105,8 +105,7 @@ def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
 def read_image(parser, path, width, height) -> torch.Tensor:
     """The image file as `pixels`; one error line for a file that is no image."""
     try:
-        with Image.open(path) as file:
-            return pixels(to_8bit(file).convert("RGB"), width, height)
+        return pixels(read_user_image(path).convert("RGB"), width, height)
     except (OSError, ValueError) as e:
         parser.error(f"cannot read --reference-image {path}: {e}")
 
