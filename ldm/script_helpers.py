@@ -208,7 +208,7 @@ def read_prompts(parser, opt):
         parser.error(f"--from-file {path}: {'a folder' if os.path.isdir(path) else 'not found'}; "
                      "pass a text file with one prompt per line")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: without the byte-order mark Notepad writes
             lines = [line for line in f.read().splitlines() if line.strip()]
     except UnicodeDecodeError:
         parser.error(f"--from-file {path} is not UTF-8 text; pass a text file with one prompt per line")

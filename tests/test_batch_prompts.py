@@ -45,6 +45,9 @@ def test_prompt_file_lines_are_the_images_of_a_batch(txt2img, tmp_path):
     path.write_text("\n".join(PROMPTS + ["a chair at night", ""]) + "\n")
     batches = prompt_batches(options(txt2img, "--from-file", path, "--n_samples", 3))
     assert batches == [PROMPTS, ["a chair at night"]]
+    # saved by Windows Notepad: a byte-order mark, CRLF line ends (the mark was part of prompt 1)
+    path.write_bytes(("\r\n".join(PROMPTS) + "\r\n").encode("utf-8-sig"))
+    assert prompt_batches(options(txt2img, "--from-file", path, "--n_samples", 3)) == [PROMPTS]
 
 
 @pytest.mark.parametrize("argv,message", [
