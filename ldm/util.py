@@ -428,11 +428,35 @@ def _check_weights(sd, model_sd, source):
     missing = [k for k in model_sd if k not in sd and k.startswith(REQUIRED_PREFIXES)]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weights this config needs (e.g. {_some(missing)}); "
-                              f"is it a checkpoint for this config?")
+                              f"{_what_else(sd)}")
     mismatched = [k for k, v in sd.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
     if mismatched:
         raise CheckpointError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
-                              f"(e.g. {_some(mismatched)}); is it a checkpoint for this config?")
+                              f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
+
+
+def _what_else(sd):
+    """What a file that does not fit the config is, where its keys tell: the files users with SD
+    weights most often pass instead of an SD 1.x text-to-image checkpoint."""
+    def has(*prefixes):
+        return any(k.startswith(prefixes) for k in sd)
+    first_conv = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    if has("conditioner.embedders."):
+        kind = "an SDXL checkpoint"
+    elif has("cond_stage_model.model."):
+        kind = "an SD 2.x checkpoint (its text encoder is OpenCLIP's)"
+    elif has("lora_unet_", "lora_te") or any("lora_down" in k or ".lora_A" in k for k in sd):
+        kind = "a LoRA (weights to add to a model), not a model"
+    elif first_conv is not None and first_conv.ndim == 4 and first_conv.shape[1] in (8, 9):
+        kind = (f"an {'inpainting' if first_conv.shape[1] == 9 else 'image-editing (instruct-pix2pix)'} "
+                f"checkpoint (its UNet reads {first_conv.shape[1]} channels, a text-to-image one 4)")
+    elif has("encoder.", "decoder.") and not has("model.diffusion_model."):
+        kind = "an autoencoder (VAE) alone"
+    elif has("down_blocks.", "mid_block.", "up_blocks."):
+        kind = "one part of a diffusers pipeline (pass the pipeline folder itself)"
+    else:
+        return "is it a checkpoint for this config?"
+    return f"it looks like {kind}"
 
 
 def apply_state_dict(model, sd, source="checkpoint"):

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from conftest import FULL_CONFIG
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (
-    CheckpointError, instantiate_from_config, load_model_from_config, load_state_dict,
+    CheckpointError, apply_state_dict, instantiate_from_config, load_model_from_config, load_state_dict,
     remap_clip_text_keys)
 
 TEXT = "cond_stage_model.transformer."
@@ -219,6 +219,41 @@ def test_wrong_shape_fails_loudly(tmp_path, tiny_config, tiny_model):
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match="shapes"):
         load_model_from_config(tiny_config, str(path))
+
+
+def _renamed(sd, old, new):
+    return {k.replace(old, new, 1): v for k, v in sd.items()}
+
+
+def _first_conv_with(channels):
+    def edit(sd):
+        weight = sd["model.diffusion_model.input_blocks.0.0.weight"]
+        return {**sd, "model.diffusion_model.input_blocks.0.0.weight": weight.new_zeros(weight.shape[0], channels,
+                                                                                       *weight.shape[2:])}
+    return edit
+
+
+@pytest.mark.parametrize("edit, kind", [
+    (lambda sd: {"conditioner.embedders.0.transformer.text_model.x": torch.zeros(1), **_renamed(
+        sd, "cond_stage_model.", "conditioner.embedders.0.")}, "an SDXL checkpoint"),
+    (lambda sd: _renamed(sd, "cond_stage_model.", "cond_stage_model.model."),
+     "an SD 2.x checkpoint (its text encoder is OpenCLIP's)"),
+    (lambda sd: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+     "a LoRA (weights to add to a model), not a model"),
+    (_first_conv_with(9), "an inpainting checkpoint (its UNet reads 9 channels, a text-to-image one 4)"),
+    (_first_conv_with(8), "an image-editing (instruct-pix2pix) checkpoint (its UNet reads 8 channels"),
+    (lambda sd: {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")},
+     "an autoencoder (VAE) alone"),
+    (lambda sd: {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1), "mid_block.x": torch.zeros(1)},
+     "one part of a diffusers pipeline (pass the pipeline folder itself)"),
+    (lambda sd: {k: v for k, v in sd.items() if "out.2" not in k}, "is it a checkpoint for this config?"),
+])
+def test_a_file_of_another_kind_is_named_in_the_error(tiny_model, edit, kind):
+    """The files users with SD weights most often pass instead of an SD 1.x text-to-image one."""
+    with pytest.raises(CheckpointError) as raised:
+        apply_state_dict(copy.deepcopy(tiny_model), edit(tiny_state_dict(tiny_model)), "model.safetensors")
+    message = str(raised.value)
+    assert message.startswith("model.safetensors ") and kind in message, message
 
 
 def test_the_configs_own_checkpoint_paths_are_not_read_when_sampling(tmp_path, tiny_config, tiny_model, caplog):
