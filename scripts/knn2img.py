@@ -1,4 +1,4 @@
-import argparse, os, sys, glob
+import argparse, os, sys, glob, logging
 import importlib.util
 import torch
 import numpy as np
@@ -17,6 +17,9 @@ from ldm.util import CheckpointError, instantiate_from_config, parallel_data_pre
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
+from ldm.script_helpers import configure_logging
+
+logger = logging.getLogger("knn2img")
 
 DATABASES = [
     "openimages",
@@ -39,19 +42,17 @@ def chunk(it, size):
 
 
 def load_model_from_config(config, ckpt, verbose=False, unsafe_pickle=False):
-    print(f"Loading model from {ckpt}")
+    logger.info(f"Loading model from {ckpt}")
     pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
     if "global_step" in pl_sd:
-        print(f"Global Step: {pl_sd['global_step']}")
+        logger.info(f"Global Step: {pl_sd['global_step']}")
     sd = pl_sd["state_dict"]
     model = instantiate_from_config(config.model)
     m, u = model.load_state_dict(sd, strict=False)
     if len(m) > 0 and verbose:
-        print("missing keys:")
-        print(m)
+        logger.info("missing keys: %s", m)
     if len(u) > 0 and verbose:
-        print("unexpected keys:")
-        print(u)
+        logger.info("unexpected keys: %s", u)
 
     model.eval()  # main() moves it to the device (upstream forced CUDA here)
     return model
@@ -76,22 +77,22 @@ class Searcher(object):
                        searcher_savedir=None):
 
         import scann
-        print('Start training searcher')
+        logger.info('Start training searcher')
         searcher = scann.scann_ops_pybind.builder(self.database['embedding'] /
                                                   np.linalg.norm(self.database['embedding'], axis=1)[:, np.newaxis],
                                                   k, metric)
         self.searcher = searcher.score_brute_force().build()
-        print('Finish training searcher')
+        logger.info('Finish training searcher')
 
         if searcher_savedir is not None:
-            print(f'Save trained searcher under "{searcher_savedir}"')
+            logger.info(f'Save trained searcher under "{searcher_savedir}"')
             os.makedirs(searcher_savedir, exist_ok=True)
             self.searcher.serialize(searcher_savedir)
 
     def load_single_file(self, saved_embeddings):
         compressed = np.load(saved_embeddings)
         self.database = {key: compressed[key] for key in compressed.files}
-        print('Finished loading of clip embeddings.')
+        logger.info('Finished loading of clip embeddings.')
 
     def load_multi_files(self, data_archive):
         out_data = {key: [] for key in self.database}
@@ -103,7 +104,7 @@ class Searcher(object):
 
     def load_database(self):
 
-        print(f'Load saved patch embedding from "{self.database_path}"')
+        logger.info(f'Load saved patch embedding from "{self.database_path}"')
         file_content = glob.glob(os.path.join(self.database_path, '*.npz'))
 
         if len(file_content) == 1:
@@ -118,7 +119,7 @@ class Searcher(object):
         else:
             raise ValueError(f'No npz-files in specified path "{self.database_path}" is this directory existing?')
 
-        print(f'Finished loading of retrieval database of length {self.database["embedding"].shape[0]}.')
+        logger.info(f'Finished loading of retrieval database of length {self.database["embedding"].shape[0]}.')
 
     def load_retriever(self, version='ViT-L/14', ):
         model = FrozenClipImageEmbedder(model=version)
@@ -129,9 +130,9 @@ class Searcher(object):
 
     def load_searcher(self):
         import scann
-        print(f'load searcher for database {self.database_name} from {self.searcher_savedir}')
+        logger.info(f'load searcher for database {self.database_name} from {self.searcher_savedir}')
         self.searcher = scann.scann_ops_pybind.load_searcher(self.searcher_savedir)
-        print('Finished loading searcher.')
+        logger.info('Finished loading searcher.')
 
     def search(self, x, k):
         if self.searcher is None and self.database['embedding'].shape[0] < 2e4:
@@ -166,6 +167,7 @@ class Searcher(object):
 
 
 if __name__ == "__main__":
+    configure_logging()
     parser = argparse.ArgumentParser()
     # TODO: add n_neighbors and modes (text-only, text-image-retrieval, image-image retrieval etc)
     # TODO: add 'image variation' mode when knn=0 but a single image is given instead of a text prompt?
@@ -346,7 +348,7 @@ if __name__ == "__main__":
         data = [batch_size * [prompt]]
 
     else:
-        print(f"reading prompts from {opt.from_file}")
+        logger.info(f"reading prompts from {opt.from_file}")
         with open(opt.from_file, "r") as f:
             data = f.read().splitlines()
             data = list(chunk(data, batch_size))
@@ -356,7 +358,7 @@ if __name__ == "__main__":
     base_count = len(os.listdir(sample_path))
     grid_count = len(os.listdir(outpath)) - 1
 
-    print(f"sampling scale for cfg is {opt.scale:.2f}")
+    logger.info(f"sampling scale for cfg is {opt.scale:.2f}")
 
     searcher = None
     if opt.use_neighbors:
@@ -367,7 +369,7 @@ if __name__ == "__main__":
             for n in trange(opt.n_iter, desc="Sampling"):
                 all_samples = list()
                 for prompts in tqdm(data, desc="data"):
-                    print("sampling prompts:", prompts)
+                    logger.info("sampling prompts: %s", prompts)
                     if isinstance(prompts, tuple):
                         prompts = list(prompts)
                     c = clip_text_encoder.encode(prompts)
@@ -411,4 +413,4 @@ if __name__ == "__main__":
                     Image.fromarray(grid.astype(np.uint8)).save(os.path.join(outpath, f'grid-{grid_count:04}.png'))
                     grid_count += 1
 
-    print(f"Your samples are ready and waiting for you here: \n{outpath} \nEnjoy.")
+    logger.info(f"Your samples are ready and waiting for you here: {outpath}")

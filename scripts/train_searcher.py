@@ -1,3 +1,4 @@
+import logging
 import os, sys
 import numpy as np
 import argparse
@@ -8,7 +9,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
+from ldm.script_helpers import configure_logging
 from ldm.util import parallel_data_prefetch
+
+logger = logging.getLogger("train_searcher")
 
 
 def search_bruteforce(searcher):
@@ -43,7 +47,7 @@ def load_datapool(dpath):
 
         return database
 
-    print(f'Load saved patch embedding from "{dpath}"')
+    logger.info(f'Load saved patch embedding from "{dpath}"')
     file_content = glob.glob(os.path.join(dpath, '*.npz'))
 
     if len(file_content) == 1:
@@ -57,7 +61,7 @@ def load_datapool(dpath):
     else:
         raise ValueError(f'No npz-files in specified path "{dpath}" is this directory existing?')
 
-    print(f'Finished loading of retrieval database of length {data_pool["embedding"].shape[0]}.')
+    logger.info(f'Finished loading of retrieval database of length {data_pool["embedding"].shape[0]}.')
     return data_pool
 
 
@@ -82,27 +86,25 @@ def train_searcher(opt,
     searcher = scann.scann_ops_pybind.builder(data_pool['embedding'] / np.linalg.norm(data_pool['embedding'], axis=1)[:, np.newaxis], k, metric)
     pool_size = data_pool['embedding'].shape[0]
 
-    print(*(['#'] * 100))
-    print('Initializing scaNN searcher with the following values:')
-    print(f'k: {k}')
-    print(f'metric: {metric}')
-    print(f'reorder_k: {reorder_k}')
-    print(f'anisotropic_quantization_threshold: {aiq_thld}')
-    print(f'dims_per_block: {dims_per_block}')
-    print(*(['#'] * 100))
-    print('Start training searcher....')
-    print(f'N samples in pool is {pool_size}')
+    logger.info('Initializing scaNN searcher with the following values:')
+    logger.info(f'k: {k}')
+    logger.info(f'metric: {metric}')
+    logger.info(f'reorder_k: {reorder_k}')
+    logger.info(f'anisotropic_quantization_threshold: {aiq_thld}')
+    logger.info(f'dims_per_block: {dims_per_block}')
+    logger.info('Start training searcher....')
+    logger.info(f'N samples in pool is {pool_size}')
 
     # this reflects the recommended design choices proposed at
     # https://github.com/google-research/google-research/blob/aca5f2e44e301af172590bb8e65711f0c9ee0cfd/scann/docs/algorithms.md
     if pool_size < 2e4:
-        print('Using brute force search.')
+        logger.info('Using brute force search.')
         searcher = search_bruteforce(searcher)
     elif 2e4 <= pool_size and pool_size < 1e5:
-        print('Using asymmetric hashing search and reordering.')
+        logger.info('Using asymmetric hashing search and reordering.')
         searcher = search_ah(searcher, dims_per_block, aiq_thld, reorder_k)
     else:
-        print('Using using partioning, asymmetric hashing search and reordering.')
+        logger.info('Using using partioning, asymmetric hashing search and reordering.')
 
         if not partioning_trainsize:
             partioning_trainsize = data_pool['embedding'].shape[0] // 10
@@ -112,20 +114,21 @@ def train_searcher(opt,
         if not num_leaves_to_search:
             num_leaves_to_search = max(num_leaves // 20, 1)
 
-        print('Partitioning params:')
-        print(f'num_leaves: {num_leaves}')
-        print(f'num_leaves_to_search: {num_leaves_to_search}')
+        logger.info('Partitioning params:')
+        logger.info(f'num_leaves: {num_leaves}')
+        logger.info(f'num_leaves_to_search: {num_leaves_to_search}')
         # self.searcher = self.search_ah(searcher, dims_per_block, aiq_thld, reorder_k)
         searcher = search_partioned_ah(searcher, dims_per_block, aiq_thld, reorder_k,
                                                  partioning_trainsize, num_leaves, num_leaves_to_search)
 
-    print('Finish training searcher')
+    logger.info('Finish training searcher')
     searcher_savedir = opt.target_path
     os.makedirs(searcher_savedir, exist_ok=True)
     searcher.serialize(searcher_savedir)
-    print(f'Saved trained searcher under "{searcher_savedir}"')
+    logger.info(f'Saved trained searcher under "{searcher_savedir}"')
 
 if __name__ == '__main__':
+    configure_logging()
     sys.path.append(os.getcwd())
     parser = argparse.ArgumentParser()
     parser.add_argument('--database',
