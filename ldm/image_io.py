@@ -53,9 +53,12 @@ def read_user_image(path):
     """An image file a user gives (--init-img, --reference-image, --cond, inpaint's image and mask)
     as an image viewer shows it: turned upright by its EXIF orientation (cameras and phones store
     portrait photos sideways with a tag saying so) and with 8 bits per channel (`to_8bit`).
-    OSError or ValueError where the file is no image."""
-    with Image.open(path) as image:
-        return to_8bit(ImageOps.exif_transpose(image))  # a loaded copy: usable after the file closes
+    OSError or ValueError where the file is no image, or one too large for PIL to open safely."""
+    try:
+        with Image.open(path) as image:
+            return to_8bit(ImageOps.exif_transpose(image))  # a loaded copy: usable after the file closes
+    except Image.DecompressionBombError as e:  # not an OSError: the scripts' one-line handlers missed it
+        raise ValueError(f"{e} (shrink the image)") from None
 
 
 def to_8bit(image):

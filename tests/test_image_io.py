@@ -64,3 +64,12 @@ def test_every_reader_of_user_images_reads_a_16_bit_png_as_its_grey(grey_16_bit_
     assert (inpaint["mask"] == 1).all()  # 128/255 is above inpaint's 0.5 threshold
     depth = adapter_conditions.grey_map(adapter_conditions.read_image(grey_16_bit_png))
     assert np.allclose(depth, GREY / 255)
+
+
+def test_an_image_too_large_to_open_safely_is_a_value_error(tmp_path, monkeypatch):
+    # above twice PIL's MAX_IMAGE_PIXELS (179 megapixels: a 200 MP phone photo) PIL refuses with
+    # DecompressionBombError, which is no OSError: every reader's one-line handler missed it
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match=r"exceeds limit of 200 pixels.*\(shrink the image\)"):
+        read_user_image(tmp_path / "big.png")

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldm.image_io import read_user_image
 
@@ -145,7 +145,7 @@ def condition_files(entries) -> list:
 def read_image(path) -> Image.Image:
     try:
         return read_user_image(path)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read condition image {path}: {e}")
 
 
