@@ -501,18 +501,23 @@ def _drop_checkpoint_paths(node, where):
     return skipped
 
 
+def build_for_weights(config, why):
+    """`config.model` (or `config` itself, a model config) built for weights to be loaded into it
+    whole: without reading the config's own ckpt_path entries, for the reason `why`, logged."""
+    model_config = copy.deepcopy(config.model if "model" in config else config)
+    skipped = _drop_checkpoint_paths(model_config, "model")
+    if skipped:
+        logger.info("Not reading %s: %s", ", ".join(skipped), why)
+    return instantiate_from_config(model_config)
+
+
 def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):
     """Build `config.model` and load the weights of checkpoint `ckpt` into it; returns it in eval mode on `device`.
 
     random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly. The
     config's own ckpt_path entries are not read either way (_drop_checkpoint_paths).
     """
-    model_config = copy.deepcopy(config.model if "model" in config else config)
-    skipped = _drop_checkpoint_paths(model_config, "model")
-    if skipped:
-        logger.info("Not reading %s: %s", ", ".join(skipped),
-                    "random weights" if random_weights else "the checkpoint holds the whole model")
-    model = instantiate_from_config(model_config)
+    model = build_for_weights(config, "random weights" if random_weights else "the checkpoint holds the whole model")
     if random_weights:
         logger.warning("THE MODEL HAS RANDOM WEIGHTS: no checkpoint loaded, outputs will be noise")
         return model.eval().to(device)

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.script_helpers import configure_logging
-from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
+from ldm.util import CheckpointError, ConfigError, apply_state_dict, build_for_weights, read_checkpoint, state_dict_of
 
 logger = logging.getLogger("sample_diffusion")
 
@@ -225,26 +225,16 @@ def get_parser():
     return parser
 
 
-def load_model_from_config(config, sd):
-    model = instantiate_from_config(config)
-    model.load_state_dict(sd,strict=False)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")  # upstream forced CUDA
-    model.eval()
-    return model
-
-
-def load_model(config, ckpt, gpu, eval_mode, unsafe_pickle=False):
-    if ckpt:
-        logger.info("loading model from %s", ckpt)
-        pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
-        global_step = pl_sd["global_step"]
-    else:
-        pl_sd = {"state_dict": None}
-        global_step = None
-    model = load_model_from_config(config.model,
-                                   pl_sd["state_dict"])
-
-    return model, global_step
+def load_model(config, ckpt, unsafe_pickle=False):
+    """The model of `config` with the weights of `ckpt` (a main.py checkpoint, safetensors or a bare
+    state dict), on CUDA where there is one (upstream forced it), and the checkpoint's global step
+    (0 where it has none). Upstream loaded non-strictly: a checkpoint of another model sampled noise."""
+    logger.info("loading model from %s", ckpt)
+    checkpoint = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
+    global_step = checkpoint.get("global_step", 0) if isinstance(checkpoint, dict) else 0
+    model = build_for_weights(config, "the checkpoint holds the whole model")
+    apply_state_dict(model, state_dict_of(checkpoint, ckpt), ckpt)
+    return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), global_step
 
 
 if __name__ == "__main__":
@@ -296,9 +286,6 @@ if __name__ == "__main__":
     cli = OmegaConf.from_dotlist(unknown)
     config = OmegaConf.merge(*configs, cli)
 
-    gpu = True
-    eval_mode = True
-
     if opt.logdir != "none":
         locallog = logdir.split(os.sep)[-1]
         if locallog == "": locallog = logdir.split(os.sep)[-2]
@@ -308,8 +295,8 @@ if __name__ == "__main__":
     logger.debug("config:\n%s", OmegaConf.to_yaml(config))
 
     try:
-        model, global_step = load_model(config, ckpt, gpu, eval_mode, opt.unsafe_pickle)
-    except CheckpointError as e:
+        model, global_step = load_model(config, ckpt, opt.unsafe_pickle)
+    except (CheckpointError, ConfigError) as e:
         parser.error(str(e))
     logger.info("global step: %s", global_step)
     logdir = os.path.join(logdir, "samples", f"{global_step:08}", now)

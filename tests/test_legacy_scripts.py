@@ -12,9 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import REPO, TINY_CONFIG
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, load_state_dict
 
 
 def run(script, *args):
@@ -169,3 +170,13 @@ def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
         assert samples.parents[2].name == (run_dir.name if name == "run" else "model")  # the run's name, not checkpoints
         assert sorted(p.name for p in (samples / "img").iterdir()) == [f"sample_{i:06}.png" for i in range(3)]
         assert [p.name for p in (samples / "numpy").iterdir()] == ["3x64x64x3-samples.npz"]
+    # a safetensors file (no global step: upstream's KeyError) samples; one without a UNet weight
+    # is one error line (upstream loaded non-strictly and sampled noise)
+    weights = load_state_dict(folder / "model.ckpt")
+    save_file(weights, str(folder / "model.ckpt"))
+    result = run("sample_diffusion.py", "-r", folder, "-n", "1", "-c", "1", "-l", tmp_path / "safetensors")
+    assert result.returncode == 0 and list((tmp_path / "safetensors").glob("model/samples/00000000/*/img/*.png"))
+    del weights["model.diffusion_model.out.2.weight"]
+    save_file(weights, str(folder / "model.ckpt"))
+    assert "lacks 1 weights this config needs" in error_line(run("sample_diffusion.py", "-r", folder, "-n", "1",
+                                                                 "-c", "1", "-l", tmp_path / "incomplete"))
