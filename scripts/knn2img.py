@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import make_grid
-from ldm.util import CheckpointError, instantiate_from_config, parallel_data_prefetch, read_checkpoint
+from ldm.util import CheckpointError, load_model_from_config, parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
@@ -39,23 +39,6 @@ DATABASES = [
 def chunk(it, size):
     it = iter(it)
     return iter(lambda: tuple(islice(it, size)), ())
-
-
-def load_model_from_config(config, ckpt, verbose=False, unsafe_pickle=False):
-    logger.info(f"Loading model from {ckpt}")
-    pl_sd = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)  # safetensors or weights-only torch.load
-    if "global_step" in pl_sd:
-        logger.info(f"Global Step: {pl_sd['global_step']}")
-    sd = pl_sd["state_dict"]
-    model = instantiate_from_config(config.model)
-    m, u = model.load_state_dict(sd, strict=False)
-    if len(m) > 0 and verbose:
-        logger.info("missing keys: %s", m)
-    if len(u) > 0 and verbose:
-        logger.info("unexpected keys: %s", u)
-
-    model.eval()  # main() moves it to the device (upstream forced CUDA here)
-    return model
 
 
 class Searcher(object):
@@ -323,7 +306,7 @@ if __name__ == "__main__":
 
     config = OmegaConf.load(f"{opt.config}")
     try:
-        model = load_model_from_config(config, f"{opt.ckpt}", unsafe_pickle=opt.unsafe_pickle)
+        model = load_model_from_config(config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle)  # strict, as txt2img
     except CheckpointError as e:
         parser.error(str(e))
 
