@@ -510,10 +510,10 @@ def load_model(opt, device):
     try:
         return ldm.util.load_model_from_config(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle,
                                                random_weights=opt.random_weights)
-    except (ldm.util.CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
     except ldm.util.ConfigError as e:
         raise SystemExit(f"error: {e} (set in {opt.config})")
+    except (ldm.util.ModelError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 def make_sampler(opt, model, samplers):

@@ -212,13 +212,18 @@ def parallel_data_prefetch(
 
 # --- checkpoint loading ------------------------------------------------------------------------
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be used; the message is one line meant for the user."""
+class ModelError(Exception):
+    """The model cannot be built from its config or its weights cannot be loaded, for a reason the
+    user can fix; the message is one line meant for them. The scripts catch this, not its kinds."""
 
 
-class ConfigError(ValueError):
-    """A model setting in the config has a value its class does not support; the message is one
-    line meant for the user, naming the setting and the values it takes."""
+class CheckpointError(ModelError):
+    """A checkpoint cannot be used."""
+
+
+class ConfigError(ModelError, ValueError):
+    """A model setting in the config has a value its class does not support; the message names the
+    setting and the values it takes."""
 
 
 def check_choice(setting, value, choices):

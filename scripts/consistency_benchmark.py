@@ -322,12 +322,12 @@ def new_run_dir(outdir):
 def load(opt, device):
     from omegaconf import OmegaConf
 
-    from ldm.util import CheckpointError, load_model_from_config
+    from ldm.util import ModelError, load_model_from_config
     torch.manual_seed(0)
     try:
         return load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device,
                                       random_weights=opt.random_weights)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (ModelError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
 

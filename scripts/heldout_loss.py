@@ -80,7 +80,7 @@ def main(argv=None):
     opt = parse_args(argv)
     from omegaconf import OmegaConf
 
-    from ldm.util import CheckpointError, load_model_from_config
+    from ldm.util import ModelError, load_model_from_config
     set_cpu_threads(opt.threads)
     config = OmegaConf.load(opt.config)
     batches = validation_batches(config, opt.n, opt.batch_size)
@@ -88,7 +88,7 @@ def main(argv=None):
     for path in opt.ckpt:
         try:
             model = load_model_from_config(config, path)
-        except CheckpointError as err:
+        except ModelError as err:
             raise SystemExit(f"error: {err}")
         if first is None:  # drawn once, in the model's latent shape, for every file
             generator = torch.Generator().manual_seed(opt.seed)

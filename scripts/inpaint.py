@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm import script_helpers as helpers
 from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import CheckpointError, load_model_from_config
+from ldm.util import ModelError, load_model_from_config
 
 logger = logging.getLogger("inpaint")
 
@@ -102,7 +102,7 @@ def load_model(parser, opt, config, device):
         parser.error(f"{opt.ckpt} not found{hint}")
     try:
         return load_model_from_config(config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
-    except CheckpointError as e:
+    except ModelError as e:
         parser.error(str(e))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import make_grid
-from ldm.util import CheckpointError, load_model_from_config, parallel_data_prefetch
+from ldm.util import ModelError, load_model_from_config, parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
@@ -307,7 +307,7 @@ if __name__ == "__main__":
     config = OmegaConf.load(f"{opt.config}")
     try:
         model = load_model_from_config(config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle)  # strict, as txt2img
-    except CheckpointError as e:
+    except ModelError as e:
         parser.error(str(e))
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.script_helpers import configure_logging
-from ldm.util import CheckpointError, ConfigError, apply_state_dict, build_for_weights, read_checkpoint, state_dict_of
+from ldm.util import ModelError, apply_state_dict, build_for_weights, read_checkpoint, state_dict_of
 
 logger = logging.getLogger("sample_diffusion")
 
@@ -296,7 +296,7 @@ if __name__ == "__main__":
 
     try:
         model, global_step = load_model(config, ckpt, opt.unsafe_pickle)
-    except (CheckpointError, ConfigError) as e:
+    except ModelError as e:
         parser.error(str(e))
     logger.info("global step: %s", global_step)
     logdir = os.path.join(logdir, "samples", f"{global_step:08}", now)

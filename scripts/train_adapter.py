@@ -145,12 +145,12 @@ def check_captioned_model(parser, path):
 def load_frozen_model(opt, device):
     from omegaconf import OmegaConf
 
-    from ldm.util import CheckpointError, load_model_from_config
+    from ldm.util import ModelError, load_model_from_config
     torch.manual_seed(opt.seed)
     try:
         model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device,
                                        random_weights=opt.random_weights)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (ModelError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if not hasattr(model, "get_learned_conditioning") or getattr(model, "cond_stage_key", None) != "caption":
         raise SystemExit(f"error: {opt.config} is not a text-to-image model with captions "

@@ -265,6 +265,16 @@ def test_a_run_that_fails_after_validation_leaves_no_run_folder(tmp_path, capsys
     assert list(files["out"].iterdir()) == []
 
 
+def test_a_config_setting_outside_its_choices_is_one_error_line(tmp_path):
+    # ldm.util.ModelError: what the scripts catch around building a model, ConfigError included
+    config = tmp_path / "mine.yaml"
+    config.write_text(CONFIG.read_text().replace("    linear_start:", "    loss_type: l3\n    linear_start:", 1))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_module().main(["--config", str(config), "--random-weights", "--outdir", str(tmp_path / "out"),
+                                 "--n", "2", "--steps", "1", "--seeds", "0"])
+    assert str(exit_info.value) == "error: model.params.loss_type is 'l3'; it takes one of 'l1', 'l2'"
+
+
 def test_two_batch_settings_and_extra_pairings(tmp_path):
     """n_iter2:* sample the batch as a run of two batches (txt2img --n_iter 2); --paired-with adds a
     table against another setting of the run."""
