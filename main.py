@@ -24,7 +24,7 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import ConfigError, ModelError, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -228,16 +228,12 @@ def build_model(parser, model_config, paths):
     trained: ldm/models/lightning.py). A parameter its class does not take (a misspelt key or
     override) or weights that cannot be loaded are one error line, not a traceback."""
     try:
-        return lightning_module(get_obj_from_str(model_config.target))(**model_config.get("params", {}))
+        return construct(lightning_module(get_obj_from_str(model_config.target)), model_config.get("params", {}),
+                         model_config.target)
     except ConfigError as e:
         parser.error(f"{e} (set in {', '.join(paths)} or an override)")
     except ModelError as e:
         parser.error(str(e))
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise  # a bug, not a config mistake: keep the traceback
-        parser.error(f"cannot build the model of {', '.join(paths)}: {e} (check the config's and the "
-                     f"overrides' parameter names)")
 
 
 def parse_devices(devices):

@@ -89,7 +89,24 @@ def instantiate_from_config(config):
         elif config == "__is_unconditional__":
             return None
         raise KeyError("Expected key `target` to instantiate.")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+    return construct(get_obj_from_str(config["target"]), config.get("params", dict()), config["target"])
+
+
+# Python's own words when a call's arguments do not fit the signature (3.10+: "Cls.__init__() ...")
+_UNFIT_ARGUMENTS = re.compile(r"(\w+)\.__init__\(\) (got an unexpected keyword argument|missing \d+ required)")
+
+
+def construct(cls, params, target):
+    """cls(**params), the `params` of a config's `target`. Params the class (or a base it passes
+    them on to) does not take, or required ones left out, are a ConfigError; a TypeError raised
+    anywhere else inside the constructor is a bug and keeps its traceback."""
+    try:
+        return cls(**params)
+    except TypeError as e:
+        unfit = _UNFIT_ARGUMENTS.match(str(e))
+        if unfit is None or unfit.group(1) not in {c.__name__ for c in getattr(cls, "__mro__", ())}:
+            raise
+        raise ConfigError(f"{target} does not take the config's parameters as given: {e}") from e
 
 
 def get_obj_from_str(string, reload=False):

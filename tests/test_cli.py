@@ -212,6 +212,16 @@ def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
 
 
+def test_txt2img_config_with_a_misspelt_parameter_is_one_error_line(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("        num_heads:", "        num_head:", 1))
+    args = [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
+    assert_one_line_error(run("txt2img.py", *args, "--outdir", tmp_path / "out"),
+                          "error: ldm.modules.diffusionmodules.openaimodel.UNetModel does not take the config's "
+                          "parameters as given: UNetModel.__init__() got an unexpected keyword argument 'num_head' "
+                          f"(set in {config})")
+
+
 def test_img2img_strength_one_noises_the_init_image_completely(tmp_path):
     # upstream indexed one DDIM step past the schedule at strength 1.0 (IndexError)
     init = tmp_path / "init.png"

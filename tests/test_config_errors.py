@@ -39,3 +39,17 @@ def test_a_latent_diffusion_config_without_timesteps_takes_the_default():
     # upstream's LatentDiffusion read kwargs['timesteps']: a KeyError unless the config set it
     model = build(lambda params: params.pop("timesteps"))
     assert model.num_timesteps == 1000
+
+
+def test_a_misspelt_parameter_passed_on_to_a_base_class_is_a_config_error():
+    # LatentDiffusion hands its **kwargs to DDPM, whose signature refuses the typo
+    with pytest.raises(ConfigError) as raised:
+        build(lambda params: params.update(linear_strat=0.001))
+    assert str(raised.value) == ("ldm.models.diffusion.ddpm.LatentDiffusion does not take the config's parameters as "
+                                 "given: DDPM.__init__() got an unexpected keyword argument 'linear_strat'")
+
+
+def test_a_type_error_inside_a_constructor_is_not_blamed_on_the_config():
+    # dim_in a string: torch's TypeError, deep in nn.Linear (a ConfigError would be no TypeError)
+    with pytest.raises(TypeError, match="empty"):
+        instantiate_from_config({"target": "ldm.modules.attention.GEGLU", "params": {"dim_in": "2", "dim_out": 2}})
