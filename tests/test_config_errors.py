@@ -53,3 +53,9 @@ def test_a_type_error_inside_a_constructor_is_not_blamed_on_the_config():
     # dim_in a string: torch's TypeError, deep in nn.Linear (a ConfigError would be no TypeError)
     with pytest.raises(TypeError, match="empty"):
         instantiate_from_config({"target": "ldm.modules.attention.GEGLU", "params": {"dim_in": "2", "dim_out": 2}})
+
+
+def test_the_identity_first_stage_takes_no_settings():
+    # a first_stage_config switched to the identity but left with its autoencoder's params
+    with pytest.raises(ConfigError, match="IdentityFirstStage.__init__.. got an unexpected keyword argument 'embed_dim'"):
+        instantiate_from_config({"target": "ldm.models.autoencoder.IdentityFirstStage", "params": {"embed_dim": 4}})

@@ -414,7 +414,9 @@ class AutoencoderKL(AdversarialTraining):
 
 
 class IdentityFirstStage(torch.nn.Module):
-    def __init__(self, *args, vq_interface=False, **kwargs):
+    """The first stage of a pixel-space model: latents are the pixels. It takes no settings
+    (upstream swallowed any, so a config written for an autoencoder passed as one)."""
+    def __init__(self, *, vq_interface=False):
         self.vq_interface = vq_interface  # TODO: Should be true by default but check to not break older stuff
         super().__init__()
 
