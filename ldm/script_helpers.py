@@ -21,6 +21,7 @@ from ldm.image_io import make_grid, next_free_index, save_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.diffusionmodules.util import DEFAULT_TIMESTEPS
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class ModelGeometry:
     scale: float | None = None  # guidance scale (None: the script's default)
     steps: int = DEFAULT_STEPS  # sampling steps; a small pixel-space model needs fewer than SD
     eta: float = 0.0  # DDIM eta; a small model can leave noise on the deterministic path (eta 0)
-    timesteps: int = 1000  # of the training noise schedule; samplers take fewer steps than this
+    timesteps: int = DEFAULT_TIMESTEPS  # of the training noise schedule; samplers take fewer steps than this
     not_text: str | None = None  # what the model is when not text-conditioned, e.g. "an unconditional model"
 
     def __post_init__(self):
@@ -273,7 +274,7 @@ def read_geometry(config) -> ModelGeometry:
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
-                         unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", 1000),
+                         unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", DEFAULT_TIMESTEPS),
                          not_text=_non_text_conditioning(params), **sampling)
 
 

@@ -22,6 +22,8 @@ from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TIMESTEPS = 1000  # of the training noise schedule, where a config leaves model.params.timesteps out
+
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
     if schedule == "linear":
