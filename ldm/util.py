@@ -545,9 +545,17 @@ def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, r
         return model.eval().to(device)
     if ckpt is None:
         raise CheckpointError("No checkpoint given; pass the path of a .ckpt or .safetensors file")
+    load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+    return model.eval().to(device)
+
+
+def load_weights(model, ckpt, *, unsafe_pickle=False):
+    """Load checkpoint file `ckpt` into `model` (apply_state_dict); returns the checkpoint's
+    global step, None where it has none (safetensors, a bare state dict)."""
     logger.info("Loading model weights from %s", ckpt)
     checkpoint = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)
-    if isinstance(checkpoint, dict) and "global_step" in checkpoint:
-        logger.info("Checkpoint global step: %s", checkpoint["global_step"])
+    global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    if global_step is not None:
+        logger.info("Checkpoint global step: %s", global_step)
     apply_state_dict(model, state_dict_of(checkpoint, os.fspath(ckpt)), os.fspath(ckpt))
-    return model.eval().to(device)
+    return global_step
