@@ -203,19 +203,22 @@ def test_txt2img_with_a_class_conditional_model_is_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
+def tiny_with_edited_config(tmp_path, old, new):
+    """(the config's path, TINY's arguments with it): the tiny config with `old` replaced by `new` once."""
     config = tmp_path / "mine.yaml"
-    config.write_text(TINY_CONFIG.read_text().replace("    linear_start:", "    loss_type: l3\n    linear_start:", 1))
-    args = [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
+    config.write_text(TINY_CONFIG.read_text().replace(old, new, 1))
+    return config, [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
+
+
+def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
+    config, args = tiny_with_edited_config(tmp_path, "    linear_start:", "    loss_type: l3\n    linear_start:")
     result = run("txt2img.py", *args, "--outdir", tmp_path / "out")
     assert_one_line_error(result, "model.params.loss_type is 'l3'; it takes one of 'l1', 'l2'", f"(set in {config})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]
 
 
 def test_txt2img_config_with_a_misspelt_parameter_is_one_error_line(tmp_path):
-    config = tmp_path / "mine.yaml"
-    config.write_text(TINY_CONFIG.read_text().replace("        num_heads:", "        num_head:", 1))
-    args = [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
+    config, args = tiny_with_edited_config(tmp_path, "        num_heads:", "        num_head:")
     assert_one_line_error(run("txt2img.py", *args, "--outdir", tmp_path / "out"),
                           "error: ldm.modules.diffusionmodules.openaimodel.UNetModel does not take the config's "
                           "parameters as given: UNetModel.__init__() got an unexpected keyword argument 'num_head' "
