@@ -501,18 +501,24 @@ def seed_everything(seed):
 
 def load_model(opt, device):
     """Build the model from --config and load --ckpt (or random weights); errors are one line."""
-    import ldm.util
-
-    config = load_config(opt.config)
-    ckpt = None if opt.random_weights else opt.ckpt
     if device.type == "cpu":
         threads = set_cpu_threads(opt.threads)
         logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
+    return build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
+                       unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights)
+
+
+def build_model(config_path, ckpt, device="cpu", **options):
+    """ldm.util.load_model_from_config on the config file at `config_path`. What stops it ends the
+    script with one error line, naming the config where the fix may lie in it: a setting it holds,
+    or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone)."""
+    import ldm.util
     try:
-        return ldm.util.load_model_from_config(config, ckpt, device, unsafe_pickle=opt.unsafe_pickle,
-                                               random_weights=opt.random_weights)
+        return ldm.util.load_model_from_config(load_config(config_path), ckpt, device, **options)
     except ldm.util.ConfigError as e:
-        raise SystemExit(f"error: {e} (set in {opt.config})")
+        raise SystemExit(f"error: {e} (set in {config_path})")
+    except ldm.util.WeightsMismatchError as e:
+        raise SystemExit(f"error: {e} (the model of {config_path}; --config names the checkpoint's own)")
     except (ldm.util.ModelError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

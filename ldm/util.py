@@ -238,6 +238,11 @@ class CheckpointError(ModelError):
     """A checkpoint cannot be used."""
 
 
+class WeightsMismatchError(CheckpointError):
+    """A checkpoint was read but its weights do not fit the model its config builds: the fix may be
+    the config as well as the file, so the scripts name the config."""
+
+
 class ConfigError(ModelError, ValueError):
     """A model setting in the config has a value its class does not support; the message names the
     setting and the values it takes."""
@@ -449,11 +454,11 @@ def _some(keys, n=3):
 def _check_weights(sd, model_sd, source):
     missing = [k for k in model_sd if k not in sd and k.startswith(REQUIRED_PREFIXES)]
     if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} weights this config needs (e.g. {_some(missing)}); "
+        raise WeightsMismatchError(f"{source} lacks {len(missing)} weights this config needs (e.g. {_some(missing)}); "
                               f"{_what_else(sd)}")
     mismatched = [k for k, v in sd.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
     if mismatched:
-        raise CheckpointError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
+        raise WeightsMismatchError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
                               f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
 
 
@@ -484,7 +489,7 @@ def _what_else(sd):
 def apply_state_dict(model, sd, source="checkpoint"):
     """Load `sd` into `model` after dropping unused EMA copies and remapping CLIP text keys.
 
-    Raises CheckpointError if a weight of the autoencoder, UNet or text encoder is missing or has
+    Raises WeightsMismatchError if a weight of the autoencoder, UNet or text encoder is missing or has
     the wrong shape; unexpected keys are only logged.
     """
     _drop_ema_copy_without_weights(model, sd, source)

@@ -88,7 +88,7 @@ from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedd
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir, conditionings,  # noqa: E402
                                 configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
                                 require_text_model, resolve_device, resolve_weights, set_cpu_threads)
 
@@ -320,15 +320,8 @@ def new_run_dir(outdir):
 # --- generation ---------------------------------------------------------------------------
 
 def load(opt, device):
-    from omegaconf import OmegaConf
-
-    from ldm.util import ModelError, load_model_from_config
     torch.manual_seed(0)
-    try:
-        return load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device,
-                                      random_weights=opt.random_weights)
-    except (ModelError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    return build_model(opt.config, opt.ckpt, device, random_weights=opt.random_weights)
 
 
 def start_noise(shape, prompt_index, seed, n, device):

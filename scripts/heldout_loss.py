@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, configure_logging,  # noqa: E402
-                                in_repo, positive_int, set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, configure_logging,  # noqa: E402
+                                in_repo, load_config, positive_int, set_cpu_threads)
 
 logger = logging.getLogger("heldout_loss")
 
@@ -78,18 +78,12 @@ def mean_se(values):
 def main(argv=None):
     configure_logging()
     opt = parse_args(argv)
-    from omegaconf import OmegaConf
-
-    from ldm.util import ModelError, load_model_from_config
     set_cpu_threads(opt.threads)
-    config = OmegaConf.load(opt.config)
+    config = load_config(opt.config)
     batches = validation_batches(config, opt.n, opt.batch_size)
     rows, first = [], None
     for path in opt.ckpt:
-        try:
-            model = load_model_from_config(config, path)
-        except ModelError as err:
-            raise SystemExit(f"error: {err}")
+        model = build_model(opt.config, path)
         if first is None:  # drawn once, in the model's latent shape, for every file
             generator = torch.Generator().manual_seed(opt.seed)
             shapes = [(len(captions), model.channels, model.image_size, model.image_size) for _, captions in batches]

@@ -44,7 +44,7 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, check_new_file, configure_logging, in_repo,  # noqa: E402
+from ldm.script_helpers import (ArgumentParser, build_model, check_new_file, configure_logging, in_repo,  # noqa: E402
                                 read_model_geometry, resolve_device, resolve_weights)
 
 logger = logging.getLogger("train_adapter")
@@ -143,15 +143,8 @@ def check_captioned_model(parser, path):
 # --- model and data -------------------------------------------------------------------------
 
 def load_frozen_model(opt, device):
-    from omegaconf import OmegaConf
-
-    from ldm.util import ModelError, load_model_from_config
     torch.manual_seed(opt.seed)
-    try:
-        model = load_model_from_config(OmegaConf.load(opt.config), opt.ckpt, device,
-                                       random_weights=opt.random_weights)
-    except (ModelError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    model = build_model(opt.config, opt.ckpt, device, random_weights=opt.random_weights)
     if not hasattr(model, "get_learned_conditioning") or getattr(model, "cond_stage_key", None) != "caption":
         raise SystemExit(f"error: {opt.config} is not a text-to-image model with captions "
                          f"(cond_stage_key: caption); the adapter is trained on captioned procedural scenes")

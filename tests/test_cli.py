@@ -195,6 +195,16 @@ def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_txt2img_checkpoint_of_another_model_names_the_config_it_was_checked_against(tmp_path):
+    """The shipped 16 px weights with SD v1's layout: the error says which config's model they did
+    not fit (for a --ckpt alone that is SD v1's default, which the user never named)."""
+    args = [a for a in TINY if a != "--random-weights"]
+    result = run("txt2img.py", *args, "--ckpt", REPO / "models/embedded/procedural-t2i-16px.safetensors",
+                 "--outdir", tmp_path)
+    assert_one_line_error(result, "procedural-t2i-16px.safetensors lacks", "weights this config needs",
+                          f"(the model of {TINY_CONFIG}; --config names the checkpoint's own)")
+
+
 def test_txt2img_with_a_class_conditional_model_is_one_error_line(tmp_path):
     args = ["--config", REPO / "configs/latent-diffusion/cin256-v2.yaml", *TINY[2:]]
     result = run("txt2img.py", *args, "--outdir", tmp_path / "out")

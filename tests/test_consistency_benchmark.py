@@ -272,7 +272,7 @@ def test_a_config_setting_outside_its_choices_is_one_error_line(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         benchmark_module().main(["--config", str(config), "--random-weights", "--outdir", str(tmp_path / "out"),
                                  "--n", "2", "--steps", "1", "--seeds", "0"])
-    assert str(exit_info.value) == "error: model.params.loss_type is 'l3'; it takes one of 'l1', 'l2'"
+    assert str(exit_info.value) == f"error: model.params.loss_type is 'l3'; it takes one of 'l1', 'l2' (set in {config})"
 
 
 def test_two_batch_settings_and_extra_pairings(tmp_path):
