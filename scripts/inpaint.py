@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm import script_helpers as helpers
 from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import ModelError, load_model_from_config
 
 logger = logging.getLogger("inpaint")
 
@@ -96,14 +95,11 @@ def find_pairs(parser, opt, multiple):
     return pairs
 
 
-def load_model(parser, opt, config, device):
+def load_model(parser, opt, device):
     if not os.path.isfile(opt.ckpt):
         hint = " (scripts/download_models.sh downloads the inpainting model)" if opt.ckpt == CKPT else ""
         parser.error(f"{opt.ckpt} not found{hint}")
-    try:
-        return load_model_from_config(config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
-    except ModelError as e:
-        parser.error(str(e))
+    return helpers.build_model(opt.config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
 
 
 @torch.no_grad()
@@ -137,7 +133,7 @@ def main():
     logger.info("Found %d inputs.", len(pairs))
 
     device = helpers.resolve_device("auto")
-    model = load_model(parser, opt, helpers.load_config(opt.config), device)
+    model = load_model(parser, opt, device)
     sampler = DDIMSampler(model)
     helpers.seed_everything(opt.seed)
     with model.ema_scope():

@@ -2,7 +2,6 @@ import argparse, os, sys, glob, logging
 import importlib.util
 import torch
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm, trange
 from itertools import islice
@@ -13,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import make_grid
-from ldm.util import ModelError, load_model_from_config, parallel_data_prefetch
+from ldm.util import parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
-from ldm.script_helpers import configure_logging
+from ldm.script_helpers import build_model, configure_logging
 
 logger = logging.getLogger("knn2img")
 
@@ -304,11 +303,7 @@ if __name__ == "__main__":
         if not os.path.isfile(path):
             parser.error(f"{flag} {path} not found")
 
-    config = OmegaConf.load(f"{opt.config}")
-    try:
-        model = load_model_from_config(config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle)  # strict, as txt2img
-    except ModelError as e:
-        parser.error(str(e))
+    model = build_model(opt.config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle)  # strict, as txt2img
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
