@@ -422,9 +422,9 @@ def test_cli_flags_build_the_config():
 
 @pytest.mark.parametrize("argv,message", [
     (["--share-mode", "anchor"], "--share-mode takes effect only with --consistent-attn"),
-    (["--consistent-attn", "--share-groups", "outer,sideways"], "unknown attention group"),
-    (["--consistent-attn", "--share-window", "0.8:0.2"], "step window"),
-    (["--consistent-attn", "--share-mode", "sample", "--share-rate", "1.5"], "sample rate"),
+    (["--consistent-attn", "--share-groups", "outer,sideways"], "--share-groups: unknown attention group"),
+    (["--consistent-attn", "--share-window", "0.8:0.2"], "--share-window: step window"),
+    (["--consistent-attn", "--share-mode", "sample", "--share-rate", "1.5"], "--share-rate: sample rate"),
     (["--consistent-attn", "--share-mode", "everything"], "invalid choice"),
     # never silently ignored: a flag of another mode, or anchors that leave nobody to read them
     (["--consistent-attn", "--share-rate", "0.3"], "--share-rate applies to --share-mode sample"),
@@ -434,7 +434,7 @@ def test_cli_flags_build_the_config():
     (["--consistent-attn", "--anchor-images", "4"], "--anchor-images 4: the batch has 4 image(s), at positions 0 to 3"),
     (["--consistent-attn", "--anchor-images", "0,1,2,3"], "--anchor-images 0,1,2,3 with 4 images per batch leaves no "
                                                           "image"),  # the flag given, not the count it implies
-    (["--consistent-attn", "--anchor-images", "1,1"], "distinct batch positions"),
+    (["--consistent-attn", "--anchor-images", "1,1"], "--anchor-images: anchor images must be distinct batch positions"),
     (["--consistent-attn", "--anchor-images", "-1"], "distinct batch positions"),
     (["--consistent-attn", "--anchor-images", "first"], "batch positions from 0, like 2 or 2,5"),
     (["--consistent-attn", "--anchor-images", "1", "--share-anchors", "2"], "drop --share-anchors"),
@@ -442,7 +442,7 @@ def test_cli_flags_build_the_config():
      "--anchor-images applies to --share-mode anchor"),
     (["--anchor-images", "1"], "--anchor-images takes effect only with --consistent-attn"),
     # one image has nothing to share, but a bad flag is still an error, not hidden by the warning
-    (["--consistent-attn", "--share-anchors", "0", "--share-mode", "anchor", "IMAGES=1"], "anchor count must be >= 1"),
+    (["--consistent-attn", "--share-anchors", "0", "--share-mode", "anchor", "IMAGES=1"], "--share-anchors: anchor count must be >= 1"),
     (["--consistent-attn", "--share-rate", "0.3", "IMAGES=1"], "--share-rate applies to --share-mode sample"),
 ])
 def test_cli_rejects_bad_flags_with_one_line(argv, message, capsys):

@@ -93,6 +93,15 @@ MODE_CHOICES = _enum_choices(ShareMode)
 CFG_CHOICES = _enum_choices(CfgPolicy)
 
 
+class SettingError(ValueError):
+    """A ConsistentAttentionConfig field has a value it cannot take; `field` names it, so the
+    command line can say which flag to change."""
+
+    def __init__(self, field_name, message):
+        super().__init__(message)
+        self.field = field_name
+
+
 @dataclass(frozen=True)
 class ConsistentAttentionConfig:
     """What the user chose. Validated once, here.
@@ -126,25 +135,26 @@ class ConsistentAttentionConfig:
         if self.n_anchors is None:
             object.__setattr__(self, "n_anchors", len(self.anchor_images) or 1)
         if any(not isinstance(w, str) or not w.strip() for w in self.subjects):
-            raise ValueError(f"subject words must be non-empty strings, got {list(self.subjects)}")
+            raise SettingError("subjects", f"subject words must be non-empty strings, got {list(self.subjects)}")
         if not self.groups:
-            raise ValueError("no attention group selected: choose from " + ", ".join(GROUP_CHOICES))
+            raise SettingError("groups", "no attention group selected: choose from " + ", ".join(GROUP_CHOICES))
         if self.n_anchors < 1:
-            raise ValueError(f"anchor count must be >= 1, got {self.n_anchors}")
+            raise SettingError("n_anchors", f"anchor count must be >= 1, got {self.n_anchors}")
         if self.anchor_images:
             if self.mode is not ShareMode.ANCHOR:
-                raise ValueError(f"anchor images are for anchor mode, not mode {self.mode.value}")
+                raise SettingError("anchor_images", f"anchor images are for anchor mode, not mode {self.mode.value}")
             if min(self.anchor_images) < 0 or len(set(self.anchor_images)) != len(self.anchor_images):
-                raise ValueError(f"anchor images must be distinct batch positions (0 = the first image), "
-                                 f"got {list(self.anchor_images)}")
+                raise SettingError("anchor_images", f"anchor images must be distinct batch positions (0 = the first "
+                                                    f"image), got {list(self.anchor_images)}")
             if len(self.anchor_images) != self.n_anchors:
-                raise ValueError(f"{len(self.anchor_images)} anchor image(s) {list(self.anchor_images)} but "
-                                 f"{self.n_anchors} anchors asked for: give one position per anchor")
+                raise SettingError("anchor_images", f"{len(self.anchor_images)} anchor image(s) "
+                                                    f"{list(self.anchor_images)} but {self.n_anchors} anchors asked "
+                                                    f"for: give one position per anchor")
         if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
+            raise SettingError("sample_rate", f"sample rate must be in (0, 1], got {self.sample_rate}")
         start, end = self.window
         if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"step window must satisfy 0 <= start < end <= 1, got {start}:{end}")
+            raise SettingError("window", f"step window must satisfy 0 <= start < end <= 1, got {start}:{end}")
 
     def describe(self) -> dict:
         """Plain-data form, for logs and PNG metadata."""
@@ -716,9 +726,6 @@ def consistent_attention(model, config: ConsistentAttentionConfig | None, images
 # Command line (shared by scripts/txt2img.py and scripts/img2img.py)
 # --------------------------------------------------------------------------------------------
 
-SHARE_FLAGS = ("share_groups", "share_blocks", "share_mode", "share_anchors", "anchor_images", "share_rate",
-               "share_window", "share_cfg", "subject", "share_adain")
-
 
 def add_arguments(parser):
     defaults = ConsistentAttentionConfig()
@@ -814,32 +821,46 @@ def parse_positions(text: str) -> tuple:
         raise ValueError(f"anchor images are batch positions from 0, like 2 or 2,5; got {text!r}") from None
 
 
+# option -> (the ConsistentAttentionConfig field it sets, the parser of its text; None: argparse typed it)
+SHARE_FLAGS = {"share_groups": ("groups", parse_groups), "share_blocks": ("half", None),
+               "share_mode": ("mode", None), "share_anchors": ("n_anchors", None),
+               "anchor_images": ("anchor_images", parse_positions), "share_rate": ("sample_rate", None),
+               "share_window": ("window", parse_window), "share_cfg": ("cfg", None),
+               "subject": ("subjects", parse_subjects), "share_adain": ("adain", None)}
+
+
+def flag_name(option):
+    """'share_groups' -> '--share-groups'."""
+    return f"--{option.replace('_', '-')}"
+
+
+FLAG_OF_FIELD = {field_name: flag_name(name) for name, (field_name, _) in SHARE_FLAGS.items()}
+
+
 def given_share_flags(opt):
-    return [f"--{name.replace('_', '-')}" for name in SHARE_FLAGS if getattr(opt, name) is not None]
+    return [flag_name(name) for name in SHARE_FLAGS if getattr(opt, name) is not None]
 
 
 def config_from_share_flags(opt, parser):
-    """The ConsistentAttentionConfig of the --share-* flags (defaults for those not given)."""
+    """The ConsistentAttentionConfig of the --share-* flags (defaults for those not given); a bad
+    value is one error line naming its flag."""
     chosen = {"seed": getattr(opt, "seed", 0)}
+    for name, (field_name, parse) in SHARE_FLAGS.items():
+        value = getattr(opt, name)
+        if value is None:
+            continue
+        try:
+            chosen[field_name] = parse(value) if parse else value
+        except ValueError as err:
+            parser.error(f"{flag_name(name)}: {err}")
+    if opt.anchor_images is not None and opt.share_anchors is not None \
+            and opt.share_anchors != len(chosen["anchor_images"]):
+        parser.error(f"--anchor-images names {len(chosen['anchor_images'])} image(s), --share-anchors "
+                     f"{opt.share_anchors}: drop --share-anchors, the anchors are the images named")
     try:
-        if opt.share_groups is not None:
-            chosen["groups"] = parse_groups(opt.share_groups)
-        if opt.share_window is not None:
-            chosen["window"] = parse_window(opt.share_window)
-        if opt.subject is not None:
-            chosen["subjects"] = parse_subjects(opt.subject)
-        if opt.anchor_images is not None:
-            chosen["anchor_images"] = parse_positions(opt.anchor_images)
-            if opt.share_anchors is not None and opt.share_anchors != len(chosen["anchor_images"]):
-                parser.error(f"--anchor-images names {len(chosen['anchor_images'])} image(s), --share-anchors "
-                             f"{opt.share_anchors}: drop --share-anchors, the anchors are the images named")
-        for flag, field_name in [("share_blocks", "half"), ("share_mode", "mode"), ("share_anchors", "n_anchors"),
-                                 ("share_rate", "sample_rate"), ("share_cfg", "cfg"), ("share_adain", "adain")]:
-            if getattr(opt, flag) is not None:
-                chosen[field_name] = getattr(opt, flag)
         return ConsistentAttentionConfig(**chosen)
-    except ValueError as err:
-        parser.error(str(err))
+    except SettingError as err:
+        parser.error(f"{FLAG_OF_FIELD[err.field]}: {err}")
 
 
 __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
@@ -852,4 +873,5 @@ __all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttenti
            "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
            "masked_anchor_attention",
            "sampled_tokens", "cross_attention_layers", "subject_masks_for",
-           "subject_tokens_in", "AnchorsFirst", "anchors_first", "check_anchor_images", "parse_positions"]
+           "subject_tokens_in", "AnchorsFirst", "anchors_first", "check_anchor_images", "parse_positions",
+           "SettingError"]
