@@ -283,12 +283,15 @@ def test_one_image_and_a_reference_image_share(tmp_path, tiny_ckpt):
     (["--consistent-attn", "--share-anchors", "2"], "--share-anchors"),
     (["--consistent-attn", "--share-anchors", "1"], "--share-anchors"),  # the default's value, still not used
     (["--consistent-attn", "--anchor-images", "1"], "--anchor-images"),
+    # not "add --consistent-attn", which --write-reference refuses in turn
+    (["--write-reference", "REF"], "choose --reference-image or --write-/--read-reference"),
 ])
 def test_reference_image_misuse_is_one_error_line(tmp_path, tiny_ckpt, extra, message):
     image = reference_png(tmp_path / "red.png", "red")
+    extra = [tmp_path / "ref.safetensors" if a == "REF" else a for a in extra]
     result = txt2img(*args(tiny_ckpt, tmp_path / "out", "--reference-image", image, *extra))
     assert_one_line_error(result, message)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ref.safetensors").exists()
 
 
 def test_an_unreadable_reference_image_is_one_error_line(tmp_path, tiny_ckpt):

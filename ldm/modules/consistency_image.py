@@ -90,6 +90,9 @@ def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
     paths = opt.reference_image
     if paths is None:
         return None
+    if opt.write_reference or opt.read_reference:  # checked first: they refuse the --consistent-attn asked for next
+        parser.error("--reference-image is an anchor image of --consistent-attn, a reference file an anchor recorded "
+                     "by an earlier run: choose --reference-image or --write-/--read-reference")
     if not opt.consistent_attn:
         parser.error("--reference-image is read as the anchor of --consistent-attn; add --consistent-attn")
     config = opt.consistency  # not None: with the reference, a batch has two images or more
