@@ -46,15 +46,24 @@ def weight_files(folder) -> dict:
 def weight_file(folder, component) -> str:
     """The weight file of one component folder; ValueError (one line) when there is none."""
     names = [WEIGHT_FILES[component]] + ([LEGACY_TEXT_ENCODER_FILE] if component == "text_encoder" else [])
-    candidates = [os.path.join(folder, component, name + suffix) for suffix in VARIANTS for name in names]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
+    found = find_weight_file(os.path.join(folder, component), names)
+    if found:
+        return found
+    candidates = [name + suffix for suffix in VARIANTS for name in names]
     if any(name.endswith(".index.json") for name in _listdir(os.path.join(folder, component))):
         raise ValueError(f"{folder}/{component} holds sharded weights, which are not supported: save the "
                          f"pipeline unsharded, or convert it to one file with diffusers' conversion script")
     raise ValueError(f"{folder} is not a complete diffusers pipeline folder: no {component} weights "
-                     f"({', '.join(os.path.basename(p) for p in candidates[:2])}, ...) in {component}/")
+                     f"({', '.join(candidates[:2])}, ...) in {component}/")
+
+
+def find_weight_file(directory, names) -> str | None:
+    """The first of `names` with one of VARIANTS' suffixes (in VARIANTS' order of preference) that is
+    a file in `directory`, or None: diffusers' name for the weights of one saved module."""
+    for path in (os.path.join(directory, name + suffix) for suffix in VARIANTS for name in names):
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _listdir(path):

@@ -102,6 +102,47 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
         load_adapter(tmp_path / "broken.pth")
 
 
+@pytest.mark.parametrize("kind, cond_channels, channels, blocks", [
+    ("full_adapter", 1, [16, 32, 64, 64], 2),   # t2iadapter_{sketch,canny,...}_sd14v1's shape, narrower
+    ("full_adapter", 3, [16, 32, 64, 64], 3),
+    ("light_adapter", 3, [16, 32, 64], 4),      # t2iadapter_color_sd14v1's (diffusers counts 3 widths for 4 levels)
+])
+def test_a_diffusers_t2i_adapter_folder_computes_what_diffusers_computes(tmp_path, kind, cond_channels, channels,
+                                                                         blocks):
+    """T2IAdapter.save_pretrained (the TencentARC/t2iadapter_*_sd14v1 repositories' layout): loaded
+    from the folder and from its weight file alone, every level's features equal diffusers' own."""
+    diffusers = pytest.importorskip("diffusers")  # the test extra
+    torch.manual_seed(0)
+    reference = diffusers.T2IAdapter(in_channels=cond_channels, channels=channels, num_res_blocks=blocks,
+                                     downscale_factor=4, adapter_type=kind).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    cond = torch.rand(2, cond_channels, 64, 64)
+    with torch.no_grad():
+        expected = reference(cond)
+    for path in (tmp_path / "adapter", tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"):
+        # the folder's config.json records f = 4; the file alone needs it given, as a model would
+        adapter = load_adapter(path, unshuffle=None if path.is_dir() else 4)
+        assert adapter.spec.kind == kind.split("_")[0] and adapter.cond_channels == cond_channels
+        with torch.no_grad():
+            features = adapter(cond)
+        assert len(features) == len(expected) == 4
+        for ours, theirs in zip(features, expected):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    with pytest.raises(CheckpointError, match="trained for a first-stage downsampling f=4 .* this model has f=8"):
+        load_adapter(tmp_path / "adapter", unshuffle=8)
+
+
+def test_a_diffusers_adapter_folder_of_another_kind_is_one_clear_error(tmp_path):
+    folder = tmp_path / "xl"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"adapter_type": "full_adapter_xl", "downscale_factor": 16}')
+    with pytest.raises(CheckpointError, match="diffusers full_adapter_xl, not one of SD 1.x's .*; it is for SDXL"):
+        load_adapter(folder)
+    (folder / "config.json").write_text('{"adapter_type": "full_adapter", "downscale_factor": 8}')
+    with pytest.raises(CheckpointError, match="has no diffusion_pytorch_model.safetensors"):
+        load_adapter(folder)
+
+
 @pytest.mark.parametrize("state_dict, message", [
     ({"model.weight": torch.zeros(1)}, "not a T2I-Adapter checkpoint"),
     ({"style_embedding": torch.zeros(1, 4, 8)}, "style adapter"),

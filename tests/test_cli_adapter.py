@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from conftest import TINY_CONFIG, fill_zero_weights_, load_script
 from ldm.image_io import read_parameters
-from ldm.modules.adapters import Adapter, LightAdapter
+from ldm.modules.adapters import Adapter, LightAdapter, load_adapter, save_adapter
 from ldm.util import instantiate_from_config
 from test_adapters import TINY_CHANNELS, compact
 from test_cli import assert_ok, assert_one_line_error, run
@@ -83,6 +83,21 @@ def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files
     assert not np.array_equal(image("steered", *adapter), plain)
     assert np.array_equal(image("outside", *adapter, "--cond-tau", "0.4"), plain)
     assert "t2i_adapter" not in read_parameters(tmp_path / "plain" / "samples" / "00000.png")["extra"]
+
+
+def test_a_diffusers_adapter_folder_steers_as_its_weights_in_the_released_layout(tmp_path, files):
+    """--adapter FOLDER (diffusers' save_pretrained) samples exactly what the same weights do as
+    a released-layout file."""
+    diffusers = pytest.importorskip("diffusers")  # the test extra
+    torch.manual_seed(1)
+    diffusers.T2IAdapter(in_channels=1, channels=list(TINY_CHANNELS), num_res_blocks=2, downscale_factor=8,
+                         adapter_type="full_adapter").save_pretrained(tmp_path / "folder")
+    save_adapter(load_adapter(tmp_path / "folder"), tmp_path / "released.safetensors")
+    cond = ["--cond", files / "photo.png", "--cond-type", "canny"]
+    from_folder = one_image(files, tmp_path / "a", "--ddim_steps", "2", "--adapter", tmp_path / "folder", *cond)
+    assert np.array_equal(from_folder, one_image(files, tmp_path / "b", "--ddim_steps", "2",
+                                                 "--adapter", tmp_path / "released.safetensors", *cond))
+    assert not np.array_equal(from_folder, one_image(files, tmp_path / "plain", "--ddim_steps", "2"))
 
 
 @pytest.mark.parametrize("sampler", ["plms", "dpm"])

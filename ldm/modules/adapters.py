@@ -13,6 +13,10 @@ dicts, sometimes with an `adapter.` prefix), so those load strictly:
     Adapter        conv_in, body.{k}.block1/block2 (+ body.{k}.in_conv where the width changes)
     LightAdapter   body.{level}.in_conv / body.{level}.body.{j}.block1/block2 / body.{level}.out_conv
 
+The same adapters saved by diffusers (`T2IAdapter.save_pretrained`, e.g. the TencentARC/t2iadapter_*_sd14v1
+repositories: a folder with config.json) group the blocks per level (`body.{level}.resnets.{j}`); they are
+renamed into this layout on loading (`released_layout`).
+
 Per-run state follows ldm/modules/consistency.py: one `AdapterInjection` object is set on the
 UNet (`unet.adapter_residuals`) by `adapter_conditioning`, a forward pre-hook reads the
 timestep to apply the `cond_tau` window, and the context manager restores the model in
@@ -22,6 +26,7 @@ positional arguments only).
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import math
 import os
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ldm.diffusers_folder import find_weight_file
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.util import CheckpointError, load_state_dict, save_safetensors
 
@@ -212,6 +218,10 @@ class AdapterSpec:
                 "num_res_blocks": self.num_res_blocks, "unshuffle": self.unshuffle}
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+DIFFUSERS_TYPES = ("full_adapter", "light_adapter")  # SD 1.x's; full_adapter_xl pools at other levels
+
+
 def strip_prefix(state_dict: dict) -> dict:
     """Drop the `adapter.` prefix that checkpoints saved from the whole model carry."""
     if state_dict and all(k.startswith(PREFIX) for k in state_dict):
@@ -221,6 +231,28 @@ def strip_prefix(state_dict: dict) -> dict:
 
 def _indices(state_dict, pattern):
     return sorted({int(m.group(1)) for k in state_dict if (m := re.fullmatch(pattern, k))})
+
+
+def released_layout(state_dict: dict) -> dict:
+    """diffusers' key layout (prefix already stripped) renamed into the released one; other layouts
+    are returned unchanged. diffusers groups a level's blocks, `body.{level}.resnets.{j}`: the full
+    adapter's flat list holds block j of a level at `body.{level * blocks_per_level + j}` (where the
+    level's width projection, diffusers' `body.{level}.in_conv`, sits too), the light adapter's
+    stage at `body.{level}.body.{j}`."""
+    blocks = _indices(state_dict, r"body\.\d+\.resnets\.(\d+)\..+")
+    if not blocks:
+        return state_dict
+    light = any(k.startswith("body.0.out_conv.") for k in state_dict)
+    per_level = 1 + max(blocks)
+    renamed = {}
+    for key, value in state_dict.items():
+        if m := re.fullmatch(r"body\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            level, block, rest = int(m[1]), int(m[2]), m[3]
+            key = f"body.{level}.body.{block}.{rest}" if light else f"body.{level * per_level + block}.{rest}"
+        elif not light and (m := re.fullmatch(r"body\.(\d+)\.in_conv\.(.+)", key)):
+            key = f"body.{int(m[1]) * per_level}.in_conv.{m[2]}"
+        renamed[key] = value
+    return renamed
 
 
 def _cond_channels(in_channels, key, unshuffle):
@@ -319,17 +351,40 @@ def resolve_unshuffle(path, recorded: int | None, expected: int | None) -> int:
 def load_adapter(path, *, levels: int = 4, unshuffle: int | None = None, unsafe_pickle: bool = False) -> nn.Module:
     """Build the adapter a checkpoint describes and load it strictly, in eval mode on the CPU.
 
-    `unshuffle`: the model's first-stage downsampling f, when known (checked against the
-    factor recorded in the file's header; files without it - the released ones - are built
-    with it, default 8). Raises CheckpointError (one line) for unreadable or unknown files."""
-    factor = resolve_unshuffle(path, recorded_unshuffle(path), unshuffle)
-    state_dict = strip_prefix(load_state_dict(path, unsafe_pickle=unsafe_pickle))
+    `path`: a checkpoint file (released .pth, .safetensors, diffusers' weight file) or a diffusers
+    T2IAdapter folder. `unshuffle`: the model's first-stage downsampling f, when known (checked
+    against the factor recorded in the file's header or the folder's config; files without it -
+    the released ones - are built with it, default 8). Raises CheckpointError (one line) for
+    unreadable or unknown files."""
+    weights, recorded = adapter_weights(path)
+    factor = resolve_unshuffle(path, recorded, unshuffle)
+    state_dict = released_layout(strip_prefix(load_state_dict(weights, unsafe_pickle=unsafe_pickle)))
     spec = detect_adapter(state_dict, levels, factor)
     adapter = spec.build()
     load_strict(adapter, state_dict, str(path))
     adapter.spec = spec
     log.info("adapter %s: %s", path, spec.describe())
     return adapter.eval().requires_grad_(False)
+
+
+def adapter_weights(path) -> tuple:
+    """(weight file, recorded unshuffle factor or None) of a checkpoint file or a diffusers folder."""
+    if not os.path.isdir(path):
+        return path, recorded_unshuffle(path)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"adapter folder {path} has no readable config.json of a diffusers T2IAdapter ({e})")
+    kind = config.get("adapter_type", "full_adapter")
+    if kind not in DIFFUSERS_TYPES:
+        raise CheckpointError(f"adapter {path} is a diffusers {kind}, not one of SD 1.x's "
+                              f"({', '.join(DIFFUSERS_TYPES)})" + ("; it is for SDXL" if kind.endswith("_xl") else ""))
+    weights = find_weight_file(path, [DIFFUSERS_WEIGHTS])
+    if weights is None:
+        raise CheckpointError(f"adapter folder {path} has no {DIFFUSERS_WEIGHTS}.safetensors (or .bin)")
+    factor = config.get("downscale_factor")
+    return weights, factor if isinstance(factor, int) and factor >= 1 else None
 
 
 def save_adapter(adapter: nn.Module, path, metadata: dict | None = None) -> None:
@@ -551,7 +606,8 @@ def add_arguments(parser):
         "T2I-Adapter (steer the layout with an edge map, sketch, depth, pose or palette); "
         "repeat --adapter/--cond/--cond-type[/--adapter-weight] to combine adapters")
     group.add_argument("--adapter", action="append", metavar="CKPT",
-                       help="T2I-Adapter checkpoint (e.g. t2iadapter_canny_sd14v1.pth or .safetensors)")
+                       help="T2I-Adapter checkpoint (e.g. t2iadapter_canny_sd14v1.pth or .safetensors), or a "
+                            "diffusers T2IAdapter folder (config.json and its weights)")
     group.add_argument("--cond", action="append", nargs="+", metavar="IMAGE|DIR",
                        help="condition image(s) for that adapter: one for all images, or one per image "
                             "(files or a folder; as many as --n_samples); same size as --W x --H")
@@ -608,7 +664,7 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
     uses = []
     for ckpt, entries, cond_type, weight in zip(opt.adapter, opt.cond, opt.cond_type, weights):
         try:
-            if not os.path.isfile(ckpt):
+            if not os.path.exists(ckpt):
                 raise ValueError(f"adapter checkpoint not found: {ckpt}")
             adapter = load_adapter(ckpt, levels=len(widths) if widths else 4, unshuffle=factor)
             if widths:
