@@ -144,7 +144,10 @@ def test_a_diffusers_adapter_folder_of_another_kind_is_one_clear_error(tmp_path)
 
 
 @pytest.mark.parametrize("state_dict, message", [
-    ({"model.weight": torch.zeros(1)}, "not a T2I-Adapter checkpoint"),
+    ({"model.weight": torch.zeros(1)}, r"not a T2I-Adapter checkpoint: .* \(keys: model\.weight, \.\.\.\)"),
+    ({"control_model.input_hint_block.0.weight": torch.zeros(1)}, "it looks like a ControlNet"),
+    ({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}, "it looks like a ControlNet"),  # diffusers'
+    ({"model.diffusion_model.out.2.weight": torch.zeros(1)}, "it looks like a model checkpoint: pass it as --ckpt"),
     ({"style_embedding": torch.zeros(1, 4, 8)}, "style adapter"),
     ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.skep.weight": torch.zeros(1)}, "sk=False"),
     ({"conv_in.weight": torch.zeros(8, 64, 3, 3), "body.0.block1.weight": torch.zeros(8, 8, 3, 3)}, "multiple of 4"),

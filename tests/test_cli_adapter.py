@@ -149,6 +149,9 @@ def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
      "3 condition images for adapter"),
     (["--adapter", "{missing}", "--cond", "{photo}", "--cond-type", "canny"], "adapter checkpoint not found"),
     (["--adapter", "{photo}", "--cond", "{photo}", "--cond-type", "canny"], "Unsupported checkpoint type"),
+    (["--adapter", "{model}", "--cond", "{photo}", "--cond-type", "canny"],
+     "adapter {model}: not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight (it looks like a "
+     "model checkpoint: pass it as --ckpt)"),
     (["--adapter", "{sd14}", "--cond", "{photo}", "--cond-type", "canny"],
      "widths [320, 640, 1280, 1280] but this UNet's levels have [32, 64, 128, 128]"),
     (["--adapter", "{canny}", "--cond", "{photo}"], "1 --adapter given but 0 --cond-type"),
@@ -160,7 +163,7 @@ def test_rgb_map_into_a_one_channel_adapter_is_one_error_line(tmp_path, files):
 def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     """In-process (no model is built before these checks), so many cases stay fast."""
     paths = {"canny": files / "canny.pth", "wide": files / "wide.png", "photo": files / "photo.png",
-             "missing": files / "missing.png", "sd14": files / "sd14_sketch.pth"}
+             "missing": files / "missing.png", "sd14": files / "sd14_sketch.pth", "model": files / "tiny.safetensors"}
     script = load_script("txt2img")
     parser = script.build_parser()
     argv = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64", "--n_samples", "2",
@@ -169,7 +172,7 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
         script.validate_options(parser, parser.parse_args(argv))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], errors
+    assert len(errors) == 1 and message.format(**paths) in errors[0], errors
 
 
 def test_img2img_takes_adapters_too(tmp_path, files):

@@ -297,9 +297,17 @@ def _detect(state_dict, levels, unshuffle):
         per_level = len(_indices(state_dict, r"body\.0\.body\.(\d+)\.block1\.weight"))
         cond_channels = _cond_channels(state_dict["body.0.in_conv.weight"].shape[1], "body.0.in_conv", unshuffle)
         return AdapterSpec(AdapterKind.LIGHT, cond_channels, widths, per_level, unshuffle=unshuffle)
-    sample = ", ".join(sorted(state_dict)[:3]) or "no keys"
     raise CheckpointError(f"not a T2I-Adapter checkpoint: no conv_in.weight or body.0.out_conv.weight "
-                          f"(keys: {sample}, ...)")
+                          f"({_what_it_is(state_dict)})")
+
+
+def _what_it_is(state_dict):
+    """The files most often passed as --adapter by mistake, where the keys tell; else some keys."""
+    if any(k.startswith(("control_model.", "controlnet_cond_embedding.")) for k in state_dict):
+        return "it looks like a ControlNet, which this repository does not run; T2I-Adapters steer the same conditions"
+    if any(k.startswith("model.diffusion_model.") for k in state_dict):
+        return "it looks like a model checkpoint: pass it as --ckpt"
+    return f"keys: {', '.join(sorted(state_dict)[:3]) or 'none'}, ..."
 
 
 def load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
@@ -359,7 +367,10 @@ def load_adapter(path, *, levels: int = 4, unshuffle: int | None = None, unsafe_
     weights, recorded = adapter_weights(path)
     factor = resolve_unshuffle(path, recorded, unshuffle)
     state_dict = released_layout(strip_prefix(load_state_dict(weights, unsafe_pickle=unsafe_pickle)))
-    spec = detect_adapter(state_dict, levels, factor)
+    try:
+        spec = detect_adapter(state_dict, levels, factor)
+    except CheckpointError as e:  # which of several --adapter files
+        raise CheckpointError(f"adapter {path}: {e}") from None
     adapter = spec.build()
     load_strict(adapter, state_dict, str(path))
     adapter.spec = spec
