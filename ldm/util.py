@@ -479,6 +479,10 @@ def _what_else(sd):
                 f"checkpoint (its UNet reads {first_conv.shape[1]} channels, a text-to-image one 4)")
     elif has("encoder.", "decoder.") and not has("model.diffusion_model."):
         kind = "an autoencoder (VAE) alone"
+    elif has("control_model.", "controlnet_cond_embedding."):
+        kind = "a ControlNet alone, which this repository does not run (T2I-Adapters steer the same conditions)"
+    elif has("body.0.", "adapter.body.0.") and not has("model.diffusion_model."):
+        kind = "a T2I-Adapter (pass it as --adapter, with a --cond)"
     elif has("down_blocks.", "mid_block.", "up_blocks."):
         kind = "one part of a diffusers pipeline (pass the pipeline folder itself)"
     else:
