@@ -416,6 +416,21 @@ def check_image_size(parser, height, width, multiple):
                          f"(nearest valid size: {nearest})")
 
 
+LARGE_SIZE_FACTOR = 4  # pixels beyond this many times the model's own size get a warning
+
+
+def warn_if_far_above_model_size(geometry, height, width, what, fix):
+    """Warn when the images are far larger than the size the model samples by default (its
+    training size): every step costs about that factor more (self-attention, quadratic in the
+    pixels, more still) and SD 1.x repeats its subjects far above 512 px. A warning, not an error:
+    a somewhat larger size is a legitimate choice."""
+    factor = height * width / (geometry.height * geometry.width)
+    if factor > LARGE_SIZE_FACTOR:
+        logger.warning("%s %dx%d, %.0fx the pixels of this model's %dx%d: each sampling step costs at least that "
+                       "much more, and far above its own size a model repeats its subjects; %s",
+                       what, width, height, factor, geometry.width, geometry.height, fix)
+
+
 def check_output_dir(parser, flag, path):
     """Create the folder `path` for a run's outputs now, before any work, so that a bad one (a
     file, an unwritable place, no value at all) is one error line instead of a traceback after

@@ -22,7 +22,7 @@ from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
                                 precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
-                                seed_everything, validate_common, written_message)
+                                seed_everything, validate_common, warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("img2img")
 
@@ -155,6 +155,9 @@ def main(argv=None, extra_metadata=None):
     except ValueError as err:
         parser.error(str(err))
     height, width = init_image.shape[2:]
+    warn_if_far_above_model_size(opt.geometry, height, width, "--init-img is read at",
+                                 "shrink the image" + (f", or read it at the model's --display-scale {opt.geometry.display_scale}"
+                                                       if opt.display_scale < opt.geometry.display_scale else ""))
     # the reference's image size is the (cropped) init image's, and a different strength is a
     # different trajectory: both are recorded and checked before the model loads
     opt.reference = consistency_reference.reference_from_arguments(opt, parser, size=(height, width),

@@ -17,7 +17,8 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_b
                                 check_step_window, check_subject_words_before_loading, configure_logging,
                                 consistency_from_arguments, cpu_noise, feature_metadata, latents_to_images,
                                 load_model, make_sampler, precision_context, prompt_batches, resolve_device,
-                                sampling_batch, save_results, seed_everything, validate_common, written_message)
+                                sampling_batch, save_results, seed_everything, validate_common,
+                                warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("txt2img")
 
@@ -46,6 +47,7 @@ def validate_options(parser, opt):
             opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
+    warn_if_far_above_model_size(opt.geometry, opt.H, opt.W, "--H/--W give images of", "take a smaller --H/--W")
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     consistency_image.set_from_arguments(opt, parser, (opt.H, opt.W))
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)

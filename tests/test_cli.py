@@ -112,6 +112,32 @@ def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, cap
     assert not any(tmp_path.iterdir())
 
 
+def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplog):
+    """On the 16 px model: 40x40 is 6x its pixels (warned, with the fix), 32x32 4x (not); img2img
+    reads a 48x48 image pixel for pixel with --display-scale 1 (9x, warned), at 16x16 with 3."""
+    config = REPO / "configs/embedded/procedural-t2i-16px.yaml"
+    parser = txt2img.build_parser()
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if "the pixels of this model's 16x16" in r.getMessage()]
+
+    for size, expected in ((32, []), (40, ["--H/--W give images of 40x40, 6x the pixels of this model's 16x16: each "
+                                           "sampling step costs at least that much more, and far above its own size "
+                                           "a model repeats its subjects; take a smaller --H/--W"])):
+        caplog.clear()
+        txt2img.validate_options(parser, parser.parse_args(["--config", str(config), "--H", str(size), "--W", str(size),
+                                                            "--outdir", str(tmp_path / str(size))]))
+        assert warnings() == expected
+    Image.new("RGB", (48, 48), (200, 40, 40)).save(tmp_path / "init.png")
+    img2img = load_script("img2img")
+    shrink = "shrink the image, or read it at the model's --display-scale 16"
+    for extra, expected in ((["--display-scale", "3"], []), (["--display-scale", "1"], [shrink])):
+        caplog.clear()
+        img2img.main([str(a) for a in ["--config", config, "--init-img", tmp_path / "init.png", "--n_samples", "1",
+                                       "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path / "img2img", *extra]])
+        assert [w.split("; ")[-1] for w in warnings()] == expected
+
+
 def test_txt2img_skip_grid_and_skip_save_write_nothing_and_say_why(txt2img, tmp_path, caplog):
     """Upstream's flags, kept: --n_rows only lays out the grid, so with --skip_grid it is named as
     having no effect, and a run that saves nothing says which flags asked for that."""
