@@ -16,6 +16,7 @@ match and loading says which weights are missing.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -35,12 +36,41 @@ VAE_ATTENTION_RENAMES = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "
                          "query.": "q.", "key.": "k.", "value.": "v.", "proj_attn.": "proj_out."}  # older diffusers
 
 
+# a diffusers folder holding one module says which in its config.json; the ones passed as --ckpt most often
+SINGLE_MODULES = {"T2IAdapter": "a T2I-Adapter: pass it as --adapter",
+                  "ControlNetModel": "a ControlNet, which this repository does not run",
+                  "UNet2DConditionModel": "one part of a pipeline: pass the pipeline folder itself",
+                  "AutoencoderKL": "one part of a pipeline: pass the pipeline folder itself"}
+
+
 def weight_files(folder) -> dict:
-    """{component: its weight file}; ValueError (one line) for a folder that is not a complete pipeline."""
+    """{component: its weight file}; ValueError (one line) for a folder that is not a complete pipeline.
+    A repository folder of the Hugging Face cache (models--ORG--NAME) stands for the snapshot its
+    refs/main names, as it does for diffusers."""
+    folder = cache_snapshot(folder)
     if not os.path.isdir(os.path.join(folder, "unet")):
-        raise ValueError(f"{folder} is a folder without unet/: pass a checkpoint file, or a diffusers "
-                         f"pipeline folder (unet/, vae/, text_encoder/)")
+        kind = SINGLE_MODULES.get(_class_name(folder))
+        raise ValueError(f"{folder} is a folder without unet/{f' ({kind})' if kind else ''}: pass a checkpoint "
+                         f"file, or a diffusers pipeline folder (unet/, vae/, text_encoder/)")
     return {component: weight_file(folder, component) for component in COMPONENTS}
+
+
+def cache_snapshot(folder):
+    """`folder`, or the snapshot that refs/main names where `folder` is a repository folder of the
+    Hugging Face cache (refs/, snapshots/, blobs/: the weights are in snapshots/<commit>/)."""
+    ref = os.path.join(folder, "refs", "main")
+    if os.path.isdir(os.path.join(folder, "unet")) or not os.path.isfile(ref):
+        return folder
+    with open(ref) as f:
+        return os.path.join(folder, "snapshots", f.read().strip())
+
+
+def _class_name(folder):
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def weight_file(folder, component) -> str:

@@ -5,6 +5,7 @@ A pipeline folder of SD v1's shape at the tiny config's size is written with dif
 and every network must compute what diffusers' (transformers') module computes on the same input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -107,6 +108,31 @@ def test_an_incomplete_or_unrelated_folder_is_one_line(pipeline, tmp_path):
     for file in (folder / "unet").iterdir():
         os.symlink(file, tmp_path / "unet" / file.name)
     with pytest.raises(CheckpointError, match="no vae weights"):
+        load_state_dict(tmp_path)
+
+
+def test_a_hugging_face_cache_folder_reads_the_snapshot_refs_main_names(pipeline, tmp_path):
+    """models--ORG--NAME as the hub cache lays it out: refs/main holds the commit whose snapshot
+    has the pipeline (an older snapshot beside it is not read)."""
+    folder, *_ = pipeline
+    cache = tmp_path / "models--CompVis--stable-diffusion-v1-4"
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("b2c3\n")
+    (cache / "snapshots" / "a1b2").mkdir(parents=True)  # an older commit: no weights
+    os.symlink(folder, cache / "snapshots" / "b2c3")
+    converted = load_state_dict(folder)
+    from_cache = load_state_dict(cache)
+    assert from_cache.keys() == converted.keys() and all(torch.equal(from_cache[k], converted[k]) for k in converted)
+
+
+@pytest.mark.parametrize("class_name, kind", [
+    ("T2IAdapter", "(a T2I-Adapter: pass it as --adapter)"),
+    ("ControlNetModel", "(a ControlNet, which this repository does not run)"),
+    ("UNet2DConditionModel", "(one part of a pipeline: pass the pipeline folder itself)"),
+])
+def test_a_diffusers_folder_of_one_module_is_named(tmp_path, class_name, kind):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder without unet/ {re.escape(kind)}: pass"):
         load_state_dict(tmp_path)
 
 
