@@ -1,4 +1,6 @@
 """T2I-Adapter modules, checkpoints and UNet injection (ldm/modules/adapters.py)."""
+import os
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -119,7 +121,12 @@ def test_a_diffusers_t2i_adapter_folder_computes_what_diffusers_computes(tmp_pat
     cond = torch.rand(2, cond_channels, 64, 64)
     with torch.no_grad():
         expected = reference(cond)
-    for path in (tmp_path / "adapter", tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"):
+    cache = tmp_path / "models--TencentARC--t2iadapter_sketch_sd14v1"  # the hub cache's layout
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("c0ffee")
+    (cache / "snapshots").mkdir()
+    os.symlink(tmp_path / "adapter", cache / "snapshots" / "c0ffee")
+    for path in (tmp_path / "adapter", cache, tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"):
         # the folder's config.json records f = 4; the file alone needs it given, as a model would
         adapter = load_adapter(path, unshuffle=None if path.is_dir() else 4)
         assert adapter.spec.kind == kind.split("_")[0] and adapter.cond_channels == cond_channels

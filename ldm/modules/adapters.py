@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ldm.diffusers_folder import find_weight_file
+from ldm.diffusers_folder import cache_snapshot, find_weight_file
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.util import CheckpointError, load_state_dict, save_safetensors
 
@@ -379,9 +379,11 @@ def load_adapter(path, *, levels: int = 4, unshuffle: int | None = None, unsafe_
 
 
 def adapter_weights(path) -> tuple:
-    """(weight file, recorded unshuffle factor or None) of a checkpoint file or a diffusers folder."""
+    """(weight file, recorded unshuffle factor or None) of a checkpoint file or a diffusers folder
+    (saved, or the Hugging Face cache's models--ORG--NAME)."""
     if not os.path.isdir(path):
         return path, recorded_unshuffle(path)
+    path = cache_snapshot(path)
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
