@@ -5,6 +5,7 @@
 Each tile is one ProceduralScenes item upscaled (nearest neighbour) with its caption
 (wrapped) underneath, and the attributes read back from its pixels marked ok/BAD.
 """
+import logging
 import os
 import sys
 import textwrap
@@ -14,7 +15,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data.procedural import ALL_KINDS, KINDS, ProceduralScenes, read_attributes  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file, configure_logging  # noqa: E402
+
+logger = logging.getLogger("make_procedural_samples")
 
 # The renderer draws every scene from 13 px up (the furniture's parts collide below that);
 # 16 leaves a margin. It is designed for 32.
@@ -47,6 +50,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    configure_logging()
     args = parse_args(argv)
     ds = ProceduralScenes(size=args.size, length=args.n, seed=args.seed, kinds=args.kinds)
     tile = args.size * args.scale
@@ -68,7 +72,7 @@ def main(argv=None):
         draw.multiline_text((x, y + tile + 2), "\n".join(lines), fill=(0, 0, 0), spacing=1)
     with open(args.out, "xb") as f:  # "x": a file that appeared meanwhile is still not overwritten
         grid.save(f, format="PNG")
-    print(f"wrote {args.out} ({args.n} scenes)")
+    logger.info("wrote %s (%d scenes)", args.out, args.n)
 
 
 if __name__ == "__main__":
