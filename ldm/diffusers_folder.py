@@ -112,6 +112,19 @@ def read_pipeline_folder(folder, load) -> dict:
     return state
 
 
+def read_vae_folder(folder, load) -> dict:
+    """The autoencoder of a diffusers AutoencoderKL folder (its own, e.g. sd-vae-ft-mse; a pipeline's,
+    whose vae/ it uses; or the Hugging Face cache's models--ORG--NAME) in AutoencoderKL's names."""
+    folder = cache_snapshot(folder)
+    if os.path.isdir(os.path.join(folder, "vae")):
+        folder = os.path.join(folder, "vae")
+    path = find_weight_file(folder, [WEIGHT_FILES["vae"]])
+    if path is None:
+        raise ValueError(f"{folder} holds no diffusers autoencoder weights ({WEIGHT_FILES['vae']}.safetensors "
+                         f"or .bin)")
+    return vae_state_dict(load(path))
+
+
 def _count(keys, pattern):
     """1 + the largest number the first group of `pattern` matches among `keys` (0 for none)."""
     numbers = [int(m.group(1)) for m in map(re.compile(pattern).match, keys) if m]

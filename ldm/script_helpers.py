@@ -103,6 +103,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="path to checkpoint of model, .safetensors or .ckpt, or a diffusers pipeline folder (default: "
              "the weights named in the config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt "
              "for SD v1)")
+    add("--vae", default=None, metavar="PATH",
+        help="autoencoder weights to use instead of the checkpoint's, as SD users swap in a fine-tuned VAE "
+             "(e.g. vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers AutoencoderKL folder)")
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
@@ -346,7 +349,7 @@ def in_repo(path):
 
 
 def resolve_model(parser, opt):
-    """Fill opt.config, opt.ckpt, opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale,
+    """Fill opt.config, opt.ckpt, opt.vae, opt.C, opt.f, opt.H, opt.W, opt.display_scale, opt.scale,
     opt.ddim_steps and opt.geometry (whose eta validate_common applies).
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
@@ -357,6 +360,12 @@ def resolve_model(parser, opt):
     geometry = read_model_geometry(parser, "--config", opt.config)
     require_text_model(parser, opt.config, geometry)
     resolve_weights(parser, opt, geometry)
+    if opt.vae is not None:
+        opt.vae = in_repo(opt.vae)
+        if not os.path.exists(opt.vae):
+            parser.error(f"--vae {opt.vae} not found: pass an autoencoder's weight file or folder")
+        if geometry.factor == 1:
+            parser.error(f"--vae: {opt.config} samples in pixel space, with no autoencoder to replace")
     if not opt.random_weights and os.path.isdir(opt.ckpt):
         try:
             diffusers_folder.weight_files(opt.ckpt)
@@ -520,7 +529,7 @@ def load_model(opt, device):
         threads = set_cpu_threads(opt.threads)
         logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
     return build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
-                       unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights)
+                       unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights, vae=opt.vae)
 
 
 def build_model(config_path, ckpt, device="cpu", **options):
@@ -819,6 +828,8 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
         "ckpt": None if opt.random_weights else opt.ckpt,
         "extra": dict(extra_metadata or {}),
     }
+    if opt.vae:
+        metadata["vae"] = opt.vae
     if batch is not None:
         metadata.update(batch=batch, position=position)
     if opt.random_weights:

@@ -16,7 +16,7 @@ from queue import Queue
 from inspect import isfunction
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.diffusers_folder import read_pipeline_folder
+from ldm.diffusers_folder import read_pipeline_folder, read_vae_folder, vae_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -542,20 +542,65 @@ def build_for_weights(config, why):
     return instantiate_from_config(model_config)
 
 
-def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False):
+def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, random_weights=False, vae=None):
     """Build `config.model` and load the weights of checkpoint `ckpt` into it; returns it in eval mode on `device`.
 
     random_weights=True skips the checkpoint (for tests and dry runs) and says so loudly. The
-    config's own ckpt_path entries are not read either way (_drop_checkpoint_paths).
+    config's own ckpt_path entries are not read either way (_drop_checkpoint_paths). `vae`: a file
+    or folder whose autoencoder replaces the checkpoint's (load_first_stage_weights).
     """
     model = build_for_weights(config, "random weights" if random_weights else "the checkpoint holds the whole model")
     if random_weights:
         logger.warning("THE MODEL HAS RANDOM WEIGHTS: no checkpoint loaded, outputs will be noise")
-        return model.eval().to(device)
-    if ckpt is None:
+    elif ckpt is None:
         raise CheckpointError("No checkpoint given; pass the path of a .ckpt or .safetensors file")
-    load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+    else:
+        load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+    if vae is not None:
+        load_first_stage_weights(model, vae, unsafe_pickle=unsafe_pickle)
     return model.eval().to(device)
+
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+
+
+def load_first_stage_weights(model, path, *, unsafe_pickle=False):
+    """Replace the weights of the model's autoencoder by those in `path`, as SD users swap in a
+    fine-tuned VAE (vae-ft-mse-840000-ema-pruned: sharper faces and text, the same latent space).
+    `path`: a VAE file in CompVis' names (encoder.*, decoder.*, with or without first_stage_model.;
+    the training loss's loss.* entries are not used), a whole model's checkpoint (its autoencoder),
+    a diffusers AutoencoderKL folder or weight file. Strict: a weight missing or of another shape
+    is a CheckpointError."""
+    first_stage = getattr(model, "first_stage_model", None)
+    expected = first_stage.state_dict() if first_stage is not None else {}
+    if not expected:
+        raise CheckpointError(f"--vae {path}: this model has no autoencoder to replace (it samples in pixel space)")
+    logger.info("Loading autoencoder weights from %s", path)
+    sd = _first_stage_state_dict(os.fspath(path), unsafe_pickle)
+    missing = [k for k in expected if k not in sd]
+    mismatched = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or mismatched:
+        what = f"lacks {len(missing)} autoencoder weights (e.g. {_some(missing)})" if missing else \
+            f"has {len(mismatched)} autoencoder weights of other shapes than this model's (e.g. {_some(mismatched)})"
+        raise CheckpointError(f"--vae {path} {what}; is it an SD 1.x VAE (4 latent channels, 8x downsampling)?")
+    unused = [k for k in sd if k not in expected and not k.startswith("loss.")]
+    if unused:
+        logger.info("%d keys of %s not used by the autoencoder: %s", len(unused), path, _some(unused))
+    first_stage.load_state_dict({k: sd[k] for k in expected})
+
+
+def _first_stage_state_dict(path, unsafe_pickle):
+    if os.path.isdir(path):
+        try:
+            return read_vae_folder(path, lambda file: load_state_dict(file, unsafe_pickle=unsafe_pickle))
+        except ValueError as e:
+            raise CheckpointError(f"--vae {e}") from e
+    sd = load_state_dict(path, unsafe_pickle=unsafe_pickle)
+    if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):
+        return {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
+    if any(".mid_block." in k for k in sd):  # diffusers' names, its weight file given alone
+        return vae_state_dict(sd)
+    return sd
 
 
 def load_weights(model, ckpt, *, unsafe_pickle=False):

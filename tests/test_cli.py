@@ -97,6 +97,9 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     (["--from-file", "configs"], ["--from-file configs: a folder"]),
     (["--outdir", "README.md"], ["--outdir README.md is a file, not a folder"]),
     (["--outdir"], ["--outdir needs a folder"]),
+    (["--vae", "missing.safetensors"], ["--vae missing.safetensors not found"]),
+    (["--vae", "README.md", "--config", "configs/embedded/procedural-t2i-16px.yaml"],
+     ["--vae: configs/embedded/procedural-t2i-16px.yaml samples in pixel space, with no autoencoder to replace"]),
     (["--write-reference", "README.md/ref.safetensors"], ["--write-reference", "is a file, not a folder"]),
 ])
 def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, capsys, args, fragments):
@@ -136,6 +139,24 @@ def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplo
         img2img.main([str(a) for a in ["--config", config, "--init-img", tmp_path / "init.png", "--n_samples", "1",
                                        "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path / "img2img", *extra]])
         assert [w.split("; ")[-1] for w in warnings()] == expected
+
+
+def test_txt2img_vae_decodes_with_the_given_autoencoder_and_records_it(txt2img, tmp_path):
+    """In-process. The tiny model with random weights: the same latents, decoded by another
+    autoencoder, are other pixels; the PNG names the file."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config, save_safetensors
+    torch.manual_seed(1)
+    other = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).first_stage_model
+    save_safetensors({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "vae.safetensors")
+    common = [*map(str, TINY), "--n_samples", "1", "--skip_grid"]
+    plain = txt2img.main([*common, "--outdir", str(tmp_path / "plain")])
+    swapped = txt2img.main([*common, "--outdir", str(tmp_path / "vae"), "--vae", str(tmp_path / "vae.safetensors")])
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(swapped[0])))
+    assert read_parameters(swapped[0])["vae"] == str(tmp_path / "vae.safetensors")
+    assert "vae" not in read_parameters(plain[0])
 
 
 def test_txt2img_skip_grid_and_skip_save_write_nothing_and_say_why(txt2img, tmp_path, caplog):

@@ -75,6 +75,19 @@ def test_the_autoencoder_computes_what_diffusers_autoencoder_computes(pipeline, 
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("vae", ["pipeline", "pipeline/vae", "pipeline/vae/diffusion_pytorch_model.safetensors"])
+def test_vae_from_diffusers_computes_what_diffusers_autoencoder_computes(pipeline, vae):
+    """--vae with a diffusers AutoencoderKL (sd-vae-ft-mse is one): its folder, a pipeline's, or its
+    weight file; the model's own autoencoder (random here) is replaced."""
+    from omegaconf import OmegaConf
+    folder, _, reference, _ = pipeline
+    model = load_model_from_config(OmegaConf.load(TINY_CONFIG), None, random_weights=True,
+                                   vae=str(folder.parent / vae.replace("pipeline", folder.name, 1)))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.first_stage_model.decode(z), reference.decode(z).sample, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_the_text_encoder_computes_what_transformers_clip_computes(pipeline, loaded):
     _, _, _, text = pipeline
     prompts = ["a photo of a wooden chair", ""]

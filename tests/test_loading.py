@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import FULL_CONFIG
+from conftest import FULL_CONFIG, TINY_CONFIG
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (
     CheckpointError, apply_state_dict, instantiate_from_config, load_model_from_config, load_state_dict,
@@ -276,3 +276,50 @@ def test_the_configs_own_checkpoint_paths_are_not_read_when_sampling(tmp_path, t
         "Not reading model.params.first_stage_config.params.ckpt_path: the checkpoint holds the whole model",
         "Not reading model.params.first_stage_config.params.ckpt_path: random weights"]
     assert config.model.params.first_stage_config.params.ckpt_path  # the caller's config is left as it was
+
+
+# --- --vae: another autoencoder --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_autoencoder():
+    """The tiny config's autoencoder with other random weights than tiny_model's."""
+    torch.manual_seed(1)
+    return instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).first_stage_model
+
+
+@pytest.mark.parametrize("layout", ["vae file", "prefixed", "whole checkpoint"])
+def test_vae_replaces_the_autoencoder_and_nothing_else(tmp_path, tiny_config, tiny_model, other_autoencoder, layout):
+    """A CompVis VAE file (with the training loss's entries, as vae-ft-mse-840000 has them), the same
+    keys under first_stage_model., or a whole model's checkpoint: the autoencoder comes from --vae,
+    the UNet and text encoder from the checkpoint."""
+    save_file(tiny_state_dict(tiny_model), str(tmp_path / "model.safetensors"))
+    vae = {k: v.clone().contiguous() for k, v in other_autoencoder.state_dict().items()}
+    if layout == "vae file":
+        vae["loss.logvar"] = torch.zeros(())
+    else:
+        vae = {"first_stage_model." + k: v for k, v in vae.items()}
+    if layout == "whole checkpoint":
+        vae.update({k: torch.zeros_like(v) for k, v in tiny_state_dict(tiny_model).items()
+                    if not k.startswith("first_stage_model.")})
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    model = load_model_from_config(tiny_config, str(tmp_path / "model.safetensors"),
+                                   vae=str(tmp_path / "vae.safetensors"))
+    assert_same_parameters(model.first_stage_model, other_autoencoder)
+    assert_same_parameters(model.model, tiny_model.model)
+    assert_same_parameters(model.cond_stage_model, tiny_model.cond_stage_model)
+
+
+def test_vae_with_random_weights_and_its_errors(tmp_path, tiny_config, other_autoencoder):
+    vae = {k: v.clone().contiguous() for k, v in other_autoencoder.state_dict().items()}
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    model = load_model_from_config(tiny_config, None, random_weights=True, vae=str(tmp_path / "vae.safetensors"))
+    assert_same_parameters(model.first_stage_model, other_autoencoder)
+    del vae["decoder.conv_out.bias"]
+    save_file(vae, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(CheckpointError, match=r"partial.safetensors lacks 1 autoencoder weights \(e\.g\. "
+                                              r"decoder\.conv_out\.bias\); is it an SD 1\.x VAE"):
+        load_model_from_config(tiny_config, None, random_weights=True, vae=str(tmp_path / "partial.safetensors"))
+    vae["decoder.conv_out.bias"] = torch.zeros(4)  # 3 output channels
+    save_file(vae, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="has 1 autoencoder weights of other shapes than this model's"):
+        load_model_from_config(tiny_config, None, random_weights=True, vae=str(tmp_path / "other.safetensors"))

@@ -41,7 +41,7 @@ def test_which_configs_are_text_to_image_models(path, not_text):
 
 def options(**given):
     defaults = dict(config=None, ckpt=None, random_weights=False, C=None, f=None, H=None, W=None, display_scale=None,
-                    scale=None, default_scale=7.5, ddim_steps=None)
+                    scale=None, default_scale=7.5, ddim_steps=None, vae=None)
     return argparse.Namespace(**{**defaults, **given})
 
 
