@@ -1,4 +1,5 @@
 """ldm.models.lightning: main.py trains ldm's plain nn.Module models with LightningModule mixed in."""
+import copy
 import pickle
 import subprocess
 import sys
@@ -55,3 +56,17 @@ def test_a_subclass_of_the_mixed_class_pickles_as_itself():
     torch.manual_seed(0)
     model = ReportingLatentDiffusion(**OmegaConf.load(TINY_CONFIG).model.params)
     assert type(pickle.loads(pickle.dumps(model))) is ReportingLatentDiffusion
+
+
+def test_the_frozen_stages_stay_in_eval_mode_and_return_themselves():
+    """The first stage and text encoder keep eval mode (no dropout) when Lightning calls train() on
+    the model, while the UNet trains; their eval()/train() return the module, as nn.Module's do
+    (upstream's returned the mode passed, and train() without one was a TypeError), in a copy too."""
+    model = build_tiny_lightning_model()
+    model.train()
+    assert model.model.training
+    for stage in (model.first_stage_model, model.cond_stage_model):
+        assert not stage.training and not any(p.requires_grad for p in stage.parameters())
+        assert stage.eval() is stage and stage.train() is stage and not stage.training
+    clone = copy.deepcopy(model)
+    assert clone.first_stage_model.train() is clone.first_stage_model

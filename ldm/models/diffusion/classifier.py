@@ -10,6 +10,7 @@ from copy import deepcopy
 from einops import rearrange
 from glob import glob
 
+from ldm.models.diffusion.ddpm import frozen
 from ldm.models.lightning import TrainableModule
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
 from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config
@@ -29,12 +30,6 @@ __models__ = {
 # (conditioning and the decoder's output head), which the half UNet has no use for.
 UNET_ONLY_PARAMS = frozenset({"num_classes", "use_spatial_transformer", "transformer_depth", "context_dim",
                               "n_embed", "legacy"})
-
-
-def disabled_train(self, mode=True):
-    """Overwrite model.train with this function to make sure train/eval mode
-    does not change anymore."""
-    return self
 
 
 class NoisyLatentImageClassifier(TrainableModule):
@@ -80,11 +75,7 @@ class NoisyLatentImageClassifier(TrainableModule):
         self.weight_decay = weight_decay
 
     def load_diffusion(self):
-        model = instantiate_from_config(self.diffusion_config)
-        self.diffusion_model = model.eval()
-        self.diffusion_model.train = disabled_train
-        for param in self.diffusion_model.parameters():
-            param.requires_grad = False
+        self.diffusion_model = frozen(instantiate_from_config(self.diffusion_config))
 
     def load_classifier(self, ckpt_path, pool):
         model_config = deepcopy(self.diffusion_config.params.unet_config.params)

@@ -41,6 +41,16 @@ def disabled_train(self, mode=True):
     return self
 
 
+def frozen(module):
+    """`module` in eval mode for good and without gradients: a pretrained first stage or text
+    encoder inside a model that trains (Lightning calls train() on the whole model). train() is
+    bound to the module (a partial, which pickles), so that eval()/train() still return it as
+    nn.Module's do."""
+    module.eval()
+    module.train = partial(disabled_train, module)
+    return module.requires_grad_(False)
+
+
 def uniform_on_device(r1, r2, shape, device):
     return (r1 - r2) * torch.rand(*shape, device=device) + r2
 
@@ -495,11 +505,7 @@ class LatentDiffusion(DDPM):
             self.make_cond_schedule()
 
     def instantiate_first_stage(self, config):
-        model = instantiate_from_config(config)
-        self.first_stage_model = model.eval()
-        self.first_stage_model.train = disabled_train
-        for param in self.first_stage_model.parameters():
-            param.requires_grad = False
+        self.first_stage_model = frozen(instantiate_from_config(config))
 
     def instantiate_cond_stage(self, config):
         if not self.cond_stage_trainable:
@@ -511,11 +517,7 @@ class LatentDiffusion(DDPM):
                 self.cond_stage_model = None
                 # self.be_unconditional = True
             else:
-                model = instantiate_from_config(config)
-                self.cond_stage_model = model.eval()
-                self.cond_stage_model.train = disabled_train
-                for param in self.cond_stage_model.parameters():
-                    param.requires_grad = False
+                self.cond_stage_model = frozen(instantiate_from_config(config))
         else:
             assert config != '__is_first_stage__'
             assert config != '__is_unconditional__'
