@@ -38,23 +38,6 @@ def custom_to_np(x):
     return sample
 
 
-def logs2pil(logs, keys=["sample"]):
-    imgs = dict()
-    for k in logs:
-        try:
-            if len(logs[k].shape) == 4:
-                img = custom_to_pil(logs[k][0, ...])
-            elif len(logs[k].shape) == 3:
-                img = custom_to_pil(logs[k])
-            else:
-                logger.warning("unknown format for key %s", k)
-                img = None
-        except:
-            img = None
-        imgs[k] = img
-    return imgs
-
-
 @torch.no_grad()
 def convsample(model, shape, return_intermediates=True,
                verbose=True,

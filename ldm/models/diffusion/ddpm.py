@@ -51,10 +51,6 @@ def frozen(module):
     return module.requires_grad_(False)
 
 
-def uniform_on_device(r1, r2, shape, device):
-    return (r1 - r2) * torch.rand(*shape, device=device) + r2
-
-
 class DDPM(TrainableModule):
     # classic DDPM with Gaussian diffusion, in image space
     def __init__(self,
