@@ -88,9 +88,10 @@ from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedd
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir, conditionings,  # noqa: E402
-                                configure_logging, cpu_noise, in_repo, latents_to_images, read_model_geometry,
-                                require_text_model, resolve_device, resolve_weights, set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
+                                conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
+                                read_model_geometry, require_text_model, resolve_device, resolve_weights,
+                                set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 

@@ -155,9 +155,9 @@ def main(argv=None, extra_metadata=None):
     except ValueError as err:
         parser.error(str(err))
     height, width = init_image.shape[2:]
-    warn_if_far_above_model_size(opt.geometry, height, width, "--init-img is read at",
-                                 "shrink the image" + (f", or read it at the model's --display-scale {opt.geometry.display_scale}"
-                                                       if opt.display_scale < opt.geometry.display_scale else ""))
+    model_scale = opt.geometry.display_scale
+    warn_if_far_above_model_size(opt.geometry, height, width, "--init-img is read at", "shrink the image" + (
+        f", or read it at the model's --display-scale {model_scale}" if opt.display_scale < model_scale else ""))
     # the reference's image size is the (cropped) init image's, and a different strength is a
     # different trajectory: both are recorded and checked before the model loads
     opt.reference = consistency_reference.reference_from_arguments(opt, parser, size=(height, width),
