@@ -18,6 +18,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ldm.diffusers_folder import cache_snapshot
+
 # Normalisation the encoders were trained with, used when the directory has no
 # preprocessor_config.json: ImageNet statistics (DINO, ViT) and CLIP's own.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,8 +54,9 @@ class ImageEmbedder:
 
 
 def load_embedder(path, device="cpu") -> ImageEmbedder:
-    """The image encoder in the local transformers directory ``path``; EmbedderError if unusable."""
-    path = os.fspath(path)
+    """The image encoder in the local transformers directory ``path`` (or the Hugging Face cache's
+    models--ORG--NAME folder of one); EmbedderError if unusable."""
+    path = cache_snapshot(os.fspath(path))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise EmbedderError(f"--embedder {path} is not a local model directory with a config.json (give the "
                             f"folder of a transformers image model, e.g. facebook/dinov2-small saved with "

@@ -83,6 +83,16 @@ def test_a_benchmark_reference_image_of_your_own_is_the_image_rows_anchor_for_an
     assert not (tmp_path / "out").exists()
 
 
+def test_the_hugging_face_cache_folder_of_a_model_loads_its_snapshot(tmp_path):
+    """models--facebook--dinov2-small as the hub cache lays it out: the snapshot refs/main names."""
+    cache = tmp_path / "models--facebook--dinov2-small"
+    save_tiny_model(cache / "snapshots" / "0a1b", "dinov2")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0a1b")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(load_embedder(cache)(images), load_embedder(cache / "snapshots" / "0a1b")(images))
+
+
 def test_a_folder_without_a_model_is_refused_with_what_to_give(tmp_path):
     with pytest.raises(EmbedderError, match="not a local model directory with a config.json"):
         load_embedder(tmp_path)
