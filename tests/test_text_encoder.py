@@ -137,6 +137,13 @@ def test_local_directory_loads_with_from_pretrained(tmp_path, tiny_config):
     assert reloaded.device == torch.device("cpu")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode(["a cat"]), encoder.encode(["a cat"]))
+    cache = tmp_path / "models--openai--clip-vit-large-patch14"  # the hub cache: the snapshot refs/main names
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("9e8f")
+    (cache / "snapshots").mkdir()
+    (cache / "snapshots" / "9e8f").symlink_to(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(FrozenCLIPEmbedder(version=str(cache)).encode(["a cat"]), encoder.encode(["a cat"]))
 
 
 def test_a_local_directory_without_tokenizer_files_is_an_error(tmp_path, tiny_config):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from einops import repeat
 
+from ldm.diffusers_folder import cache_snapshot
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError
 
@@ -298,7 +299,7 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
     - the default id CLIP_VERSION: tokenizer from the vendored BPE file and a randomly initialised
       ViT-L/14 text model of clip_text.py (``text_config`` overrides its fields); the weights come
       from the checkpoint;
-    - a local directory: ``from_pretrained(version)``;
+    - a local directory (or the Hugging Face cache's models--ORG--NAME folder): ``from_pretrained``;
     - any other string is taken as a hub id; TextEncoderLoadError if it cannot be fetched.
     """
     if version == CLIP_VERSION:
@@ -307,7 +308,7 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
         raise TextEncoderLoadError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}; "
                                    f"remove one of them from the config")
     if os.path.isdir(version):
-        return _load_clip_from_directory(version)
+        return _load_clip_from_directory(cache_snapshot(version))
     return _load_clip_from_hub(version)
 
 
