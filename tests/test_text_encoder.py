@@ -192,6 +192,13 @@ def test_a_local_bert_tokenizer_folder_is_used(tmp_path):
     tokens = embedder.tknz_fn(["a photo of a chair"])
     assert tokens.tolist() == [[101, 104, 105, 106, 104, 107, 102, 0]]  # [CLS] a photo of a chair [SEP] [PAD]
     assert embedder.encode(["a photo of a chair"]).shape == (1, 8, 32)
+    cache = tmp_path / "models--bert-base-uncased"  # the hub cache: the snapshot refs/main names
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("5a6b")
+    (cache / "snapshots" / "5a6b").mkdir(parents=True)
+    (cache / "snapshots" / "5a6b" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cached = BERTEmbedder(n_embed=32, n_layer=1, max_seq_len=8, tokenizer=str(cache))
+    assert cached.tknz_fn(["a photo of a chair"]).tolist() == tokens.tolist()
     # a tokenizer whose ids go past the model's embedding table
     with pytest.raises(TextEncoderLoadError, match="has 30522 tokens, but the model embeds only 8192"):
         BERTEmbedder(n_embed=32, n_layer=1, vocab_size=8192, tokenizer=str(tmp_path))
