@@ -566,7 +566,7 @@ FIRST_STAGE_PREFIX = "first_stage_model."
 
 def load_first_stage_weights(model, path, *, unsafe_pickle=False):
     """Replace the weights of the model's autoencoder by those in `path`, as SD users swap in a
-    fine-tuned VAE (vae-ft-mse-840000-ema-pruned: sharper faces and text, the same latent space).
+    fine-tuned VAE (vae-ft-mse-840000-ema-pruned: the same latent space, another decoder).
     `path`: a VAE file in CompVis' names (encoder.*, decoder.*, with or without first_stage_model.;
     the training loss's loss.* entries are not used), a whole model's checkpoint (its autoencoder),
     a diffusers AutoencoderKL folder or weight file. Strict: a weight missing or of another shape
