@@ -431,12 +431,12 @@ LARGE_SIZE_FACTOR = 4  # pixels beyond this many times the model's own size get 
 def warn_if_far_above_model_size(geometry, height, width, what, fix):
     """Warn when the images are far larger than the size the model samples by default (its
     training size): every step costs about that factor more (self-attention, quadratic in the
-    pixels, more still) and SD 1.x repeats its subjects far above 512 px. A warning, not an error:
-    a somewhat larger size is a legitimate choice."""
+    pixels, more still) and SD 1.x tends to repeat its subjects far above 512 px (known from SD
+    users, not measured here). A warning, not an error: a somewhat larger size is legitimate."""
     factor = height * width / (geometry.height * geometry.width)
     if factor > LARGE_SIZE_FACTOR:
         logger.warning("%s %dx%d, %.0fx the pixels of this model's %dx%d: each sampling step costs at least that "
-                       "much more, and far above its own size a model repeats its subjects; %s",
+                       "much more, and far above its own size a model tends to repeat its subjects; %s",
                        what, width, height, factor, geometry.width, geometry.height, fix)
 
 

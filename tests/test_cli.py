@@ -126,7 +126,7 @@ def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplo
 
     for size, expected in ((32, []), (40, ["--H/--W give images of 40x40, 6x the pixels of this model's 16x16: each "
                                            "sampling step costs at least that much more, and far above its own size "
-                                           "a model repeats its subjects; take a smaller --H/--W"])):
+                                           "a model tends to repeat its subjects; take a smaller --H/--W"])):
         caplog.clear()
         txt2img.validate_options(parser, parser.parse_args(["--config", str(config), "--H", str(size), "--W", str(size),
                                                             "--outdir", str(tmp_path / str(size))]))
