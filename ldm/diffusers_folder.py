@@ -23,7 +23,8 @@ import re
 COMPONENTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
               "text_encoder": "cond_stage_model.transformer."}
 # preferred first: full precision before a variant, safetensors before pickles
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+MODEL_WEIGHTS = "diffusion_pytorch_model"  # diffusers' file name for a saved model's weights (unet, vae, adapter)
+WEIGHT_FILES = {"unet": MODEL_WEIGHTS, "vae": MODEL_WEIGHTS, "text_encoder": "model"}
 VARIANTS = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
 LEGACY_TEXT_ENCODER_FILE = "pytorch_model"  # transformers' name for .bin weights
 
@@ -118,9 +119,9 @@ def read_vae_folder(folder, load) -> dict:
     folder = cache_snapshot(folder)
     if os.path.isdir(os.path.join(folder, "vae")):
         folder = os.path.join(folder, "vae")
-    path = find_weight_file(folder, [WEIGHT_FILES["vae"]])
+    path = find_weight_file(folder, [MODEL_WEIGHTS])
     if path is None:
-        raise ValueError(f"{folder} holds no diffusers autoencoder weights ({WEIGHT_FILES['vae']}.safetensors "
+        raise ValueError(f"{folder} holds no diffusers autoencoder weights ({MODEL_WEIGHTS}.safetensors "
                          f"or .bin)")
     return vae_state_dict(load(path))
 

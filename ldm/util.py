@@ -454,12 +454,12 @@ def _some(keys, n=3):
 def _check_weights(sd, model_sd, source):
     missing = [k for k in model_sd if k not in sd and k.startswith(REQUIRED_PREFIXES)]
     if missing:
-        raise WeightsMismatchError(f"{source} lacks {len(missing)} weights this config needs (e.g. {_some(missing)}); "
-                              f"{_what_else(sd)}")
+        raise WeightsMismatchError(f"{source} lacks {len(missing)} weights this config needs "
+                                   f"(e.g. {_some(missing)}); {_what_else(sd)}")
     mismatched = [k for k, v in sd.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
     if mismatched:
         raise WeightsMismatchError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
-                              f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
+                                   f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
 
 
 def _what_else(sd):

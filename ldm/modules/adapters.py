@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ldm.diffusers_folder import cache_snapshot, find_weight_file
+from ldm.diffusers_folder import MODEL_WEIGHTS, cache_snapshot, find_weight_file
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.util import CheckpointError, load_state_dict, save_safetensors
 
@@ -218,7 +218,6 @@ class AdapterSpec:
                 "num_res_blocks": self.num_res_blocks, "unshuffle": self.unshuffle}
 
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 DIFFUSERS_TYPES = ("full_adapter", "light_adapter")  # SD 1.x's; full_adapter_xl pools at other levels
 
 
@@ -393,9 +392,9 @@ def adapter_weights(path) -> tuple:
     if kind not in DIFFUSERS_TYPES:
         raise CheckpointError(f"adapter {path} is a diffusers {kind}, not one of SD 1.x's "
                               f"({', '.join(DIFFUSERS_TYPES)})" + ("; it is for SDXL" if kind.endswith("_xl") else ""))
-    weights = find_weight_file(path, [DIFFUSERS_WEIGHTS])
+    weights = find_weight_file(path, [MODEL_WEIGHTS])
     if weights is None:
-        raise CheckpointError(f"adapter folder {path} has no {DIFFUSERS_WEIGHTS}.safetensors (or .bin)")
+        raise CheckpointError(f"adapter folder {path} has no {MODEL_WEIGHTS}.safetensors (or .bin)")
     factor = config.get("downscale_factor")
     return weights, factor if isinstance(factor, int) and factor >= 1 else None
 

@@ -99,8 +99,7 @@ class BERTTokenizer(AbstractEncoder):
         super().__init__()
         from transformers import BertTokenizerFast
         try:
-            self.tokenizer = BertTokenizerFast.from_pretrained(
-                cache_snapshot(version) if os.path.isdir(version) else version)
+            self.tokenizer = BertTokenizerFast.from_pretrained(cache_snapshot(version))  # a hub id passes through
         except (OSError, ValueError) as e:
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
                                        f"{_BERT_TOKENIZER_FIX}") from e
