@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import numpy as np
 from einops import repeat
 
-from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +142,6 @@ def zero_module(module):
     return module
 
 
-def mean_flat(tensor):
-    """
-    Take the mean over all non-batch dimensions.
-    """
-    return tensor.mean(dim=list(range(1, len(tensor.shape))))
-
-
 def normalization(channels):
     """
     Make a standard normalization layer.
@@ -204,19 +196,6 @@ def avg_pool_nd(dims, *args, **kwargs):
     elif dims == 3:
         return nn.AvgPool3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")
-
-
-class HybridConditioner(nn.Module):
-
-    def __init__(self, c_concat_config, c_crossattn_config):
-        super().__init__()
-        self.concat_conditioner = instantiate_from_config(c_concat_config)
-        self.crossattn_conditioner = instantiate_from_config(c_crossattn_config)
-
-    def forward(self, c_concat, c_crossattn):
-        c_concat = self.concat_conditioner(c_concat)
-        c_crossattn = self.crossattn_conditioner(c_crossattn)
-        return {'c_concat': [c_concat], 'c_crossattn': [c_crossattn]}
 
 
 def noise_like(shape, device, repeat=False):
