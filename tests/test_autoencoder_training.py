@@ -101,3 +101,15 @@ def test_main_trains_the_kl_autoencoder_config_with_accumulation(tmp_path):
     # 8 optimizer steps = 4 updates of 2 batches each; disc_start 2 (updates): off, off, on, on
     assert factors == [0.0] * 4 + [1.0] * 4
     assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("reconstructions_*.png"))
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, VQModel], ids=lambda c: c.__name__)
+def test_validation_logs_the_reconstruction_loss(cls, tmp_path):
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    images = torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    (metrics,) = trainer.validate(build(cls, disc_start=0),
+                                  torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2),
+                                  verbose=False)
+    # VQModel validates twice, with its weights and with their EMA (the same here: use_ema is off)
+    names = {"val/rec_loss"} | ({"val_ema/rec_loss"} if cls is VQModel else set())
+    assert names <= metrics.keys() and all(metrics[name] > 0 for name in names)

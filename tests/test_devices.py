@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fill_zero_weights_
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import CrossAttention, sdpa_attention, set_attention_backend
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention

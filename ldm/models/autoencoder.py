@@ -178,10 +178,10 @@ class VQModel(AdversarialTraining):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        log_dict = self._validation_step(batch, batch_idx)
+        # each pass logs its own entries: val/* with the trained weights, val_ema/* with their EMA
+        self._validation_step(batch, batch_idx)
         with self.ema_scope():
-            log_dict_ema = self._validation_step(batch, batch_idx, suffix="_ema")
-        return log_dict
+            self._validation_step(batch, batch_idx, suffix="_ema")
 
     def _validation_step(self, batch, batch_idx, suffix=""):
         x = self.get_input(batch, self.image_key)
@@ -207,7 +207,6 @@ class VQModel(AdversarialTraining):
         del log_dict_ae[f"val{suffix}/rec_loss"]
         self.log_dict(log_dict_ae)
         self.log_dict(log_dict_disc)
-        return self.log_dict
 
     def configure_optimizers(self):
         lr_d = self.learning_rate
@@ -371,7 +370,6 @@ class AutoencoderKL(AdversarialTraining):
         self.log("val/rec_loss", log_dict_ae["val/rec_loss"])
         self.log_dict(log_dict_ae)
         self.log_dict(log_dict_disc)
-        return self.log_dict
 
     def configure_optimizers(self):
         lr = self.learning_rate
