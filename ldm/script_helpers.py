@@ -492,11 +492,23 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def computed_precision(precision, device) -> str:
+    """What sampling computes in: float16 autocast only on CUDA with --precision autocast (upstream's
+    default); everything else float32, as upstream's autocast("cuda") did on a CPU. Logged and kept
+    in each PNG, since the same seed gives other images in another precision."""
+    return "float16 autocast" if precision == "autocast" and device.type == "cuda" else "float32"
+
+
 def precision_context(precision, device):
-    """float16 autocast only on CUDA with --precision autocast; everything else runs float32."""
-    if precision == "autocast" and device.type == "cuda":
+    if computed_precision(precision, device) == "float16 autocast":
         return torch.autocast("cuda")
     return nullcontext()
+
+
+def record_compute(opt, device):
+    """Resolve --device auto and --precision in `opt`, for each PNG (run_metadata), and log them."""
+    opt.device, opt.computed_precision = device.type, computed_precision(opt.precision, device)
+    logger.info("model on %s, %s, sampler %s", device, opt.computed_precision, opt.sampler)
 
 
 def set_cpu_threads(requested=None):
@@ -826,6 +838,8 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
         "W": width,
         "config": opt.config,
         "ckpt": None if opt.random_weights else opt.ckpt,
+        "device": opt.device,
+        "precision": opt.computed_precision,
         "extra": dict(extra_metadata or {}),
     }
     if opt.vae:

@@ -21,8 +21,9 @@ from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_
                                 check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
-                                precision_context, prompt_batches, resolve_device, sampling_batch, save_results,
-                                seed_everything, validate_common, warn_if_far_above_model_size, written_message)
+                                precision_context, prompt_batches, record_compute, resolve_device, sampling_batch,
+                                save_results, seed_everything, validate_common, warn_if_far_above_model_size,
+                                written_message)
 
 logger = logging.getLogger("img2img")
 
@@ -91,6 +92,7 @@ def load(opt):
     device = resolve_device(opt.device)
     seed_everything(opt.seed)
     model = load_model(opt, device)
+    record_compute(opt, device)
     return model, device
 
 

@@ -16,8 +16,8 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_b
                                 build_postprocess, check_against_model, check_image_size, check_output_dir,
                                 check_step_window, check_subject_words_before_loading, configure_logging,
                                 consistency_from_arguments, cpu_noise, feature_metadata, latents_to_images,
-                                load_model, make_sampler, precision_context, prompt_batches, resolve_device,
-                                sampling_batch, save_results, seed_everything, validate_common,
+                                load_model, make_sampler, precision_context, prompt_batches, record_compute,
+                                resolve_device, sampling_batch, save_results, seed_everything, validate_common,
                                 warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("txt2img")
@@ -61,7 +61,7 @@ def load(opt):
     device = resolve_device(opt.device)
     seed_everything(opt.seed)
     model = load_model(opt, device)
-    logger.info("model on %s, sampler %s", device, opt.sampler)
+    record_compute(opt, device)
     return model, device
 
 

@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, TINY_CONFIG, load_script
 from ldm.image_io import read_parameters
+from ldm.script_helpers import computed_precision, precision_context
 
 TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64",
         "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3"]
@@ -304,3 +306,22 @@ def test_optional_extras_fail_with_one_line_when_unavailable(tmp_path):
         if result.returncode == 0:
             continue  # the optional dependency and its weights happen to be available
         assert_one_line_error(result, flag)
+
+
+def test_pngs_record_the_device_and_the_precision_computed_in(tmp_path):
+    """--precision autocast (the default) is float16 only on CUDA: on a CPU the run says, and
+    records, float32, which another machine needs to know to reproduce the images."""
+    result = run("txt2img.py", *TINY, "--outdir", tmp_path, "--precision", "autocast", "--device", "auto")
+    assert_ok(result)
+    assert "model on cpu, float32, sampler ddim" in result.stderr
+    meta = read_parameters(tmp_path / "samples" / "00000.png")
+    assert (meta["device"], meta["precision"]) == ("cpu", "float32")
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the autocast object is made, not entered
+def test_only_cuda_computes_in_float16_autocast():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert computed_precision("autocast", cuda) == "float16 autocast"
+    assert computed_precision("full", cuda) == computed_precision("autocast", cpu) == "float32"
+    assert isinstance(precision_context("autocast", cuda), torch.autocast)
+    assert not isinstance(precision_context("autocast", cpu), torch.autocast)
