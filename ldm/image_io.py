@@ -49,16 +49,30 @@ def to_pil(image):
     return Image.fromarray(array.astype(np.uint8))
 
 
-def read_user_image(path):
+def read_user_image(path, background):
     """An image file a user gives (--init-img, --reference-image, --cond, inpaint's image and mask)
     as an image viewer shows it: turned upright by its EXIF orientation (cameras and phones store
-    portrait photos sideways with a tag saying so) and with 8 bits per channel (`to_8bit`).
-    OSError or ValueError where the file is no image, or one too large for PIL to open safely."""
+    portrait photos sideways with a tag saying so), with 8 bits per channel (`to_8bit`) and, where
+    it is transparent, shown over `background` (`flatten`). OSError or ValueError where the file is
+    no image, or one too large for PIL to open safely."""
     try:
         with Image.open(path) as image:
-            return to_8bit(ImageOps.exif_transpose(image))  # a loaded copy: usable after the file closes
+            # a loaded copy: usable after the file closes
+            return flatten(to_8bit(ImageOps.exif_transpose(image)), background)
     except Image.DecompressionBombError as e:  # not an OSError: the scripts' one-line handlers missed it
         raise ValueError(f"{e} (shrink the image)") from None
+
+
+def flatten(image, background):
+    """An RGB `image` over `background` where it has transparency; without, as it is. PIL's
+    convert("RGB") drops the alpha channel, and transparent pixels show whatever colour they store
+    (often black, sometimes the cut-out's edge colours): a product photo cut out onto transparency
+    then became an object on black. Photos (--init-img, --reference-image, inpaint's image) lie on
+    "white", as a page shows them; condition maps and masks on "black", where nothing is drawn."""
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert("RGB")
 
 
 def to_8bit(image):

@@ -68,7 +68,7 @@ def load_img(path, multiple, display_scale=1):
     multiples of ``multiple`` (LANCZOS resize): 64 for SD v1 (8x autoencoder times the UNet's 8x),
     8 for the pixel-space embedded model. An unusable image is a ValueError saying why."""
     try:
-        image = read_user_image(path).convert("RGB")
+        image = read_user_image(path, "white").convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read --init-img {path}: {e}") from None
     logger.info("loaded input image of size (%d, %d) from %s", *image.size, path)

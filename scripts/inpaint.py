@@ -29,12 +29,12 @@ CKPT = "models/ldm/inpainting_big/last.ckpt"
 
 
 def make_batch(image, mask, device):
-    image = np.array(read_user_image(image).convert("RGB"))
+    image = np.array(read_user_image(image, "white").convert("RGB"))
     image = image.astype(np.float32)/255.0
     image = image[None].transpose(0,3,1,2)
     image = torch.from_numpy(image)
 
-    mask = np.array(read_user_image(mask).convert("L"))
+    mask = np.array(read_user_image(mask, "black").convert("L"))
     mask = mask.astype(np.float32)/255.0
     mask = mask[None,None]
     mask[mask < 0.5] = 0
@@ -79,7 +79,7 @@ def find_pairs(parser, opt, multiple):
         if not os.path.isfile(image):
             parser.error(f"{image} not found (each *_mask.png needs its image next to it)")
         try:  # the sizes as sampling reads them (upright by EXIF orientation)
-            size, mask_size = read_user_image(image).size, read_user_image(mask).size
+            size, mask_size = read_user_image(image, "white").size, read_user_image(mask, "black").size
         except (OSError, ValueError) as e:
             parser.error(f"cannot read {image} and its mask as images: {e}")
         if size != mask_size:

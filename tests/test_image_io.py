@@ -1,7 +1,9 @@
 """Images users give the scripts (--init-img, --reference-image, --cond, inpaint's image and mask)
 are read as a viewer shows them (ldm.image_io.read_user_image): in every bit depth PIL opens (a
 16-bit PNG, a depth map or scan, was clipped at 255 by convert("RGB"/"L") and read as white, a
-float image as black), and upright by their EXIF orientation (phone photos came in sideways)."""
+float image as black), upright by their EXIF orientation (phone photos came in sideways), and
+where transparent, over white (photos) or black (condition maps, masks), not the colours the
+transparent pixels happen to store."""
 import argparse
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import load_script
-from ldm.image_io import read_user_image, to_8bit
+from ldm.image_io import flatten, read_user_image, to_8bit
 from ldm.modules import adapter_conditions, consistency_image
 
 GREY = 128  # 8-bit value of the test images below; 16-bit: 128 * 257
@@ -40,7 +42,7 @@ def test_a_photo_stored_sideways_is_read_upright(tmp_path):
     exif = photo.getexif()
     exif[0x0112] = 6  # EXIF Orientation: turn 90 degrees clockwise to show
     photo.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
-    upright = read_user_image(tmp_path / "portrait.jpg")
+    upright = read_user_image(tmp_path / "portrait.jpg", "white")
     assert upright.size == (20, 40) and upright.getexif().get(0x0112) is None
     top, bottom = upright.getpixel((10, 2)), upright.getpixel((10, 37))
     assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]  # the left edge came to the top
@@ -62,7 +64,7 @@ def test_every_reader_of_user_images_reads_a_16_bit_png_as_its_grey(grey_16_bit_
     for pixels in (init, reference, inpaint["image"]):
         torch.testing.assert_close(pixels, torch.full_like(pixels, grey), atol=1e-6, rtol=0)
     assert (inpaint["mask"] == 1).all()  # 128/255 is above inpaint's 0.5 threshold
-    depth = adapter_conditions.grey_map(adapter_conditions.read_image(grey_16_bit_png))
+    depth = adapter_conditions.grey_map(adapter_conditions.read_image(grey_16_bit_png, "depth"))
     assert np.allclose(depth, GREY / 255)
 
 
@@ -72,4 +74,57 @@ def test_an_image_too_large_to_open_safely_is_a_value_error(tmp_path, monkeypatc
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ValueError, match=r"exceeds limit of 200 pixels.*\(shrink the image\)"):
-        read_user_image(tmp_path / "big.png")
+        read_user_image(tmp_path / "big.png", "white")
+
+
+@pytest.fixture
+def cut_out_png(tmp_path):
+    """A product photo cut out onto transparency: the left half an opaque red object, the right
+    half transparent, storing green there (editors store black, white or the edge's colours)."""
+    path = tmp_path / "cut-out.png"
+    image = Image.new("RGBA", (64, 64), (0, 255, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 32, 64))
+    image.save(path)
+    return path
+
+
+def test_every_reader_of_photos_shows_a_cut_out_over_white(cut_out_png):
+    init = load_script("img2img").load_img(cut_out_png, 8)
+    reference = consistency_image.read_image(argparse.ArgumentParser(), cut_out_png, 64, 64)
+    inpaint = load_script("inpaint").make_batch(cut_out_png, cut_out_png, "cpu")
+    red = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # in [-1, 1]
+    for pixels in (init, reference, inpaint["image"]):
+        assert pixels.shape == (1, 3, 64, 64)
+        assert torch.equal(pixels[0, :, :, :32], red.expand(3, 64, 32))
+        assert torch.equal(pixels[0, :, :, 32:], torch.ones(3, 64, 32))
+
+
+def test_masks_and_condition_maps_read_transparency_as_nothing_drawn(cut_out_png, tmp_path):
+    # inpaint's mask painted in white on a transparent layer that stores white: read without its
+    # alpha it was white all over, and the whole image was filled
+    painted = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    painted.paste((255, 255, 255, 255), (0, 0, 32, 64))
+    painted.save(tmp_path / "cut-out_mask.png")
+    mask = load_script("inpaint").make_batch(cut_out_png, tmp_path / "cut-out_mask.png", "cpu")["mask"]
+    assert (mask[..., :32] == 1).all() and (mask[..., 32:] == -1).all()  # in [-1, 1]: fill, keep
+    sketch = adapter_conditions.grey_map(adapter_conditions.read_image(cut_out_png, "sketch"))
+    assert (sketch[:, 32:] == 0).all() and (sketch[:, :32] > 0).all()
+    # canny and color make their maps from a photo: over white, like --init-img
+    photo = adapter_conditions.rgb_map(adapter_conditions.read_image(cut_out_png, "canny"))
+    assert (photo[:, 32:] == 1).all() and (photo[:, :32] == [1, 0, 0]).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_flatten_blends_partial_transparency_and_leaves_opaque_images_alone(mode):
+    half = Image.new("RGBA", (2, 1), (0, 0, 0, 128))  # black at half opacity
+    if mode == "LA":
+        half = half.convert("LA")
+    elif mode == "P":  # a palette image with a transparent entry: fully transparent, no blend
+        half = Image.new("P", (2, 1), 0)
+        half.putpalette([0, 0, 0] * 256)
+        half.info["transparency"] = 0
+    flat = flatten(half, "white")
+    expected = 255 if mode == "P" else 127
+    assert flat.mode == "RGB" and (np.asarray(flat) == expected).all()
+    for opaque in (Image.new("RGB", (2, 1)), Image.new("L", (2, 1)), Image.new("P", (2, 1))):
+        assert flatten(opaque, "white") is opaque

@@ -142,9 +142,14 @@ def condition_files(entries) -> list:
     return files
 
 
-def read_image(path) -> Image.Image:
+# the types whose preprocessor makes the map from a photo: a cut-out lies on white there, as an
+# --init-img does; the others read maps, where transparency means nothing drawn (black)
+FROM_PHOTOS = {"canny", "color"}
+
+
+def read_image(path, cond_type) -> Image.Image:
     try:
-        return read_user_image(path)
+        return read_user_image(path, "white" if cond_type in FROM_PHOTOS else "black")
     except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read condition image {path}: {e}")
 
@@ -187,7 +192,7 @@ def condition_batch(paths, cond_type: str, cond_channels: int, width: int, heigh
                          f"{'|'.join(fitting)}, or the adapter made for {cond_type}")
     maps = []
     for path in paths:
-        image = read_image(path)
+        image = read_image(path, cond_type)
         check_size(path, image, width, height, size_hint, multiple, display_scale)
         maps.append(torch.from_numpy(np.ascontiguousarray(preprocess(image))).permute(2, 0, 1))
     return torch.stack(maps)

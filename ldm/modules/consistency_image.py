@@ -108,7 +108,7 @@ def anchor_from_arguments(opt, parser, size) -> ImageAnchor | None:
 def read_image(parser, path, width, height) -> torch.Tensor:
     """The image file as `pixels`; one error line for a file that is no image."""
     try:
-        return pixels(read_user_image(path).convert("RGB"), width, height)
+        return pixels(read_user_image(path, "white").convert("RGB"), width, height)
     except (OSError, ValueError) as e:
         parser.error(f"cannot read --reference-image {path}: {e}")
 
