@@ -9,7 +9,9 @@ import atexit
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -897,17 +899,56 @@ def save_results(opt, results, *, height, width, extra_metadata=None):
     def metadata(prompt, **where):
         return run_metadata(opt, prompt=prompt, height=height, width=width, extra_metadata=extra_metadata, **where)
 
-    paths, all_images, all_prompts = [], [], []
-    for batch, (prompts, images) in enumerate(results):
-        if not opt.skip_save:
-            paths += writer.save_samples(images, lambda i: metadata(prompts[i], batch=batch, position=i))
-        if not opt.skip_grid:
-            all_images.append(images)
-            all_prompts += prompts
-    if all_images:
+    def grid():
+        if not all_images:
+            return []
         prompt = all_prompts[0] if len(set(all_prompts)) == 1 else all_prompts
-        paths.append(writer.save_grid(torch.cat(all_images), opt.n_rows or opt.n_samples, metadata(prompt)))
-    return paths
+        with ctrl_c_deferred():
+            return [writer.save_grid(torch.cat(all_images), opt.n_rows or opt.n_samples, metadata(prompt))]
+
+    paths, all_images, all_prompts, finished = [], [], [], 0
+    try:
+        for batch, (prompts, images) in enumerate(results):
+            with ctrl_c_deferred():
+                if not opt.skip_save:
+                    paths += writer.save_samples(images, lambda i: metadata(prompts[i], batch=batch, position=i))
+                if not opt.skip_grid:
+                    all_images.append(images)
+                    all_prompts += prompts
+                finished += 1
+    except KeyboardInterrupt:  # Ctrl-C in a long run: the finished batches keep their samples and get their grid
+        paths += grid()
+        logger.warning("interrupted after %d finished batch(es): %s", finished, written_message(opt, paths))
+        raise
+    return paths + grid()
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C arriving inside the block takes effect at its end, so that a batch's files are written
+    whole (a PNG cut off mid-write would be left broken, under a name never reused). Where Python
+    does not handle Ctrl-C (a thread, a process that ignores it) the block runs as it is."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def interruptible(main):
+    """Run a script's `main`; Ctrl-C ends it with exit status 130, as a shell reports it, instead of
+    a traceback from wherever the sampler was (save_results says what was saved)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def feature_metadata(opt, extra_metadata=None):

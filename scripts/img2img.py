@@ -20,10 +20,10 @@ from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
                                 check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
-                                cpu_noise, feature_metadata, latents_to_images, load_model, make_sampler,
-                                precision_context, prompt_batches, record_compute, resolve_device, sampling_batch,
-                                save_results, seed_everything, validate_common, warn_if_far_above_model_size,
-                                written_message)
+                                cpu_noise, feature_metadata, interruptible, latents_to_images, load_model,
+                                make_sampler, precision_context, prompt_batches, record_compute, resolve_device,
+                                sampling_batch, save_results, seed_everything, validate_common,
+                                warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("img2img")
 
@@ -184,4 +184,4 @@ def main(argv=None, extra_metadata=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible(main)

@@ -1,7 +1,9 @@
 """The txt2img/img2img scripts as a user runs them: subprocesses on the tiny config."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 from conftest import REPO, TINY_CONFIG, load_script
 from ldm.image_io import read_parameters
-from ldm.script_helpers import computed_precision, precision_context
+from ldm.script_helpers import computed_precision, ctrl_c_deferred, precision_context
 
 TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64",
         "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3"]
@@ -325,3 +327,34 @@ def test_only_cuda_computes_in_float16_autocast():
     assert computed_precision("full", cuda) == computed_precision("autocast", cpu) == "float32"
     assert isinstance(precision_context("autocast", cuda), torch.autocast)
     assert not isinstance(precision_context("autocast", cpu), torch.autocast)
+
+
+def test_ctrl_c_keeps_the_finished_batches_and_gives_them_their_grid(tmp_path):
+    """A long run stopped with Ctrl-C: exit status 130 and one line saying what was saved, no
+    traceback; the finished batches' samples stay and their grid is written."""
+    args = [*TINY, "--n_iter", "500", "--outdir", tmp_path]  # far longer than the test waits
+    # SIGINT as a terminal sends it; a shell running this suite in the background ignores it, and
+    # a child would inherit that
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "txt2img.py"), *map(str, args)], cwd=REPO,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("samples/*.png"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    samples = sorted(tmp_path.glob("samples/*.png"))
+    assert len(samples) >= 4 and len(samples) % 2 == 0  # whole batches of --n_samples 2
+    assert f"interrupted after {len(samples) // 2} finished batch(es): {len(samples) + 1} files written" in stderr
+    (grid,) = tmp_path.glob("grid-*.png")
+    assert Image.open(grid).size == (2 + 2 * 66, 2 + len(samples) // 2 * 66)  # 2 per row, 64 px + padding
+
+
+def test_ctrl_c_while_a_batch_is_written_takes_effect_once_it_is_written():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here, at once, in the main thread
+            done.append("the rest of the batch")
+    assert done == ["the rest of the batch"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
