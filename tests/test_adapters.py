@@ -133,7 +133,7 @@ def test_a_diffusers_t2i_adapter_folder_computes_what_diffusers_computes(tmp_pat
         with torch.no_grad():
             features = adapter(cond)
         assert len(features) == len(expected) == 4
-        for ours, theirs in zip(features, expected):
+        for ours, theirs in zip(features, expected, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     with pytest.raises(CheckpointError, match="trained for a first-stage downsampling f=4 .* this model has f=8"):
         load_adapter(tmp_path / "adapter", unshuffle=8)
@@ -267,7 +267,7 @@ def test_two_weighted_adapters_add_up(tiny_unet):
     with torch.no_grad():
         both = combine_features([(sketch, edges, 0.8), (depth, depth_map, 0.3)])
         alone = [combine_features([(sketch, edges, 0.8)]), combine_features([(depth, depth_map, 0.3)])]
-        for f, a, b, raw_a in zip(both, *alone, sketch(edges)):
+        for f, a, b, raw_a in zip(both, *alone, sketch(edges), strict=True):
             torch.testing.assert_close(f, a + b)
             torch.testing.assert_close(a, 0.8 * raw_a)
         x, context = unet_inputs()

@@ -48,8 +48,8 @@ class Changes(pl.Callback):
 
     def on_train_batch_end(self, trainer, model, *args):
         now = model.decoder, model.loss.discriminator
-        self.seen.append(tuple(any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
-                               for before, module in zip(self.before, now)))
+        self.seen.append(tuple(any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
+                               for before, module in zip(self.before, now, strict=True)))
 
     def on_train_start(self, trainer, model):
         self.seen = []

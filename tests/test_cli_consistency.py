@@ -36,7 +36,11 @@ def txt2img(*argv):
 
 
 def pixels(outdir):
-    return [np.asarray(Image.open(p)) for p in sorted((outdir / "samples").glob("*.png"))]
+    """The samples of a run, in order; none is an error, so that comparisons over them cannot hold
+    for want of images."""
+    files = sorted((outdir / "samples").glob("*.png"))
+    assert files, f"no samples in {outdir}"
+    return [np.asarray(Image.open(p)) for p in files]
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm"])
@@ -48,7 +52,7 @@ def test_anchor_image_is_the_vanilla_image_and_the_others_change(tmp_path, tiny_
     before, after = pixels(plain), pixels(shared)
     assert len(before) == len(after) == 3
     assert np.array_equal(after[0], before[0])  # the anchor is computed exactly as without sharing
-    assert all(not np.array_equal(a, b) for a, b in zip(after[1:], before[1:]))
+    assert all(not np.array_equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
     meta = read_parameters(shared / "samples" / "00001.png")
     assert meta["extra"]["consistent_attn"]["mode"] == "anchor"
     assert meta["extra"]["consistent_attn"]["groups"] == ["inner", "middle", "outer"]
@@ -62,10 +66,10 @@ def test_a_run_of_several_batches_follows_the_first_batchs_anchor(tmp_path, tiny
     assert_ok(txt2img(*args(tiny_ckpt, two, "--consistent-attn", "--n_iter", "2")))
     assert_ok(txt2img(*args(tiny_ckpt, plain, "--n_iter", "2")))
     first, run, plain = pixels(one), pixels(two), pixels(plain)
-    assert len(run) == 6 and all(np.array_equal(a, b) for a, b in zip(run[:3], first))  # batch 1 as alone
+    assert len(run) == 6 and all(np.array_equal(a, b) for a, b in zip(run[:3], first, strict=True))  # batch 1 as alone
     assert np.array_equal(run[0], plain[0])        # the run's anchor is the plain image
     assert not np.array_equal(run[3], plain[3])    # batch 2's first image reads it: no anchor of its own
-    assert not any(np.array_equal(a, b) for a, b in zip(run[4:], plain[4:]))
+    assert not any(np.array_equal(a, b) for a, b in zip(run[4:], plain[4:], strict=True))
     assert "run's first batch" in read_parameters(two / "samples" / "00004.png")["extra"]["run_anchors"]["anchors"]
     assert "run_anchors" not in read_parameters(one / "samples" / "00001.png")["extra"]  # one batch: its own
 
@@ -133,7 +137,7 @@ def test_one_image_at_a_time_follows_the_runs_first_image(tmp_path, tiny_ckpt):
     result = txt2img(*args(tiny_ckpt, joint, "--n_iter", "3", "--consistent-attn", "--share-mode", "all", n=1))
     assert_ok(result)
     assert "nothing to share" in result.stderr
-    assert all(np.array_equal(a, b) for a, b in zip(pixels(joint), before))
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(joint), before, strict=True))
     assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "two", "--n_iter", "3", "--consistent-attn",
                                         "--share-anchors", "2", n=1)),
                           "--share-anchors 2: the anchors are images of the batch, which holds 1")
@@ -192,7 +196,7 @@ def test_a_negative_prompt_steers_the_unconditional_half_and_the_anchor_stays_it
     assert_ok(txt2img(*args(tiny_ckpt, plain)))
     assert_ok(txt2img(*args(tiny_ckpt, negative, "--negative-prompt", "blurry")))
     assert_ok(txt2img(*args(tiny_ckpt, shared, "--negative-prompt", "blurry", "--consistent-attn")))
-    assert all(not np.array_equal(a, b) for a, b in zip(pixels(negative), pixels(plain)))
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(negative), pixels(plain), strict=True))
     assert np.array_equal(pixels(shared)[0], pixels(negative)[0])  # the halves still share apart
     assert read_parameters(negative / "samples" / "00000.png")["negative_prompt"] == "blurry"
     assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path / "off", "--negative-prompt", "blurry", "--scale", "1")),
@@ -213,9 +217,9 @@ def test_a_reference_image_is_read_as_the_anchor_and_is_no_output(tmp_path, tiny
         assert_ok(txt2img(*args(tiny_ckpt, runs[name], "--consistent-attn", "--reference-image", image)))
     images = {name: pixels(folder) for name, folder in runs.items()}
     assert [len(v) for v in images.values()] == [3, 3, 3, 3]  # n_samples each: the anchor is not saved
-    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"]))
+    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"], strict=True))
     # every image reads the reference: another image changes all of them, and none is the plain anchor
-    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
+    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"], strict=True))
     assert not np.array_equal(images["red"][0], images["plain"][0])
     assert read_parameters(runs["red"] / "samples" / "00000.png")["extra"]["reference_image"] == {"images": [str(red)]}
 
@@ -234,8 +238,8 @@ def test_img2img_reads_a_reference_image_as_the_anchor(tmp_path, tiny_ckpt):
         assert_ok(run("img2img.py", *args(tiny_ckpt, tmp_path / name, *common, *extra, n=2)))
     images = {name: pixels(tmp_path / name) for name in ("plain", "red", "red-again", "blue")}
     assert [len(v) for v in images.values()] == [2, 2, 2, 2]  # the anchor is no output
-    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"]))
-    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"]))
+    assert all(np.array_equal(a, b) for a, b in zip(images["red"], images["red-again"], strict=True))
+    assert all(not np.array_equal(a, b) for a, b in zip(images["red"], images["blue"], strict=True))
     assert not np.array_equal(images["red"][0], images["plain"][0])  # image 0 reads the reference, not itself
     meta = read_parameters(tmp_path / "red" / "samples" / "00000.png")["extra"]
     assert meta["reference_image"] == {"images": [str(red)]} and meta["strength"] == 0.75
@@ -250,7 +254,8 @@ def test_every_sampler_reads_the_reference_image(tmp_path, tiny_ckpt, sampler):
     for image in (red, blue):
         assert_ok(txt2img(*args(tiny_ckpt, tmp_path / image.stem, "--sampler", sampler, "--consistent-attn",
                                 "--reference-image", image, n=2)))
-    assert all(not np.array_equal(a, b) for a, b in zip(pixels(tmp_path / "red"), pixels(tmp_path / "blue")))
+    assert all(not np.array_equal(a, b)
+               for a, b in zip(pixels(tmp_path / "red"), pixels(tmp_path / "blue"), strict=True))
     assert len(pixels(tmp_path / "red")) == 2
 
 
@@ -262,7 +267,7 @@ def test_several_reference_images_are_one_anchor_each(tmp_path, tiny_ckpt):
     both = pixels(tmp_path / "both")
     assert len(both) == 3  # n_samples: no anchor is an output
     for one in ("red", "blue"):
-        assert all(not np.array_equal(a, b) for a, b in zip(both, pixels(tmp_path / one)))
+        assert all(not np.array_equal(a, b) for a, b in zip(both, pixels(tmp_path / one), strict=True))
     meta = read_parameters(tmp_path / "both" / "samples" / "00000.png")["extra"]
     assert meta["reference_image"] == {"images": [str(red), str(blue)]}
     assert meta["consistent_attn"]["n_anchors"] == 2

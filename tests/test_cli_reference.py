@@ -32,7 +32,7 @@ def test_write_then_read_a_reference(tmp_path, tiny_ckpt, reference):  # noqa: F
     assert_ok(txt2img(*args(tiny_ckpt, read, "--read-reference", ref)))
     # same seed: image 0 reads its own reference (equal up to fp16 rounding), the others follow it
     assert np.abs(pixels(read)[0].astype(int) - pixels(written)[0]).max() <= 2
-    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:]))
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:], strict=True))
     meta = read_parameters(read / "samples" / "00001.png")["extra"]["reference"]
     assert meta["read"] == str(ref) and meta["reference_run"]["seed"] == 42
 
@@ -109,7 +109,7 @@ def test_img2img_write_then_read_a_reference(tmp_path, tiny_ckpt):  # noqa: F811
     assert len(header["timesteps"]) == 3  # int(0.75 * 4) DDIM steps of img2img's trajectory
     assert_ok(img2img(read, "--read-reference", ref))
     assert np.abs(pixels(read)[0].astype(int) - pixels(written)[0]).max() <= 2  # image 0 reads itself
-    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:]))
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read)[1:], pixels(written)[1:], strict=True))
     assert read_parameters(read / "samples" / "00000.png")["extra"]["reference"]["read"] == str(ref)
 
     other = run("img2img.py", *args(tiny_ckpt, tmp_path / "other", "--init-img", init, "--strength", "0.5",

@@ -17,7 +17,7 @@ def test_subject_masks_and_adain_with_per_image_prompts(tmp_path, tiny_ckpt):  #
                             "--share-groups", "all", "--subject", "chair", "--share-adain")))
     before, after = pixels(plain), pixels(shared)
     assert np.array_equal(after[0], before[0])  # the anchor stays the plain image, AdaIN and masks included
-    assert all(not np.array_equal(a, b) for a, b in zip(after[1:], before[1:]))
+    assert all(not np.array_equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
     meta = read_parameters(shared / "samples" / "00002.png")
     assert meta["prompt"] == "a red chair at night"
     assert meta["extra"]["consistent_attn"]["subjects"] == ["chair"]

@@ -78,7 +78,7 @@ def test_paired_table_subtracts_the_same_batch_without_sharing():
     # chroma spread half of that; fidelity: the face pair is NaN (its prompt names nothing), one pair left
     assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
     assert bench.paired_table(rows[2:], ["all:all"]) == ""  # no baseline run: no table
-    for r, iou in zip(rows, [0.5, 0.7, 0.25, 0.35]):
+    for r, iou in zip(rows, [0.5, 0.7, 0.25, 0.35], strict=True):
         r["iou"] = iou
     lines = bench.paired_table(rows, ["all:all"], first=("iou",)).splitlines()
     assert lines[0] == ("| setting | IoU − none | colour spread − none | batches narrower | chroma spread − none "
@@ -320,7 +320,7 @@ def test_image_rows_read_the_reference_scene_as_their_anchor(tiny_model_with_wei
         runs[colour] = list(bench.run(opt, tiny_model_with_weights, torch.device("cpu")))  # (row, images)
     (plain_red, red), (plain_blue, blue) = ((row_images[0][1], row_images[1][1]) for row_images in runs.values())
     assert torch.equal(plain_red, plain_blue)
-    assert len(red) == 2 and all(not torch.equal(a, b) for a, b in zip(red, blue))
+    assert len(red) == 2 and all(not torch.equal(a, b) for a, b in zip(red, blue, strict=True))
     assert all(0 <= row["reference_agreement"] <= 1 for row, _ in runs["red"])
 
 

@@ -202,7 +202,7 @@ def test_sd14_sized_pipeline_keys_and_shapes_all_map():
         model = instantiate_from_config(OmegaConf.load(REPO / "configs/stable-diffusion/v1-inference.yaml").model)
     state = {}
     for (component, prefix), rename, module in zip(COMPONENTS.items(), (unet_state_dict, vae_state_dict, dict),
-                                                   (unet, vae, text)):
+                                                   (unet, vae, text), strict=True):
         state.update({prefix + key: value for key, value in rename(module.state_dict()).items()})
     expected = model.state_dict()
     apply_state_dict(model, state, "SD 1.4-sized pipeline")  # no missing or misshapen weight, else it raises

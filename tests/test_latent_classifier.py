@@ -45,8 +45,9 @@ def test_the_classifier_trains_on_noisy_latents_and_leaves_the_diffusion_model_a
     trainer.fit(model, loader, loader)
 
     assert trainer.global_step == 3 and torch.isfinite(trainer.logged_metrics["train/loss_step"])
-    assert all(not torch.equal(b, p) for b, p in zip(classifier, model.model.parameters()) if p.requires_grad)
-    assert all(torch.equal(b, p) for b, p in zip(diffusion, model.diffusion_model.parameters()))
+    assert all(not torch.equal(b, p)
+               for b, p in zip(classifier, model.model.parameters(), strict=True) if p.requires_grad)
+    assert all(torch.equal(b, p) for b, p in zip(diffusion, model.diffusion_model.parameters(), strict=True))
     # validation measured the accuracy at every logged noise level of the trajectory
     assert set(model.noisy_acc) == set(range(0, 1000, 200)) and all(len(a["acc@1"]) == 1 for a in model.noisy_acc.values())
     assert all(a["acc@5"] == [1.0] for a in model.noisy_acc.values())  # the top 5 of 3 classes hold every label

@@ -223,7 +223,7 @@ def test_consistency_and_diversity(kind):
 
     # same attributes, different nuisance jitter: still fully consistent, but not copies
     jit = [render(dataclasses.replace(s, jitter=(0.0 if kind == "face" else dx, sh)))
-           for dx, sh in zip(np.linspace(-0.03, 0.03, 8), np.linspace(0.94, 1.06, 8))]
+           for dx, sh in zip(np.linspace(-0.03, 0.03, 8), np.linspace(0.94, 1.06, 8), strict=True)]
     c_jit = consistency_score(jit, kind)
     assert c_jit["agreement"] == 1.0
     assert 0 < c_jit["colour_spread"] < 0.1

@@ -48,9 +48,11 @@ def test_outline_is_the_inner_boundary_of_the_mask():
     assert not (lines & ~mask).any() and lines.sum() < mask.sum()
     interior = mask & ~lines
     ys, xs = np.nonzero(interior)  # interior pixels have all four neighbours in the mask
-    assert all(mask[y - 1, x] and mask[y + 1, x] and mask[y, x - 1] and mask[y, x + 1] for y, x in zip(ys, xs))
+    assert all(mask[y - 1, x] and mask[y + 1, x] and mask[y, x - 1] and mask[y, x + 1]
+               for y, x in zip(ys, xs, strict=True))
     ys, xs = np.nonzero(lines)  # every outline pixel touches the outside
-    assert all(not (mask[y - 1, x] and mask[y + 1, x] and mask[y, x - 1] and mask[y, x + 1]) for y, x in zip(ys, xs))
+    assert all(not (mask[y - 1, x] and mask[y + 1, x] and mask[y, x - 1] and mask[y, x + 1])
+               for y, x in zip(ys, xs, strict=True))
 
 
 def test_face_mask_covers_head_and_shirt_not_the_corners():

@@ -255,7 +255,7 @@ def written_out_ddim(model, x, c, uc, scale, steps, plms=False):
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
 
     history = []
-    for t, t_prev in zip(timesteps, timesteps[1:] + [None]):
+    for t, t_prev in zip(timesteps, timesteps[1:] + [None], strict=True):
         e = eps(x, t)
         if not plms:
             e_step = e
@@ -263,7 +263,7 @@ def written_out_ddim(model, x, c, uc, scale, steps, plms=False):
             e_step = (e + eps(ddim_step(x, e, t, t_prev), t_prev if t_prev is not None else t)) / 2
         else:  # Adams-Bashforth of order 2, 3, 4 on the earlier estimates
             weights = {1: (3, -1, 2), 2: (23, -16, 5, 12), 3: (55, -59, 37, -9, 24)}[len(history)]
-            e_step = sum(w * h for w, h in zip(weights[:-1], [e, *history[::-1]])) / weights[-1]
+            e_step = sum(w * h for w, h in zip(weights[:-1], [e, *history[::-1]], strict=True)) / weights[-1]
         history = (history + [e])[-3:]
         x = ddim_step(x, e_step, t, t_prev)
     return x
