@@ -2,21 +2,18 @@ import argparse, os, sys, glob, logging
 import importlib.util
 import torch
 import numpy as np
-from PIL import Image
 from tqdm import tqdm, trange
 from itertools import islice
-from einops import rearrange
 import time
 from multiprocessing import cpu_count
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.image_io import make_grid
 from ldm.util import parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
-from ldm.script_helpers import build_model, configure_logging
+from ldm.script_helpers import OutputWriter, build_model, configure_logging
 
 logger = logging.getLogger("knn2img")
 
@@ -308,7 +305,7 @@ if __name__ == "__main__":
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
 
-    clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type).to(device)
+    clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type, device=device).to(device)  # its tokens go to `device`
 
     if opt.plms:
         sampler = PLMSSampler(model)
@@ -331,10 +328,9 @@ if __name__ == "__main__":
             data = f.read().splitlines()
             data = list(chunk(data, batch_size))
 
-    sample_path = os.path.join(outpath, "samples")
-    os.makedirs(sample_path, exist_ok=True)
-    base_count = len(os.listdir(sample_path))
-    grid_count = len(os.listdir(outpath)) - 1
+    # numbered after the files already there, never overwriting one (upstream counted the files, so a
+    # gap in the numbering made it write over the highest ones)
+    writer = OutputWriter(outpath)
 
     logger.info(f"sampling scale for cfg is {opt.scale:.2f}")
 
@@ -373,22 +369,10 @@ if __name__ == "__main__":
                     x_samples_ddim = model.decode_first_stage(samples_ddim)
                     x_samples_ddim = torch.clamp((x_samples_ddim + 1.0) / 2.0, min=0.0, max=1.0)
 
-                    for x_sample in x_samples_ddim:
-                        x_sample = 255. * rearrange(x_sample.cpu().numpy(), 'c h w -> h w c')
-                        Image.fromarray(x_sample.astype(np.uint8)).save(
-                            os.path.join(sample_path, f"{base_count:05}.png"))
-                        base_count += 1
+                    writer.save_samples(x_samples_ddim, lambda i: None)
                     all_samples.append(x_samples_ddim)
 
                 if not opt.skip_grid:
-                    # additionally, save as grid
-                    grid = torch.stack(all_samples, 0)
-                    grid = rearrange(grid, 'n b c h w -> (n b) c h w')
-                    grid = make_grid(grid, nrow=n_rows)
-
-                    # to image
-                    grid = 255. * rearrange(grid, 'c h w -> h w c').cpu().numpy()
-                    Image.fromarray(grid.astype(np.uint8)).save(os.path.join(outpath, f'grid-{grid_count:04}.png'))
-                    grid_count += 1
+                    writer.save_grid(torch.cat(all_samples), n_rows, None)
 
     logger.info(f"Your samples are ready and waiting for you here: {outpath}")

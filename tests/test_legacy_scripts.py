@@ -1,6 +1,7 @@
 """Upstream's legacy scripts (knn2img, train_searcher, sample_diffusion, inpaint): --help works
 without their optional packages, bad input is one error line, not a traceback,
-sample_diffusion samples an unconditional model and inpaint a tiny inpainting model."""
+sample_diffusion samples an unconditional model, inpaint a tiny inpainting model and knn2img a tiny
+retrieval-augmented one (with a stand-in for the clip package)."""
 import importlib.util
 import os
 import shutil
@@ -180,3 +181,58 @@ def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
     save_file(weights, str(folder / "model.ckpt"))
     assert "lacks 1 weights this config needs" in error_line(run("sample_diffusion.py", "-r", folder, "-n", "1",
                                                                  "-c", "1", "-l", tmp_path / "incomplete"))
+
+
+FAKE_CLIP = '''"""Stand-in for OpenAI's clip package: a text encoder of 8 features that knn2img can load offline."""
+import torch
+
+
+class TextModel(torch.nn.Module):
+    def encode_text(self, tokens):
+        return tokens.float() + 1.0
+
+
+def load(name, jit=False, device="cpu"):
+    return TextModel(), None
+
+
+def tokenize(texts):
+    return torch.tensor([[len(text) % 7] * 8 for text in texts])
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_retrieval_model(tmp_path_factory):
+    """Upstream's retrieval-augmented config (16-channel latents of an f16 KL autoencoder, CLIP text
+    embeddings through cross-attention), with fewer and narrower layers and 8-feature text."""
+    folder = tmp_path_factory.mktemp("rdm")
+    (folder / "clip.py").write_text(FAKE_CLIP)
+    config = OmegaConf.load(REPO / "configs" / "retrieval-augmented-diffusion" / "768x768.yaml")
+    unet = config.model.params.unet_config.params
+    unet.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1],
+                num_head_channels=16, context_dim=8, use_checkpoint=False)
+    ddconfig = config.model.params.first_stage_config.params.ddconfig
+    ddconfig.update(ch=32, ch_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[])
+    OmegaConf.save(config, folder / "config.yaml")
+    torch.manual_seed(0)
+    save_file(instantiate_from_config(config.model).state_dict(), folder / "model.safetensors")
+    return folder
+
+
+def test_knn2img_numbers_its_images_after_those_already_there(tiny_retrieval_model, tmp_path):
+    """A text-only run (no retrieval database), twice into one folder: upstream counted the files
+    there, so a gap in the numbering made it write over the highest-numbered images."""
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "00005.png").write_bytes(b"not mine")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tiny_retrieval_model))
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config", str(tiny_retrieval_model / "config.yaml"),
+             "--ckpt", str(tiny_retrieval_model / "model.safetensors"), "--H", "32", "--W", "32", "--ddim_steps", "2",
+             "--n_samples", "2", "--outdir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{i:05}.png" for i in range(5, 10)]
+    assert (tmp_path / "samples" / "00005.png").read_bytes() == b"not mine"
+    assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
+    assert Image.open(tmp_path / "samples" / "00006.png").size == (32, 32)
