@@ -117,8 +117,11 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     add("--random-weights", action="store_true",
         help="build the model from --config with random weights, no checkpoint (for testing)")
-    add("--safety-checker", action="store_true",
-        help="run the Stable Diffusion safety checker (needs diffusers and its weights)")
+    add("--safety-checker", nargs="?", const="", default=None, metavar="FOLDER",
+        help="run the Stable Diffusion safety checker (needs diffusers and its weights): from FOLDER (a "
+             "diffusers SD pipeline, which holds safety_checker/ and feature_extractor/, or the checker's own "
+             f"folder), else from --ckpt where that is a pipeline folder, else {SAFETY_MODEL_ID} from the "
+             "Hugging Face cache or hub")
     add("--watermark", action="store_true",
         help="embed an invisible watermark (needs invisible-watermark and opencv-python-headless)")
     add("--display-scale", type=int, default=None, metavar="K",
@@ -195,6 +198,9 @@ def validate_common(parser, opt, samplers, aliases):
         opt.consistency = None
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
+    if opt.safety_checker and not os.path.isdir(opt.safety_checker):
+        parser.error(f"--safety-checker {opt.safety_checker}: no such folder (give a diffusers SD pipeline folder "
+                     "or the safety checker's own, or no FOLDER for the hub's)")
 
 
 def read_prompts(parser, opt):
@@ -757,8 +763,8 @@ def build_postprocess(opt):
     missing optional dependency fails fast with one line.
     """
     steps = []
-    if opt.safety_checker:
-        steps.append(_load_safety_checker())
+    if opt.safety_checker is not None:
+        steps.append(_load_safety_checker(*safety_checker_sources(opt.safety_checker, opt.ckpt)))
     if opt.watermark:
         steps.append(_load_watermarker())
 
@@ -770,19 +776,45 @@ def build_postprocess(opt):
     return postprocess
 
 
-def _load_safety_checker():
+def safety_checker_sources(folder, ckpt):
+    """(checker, feature extractor): the folders to load them from, or the hub id for both.
+    `folder`: --safety-checker's FOLDER, "" where none was given. SD v1 pipelines on the hub
+    (CompVis/stable-diffusion-v1-4) ship the checker, so a user with a pipeline folder has it."""
+    if not folder and ckpt and os.path.isdir(os.path.join(diffusers_folder.cache_snapshot(ckpt), "safety_checker")):
+        folder = ckpt
+    if not folder:
+        return SAFETY_MODEL_ID, SAFETY_MODEL_ID
+    folder = diffusers_folder.cache_snapshot(folder)
+    if os.path.isdir(os.path.join(folder, "safety_checker")):
+        return os.path.join(folder, "safety_checker"), os.path.join(folder, "feature_extractor")
+    return folder, folder
+
+
+def _load_safety_checker(checker_source, extractor_source):
     try:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import AutoFeatureExtractor
+        from transformers import AutoImageProcessor
     except ImportError as e:
         raise SystemExit(f"error: --safety-checker needs diffusers (pip install diffusers): {e}")
+
+    def load(cls, source):
+        if os.path.isdir(source):
+            return cls.from_pretrained(source)
+        try:  # the hub's, from the cache first: no network requests, which retry for a minute offline
+            return cls.from_pretrained(source, local_files_only=True)
+        except OSError:
+            return cls.from_pretrained(source)
+
     try:
-        extractor = AutoFeatureExtractor.from_pretrained(SAFETY_MODEL_ID)
-        checker = StableDiffusionSafetyChecker.from_pretrained(SAFETY_MODEL_ID)
-    except Exception as e:  # offline hub, missing cache, ...: all mean "weights unavailable"
+        # not AutoFeatureExtractor: transformers 5 no longer maps CLIP's preprocessor config to one
+        extractor = load(AutoImageProcessor, extractor_source)
+        checker = load(StableDiffusionSafetyChecker, checker_source)
+    except Exception as e:  # offline hub, missing cache, a folder without the files ...: "weights unavailable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SystemExit(f"error: --safety-checker could not load {SAFETY_MODEL_ID} "
-                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}): {reason}")
+        raise SystemExit(f"error: --safety-checker could not load {checker_source} "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}): {reason}; "
+                         "--safety-checker FOLDER takes a local copy (a diffusers SD pipeline folder)")
+    logger.info("safety checker: %s", checker_source)
 
     def check(images):
         array = images.permute(0, 2, 3, 1).numpy()

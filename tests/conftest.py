@@ -118,3 +118,17 @@ def has_plain_file_mode(path):
         return stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(plain.stat().st_mode)
     finally:
         plain.unlink()
+
+
+def write_flagging_safety_checker(folder):
+    """A diffusers SD pipeline folder's safety_checker/ and feature_extractor/ (as
+    CompVis/stable-diffusion-v1-4 ships them), with a tiny checker that flags every image."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+    layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=layer, projection_dim=8,
+                                                      vision_config=dict(layer, image_size=32, patch_size=8)))
+    checker.concept_embeds_weights.data[:] = -10.0  # every image is above every concept's threshold
+    checker.save_pretrained(folder / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "feature_extractor")

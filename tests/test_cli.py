@@ -5,11 +5,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, load_script
+from conftest import REPO, TINY_CONFIG, load_script, write_flagging_safety_checker
 from ldm.image_io import read_parameters
 from ldm.script_helpers import computed_precision, ctrl_c_deferred, precision_context
 
@@ -358,3 +359,37 @@ def test_ctrl_c_while_a_batch_is_written_takes_effect_once_it_is_written():
             os.kill(os.getpid(), signal.SIGINT)  # delivered here, at once, in the main thread
             done.append("the rest of the batch")
     assert done == ["the rest of the batch"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture(scope="module")
+def pipeline_with_a_checker(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    folder = tmp_path_factory.mktemp("pipeline")
+    write_flagging_safety_checker(folder)
+    return folder
+
+
+def test_safety_checker_from_a_pipeline_folder_blacks_out_what_it_flags(pipeline_with_a_checker, tmp_path):
+    """Offline, with the weights at hand: a pipeline folder (or its checker's own folder) loads
+    without the hub, and the images it flags are black."""
+    pipeline, checker = pipeline_with_a_checker, pipeline_with_a_checker / "safety_checker"
+    (checker / "preprocessor_config.json").write_bytes(
+        (pipeline / "feature_extractor" / "preprocessor_config.json").read_bytes())  # the hub repository's layout
+    for name, folder in (("pipeline", pipeline), ("checker", checker)):
+        result = run("txt2img.py", *TINY, "--safety-checker", folder, "--outdir", tmp_path / name)
+        assert_ok(result)
+        assert f"safety checker: {folder}" in result.stderr
+        samples = sorted((tmp_path / name / "samples").glob("*.png"))
+        assert len(samples) == 2 and not any(np.asarray(Image.open(s)).any() for s in samples)
+
+
+def test_safety_checker_folder_that_is_not_there_is_one_line(tmp_path):
+    assert_one_line_error(run("txt2img.py", *TINY, "--safety-checker", tmp_path / "nope", "--outdir", tmp_path / "o"),
+                          f"--safety-checker {tmp_path / 'nope'}: no such folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_safety_checker_sources():
+    from ldm.script_helpers import SAFETY_MODEL_ID, safety_checker_sources
+    assert safety_checker_sources("", None) == (SAFETY_MODEL_ID, SAFETY_MODEL_ID)
+    assert safety_checker_sources("", "models/ldm/stable-diffusion-v1/model.ckpt") == (SAFETY_MODEL_ID,) * 2

@@ -10,12 +10,14 @@ import subprocess
 import sys
 
 import diffusers  # the test extra: the reference these tests compare with
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY_CONFIG, load_script
+from conftest import REPO, TINY_CONFIG, load_script, write_flagging_safety_checker
 from ldm.util import CheckpointError, load_model_from_config, load_state_dict
 
 LEVELS = (32, 64, 128, 128)  # v1-tiny.yaml: model_channels 32, channel_mult [1, 2, 4, 4]
@@ -160,6 +162,25 @@ def test_txt2img_samples_from_a_pipeline_folder(pipeline, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Loading model weights from {folder}" in result.stderr
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2
+
+
+def test_safety_checker_comes_from_the_pipeline_folder_given_as_ckpt(pipeline, tmp_path):
+    """SD v1 pipelines ship their safety checker: --safety-checker with no FOLDER reads it there,
+    offline, instead of from the hub."""
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    for entry in pipeline[0].iterdir():
+        (folder / entry.name).symlink_to(entry)
+    write_flagging_safety_checker(folder)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "txt2img.py"), "--config", str(TINY_CONFIG), "--ckpt", str(folder),
+         "--H", "64", "--W", "64", "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "2", "--safety-checker",
+         "--outdir", str(tmp_path / "out")], env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"safety checker: {folder / 'safety_checker'}" in result.stderr
+    samples = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    assert len(samples) == 2 and not any(np.asarray(Image.open(s)).any() for s in samples)
 
 
 def test_txt2img_refuses_a_folder_that_is_no_pipeline_before_building_the_model(tmp_path):
