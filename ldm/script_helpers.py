@@ -754,14 +754,18 @@ def cpu_noise(generator, shape, device):
 
 SAFETY_MODEL_ID = "CompVis/stable-diffusion-safety-checker"
 WATERMARK_TEXT = "StableDiffusionV1"
+WATERMARK_MIN_PIXELS = 256 * 256  # invisible-watermark refuses smaller images (its DWT-DCT needs the room)
 
 
-def build_postprocess(opt):
+def build_postprocess(opt, height, width):
     """A function images -> images applying the requested safety checker / watermark.
 
-    Images are (B, 3, H, W) in [0, 1]. Everything is loaded here, before sampling, so a
-    missing optional dependency fails fast with one line.
+    Images are (B, 3, height, width) in [0, 1]. Everything is loaded here, before sampling, so a
+    missing optional dependency or an image too small to watermark fails fast with one line.
     """
+    if opt.watermark and height * width < WATERMARK_MIN_PIXELS:
+        raise SystemExit(f"error: --watermark needs images of 256x256 pixels or more (invisible-watermark's "
+                         f"limit), this run makes {width}x{height}: leave it out or generate larger images")
     steps = []
     if opt.safety_checker is not None:
         steps.append(_load_safety_checker(*safety_checker_sources(opt.safety_checker, opt.ckpt)))

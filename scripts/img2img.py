@@ -170,7 +170,7 @@ def main(argv=None, extra_metadata=None):
     check_subject_words_before_loading(parser, opt)
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
     extra_metadata = feature_metadata(opt, extra_metadata)
-    postprocess = build_postprocess(opt)
+    postprocess = build_postprocess(opt, height, width)
     model, device = load(opt)
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)

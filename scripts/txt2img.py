@@ -105,7 +105,7 @@ def main(argv=None, extra_metadata=None):
     parser = build_parser()
     opt = validate_options(parser, parser.parse_args(argv))
     extra_metadata = feature_metadata(opt, extra_metadata)
-    postprocess = build_postprocess(opt)
+    postprocess = build_postprocess(opt, opt.H, opt.W)
     model, device = load(opt)
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)

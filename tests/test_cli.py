@@ -304,8 +304,8 @@ def test_img2img_rejects_plms_and_missing_init_img(tmp_path):
 
 
 def test_optional_extras_fail_with_one_line_when_unavailable(tmp_path):
-    for flag in ("--safety-checker", "--watermark"):
-        result = run("txt2img.py", *TINY, flag, "--outdir", tmp_path / flag.strip("-"))
+    for flag in ("--safety-checker", "--watermark"):  # 256 px: invisible-watermark's smallest
+        result = run("txt2img.py", *TINY, "--H", "256", "--W", "256", flag, "--outdir", tmp_path / flag.strip("-"))
         if result.returncode == 0:
             continue  # the optional dependency and its weights happen to be available
         assert_one_line_error(result, flag)
@@ -393,3 +393,22 @@ def test_safety_checker_sources():
     from ldm.script_helpers import SAFETY_MODEL_ID, safety_checker_sources
     assert safety_checker_sources("", None) == (SAFETY_MODEL_ID, SAFETY_MODEL_ID)
     assert safety_checker_sources("", "models/ldm/stable-diffusion-v1/model.ckpt") == (SAFETY_MODEL_ID,) * 2
+
+
+def test_watermark_on_images_too_small_for_it_is_one_line_before_sampling(tmp_path):
+    """invisible-watermark refuses images under 256x256: the embedded models' 16 and 32 px ones
+    ended in its traceback after sampling."""
+    assert_one_line_error(run("txt2img.py", *TINY, "--watermark", "--outdir", tmp_path / "out"),
+                          "--watermark needs images of 256x256 pixels or more", "this run makes 64x64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_watermark_changes_the_pixels_it_hides_in(tmp_path):
+    pytest.importorskip("imwatermark")
+    pytest.importorskip("cv2")
+    for name, extra in (("plain", []), ("marked", ["--watermark"])):
+        assert_ok(run("txt2img.py", *TINY, "--H", "256", "--W", "256", *extra, "--outdir", tmp_path / name))
+    plain, marked = (np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int)
+                     for name in ("plain", "marked"))
+    assert plain.shape == marked.shape == (256, 256, 3)
+    assert 0 < np.abs(plain - marked).mean() < 8  # hidden: small changes, but changes
