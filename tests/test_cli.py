@@ -412,3 +412,18 @@ def test_watermark_changes_the_pixels_it_hides_in(tmp_path):
                      for name in ("plain", "marked"))
     assert plain.shape == marked.shape == (256, 256, 3)
     assert 0 < np.abs(plain - marked).mean() < 8  # hidden: small changes, but changes
+
+
+def test_fixed_code_starts_every_iteration_from_the_same_noise(tmp_path):
+    """Upstream's --fixed_code: one start code for the whole run, so with deterministic DDIM each
+    --n_iter batch repeats the first; without it every batch draws its own."""
+    for name, extra in (("fixed", ["--fixed_code"]), ("fresh", [])):
+        assert_ok(run("txt2img.py", *TINY, "--n_iter", "2", "--ddim_eta", "0", *extra, "--outdir", tmp_path / name))
+
+    def batches(name):
+        images = [np.asarray(Image.open(tmp_path / name / "samples" / f"{i:05}.png")) for i in range(4)]
+        return np.stack(images[:2]), np.stack(images[2:])
+    first, second = batches("fixed")
+    assert np.array_equal(first, second) and not np.array_equal(first[0], first[1])
+    first, second = batches("fresh")
+    assert not np.array_equal(first, second)
