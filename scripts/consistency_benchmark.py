@@ -65,7 +65,8 @@ seeds, which dominate the first table's ± std, cancel there.
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png}; a new numbered folder each run.
 `--time-budget SECONDS` starts no batch after that time and writes what was measured: seed by
 seed, every prompt and every setting on each batch, so the rows still compare (a GPU lease's
-fixed time, scripts/gpu_session.sh).
+fixed time, scripts/gpu_session.sh). Ctrl-C stops a run the same way, any time: the batch it
+interrupts is left out, the table holds the batches every setting has measured.
 """
 import csv
 import dataclasses
@@ -90,8 +91,8 @@ from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
                                 conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
-                                read_model_geometry, require_text_model, resolve_device, resolve_weights,
-                                set_cpu_threads)
+                                interruptible, read_model_geometry, require_text_model, resolve_device,
+                                resolve_weights, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -591,11 +592,14 @@ def paired_table(rows, settings, baseline="none", first=()):
     return "\n".join(lines)
 
 
-def run_header(opt, device, n_batches):
+def run_header(opt, device, n_batches, interrupted=False):
     weights = "random weights" if opt.random_weights else opt.ckpt
     planned = len(opt.prompts) * len(opt.seeds)
-    measured = (f" = {n_batches} batches" if n_batches == planned else
-                f": {n_batches} of {planned} batches (stopped by --time-budget {opt.time_budget:g} s)")
+    if n_batches == planned:
+        measured = f" = {n_batches} batches"
+    else:
+        stopped_by = "Ctrl-C" if interrupted else f"--time-budget {opt.time_budget:g} s"
+        measured = f": {n_batches} of {planned} batches (stopped by {stopped_by})"
     return (f"config {opt.config}, {weights}; N={opt.n}, DDIM {opt.steps} steps, eta {opt.eta:g}, "
             f"guidance {opt.scale}; {len(opt.prompts)} prompts x seeds {' '.join(map(str, opt.seeds))}{measured} "
             f"per setting (mean ± std over them; fidelity over prompts that name attributes); device {device}")
@@ -643,12 +647,21 @@ def main(argv=None):
     figure_batch = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     # Only the figure's batch is kept, and the first one in case --time-budget stops the run before
     # it: keeping every batch's images would hold gigabytes for SD at 512².
-    rows, kept = [], {}
-    for row, images in run(opt, model, device, embedder):
-        rows.append(row)
-        batch = row["prompt"], row["seed"]
-        if batch in (figure_batch, (rows[0]["prompt"], rows[0]["seed"])):
-            kept.setdefault(batch, {})[row["setting"]] = images
+    rows, kept, interrupted = [], {}, False
+    try:
+        for row, images in run(opt, model, device, embedder):
+            rows.append(row)
+            batch = row["prompt"], row["seed"]
+            if batch in (figure_batch, (rows[0]["prompt"], rows[0]["seed"])):
+                kept.setdefault(batch, {})[row["setting"]] = images
+    except KeyboardInterrupt:  # stop as --time-budget does, leaving out the batch it cut short
+        rows = rows[:len(rows) - len(rows) % len(opt.settings)]  # settings are the inner loop
+        kept = {batch: images for batch, images in kept.items() if len(images) == len(opt.settings)}
+        if not rows:
+            raise
+        interrupted = True
+        logger.warning("interrupted: the table holds the %d batches every setting has measured",
+                       len(rows) // len(opt.settings))
     if figure_batch not in kept:
         logger.warning("the figure's batch (%r, seed %d) was not reached; figure.png shows the first batch",
                        *figure_batch)
@@ -658,7 +671,7 @@ def main(argv=None):
     for baseline in ["none", *opt.paired_with]:
         paired = paired_table(rows, opt.settings, baseline=baseline)
         table += f"\n\nPaired with `{baseline}` (mean ± standard error over the batches):\n\n{paired}" if paired else ""
-    header = run_header(opt, device, len({(r["prompt"], r["seed"]) for r in rows}))
+    header = run_header(opt, device, len({(r["prompt"], r["seed"]) for r in rows}), interrupted)
     run_dir = new_run_dir(opt.outdir)
     with open(os.path.join(run_dir, "table.md"), "x") as f:
         f.write(f"{header}\n\nfigure.png: {figure_prompt!r}, seed {figure_seed}\n\n{table}\n")
@@ -666,8 +679,10 @@ def main(argv=None):
     write_figure(kept[figure_batch], os.path.join(run_dir, "figure.png"))
     sys.stdout.write(f"{header}\n\n{table}\n")
     logger.info("wrote table.md, results.csv and figure.png to %s", run_dir)
+    if interrupted:
+        raise KeyboardInterrupt  # written: now end as interrupted (exit status 130)
     return run_dir
 
 
 if __name__ == "__main__":
-    main()
+    interruptible(main)

@@ -1,8 +1,10 @@
 """scripts/consistency_benchmark.py: a smoke run on the embedded config with random weights."""
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -348,3 +350,28 @@ def test_the_weights_default_to_those_the_config_names(capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "checkpoint not found: models/embedded/procedural-t2i.safetensors" in last
     assert "--config configs/embedded/procedural-t2i-16px.yaml for the shipped 16 px model" in last
+
+
+def test_ctrl_c_writes_the_batches_every_setting_has_measured(tmp_path):
+    """A long benchmark stopped by hand keeps its measurements, as --time-budget does: the batch
+    that Ctrl-C cuts short is left out, so every setting is reported on the same batches."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        # SIGINT as a terminal sends it; a shell running the suite in the background ignores it
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--config", str(CONFIG), "--random-weights", "--n", "2", "--steps", "2",
+             "--seeds", *map(str, range(50)), "--settings", "none", "all:all", "--outdir", str(tmp_path / "out")],
+            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=stderr, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while log.read_text().count("agreement") < 3 and time.monotonic() < deadline:  # into the second batch
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        stdout = process.communicate(timeout=120)[0]
+    assert process.returncode == 130 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    with open(tmp_path / "out" / "run-001" / "results.csv") as f:
+        results = list(csv.DictReader(f))
+    batches = len(results) // 2
+    assert batches >= 1 and [r["setting"] for r in results] == ["none", "all:all"] * batches
+    assert f"7 prompts x seeds {' '.join(map(str, range(50)))}: {batches} of 350 batches (stopped by Ctrl-C)" in stdout
+    assert (tmp_path / "out" / "run-001" / "figure.png").is_file()
