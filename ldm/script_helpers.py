@@ -784,14 +784,12 @@ def safety_checker_sources(folder, ckpt):
     """(checker, feature extractor): the folders to load them from, or the hub id for both.
     `folder`: --safety-checker's FOLDER, "" where none was given. SD v1 pipelines on the hub
     (CompVis/stable-diffusion-v1-4) ship the checker, so a user with a pipeline folder has it."""
-    if not folder and ckpt and os.path.isdir(os.path.join(diffusers_folder.cache_snapshot(ckpt), "safety_checker")):
-        folder = ckpt
-    if not folder:
-        return SAFETY_MODEL_ID, SAFETY_MODEL_ID
-    folder = diffusers_folder.cache_snapshot(folder)
-    if os.path.isdir(os.path.join(folder, "safety_checker")):
-        return os.path.join(folder, "safety_checker"), os.path.join(folder, "feature_extractor")
-    return folder, folder
+    pipeline = diffusers_folder.cache_snapshot(folder or ckpt) if folder or ckpt else None
+    if pipeline and os.path.isdir(os.path.join(pipeline, "safety_checker")):  # FOLDER or --ckpt
+        return os.path.join(pipeline, "safety_checker"), os.path.join(pipeline, "feature_extractor")
+    if folder:  # the checker's own folder
+        return pipeline, pipeline
+    return SAFETY_MODEL_ID, SAFETY_MODEL_ID
 
 
 def _load_safety_checker(checker_source, extractor_source):

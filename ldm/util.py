@@ -454,6 +454,9 @@ def _check_weights(sd, model_sd, source):
                                    f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
 
 
+CONTROLNET_PREFIXES = ("control_model.", "controlnet_cond_embedding.")  # CompVis' and diffusers' ControlNet keys
+
+
 def _what_else(sd):
     """What a file that does not fit the config is, where its keys tell: the files users with SD
     weights most often pass instead of an SD 1.x text-to-image checkpoint."""
@@ -471,7 +474,7 @@ def _what_else(sd):
                 f"checkpoint (its UNet reads {first_conv.shape[1]} channels, a text-to-image one 4)")
     elif has("encoder.", "decoder.") and not has("model.diffusion_model."):
         kind = "an autoencoder (VAE) alone"
-    elif has("control_model.", "controlnet_cond_embedding."):
+    elif has(*CONTROLNET_PREFIXES):
         kind = "a ControlNet alone, which this repository does not run (T2I-Adapters steer the same conditions)"
     elif has("body.0.", "adapter.body.0.") and not has("model.diffusion_model."):
         kind = "a T2I-Adapter (pass it as --adapter, with a --cond)"

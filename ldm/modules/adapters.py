@@ -39,7 +39,7 @@ from torch import nn
 
 from ldm.diffusers_folder import MODEL_WEIGHTS, cache_snapshot, find_weight_file
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
-from ldm.util import CheckpointError, load_state_dict, save_safetensors
+from ldm.util import CONTROLNET_PREFIXES, CheckpointError, load_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def _detect(state_dict, levels, unshuffle):
 
 def _what_it_is(state_dict):
     """The files most often passed as --adapter by mistake, where the keys tell; else some keys."""
-    if any(k.startswith(("control_model.", "controlnet_cond_embedding.")) for k in state_dict):
+    if any(k.startswith(CONTROLNET_PREFIXES) for k in state_dict):
         return "it looks like a ControlNet, which this repository does not run; T2I-Adapters steer the same conditions"
     if any(k.startswith("model.diffusion_model.") for k in state_dict):
         return "it looks like a model checkpoint: pass it as --ckpt"
