@@ -132,3 +132,21 @@ def write_flagging_safety_checker(folder):
     checker.save_pretrained(folder / "safety_checker")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         folder / "feature_extractor")
+
+
+def interrupt_script_when(script, args, ready, **popen):
+    """Run scripts/`script` with `args`, press Ctrl-C (SIGINT) once `ready()` holds (at most 120 s
+    on), and return (the process, ended, and what communicate() read)."""
+    import signal
+    import subprocess
+    import time
+    # SIGINT handled as under a terminal: a shell running the suite in the background ignores it,
+    # and the child would inherit that
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / script), *map(str, args)], cwd=REPO,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"), text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+    deadline = time.monotonic() + 120
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    return process, process.communicate(timeout=120)

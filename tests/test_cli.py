@@ -3,14 +3,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, load_script, write_flagging_safety_checker
+from conftest import REPO, TINY_CONFIG, interrupt_script_when, load_script, write_flagging_safety_checker
 from ldm.image_io import read_parameters
 from ldm.script_helpers import computed_precision, ctrl_c_deferred, precision_context
 
@@ -149,8 +148,6 @@ def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplo
 def test_txt2img_vae_decodes_with_the_given_autoencoder_and_records_it(txt2img, tmp_path):
     """In-process. The tiny model with random weights: the same latents, decoded by another
     autoencoder, are other pixels; the PNG names the file."""
-    import numpy as np
-    import torch
     from omegaconf import OmegaConf
     from ldm.util import instantiate_from_config, save_safetensors
     torch.manual_seed(1)
@@ -334,16 +331,8 @@ def test_ctrl_c_keeps_the_finished_batches_and_gives_them_their_grid(tmp_path):
     """A long run stopped with Ctrl-C: exit status 130 and one line saying what was saved, no
     traceback; the finished batches' samples stay and their grid is written."""
     args = [*TINY, "--n_iter", "500", "--outdir", tmp_path]  # far longer than the test waits
-    # SIGINT as a terminal sends it; a shell running this suite in the background ignores it, and
-    # a child would inherit that
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "txt2img.py"), *map(str, args)], cwd=REPO,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"), stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("samples/*.png"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=120)[1]
+    four_samples = lambda: len(list(tmp_path.glob("samples/*.png"))) >= 4  # noqa: E731
+    process, (_, stderr) = interrupt_script_when("txt2img.py", args, four_samples, stderr=subprocess.PIPE)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     samples = sorted(tmp_path.glob("samples/*.png"))
     assert len(samples) >= 4 and len(samples) % 2 == 0  # whole batches of --n_samples 2

@@ -1,15 +1,13 @@
 """scripts/consistency_benchmark.py: a smoke run on the embedded config with random weights."""
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_script
+from conftest import REPO, interrupt_script_when, load_script
 
 SCRIPT = REPO / "scripts" / "consistency_benchmark.py"
 CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
@@ -357,17 +355,11 @@ def test_ctrl_c_writes_the_batches_every_setting_has_measured(tmp_path):
     that Ctrl-C cuts short is left out, so every setting is reported on the same batches."""
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        # SIGINT as a terminal sends it; a shell running the suite in the background ignores it
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--config", str(CONFIG), "--random-weights", "--n", "2", "--steps", "2",
-             "--seeds", *map(str, range(50)), "--settings", "none", "all:all", "--outdir", str(tmp_path / "out")],
-            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=stderr, text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 120
-        while log.read_text().count("agreement") < 3 and time.monotonic() < deadline:  # into the second batch
-            time.sleep(0.1)
-        process.send_signal(signal.SIGINT)
-        stdout = process.communicate(timeout=120)[0]
+        process, (stdout, _) = interrupt_script_when(
+            SCRIPT.name, ["--config", CONFIG, "--random-weights", "--n", "2", "--steps", "2", "--seeds", *range(50),
+                          "--settings", "none", "all:all", "--outdir", tmp_path / "out"],
+            lambda: log.read_text().count("agreement") >= 3,  # into the second batch
+            stdout=subprocess.PIPE, stderr=stderr)
     assert process.returncode == 130 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
     with open(tmp_path / "out" / "run-001" / "results.csv") as f:
         results = list(csv.DictReader(f))
