@@ -36,6 +36,27 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    @staticmethod
+    @contextmanager
+    def checking():
+        """Hold what is logged while the input is checked until every check has passed: bad input
+        then ends with its one error line alone, not after warnings (which model would run, what a
+        flag will not do) about a run that is not going to happen."""
+        root = logging.getLogger()
+        held, handlers = [], root.handlers
+        hold = logging.Handler()
+        hold.emit = held.append
+        root.handlers = [hold]
+        try:
+            yield
+        except SystemExit:
+            held.clear()  # the error line (parser.error) stands alone
+            raise
+        finally:
+            root.handlers = handlers
+            for record in held:
+                root.handle(record)
+
 
 # name -> sampler class; --sampler's choices come from here.
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
@@ -100,7 +121,7 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     add("--config", type=str, default=None,
         help=f"path to config which constructs model (default: the first of {', '.join(DEFAULT_CONFIGS)} "
-             "whose weights are in place)")
+             "whose weights are in place; with --ckpt, the one that names that file, else SD v1's)")
     add("--ckpt", type=str, default=None,
         help="path to checkpoint of model, .safetensors or .ckpt, or a diffusers pipeline folder (default: "
              "the weights named in the config's `sampling` block, e.g. models/ldm/stable-diffusion-v1/model.ckpt "
@@ -361,7 +382,8 @@ def resolve_model(parser, opt):
     opt.ddim_steps and opt.geometry (whose eta validate_common applies).
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
-    (with --random-weights: SD v1, as upstream). Flags the user gave always win, except --C/--f,
+    (with --random-weights: SD v1, as upstream); with --ckpt alone, the config whose `sampling`
+    block names that file (a shipped model's), else SD v1's. Flags the user gave always win, except --C/--f,
     which must match the model. Relative paths are read from the working directory, else from
     the repository (`in_repo`)."""
     opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
@@ -407,10 +429,18 @@ def resolve_weights(parser, opt, geometry):
                      f"or --random-weights to run without weights")
 
 
+def _same_file(a, b):
+    a, b = in_repo(a), in_repo(b)
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def default_config(parser, opt):
-    if opt.random_weights or opt.ckpt:
+    if opt.random_weights:
         return in_repo(SD_V1_CONFIG)
     weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
+    if opt.ckpt:  # the config that names these very weights (a shipped model's), else SD v1's, as upstream
+        named = [path for path, file in zip(DEFAULT_CONFIGS, weights) if file and _same_file(opt.ckpt, file)]
+        return in_repo((named or [SD_V1_CONFIG])[0])
     for path, file in zip(DEFAULT_CONFIGS, weights):
         if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
@@ -543,19 +573,24 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def load_model(opt, device):
-    """Build the model from --config and load --ckpt (or random weights); errors are one line."""
+def load_model(opt):
+    """(model, device): the model of --config with --ckpt's weights (or random ones) on --device;
+    errors are one line. Seeds first, so that --random-weights models are reproducible too."""
+    device = resolve_device(opt.device)
+    seed_everything(opt.seed)
     if device.type == "cpu":
         threads = set_cpu_threads(opt.threads)
         logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
-    return build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
-                       unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights, vae=opt.vae)
+    model = build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
+                        unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights, vae=opt.vae)
+    record_compute(opt, device)
+    return model, device
 
 
 def build_model(config_path, ckpt, device="cpu", **options):
     """ldm.util.load_model_from_config on the config file at `config_path`. What stops it ends the
     script with one error line, naming the config where the fix may lie in it: a setting it holds,
-    or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone)."""
+    or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone that no shipped config names)."""
     import ldm.util
     try:
         return ldm.util.load_model_from_config(load_config(config_path), ckpt, device, **options)

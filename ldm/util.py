@@ -509,7 +509,8 @@ def _drop_ema_copy_without_weights(model, sd, source):
     copy at its random initialisation, so sampling must use the loaded weights instead, and the
     copy (as large as the UNet) goes."""
     if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in sd):
-        logger.info("%s has no EMA weights (model_ema.*): sampling with its UNet weights as they are", source)
+        logger.info("%s has no separate EMA copy (model_ema.*): sampling with its UNet weights, which in pruned "
+                    "and exported checkpoints are the EMA weights already", source)
         model.use_ema = False
         del model.model_ema
 

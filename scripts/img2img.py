@@ -2,7 +2,7 @@
 
 Noises an init image part of the way (--strength) with DDIM's stochastic_encode and denoises it
 again under the prompt. main() is split like scripts/txt2img.py: build_parser /
-validate_options / load / generate / save_outputs, with an ``extra_metadata`` hook.
+validate_options / load_model / generate / save_outputs, with an ``extra_metadata`` hook.
 """
 import logging
 import sys
@@ -20,9 +20,8 @@ from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
                                 check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
-                                cpu_noise, feature_metadata, interruptible, latents_to_images, load_model,
-                                make_sampler, precision_context, prompt_batches, record_compute, resolve_device,
-                                sampling_batch, save_results, seed_everything, validate_common,
+                                cpu_noise, feature_metadata, interruptible, latents_to_images, load_model, make_sampler,
+                                precision_context, prompt_batches, sampling_batch, save_results, validate_common,
                                 warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("img2img")
@@ -87,15 +86,6 @@ def load_img(path, multiple, display_scale=1):
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2)) - 1.0
 
 
-def load(opt):
-    """(model, device). Seeds first so --random-weights models are reproducible too."""
-    device = resolve_device(opt.device)
-    seed_everything(opt.seed)
-    model = load_model(opt, device)
-    record_compute(opt, device)
-    return model, device
-
-
 def encode_init_image(model, init_image, batch_size, device):
     init_image = init_image.to(device).expand(batch_size, -1, -1, -1)
     return model.get_first_stage_encoding(model.encode_first_stage(init_image))
@@ -148,10 +138,10 @@ def save_outputs(opt, results, size, extra_metadata=None):
     return save_results(opt, results, height=size[0], width=size[1], extra_metadata=extra)
 
 
-def main(argv=None, extra_metadata=None):
-    configure_logging()
-    parser = build_parser()
-    opt = validate_options(parser, parser.parse_args(argv))
+def check_init_image(parser, opt):
+    """The init image, as the model reads it, and what depends on its size, checked before the
+    model loads: the reference's image size is the (cropped) init image's, and a different
+    strength is a different trajectory, so both are recorded with a reference."""
     try:
         init_image = load_img(opt.init_img, opt.geometry.multiple, opt.display_scale)
     except ValueError as err:
@@ -160,8 +150,6 @@ def main(argv=None, extra_metadata=None):
     model_scale = opt.geometry.display_scale
     warn_if_far_above_model_size(opt.geometry, height, width, "--init-img is read at", "shrink the image" + (
         f", or read it at the model's --display-scale {model_scale}" if opt.display_scale < model_scale else ""))
-    # the reference's image size is the (cropped) init image's, and a different strength is a
-    # different trajectory: both are recorded and checked before the model loads
     opt.reference = consistency_reference.reference_from_arguments(opt, parser, size=(height, width),
                                                                    strength=opt.strength)
     consistency_image.set_from_arguments(opt, parser, (height, width))
@@ -169,16 +157,26 @@ def main(argv=None, extra_metadata=None):
                                                size_hint="crop or resize --init-img to match")
     check_subject_words_before_loading(parser, opt)
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
-    extra_metadata = feature_metadata(opt, extra_metadata)
-    postprocess = build_postprocess(opt, height, width)
-    model, device = load(opt)
+    return init_image
+
+
+def main(argv=None, extra_metadata=None):
+    configure_logging()
+    parser = build_parser()
+    with parser.checking():
+        opt = validate_options(parser, parser.parse_args(argv))
+        init_image = check_init_image(parser, opt)
+        height, width = init_image.shape[2:]
+        extra_metadata = feature_metadata(opt, extra_metadata)
+        postprocess = build_postprocess(opt, height, width)
+    model, device = load_model(opt)
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     # one schedule for the step-window check and the sampling
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)
-    paths = save_outputs(opt, results, tuple(init_image.shape[2:]), extra_metadata)
+    paths = save_outputs(opt, results, (height, width), extra_metadata)
     logger.info(written_message(opt, paths))
     return paths
 

@@ -1,6 +1,6 @@
 """Text-to-image sampling with Stable Diffusion v1 (or any LatentDiffusion text config).
 
-main() is split into build_parser / validate_options / load / generate / save_outputs so that
+main() is split into build_parser / validate_options / load_model / generate / save_outputs so that
 features can add their own flags, checks and PNG metadata (see ``extra_metadata``).
 """
 import logging
@@ -17,8 +17,8 @@ from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_b
                                 check_step_window, check_subject_words_before_loading, configure_logging,
                                 consistency_from_arguments, cpu_noise, feature_metadata, interruptible,
                                 latents_to_images, load_model, make_sampler, precision_context, prompt_batches,
-                                record_compute, resolve_device, sampling_batch, save_results, seed_everything,
-                                validate_common, warn_if_far_above_model_size, written_message)
+                                sampling_batch, save_results, validate_common, warn_if_far_above_model_size,
+                                written_message)
 
 logger = logging.getLogger("txt2img")
 
@@ -54,15 +54,6 @@ def validate_options(parser, opt):
     check_output_dir(parser, "--outdir", opt.outdir)
     check_subject_words_before_loading(parser, opt)  # needs opt.reference
     return opt
-
-
-def load(opt):
-    """(model, device). Seeds first so --random-weights models are reproducible too."""
-    device = resolve_device(opt.device)
-    seed_everything(opt.seed)
-    model = load_model(opt, device)
-    record_compute(opt, device)
-    return model, device
 
 
 def sample_batch(opt, model, sampler, prompts, x_T):
@@ -103,10 +94,11 @@ def save_outputs(opt, results, extra_metadata=None):
 def main(argv=None, extra_metadata=None):
     configure_logging()
     parser = build_parser()
-    opt = validate_options(parser, parser.parse_args(argv))
-    extra_metadata = feature_metadata(opt, extra_metadata)
-    postprocess = build_postprocess(opt, opt.H, opt.W)
-    model, device = load(opt)
+    with parser.checking():
+        opt = validate_options(parser, parser.parse_args(argv))
+        extra_metadata = feature_metadata(opt, extra_metadata)
+        postprocess = build_postprocess(opt, opt.H, opt.W)
+    model, device = load_model(opt)
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     check_step_window(parser, opt, sampler)

@@ -1,4 +1,5 @@
 """The txt2img/img2img scripts as a user runs them: subprocesses on the tiny config."""
+import logging
 import os
 import signal
 import subprocess
@@ -177,6 +178,40 @@ def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
     assert_one_line_error(run("txt2img.py", *TINY, "--outdir", tmp_path / "out", "--from-file", prompts),
                           "is not UTF-8 text")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("txt2img.py", ["--scale", "nan"], "--scale must be a finite number"),
+    ("img2img.py", ["--init-img", "docs/reference-chair.png", "--strength", "1.5"], "--strength must be in [0.0, 1.0]"),
+])
+def test_bad_input_after_a_warning_is_the_error_line_alone(tmp_path, script, args, message):
+    """--n_rows with --skip_grid is warned about while the input is checked; when a later check
+    fails, stderr is the error line alone: the warning was about a run that does not happen (and in
+    a fresh clone the warning that the stand-in model runs would precede every error)."""
+    result = run(script, "--config", "configs/embedded/procedural-t2i-16px.yaml", "--n_rows", 2, "--skip_grid",
+                 *args, "--outdir", tmp_path / "out")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{script}: error: {message}"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_checking_replays_what_it_held_once_the_checks_pass(caplog):
+    from ldm.script_helpers import ArgumentParser
+    log = logging.getLogger("test_checking")
+    with caplog.at_level(logging.INFO):
+        with ArgumentParser.checking():
+            log.warning("first")
+            log.info("second")
+            assert caplog.messages == []  # held
+        assert caplog.messages == ["first", "second"]
+        caplog.clear()
+        with pytest.raises(SystemExit), ArgumentParser.checking():
+            log.warning("about a run that will not happen")
+            raise SystemExit(2)
+        with pytest.raises(ValueError), ArgumentParser.checking():
+            log.warning("what led up to a crash")
+            raise ValueError
+        assert caplog.messages == ["what led up to a crash"]
 
 
 def test_txt2img_from_another_folder_finds_the_repositorys_default_model_and_writes_below_it(tmp_path):

@@ -126,6 +126,19 @@ def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     assert opt.ddim_steps == 50  # nor steps: upstream's 50
 
 
+def test_a_ckpt_given_alone_runs_with_the_config_that_names_it_else_sd_v1s(workdir):
+    """`--ckpt models/embedded/procedural-t2i-16px.safetensors` (as the model card's commands pass
+    it) needs no --config; upstream built SD v1 for it (860 M parameters) and then failed."""
+    shipped = put_weights(workdir, PRELIMINARY_CONFIG)
+    for given in (str(shipped), "models/embedded/procedural-t2i-16px.safetensors"):
+        resolve_model(Parser(), opt := options(ckpt=given))
+        assert opt.config.endswith(PRELIMINARY_CONFIG) and (opt.H, opt.ddim_steps) == (16, 20)
+    other = workdir / "sd-v1-4.safetensors"
+    other.write_bytes(b"")
+    resolve_model(Parser(), opt := options(ckpt=str(other)))
+    assert opt.config.endswith(SD_V1_CONFIG) and opt.H == 512
+
+
 def test_a_diffusers_folder_linked_at_upstreams_path_is_found_and_checked(workdir):
     """`ln -s ~/sd-v1-4-diffusers models/ldm/stable-diffusion-v1/model.ckpt`: the default search
     takes the folder as it takes a file, and a folder that is no pipeline is one error line."""
