@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import importlib
 import logging
@@ -495,7 +496,10 @@ def apply_state_dict(model, sd, source="checkpoint"):
     model_sd = model.state_dict()
     sd = remap_clip_text_keys(_drop_ema_keys(sd, model_sd), model_sd.keys())
     _check_weights(sd, model_sd, source)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    placeholders = any(p.is_meta for p in model.parameters())
+    if placeholders:  # the checkpoint's tensors become the model's, in the model's dtypes (fp16 files: float32)
+        sd = {k: v.to(model_sd[k].dtype).contiguous() if k in model_sd else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=placeholders)
     if missing:
         logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))
     if unexpected:
@@ -545,13 +549,13 @@ def load_model_from_config(config, ckpt, device="cpu", *, unsafe_pickle=False, r
     config's own ckpt_path entries are not read either way (_drop_checkpoint_paths). `vae`: a file
     or folder whose autoencoder replaces the checkpoint's (load_first_stage_weights).
     """
-    model = build_for_weights(config, "random weights" if random_weights else "the checkpoint holds the whole model")
     if random_weights:
+        model = build_for_weights(config, "random weights")
         logger.warning("THE MODEL HAS RANDOM WEIGHTS: no checkpoint loaded, outputs will be noise")
     elif ckpt is None:
         raise CheckpointError("No checkpoint given; pass the path of a .ckpt or .safetensors file")
     else:
-        load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+        model, _ = build_with_weights(config, ckpt, unsafe_pickle=unsafe_pickle)
     if vae is not None:
         load_first_stage_weights(model, vae, unsafe_pickle=unsafe_pickle)
     return model.eval().to(device)
@@ -597,6 +601,60 @@ def _first_stage_state_dict(path, unsafe_pickle):
     if any(".mid_block." in k for k in sd):  # diffusers' names, its weight file given alone
         return vae_state_dict(sd)
     return sd
+
+
+@contextlib.contextmanager
+def parameters_as_placeholders():
+    """Modules built inside get placeholder parameters on the meta device: no memory and no random
+    initialisation, for weights that a checkpoint is about to replace (accelerate's
+    init_empty_weights, in a few lines). Building SD v1's 860 M parameters otherwise draws random
+    numbers for seconds (10 s on 2 CPU cores) that loading overwrites, and holds a second copy of
+    the model while the checkpoint is read. Buffers (the noise schedule) are computed as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def register_placeholder(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def skipping_placeholders(init):  # random init of a placeholder: nothing to do, and on the meta device
+        return lambda tensor, *args, **kwargs: tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    inits = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    torch.nn.Module.register_parameter = register_placeholder
+    for name, init in inits.items():
+        setattr(torch.nn.init, name, skipping_placeholders(init))
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+        for name, init in inits.items():
+            setattr(torch.nn.init, name, init)
+
+
+# torch.nn.init's in-place initialisers; on the meta device some run as Python reference code,
+# whose first use imports ~1.5 s of torch._refs, more than the whole build of a small model
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+def build_with_weights(config, ckpt, *, unsafe_pickle=False):
+    """(model, global step): `config`'s model with the weights of `ckpt`, built on placeholders
+    that the checkpoint's tensors replace (`parameters_as_placeholders`). A checkpoint that leaves
+    some parameter unset (an optional one, kept as initialised) is loaded again into a model built
+    the ordinary way."""
+    why = "the checkpoint holds the whole model"
+    with parameters_as_placeholders():
+        model = build_for_weights(config, why)
+    global_step = load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        logger.info("%s leaves %d tensors unset (e.g. %s): building the model with initialised weights",
+                    ckpt, len(unset), _some(unset))
+        model = build_for_weights(config, why)
+        global_step = load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
+    return model, global_step
 
 
 def load_weights(model, ckpt, *, unsafe_pickle=False):

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.script_helpers import configure_logging
-from ldm.util import ModelError, build_for_weights, load_weights
+from ldm.util import ModelError, build_with_weights
 
 logger = logging.getLogger("sample_diffusion")
 
@@ -212,9 +212,8 @@ def load_model(config, ckpt, unsafe_pickle=False):
     """The model of `config` with the weights of `ckpt` (a main.py checkpoint, safetensors or a bare
     state dict), on CUDA where there is one (upstream forced it), and the checkpoint's global step
     (0 where it has none). Upstream loaded non-strictly: a checkpoint of another model sampled noise."""
-    model = build_for_weights(config, "the checkpoint holds the whole model")
-    global_step = load_weights(model, ckpt, unsafe_pickle=unsafe_pickle) or 0
-    return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), global_step
+    model, global_step = build_with_weights(config, ckpt, unsafe_pickle=unsafe_pickle)
+    return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), global_step or 0
 
 
 if __name__ == "__main__":

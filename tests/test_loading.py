@@ -8,11 +8,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import FULL_CONFIG, TINY_CONFIG
+from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_
+from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (
-    CheckpointError, apply_state_dict, instantiate_from_config, load_model_from_config, load_state_dict,
-    remap_clip_text_keys)
+    CheckpointError, apply_state_dict, build_for_weights, build_with_weights, instantiate_from_config,
+    load_model_from_config, load_state_dict, load_weights, remap_clip_text_keys)
 
 TEXT = "cond_stage_model.transformer."
 
@@ -183,6 +184,87 @@ def test_tiny_model_round_trips(tmp_path, tiny_config, tiny_model, suffix, caplo
     assert_same_parameters(loaded, tiny_model)
     if suffix == ".ckpt":
         assert any("global step: 3" in r.getMessage() for r in caplog.records)
+
+
+def built_then_loaded(config, path):
+    """The model built the ordinary way (randomly initialised), then loaded: the reference for
+    build_with_weights, which loads into placeholders instead."""
+    model = build_for_weights(config, "reference")
+    load_weights(model, path)
+    return model.eval()
+
+
+@torch.no_grad()
+def assert_same_model(reference, model):
+    """Bit for bit: every tensor (values, dtype, requires_grad) and what the model computes from
+    them, so that no module kept a stale reference to a placeholder."""
+    assert_same_parameters(reference, model)
+    for (name, a), (_, b) in zip([*reference.named_parameters(), *reference.named_buffers()],
+                                 [*model.named_parameters(), *model.named_buffers()], strict=True):
+        assert (a.dtype, a.requires_grad, a.is_meta) == (b.dtype, b.requires_grad, False), name
+    c = [m.get_learned_conditioning(["a red chair"]) for m in (reference, model)]
+    assert torch.equal(*c)
+    x = torch.randn(1, reference.channels, reference.image_size, reference.image_size, generator=torch.Generator())
+    t = torch.tensor([500])
+    assert torch.equal(reference.apply_model(x, t, c[0]), model.apply_model(x, t, c[0]))
+    with reference.ema_scope(), model.ema_scope():
+        assert torch.equal(reference.apply_model(x, t, c[0]), model.apply_model(x, t, c[0]))
+    assert torch.equal(reference.decode_first_stage(x), model.decode_first_stage(x))
+
+
+@pytest.mark.parametrize("fmt", ["fp16 safetensors", "fp32 ckpt with EMA"])
+def test_weights_load_into_placeholders_exactly_as_into_a_built_model(tmp_path, tiny_model_with_weights, fmt,
+                                                                      caplog):
+    """SD v1 checkpoints load into parameters that were never initialised (build_with_weights):
+    the SD 1.x layout (tiny config: CLIP text, KL autoencoder, UNet), an fp16 file into the
+    model's float32, and a Lightning .ckpt whose EMA copy the model keeps (use_ema)."""
+    config = OmegaConf.load(TINY_CONFIG)
+    sd = tiny_state_dict(tiny_model_with_weights)
+    if fmt == "fp16 safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(path))
+    else:
+        config.model.params.use_ema = True
+        ema = LitEma(fill_zero_weights_(instantiate_from_config(config.model).model))  # other weights than sd's
+        sd.update({f"model_ema.{k}": v for k, v in ema.state_dict().items()})
+        path = tmp_path / "model.ckpt"
+        torch.save({"state_dict": sd, "global_step": 7}, path)
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        model, global_step = build_with_weights(config, path)
+    assert "unset" not in caplog.text  # the placeholders took the file's tensors: no second, ordinary build
+    assert global_step == (7 if path.suffix == ".ckpt" else None)
+    assert_same_model(built_then_loaded(config, path), model.eval())
+    if path.suffix == ".ckpt":  # ema_scope samples with the file's EMA weights
+        expected = copy.deepcopy(tiny_model_with_weights.model)
+        ema.copy_to(expected)
+        with model.ema_scope():
+            assert_same_parameters(model.model, expected)
+
+
+def test_the_shipped_model_loads_into_placeholders_exactly_as_into_a_built_model(caplog):
+    config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml")
+    path = REPO / "models/embedded/procedural-t2i-16px.safetensors"
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        model = build_with_weights(config, path)[0].eval()
+    assert "unset" not in caplog.text
+    assert_same_model(built_then_loaded(config, path), model)
+
+
+def test_a_checkpoint_that_leaves_a_parameter_unset_is_loaded_into_an_initialised_model(tmp_path, tiny_model,
+                                                                                        caplog):
+    """An optional parameter the file lacks (here the learnt log-variance, outside the required
+    autoencoder, UNet and text encoder) has no value to take in a placeholder: that model is
+    built the ordinary way, and the parameter keeps its initial value, as it always did."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.learn_logvar = True
+    path = tmp_path / "without_logvar.safetensors"
+    save_file(tiny_state_dict(tiny_model), str(path))
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        model, _ = build_with_weights(config, path)
+    assert "leaves 1 tensors unset (e.g. logvar): building the model with initialised weights" in caplog.text
+    assert not model.logvar.is_meta and torch.equal(model.logvar, torch.zeros_like(model.logvar))
+    assert_same_parameters(model.model, tiny_model.model)
 
 
 def test_a_safetensors_file_linked_to_upstreams_ckpt_path_loads(tmp_path, tiny_config, tiny_model):
