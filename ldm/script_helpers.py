@@ -575,7 +575,8 @@ def seed_everything(seed):
 
 def load_model(opt):
     """(model, device): the model of --config with --ckpt's weights (or random ones) on --device;
-    errors are one line. Seeds first, so that --random-weights models are reproducible too."""
+    errors are one line. Seeded before the build, so that --random-weights models are
+    reproducible, and after it for sampling (`seed_step_noise`)."""
     device = resolve_device(opt.device)
     seed_everything(opt.seed)
     if device.type == "cpu":
@@ -584,7 +585,18 @@ def load_model(opt):
     model = build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
                         unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights, vae=opt.vae)
     record_compute(opt, device)
+    seed_step_noise(opt.seed)
     return model, device
+
+
+def seed_step_noise(seed):
+    """Seed what sampling draws from the global generators (DDIM's step noise at eta > 0,
+    img2img's encoding noise), so that it follows from the seed alone, not from what building
+    the model drew (nothing, when weights load into placeholders; ldm.util.build_with_weights).
+    A stream apart from the start noise's (`cpu_noise`, drawn from `seed` itself): from the same
+    seed the first step's noise would be x_T again, which leaves the images covered in noise.
+    Modulo 2**32, as the CPU generator keeps only a seed's low 32 bits anyway."""
+    torch.manual_seed((seed + 2**31) % 2**32)
 
 
 def build_model(config_path, ckpt, device="cpu", **options):

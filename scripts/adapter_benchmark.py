@@ -60,7 +60,8 @@ from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, che
                                   first_stage_factor, injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
-                                configure_logging, in_repo, latents_to_images, resolve_device, set_cpu_threads)
+                                configure_logging, in_repo, latents_to_images, resolve_device, seed_step_noise,
+                                set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
@@ -216,7 +217,7 @@ def run(opt, model, adapter, device):
                 reference = cb.reference_scene(prompt, p, seed)
                 for setting in opt.settings:
                     use_adapter, share = SETTINGS[setting]
-                    cb.seed_step_noise(p, seed)
+                    seed_step_noise(cb.batch_seed(p, seed))
                     cb.synchronize(device)
                     start = time.perf_counter()
                     images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share,

@@ -92,7 +92,7 @@ from ldm.modules.consistency_reference import read_reference, record_reference, 
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
                                 conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
                                 interruptible, read_model_geometry, require_text_model, resolve_device,
-                                resolve_weights, set_cpu_threads)
+                                resolve_weights, seed_step_noise, set_cpu_threads)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -332,15 +332,6 @@ def start_noise(shape, prompt_index, seed, n, device):
     return cpu_noise(generator, [n] + shape, device)
 
 
-def seed_step_noise(prompt_index, seed):
-    """Before each setting's sampling: with eta > 0 DDIM draws fresh noise at every step from the
-    global generators, and every setting of a batch must draw the same. A stream apart from
-    start_noise's: from the same seed the first step's noise would be x_T again, which at eta 0.5
-    leaves the images covered in noise. (The CPU generator keeps a seed's low 32 bits; batch seeds
-    stay below 2**31.)"""
-    torch.manual_seed(2**31 + batch_seed(prompt_index, seed))
-
-
 def batch_seed(prompt_index, seed):
     """The seed of one batch (a prompt and a --seeds value), below 2**31 for seeds below 214,000."""
     return seed * 10_007 + prompt_index
@@ -517,7 +508,7 @@ def run(opt, model, device, embedder=None):
                 anchor = scene_anchor(scene, opt.image_size)
             embedded = embedder((anchor.pixels + 1) / 2) if embedder is not None and anchor is not None else None
             for setting in opt.settings:
-                seed_step_noise(p, seed)
+                seed_step_noise(batch_seed(p, seed))  # every setting of a batch draws the same step noise
                 synchronize(device)
                 start = time.perf_counter()
                 images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, anchor)

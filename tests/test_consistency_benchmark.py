@@ -163,7 +163,7 @@ def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_
     assert torch.equal(images[1.0][0], images[1.0][1])
     assert not torch.allclose(images[1.0][0], images[0.0][0], atol=1e-3)
     # and the step noise is not the start noise drawn again (it was: noisy images at eta 0.5)
-    bench.seed_step_noise(0, 0)
+    bench.seed_step_noise(bench.batch_seed(0, 0))
     assert not torch.equal(torch.randn(2, 4, 8, 8), bench.start_noise([4, 8, 8], 0, 0, 2, torch.device("cpu")))
 
 
