@@ -1,0 +1,38 @@
+"""scripts/benchmark_loading.py at the tiny config: its table, its clean-up and its error lines."""
+import re
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark_loading as bench  # noqa: E402
+
+
+def test_table_times_both_ways_of_loading_each_format_and_leaves_no_checkpoint(tmp_path, capsys):
+    bench.main(["--config", str(TINY_CONFIG), "--repeats", "1", "--workdir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert "v1-tiny.yaml" in lines[0] and "medians of 1 load(s)" in lines[0]
+    row = re.compile(r"\| (fp16 \.safetensors|fp32 \.ckpt) \| (built then loaded|into placeholders) \| "
+                     r"([\d.]+) \| ([\d.]+) \| ([\d.]+) \|")
+    rows = {(m[1], m[2]): (float(m[3]), float(m[4]), float(m[5])) for m in map(row.match, lines) if m}
+    assert set(rows) == {(f, w) for f in bench.FORMATS for w in bench.WAYS}
+    for f in bench.FORMATS:
+        (built, ratio, built_peak), (placed, one, placed_peak) = rows[f, bench.WAYS[0]], rows[f, bench.WAYS[1]]
+        assert built > 0 and placed > 0 and built_peak > 0 and placed_peak > 0 and one == 1.0
+        assert ratio == pytest.approx(built / placed, abs=0.01 + 0.01 / placed)  # of the printed medians
+    assert not any(tmp_path.iterdir())  # the checkpoints it wrote are gone
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats: must be at least 1"),
+    (["--config", "missing.yaml"], "config not found: missing.yaml"),
+    (["--workdir", "README.md"], "--workdir README.md is not a folder"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--config", str(TINY_CONFIG), *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
