@@ -383,8 +383,8 @@ def resolve_model(parser, opt):
 
     Without --config and --ckpt the first model of DEFAULT_CONFIGS whose weights exist is used
     (with --random-weights: SD v1, as upstream); with --ckpt alone, the config whose `sampling`
-    block names that file (a shipped model's), else SD v1's. Flags the user gave always win, except --C/--f,
-    which must match the model. Relative paths are read from the working directory, else from
+    block names that file (a shipped model's), else SD v1's. Flags the user gave always win,
+    except --C/--f, which must match the model. Relative paths are read from the working directory, else from
     the repository (`in_repo`)."""
     opt.config = in_repo(opt.config) if opt.config else default_config(parser, opt)
     geometry = read_model_geometry(parser, "--config", opt.config)
@@ -602,7 +602,8 @@ def seed_step_noise(seed):
 def build_model(config_path, ckpt, device="cpu", **options):
     """ldm.util.load_model_from_config on the config file at `config_path`. What stops it ends the
     script with one error line, naming the config where the fix may lie in it: a setting it holds,
-    or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone that no shipped config names)."""
+    or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone
+    that no shipped config names)."""
     import ldm.util
     try:
         return ldm.util.load_model_from_config(load_config(config_path), ckpt, device, **options)
