@@ -609,7 +609,9 @@ def parameters_as_placeholders():
     initialisation, for weights that a checkpoint is about to replace (accelerate's
     init_empty_weights, in a few lines). Building SD v1's 860 M parameters otherwise draws random
     numbers for seconds (10 s on 2 CPU cores) that loading overwrites, and holds a second copy of
-    the model while the checkpoint is read. Buffers (the noise schedule) are computed as usual."""
+    the model while the checkpoint is read. Buffers (the noise schedule) are computed as usual.
+    It swaps torch.nn.Module.register_parameter and torch.nn.init's functions while it is open:
+    build nothing else meanwhile, in another thread neither."""
     register = torch.nn.Module.register_parameter
 
     def register_placeholder(module, name, param):
