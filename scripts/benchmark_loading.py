@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.script_helpers import ArgumentParser, in_repo, load_config, positive_int  # noqa: E402
+from ldm.script_helpers import ArgumentParser, in_repo, load_config, positive_int, read_model_geometry  # noqa: E402
 
 WAYS = ("built then loaded", "into placeholders")
 FORMATS = ("fp16 .safetensors", "fp32 .ckpt")  # diffusers' and CompVis' usual files
@@ -36,7 +36,8 @@ FORMATS = ("fp16 .safetensors", "fp32 .ckpt")  # diffusers' and CompVis' usual f
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", help="the model's config")
+    parser.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml", type=in_repo,
+                        help="the model's config")
     parser.add_argument("--repeats", type=positive_int, default=3, help="loads per way and format")
     parser.add_argument("--workdir", help="where the checkpoints are written (default: a temporary folder)")
     # the child process's entry point: one load, printed as JSON
@@ -90,12 +91,10 @@ def load_in_child(config_path, way, ckpt):
 def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
-    opt.config = in_repo(opt.config)
-    if not os.path.exists(opt.config):
-        parser.error(f"config not found: {opt.config}")
-    if opt.measure:
+    if opt.measure:  # a child of the run below, which has checked the input
         print(json.dumps(measure(opt.config, *opt.measure)))
         return
+    read_model_geometry(parser, "--config", opt.config)  # a missing or non-model config is one error line
     if opt.workdir is not None and not os.path.isdir(opt.workdir):
         parser.error(f"--workdir {opt.workdir} is not a folder")
     with tempfile.TemporaryDirectory(dir=opt.workdir) as folder:
