@@ -19,6 +19,7 @@ from itertools import islice
 import torch
 
 from ldm import diffusers_folder
+from ldm.hub import pretrained_source
 from ldm.image_io import make_grid, next_free_index, save_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
@@ -847,22 +848,13 @@ def _load_safety_checker(checker_source, extractor_source):
     except ImportError as e:
         raise SystemExit(f"error: --safety-checker needs diffusers (pip install diffusers): {e}")
 
-    def load(cls, source):
-        if os.path.isdir(source):
-            return cls.from_pretrained(source)
-        try:  # the hub's, from the cache first: no network requests, which retry for a minute offline
-            return cls.from_pretrained(source, local_files_only=True)
-        except OSError:
-            return cls.from_pretrained(source)
-
     try:
         # not AutoFeatureExtractor: transformers 5 no longer maps CLIP's preprocessor config to one
-        extractor = load(AutoImageProcessor, extractor_source)
-        checker = load(StableDiffusionSafetyChecker, checker_source)
+        extractor = AutoImageProcessor.from_pretrained(pretrained_source(extractor_source))
+        checker = StableDiffusionSafetyChecker.from_pretrained(pretrained_source(checker_source))
     except Exception as e:  # offline hub, missing cache, a folder without the files ...: "weights unavailable"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SystemExit(f"error: --safety-checker could not load {checker_source} "
-                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')}): {reason}; "
+        raise SystemExit(f"error: --safety-checker could not load {checker_source}: {reason}; "
                          "--safety-checker FOLDER takes a local copy (a diffusers SD pipeline folder)")
     logger.info("safety checker: %s", checker_source)
 

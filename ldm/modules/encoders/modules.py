@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import repeat
 
-from ldm.diffusers_folder import cache_snapshot
+from ldm.hub import HubUnreachable, pretrained_source
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError
 
@@ -99,7 +99,9 @@ class BERTTokenizer(AbstractEncoder):
         super().__init__()
         from transformers import BertTokenizerFast
         try:
-            self.tokenizer = BertTokenizerFast.from_pretrained(cache_snapshot(version))  # a hub id passes through
+            self.tokenizer = BertTokenizerFast.from_pretrained(pretrained_source(version))
+        except HubUnreachable as e:
+            raise TextEncoderLoadError(f"Cannot load the BERT tokenizer: {e}; {_BERT_TOKENIZER_FIX}") from None
         except (OSError, ValueError) as e:
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
                                        f"{_BERT_TOKENIZER_FIX}") from e
@@ -279,16 +281,18 @@ def _load_clip_from_directory(path):
                                    f"pipeline keeps them in text_encoder/)") from e
 
 
+_CLIP_HUB_FIX = (f"pass a local directory as `version`, or keep the default {CLIP_VERSION!r}, whose weights "
+                 f"come from the Stable Diffusion checkpoint")
+
+
 def _load_clip_from_hub(version):
     from transformers import CLIPTextModel
     try:
         tokenizer, model = _clip_tokenizer_class().from_pretrained(version), CLIPTextModel.from_pretrained(version)
     except (OSError, ValueError) as e:
-        raise TextEncoderLoadError(
-            f"Cannot load text encoder {version!r}: it is not a local directory and the Hugging Face hub "
-            f"is unreachable or does not have it ({type(e).__name__}); pass a local directory as `version`, "
-            f"or keep the default {CLIP_VERSION!r}, whose weights come from the Stable Diffusion checkpoint"
-        ) from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TextEncoderLoadError(f"Cannot load text encoder {version!r} from the Hugging Face hub ({reason}); "
+                                   f"{_CLIP_HUB_FIX}") from e
     check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {version!r}", "pass a local directory as `version`")
     return tokenizer, model
 
@@ -300,16 +304,21 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
       ViT-L/14 text model of clip_text.py (``text_config`` overrides its fields); the weights come
       from the checkpoint;
     - a local directory (or the Hugging Face cache's models--ORG--NAME folder): ``from_pretrained``;
-    - any other string is taken as a hub id; TextEncoderLoadError if it cannot be fetched.
+    - any other string is taken as a hub id (read from the local cache when the hub cannot be
+      reached); TextEncoderLoadError if it cannot be fetched.
     """
     if version == CLIP_VERSION:
         return build_clip_tokenizer(model_max_length=max_length), CLIPTextTransformer(clip_text_config(text_config))
     if text_config:
         raise TextEncoderLoadError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}; "
                                    f"remove one of them from the config")
-    if os.path.isdir(version):
-        return _load_clip_from_directory(cache_snapshot(version))
-    return _load_clip_from_hub(version)
+    try:
+        source = pretrained_source(version)
+    except HubUnreachable as e:
+        raise TextEncoderLoadError(f"Cannot load text encoder: {e}; {_CLIP_HUB_FIX}") from None
+    if os.path.isdir(source):  # given as a folder, or the hub's copy in the local cache
+        return _load_clip_from_directory(source)
+    return _load_clip_from_hub(source)
 
 
 def clip_tokenizer_from_config(cond_stage_config):

@@ -1,0 +1,63 @@
+"""Where `from_pretrained` should read a model from, without waiting on an unreachable hub.
+
+huggingface_hub retries each request to a hub it cannot reach, with back-off, file by file: on a
+machine without network, LDM's BERT tokenizer (`bert-base-uncased`) took 3 1/2 minutes to come
+back, and under transformers 5 it came back as a tokenizer knowing no words. So the hub is asked
+once, with a short timeout, before anything is loaded from it; when it does not answer, a copy in
+the Hugging Face cache is read instead, and without one the load fails at once, saying why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from ldm.diffusers_folder import cache_snapshot
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+
+
+class HubUnreachable(OSError):
+    """A hub id that is neither cached nor downloadable now; the message is one line."""
+
+
+def pretrained_source(name: str) -> str:
+    """What to pass to `from_pretrained` for `name`: a local folder as it is (a cache's
+    models--ORG--NAME folder as the snapshot its refs/main names); a hub id as it is when the hub
+    answers, else the id's snapshot in the local Hugging Face cache. HubUnreachable when none."""
+    if os.path.isdir(name):
+        return cache_snapshot(name)
+    reason = _why_offline()
+    if not reason:
+        return name
+    cached = _cached_snapshot(name)
+    if cached is None:
+        from huggingface_hub import constants
+        raise HubUnreachable(f"{name!r} is neither a local folder nor in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}), and the hub {reason}")
+    logger.info("The Hugging Face hub %s: reading %s from the cache, %s", reason, name, cached)
+    return cached
+
+
+def _why_offline() -> str:
+    """Why the hub cannot be asked ('' when it answered): HF_HUB_OFFLINE, or one request without
+    retries, with a short timeout, that failed (a proxy set in the environment is used, as for downloads)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as huggingface_hub read it on import
+        return "is switched off (HF_HUB_OFFLINE)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+    except Exception as err:  # requests' or httpx' errors, by huggingface_hub version: any means "no answer"
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"at {constants.ENDPOINT} cannot be reached ({detail})"
+    return ""
+
+
+def _cached_snapshot(name: str) -> str | None:
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except (OSError, ValueError):  # not in the cache; a name that cannot be a hub id
+        return None

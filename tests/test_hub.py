@@ -1,0 +1,132 @@
+"""Loading from the Hugging Face hub never waits on a hub it cannot reach: one short request decides,
+then the local cache is read or the load fails at once (huggingface_hub alone retries for minutes).
+The hub here is a local HTTP server, or a local port nothing listens on: no test reaches the network."""
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ldm.hub import HubUnreachable, pretrained_source
+from ldm.modules.encoders.modules import BERTTokenizer, TextEncoderLoadError
+from conftest import REPO, TINY_CONFIG
+
+
+class _Hub(BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.server.requests.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def answering_hub(monkeypatch):
+    """A hub endpoint that answers every HEAD; its `requests` lists the paths asked for."""
+    from huggingface_hub import constants
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port():
+    with socket.socket() as s:  # a port just given back: nothing listens there, connecting is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    return constants.ENDPOINT
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache; `hub_cache("org/name")` puts a snapshot of that id in it."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def add(repo_id):
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+        return str(snapshot)
+
+    return add
+
+
+def test_a_folder_is_read_as_it_is_without_asking_the_hub(tmp_path, answering_hub, hub_cache):
+    assert pretrained_source(str(tmp_path)) == str(tmp_path)
+    snapshot = hub_cache("org/model")
+    assert pretrained_source(os.path.dirname(os.path.dirname(snapshot))) == snapshot  # models--org--model
+    assert answering_hub.requests == []
+
+
+def test_a_hub_that_answers_is_asked_once_and_gets_the_id(answering_hub, hub_cache):
+    hub_cache("org/model")  # cached, but the hub answers: from_pretrained checks for updates as usual
+    assert pretrained_source("org/model") == "org/model"
+    assert answering_hub.requests == ["/"]
+
+
+def test_an_unreachable_hub_means_the_cached_snapshot(unreachable_hub, hub_cache):
+    snapshot = hub_cache("org/model")
+    assert pretrained_source("org/model") == snapshot
+
+
+def test_offline_means_the_cached_snapshot_without_a_request(answering_hub, hub_cache, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = hub_cache("org/model")
+    assert pretrained_source("org/model") == snapshot
+    with pytest.raises(HubUnreachable, match=r"'org/other' is neither .* and the hub is switched off \(HF_HUB_OFF"):
+        pretrained_source("org/other")
+    assert answering_hub.requests == []
+
+
+def test_an_unreachable_hub_without_a_cached_copy_is_one_line_at_once(unreachable_hub, hub_cache):
+    with pytest.raises(HubUnreachable) as info:
+        pretrained_source("org/model")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("'org/model' is neither a local folder nor in the Hugging Face cache")
+    assert f"the hub at {unreachable_hub} cannot be reached" in message
+
+
+def test_ldm_bert_tokenizer_fails_at_once_when_the_hub_cannot_be_reached(unreachable_hub, hub_cache):
+    # upstream's txt2img-1p4B config; before, 3 1/2 minutes of retries, then (transformers 5) an error
+    # about a tokenizer knowing only special tokens that did not say the hub was the cause
+    with pytest.raises(TextEncoderLoadError, match=r"^Cannot load the BERT tokenizer: 'bert-base-uncased' is "
+                                                   r"neither .* cannot be reached .*huggingface-cli download"):
+        BERTTokenizer()
+
+
+def test_safety_checker_from_an_unreachable_hub_is_one_line(tmp_path):
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE")
+    result = subprocess.run(
+        [sys.executable, "scripts/txt2img.py", "--config", TINY_CONFIG, "--random-weights", "--prompt", "a cat",
+         "--n_samples", "1", "--ddim_steps", "2", "--H", "256", "--W", "256", "--safety-checker",
+         "--outdir", tmp_path / "out"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # retrying took minutes
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith("error: --safety-checker could not load CompVis/stable-diffusion-safety-checker: ")
+    assert f"the hub at {env['HF_ENDPOINT']} cannot be reached" in errors[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
