@@ -148,6 +148,9 @@ if __name__ == '__main__':
                         help='number of nearest neighbors, for which the searcher shall be optimized')
 
     opt = parser.parse_args()
+    if os.path.isdir(opt.target_path) and os.listdir(opt.target_path):  # an earlier searcher: kept, not mixed with
+        parser.error(f"--target_path {opt.target_path} is not empty: give a new folder, or remove that one to "
+                     f"rebuild its searcher")
     if importlib.util.find_spec("scann") is None:
         raise SystemExit("error: this script needs the optional package scann (pip install scann)")
     import scann

@@ -48,6 +48,13 @@ def test_train_searcher_names_the_missing_scann_package():
     assert last == "error: this script needs the optional package scann (pip install scann)", last
 
 
+def test_train_searcher_keeps_an_earlier_searcher(tmp_path):
+    (tmp_path / "scann_config.pb").write_text("an earlier searcher")
+    last = error_line(run("train_searcher.py", "--target_path", tmp_path))
+    assert f"--target_path {tmp_path} is not empty: give a new folder" in last, last
+    assert (tmp_path / "scann_config.pb").read_text() == "an earlier searcher"
+
+
 def test_sample_diffusion_needs_a_run_folder(tmp_path):
     assert "required: -r/--resume" in error_line(run("sample_diffusion.py"))
     last = error_line(run("sample_diffusion.py", "-r", tmp_path / "nope"))
