@@ -18,23 +18,25 @@ logger = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 
 
-class HubUnreachable(OSError):
-    """A hub id that is neither cached nor downloadable now; the message is one line."""
+class ModelUnavailable(OSError):
+    """A name that is no folder, and no hub id that is cached or downloadable now; one line."""
 
 
 def pretrained_source(name: str) -> str:
     """What to pass to `from_pretrained` for `name`: a local folder as it is (a cache's
     models--ORG--NAME folder as the snapshot its refs/main names); a hub id as it is when the hub
-    answers, else the id's snapshot in the local Hugging Face cache. HubUnreachable when none."""
+    answers, else the id's snapshot in the local Hugging Face cache. ModelUnavailable when none."""
     if os.path.isdir(name):
         return cache_snapshot(name)
+    if not _can_be_hub_id(name):  # a path: asking the hub would only delay "no such folder"
+        raise ModelUnavailable(f"{name!r}: no such folder (nor can it be a Hugging Face hub id)")
     reason = _why_offline()
     if not reason:
         return name
     cached = _cached_snapshot(name)
     if cached is None:
         from huggingface_hub import constants
-        raise HubUnreachable(f"{name!r} is neither a local folder nor in the Hugging Face cache "
+        raise ModelUnavailable(f"{name!r} is neither a local folder nor in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}), and the hub {reason}")
     logger.info("The Hugging Face hub %s: reading %s from the cache, %s", reason, name, cached)
     return cached
@@ -53,6 +55,15 @@ def _why_offline() -> str:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"at {constants.ENDPOINT} cannot be reached ({detail})"
     return ""
+
+
+def _can_be_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(name)  # "name" or "org/name" of the characters the hub allows
+    except ValueError:
+        return False
+    return True
 
 
 def _cached_snapshot(name: str) -> str | None:

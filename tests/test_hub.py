@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ldm.hub import HubUnreachable, pretrained_source
+from ldm.hub import ModelUnavailable, pretrained_source
 from ldm.modules.encoders.modules import BERTTokenizer, TextEncoderLoadError
 from conftest import REPO, TINY_CONFIG
 
@@ -78,6 +78,13 @@ def test_a_folder_is_read_as_it_is_without_asking_the_hub(tmp_path, answering_hu
     assert answering_hub.requests == []
 
 
+def test_a_path_that_is_no_folder_is_one_line_without_asking_the_hub(tmp_path, answering_hub):
+    for path in (str(tmp_path / "nope"), "./tokenizer", "models/bert/tokenizer"):
+        with pytest.raises(ModelUnavailable, match=r"^'.+': no such folder \(nor can it be a Hugging Face hub id\)$"):
+            pretrained_source(path)
+    assert answering_hub.requests == []
+
+
 def test_a_hub_that_answers_is_asked_once_and_gets_the_id(answering_hub, hub_cache):
     hub_cache("org/model")  # cached, but the hub answers: from_pretrained checks for updates as usual
     assert pretrained_source("org/model") == "org/model"
@@ -94,13 +101,13 @@ def test_offline_means_the_cached_snapshot_without_a_request(answering_hub, hub_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     snapshot = hub_cache("org/model")
     assert pretrained_source("org/model") == snapshot
-    with pytest.raises(HubUnreachable, match=r"'org/other' is neither .* and the hub is switched off \(HF_HUB_OFF"):
+    with pytest.raises(ModelUnavailable, match=r"'org/other' is neither .* and the hub is switched off \(HF_HUB_OFF"):
         pretrained_source("org/other")
     assert answering_hub.requests == []
 
 
 def test_an_unreachable_hub_without_a_cached_copy_is_one_line_at_once(unreachable_hub, hub_cache):
-    with pytest.raises(HubUnreachable) as info:
+    with pytest.raises(ModelUnavailable) as info:
         pretrained_source("org/model")
     message = str(info.value)
     assert "\n" not in message

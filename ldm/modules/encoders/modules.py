@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import repeat
 
-from ldm.hub import HubUnreachable, pretrained_source
+from ldm.hub import ModelUnavailable, pretrained_source
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError
 
@@ -100,7 +100,7 @@ class BERTTokenizer(AbstractEncoder):
         from transformers import BertTokenizerFast
         try:
             self.tokenizer = BertTokenizerFast.from_pretrained(pretrained_source(version))
-        except HubUnreachable as e:
+        except ModelUnavailable as e:
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer: {e}; {_BERT_TOKENIZER_FIX}") from None
         except (OSError, ValueError) as e:
             raise TextEncoderLoadError(f"Cannot load the BERT tokenizer {version!r} ({type(e).__name__}); "
@@ -314,7 +314,7 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
                                    f"remove one of them from the config")
     try:
         source = pretrained_source(version)
-    except HubUnreachable as e:
+    except ModelUnavailable as e:
         raise TextEncoderLoadError(f"Cannot load text encoder: {e}; {_CLIP_HUB_FIX}") from None
     if os.path.isdir(source):  # given as a folder, or the hub's copy in the local cache
         return _load_clip_from_directory(source)
