@@ -428,6 +428,10 @@ def resolve_weights(parser, opt, geometry):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
         parser.error(f"{missing}: pass --ckpt PATH, or --config {PRELIMINARY_CONFIG} for the shipped 16 px model, "
                      f"or --random-weights to run without weights")
+    from ldm.util import unsupported_checkpoint_type
+    problem = os.path.isfile(opt.ckpt) and unsupported_checkpoint_type(opt.ckpt)
+    if problem:  # said before the model is built
+        parser.error(problem)
 
 
 def _same_file(a, b):

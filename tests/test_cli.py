@@ -280,9 +280,22 @@ def test_adapter_scripts_resolve_relative_paths_against_the_repository(tmp_path,
     (tmp_path / "configs" / "mine.yaml").write_text("model: {}\n")
     assert load_script("benchmark_attention").build_parser().parse_args(["--config", "configs/mine.yaml"]).config \
         == "configs/mine.yaml"
+
+
 def test_txt2img_missing_checkpoint_says_what_to_pass(tmp_path):
     result = run("txt2img.py", "--config", TINY_CONFIG, "--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path)
     assert_one_line_error(result, "checkpoint not found", "--ckpt", "--random-weights")
+
+
+@pytest.mark.parametrize("script", ["txt2img.py", "img2img.py"])
+def test_a_file_of_no_checkpoint_type_is_refused_before_the_model_is_built(script, tmp_path):
+    # --ckpt alone with a wrong file used to build SD v1 first (the config naming no such file)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    init = ["--init-img", REPO / "docs" / "reference-chair.png"] if script == "img2img.py" else []
+    result = run(script, "--ckpt", notes, *init, "--outdir", tmp_path / "out")
+    assert_one_line_error(result, f"{script}: error: Unsupported checkpoint type '.txt' for {notes}; expected one of")
+    assert result.returncode == 2 and "Loading model weights" not in result.stderr and "params" not in result.stderr
 
 
 def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
