@@ -397,6 +397,7 @@ def resolve_model(parser, opt):
             parser.error(f"--vae {opt.vae} not found: pass an autoencoder's weight file or folder")
         if geometry.factor == 1:
             parser.error(f"--vae: {opt.config} samples in pixel space, with no autoencoder to replace")
+        check_checkpoint_type(parser, "--vae", opt.vae)
     if not opt.random_weights and os.path.isdir(opt.ckpt):
         try:
             diffusers_folder.weight_files(opt.ckpt)
@@ -428,10 +429,16 @@ def resolve_weights(parser, opt, geometry):
         missing = f"checkpoint not found: {opt.ckpt}" if opt.ckpt else f"{opt.config} names no weights"
         parser.error(f"{missing}: pass --ckpt PATH, or --config {PRELIMINARY_CONFIG} for the shipped 16 px model, "
                      f"or --random-weights to run without weights")
+    check_checkpoint_type(parser, "--ckpt", opt.ckpt)
+
+
+def check_checkpoint_type(parser, flag, path):
+    """A file of no checkpoint type is one error line before the model is built (which takes
+    seconds for SD v1), not after; folders are read as diffusers folders when loading."""
     from ldm.util import unsupported_checkpoint_type
-    problem = os.path.isfile(opt.ckpt) and unsupported_checkpoint_type(opt.ckpt)
-    if problem:  # said before the model is built
-        parser.error(problem)
+    problem = os.path.isfile(path) and unsupported_checkpoint_type(path)
+    if problem:
+        parser.error(f"{flag}: {problem}")
 
 
 def _same_file(a, b):

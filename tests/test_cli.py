@@ -125,6 +125,7 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     (["--vae", "missing.safetensors"], ["--vae missing.safetensors not found"]),
     (["--vae", "README.md", "--config", "configs/embedded/procedural-t2i-16px.yaml"],
      ["--vae: configs/embedded/procedural-t2i-16px.yaml samples in pixel space, with no autoencoder to replace"]),
+    (["--vae", "README.md"], ["--vae: Unsupported checkpoint type '.md' for", "expected one of .safetensors"]),
     (["--write-reference", "README.md/ref.safetensors"], ["--write-reference", "is a file, not a folder"]),
 ])
 def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, capsys, args, fragments):
@@ -294,7 +295,8 @@ def test_a_file_of_no_checkpoint_type_is_refused_before_the_model_is_built(scrip
     notes.write_text("not weights")
     init = ["--init-img", REPO / "docs" / "reference-chair.png"] if script == "img2img.py" else []
     result = run(script, "--ckpt", notes, *init, "--outdir", tmp_path / "out")
-    assert_one_line_error(result, f"{script}: error: Unsupported checkpoint type '.txt' for {notes}; expected one of")
+    assert_one_line_error(result, f"{script}: error: --ckpt: Unsupported checkpoint type '.txt' for {notes}; "
+                                  f"expected one of")
     assert result.returncode == 2 and "Loading model weights" not in result.stderr and "params" not in result.stderr
 
 
