@@ -37,14 +37,14 @@ def pretrained_source(name: str) -> str:
     if cached is None:
         from huggingface_hub import constants
         raise ModelUnavailable(f"{name!r} is neither a local folder nor in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}), and the hub {reason}")
+                               f"({constants.HF_HUB_CACHE}), and the hub {reason}")
     logger.info("The Hugging Face hub %s: reading %s from the cache, %s", reason, name, cached)
     return cached
 
 
 def _why_offline() -> str:
     """Why the hub cannot be asked ('' when it answered): HF_HUB_OFFLINE, or one request without
-    retries, with a short timeout, that failed (a proxy set in the environment is used, as for downloads)."""
+    retries, with a short timeout, that failed (through a proxy set in the environment, as downloads)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
     if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as huggingface_hub read it on import
@@ -70,5 +70,5 @@ def _cached_snapshot(name: str) -> str | None:
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name, local_files_only=True)
-    except (OSError, ValueError):  # not in the cache; a name that cannot be a hub id
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError is an OSError)
         return None
