@@ -265,7 +265,8 @@ def test_a_hub_text_encoder_offline_is_one_error_line(tmp_path):
     OmegaConf.save(hub, config)
     result = run("txt2img.py", "--config", config, "--random-weights", "--H", "64", "--W", "64",
                  "--outdir", tmp_path / "out")
-    assert_one_line_error(result, "Cannot load text encoder 'openai/clip-vit-base-patch32'")
+    assert_one_line_error(result, "Cannot load text encoder: 'openai/clip-vit-base-patch32' is neither a local folder "
+                                  "nor in the Hugging Face cache", "the hub is switched off (HF_HUB_OFFLINE)")
     hub.model.params.cond_stage_config.params = {"version": "openai/clip-vit-base-patch32",
                                                   "text_config": {"hidden_size": 32}}
     OmegaConf.save(hub, config)
