@@ -50,10 +50,12 @@ def _why_offline() -> str:
     if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as huggingface_hub read it on import
         return "is switched off (HF_HUB_OFFLINE)"
     try:
-        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+        status = get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).status_code
     except Exception as err:  # requests' or httpx' errors, by huggingface_hub version: any means "no answer"
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"at {constants.ENDPOINT} cannot be reached ({detail})"
+    if status >= 500:  # a proxy that cannot reach it, or the hub down: downloads would retry as for no answer
+        return f"at {constants.ENDPOINT} answers HTTP {status}"
     return ""
 
 

@@ -18,7 +18,7 @@ from conftest import REPO, TINY_CONFIG
 class _Hub(BaseHTTPRequestHandler):
     def do_HEAD(self):
         self.server.requests.append(self.path)
-        self.send_response(200)
+        self.send_response(self.server.status)
         self.end_headers()
 
     def log_message(self, *args):
@@ -27,10 +27,10 @@ class _Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def answering_hub(monkeypatch):
-    """A hub endpoint that answers every HEAD; its `requests` lists the paths asked for."""
+    """A hub endpoint that answers every HEAD with its `status` (200); `requests` lists the paths asked for."""
     from huggingface_hub import constants
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    server.requests = []
+    server.requests, server.status = [], 200
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
@@ -89,6 +89,14 @@ def test_a_hub_that_answers_is_asked_once_and_gets_the_id(answering_hub, hub_cac
     hub_cache("org/model")  # cached, but the hub answers: from_pretrained checks for updates as usual
     assert pretrained_source("org/model") == "org/model"
     assert answering_hub.requests == ["/"]
+
+
+def test_a_hub_answering_with_a_server_error_counts_as_unreachable(answering_hub, hub_cache):
+    answering_hub.status = 502  # e.g. a proxy that cannot reach it: downloads would retry for minutes
+    snapshot = hub_cache("org/model")
+    assert pretrained_source("org/model") == snapshot
+    with pytest.raises(ModelUnavailable, match=r"and the hub at http://127\.0\.0\.1:\d+ answers HTTP 502$"):
+        pretrained_source("org/other")
 
 
 def test_an_unreachable_hub_means_the_cached_snapshot(unreachable_hub, hub_cache):
