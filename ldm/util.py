@@ -346,27 +346,31 @@ def read_checkpoint(path, *, unsafe_pickle=False):
             raise CheckpointError(str(e)) from e
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint not found: {path}")
-    problem = unsupported_checkpoint_type(path)
-    if problem:
-        raise CheckpointError(problem)
+    suffix = os.path.splitext(path)[1].lower()
     allowed = checkpoint_safe_globals()  # before the try below: a bug here is not a damaged file
     try:
-        if os.path.splitext(path)[1].lower() in SAFETENSORS_SUFFIXES or _is_safetensors(path):
+        if suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
             from safetensors.torch import load_file
             return load_file(path, device="cpu")
-        return _load_pickle(path, unsafe_pickle, allowed)
+        if suffix in PICKLE_SUFFIXES:
+            return _load_pickle(path, unsafe_pickle, allowed)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise assorted types for damaged files
         raise CheckpointError(f"Cannot read checkpoint {path}: damaged or not a checkpoint "
                               f"({type(e).__name__}: {_first_line(e)})") from e
+    raise CheckpointError(unsupported_checkpoint_type(path))
 
 
 def unsupported_checkpoint_type(path) -> str | None:
     """Why the file `path` is of no type read_checkpoint reads, by its name and first bytes (so
-    scripts can say it before building a model); None when it may be a checkpoint."""
+    scripts can say it before building a model); None when it may be a checkpoint, or cannot be
+    read (read_checkpoint says why)."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or _is_safetensors(path):
+    try:
+        if suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or _is_safetensors(path):
+            return None
+    except OSError:
         return None
     return (f"Unsupported checkpoint type {suffix or '(none)'!r} for {path}; "
             f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
