@@ -52,8 +52,8 @@ def _why_offline() -> str:
     try:
         status = get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).status_code
     except Exception as err:  # requests' or httpx' errors, by huggingface_hub version: any means "no answer"
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return f"at {constants.ENDPOINT} cannot be reached ({detail})"
+        from ldm.util import first_line
+        return f"at {constants.ENDPOINT} cannot be reached ({first_line(err)})"
     if status >= 500:  # a proxy that cannot reach it, or the hub down: downloads would retry as for no answer
         return f"at {constants.ENDPOINT} answers HTTP {status}"
     return ""

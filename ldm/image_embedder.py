@@ -67,8 +67,8 @@ def load_embedder(path, device="cpu") -> ImageEmbedder:
         model_class = CLIPVisionModelWithProjection if config.model_type in CLIP_TYPES else AutoModel
         model = model_class.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EmbedderError(f"cannot load the image model in {path}: {reason}") from e
+        from ldm.util import first_line
+        raise EmbedderError(f"cannot load the image model in {path}: {first_line(e)}") from e
     vision = getattr(config, "vision_config", config)
     mean, std = _normalisation(path, config.model_type)
     return ImageEmbedder(model, vision.image_size, mean, std, device)

@@ -363,8 +363,9 @@ def read_model_geometry(parser, flag, path, example=SD_V1_CONFIG):
     try:
         return read_geometry(OmegaConf.load(path))
     except Exception as e:  # any of those: the fix is the same, another config
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        parser.error(f"{flag} {path} is not a diffusion model config ({reason}); pass one such as {example}")
+        from ldm.util import first_line
+        parser.error(f"{flag} {path} is not a diffusion model config ({first_line(e)}); "
+                     f"pass one such as {example}")
 
 
 def in_repo(path):
@@ -864,8 +865,8 @@ def _load_safety_checker(checker_source, extractor_source):
         extractor = AutoImageProcessor.from_pretrained(pretrained_source(extractor_source))
         checker = StableDiffusionSafetyChecker.from_pretrained(pretrained_source(checker_source))
     except Exception as e:  # offline hub, missing cache, a folder without the files ...: "weights unavailable"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SystemExit(f"error: --safety-checker could not load {checker_source}: {reason}; "
+        from ldm.util import first_line
+        raise SystemExit(f"error: --safety-checker could not load {checker_source}: {first_line(e)}; "
                          "--safety-checker FOLDER takes a local copy (a diffusers SD pipeline folder)")
     logger.info("safety checker: %s", checker_source)
 

@@ -284,7 +284,8 @@ def checkpoint_safe_globals():
     return [(_PickledPlaceholder, name) for name in _LIGHTNING_GLOBALS] + _numpy_safe_globals()
 
 
-def _first_line(error):
+def first_line(error):
+    """The first line of an exception's message, or its type's name when it has none: for one-line errors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -308,7 +309,7 @@ def _load_pickle(path, unsafe_pickle, allowed):
         if refused is None:  # damaged or not a checkpoint: --unsafe-pickle would not help
             reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
             raise CheckpointError(f"Cannot read checkpoint {path}: not a PyTorch checkpoint "
-                                  f"({reason.group(1).strip() if reason else _first_line(e)})") from e
+                                  f"({reason.group(1).strip() if reason else first_line(e)})") from e
         raise CheckpointError(f"{path} contains a pickled object that weights-only loading refuses "
                               f"({refused}); if you trust the file, pass --unsafe-pickle") from e
 
@@ -358,7 +359,7 @@ def read_checkpoint(path, *, unsafe_pickle=False):
         raise
     except Exception as e:  # safetensors and torch raise assorted types for damaged files
         raise CheckpointError(f"Cannot read checkpoint {path}: damaged or not a checkpoint "
-                              f"({type(e).__name__}: {_first_line(e)})") from e
+                              f"({type(e).__name__}: {first_line(e)})") from e
     raise CheckpointError(unsupported_checkpoint_type(path))
 
 

@@ -46,6 +46,7 @@ from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusi
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, build_model, check_new_file, configure_logging, in_repo,  # noqa: E402
                                 read_model_geometry, resolve_device, resolve_weights)
+from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
 
@@ -133,8 +134,7 @@ def check_captioned_model(parser, path):
     try:
         key = OmegaConf.load(path).model.params.get("cond_stage_key")
     except Exception as e:  # unreadable, binary, not YAML, no model keys: the fix is another --config
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        parser.error(f"--config {path} is not a model config ({reason}); pass one such as {DEFAULT_CONFIG}")
+        parser.error(f"--config {path} is not a model config ({first_line(e)}); pass one such as {DEFAULT_CONFIG}")
     if key != "caption":
         parser.error(f"{path} is not a text-to-image model with captions (cond_stage_key: caption); the adapter "
                      f"is trained on captioned procedural scenes (e.g. --config {DEFAULT_CONFIG})")

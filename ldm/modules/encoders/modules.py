@@ -16,7 +16,7 @@ from einops import repeat
 
 from ldm.hub import ModelUnavailable, pretrained_source
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
-from ldm.util import CheckpointError
+from ldm.util import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -290,9 +290,8 @@ def _load_clip_from_hub(version):
     try:
         tokenizer, model = _clip_tokenizer_class().from_pretrained(version), CLIPTextModel.from_pretrained(version)
     except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TextEncoderLoadError(f"Cannot load text encoder {version!r} from the Hugging Face hub ({reason}); "
-                                   f"{_CLIP_HUB_FIX}") from e
+        raise TextEncoderLoadError(f"Cannot load text encoder {version!r} from the Hugging Face hub "
+                                   f"({first_line(e)}); {_CLIP_HUB_FIX}") from e
     check_tokenizer_has_words(tokenizer, f"The CLIP tokenizer of {version!r}", "pass a local directory as `version`")
     return tokenizer, model
 
