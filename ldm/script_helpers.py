@@ -862,8 +862,10 @@ def _load_safety_checker(checker_source, extractor_source):
 
     try:
         # not AutoFeatureExtractor: transformers 5 no longer maps CLIP's preprocessor config to one
-        extractor = AutoImageProcessor.from_pretrained(pretrained_source(extractor_source))
-        checker = StableDiffusionSafetyChecker.from_pretrained(pretrained_source(checker_source))
+        # one hub id for both, unless given folders: the hub is asked once
+        sources = {source: pretrained_source(source) for source in {extractor_source, checker_source}}
+        extractor = AutoImageProcessor.from_pretrained(sources[extractor_source])
+        checker = StableDiffusionSafetyChecker.from_pretrained(sources[checker_source])
     except Exception as e:  # offline hub, missing cache, a folder without the files ...: "weights unavailable"
         from ldm.util import first_line
         raise SystemExit(f"error: --safety-checker could not load {checker_source}: {first_line(e)}; "
