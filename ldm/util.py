@@ -527,8 +527,9 @@ def _drop_ema_copy_without_weights(model, sd, source):
     copy at its random initialisation, so sampling must use the loaded weights instead, and the
     copy (as large as the UNet) goes."""
     if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in sd):
-        logger.info("%s has no separate EMA copy (model_ema.*): sampling with its UNet weights, which in pruned "
-                    "and exported checkpoints are the EMA weights already", source)
+        # DEBUG: this is the usual case (SD's released files, exports), not news on every run
+        logger.debug("%s has no separate EMA copy (model_ema.*): sampling with its UNet weights, which in pruned "
+                     "and exported checkpoints are the EMA weights already", source)
         model.use_ema = False
         del model.model_ema
 
