@@ -305,7 +305,7 @@ if __name__ == "__main__":
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
 
-    clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type, device=device).to(device)  # its tokens go to `device`
+    clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type).to(device)  # its tokens follow its weights
 
     if opt.plms:
         sampler = PLMSSampler(model)

@@ -200,3 +200,13 @@ def test_a_local_bert_tokenizer_folder_is_used(tmp_path):
     # a tokenizer whose ids go past the model's embedding table
     with pytest.raises(TextEncoderLoadError, match="has 30522 tokens, but the model embeds only 8192"):
         BERTEmbedder(n_embed=32, n_layer=1, vocab_size=8192, tokenizer=str(tmp_path))
+
+
+@pytest.mark.parametrize("device", [None, "cuda"])
+def test_transformer_embedder_sends_tokens_where_its_weights_are(device):
+    # upstream sent them to a fixed device, "cuda" by default: on a machine without one, every call failed
+    from ldm.modules.encoders.modules import TransformerEmbedder
+    embedder = TransformerEmbedder(n_embed=16, n_layer=1, vocab_size=50, max_seq_len=8, device=device)
+    tokens = torch.randint(0, 50, (2, 8))
+    assert embedder.device == torch.device("cpu")
+    assert embedder(tokens).shape == (2, 8, 16)

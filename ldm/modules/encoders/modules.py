@@ -58,15 +58,20 @@ class ClassEmbedder(nn.Module):
 
 class TransformerEmbedder(AbstractEncoder):
     """Some transformer encoder layers"""
-    def __init__(self, n_embed, n_layer, vocab_size, max_seq_len=77, device="cuda"):
+    def __init__(self, n_embed, n_layer, vocab_size, max_seq_len=77, device=None):
         super().__init__()
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
-        self.device = device
+        # `device` is accepted for old configs only: tokens go where the weights are (upstream's
+        # fixed "cuda" default failed on every machine without one)
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer))
 
+    @property
+    def device(self):
+        return next(self.transformer.parameters()).device
+
     def forward(self, tokens):
-        tokens = tokens.to(self.device)  # meh
+        tokens = tokens.to(self.device)
         z = self.transformer(tokens, return_embeddings=True)
         return z
 
@@ -377,14 +382,17 @@ class FrozenCLIPTextEmbedder(nn.Module):
     """
     Uses the CLIP transformer encoder for text.
     """
-    def __init__(self, version='ViT-L/14', device="cuda", max_length=77, n_repeat=1, normalize=True):
+    def __init__(self, version='ViT-L/14', device=None, max_length=77, n_repeat=1, normalize=True):
         super().__init__()
         import clip
-        self.model, _ = clip.load(version, jit=False, device="cpu")
-        self.device = device
+        self.model, _ = clip.load(version, jit=False, device="cpu")  # `device`: for old callers; see below
         self.max_length = max_length
         self.n_repeat = n_repeat
         self.normalize = normalize
+
+    @property
+    def device(self):  # tokens go where the weights are
+        return next(self.model.parameters()).device
 
     def freeze(self):
         self.model = self.model.eval()
