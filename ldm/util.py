@@ -458,12 +458,19 @@ def _some(keys, n=3):
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def _misfits(sd, expected):
+    """(missing, mismatched): the keys of `expected` that `sd` lacks, and those it has in another shape."""
+    missing = [k for k in expected if k not in sd]
+    mismatched = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    return missing, mismatched
+
+
 def _check_weights(sd, model_sd, source):
-    missing = [k for k in model_sd if k not in sd and k.startswith(REQUIRED_PREFIXES)]
+    missing, mismatched = _misfits(sd, model_sd)
+    missing = [k for k in missing if k.startswith(REQUIRED_PREFIXES)]
     if missing:
         raise WeightsMismatchError(f"{source} lacks {len(missing)} weights this config needs "
                                    f"(e.g. {_some(missing)}); {_what_else(sd)}")
-    mismatched = [k for k, v in sd.items() if k in model_sd and tuple(v.shape) != tuple(model_sd[k].shape)]
     if mismatched:
         raise WeightsMismatchError(f"{source} has {len(mismatched)} weights with shapes other than this config's "
                                    f"(e.g. {_some(mismatched)}); {_what_else(sd)}")
@@ -592,8 +599,7 @@ def load_first_stage_weights(model, path, *, unsafe_pickle=False):
         raise CheckpointError(f"--vae {path}: this model has no autoencoder to replace (it samples in pixel space)")
     logger.info("Loading autoencoder weights from %s", path)
     sd = _first_stage_state_dict(os.fspath(path), unsafe_pickle)
-    missing = [k for k in expected if k not in sd]
-    mismatched = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    missing, mismatched = _misfits(sd, expected)
     if missing or mismatched:
         what = f"lacks {len(missing)} autoencoder weights (e.g. {_some(missing)})" if missing else \
             f"has {len(mismatched)} autoencoder weights of other shapes than this model's (e.g. {_some(mismatched)})"
