@@ -811,6 +811,23 @@ def cpu_noise(generator, shape, device):
     return torch.randn(shape, generator=generator).to(device)
 
 
+def noised_batches(opt, shape, device):
+    """Yield (prompts, noise) for every batch of every iteration (--n_iter), with a progress bar:
+    `noise` is (len(prompts), *shape[1:]), drawn from --seed in this order, or with --fixed_code
+    the first rows of one draw of `shape` (n_samples images) for every batch. txt2img starts
+    from it, img2img noises its init image with it."""
+    from tqdm import tqdm
+    batches = prompt_batches(opt)
+    generator = torch.Generator().manual_seed(opt.seed)
+    fixed = cpu_noise(generator, shape, device) if opt.fixed_code else None
+    with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
+        for _ in range(opt.n_iter):
+            for prompts in batches:
+                n = len(prompts)
+                yield prompts, fixed[:n] if fixed is not None else cpu_noise(generator, (n, *shape[1:]), device)
+                progress.update()
+
+
 # --- optional post-processing -------------------------------------------------------------
 
 SAFETY_MODEL_ID = "CompVis/stable-diffusion-safety-checker"

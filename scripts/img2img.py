@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import read_user_image
@@ -20,8 +19,8 @@ from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
                                 check_against_model, check_output_dir, check_step_window,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
-                                cpu_noise, feature_metadata, interruptible, latents_to_images, load_model, make_sampler,
-                                precision_context, prompt_batches, sampling_batch, save_results, validate_common,
+                                feature_metadata, interruptible, latents_to_images, load_model, make_sampler,
+                                noised_batches, precision_context, sampling_batch, save_results, validate_common,
                                 warn_if_far_above_model_size, written_message)
 
 logger = logging.getLogger("img2img")
@@ -112,24 +111,14 @@ def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):
 
 def generate(opt, model, sampler, device, postprocess, init_image):
     """Yield (prompts, images) for every batch of every iteration; `sampler` has its schedule made."""
-    batches = prompt_batches(opt)
-    generator = torch.Generator().manual_seed(opt.seed)  # noise drawn on the CPU
     t_enc = encode_steps(opt)
     logger.info("target t_enc is %d steps", t_enc)
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
         init_latent = encode_init_image(model, init_image, opt.n_samples, device)
         if opt.adapters is not None:
             opt.adapters.prepare(model, device)  # features once per image, not per step
-        fixed_noise = cpu_noise(generator, init_latent.shape, device) if opt.fixed_code else None
-        with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
-            for _ in range(opt.n_iter):
-                for prompts in batches:
-                    n = len(prompts)
-                    noise = fixed_noise[:n] if fixed_noise is not None else \
-                        cpu_noise(generator, (n,) + tuple(init_latent.shape[1:]), device)
-                    images = sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise)
-                    yield prompts, postprocess(images)
-                    progress.update()
+        for prompts, noise in noised_batches(opt, init_latent.shape, device):
+            yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise))
 
 
 def save_outputs(opt, results, size, extra_metadata=None):

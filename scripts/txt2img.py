@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_batch_arguments, add_common_arguments,
                                 build_postprocess, check_against_model, check_image_size, check_output_dir,
                                 check_step_window, check_subject_words_before_loading, configure_logging,
-                                consistency_from_arguments, cpu_noise, feature_metadata, interruptible,
-                                latents_to_images, load_model, make_sampler, precision_context, prompt_batches,
+                                consistency_from_arguments, feature_metadata, interruptible,
+                                latents_to_images, load_model, make_sampler, noised_batches, precision_context,
                                 sampling_batch, save_results, validate_common, warn_if_far_above_model_size,
                                 written_message)
 
@@ -68,22 +67,12 @@ def sample_batch(opt, model, sampler, prompts, x_T):
 
 def generate(opt, model, sampler, device, postprocess):
     """Yield (prompts, images) for every batch of every iteration."""
-    batches = prompt_batches(opt)
-    generator = torch.Generator().manual_seed(opt.seed)  # start codes drawn on the CPU
-    latent_shape = [opt.n_samples, opt.C, opt.H // opt.f, opt.W // opt.f]
-    fixed_code = cpu_noise(generator, latent_shape, device) if opt.fixed_code else None
     with torch.no_grad(), precision_context(opt.precision, device), model.ema_scope():
         if opt.adapters is not None:
             opt.adapters.prepare(model, device)  # features once per image, not per step
-        with tqdm(total=opt.n_iter * len(batches), desc="Sampling") as progress:
-            for _ in range(opt.n_iter):
-                for prompts in batches:
-                    n = len(prompts)
-                    x_T = fixed_code[:n] if fixed_code is not None else \
-                        cpu_noise(generator, [n] + latent_shape[1:], device)
-                    images = sample_batch(opt, model, sampler, prompts, x_T)
-                    yield prompts, postprocess(images)
-                    progress.update()
+        latent_shape = (opt.n_samples, opt.C, opt.H // opt.f, opt.W // opt.f)
+        for prompts, x_T in noised_batches(opt, latent_shape, device):
+            yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, x_T))
 
 
 def save_outputs(opt, results, extra_metadata=None):
