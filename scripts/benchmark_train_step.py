@@ -13,6 +13,8 @@ both columns alike; the table gives medians and their ratio from one run.
     # on a GPU, as main.py trains it (bf16 autocast)
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\
         --device cuda --autocast bf16
+    # whether the data keeps up: one loader process rendering the config's training data
+    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 --data
 """
 import datetime
 import logging
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
 from ldm.script_helpers import ArgumentParser, in_repo, read_model_geometry  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import first_line, instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +49,19 @@ def training_step(model, latent, batch, device, autocast):
             loss, _ = model(z, context)
         loss.backward()
     return step
+
+
+def data_rate(parser, config, batch, repeats):
+    """(median seconds, scenes per second) of one process making a training batch of the config's
+    training data: what one DataLoader worker delivers (main.py trains with data.params.num_workers)."""
+    try:
+        dataset = instantiate_from_config(config.data.params.train)
+    except Exception as e:  # a config without data, or data that needs files this machine lacks
+        parser.error(f"--data: cannot build the config's data.params.train ({first_line(e)})")
+    indices = iter(range(len(dataset)))
+    seconds = time_calls(lambda: [dataset[next(indices) % len(dataset)] for _ in range(batch)],
+                         repeats, torch.device("cpu"))[0]
+    return seconds, batch / seconds
 
 
 def count_flops(model, blocks, step):
@@ -73,12 +88,22 @@ def main(argv=None):
     parser.add_argument("--flops", action="store_true",
                         help="count the FLOPs of one plain step instead of timing (matmuls and convolutions, forward "
                              "and backward; attention through the einsum backend, whose matmuls the counter sees)")
+    parser.add_argument("--data", action="store_true",
+                        help="time the config's training data instead: one process making batches of --batch "
+                             "(what one loader worker delivers)")
     opt = parser.parse_args(argv)
     if opt.batch < 1 or opt.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     geometry = read_model_geometry(parser, "--config", opt.config)
+    if opt.data:
+        seconds, rate = data_rate(parser, OmegaConf.load(opt.config), opt.batch, opt.repeats)
+        date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        print(f"# one process, torch {torch.__version__}, {date}, {opt.config}: data.params.train, "
+              f"median of {opt.repeats} batches of {opt.batch}")
+        print(f"{seconds * 1000:.1f} ms per batch, {rate:.0f} scenes/s")
+        return
     size = opt.size or geometry.height
     if size % geometry.multiple:
         parser.error(f"--size {size} is not a multiple of {geometry.multiple}, which this model needs")

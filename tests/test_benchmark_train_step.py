@@ -34,10 +34,22 @@ def test_flops_of_a_step_grow_with_the_batch_and_count_attention(capsys):
     assert one > 0 and two == pytest.approx(2 * one, abs=0.002)  # every matmul and convolution is per image
 
 
+def test_data_rate_is_the_batches_a_process_renders(capsys):
+    # the rendering speed that decides the loader workers; measured here, never asserted on
+    bench.main([*SMALL, "--batch", "4", "--data"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "procedural-t2i-16px.yaml: data.params.train, median of 1 batches of 4" in lines[0]
+    ms, rate = re.fullmatch(r"([\d.]+) ms per batch, (\d+) scenes/s", lines[1]).groups()
+    low, high = float(ms) - 0.05, float(ms) + 0.05  # the printed ms are rounded to 0.1
+    assert high > 0 and 4000 / high - 1 <= int(rate) <= (4000 / low if low > 0 else float("inf")) + 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "0"], "--batch and --repeats must be at least 1"),
     (["--size", "12"], "--size 12 is not a multiple of 8"),
     (["--config", "missing.yaml"], "config not found: missing.yaml"),
+    (["--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml"), "--data"],
+     "--data: cannot build the config's data.params.train"),
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
