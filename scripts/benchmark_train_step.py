@@ -17,6 +17,7 @@ both columns alike; the table gives medians and their ratio from one run.
     python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 --data
 """
 import datetime
+import itertools
 import logging
 import statistics
 import sys
@@ -58,7 +59,7 @@ def data_rate(parser, config, batch, repeats):
         dataset = instantiate_from_config(config.data.params.train)
     except Exception as e:  # a config without data, or data that needs files this machine lacks
         parser.error(f"--data: cannot build the config's data.params.train ({first_line(e)})")
-    indices = iter(range(len(dataset)))
+    indices = itertools.count()  # new scenes in every batch, as training draws them
     seconds = time_calls(lambda: [dataset[next(indices) % len(dataset)] for _ in range(batch)],
                          repeats, torch.device("cpu"))[0]
     return seconds, batch / seconds

@@ -385,7 +385,8 @@ class FrozenCLIPTextEmbedder(nn.Module):
     def __init__(self, version='ViT-L/14', device=None, max_length=77, n_repeat=1, normalize=True):
         super().__init__()
         import clip
-        self.model, _ = clip.load(version, jit=False, device="cpu")  # `device`: for old callers; see below
+        # `device` is accepted for old callers only: tokens go where the weights are (`device` below)
+        self.model, _ = clip.load(version, jit=False, device="cpu")
         self.max_length = max_length
         self.n_repeat = n_repeat
         self.normalize = normalize
