@@ -195,8 +195,12 @@ import torch
 
 
 class TextModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # weights, as CLIP's, which its tokens follow
+
     def encode_text(self, tokens):
-        return tokens.float() + 1.0
+        return tokens.float() * self.scale + 1.0
 
 
 def load(name, jit=False, device="cpu"):
