@@ -24,7 +24,7 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config, numpy_safe_globals
 
 logger = logging.getLogger("main")
 
@@ -927,9 +927,15 @@ if __name__ == "__main__":
         # run
         if opt.train:
             try:
-                trainer.fit(model, data, ckpt_path=ckpt_path)
+                # Lightning resumes with torch.load(weights_only=True); runs whose schedulers set numpy
+                # learning rates (before ldm/lr_scheduler.py returned floats) pickled numpy scalars
+                with torch.serialization.safe_globals(numpy_safe_globals()):
+                    trainer.fit(model, data, ckpt_path=ckpt_path)
             except Exception:
-                melk()
+                # Save what was trained, but only once a step was: a failure before it (a --resume
+                # whose checkpoint did not restore) would write an untrained model over last.ckpt
+                if trainer.global_step > 0:
+                    melk()
                 raise
             # A run stopped by lightning.trainer.max_time (or Ctrl-C) ends between the
             # every_n_train_steps checkpoints; without this its last steps would be lost.

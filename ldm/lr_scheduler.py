@@ -1,4 +1,11 @@
+"""Learning-rate multipliers for LambdaLR (a config's scheduler_config).
+
+They compute in Python floats, not numpy's: the value becomes the optimizer's lr and is pickled
+into every checkpoint, where a numpy scalar makes torch.load(weights_only=True), and with it
+main.py --resume, refuse the file."""
 import logging
+import math
+
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -28,7 +35,7 @@ class LambdaWarmUpCosineScheduler:
             t = (n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps)
             t = min(t, 1.0)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (
-                    1 + np.cos(t * np.pi))
+                    1 + math.cos(t * math.pi))
             self.last_lr = lr
             return lr
 
@@ -60,7 +67,7 @@ class LambdaWarmUpCosineScheduler2:
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
-        n = n - self.cum_cycles[cycle]
+        n = n - int(self.cum_cycles[cycle])
         if self.verbosity_interval > 0:
             if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_f}, "
                                                        f"current cycle {cycle}")
@@ -72,7 +79,7 @@ class LambdaWarmUpCosineScheduler2:
             t = (n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle])
             t = min(t, 1.0)
             f = self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (
-                    1 + np.cos(t * np.pi))
+                    1 + math.cos(t * math.pi))
             self.last_f = f
             return f
 
@@ -84,7 +91,7 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
-        n = n - self.cum_cycles[cycle]
+        n = n - int(self.cum_cycles[cycle])
         if self.verbosity_interval > 0:
             if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_f}, "
                                                        f"current cycle {cycle}")

@@ -266,7 +266,7 @@ class _PickledPlaceholder:
     """Stands in for an allow-listed bookkeeping class of a checkpoint; holds its state, runs nothing."""
 
 
-def _numpy_safe_globals():
+def numpy_safe_globals():
     """Numpy scalars and dtypes (e.g. a callback's best score) as (object, pickled name) pairs."""
     from numpy._core.multiarray import scalar  # numpy 2, and 1.26 (whose numpy._core has it only imported by name)
     pairs = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
@@ -281,7 +281,7 @@ def _numpy_safe_globals():
 
 def checkpoint_safe_globals():
     """The allow-list used with torch.load(weights_only=True), as (object, pickled name) pairs."""
-    return [(_PickledPlaceholder, name) for name in _LIGHTNING_GLOBALS] + _numpy_safe_globals()
+    return [(_PickledPlaceholder, name) for name in _LIGHTNING_GLOBALS] + numpy_safe_globals()
 
 
 def first_line(error):

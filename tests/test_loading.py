@@ -95,7 +95,7 @@ def test_a_bug_in_the_allow_list_is_not_reported_as_a_damaged_file(tmp_path, mon
 
     def broken():
         raise AttributeError("module 'numpy._core' has no attribute 'multiarray'")
-    monkeypatch.setattr(ldm.util, "_numpy_safe_globals", broken)
+    monkeypatch.setattr(ldm.util, "numpy_safe_globals", broken)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, path)
     with pytest.raises(AttributeError, match="multiarray"):

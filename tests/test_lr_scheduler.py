@@ -1,8 +1,11 @@
-"""ldm/lr_scheduler.py: the warm-up + cosine schedule of the embedded configs, and what happens
-when a run trains past its schedule's end."""
+"""ldm/lr_scheduler.py: the warm-up + cosine schedule of the embedded configs, what happens
+when a run trains past its schedule's end, and multipliers that checkpoints can hold."""
 import pytest
+from omegaconf import OmegaConf
 
-from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler2
+from conftest import REPO
+from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler2
+from ldm.util import instantiate_from_config
 
 
 def cosine(cycle=100):
@@ -33,3 +36,20 @@ def test_two_cycles_restart_at_their_boundary():
     assert s(100) == pytest.approx(0.0)      # the end of the first cycle
     assert s(101) == pytest.approx(0.5, abs=1e-3)  # the start of the second
     assert s(200) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("config", ["configs/embedded/procedural-t2i-16px.yaml", "configs/embedded/procedural-t2i.yaml",
+                                    "configs/embedded/procedural-t2i-16px-cooldown.yaml",
+                                    "configs/stable-diffusion/v1-inference.yaml",
+                                    "configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml"])
+def test_multipliers_are_python_floats_so_checkpoints_load_weights_only(config):
+    # LambdaLR makes them the optimizer's lr, which every checkpoint pickles: a numpy scalar there
+    # made torch.load(weights_only=True) refuse the file, and with it main.py --resume
+    scheduler = instantiate_from_config(OmegaConf.load(REPO / config).model.params.scheduler_config)
+    for step in (0, 1, 5, 150, 250, 10**6):
+        assert type(scheduler.schedule(step)) is float, (config, step)
+
+
+def test_the_cosine_schedules_are_python_floats_too():
+    single = LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=100)
+    assert all(type(s.schedule(step)) is float for s in (single, cosine()) for step in (0, 5, 10, 50, 100, 500))

@@ -3,11 +3,13 @@ bad input (no config, a config without model or data, a mistyped flag) is one er
 import csv
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +56,31 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     (adam,) = resumed["optimizer_states"]
     assert all(state["step"] == 4 for state in adam["state"].values())  # Adam's moments came along
     assert any(not resumed["state_dict"][k].equal(v) for k, v in stopped["state_dict"].items())
+    # with SD's LambdaLinearScheduler (DATA_CONFIG): its multipliers were numpy floats, pickled as
+    # the optimizer's lr, and Lightning's weights-only load refused the run's own last.ckpt
+    assert type(resumed["lr_schedulers"][0]["_last_lr"][0]) is float
+    # and a run saved with them still resumes (numpy scalars are allowed on resume, as in read_checkpoint)
+    numpy_lr = tmp_path / "numpy-lr"
+    shutil.copytree(run_dir, numpy_lr)
+    checkpoint = torch.load(numpy_lr / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = np.float64(checkpoint["optimizer_states"][0]["param_groups"][0]["lr"])
+    checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] = checkpoint["lr_schedulers"][0]["_last_lr"][0] = lr
+    torch.save(checkpoint, numpy_lr / "checkpoints" / "last.ckpt")
+    result = subprocess.run([sys.executable, "main.py", "--resume", str(numpy_lr), "-t", "--accelerator", "cpu",
+                             "--devices", "1", "--max_steps", "5"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_checkpoint(numpy_lr / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+    # a --resume whose checkpoint does not load fails and leaves it as it was: main.py saved
+    # last.ckpt on every failure, here an untrained model over the file it had to resume
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    result = subprocess.run([sys.executable, "main.py", "--resume", str(damaged), "-t", "--accelerator", "cpu",
+                             "--devices", "1", "--max_steps", "5"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and (damaged / "checkpoints" / "last.ckpt").read_bytes() == b"PK\x03\x04 truncated"
 
 
 def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
@@ -115,7 +142,8 @@ def test_debug_opens_a_post_mortem_and_moves_the_run_to_debug_runs(tmp_path):
     assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in result.stderr, result.stderr[-3000:]
     assert "(Pdb)" in result.stdout  # pdb where pudb is not installed
     (run,) = (tmp_path / "debug_runs").iterdir()
-    assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"] and (run / "checkpoints" / "last.ckpt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["debug_runs"] and any((run / "configs").iterdir())
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # it failed before its first step: nothing to save
 
 
 def test_main_missing_config_is_one_error_line(tmp_path):
