@@ -694,6 +694,11 @@ if __name__ == "__main__":
         else:
             logdir = opt.resume.rstrip("/")
             ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+            if not os.path.isfile(ckpt):
+                others = sorted(glob.glob(os.path.join(logdir, "checkpoints", "*.ckpt")))
+                parser.error(f"--resume {opt.resume}: no checkpoints/last.ckpt in it (the run stopped before it saved "
+                             "one); " + (f"pass one of its checkpoints instead: {', '.join(others)}" if others else
+                                         "start a new run"))
 
         opt.resume_from_checkpoint = ckpt
         base_configs = sorted(glob.glob(os.path.join(logdir, "configs/*.yaml")))

@@ -162,6 +162,25 @@ def test_resuming_a_missing_run_is_one_error_line_saying_what_to_pass(tmp_path):
         f"(logs/<run>) or a checkpoint in it (logs/<run>/checkpoints/last.ckpt)")
 
 
+def test_resuming_a_run_without_last_ckpt_is_one_error_line_naming_its_checkpoints(tmp_path):
+    # a run that stopped before its first save: Lightning's FileNotFoundError came after the model was built
+    run = tmp_path / "logs" / "run"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "project.yaml").write_text(TINY_CONFIG.read_text())
+    (run / "checkpoints").mkdir()
+
+    def last_line():
+        result = subprocess.run([sys.executable, "main.py", "--resume", str(run), "-t"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert last_line() == (f"main.py: error: --resume {run}: no checkpoints/last.ckpt in it (the run stopped "
+                           "before it saved one); start a new run")
+    (run / "checkpoints" / "epoch=0-step=500.ckpt").touch()
+    assert last_line().endswith(f"pass one of its checkpoints instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
+
+
 def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
     # images are first logged after batch_frequency steps: a typo must stop the run at once,
     # not be swallowed by **kwargs or raise a TypeError hours later
