@@ -622,6 +622,18 @@ class CUDACallback(Callback):
         rank_zero_info(f"Average Peak memory {max_memory:.2f}MiB")
 
 
+class TrainingStart(Callback):
+    """The step at which this process began to train, after a --resume restored its state (None
+    before): what a failure may save is only what was trained since."""
+    step = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+
+    def trained(self, trainer):
+        return self.step is not None and trainer.global_step > self.step
+
+
 if __name__ == "__main__":
     # custom parser to specify config files, train, test and debug mode,
     # postfix, resume.
@@ -881,6 +893,8 @@ if __name__ == "__main__":
 
         # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        training_start = TrainingStart()
+        trainer_kwargs["callbacks"].append(training_start)
         trainer = Trainer(**trainer_config, **trainer_kwargs)
         trainer.logdir = logdir  ###
 
@@ -938,8 +952,9 @@ if __name__ == "__main__":
                     trainer.fit(model, data, ckpt_path=ckpt_path)
             except Exception:
                 # Save what was trained, but only once a step was: a failure before it (a --resume
-                # whose checkpoint did not restore) would write an untrained model over last.ckpt
-                if trainer.global_step > 0:
+                # whose checkpoint did not restore, or did only in part) would write an untrained
+                # model, or one without its optimizer state, over last.ckpt
+                if training_start.trained(trainer):
                     melk()
                 raise
             # A run stopped by lightning.trainer.max_time (or Ctrl-C) ends between the

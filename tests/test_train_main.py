@@ -72,15 +72,30 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_checkpoint(numpy_lr / "checkpoints" / "last.ckpt")["global_step"] == 5
 
-    # a --resume whose checkpoint does not load fails and leaves it as it was: main.py saved
-    # last.ckpt on every failure, here an untrained model over the file it had to resume
-    damaged = tmp_path / "damaged"
-    shutil.copytree(run_dir, damaged)
-    (damaged / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    result = subprocess.run([sys.executable, "main.py", "--resume", str(damaged), "-t", "--accelerator", "cpu",
-                             "--devices", "1", "--max_steps", "5"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and (damaged / "checkpoints" / "last.ckpt").read_bytes() == b"PK\x03\x04 truncated"
+    # a --resume whose checkpoint does not load, or restores only in part (the weights and the step,
+    # not the optimizer), fails and leaves it as it was: main.py saved last.ckpt on every failure,
+    # here an untrained model, or one without its optimizer state, over the file it had to resume
+    def resume_fails_and_keeps(damage):
+        damaged = tmp_path / damage.__name__
+        shutil.copytree(run_dir, damaged)
+        damage(damaged / "checkpoints" / "last.ckpt")
+        before = (damaged / "checkpoints" / "last.ckpt").read_bytes()
+        result = subprocess.run([sys.executable, "main.py", "--resume", str(damaged), "-t", "--accelerator", "cpu",
+                                 "--devices", "1", "--max_steps", "5"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and (damaged / "checkpoints" / "last.ckpt").read_bytes() == before
+
+    def truncated(path):
+        path.write_bytes(b"PK\x03\x04 truncated")
+
+    def optimizer_of_another_model(path):
+        checkpoint = torch.load(path, weights_only=False)
+        group = checkpoint["optimizer_states"][0]["param_groups"][0]
+        group["params"] = group["params"][:-1]
+        torch.save(checkpoint, path)
+
+    resume_fails_and_keeps(truncated)
+    resume_fails_and_keeps(optimizer_of_another_model)
 
 
 def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
