@@ -66,9 +66,8 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     lr = np.float64(checkpoint["optimizer_states"][0]["param_groups"][0]["lr"])
     checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] = checkpoint["lr_schedulers"][0]["_last_lr"][0] = lr
     torch.save(checkpoint, numpy_lr / "checkpoints" / "last.ckpt")
-    result = subprocess.run([sys.executable, "main.py", "--resume", str(numpy_lr), "-t", "--accelerator", "cpu",
-                             "--devices", "1", "--max_steps", "5"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_main("--resume", numpy_lr, "-t", "--accelerator", "cpu", "--devices", "1", "--max_steps", "5",
+                      timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_checkpoint(numpy_lr / "checkpoints" / "last.ckpt")["global_step"] == 5
 
@@ -80,9 +79,8 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
         shutil.copytree(run_dir, damaged)
         damage(damaged / "checkpoints" / "last.ckpt")
         before = (damaged / "checkpoints" / "last.ckpt").read_bytes()
-        result = subprocess.run([sys.executable, "main.py", "--resume", str(damaged), "-t", "--accelerator", "cpu",
-                                 "--devices", "1", "--max_steps", "5"],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        result = run_main("--resume", damaged, "-t", "--accelerator", "cpu", "--devices", "1", "--max_steps", "5",
+                          timeout=300)
         assert result.returncode != 0 and (damaged / "checkpoints" / "last.ckpt").read_bytes() == before
 
     def truncated(path):
@@ -184,16 +182,11 @@ def test_resuming_a_run_without_last_ckpt_is_one_error_line_naming_its_checkpoin
     (run / "configs" / "project.yaml").write_text(TINY_CONFIG.read_text())
     (run / "checkpoints").mkdir()
 
-    def last_line():
-        result = subprocess.run([sys.executable, "main.py", "--resume", str(run), "-t"],
-                                cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        return result.stderr.strip().splitlines()[-1]
-
-    assert last_line() == (f"main.py: error: --resume {run}: no checkpoints/last.ckpt in it (the run stopped "
-                           "before it saved one); start a new run")
+    assert_one_error_line(run_main("--resume", run, "-t"), f"main.py: error: --resume {run}: no checkpoints/last.ckpt "
+                          "in it (the run stopped before it saved one); start a new run")
     (run / "checkpoints" / "epoch=0-step=500.ckpt").touch()
-    assert last_line().endswith(f"pass one of its checkpoints instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
+    assert_one_error_line(run_main("--resume", run, "-t"),
+                          f"pass one of its checkpoints instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
 
 
 def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
