@@ -3,10 +3,10 @@
 They compute in Python floats, not numpy's: the value becomes the optimizer's lr and is pickled
 into every checkpoint, where a numpy scalar makes torch.load(weights_only=True), and with it
 main.py --resume, refuse the file."""
+import bisect
+import itertools
 import logging
 import math
-
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class LambdaWarmUpCosineScheduler2:
         self.f_min = f_min
         self.f_max = f_max
         self.cycle_lengths = cycle_lengths
-        self.cum_cycles = np.cumsum([0] + list(self.cycle_lengths))
+        self.cum_cycles = list(itertools.accumulate([0, *self.cycle_lengths]))  # ints: see the module docstring
         self.last_f = 0.
         self.verbosity_interval = verbosity_interval
 
@@ -63,11 +63,11 @@ class LambdaWarmUpCosineScheduler2:
         """The cycle step n falls in. Past the last cycle it stays in the last one, at its end value:
         a run that trains longer than its schedule (more steps, a resumed run) keeps f_min
         instead of failing on an index."""
-        return min(int(np.searchsorted(self.cum_cycles[1:], n)), len(self.cycle_lengths) - 1)
+        return min(bisect.bisect_left(self.cum_cycles, n, lo=1) - 1, len(self.cycle_lengths) - 1)
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
-        n = n - int(self.cum_cycles[cycle])
+        n = n - self.cum_cycles[cycle]
         if self.verbosity_interval > 0:
             if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_f}, "
                                                        f"current cycle {cycle}")
@@ -91,7 +91,7 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
-        n = n - int(self.cum_cycles[cycle])
+        n = n - self.cum_cycles[cycle]
         if self.verbosity_interval > 0:
             if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_f}, "
                                                        f"current cycle {cycle}")
