@@ -9,6 +9,7 @@ import atexit
 import logging
 import math
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -209,6 +210,7 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
     opt.prompts = read_prompts(parser, opt)
+    warn_unseen_words(opt)
     batches = prompt_batches(opt)
     from ldm.modules.consistency import check_anchor_images
     check_anchor_images(parser, opt.consistency, len(batches[0]))  # --from-file: maybe fewer than n_samples
@@ -252,6 +254,23 @@ def read_prompts(parser, opt):
     return lines
 
 
+def warn_unseen_words(opt, shown=8):
+    """One warning naming the prompt words (--negative-prompt's too) that the model's training
+    captions never held, for a model whose config can list them (ModelGeometry.vocabulary): the
+    README's SD prompts run on the embedded models, which know a few dozen words, and would
+    otherwise draw a plain chair or face with no sign of why."""
+    known = opt.geometry.vocabulary
+    if known is None:
+        return
+    texts = list(opt.prompts) + [getattr(opt, "negative_prompt", "") or ""]
+    unseen = [word for word in dict.fromkeys(re.findall(r"\w+", " ".join(texts).lower())) if word not in known]
+    if unseen:
+        more = f" and {len(unseen) - shown} more" if len(unseen) > shown else ""
+        logger.warning("this model's text encoder learnt nothing for the prompt word(s) %s%s: it knows only the %d "
+                       "words of its training captions (the `data` of %s)",
+                       ", ".join(map(repr, unseen[:shown])), more, len(known), opt.config)
+
+
 def resolve_sampler(parser, opt, samplers, aliases):
     """Fold upstream's --plms/--dpm_solver into opt.sampler; contradictions are errors."""
     requested = [name for flag, name in aliases.items() if getattr(opt, flag)]
@@ -290,6 +309,7 @@ class ModelGeometry:
     eta: float = 0.0  # DDIM eta; a small model can leave noise on the deterministic path (eta 0)
     timesteps: int = DEFAULT_TIMESTEPS  # of the training noise schedule; samplers take fewer steps than this
     not_text: str | None = None  # what the model is when not text-conditioned, e.g. "an unconditional model"
+    vocabulary: frozenset[str] | None = None  # every word of its training captions, where its config can list them
 
     def __post_init__(self):
         # eta > 1 asks DDIM for more fresh noise than the step's variance holds (NaN, black images)
@@ -306,9 +326,27 @@ def read_geometry(config) -> ModelGeometry:
     params = config.model.params
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
+    not_text = _non_text_conditioning(params)
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
                          unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", DEFAULT_TIMESTEPS),
-                         not_text=_non_text_conditioning(params), **sampling)
+                         not_text=not_text, vocabulary=None if not_text else _training_vocabulary(config), **sampling)
+
+
+def _training_vocabulary(config) -> frozenset[str] | None:
+    """The words of the model's training captions when the config's training dataset can list them
+    (a class with a ``vocabulary()``: the embedded models' procedural scenes); else None. A text
+    encoder trained from scratch on a closed vocabulary, as theirs, learnt nothing for any other
+    word: its token embedding never left its random start, noise rather than meaning."""
+    from omegaconf import OmegaConf
+    from ldm.util import get_obj_from_str, instantiate_from_config
+    train = OmegaConf.select(config, "data.params.train")
+    if not train or "target" not in train:
+        return None
+    try:
+        dataset = get_obj_from_str(train.target)
+    except (ImportError, AttributeError):  # a loader this install lacks: sampling does not need it
+        return None
+    return frozenset(instantiate_from_config(train).vocabulary()) if hasattr(dataset, "vocabulary") else None
 
 
 # What upstream's other LDMs condition on (model.params.cond_stage_key); a model with any other

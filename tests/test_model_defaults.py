@@ -9,6 +9,8 @@ from PIL import Image
 from conftest import REPO, load_script
 from test_cli import assert_ok, assert_one_line_error, pngs, run
 from ldm import script_helpers
+from ldm.data import procedural
+from ldm.data.procedural import KINDS
 from ldm.image_io import read_parameters
 from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, PRELIMINARY_CONFIG, SD_V1_CONFIG, load_config,
                                 read_geometry, resolve_model)
@@ -37,6 +39,33 @@ def test_geometry_is_read_from_the_model_definition(path, channels, factor, mult
 def test_which_configs_are_text_to_image_models(path, not_text):
     # upstream's txt2img fed the prompts to a class embedder or to nothing: a traceback at sampling
     assert read_geometry(load_config(REPO / path)).not_text == not_text
+
+
+@pytest.mark.parametrize("path, kinds", [
+    (EMBEDDED_CONFIG, KINDS), (PRELIMINARY_CONFIG, KINDS), (SD_V1_CONFIG, None),
+    ("configs/stable-diffusion/v1-tiny.yaml", None),
+    ("configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml", None),  # a training dataset, but no text model
+])
+def test_the_training_vocabulary_is_read_where_the_config_can_list_it(path, kinds):
+    vocabulary = read_geometry(load_config(REPO / path)).vocabulary
+    assert vocabulary == (None if kinds is None else frozenset(procedural.vocabulary(kinds)))
+
+
+def test_prompt_words_outside_the_training_vocabulary_are_named_once(caplog):
+    geometry = read_geometry(load_config(REPO / PRELIMINARY_CONFIG))
+    opt = argparse.Namespace(geometry=geometry, config=PRELIMINARY_CONFIG, negative_prompt="blurry, a circle",
+                             prompts=["a photo of a Wooden chair", "a photo of a red chair", "a chair"])
+    script_helpers.warn_unseen_words(opt)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "'photo', 'of', 'wooden', 'blurry', 'circle':" in warnings[0]  # the 16 px model saw no shapes
+    assert f"only the {len(geometry.vocabulary)} words" in warnings[0] and PRELIMINARY_CONFIG in warnings[0]
+    caplog.clear()
+    script_helpers.warn_unseen_words(argparse.Namespace(**{**vars(opt), "prompts": ["A red chair, on the left"],
+                                                           "negative_prompt": ""}))
+    assert not caplog.records
+    script_helpers.warn_unseen_words(argparse.Namespace(**{**vars(opt), "prompts": [" ".join("abcdefghij")]}))
+    assert "'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i' and 3 more:" in caplog.text  # 'a' is a known word
 
 
 def options(**given):
@@ -206,8 +235,10 @@ def test_a_latent_shape_flag_that_contradicts_the_model_is_an_error(workdir):
 
 def test_txt2img_runs_the_embedded_config_at_its_native_size(tmp_path):
     """No --H/--W/--C/--f: 32x32 pixel-space images, saved 8x upscaled for viewing."""
-    assert_ok(run("txt2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--n_samples", "2", "--n_iter", "1",
-                  "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path, "--prompt", "a red chair"))
+    result = run("txt2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--n_samples", "2", "--n_iter", "1",
+                 "--ddim_steps", "2", "--skip_grid", "--outdir", tmp_path, "--prompt", "a red chair")
+    assert_ok(result)
+    assert "learnt nothing" not in result.stderr  # every word of the prompt is a caption word
     assert pngs(tmp_path) == ["samples/00000.png", "samples/00001.png"]
     assert Image.open(tmp_path / "samples" / "00000.png").size == (256, 256)
     meta = read_parameters(tmp_path / "samples" / "00000.png")
@@ -224,9 +255,12 @@ def test_img2img_crops_to_the_models_multiple(tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (45, 40), (200, 40, 40)).save(init)  # pixel-space model: cropped to 40x40, not 0x0
     out = tmp_path / "out"
-    assert_ok(run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init, "--display-scale",
-                  "1", "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid"))
+    result = run("img2img.py", "--config", EMBEDDED_CONFIG, "--random-weights", "--init-img", init, "--display-scale",
+                 "1", "--n_samples", "1", "--ddim_steps", "2", "--strength", "0.5", "--outdir", out, "--skip_grid")
+    assert_ok(result)
     assert Image.open(out / "samples" / "00000.png").size == (40, 40)
+    # upstream's default prompt, which the embedded models have no words for
+    assert "learnt nothing for the prompt word(s) 'painting', 'of', 'virus', 'monster'" in result.stderr
 
 
 def test_img2img_reads_the_small_models_enlarged_pngs_at_the_models_size(tmp_path):

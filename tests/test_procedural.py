@@ -148,6 +148,15 @@ def test_vocabulary():
         assert w in v
 
 
+@pytest.mark.parametrize("kinds", [KINDS, ALL_KINDS, ("chair",)])
+def test_vocabulary_is_exactly_the_words_of_the_captions(kinds):
+    """Scripts warn about prompt words outside a model's training vocabulary: every caption word
+    must be in it (no false warning), and every word in it must occur (none missed)."""
+    dataset = ProceduralScenes(size=16, length=20000, seed=0, kinds=kinds)
+    words = {word for i in range(len(dataset)) for word in dataset.scene(i)[1].replace(",", " ").split()}
+    assert words == set(dataset.vocabulary()) == set(vocabulary(kinds))
+
+
 # ---------------------------------------------------------------- read-back
 
 def readback_accuracy(scenes_and_images):

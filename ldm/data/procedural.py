@@ -530,13 +530,17 @@ def parse_caption(text: str) -> Scene | None:
     return Scene(kind, a)
 
 
-def vocabulary() -> list[str]:
-    """Sorted list of every word a caption can contain (punctuation stripped)."""
-    words = {"a", "an", "with", "and", "on", "the", "in", "wearing", "shirt", "background",
-             "face", "bald", "skin", "hair", "eyes", "glasses", "no", "chair", "table",
-             "legs", "leg", "four", "single", "left", "right", "center"}
-    words |= set(_SHAPE_WORDS) | set(COLOURS) | set(SKIN) | set(HAIR) | set(EYES)
-    words |= {"short", "long", "small", "large"}
+def vocabulary(kinds: Sequence[str] = ALL_KINDS) -> list[str]:
+    """Sorted list of every word a caption of these kinds can contain (punctuation stripped): all
+    a text encoder trained on them has seen. Read off the captioner itself, one phrase per attribute
+    value plus one naming every attribute (for the joining words), so it cannot drift from it."""
+    words = set()
+    for kind in kinds:
+        namable = {name: [v for v in values if v != "none"] for name, values in ATTRIBUTES[kind].items()}
+        noun = {"shape": namable["shape"][0]} if kind == "shape" else {}  # a shape caption always names one
+        phrases = [_phrase(kind, {**noun, name: v}) for name, values in namable.items() for v in values]
+        phrases.append(_phrase(kind, {name: values[0] for name, values in namable.items()}))
+        words.update(word for phrase in phrases for word in phrase.replace(",", " ").split())
     return sorted(words)
 
 
@@ -942,6 +946,10 @@ class ProceduralScenes(Dataset):
 
     def __len__(self):
         return self.length
+
+    def vocabulary(self) -> list[str]:
+        """Every word this dataset's captions can contain (scripts warn about prompt words outside it)."""
+        return vocabulary(self.kinds)
 
     def scene(self, i: int) -> tuple[Scene, str, dict[str, str]]:
         """(scene, caption, named attributes) of item ``i``."""
