@@ -24,7 +24,8 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config, numpy_safe_globals
+from ldm.util import (ConfigError, ModelError, construct, get_obj_from_str, incomplete_checkpoint,
+                      instantiate_from_config, numpy_safe_globals)
 
 logger = logging.getLogger("main")
 
@@ -706,12 +707,14 @@ if __name__ == "__main__":
         else:
             logdir = opt.resume.rstrip("/")
             ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
-            if not os.path.isfile(ckpt):
-                others = sorted(glob.glob(os.path.join(logdir, "checkpoints", "*.ckpt")))
-                parser.error(f"--resume {opt.resume}: no checkpoints/last.ckpt in it (the run stopped before it saved "
-                             "one); " + (f"pass one of its checkpoints instead: {', '.join(others)}" if others else
-                                         "start a new run"))
-
+        others = [path for path in sorted(glob.glob(os.path.join(logdir, "checkpoints", "*.ckpt"))) if path != ckpt]
+        way_out = f"pass one of its other checkpoints instead: {', '.join(others)}" if others else "start a new run"
+        if not os.path.isfile(ckpt):
+            parser.error(f"--resume {opt.resume}: no checkpoints/last.ckpt in it (the run stopped before it saved "
+                         f"one); {way_out}")
+        damaged = incomplete_checkpoint(ckpt)
+        if damaged:  # Lightning would fail on it with a traceback, after building the model
+            parser.error(f"--resume {opt.resume}: {damaged} {way_out[0].upper()}{way_out[1:]}")
         opt.resume_from_checkpoint = ckpt
         base_configs = sorted(glob.glob(os.path.join(logdir, "configs/*.yaml")))
         if not base_configs and not opt.base:

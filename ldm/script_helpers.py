@@ -472,10 +472,10 @@ def resolve_weights(parser, opt, geometry):
 
 
 def check_checkpoint_type(parser, flag, path):
-    """A file of no checkpoint type is one error line before the model is built (which takes
-    seconds for SD v1), not after; folders are read as diffusers folders when loading."""
-    from ldm.util import unsupported_checkpoint_type
-    problem = os.path.isfile(path) and unsupported_checkpoint_type(path)
+    """A file of no checkpoint type, or one cut off, is one error line before the model is built
+    (which takes seconds for SD v1), not after; folders are read as diffusers folders when loading."""
+    from ldm.util import incomplete_checkpoint, unsupported_checkpoint_type
+    problem = os.path.isfile(path) and (unsupported_checkpoint_type(path) or incomplete_checkpoint(path))
     if problem:
         parser.error(f"{flag}: {problem}")
 

@@ -299,6 +299,12 @@ def test_a_file_of_no_checkpoint_type_is_refused_before_the_model_is_built(scrip
                                   f"expected one of")
     assert result.returncode == 2 and "Loading model weights" not in result.stderr and "params" not in result.stderr
 
+    cut = tmp_path / "cut.safetensors"  # the shipped weights, copied in part
+    cut.write_bytes((REPO / "models" / "embedded" / "procedural-t2i-16px.safetensors").read_bytes()[:100_000])
+    result = run(script, "--ckpt", cut, *init, "--outdir", tmp_path / "out")
+    assert_one_line_error(result, f"{script}: error: --ckpt: {cut} is not a whole checkpoint (100000 of its")
+    assert "params" not in result.stderr
+
 
 def test_txt2img_unreadable_checkpoint_is_one_error_line(tmp_path):
     bad = tmp_path / "bad.ckpt"

@@ -12,8 +12,8 @@ from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (
-    CheckpointError, apply_state_dict, build_for_weights, build_with_weights, instantiate_from_config,
-    load_model_from_config, load_state_dict, load_weights, remap_clip_text_keys)
+    CheckpointError, apply_state_dict, build_for_weights, build_with_weights, incomplete_checkpoint,
+    instantiate_from_config, load_model_from_config, load_state_dict, load_weights, remap_clip_text_keys)
 
 TEXT = "cond_stage_model.transformer."
 
@@ -66,6 +66,26 @@ def test_damaged_file_is_a_one_line_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_state_dict(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("save, name", [(torch.save, "model.ckpt"), (save_file, "model.safetensors")])
+def test_a_checkpoint_cut_off_anywhere_is_told_from_its_index(tmp_path, save, name):
+    """A run killed while saving (or a copy broken off) leaves a file whose end is missing: told
+    from the zip directory or the safetensors header alone, before any model is built."""
+    whole = tmp_path / name
+    save({"w": torch.arange(3000.0), "b": torch.ones(7)}, whole)
+    data = whole.read_bytes()
+    assert incomplete_checkpoint(whole) is None
+    cut = tmp_path / f"cut-{name}"
+    for length in (9, 40, len(data) // 2, len(data) - 1):
+        cut.write_bytes(data[:length])
+        assert f"{cut} is not a whole checkpoint" in incomplete_checkpoint(cut), length
+        with pytest.raises(CheckpointError):  # read_checkpoint agrees: it cannot read it either
+            load_state_dict(cut)
+    for other in (b"not a checkpoint at all", b""):  # no index to tell from: read_checkpoint's to say
+        cut.write_bytes(other)
+        assert incomplete_checkpoint(cut) is None
+    assert incomplete_checkpoint(tmp_path / "missing.ckpt") is None
 
 
 @pytest.mark.parametrize("content", [bytes(range(128, 256)) * 3, b"hello world\n"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -83,8 +84,11 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
                           timeout=300)
         assert result.returncode != 0 and (damaged / "checkpoints" / "last.ckpt").read_bytes() == before
 
-    def truncated(path):
-        path.write_bytes(b"PK\x03\x04 truncated")
+    def garbled_inside(path):  # its zip directory whole (main.py's early check passes), its pickle not
+        with zipfile.ZipFile(path) as archive:
+            pickled = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+        data = path.read_bytes()
+        path.write_bytes(data.replace(pickled, b"\xff" * len(pickled), 1))
 
     def optimizer_of_another_model(path):
         checkpoint = torch.load(path, weights_only=False)
@@ -92,7 +96,7 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
         group["params"] = group["params"][:-1]
         torch.save(checkpoint, path)
 
-    resume_fails_and_keeps(truncated)
+    resume_fails_and_keeps(garbled_inside)
     resume_fails_and_keeps(optimizer_of_another_model)
 
 
@@ -186,7 +190,13 @@ def test_resuming_a_run_without_last_ckpt_is_one_error_line_naming_its_checkpoin
                           "in it (the run stopped before it saved one); start a new run")
     (run / "checkpoints" / "epoch=0-step=500.ckpt").touch()
     assert_one_error_line(run_main("--resume", run, "-t"),
-                          f"pass one of its checkpoints instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
+                          f"pass one of its other checkpoints instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
+
+    # one cut off while it was saved (a run killed then): Lightning's traceback, after the model was built
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut off")
+    assert_one_error_line(run_main("--resume", run, "-t"), f"{run / 'checkpoints' / 'last.ckpt'} is not a whole "
+                          f"checkpoint", f"Pass one of its other checkpoints instead: {run / 'checkpoints' / 'epoch'}")
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"PK\x03\x04 cut off"
 
 
 def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
