@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import configure_logging
+from ldm.script_helpers import configure_logging, positive_int
 from ldm.util import ModelError, build_with_weights
 
 logger = logging.getLogger("sample_diffusion")
@@ -158,52 +158,17 @@ def get_parser():
         help="a model folder (config.yaml and model.ckpt), a checkpoint in one, or a checkpoint of a main.py run "
              "(LOGDIR/checkpoints/last.ckpt, whose config is in LOGDIR/configs)",
     )
-    parser.add_argument(
-        "-n",
-        "--n_samples",
-        type=int,
-        nargs="?",
-        help="number of samples to draw",
-        default=50000
-    )
-    parser.add_argument(
-        "-e",
-        "--eta",
-        type=float,
-        nargs="?",
-        help="eta for ddim sampling (0.0 yields deterministic sampling)",
-        default=1.0
-    )
-    parser.add_argument(
-        "-v",
-        "--vanilla_sample",
-        default=False,
-        action='store_true',
-        help="vanilla sampling (default option is DDIM sampling)?",
-    )
-    parser.add_argument(
-        "-l",
-        "--logdir",
-        type=str,
-        nargs="?",
-        help="extra logdir",
-        default="none"
-    )
-    parser.add_argument(
-        "-c",
-        "--custom_steps",
-        type=int,
-        nargs="?",
-        help="number of steps for ddim and fastdpm sampling",
-        default=50
-    )
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        nargs="?",
-        help="the bs",
-        default=10
-    )
+    # upstream's nargs="?" let a bare -n/-e/-c/-l/--batch_size through as None: a crash at sampling
+    parser.add_argument("-n", "--n_samples", type=positive_int, default=50000, help="number of samples to draw")
+    parser.add_argument("-e", "--eta", type=float, default=1.0,
+                        help="DDIM eta, 0 (deterministic) to 1 (DDPM-like, the default)")
+    parser.add_argument("-v", "--vanilla_sample", default=False, action='store_true',
+                        help="sample with the model's full DDPM chain instead of DDIM (-c is then ignored)")
+    parser.add_argument("-l", "--logdir", type=str, default="none",
+                        help="write the samples below this folder (in a subfolder named after the run) instead of "
+                             "the run's own folder")
+    parser.add_argument("-c", "--custom_steps", type=positive_int, default=50, help="number of DDIM steps")
+    parser.add_argument("--batch_size", type=positive_int, default=10, help="images sampled at once")
     parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     return parser
 
@@ -264,6 +229,13 @@ if __name__ == "__main__":
     configs = [OmegaConf.load(cfg) for cfg in opt.base]
     cli = OmegaConf.from_dotlist(unknown)
     config = OmegaConf.merge(*configs, cli)
+    if not 0 <= opt.eta <= 1:
+        parser.error(f"-e/--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta}")
+    conditioning = config.model.get("params", {}).get("cond_stage_config")
+    if conditioning not in (None, "__is_unconditional__"):  # upstream: NotImplementedError after building it
+        parser.error(f"{ckpt} is a conditional model (conditioned on its {config.model.params.get('cond_stage_key')!r}); "
+                     "this script samples unconditional ones: for a text-to-image model use scripts/txt2img.py "
+                     f"--config {opt.base[0]} --ckpt {ckpt}")
 
     if opt.logdir != "none":
         locallog = logdir.split(os.sep)[-1]

@@ -299,7 +299,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
     model = load_frozen_model(opt, device)
-    logger.info("training a %s adapter for %s on %s: %d steps at batch %d", opt.condition, opt.config, device,
+    logger.info("training an adapter on %s maps for %s on %s: %d steps at batch %d", opt.condition, opt.config, device,
                 opt.steps, opt.batch_size)
     adapter, report = fit(model, opt, device)
     write_outputs(opt, adapter, report)

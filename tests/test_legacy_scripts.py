@@ -61,11 +61,19 @@ def test_sample_diffusion_needs_a_run_folder(tmp_path):
     assert f"cannot find {tmp_path / 'nope'}" in last, last
 
 
+# the tiny SD config made unconditional: what sample_diffusion samples
+UNCONDITIONAL = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                 "model.params.conditioning_key=null", "model.params.cond_stage_config=__is_unconditional__",
+                 "model.params.unet_config.params.use_spatial_transformer=false",
+                 "model.params.unet_config.params.context_dim=null"]
+
+
 def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_text("not a checkpoint\n")
     assert "no config.yaml in" in error_line(run("sample_diffusion.py", "-r", ckpt))
-    (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(TINY_CONFIG), OmegaConf.from_dotlist(UNCONDITIONAL)),
+                   tmp_path / "config.yaml")
     last = error_line(run("sample_diffusion.py", "-r", ckpt))
     assert str(ckpt) in last, last
     # the message suggests --unsafe-pickle: the script takes it (and the file is still unreadable)
@@ -150,15 +158,25 @@ def test_inpaint_mask_that_is_no_image_is_one_error_line(tiny_inpainting_model, 
     assert not (tmp_path / "out").exists()
 
 
+def test_sample_diffusion_refuses_a_conditional_model_and_bare_flags_in_one_line(tmp_path):
+    # upstream built the model, made the sample folders, then raised NotImplementedError
+    (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())  # text-conditioned
+    (tmp_path / "model.ckpt").write_text("never read")
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "-n", "1"))
+    assert f"{tmp_path / 'model.ckpt'} is a conditional model (conditioned on its 'txt')" in last, last
+    assert f"scripts/txt2img.py --config {tmp_path / 'config.yaml'} --ckpt {tmp_path / 'model.ckpt'}" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.ckpt"]  # no sample folders
+    # a flag without its value was None (upstream's nargs="?"): a TypeError at sampling
+    for bad in (["-n"], ["--batch_size", "0"], ["-e", "1.5"]):
+        assert "error:" in error_line(run("sample_diffusion.py", "-r", tmp_path, *bad)), bad
+
+
 def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
     """An unconditional LDM (the tiny config without text), trained for one step by main.py: sampled
     from its run's checkpoint (config found in the run's configs/), and from upstream's model
     folder layout (config.yaml + model.ckpt); fewer samples than a batch, as many files as asked."""
-    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
-                 "model.params.conditioning_key=null", "model.params.cond_stage_config=__is_unconditional__",
-                 "model.params.unet_config.params.use_spatial_transformer=false",
-                 "model.params.unet_config.params.context_dim=null", "lightning.modelcheckpoint.params.monitor=null",
-                 "lightning.modelcheckpoint.params.save_top_k=0"]
+    overrides = UNCONDITIONAL + ["lightning.modelcheckpoint.params.monitor=null",
+                                 "lightning.modelcheckpoint.params.save_top_k=0"]
     trained = subprocess.run([sys.executable, "main.py", "--base", str(TINY_CONFIG),
                               str(REPO / "tests" / "configs" / "tiny-train-data.yaml"), "-t", "--accelerator", "cpu",
                               "--devices", "1", "--max_steps", "1", "--logdir", str(tmp_path / "logs"), *overrides],
