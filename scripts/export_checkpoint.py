@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_checkpoint_type, check_new_file  # noqa: E402
 from ldm.util import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
@@ -182,6 +182,7 @@ def build_parser():
 def validate(parser, opt):
     if not os.path.exists(opt.ckpt):
         parser.error(f"checkpoint not found: {opt.ckpt}")
+    check_checkpoint_type(parser, "checkpoint", opt.ckpt)
     if not opt.out.endswith(".safetensors"):
         parser.error(f"the output must be a .safetensors file, got {opt.out}")
     for path in (opt.out, sidecar_path(opt.out)):

@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, configure_logging,  # noqa: E402
-                                in_repo, load_config, positive_int, set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_checkpoint_type,  # noqa: E402
+                                configure_logging, in_repo, load_config, positive_int, set_cpu_threads)
 
 logger = logging.getLogger("heldout_loss")
 
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     for path in opt.ckpt:
         if not os.path.isfile(path):
             parser.error(f"--ckpt {path}: no such file")
+        check_checkpoint_type(parser, "--ckpt", path)  # all before the first is scored
     return opt
 
 

@@ -116,6 +116,11 @@ def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
     result = run_cli(tmp_path / "nope.ckpt", tmp_path / "m.safetensors")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "checkpoint not found" in result.stderr.strip().splitlines()[-1]
+    cut = tmp_path / "cut.ckpt"  # a run killed while saving it
+    cut.write_bytes(fake_run(tmp_path, small_state_dict()).read_bytes()[:-100])
+    result = run_cli(cut, tmp_path / "m.safetensors")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"checkpoint: {cut} is not a whole checkpoint" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,7 @@
 """scripts/heldout_loss.py: paired held-out loss of weight files, on the shipped 16 px model."""
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO
 from test_cli import assert_ok, assert_one_line_error, run
 from test_embedded_16px import CONFIG, WEIGHTS as REPO_WEIGHTS
 
@@ -31,6 +32,14 @@ def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
 def test_a_missing_weight_file_is_one_error_line(tmp_path):
     assert_one_line_error(run("heldout_loss.py", "--config", CONFIG, "--ckpt", tmp_path / "none.safetensors"),
                           "none.safetensors", "no such file")
+
+
+def test_a_weight_file_cut_off_is_one_error_line_before_any_is_scored(tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((REPO / REPO_WEIGHTS).read_bytes()[:-1])
+    result = run("heldout_loss.py", "--config", CONFIG, "--ckpt", REPO_WEIGHTS, cut, "--n", "8")
+    assert_one_line_error(result, f"--ckpt: {cut} is not a whole checkpoint")
+    assert "Loading model weights" not in result.stderr
 
 
 def test_a_config_without_validation_data_is_one_error_line():
