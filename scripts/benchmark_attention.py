@@ -295,7 +295,24 @@ def run_table(opt, device, dtype, header):
                              setting.name, n, result["compile_s"])
             rows.append(row)
             print(format_table_row(row), flush=True)
+        if baseline is not None and len(settings) > 1:
+            plain = next(s for s in settings if s.name == BASELINE)
+            check_drift(baseline, measure(unet, call, context_dim, plain, n, opt, device, dtype), n)
     return rows
+
+
+DRIFT_WARNING = 0.05
+
+
+def check_drift(baseline_ms, again, n):
+    """The baseline timed again after the settings: a machine whose speed changed meanwhile (clock
+    boost, thermal limits, another job) moves every ratio of this N by as much, so say by how much."""
+    if again["status"] != "ok":
+        return
+    drift = again["ms_call"] / baseline_ms - 1
+    level = logging.WARNING if abs(drift) > DRIFT_WARNING else logging.INFO
+    log.log(level, "N=%d: %s timed again after the settings: %+.1f%% (%.1f ms)%s", n, BASELINE, 100 * drift,
+            again["ms_call"], "; the machine's speed changed, rerun for firm ratios" if level == logging.WARNING else "")
 
 
 def print_table_header(title, columns):

@@ -31,10 +31,13 @@ def table_rows(stdout):
     return [line for line in stdout.splitlines() if line.startswith("| ") and "setting" not in line]
 
 
-def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path, capsys):
+def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path, capsys, caplog):
     path = tmp_path / "results.csv"
+    caplog.set_level("INFO", logger="benchmark_attention")
     bench.main(TINY + ["--n", "1", "2", "--settings", "vanilla einsum (upstream)", "anchor: all groups",
                        "all+subject: middle+inner", "--csv", str(path)])
+    # the baseline is timed again after the settings of each N: how far the machine drifted
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "timed again" in r.getMessage()] == ["N=1", "N=2"]
     out = capsys.readouterr().out
     header = out.splitlines()[0]
     assert header.startswith("# cpu") and f"torch {torch.__version__}" in header and "fp32" in header
@@ -49,6 +52,16 @@ def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path,
     assert [r["x_sdpa"] for r in records if r["setting"] == "vanilla sdpa"] == ["1", "1"]
     bench.main(TINY + ["--n", "1", "--settings", "vanilla sdpa", "--csv", str(path)])  # appends, one header
     assert len(list(csv.DictReader(path.open()))) == 9
+
+
+@pytest.mark.parametrize("again, level", [(dict(status="ok", ms_call=107.0), "WARNING"),
+                                           (dict(status="ok", ms_call=97.0), "INFO"), (dict(status="OOM"), None)])
+def test_a_baseline_that_drifted_while_the_settings_ran_is_a_warning(again, level, caplog):
+    caplog.set_level("INFO", logger="benchmark_attention")
+    bench.check_drift(100.0, again, n=4)
+    assert [r.levelname for r in caplog.records] == ([level] if level else [])
+    if level:
+        assert f"N=4: vanilla sdpa timed again after the settings: {again['ms_call'] - 100:+.1f}%" in caplog.text
 
 
 def test_end_to_end_table_with_and_without_sharing(tmp_path, capsys):
