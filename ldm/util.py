@@ -385,31 +385,30 @@ def incomplete_checkpoint(path) -> str | None:
     copied in part, is then refused before a model is built or a training run restored, at the cost
     of a few kilobytes read. None when it looks whole (read_checkpoint may still find damage inside)."""
     try:
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # torch.save's zip format
-                try:
-                    zipfile.ZipFile(f).close()
-                except zipfile.BadZipFile as e:
-                    return f"{path} is not a whole checkpoint ({e}): cut off while it was written or copied?"
-                return None
-            f.seek(0)
-            start = f.read(9)
-            if start[8:] != b"{":  # not safetensors (an 8-byte header length, then the JSON header)
-                return None
-            header_length, size = int.from_bytes(start[:8], "little"), os.path.getsize(path)
-            if 8 + header_length > size:
-                return f"{path} is not a whole checkpoint (its header alone is {header_length} bytes, the file " \
-                       f"{size}): cut off while it was written or copied?"
-            f.seek(8)
-            header = json.loads(f.read(header_length))
-            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        missing = _missing_end(path)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None  # unreadable or malformed: read_checkpoint says what is wrong
-    needed = 8 + header_length + end
-    if size < needed:
-        return f"{path} is not a whole checkpoint ({size} of its {needed} bytes): cut off while it was written or " \
-               "copied?"
-    return None
+    return missing and f"{path} is not a whole checkpoint ({missing}): cut off while it was written or copied?"
+
+
+def _missing_end(path) -> str | None:
+    with open(path, "rb") as f:
+        start = f.read(9)
+        if start[:4] == b"PK\x03\x04":  # torch.save's zip format
+            try:
+                zipfile.ZipFile(f).close()
+            except zipfile.BadZipFile as e:
+                return str(e)
+            return None
+        if start[8:] != b"{":  # not safetensors (an 8-byte header length, then the JSON header)
+            return None
+        header_length, size = int.from_bytes(start[:8], "little"), os.path.getsize(path)
+        if 8 + header_length > size:
+            return f"its header alone is {header_length} bytes, the file {size}"
+        f.seek(8)
+        header = json.loads(f.read(header_length))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return f"{size} of its {8 + header_length + end} bytes" if size < 8 + header_length + end else None
 
 
 def state_dict_of(checkpoint, path="checkpoint"):
