@@ -210,7 +210,7 @@ def validate_common(parser, opt, samplers, aliases):
         parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
                      f"got {opt.ddim_steps}")
     opt.prompts = read_prompts(parser, opt)
-    warn_unseen_words(opt)
+    warn_unseen_words(opt.geometry, opt.config, opt.prompts + [getattr(opt, "negative_prompt", "") or ""])
     batches = prompt_batches(opt)
     from ldm.modules.consistency import check_anchor_images
     check_anchor_images(parser, opt.consistency, len(batches[0]))  # --from-file: maybe fewer than n_samples
@@ -254,21 +254,20 @@ def read_prompts(parser, opt):
     return lines
 
 
-def warn_unseen_words(opt, shown=8):
-    """One warning naming the prompt words (--negative-prompt's too) that the model's training
+def warn_unseen_words(geometry, config_path, texts, shown=8):
+    """One warning naming the words of `texts` (prompts, negative prompt) that the model's training
     captions never held, for a model whose config can list them (ModelGeometry.vocabulary): the
     README's SD prompts run on the embedded models, which know a few dozen words, and would
     otherwise draw a plain chair or face with no sign of why."""
-    known = opt.geometry.vocabulary
+    known = geometry.vocabulary
     if known is None:
         return
-    texts = list(opt.prompts) + [getattr(opt, "negative_prompt", "") or ""]
     unseen = [word for word in dict.fromkeys(re.findall(r"\w+", " ".join(texts).lower())) if word not in known]
     if unseen:
         more = f" and {len(unseen) - shown} more" if len(unseen) > shown else ""
         logger.warning("this model's text encoder learnt nothing for the prompt word(s) %s%s: it knows only the %d "
                        "words of its training captions (the `data` of %s)",
-                       ", ".join(map(repr, unseen[:shown])), more, len(known), opt.config)
+                       ", ".join(map(repr, unseen[:shown])), more, len(known), config_path)
 
 
 def resolve_sampler(parser, opt, samplers, aliases):

@@ -92,7 +92,7 @@ from ldm.modules.consistency_reference import read_reference, record_reference, 
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
                                 conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
                                 interruptible, read_model_geometry, require_text_model, resolve_device,
-                                resolve_weights, seed_step_noise, set_cpu_threads)
+                                resolve_weights, seed_step_noise, set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -248,6 +248,7 @@ def check_run(parser, opt, settings):
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     require_text_model(parser, opt.config, geometry)
+    warn_unseen_words(geometry, opt.config, opt.prompts)  # e.g. shapes, for a model trained without them
     if opt.steps >= geometry.timesteps:
         parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
                      f"(model.params.timesteps in {opt.config}), got {opt.steps}")

@@ -30,6 +30,7 @@ def test_smoke_run_prints_table_and_writes_csv_and_figure(tmp_path):
             "--settings", "none", "all:middle+inner", "--outdir", tmp_path]
     result = run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "learnt nothing" not in result.stderr  # the default prompts use the training captions' words
     table, paired = printed_tables(result.stdout)
     assert table[0].startswith("| setting | agreement")
     assert [r.split(" | ")[0] for r in table[1:]] == ["| none", "| all:middle+inner"]
@@ -97,6 +98,13 @@ def test_unknown_setting_is_one_error_line(tmp_path):
     one_error_line(run("--random-weights", "--settings", "none", "everything", "--outdir", tmp_path),
                    "unknown setting(s) everything")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_prompt_of_a_kind_the_model_never_saw_is_a_warning(tmp_path):
+    # procedural, so it reads back from the pixels, but the embedded models were trained without shapes
+    result = run("--random-weights", "--prompts", "a red circle", "--figure", "1", "0", "--outdir", tmp_path)
+    one_error_line(result, "--figure 1 0 is outside")  # stops before sampling; the warning came first
+    assert "learnt nothing for the prompt word(s) 'circle':" in result.stderr
 
 
 def test_non_procedural_prompt_explains_that_an_embedder_is_needed(tmp_path):

@@ -53,18 +53,16 @@ def test_the_training_vocabulary_is_read_where_the_config_can_list_it(path, kind
 
 def test_prompt_words_outside_the_training_vocabulary_are_named_once(caplog):
     geometry = read_geometry(load_config(REPO / PRELIMINARY_CONFIG))
-    opt = argparse.Namespace(geometry=geometry, config=PRELIMINARY_CONFIG, negative_prompt="blurry, a circle",
-                             prompts=["a photo of a Wooden chair", "a photo of a red chair", "a chair"])
-    script_helpers.warn_unseen_words(opt)
+    warn = lambda *texts: script_helpers.warn_unseen_words(geometry, PRELIMINARY_CONFIG, list(texts))  # noqa: E731
+    warn("a photo of a Wooden chair", "a photo of a red chair", "a chair", "blurry, a circle")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "'photo', 'of', 'wooden', 'blurry', 'circle':" in warnings[0]  # the 16 px model saw no shapes
     assert f"only the {len(geometry.vocabulary)} words" in warnings[0] and PRELIMINARY_CONFIG in warnings[0]
     caplog.clear()
-    script_helpers.warn_unseen_words(argparse.Namespace(**{**vars(opt), "prompts": ["A red chair, on the left"],
-                                                           "negative_prompt": ""}))
+    warn("A red chair, on the left", "")
     assert not caplog.records
-    script_helpers.warn_unseen_words(argparse.Namespace(**{**vars(opt), "prompts": [" ".join("abcdefghij")]}))
+    warn(" ".join("abcdefghij"), "blurry, a circle")
     assert "'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i' and 3 more:" in caplog.text  # 'a' is a known word
 
 
