@@ -6,6 +6,7 @@ and invisible watermark, and the writer that numbers and saves the PNGs with the
 """
 import argparse
 import atexit
+import glob
 import logging
 import math
 import os
@@ -488,9 +489,15 @@ def default_config(parser, opt):
     if opt.random_weights:
         return in_repo(SD_V1_CONFIG)
     weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
-    if opt.ckpt:  # the config that names these very weights (a shipped model's), else SD v1's, as upstream
+    if opt.ckpt:  # the config that names these very weights (a shipped model's), a run's own, else SD v1's
         named = [path for path, file in zip(DEFAULT_CONFIGS, weights) if file and _same_file(opt.ckpt, file)]
-        return in_repo((named or [SD_V1_CONFIG])[0])
+        if named:
+            return in_repo(named[0])
+        config = run_config(opt.ckpt)
+        if config:
+            logger.info("--ckpt %s is a checkpoint of a main.py run: sampling it with the run's config %s",
+                        opt.ckpt, config)
+        return config or in_repo(SD_V1_CONFIG)
     for path, file in zip(DEFAULT_CONFIGS, weights):
         if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
@@ -501,6 +508,16 @@ def default_config(parser, opt):
     parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
                  f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")
+
+
+def run_config(checkpoint) -> str | None:
+    """The config of the main.py run `checkpoint` is in (LOGDIR/checkpoints/*.ckpt): the newest
+    LOGDIR/configs/*-project.yaml, with the overrides it was trained with; None elsewhere."""
+    folder = os.path.dirname(checkpoint) or os.curdir
+    if os.path.basename(os.path.abspath(folder)) != "checkpoints":
+        return None
+    configs = sorted(glob.glob(os.path.join(folder, os.pardir, "configs", "*-project.yaml")))
+    return os.path.normpath(configs[-1]) if configs else None  # relative or absolute as `checkpoint` was
 
 
 def check_image_size(parser, height, width, multiple):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import configure_logging, positive_int
+from ldm.script_helpers import configure_logging, positive_int, run_config
 from ldm.util import ModelError, build_with_weights
 
 logger = logging.getLogger("sample_diffusion")
@@ -216,12 +216,10 @@ if __name__ == "__main__":
             parser.error(f"no model.ckpt in {logdir} (pass -r the checkpoint itself)")
 
     base_configs = sorted(glob.glob(os.path.join(logdir, "config.yaml")))
-    if not base_configs and os.path.basename(logdir) == "checkpoints":
-        # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt): its config, with the
-        # overrides it was trained with, is the latest LOGDIR/configs/*-project.yaml
-        base_configs = sorted(glob.glob(os.path.join(os.path.dirname(logdir), "configs", "*-project.yaml")))[-1:]
-        if base_configs:  # samples go to the run (-l: a folder named after it), not to checkpoints/
-            logdir = os.path.dirname(logdir)
+    if not base_configs and run_config(ckpt):  # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt)
+        base_configs = [run_config(ckpt)]
+        # samples go to the run (LOGDIR/configs/..; -l: a folder named after it), not to checkpoints/
+        logdir = os.path.dirname(os.path.dirname(base_configs[0]))
     if not base_configs:
         parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs

@@ -166,6 +166,26 @@ def test_a_ckpt_given_alone_runs_with_the_config_that_names_it_else_sd_v1s(workd
     assert opt.config.endswith(SD_V1_CONFIG) and opt.H == 512
 
 
+def test_a_ckpt_of_a_main_py_run_samples_with_the_runs_newest_config(workdir):
+    """`--ckpt logs/RUN/checkpoints/last.ckpt` of a model trained with main.py: upstream built SD v1
+    for it and failed on its weights; the run keeps its config (a resumed run one per start)."""
+    run = workdir / "logs" / "2026-12-06T05-32-36_procedural-t2i-16px"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    for started in ("2026-12-06T05-32-36", "2026-12-06T07-00-00"):  # the first start, then a --resume
+        config = OmegaConf.load(REPO / PRELIMINARY_CONFIG)
+        config.sampling.steps = 20 if started.endswith("36") else 30
+        OmegaConf.save(config, run / "configs" / f"{started}-project.yaml")
+    (run / "configs" / "2026-12-06T07-00-00-lightning.yaml").write_text("lightning: {}\n")
+    resolve_model(Parser(), opt := options(ckpt=f"logs/{run.name}/checkpoints/last.ckpt"))
+    assert opt.config == f"logs/{run.name}/configs/2026-12-06T07-00-00-project.yaml"
+    assert (opt.H, opt.ddim_steps) == (16, 30)
+    (run / "checkpoints" / "last.ckpt").rename(run / "last.ckpt")  # not in a run's checkpoints/: SD v1
+    resolve_model(Parser(), opt := options(ckpt=str(run / "last.ckpt")))
+    assert opt.config.endswith(SD_V1_CONFIG)
+
+
 def test_a_diffusers_folder_linked_at_upstreams_path_is_found_and_checked(workdir):
     """`ln -s ~/sd-v1-4-diffusers models/ldm/stable-diffusion-v1/model.ckpt`: the default search
     takes the folder as it takes a file, and a folder that is no pipeline is one error line."""

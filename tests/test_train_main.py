@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CONFIG
+from ldm.image_io import read_parameters
 from ldm.util import instantiate_from_config
 
 DATA_CONFIG = REPO / "tests" / "configs" / "tiny-train-data.yaml"
@@ -44,6 +45,16 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # three finite steps
     assert any((run_dir / "csv" / "version_0" / "images" / "train").glob("samples_*.png"))
+
+    # txt2img samples the run's checkpoint with the run's own config (upstream: SD v1's, then failed)
+    sampled = subprocess.run([sys.executable, "scripts/txt2img.py", "--ckpt", run_dir / "checkpoints" / "last.ckpt",
+                              "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1",
+                              "--skip_grid", "--prompt", "a chair", "--outdir", tmp_path / "samples"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    meta = read_parameters(tmp_path / "samples" / "samples" / "00000.png")
+    assert meta["config"].startswith(str(run_dir / "configs")) and meta["config"].endswith("-project.yaml")
+    shutil.rmtree(tmp_path / "samples")  # the run folder is the only one below tmp_path, as checked below
 
     # --resume: the same run goes on from step 3, with its saved config and optimizer state
     stopped = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
