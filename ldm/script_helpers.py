@@ -495,7 +495,7 @@ def default_config(parser, opt):
             return in_repo(named[0])
         config = run_config(opt.ckpt)
         if config:
-            logger.info("--ckpt %s is a checkpoint of a main.py run: sampling it with the run's config %s",
+            logger.info("--ckpt %s: sampling it with the config of the main.py run it comes from, %s",
                         opt.ckpt, config)
         return config or in_repo(SD_V1_CONFIG)
     for path, file in zip(DEFAULT_CONFIGS, weights):
@@ -512,12 +512,26 @@ def default_config(parser, opt):
 
 def run_config(checkpoint) -> str | None:
     """The config of the main.py run `checkpoint` is in (LOGDIR/checkpoints/*.ckpt): the newest
-    LOGDIR/configs/*-project.yaml, with the overrides it was trained with; None elsewhere."""
+    LOGDIR/configs/*-project.yaml, with the overrides it was trained with; for weights exported by
+    scripts/export_checkpoint.py, that of the run checkpoint its .json sidecar names; else None."""
     folder = os.path.dirname(checkpoint) or os.curdir
     if os.path.basename(os.path.abspath(folder)) != "checkpoints":
-        return None
+        source = _exported_from(checkpoint)
+        return run_config(source) if source else None
     configs = sorted(glob.glob(os.path.join(folder, os.pardir, "configs", "*-project.yaml")))
     return os.path.normpath(configs[-1]) if configs else None  # relative or absolute as `checkpoint` was
+
+
+def _exported_from(weights) -> str | None:
+    """The checkpoint that scripts/export_checkpoint.py exported `weights` from, if its sidecar
+    (the same name, .json) says so and that file is still there."""
+    import json
+    try:
+        with open(os.path.splitext(weights)[0] + ".json") as f:
+            source = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):  # no sidecar, or another kind of .json
+        return None
+    return source if isinstance(source, str) and os.path.isfile(source) else None
 
 
 def check_image_size(parser, height, width, multiple):

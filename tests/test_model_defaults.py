@@ -1,5 +1,6 @@
 """Which model and size txt2img/img2img use when the user does not say: read from the config."""
 import argparse
+import json
 import shutil
 
 import pytest
@@ -181,9 +182,15 @@ def test_a_ckpt_of_a_main_py_run_samples_with_the_runs_newest_config(workdir):
     resolve_model(Parser(), opt := options(ckpt=f"logs/{run.name}/checkpoints/last.ckpt"))
     assert opt.config == f"logs/{run.name}/configs/2026-12-06T07-00-00-project.yaml"
     assert (opt.H, opt.ddim_steps) == (16, 30)
+    # weights exported from it (scripts/export_checkpoint.py), whose sidecar names the run's checkpoint
+    (workdir / "exported.safetensors").write_bytes(b"")
+    (workdir / "exported.json").write_text(json.dumps({"source": str(run / "checkpoints" / "last.ckpt")}))
+    resolve_model(Parser(), opt := options(ckpt="exported.safetensors"))
+    assert opt.config == str(run / "configs" / "2026-12-06T07-00-00-project.yaml")
     (run / "checkpoints" / "last.ckpt").rename(run / "last.ckpt")  # not in a run's checkpoints/: SD v1
-    resolve_model(Parser(), opt := options(ckpt=str(run / "last.ckpt")))
-    assert opt.config.endswith(SD_V1_CONFIG)
+    for ckpt in (str(run / "last.ckpt"), "exported.safetensors"):  # nor is the exported file's source now
+        resolve_model(Parser(), opt := options(ckpt=ckpt))
+        assert opt.config.endswith(SD_V1_CONFIG)
 
 
 def test_a_diffusers_folder_linked_at_upstreams_path_is_found_and_checked(workdir):
