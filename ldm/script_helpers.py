@@ -489,15 +489,8 @@ def default_config(parser, opt):
     if opt.random_weights:
         return in_repo(SD_V1_CONFIG)
     weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
-    if opt.ckpt:  # the config that names these very weights (a shipped model's), a run's own, else SD v1's
-        named = [path for path, file in zip(DEFAULT_CONFIGS, weights) if file and _same_file(opt.ckpt, file)]
-        if named:
-            return in_repo(named[0])
-        config = run_config(opt.ckpt)
-        if config:
-            logger.info("--ckpt %s: sampling it with the config of the main.py run it comes from, %s",
-                        opt.ckpt, config)
-        return config or in_repo(SD_V1_CONFIG)
+    if opt.ckpt:
+        return config_of_weights(opt.ckpt, weights) or in_repo(SD_V1_CONFIG)  # upstream's for any other
     for path, file in zip(DEFAULT_CONFIGS, weights):
         if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
@@ -508,6 +501,21 @@ def default_config(parser, opt):
     parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
                  f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")
+
+
+def config_of_weights(ckpt, named_weights=None) -> str | None:
+    """The config that goes with the weights `ckpt`, where they tell: the default config whose
+    `sampling` block names that very file (a shipped model's), or the config of the main.py run
+    they come from (run_config); None for any other weights."""
+    if named_weights is None:
+        named_weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
+    named = [path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and _same_file(ckpt, file)]
+    if named:
+        return in_repo(named[0])
+    config = run_config(ckpt)
+    if config:
+        logger.info("--ckpt %s: sampling it with the config of the main.py run it comes from, %s", ckpt, config)
+    return config
 
 
 def run_config(checkpoint) -> str | None:

@@ -90,9 +90,9 @@ from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attent
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
-                                conditionings, configure_logging, cpu_noise, in_repo, latents_to_images,
-                                interruptible, read_model_geometry, require_text_model, resolve_device,
-                                resolve_weights, seed_step_noise, set_cpu_threads, warn_unseen_words)
+                                conditionings, config_of_weights, configure_logging, cpu_noise, in_repo,
+                                interruptible, latents_to_images, read_model_geometry, require_text_model,
+                                resolve_device, resolve_weights, seed_step_noise, set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -220,7 +220,9 @@ def build_parser():
 
 def add_model_arguments(parser):
     """The model to measure; scripts/adapter_benchmark.py takes it the same way."""
-    parser.add_argument("--config", default=DEFAULT_CONFIG, type=in_repo, help="model config")
+    parser.add_argument("--config", type=in_repo,
+                        help="model config (default: the one --ckpt's weights come with, a shipped model's or a "
+                             f"main.py run's; else {DEFAULT_CONFIG})")
     parser.add_argument("--ckpt", type=in_repo,
                         help="weights (.safetensors or .ckpt; default: those the config's sampling block names)")
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
@@ -246,6 +248,8 @@ def check_run(parser, opt, settings):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not 0 <= opt.eta <= 1:
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
+    if opt.config is None:
+        opt.config = (opt.ckpt and config_of_weights(opt.ckpt)) or in_repo(DEFAULT_CONFIG)
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     require_text_model(parser, opt.config, geometry)
     warn_unseen_words(geometry, opt.config, opt.prompts)  # e.g. shapes, for a model trained without them

@@ -100,6 +100,18 @@ def test_unknown_setting_is_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_without_config_the_weights_choose_it(tmp_path):
+    """--ckpt alone: the shipped 16 px weights run with their config, not the 32 px default's (which
+    failed on them: 'lacks 314 weights this config needs')."""
+    weights = REPO / "models" / "embedded" / "procedural-t2i-16px.safetensors"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--ckpt", weights, "--prompts", "a chair", "--seeds", "0",
+                             "--n", "2", "--steps", "1", "--settings", "none", "--outdir", tmp_path],
+                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config configs/embedded/procedural-t2i-16px.yaml" in (tmp_path / "run-001" / "table.md").read_text()
+
+
 def test_a_prompt_of_a_kind_the_model_never_saw_is_a_warning(tmp_path):
     # procedural, so it reads back from the pixels, but the embedded models were trained without shapes
     result = run("--random-weights", "--prompts", "a red circle", "--figure", "1", "0", "--outdir", tmp_path)
