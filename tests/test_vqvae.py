@@ -71,6 +71,22 @@ def test_ckpt_path_with_ignore_keys_keeps_those_weights_as_initialised(tmp_path)
     assert not torch.equal(fresh["encoder.conv_in.weight"], saved.state_dict()["encoder.conv_in.weight"])
 
 
+def test_a_ckpt_path_of_which_no_weight_fits_is_an_error(tmp_path):
+    """Loading is non-strict (a ckpt_path is often a part of the model), so a checkpoint of another
+    model loaded nothing and training went on from random weights without a word."""
+    from safetensors.torch import save_file
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.util import CheckpointError
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    kwargs = dict(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    whole = {f"first_stage_model.{k}": v.contiguous() for k, v in AutoencoderKL(**kwargs).state_dict().items()}
+    save_file(whole, str(tmp_path / "ldm.safetensors"))  # a whole LDM's file: its autoencoder under a prefix
+    with pytest.raises(CheckpointError, match="none of the .* weights of .*ldm.safetensors is one of this "
+                                              "AutoencoderKL's .e.g. first_stage_model"):
+        AutoencoderKL(**kwargs, ckpt_path=str(tmp_path / "ldm.safetensors"))
+
+
 @pytest.mark.parametrize("model", ["AutoencoderKL", "VQModel"])
 def test_a_misspelt_ddconfig_setting_is_an_error_and_each_half_gets_its_own(model):
     """Encoder and Decoder share one ddconfig and used to swallow any key they did not take, so

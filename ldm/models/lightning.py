@@ -40,7 +40,12 @@ class TrainableModule(nn.Module):
         kept = {key: value for key, value in state.items() if not key.startswith(tuple(ignore_keys))}
         if len(kept) < len(state):
             logger.info("Left out %d keys starting with %s", len(state) - len(kept), ", ".join(ignore_keys))
-        missing, unexpected = (self.model if only_model else self).load_state_dict(kept, strict=False)
+        target = self.model if only_model else self
+        missing, unexpected = target.load_state_dict(kept, strict=False)
+        if kept and len(unexpected) == len(kept):  # non-strict, yet not one weight fits: the wrong file
+            raise CheckpointError(f"none of the {len(kept)} weights of {path} is one of this "
+                                  f"{type(target).__name__}'s (e.g. {next(iter(kept))}); is it the checkpoint "
+                                  f"meant for the config's ckpt_path?")
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         if missing:
             logger.info("Missing keys: %s", missing)
