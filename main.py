@@ -701,6 +701,11 @@ if __name__ == "__main__":
             parser.error(f"--resume {opt.resume}: not found; pass a run's log folder (logs/<run>) or a checkpoint "
                          f"in it (logs/<run>/checkpoints/last.ckpt)")
         if os.path.isfile(opt.resume):
+            if os.path.basename(os.path.dirname(os.path.abspath(opt.resume))) != "checkpoints":
+                # upstream took the folder two levels up as the run: its configs, and the place to log into
+                parser.error(f"--resume {opt.resume}: not a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so "
+                             "there is no run to continue; to train on from it in a new run, pass --base CONFIG.yaml "
+                             f"--resume_from_checkpoint {opt.resume} (-n NAME names the run)")
             paths = opt.resume.split("/")
             logdir = "/".join(paths[:-2])
             ckpt = opt.resume
@@ -748,6 +753,10 @@ if __name__ == "__main__":
             trainer_config[k] = getattr(opt, k)
         trainer_config = OmegaConf.to_container(trainer_config, resolve=True)
         ckpt_path = trainer_config_from_args(trainer_config)
+        if ckpt_path is not None and not opt.resume:  # --resume checked its checkpoint above
+            problem = incomplete_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) else "not found"
+            if problem:
+                parser.error(f"--resume_from_checkpoint {ckpt_path}: {problem}")
         if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
                          "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "

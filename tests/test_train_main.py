@@ -210,6 +210,19 @@ def test_resuming_a_run_without_last_ckpt_is_one_error_line_naming_its_checkpoin
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"PK\x03\x04 cut off"
 
 
+def test_a_checkpoint_outside_a_run_is_resumed_only_into_a_new_run(tmp_path):
+    # upstream took the folder two levels above the file as the run: its configs, and where to log
+    loose = tmp_path / "downloads" / "model.ckpt"
+    loose.parent.mkdir()
+    loose.write_bytes(b"PK\x03\x04 not read")
+    assert_one_error_line(run_main("--resume", loose, "-t"), f"--resume {loose}: not a checkpoint of a run",
+                          f"--base CONFIG.yaml --resume_from_checkpoint {loose}")
+    for given, problem in ((tmp_path / "none.ckpt", "not found"), (loose, "is not a whole checkpoint")):
+        assert_one_error_line(run_main("--base", TINY_CONFIG, DATA_CONFIG, "--resume_from_checkpoint", given, "-t",
+                                       "--logdir", tmp_path / "logs"), f"--resume_from_checkpoint {given}: ", problem)
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_path):
     # images are first logged after batch_frequency steps: a typo must stop the run at once,
     # not be swallowed by **kwargs or raise a TypeError hours later
