@@ -18,15 +18,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_checkpoint_type,  # noqa: E402
-                                configure_logging, in_repo, load_config, positive_int, set_cpu_threads)
+                                config_of_weights, configure_logging, in_repo, load_config, positive_int,
+                                set_cpu_threads)
 
 logger = logging.getLogger("heldout_loss")
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, type=in_repo,
-                        help="model config with a data.params.validation dataset")
+    parser.add_argument("--config", type=in_repo,
+                        help="model config with a data.params.validation dataset (default: the one the first "
+                             "--ckpt's weights come with, a shipped model's or a main.py run's)")
     parser.add_argument("--ckpt", required=True, nargs="+", type=in_repo,
                         help="weight files (.safetensors or .ckpt) to compare")
     parser.add_argument("--n", type=positive_int, default=1024, help="validation scenes")
@@ -38,6 +40,10 @@ def parse_args(argv=None):
         if not os.path.isfile(path):
             parser.error(f"--ckpt {path}: no such file")
         check_checkpoint_type(parser, "--ckpt", path)  # all before the first is scored
+    opt.config = opt.config or config_of_weights(opt.ckpt[0])
+    if opt.config is None:
+        parser.error(f"--config: the weights {opt.ckpt[0]} do not say which model they are (no shipped model's, "
+                     "no main.py run's); pass --config CONFIG.yaml")
     return opt
 
 

@@ -44,8 +44,8 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, build_model, check_new_file, configure_logging, in_repo,  # noqa: E402
-                                read_model_geometry, resolve_device, resolve_weights)
+from ldm.script_helpers import (ArgumentParser, build_model, check_new_file, config_of_weights,  # noqa: E402
+                                configure_logging, in_repo, read_model_geometry, resolve_device, resolve_weights)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
@@ -59,7 +59,8 @@ def build_parser():
     parser = ArgumentParser(description="Train a T2I-Adapter for a frozen text-to-image model on the "
                                                  "procedural scenes' outline or mask maps.")
     add = parser.add_argument
-    add("--config", default=DEFAULT_CONFIG, type=in_repo, help="model config (default: the embedded procedural model)")
+    add("--config", type=in_repo, help="model config (default: the one --ckpt's weights come with, a shipped "
+        f"model's or a main.py run's; else the embedded procedural model's, {DEFAULT_CONFIG})")
     add("--ckpt", type=in_repo, help="the trained model's weights (.safetensors or .ckpt; default: those the "
                                      "config's sampling block names)")
     add("--random-weights", action="store_true", help="no checkpoint: a random model (CPU smoke runs only)")
@@ -96,6 +97,8 @@ def sidecar(path):
 
 def validate(parser, opt):
     """Bad input ends in one parser.error line, before anything is built."""
+    if opt.config is None:
+        opt.config = (opt.ckpt and config_of_weights(opt.ckpt)) or in_repo(DEFAULT_CONFIG)
     if not os.path.isfile(opt.config):
         parser.error(f"config not found: {opt.config}")
     check_captioned_model(parser, opt.config)

@@ -277,8 +277,14 @@ def test_adapter_scripts_resolve_relative_paths_against_the_repository(tmp_path,
     assert opt.config is None  # then the config of those weights (test_consistency_benchmark.py runs it):
     from ldm.script_helpers import config_of_weights
     assert config_of_weights(opt.ckpt) == str(REPO / "configs" / "embedded" / "procedural-t2i-16px.yaml")
-    opt = load_script("train_adapter").build_parser().parse_args(["--random-weights", "--out", "a.safetensors"])
+    train_adapter = load_script("train_adapter")
+    parser = train_adapter.build_parser()
+    opt = parser.parse_args(["--random-weights", "--out", "a.safetensors"])
+    train_adapter.validate(parser, opt)
     assert opt.config == str(REPO / "configs" / "embedded" / "procedural-t2i.yaml")
+    opt = parser.parse_args(["--ckpt", WEIGHTS_16PX, "--out", "a.safetensors"])
+    train_adapter.validate(parser, opt)  # the config of those weights
+    assert opt.config == str(REPO / "configs" / "embedded" / "procedural-t2i-16px.yaml")
     (tmp_path / "configs").mkdir()  # a file of that name in the working folder wins
     (tmp_path / "configs" / "mine.yaml").write_text("model: {}\n")
     assert load_script("benchmark_attention").build_parser().parse_args(["--config", "configs/mine.yaml"]).config \

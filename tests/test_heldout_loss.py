@@ -34,6 +34,16 @@ def test_a_missing_weight_file_is_one_error_line(tmp_path):
                           "none.safetensors", "no such file")
 
 
+def test_without_config_the_weights_choose_it(tmp_path):
+    result = run("heldout_loss.py", "--ckpt", REPO_WEIGHTS, "--n", "8", "--batch-size", "8")
+    assert_ok(result)
+    assert "8 validation scenes of configs/embedded/procedural-t2i-16px.yaml" in result.stdout
+    unknown = tmp_path / "weights.safetensors"  # weights that say nothing of their model
+    unknown.write_bytes((REPO / REPO_WEIGHTS).read_bytes())
+    assert_one_line_error(run("heldout_loss.py", "--ckpt", unknown), f"the weights {unknown} do not say which model",
+                          "pass --config")
+
+
 def test_a_weight_file_cut_off_is_one_error_line_before_any_is_scored(tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((REPO / REPO_WEIGHTS).read_bytes()[:-1])
