@@ -326,7 +326,7 @@ def read_geometry(config) -> ModelGeometry:
     params = config.model.params
     unet_levels = len(params.unet_config.params.get("channel_mult", [1, 2, 4, 4]))
     sampling = config.get("sampling") or {}
-    not_text = _non_text_conditioning(params)
+    not_text = non_text_conditioning(params)
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
                          unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", DEFAULT_TIMESTEPS),
                          not_text=not_text, vocabulary=None if not_text else _training_vocabulary(config), **sampling)
@@ -356,7 +356,7 @@ NON_TEXT_CONDITIONING = {"class_label": "class labels", "segmentation": "segment
                          "masked_image": "a masked image (scripts/inpaint.py runs it)", "image": "an image"}
 
 
-def _non_text_conditioning(params) -> str | None:
+def non_text_conditioning(params) -> str | None:
     stage = params.get("cond_stage_config")
     if stage == "__is_unconditional__":
         return "an unconditional model (scripts/sample_diffusion.py samples those)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import configure_logging, positive_int, run_config
+from ldm.script_helpers import configure_logging, non_text_conditioning, positive_int, run_config
 from ldm.util import ModelError, build_with_weights
 
 logger = logging.getLogger("sample_diffusion")
@@ -229,11 +229,12 @@ if __name__ == "__main__":
     config = OmegaConf.merge(*configs, cli)
     if not 0 <= opt.eta <= 1:
         parser.error(f"-e/--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta}")
-    conditioning = config.model.get("params", {}).get("cond_stage_config")
-    if conditioning not in (None, "__is_unconditional__"):  # upstream: NotImplementedError after building it
-        parser.error(f"{ckpt} is a conditional model (conditioned on its {config.model.params.get('cond_stage_key')!r}); "
-                     "this script samples unconditional ones: for a text-to-image model use scripts/txt2img.py "
-                     f"--config {opt.base[0]} --ckpt {ckpt}")
+    params = config.model.get("params", {})
+    if params.get("cond_stage_config") not in (None, "__is_unconditional__"):  # upstream: NotImplementedError later
+        text = non_text_conditioning(params) is None
+        parser.error(f"{ckpt} is a conditional model (conditioned on its {params.get('cond_stage_key')!r}); this "
+                     "script samples unconditional ones" + (f": for this text-to-image model use scripts/txt2img.py "
+                                                            f"--config {opt.base[0]} --ckpt {ckpt}" if text else ""))
 
     if opt.logdir != "none":
         locallog = logdir.split(os.sep)[-1]

@@ -166,6 +166,11 @@ def test_sample_diffusion_refuses_a_conditional_model_and_bare_flags_in_one_line
     assert f"{tmp_path / 'model.ckpt'} is a conditional model (conditioned on its 'txt')" in last, last
     assert f"scripts/txt2img.py --config {tmp_path / 'config.yaml'} --ckpt {tmp_path / 'model.ckpt'}" in last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "model.ckpt"]  # no sample folders
+    shutil.copy(REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml", tmp_path / "config.yaml")
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "-n", "1"))  # class labels: no txt2img to suggest
+    assert last.endswith("is a conditional model (conditioned on its 'class_label'); this script samples "
+                         "unconditional ones"), last
+    (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())
     # a flag without its value was None (upstream's nargs="?"): a TypeError at sampling
     for bad in (["-n"], ["--batch_size", "0"], ["-e", "1.5"]):
         assert "error:" in error_line(run("sample_diffusion.py", "-r", tmp_path, *bad)), bad
