@@ -488,7 +488,7 @@ def _same_file(a, b):
 def default_config(parser, opt):
     if opt.random_weights:
         return in_repo(SD_V1_CONFIG)
-    weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
+    weights = default_weights()
     if opt.ckpt:
         return config_of_weights(opt.ckpt, weights) or in_repo(SD_V1_CONFIG)  # upstream's for any other
     for path, file in zip(DEFAULT_CONFIGS, weights):
@@ -503,12 +503,18 @@ def default_config(parser, opt):
                  "--random-weights runs without weights")
 
 
+def default_weights() -> list[str | None]:
+    """The weights each of DEFAULT_CONFIGS names in its `sampling` block (None: it names none)."""
+    return [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
+
+
 def config_of_weights(ckpt, named_weights=None) -> str | None:
     """The config that goes with the weights `ckpt`, where they tell: the default config whose
     `sampling` block names that very file (a shipped model's), or the config of the main.py run
-    they come from (run_config); None for any other weights."""
-    if named_weights is None:
-        named_weights = [read_geometry(load_config(in_repo(path))).weights for path in DEFAULT_CONFIGS]
+    they come from (run_config); None for any other weights, or for no `ckpt`."""
+    if not ckpt:
+        return None
+    named_weights = default_weights() if named_weights is None else named_weights
     named = [path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and _same_file(ckpt, file)]
     if named:
         return in_repo(named[0])

@@ -249,7 +249,7 @@ def check_run(parser, opt, settings):
     if not 0 <= opt.eta <= 1:
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
     if opt.config is None:
-        opt.config = (opt.ckpt and config_of_weights(opt.ckpt)) or in_repo(DEFAULT_CONFIG)
+        opt.config = config_of_weights(opt.ckpt) or in_repo(DEFAULT_CONFIG)
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     require_text_model(parser, opt.config, geometry)
     warn_unseen_words(geometry, opt.config, opt.prompts)  # e.g. shapes, for a model trained without them

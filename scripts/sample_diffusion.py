@@ -216,8 +216,9 @@ if __name__ == "__main__":
             parser.error(f"no model.ckpt in {logdir} (pass -r the checkpoint itself)")
 
     base_configs = sorted(glob.glob(os.path.join(logdir, "config.yaml")))
-    if not base_configs and run_config(ckpt):  # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt)
-        base_configs = [run_config(ckpt)]
+    of_run = None if base_configs else run_config(ckpt)
+    if of_run:  # a checkpoint of a main.py run (LOGDIR/checkpoints/last.ckpt)
+        base_configs = [of_run]
         # samples go to the run (LOGDIR/configs/..; -l: a folder named after it), not to checkpoints/
         logdir = os.path.dirname(os.path.dirname(base_configs[0]))
     if not base_configs:

@@ -98,7 +98,7 @@ def sidecar(path):
 def validate(parser, opt):
     """Bad input ends in one parser.error line, before anything is built."""
     if opt.config is None:
-        opt.config = (opt.ckpt and config_of_weights(opt.ckpt)) or in_repo(DEFAULT_CONFIG)
+        opt.config = config_of_weights(opt.ckpt) or in_repo(DEFAULT_CONFIG)
     if not os.path.isfile(opt.config):
         parser.error(f"config not found: {opt.config}")
     check_captioned_model(parser, opt.config)
