@@ -59,6 +59,22 @@ def _why_offline() -> str:
     return ""
 
 
+def url_unreachable(url: str) -> str:
+    """Why `url` cannot be downloaded now ('' when it may be): one HEAD request with the short
+    timeout, asked for downloaders that would wait without one (OpenAI's clip package)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError as err:  # 405: no HEAD here, which says nothing of a download
+        return "" if err.code == 405 else f"answers HTTP {err.code}"
+    except (OSError, ValueError, http.client.HTTPException) as err:  # no answer, or none in HTTP
+        from ldm.util import first_line
+        return f"cannot be reached ({first_line(err)})"
+    return ""
+
+
 def _can_be_hub_id(name: str) -> bool:
     from huggingface_hub.utils import validate_repo_id
     try:

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.util import parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.hub import ModelUnavailable
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
 from ldm.script_helpers import OutputWriter, build_model, configure_logging
 
@@ -300,12 +301,14 @@ if __name__ == "__main__":
         if not os.path.isfile(path):
             parser.error(f"{flag} {path} not found")
 
-    model = build_model(opt.config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle)  # strict, as txt2img
-
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device)
+    try:  # before the model: CLIP's weights are the ones that may be missing
+        clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type).to(device)  # its tokens follow its weights
+        searcher = Searcher(opt.database, retriever_version=opt.clip_type) if opt.use_neighbors else None
+    except ModelUnavailable as e:
+        raise SystemExit(f"error: {e} (--clip_type)")
 
-    clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type).to(device)  # its tokens follow its weights
+    model = build_model(opt.config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle).to(device)  # strict, as txt2img
 
     if opt.plms:
         sampler = PLMSSampler(model)
@@ -333,10 +336,6 @@ if __name__ == "__main__":
     writer = OutputWriter(outpath)
 
     logger.info(f"sampling scale for cfg is {opt.scale:.2f}")
-
-    searcher = None
-    if opt.use_neighbors:
-        searcher = Searcher(opt.database)
 
     with torch.no_grad():
         with model.ema_scope():

@@ -1,6 +1,7 @@
 """Loading from the Hugging Face hub never waits on a hub it cannot reach: one short request decides,
 then the local cache is read or the load fails at once (huggingface_hub alone retries for minutes).
-The hub here is a local HTTP server, or a local port nothing listens on: no test reaches the network."""
+The same for OpenAI's clip package, which downloads with no timeout. The hub here is a local HTTP
+server, or a local port nothing listens on: no test reaches the network."""
 import os
 import socket
 import subprocess
@@ -10,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ldm.hub import ModelUnavailable, pretrained_source
-from ldm.modules.encoders.modules import BERTTokenizer, TextEncoderLoadError
+from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
+from ldm.modules.encoders import modules
+from ldm.modules.encoders.modules import BERTTokenizer, TextEncoderLoadError, load_openai_clip
 from conftest import REPO, TINY_CONFIG
 
 
@@ -31,9 +33,10 @@ def answering_hub(monkeypatch):
     from huggingface_hub import constants
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
     server.requests, server.status = [], 200
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
     yield server
     server.shutdown()
     server.server_close()
@@ -145,3 +148,54 @@ def test_safety_checker_from_an_unreachable_hub_is_one_line(tmp_path):
     assert errors[0].startswith("error: --safety-checker could not load CompVis/stable-diffusion-safety-checker: ")
     assert f"the hub at {env['HF_ENDPOINT']} cannot be reached" in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+@pytest.mark.parametrize("status, reason", [(200, ""), (405, ""), (404, "answers HTTP 404"), (503, "answers HTTP 503")])
+def test_a_download_url_is_asked_once_and_its_answer_read(answering_hub, status, reason):
+    answering_hub.status = status  # 405: the server takes no HEAD, which says nothing of a download
+    assert url_unreachable(f"{answering_hub.url}/models/a.pt") == reason
+    assert answering_hub.requests == ["/models/a.pt"]
+
+
+def test_a_download_url_nothing_answers_at_is_a_reason(unreachable_hub):
+    assert url_unreachable(f"{unreachable_hub}/a.pt").startswith("cannot be reached (<urlopen error [Errno")
+
+
+@pytest.fixture
+def openai_clip(tmp_path, monkeypatch):
+    """tests/clip_stand_in as the clip package, its cache an empty tmp_path/clip."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "clip_stand_in"))
+    monkeypatch.delitem(sys.modules, "clip", raising=False)
+    import clip
+    monkeypatch.setattr(modules, "OPENAI_CLIP_CACHE", str(tmp_path / "clip"))
+    yield clip
+    sys.modules.pop("clip", None)
+
+
+def test_openai_clip_weights_in_its_cache_load_without_a_request(openai_clip, answering_hub, tmp_path):
+    openai_clip._MODELS["ViT-L/14"] = f"{answering_hub.url}/ViT-L-14.pt"
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "ViT-L-14.pt").write_bytes(b"weights")
+    assert isinstance(load_openai_clip("ViT-L/14"), openai_clip.TextModel)
+    (tmp_path / "own.pt").write_bytes(b"weights")  # a file of one's own, given by its path
+    assert isinstance(load_openai_clip(str(tmp_path / "own.pt")), openai_clip.TextModel)
+    assert answering_hub.requests == []
+
+
+def test_openai_clip_downloads_into_its_cache_when_the_url_answers(openai_clip, answering_hub, tmp_path):
+    openai_clip._MODELS["ViT-L/14"] = f"{answering_hub.url}/ViT-L-14.pt"
+    with pytest.raises(RuntimeError, match=f"downloads nothing: {tmp_path / 'clip' / 'ViT-L-14.pt'} is missing"):
+        load_openai_clip("ViT-L/14")  # clip.load itself was asked, to download into the cache
+    assert answering_hub.requests == ["/ViT-L-14.pt"]
+
+
+def test_openai_clip_weights_neither_cached_nor_reachable_are_one_line(openai_clip, unreachable_hub, tmp_path):
+    openai_clip._MODELS["ViT-L/14"] = f"{unreachable_hub}/ViT-L-14.pt"
+    with pytest.raises(ModelUnavailable) as info:
+        load_openai_clip("ViT-L/14")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"OpenAI CLIP ViT-L/14 is not in {tmp_path / 'clip'} and {unreachable_hub}/ViT-L-14.pt "
+                              "cannot be reached (")
+    assert message.endswith("download it there where there is network, or pass the path of its .pt file instead "
+                            "of 'ViT-L/14'")

@@ -213,34 +213,11 @@ def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
                                                                  "-c", "1", "-l", tmp_path / "incomplete"))
 
 
-FAKE_CLIP = '''"""Stand-in for OpenAI's clip package: a text encoder of 8 features that knn2img can load offline."""
-import torch
-
-
-class TextModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))  # weights, as CLIP's, which its tokens follow
-
-    def encode_text(self, tokens):
-        return tokens.float() * self.scale + 1.0
-
-
-def load(name, jit=False, device="cpu"):
-    return TextModel(), None
-
-
-def tokenize(texts):
-    return torch.tensor([[len(text) % 7] * 8 for text in texts])
-'''
-
-
 @pytest.fixture(scope="module")
 def tiny_retrieval_model(tmp_path_factory):
     """Upstream's retrieval-augmented config (16-channel latents of an f16 KL autoencoder, CLIP text
     embeddings through cross-attention), with fewer and narrower layers and 8-feature text."""
     folder = tmp_path_factory.mktemp("rdm")
-    (folder / "clip.py").write_text(FAKE_CLIP)
     config = OmegaConf.load(REPO / "configs" / "retrieval-augmented-diffusion" / "768x768.yaml")
     unet = config.model.params.unet_config.params
     unet.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1],
@@ -253,20 +230,43 @@ def tiny_retrieval_model(tmp_path_factory):
     return folder
 
 
+CLIP_STAND_IN = REPO / "tests" / "clip_stand_in"
+
+
+def run_knn2img(model, outdir, home):
+    """knn2img's text-only path (no retrieval database) with the clip stand-in, whose cache is
+    home/.cache/clip."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(CLIP_STAND_IN), HOME=str(home))
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config", str(model / "config.yaml"),
+         "--ckpt", str(model / "model.safetensors"), "--H", "32", "--W", "32", "--ddim_steps", "2",
+         "--n_samples", "2", "--outdir", str(outdir)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300)
+
+
 def test_knn2img_numbers_its_images_after_those_already_there(tiny_retrieval_model, tmp_path):
-    """A text-only run (no retrieval database), twice into one folder: upstream counted the files
-    there, so a gap in the numbering made it write over the highest-numbered images."""
+    """A text-only run, twice into one folder: upstream counted the files there, so a gap in the
+    numbering made it write over the highest-numbered images."""
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "00005.png").write_bytes(b"not mine")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tiny_retrieval_model))
+    (tmp_path / "home" / ".cache" / "clip").mkdir(parents=True)
+    (tmp_path / "home" / ".cache" / "clip" / "ViT-L-14.pt").write_bytes(b"CLIP's weights, downloaded earlier")
     for _ in range(2):
-        result = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config", str(tiny_retrieval_model / "config.yaml"),
-             "--ckpt", str(tiny_retrieval_model / "model.safetensors"), "--H", "32", "--W", "32", "--ddim_steps", "2",
-             "--n_samples", "2", "--outdir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=300)
+        result = run_knn2img(tiny_retrieval_model, tmp_path, tmp_path / "home")
         assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{i:05}.png" for i in range(5, 10)]
     assert (tmp_path / "samples" / "00005.png").read_bytes() == b"not mine"
     assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
     assert Image.open(tmp_path / "samples" / "00006.png").size == (32, 32)
+
+
+def test_knn2img_without_clip_weights_and_network_is_one_line_before_the_model(tiny_retrieval_model, tmp_path):
+    """clip.load downloads missing weights with no timeout (urllib's traceback without network);
+    the stand-in's URL is a local port nothing listens on."""
+    (tmp_path / "home").mkdir()
+    last = error_line(run_knn2img(tiny_retrieval_model, tmp_path / "out", tmp_path / "home"), returncode=1)
+    cache = tmp_path / "home" / ".cache" / "clip"
+    assert last.startswith(f"error: OpenAI CLIP ViT-L/14 is not in {cache} and http://127.0.0.1:9/models/ViT-L-14.pt "
+                           "cannot be reached ("), last
+    assert last.endswith("or pass the path of its .pt file instead of 'ViT-L/14' (--clip_type)"), last
+    assert not (tmp_path / "out").exists()

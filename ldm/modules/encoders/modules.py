@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import repeat
 
-from ldm.hub import ModelUnavailable, pretrained_source
+from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.util import CheckpointError, first_line
 
@@ -378,15 +378,35 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self(text)
 
 
+OPENAI_CLIP_CACHE = os.path.expanduser("~/.cache/clip")  # where OpenAI's clip.load keeps its downloads
+
+
+def load_openai_clip(name, device="cpu", jit=False):
+    """The model of OpenAI's `clip.load(name)` (a model name or a file). clip.load downloads the
+    weights of a name missing from its cache from OpenAI's URL, with no timeout: without network it
+    ended in urllib's traceback, on a network that drops packets it waited minutes for one. So the
+    URL is asked once, shortly, first; ModelUnavailable (one line, saying where the file goes) when
+    it does not answer."""
+    import inspect
+    import clip
+    url = getattr(inspect.getmodule(clip.load), "_MODELS", {}).get(name)  # the package's name -> URL table
+    if url and not os.path.isfile(os.path.join(OPENAI_CLIP_CACHE, os.path.basename(url))):
+        reason = url_unreachable(url)
+        if reason:
+            raise ModelUnavailable(f"OpenAI CLIP {name} is not in {OPENAI_CLIP_CACHE} and {url} {reason}: "
+                                   "download it there where there is network, or pass the path of its .pt file "
+                                   f"instead of {name!r}")
+    return clip.load(name, device=device, jit=jit, download_root=OPENAI_CLIP_CACHE)[0]
+
+
 class FrozenCLIPTextEmbedder(nn.Module):
     """
     Uses the CLIP transformer encoder for text.
     """
     def __init__(self, version='ViT-L/14', device=None, max_length=77, n_repeat=1, normalize=True):
         super().__init__()
-        import clip
         # `device` is accepted for old callers only: tokens go where the weights are (`device` below)
-        self.model, _ = clip.load(version, jit=False, device="cpu")
+        self.model = load_openai_clip(version)
         self.max_length = max_length
         self.n_repeat = n_repeat
         self.normalize = normalize
@@ -428,8 +448,7 @@ class FrozenClipImageEmbedder(nn.Module):
             antialias=False,
         ):
         super().__init__()
-        import clip
-        self.model, _ = clip.load(name=model, device=device, jit=jit)
+        self.model = load_openai_clip(model, device=device, jit=jit)
 
         self.antialias = antialias
 
