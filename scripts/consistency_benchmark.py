@@ -1,6 +1,6 @@
 """Which self-attention groups need sharing for consistent batches? (task.md, question 4)
 
-For every sharing setting (SETTINGS) the same batches are generated from the same start noise
+For every sharing setting (SETTINGS, or any other MODE:GROUPS such as anchor:middle) the same batches are generated from the same start noise
 (and, with --eta > 0, the same noise at every step): for each prompt and seed, N images with
 DDIM and classifier-free guidance. A prompt may give each image its own text ("a chair, on a
 white background | a chair, on a black background": image i gets part i mod k), the storyboard
@@ -70,10 +70,12 @@ interrupts is left out, the table holds the batches every setting has measured.
 """
 import csv
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -86,7 +88,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedder,  # noqa: E402
                                  reference_similarity)
-from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.modules.consistency import GROUP_CHOICES, ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
@@ -157,6 +159,37 @@ SETTINGS = {
     "n_iter2:own-anchors": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=False),
 }
 
+SETTING_GRAMMAR = "MODE:GROUPS[@START-END]"
+
+
+def resolve_setting(name):
+    """The setting called `name`: one of SETTINGS, else `composed_setting(name)`."""
+    return SETTINGS[name] if name in SETTINGS else composed_setting(name)
+
+
+@functools.lru_cache
+def composed_setting(name):
+    """The setting a name of the form MODE:GROUPS[@START-END] describes, as SETTINGS names theirs:
+    MODE all, anchor, decoder (mode all in the decoder blocks) or sampleRATE, GROUPS outer, middle
+    and inner joined by '+', or all, @START-END a step window (e.g. anchor:middle,
+    sample0.5:outer+middle, all:middle@0-0.5). ValueError saying why for any other name."""
+    match = re.fullmatch(r"(all|anchor|decoder|sample([\d.]+)):([a-z+]+)(?:@([\d.]+)-([\d.]+))?", name)
+    if match is None:
+        raise ValueError(f"neither one of {', '.join(SETTINGS)} nor {SETTING_GRAMMAR} (e.g. anchor:middle)")
+    mode, rate, groups, start, end = match.groups()
+    groups = ALL_GROUPS if groups == "all" else groups.split("+")
+    if any(group not in GROUP_CHOICES for group in groups):
+        raise ValueError(f"its groups are {', '.join(GROUP_CHOICES)} joined by '+', or all")
+    options = {}
+    if mode == "decoder":
+        mode, options["half"] = "all", "decoder"
+    if rate is not None:
+        mode, options["sample_rate"] = "sample", float(rate)
+    if start is not None:
+        options["window"] = (float(start), float(end))
+    return shared(groups, mode=mode, **options)
+
+
 # Per kind one prompt naming no attribute and one naming some (what fidelity is measured on).
 DEFAULT_PROMPTS = [
     procedural.describe("face"),
@@ -200,7 +233,9 @@ def build_parser():
     add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
                         help="sharing settings to compare (default: all that apply to the prompts): "
-                             + ", ".join(SETTINGS))
+                             + ", ".join(SETTINGS) + f"; or any other {SETTING_GRAMMAR}: MODE all, anchor, decoder "
+                             "or sampleRATE, GROUPS outer, middle, inner joined by '+', or all (e.g. anchor:middle, "
+                             "sample0.5:outer+middle, all:middle@0-0.5)")
     parser.add_argument("--outdir", default="outputs/consistency-benchmark",
                         help="results go to a new OUTDIR/run-NNN folder")
     parser.add_argument("--figure", type=int, nargs=2, metavar=("PROMPT", "SEED"),
@@ -268,17 +303,17 @@ def check_run(parser, opt, settings):
         parser.error("--device cuda requested but CUDA is not available")
 
 
-def config_of(setting):
+def config_of(name):
     """The ConsistentAttentionConfig of a setting (None: plain), in-batch or recorded."""
-    config = SETTINGS[setting]
+    config = resolve_setting(name)
     return config.config if isinstance(config, (FromReference, InTwoBatches, FromImage)) else config
 
 
-def needs_procedural_prompt(setting, reference_file=False):
+def needs_procedural_prompt(name, reference_file=False):
     """The subject settings take their word from a procedural caption, the image settings render its
     scene (unless a --reference-image file is their anchor)."""
-    config = config_of(setting)
-    return (isinstance(SETTINGS[setting], FromImage) and not reference_file) or \
+    config = config_of(name)
+    return (isinstance(resolve_setting(name), FromImage) and not reference_file) or \
         (config is not None and OBJECT_WORD in config.subjects)
 
 
@@ -295,7 +330,13 @@ def validate(parser, opt):
     reference_file = opt.reference_image is not None
     if opt.settings is None:
         opt.settings = [s for s in SETTINGS if not (not_procedural and needs_procedural_prompt(s, reference_file))]
-    check_run(parser, opt, SETTINGS)
+    composed = [name for name in opt.settings if name not in SETTINGS]
+    for name in composed:
+        try:
+            resolve_setting(name)
+        except ValueError as e:
+            parser.error(f"unknown setting {name}: {e}")
+    check_run(parser, opt, [*SETTINGS, *composed])
     height, width = opt.image_size
     opt.reference_pixels = consistency_image.read_image(parser, opt.reference_image, width, height) \
         if reference_file else None
@@ -362,24 +403,24 @@ def object_word(prompt):
     return scene["shape"] if scene.kind == "shape" else scene.kind
 
 
-def setting_for(setting, prompt):
+def setting_for(name, prompt):
     """The setting's config, with OBJECT_WORD replaced by the prompt's object word."""
-    config = config_of(setting)
+    config = config_of(name)
     if config is None or OBJECT_WORD not in config.subjects:
         return config
     return dataclasses.replace(config, subjects=(object_word(prompt),))
 
 
-def sample(model, sampler, opt, prompts, c, uc, x_T, setting, reference=None):
-    """(N, 3, H, W) images in [0, 1] on the CPU, with the setting's sharing on. `reference`: the
-    batch's reference image as an ImageAnchor (image settings)."""
-    config = setting_for(setting, prompts[0])
-    if isinstance(SETTINGS[setting], FromImage):
+def sample(model, sampler, opt, prompts, c, uc, x_T, name, reference=None):
+    """(N, 3, H, W) images in [0, 1] on the CPU, with the sharing of setting `name` on. `reference`:
+    the batch's reference image as an ImageAnchor (image settings)."""
+    config, kind = setting_for(name, prompts[0]), resolve_setting(name)
+    if isinstance(kind, FromImage):
         return sample_from_image(model, sampler, opt, prompts, c, uc, x_T, config, reference)
-    if isinstance(SETTINGS[setting], FromReference):
+    if isinstance(kind, FromReference):
         return sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config)
-    if isinstance(SETTINGS[setting], InTwoBatches):
-        return sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, SETTINGS[setting].run_wide)
+    if isinstance(kind, InTwoBatches):
+        return sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, kind.run_wide)
     with consistent_attention(model, config, opt.n, prompts=prompts):
         return ddim_images(model, sampler, opt, c, uc, x_T)
 
@@ -494,7 +535,7 @@ def run(opt, model, device, embedder=None):
     with torch.no_grad(), model.ema_scope():
         warm_up(model, sampler, opt, device)
         batches = [batch_prompts(prompt, opt.n) for prompt in opt.prompts]
-        image_settings = any(isinstance(SETTINGS[s], FromImage) for s in opt.settings)
+        image_settings = any(isinstance(resolve_setting(s), FromImage) for s in opt.settings)
         # the reference: a file given for every batch (encoded once), else a scene of the prompt per batch
         file_anchor = None if opt.reference_pixels is None else \
             consistency_image.ImageAnchor((opt.reference_image,), opt.reference_pixels)

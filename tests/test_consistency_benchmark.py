@@ -1,6 +1,7 @@
 """scripts/consistency_benchmark.py: a smoke run on the embedded config with random weights."""
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -94,10 +95,35 @@ def one_error_line(result, text):
     assert last.startswith("consistency_benchmark.py: error:") and text in last, last
 
 
-def test_unknown_setting_is_one_error_line(tmp_path):
-    one_error_line(run("--random-weights", "--settings", "none", "everything", "--outdir", tmp_path),
-                   "unknown setting(s) everything")
+@pytest.mark.parametrize("setting, why", [
+    ("everything", "neither one of none, all:outer,"),
+    ("subject:middle", "nor MODE:GROUPS[@START-END] (e.g. anchor:middle)"),
+    ("anchor:middle+centre", "its groups are outer, middle, inner joined by '+', or all"),
+    ("sample1.5:all", "sample rate must be in (0, 1], got 1.5"),
+    ("all:all@0.6-0.2", "step window must satisfy 0 <= start < end <= 1, got 0.6:0.2"),
+])
+def test_unknown_setting_is_one_error_line(tmp_path, setting, why):
+    result = run("--random-weights", "--settings", "none", setting, "--outdir", tmp_path)
+    one_error_line(result, f"unknown setting {setting}: ")
+    assert why in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_settings_are_composed_from_their_names_as_the_listed_ones_are_named():
+    """Every listed setting whose name reads MODE:GROUPS[@START-END] is what that name composes, so
+    that a composed one (anchor:middle, not listed) means what the list's names mean."""
+    cb = benchmark_module()
+    composable = [name for name in cb.SETTINGS if re.fullmatch(r"(all|anchor|decoder|sample[\d.]+):.*", name)]
+    assert len(composable) == 12
+    for name in composable:
+        assert cb.composed_setting(name) == cb.SETTINGS[name], name
+    assert cb.resolve_setting("anchor:middle") == cb.shared({"middle"}, mode="anchor")
+    assert cb.resolve_setting("decoder:inner@0-0.5") == cb.shared({"inner"}, half="decoder", window=(0, 0.5))
+    assert cb.resolve_setting("sample0.5:outer+middle") == cb.shared({"outer", "middle"}, mode="sample",
+                                                                      sample_rate=0.5)
+    for name in ("subject:all", "reference:all", "none"):  # listed, but no composition of a mode and groups
+        with pytest.raises(ValueError):
+            cb.composed_setting(name)
 
 
 def test_without_config_the_weights_choose_it(tmp_path):
