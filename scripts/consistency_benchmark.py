@@ -1,11 +1,12 @@
 """Which self-attention groups need sharing for consistent batches? (task.md, question 4)
 
-For every sharing setting (SETTINGS, or any other MODE:GROUPS such as anchor:middle) the same batches are generated from the same start noise
-(and, with --eta > 0, the same noise at every step): for each prompt and seed, N images with
-DDIM and classifier-free guidance. A prompt may give each image its own text ("a chair, on a
-white background | a chair, on a black background": image i gets part i mod k), the storyboard
-case: the object should agree, the named scenes differ. The procedural scenes' pixel read-back
-(ldm.data.procedural) measures each batch without any classifier:
+For every sharing setting (SETTINGS, or any other MODE:GROUPS such as anchor:middle) the same
+batches are generated from the same start noise (and, with --eta > 0, the same noise at every
+step): for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may
+give each image its own text ("a chair, on a white background | a chair, on a black background":
+image i gets part i mod k), the storyboard case: the object should agree, the named scenes
+differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch without
+any classifier:
 
 * agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
@@ -159,7 +160,9 @@ SETTINGS = {
     "n_iter2:own-anchors": InTwoBatches(shared({"middle", "inner"}, mode="anchor"), run_wide=False),
 }
 
-SETTING_GRAMMAR = "MODE:GROUPS[@START-END]"
+SETTING_GRAMMAR = ("MODE:GROUPS[@START-END]: MODE all, anchor, decoder (mode all in the decoder blocks) or "
+                   "sampleRATE, GROUPS outer, middle, inner joined by '+', or all, @START-END a step window "
+                   "(e.g. anchor:middle, sample0.5:outer+middle, all:middle@0-0.5)")
 
 
 def resolve_setting(name):
@@ -169,13 +172,11 @@ def resolve_setting(name):
 
 @functools.lru_cache
 def composed_setting(name):
-    """The setting a name of the form MODE:GROUPS[@START-END] describes, as SETTINGS names theirs:
-    MODE all, anchor, decoder (mode all in the decoder blocks) or sampleRATE, GROUPS outer, middle
-    and inner joined by '+', or all, @START-END a step window (e.g. anchor:middle,
-    sample0.5:outer+middle, all:middle@0-0.5). ValueError saying why for any other name."""
+    """The setting a name of the form SETTING_GRAMMAR describes, read as SETTINGS names theirs.
+    ValueError saying why for any other name."""
     match = re.fullmatch(r"(all|anchor|decoder|sample([\d.]+)):([a-z+]+)(?:@([\d.]+)-([\d.]+))?", name)
     if match is None:
-        raise ValueError(f"neither one of {', '.join(SETTINGS)} nor {SETTING_GRAMMAR} (e.g. anchor:middle)")
+        raise ValueError(f"neither one of {', '.join(SETTINGS)} nor MODE:GROUPS[@START-END] (see --help)")
     mode, rate, groups, start, end = match.groups()
     groups = ALL_GROUPS if groups == "all" else groups.split("+")
     if any(group not in GROUP_CHOICES for group in groups):
@@ -233,9 +234,7 @@ def build_parser():
     add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
                         help="sharing settings to compare (default: all that apply to the prompts): "
-                             + ", ".join(SETTINGS) + f"; or any other {SETTING_GRAMMAR}: MODE all, anchor, decoder "
-                             "or sampleRATE, GROUPS outer, middle, inner joined by '+', or all (e.g. anchor:middle, "
-                             "sample0.5:outer+middle, all:middle@0-0.5)")
+                             + ", ".join(SETTINGS) + "; or any other " + SETTING_GRAMMAR)
     parser.add_argument("--outdir", default="outputs/consistency-benchmark",
                         help="results go to a new OUTDIR/run-NNN folder")
     parser.add_argument("--figure", type=int, nargs=2, metavar=("PROMPT", "SEED"),

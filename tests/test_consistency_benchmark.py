@@ -97,7 +97,7 @@ def one_error_line(result, text):
 
 @pytest.mark.parametrize("setting, why", [
     ("everything", "neither one of none, all:outer,"),
-    ("subject:middle", "nor MODE:GROUPS[@START-END] (e.g. anchor:middle)"),
+    ("subject:middle", "nor MODE:GROUPS[@START-END] (see --help)"),
     ("anchor:middle+centre", "its groups are outer, middle, inner joined by '+', or all"),
     ("sample1.5:all", "sample rate must be in (0, 1], got 1.5"),
     ("all:all@0.6-0.2", "step window must satisfy 0 <= start < end <= 1, got 0.6:0.2"),
