@@ -480,9 +480,17 @@ def check_checkpoint_type(parser, flag, path):
         parser.error(f"{flag}: {problem}")
 
 
-def _same_file(a, b):
-    a, b = in_repo(a), in_repo(b)
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+def _same_weights(ckpt, named):
+    """Whether `ckpt` is the file `named`, or has its tensors (names and shapes, from the headers of
+    two safetensors files): then the model `named` goes with fits it too."""
+    from ldm.util import tensor_layout
+    ckpt, named = in_repo(ckpt), in_repo(named)
+    if not (os.path.exists(ckpt) and os.path.exists(named)):
+        return False
+    if os.path.samefile(ckpt, named):
+        return True
+    layout = os.path.isfile(ckpt) and tensor_layout(ckpt)
+    return bool(layout) and layout == tensor_layout(named)
 
 
 def default_config(parser, opt):
@@ -510,12 +518,13 @@ def default_weights() -> list[str | None]:
 
 def config_of_weights(ckpt, named_weights=None) -> str | None:
     """The config that goes with the weights `ckpt`, where they tell: the default config whose
-    `sampling` block names that very file (a shipped model's), or the config of the main.py run
-    they come from (run_config); None for any other weights, or for no `ckpt`."""
+    `sampling` block names that file or a safetensors file of the same tensors (a shipped model's,
+    or a copy of it elsewhere), or the config of the main.py run they come from (run_config); None
+    for any other weights, or for no `ckpt`."""
     if not ckpt:
         return None
     named_weights = default_weights() if named_weights is None else named_weights
-    named = [path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and _same_file(ckpt, file)]
+    named = [path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and _same_weights(ckpt, file)]
     if named:
         return in_repo(named[0])
     config = run_config(ckpt)

@@ -411,6 +411,17 @@ def _missing_end(path) -> str | None:
     return f"{size} of its {8 + header_length + end} bytes" if size < 8 + header_length + end else None
 
 
+def tensor_layout(path) -> dict | None:
+    """{name: shape} of the tensors of a safetensors file, read from its header alone; None for any
+    other file (a torch.save zip, no file, one cut off in its header)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (OSError, SafetensorError):
+        return None
+
+
 def state_dict_of(checkpoint, path="checkpoint"):
     """The tensors of a loaded checkpoint: its 'state_dict' entry if it has one, else itself."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):

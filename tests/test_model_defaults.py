@@ -167,6 +167,24 @@ def test_a_ckpt_given_alone_runs_with_the_config_that_names_it_else_sd_v1s(workd
     assert opt.config.endswith(SD_V1_CONFIG) and opt.H == 512
 
 
+def test_a_copy_of_a_shipped_models_weights_runs_with_its_config_as_they_do(workdir):
+    """The shipped 16 px weights copied elsewhere (or any safetensors of the same tensors) were built
+    as SD v1 and failed with "lacks 314 weights"; the tensors' names and shapes, read from the two
+    headers, tell that its config fits them. Other tensors, or a file that is no safetensors, are
+    still SD v1's."""
+    import torch
+    from safetensors.torch import save_file
+    shipped = {"unet.w": torch.zeros(2, 3), "vae.b": torch.zeros(4)}
+    save_file(shipped, put_weights(workdir, PRELIMINARY_CONFIG))
+    save_file({key: t + 1 for key, t in shipped.items()}, copy := workdir / "mine.safetensors")  # fine-tuned, say
+    save_file({**shipped, "unet.w": torch.ones(2, 4)}, other := workdir / "other.safetensors")
+    torch.save(shipped, pickled := workdir / "mine.ckpt")
+    expected = {copy: PRELIMINARY_CONFIG, other: SD_V1_CONFIG, pickled: SD_V1_CONFIG}
+    for ckpt, config in expected.items():
+        resolve_model(Parser(), opt := options(ckpt=str(ckpt)))
+        assert opt.config.endswith(config), ckpt
+
+
 def test_a_ckpt_of_a_main_py_run_samples_with_the_runs_newest_config(workdir):
     """`--ckpt logs/RUN/checkpoints/last.ckpt` of a model trained with main.py: upstream built SD v1
     for it and failed on its weights; the run keeps its config (a resumed run one per start)."""
