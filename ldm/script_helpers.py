@@ -480,17 +480,17 @@ def check_checkpoint_type(parser, flag, path):
         parser.error(f"{flag}: {problem}")
 
 
-def _same_weights(ckpt, named):
-    """Whether `ckpt` is the file `named`, or has its tensors (names and shapes, from the headers of
-    two safetensors files): then the model `named` goes with fits it too."""
+def _same_file(a, b):
+    a, b = in_repo(a), in_repo(b)
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _same_tensors(ckpt, named):
+    """Whether the safetensors files `ckpt` and `named` hold tensors of the same names and shapes
+    (read from their headers alone): then the model that `named` is for fits `ckpt` too."""
     from ldm.util import tensor_layout
-    ckpt, named = in_repo(ckpt), in_repo(named)
-    if not (os.path.exists(ckpt) and os.path.exists(named)):
-        return False
-    if os.path.samefile(ckpt, named):
-        return True
-    layout = os.path.isfile(ckpt) and tensor_layout(ckpt)
-    return bool(layout) and layout == tensor_layout(named)
+    layout = os.path.isfile(in_repo(ckpt)) and tensor_layout(in_repo(ckpt))
+    return bool(layout) and os.path.isfile(in_repo(named)) and layout == tensor_layout(in_repo(named))
 
 
 def default_config(parser, opt):
@@ -518,19 +518,26 @@ def default_weights() -> list[str | None]:
 
 def config_of_weights(ckpt, named_weights=None) -> str | None:
     """The config that goes with the weights `ckpt`, where they tell: the default config whose
-    `sampling` block names that file or a safetensors file of the same tensors (a shipped model's,
-    or a copy of it elsewhere), or the config of the main.py run they come from (run_config); None
-    for any other weights, or for no `ckpt`."""
+    `sampling` block names that very file (a shipped model's), the config of the main.py run they
+    come from (run_config), else the default config whose weights have the same tensors (a copy of
+    a shipped model's elsewhere); None for any other weights, or for no `ckpt`."""
     if not ckpt:
         return None
     named_weights = default_weights() if named_weights is None else named_weights
-    named = [path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and _same_weights(ckpt, file)]
+    default_for = lambda same: next(
+        (path for path, file in zip(DEFAULT_CONFIGS, named_weights) if file and same(ckpt, file)), None)
+    named = default_for(_same_file)
     if named:
-        return in_repo(named[0])
+        return in_repo(named)
     config = run_config(ckpt)
     if config:
         logger.info("--ckpt %s: sampling it with the config of the main.py run it comes from, %s", ckpt, config)
-    return config
+        return config
+    alike = default_for(_same_tensors)
+    if alike:
+        logger.info("--ckpt %s has the tensors of the weights %s names: built with that config", ckpt, alike)
+        return in_repo(alike)
+    return None
 
 
 def run_config(checkpoint) -> str | None:

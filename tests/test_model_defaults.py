@@ -171,7 +171,7 @@ def test_a_copy_of_a_shipped_models_weights_runs_with_its_config_as_they_do(work
     """The shipped 16 px weights copied elsewhere (or any safetensors of the same tensors) were built
     as SD v1 and failed with "lacks 314 weights"; the tensors' names and shapes, read from the two
     headers, tell that its config fits them. Other tensors, or a file that is no safetensors, are
-    still SD v1's."""
+    still SD v1's; weights in a main.py run keep the run's config (its overrides, which no tensor shape shows)."""
     import torch
     from safetensors.torch import save_file
     shipped = {"unet.w": torch.zeros(2, 3), "vae.b": torch.zeros(4)}
@@ -179,7 +179,12 @@ def test_a_copy_of_a_shipped_models_weights_runs_with_its_config_as_they_do(work
     save_file({key: t + 1 for key, t in shipped.items()}, copy := workdir / "mine.safetensors")  # fine-tuned, say
     save_file({**shipped, "unet.w": torch.ones(2, 4)}, other := workdir / "other.safetensors")
     torch.save(shipped, pickled := workdir / "mine.ckpt")
-    expected = {copy: PRELIMINARY_CONFIG, other: SD_V1_CONFIG, pickled: SD_V1_CONFIG}
+    run = workdir / "logs" / "2026-12-06T09-00-00_procedural-t2i-16px"  # a main.py run's own config wins
+    (run / "configs").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save(OmegaConf.load(REPO / PRELIMINARY_CONFIG), project := run / "configs" / "2026-12-06-project.yaml")
+    save_file(shipped, trained := run / "checkpoints" / "last.safetensors")
+    expected = {copy: PRELIMINARY_CONFIG, other: SD_V1_CONFIG, pickled: SD_V1_CONFIG, trained: str(project)}
     for ckpt, config in expected.items():
         resolve_model(Parser(), opt := options(ckpt=str(ckpt)))
         assert opt.config.endswith(config), ckpt
