@@ -485,12 +485,11 @@ def _same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def _same_tensors(ckpt, named):
-    """Whether the safetensors files `ckpt` and `named` hold tensors of the same names and shapes
-    (read from their headers alone): then the model that `named` is for fits `ckpt` too."""
+def _layout(path):
+    """The tensor names and shapes of the safetensors file `path` (ldm.util.tensor_layout), None for
+    anything else (a folder, no file, another format)."""
     from ldm.util import tensor_layout
-    layout = os.path.isfile(in_repo(ckpt)) and tensor_layout(in_repo(ckpt))
-    return bool(layout) and os.path.isfile(in_repo(named)) and layout == tensor_layout(in_repo(named))
+    return tensor_layout(in_repo(path)) if os.path.isfile(in_repo(path)) else None
 
 
 def default_config(parser, opt):
@@ -533,7 +532,8 @@ def config_of_weights(ckpt, named_weights=None) -> str | None:
     if config:
         logger.info("--ckpt %s: sampling it with the config of the main.py run it comes from, %s", ckpt, config)
         return config
-    alike = default_for(_same_tensors)
+    layout = _layout(ckpt)  # read once: the model that weights of the same tensors are for fits these too
+    alike = layout and default_for(lambda _, file: _layout(file) == layout)
     if alike:
         logger.info("--ckpt %s has the tensors of the weights %s names: built with that config", ckpt, alike)
         return in_repo(alike)

@@ -332,7 +332,7 @@ def validate(parser, opt):
     composed = [name for name in opt.settings if name not in SETTINGS]
     for name in composed:
         try:
-            resolve_setting(name)
+            composed_setting(name)
         except ValueError as e:
             parser.error(f"unknown setting {name}: {e}")
     check_run(parser, opt, [*SETTINGS, *composed])
