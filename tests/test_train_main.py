@@ -448,3 +448,21 @@ def test_a_parameter_the_model_does_not_take_is_one_error_line_and_a_bug_keeps_i
     broken = OmegaConf.create({"target": "ldm.modules.attention.GEGLU", "params": {"dim_in": "2", "dim_out": 2}})
     with pytest.raises(TypeError):  # not a config key: raised inside the constructor
         main_module.build_model(parser, broken, ["cfg.yaml"])
+
+
+def test_fine_tuning_the_shipped_model_starts_its_ema_from_the_shipped_weights():
+    """The README's `model.params.ckpt_path=FILE` on the exported 16 px model (use_ema: true, no
+    model_ema.* in the file): the EMA that validation samples with is those weights, not noise."""
+    from omegaconf import OmegaConf
+    from ldm.util import load_state_dict
+    config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml").model
+    weights = REPO / "models/embedded/procedural-t2i-16px.safetensors"
+    config.params.ckpt_path = str(weights)
+    model = instantiate_from_config(config)
+    shipped = load_state_dict(weights)
+    with model.ema_scope():
+        unet = model.model.state_dict()
+        for name, tensor in shipped.items():
+            if name.startswith("model."):
+                ours = unet[name[len("model."):]]
+                assert torch.equal(ours, tensor.to(ours.dtype)), name

@@ -113,3 +113,23 @@ def test_a_missing_pretrained_first_stage_names_the_download_script(tmp_path):
         AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4, ckpt_path=str(missing))
     assert str(raised.value) == (f"Checkpoint not found: {missing} (the ckpt_path of the config's AutoencoderKL; "
                                  f"scripts/download_first_stages.sh downloads the pretrained first stages)")
+
+
+def test_a_ckpt_path_without_an_ema_copy_starts_the_ema_from_its_weights(tmp_path):
+    """LitEma copies the weights when the model is built, before ckpt_path is read: a file without
+    model_ema.* (an export, SD's released weights) left the average at the random initialisation,
+    which ema_scope() then swapped in for validation and image logs."""
+    from safetensors.torch import save_file
+    ddconfig = dict(double_z=False, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    kwargs = dict(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, n_embed=16, embed_dim=4)
+    torch.manual_seed(0)
+    trained = VQModel(**kwargs, use_ema=False)
+    path = tmp_path / "exported.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    reloaded = VQModel(**kwargs, use_ema=True, ckpt_path=str(path))
+    with reloaded.ema_scope():
+        for name, tensor in trained.state_dict().items():
+            assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    assert reloaded.model_ema.num_updates == 0

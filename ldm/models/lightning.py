@@ -26,6 +26,10 @@ class TrainableModule(nn.Module):
         """Where the model's weights are (what LightningModule.device says once Lightning moved it)."""
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
+    def ema_tracked(self) -> nn.Module:
+        """The module whose weights `model_ema` averages when the config sets use_ema."""
+        return self
+
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
@@ -46,6 +50,10 @@ class TrainableModule(nn.Module):
             raise CheckpointError(f"none of the {len(kept)} weights of {path} is one of this "
                                   f"{type(target).__name__}'s (e.g. {next(iter(kept))}); is it the checkpoint "
                                   f"meant for the config's ckpt_path?")
+        if getattr(self, "use_ema", False) and not any(key.startswith("model_ema.") for key in kept):
+            # e.g. an exported model or SD's released weights: its EMA is in the weights themselves
+            self.model_ema.restart_from(self.ema_tracked())
+            logger.info("%s holds no EMA copy (model_ema.*): the EMA starts from its weights", path)
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         if missing:
             logger.info("Missing keys: %s", missing)

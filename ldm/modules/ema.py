@@ -43,6 +43,14 @@ class LitEma(nn.Module):
                 else:
                     assert not key in self.m_name2s_name
 
+    def restart_from(self, model):
+        """Start the average over at `model`'s weights: the copy made at construction holds the random
+        initialisation, which a checkpoint without an EMA copy of its own does not replace."""
+        shadow_params = dict(self.named_buffers())
+        with torch.no_grad():
+            for name, s_name in self.m_name2s_name.items():
+                shadow_params[s_name].copy_(model.get_parameter(name))
+
     def copy_to(self, model):
         m_param = dict(model.named_parameters())
         shadow_params = dict(self.named_buffers())

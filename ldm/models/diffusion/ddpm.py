@@ -179,6 +179,9 @@ class DDPM(TrainableModule):
         self.register_buffer('lvlb_weights', lvlb_weights, persistent=False)
         assert self.lvlb_weights.is_meta or not torch.isnan(self.lvlb_weights).all()
 
+    def ema_tracked(self):
+        return self.model
+
     @contextmanager
     def ema_scope(self, context=None):
         if self.use_ema:
