@@ -299,13 +299,18 @@ def _unsupported_global(error):
 
 
 def _load_pickle(path, unsafe_pickle, allowed):
+    # mmap: the tensors are read from the file as they are used, as safetensors' are, not all
+    # copied into memory first: an fp32 file's weights stay file pages the kernel may drop and
+    # read again, and after an fp16 SD v1 .ckpt the process holds the float32 model's 4.2 GiB,
+    # not 5.75 (docs/benchmarks.md). torch's zip format only, the one torch.save writes since 1.6.
+    mmap = zipfile.is_zipfile(path)
     if unsafe_pickle:
         logger.warning("Loading %s with full unpickling (--unsafe-pickle): this can run arbitrary code, "
                        "only use it for files you trust", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _unsupported_global(e)
         if refused is None:  # damaged or not a checkpoint: --unsafe-pickle would not help

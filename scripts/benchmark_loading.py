@@ -5,10 +5,14 @@ the checkpoint's tensors taken as they are).
 
 The checkpoints are the config's model with random weights (loading does not depend on them),
 written once per format into --workdir and deleted afterwards. Every load runs in a process of
-its own, the two ways alternating; seconds are the build and load alone (imports excluded),
-medians of --repeats, and the peak is the process's resident memory, imports included.
+its own, the two ways alternating; seconds are the build, the load and one read of every weight
+(imports excluded; a checkpoint read by mmap, as safetensors and torch's zip files are, is read
+from the file only when a weight is first used), medians of --repeats. Peak is the process's
+resident memory, imports included, the file pages of a mapped checkpoint too (the kernel can
+drop those under memory pressure); held is the memory the process itself holds with the model
+loaded (anonymous memory, which the kernel can only swap out).
 
-    # SD v1, 860 M parameters (writes a 1.7 GB and a 3.4 GB file)
+    # SD v1, 860 M parameters (writes two 1.7 GB files and a 3.4 GB one)
     python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-inference.yaml
     # what the tests run
     python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-tiny.yaml --repeats 1
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.script_helpers import ArgumentParser, in_repo, load_config, positive_int, read_model_geometry  # noqa: E402
 
 WAYS = ("built then loaded", "into placeholders")
-FORMATS = ("fp16 .safetensors", "fp32 .ckpt")  # diffusers' and CompVis' usual files
+FORMATS = ("fp16 .safetensors", "fp32 .ckpt", "fp16 .ckpt")  # diffusers', CompVis' and pruned files
 
 
 def build_parser():
@@ -52,34 +56,43 @@ def write_checkpoints(config, folder):
     from ldm.util import build_for_weights
     torch.manual_seed(0)
     state = build_for_weights(config, "benchmark checkpoints").state_dict()
-    paths = {f: os.path.join(folder, name) for f, name in zip(FORMATS, ("model.safetensors", "model.ckpt"))}
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, paths[FORMATS[0]])
+    names = ("model.safetensors", "model.ckpt", "model-fp16.ckpt")
+    paths = {f: os.path.join(folder, name) for f, name in zip(FORMATS, names)}
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(half, paths[FORMATS[0]])
     torch.save({"state_dict": state}, paths[FORMATS[1]])
+    torch.save({"state_dict": half}, paths[FORMATS[2]])
     return paths
 
 
 def measure(config_path, way, ckpt):
-    """One load in this process: {"seconds": build and load, "peak_gib": resident memory}."""
+    """One load in this process: {"seconds": build and load, "peak_gib", "held_gib": memory_gib()}."""
     from ldm.util import build_for_weights, build_with_weights, load_weights
     config = load_config(config_path)
     start = time.perf_counter()
     if way == WAYS[0]:
-        load_weights(build_for_weights(config, "benchmark"), ckpt)
+        model = build_for_weights(config, "benchmark")
+        load_weights(model, ckpt)
     else:
-        build_with_weights(config, ckpt)
+        model, _ = build_with_weights(config, ckpt)
+    for tensor in model.state_dict().values():  # a mapped file's weights are read at their first use
+        tensor.sum()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_gib": peak_resident_gib()}
+    return {"seconds": seconds, **memory_gib()}  # while the model is alive
 
 
-def peak_resident_gib():
-    """This process's peak resident memory. Linux's VmHWM, which starts anew with the process's
-    program; getrusage's ru_maxrss does not: after fork and exec it keeps the parent's size at
-    the fork (here the parent has just written the checkpoints)."""
+def memory_gib():
+    """{"peak_gib": this process's peak resident memory, "held_gib": the anonymous part of what it
+    holds now}. Linux's VmHWM, which starts anew with the process's program; getrusage's ru_maxrss
+    does not: after fork and exec it keeps the parent's size at the fork (here the parent has just
+    written the checkpoints). Elsewhere: ru_maxrss, and nothing for held (NaN)."""
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
-    except OSError:  # not Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+            status = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in f if line.split()[-1] == "kB"}
+        return {"peak_gib": status["VmHWM"], "held_gib": status["RssAnon"]}
+    except (OSError, KeyError):  # not Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        return {"peak_gib": peak, "held_gib": float("nan")}
 
 
 def load_in_child(config_path, way, ckpt):
@@ -106,13 +119,13 @@ def main(argv=None):
                     runs[f, w].append(load_in_child(opt.config, w, paths[f]))
     print(f"# {opt.config}, torch {torch.__version__}, {os.cpu_count()} CPUs, {datetime.date.today()}: "
           f"medians of {opt.repeats} load(s), each in a process of its own")
-    print("| checkpoint | way | s | x placeholders | peak GiB |")
-    print("|---|---|---|---|---|")
+    print("| checkpoint | way | s | x placeholders | peak GiB | held GiB |")
+    print("|---|---|---|---|---|---|")
     for f in FORMATS:
         seconds = {w: statistics.median(r["seconds"] for r in runs[f, w]) for w in WAYS}
         for w in WAYS:
-            peak = max(r["peak_gib"] for r in runs[f, w])
-            print(f"| {f} | {w} | {seconds[w]:.2f} | {seconds[w] / seconds[WAYS[1]]:.2f} | {peak:.2f} |")
+            peak, held = (max(r[key] for r in runs[f, w]) for key in ("peak_gib", "held_gib"))
+            print(f"| {f} | {w} | {seconds[w]:.2f} | {seconds[w] / seconds[WAYS[1]]:.2f} | {peak:.2f} | {held:.2f} |")
 
 
 if __name__ == "__main__":

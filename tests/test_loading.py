@@ -98,6 +98,19 @@ def test_a_pickle_file_that_is_no_checkpoint_does_not_suggest_unsafe_pickle(tmp_
     assert "unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_torch_save_files_load_mapped_or_not(tmp_path, zip_format):
+    """torch's zip files are read by mmap (their tensors are read from the file when first used);
+    the format before torch 1.6, which cannot be mapped, is read as before."""
+    path = tmp_path / "model.ckpt"
+    weights = {"w": torch.arange(3000.0).reshape(30, 100), "b": torch.ones(7, dtype=torch.float16)}
+    torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_state_dict(path)
+    assert loaded.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
 def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
     from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
     path = tmp_path / "sd14-like.ckpt"
