@@ -190,6 +190,9 @@ def test_a_local_bert_tokenizer_folder_is_used(tmp_path):
     tokens = embedder.tknz_fn(["a photo of a chair"])
     assert tokens.tolist() == [[101, 104, 105, 106, 104, 107, 102, 0]]  # [CLS] a photo of a chair [SEP] [PAD]
     assert embedder.encode(["a photo of a chair"]).shape == (1, 8, 32)
+    # upstream's configs say device: cuda; the tokens follow the weights all the same
+    old_config = BERTEmbedder(n_embed=32, n_layer=1, max_seq_len=8, tokenizer=str(tmp_path), device="cuda")
+    assert old_config.device == torch.device("cpu")
     cache = tmp_path / "models--bert-base-uncased"  # the hub cache: the snapshot refs/main names
     (cache / "refs").mkdir(parents=True)
     (cache / "refs" / "main").write_text("5a6b")

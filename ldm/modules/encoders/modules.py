@@ -138,24 +138,24 @@ class BERTTokenizer(AbstractEncoder):
 class BERTEmbedder(AbstractEncoder):
     """Uses the BERT tokenizr model and add some transformer encoder layers"""
     def __init__(self, n_embed, n_layer, vocab_size=BERT_VOCAB_SIZE, max_seq_len=77,
-                 device="cuda",use_tokenizer=True, embedding_dropout=0.0, tokenizer=BERT_TOKENIZER):
+                 device=None, use_tokenizer=True, embedding_dropout=0.0, tokenizer=BERT_TOKENIZER):
         super().__init__()
         from ldm.modules.x_transformer import Encoder, TransformerWrapper
+        # `device` is accepted for old configs only: tokens go where the weights are (`device` below)
         self.use_tknz_fn = use_tokenizer
         if self.use_tknz_fn:
             self.tknz_fn = BERTTokenizer(device="cpu", vq_interface=False, max_length=max_seq_len, version=tokenizer,
                                          vocab_size=vocab_size)
-        self.device = device
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
                                               attn_layers=Encoder(dim=n_embed, depth=n_layer),
                                               emb_dropout=embedding_dropout)
 
+    @property
+    def device(self):  # upstream's tokenizer sent tokens to a fixed "cuda"
+        return next(self.transformer.parameters()).device
+
     def forward(self, text):
-        if self.use_tknz_fn:
-            # to wherever the embedding lives (upstream's tokenizer sent them to a fixed "cuda")
-            tokens = self.tknz_fn(text).to(next(self.transformer.parameters()).device)
-        else:
-            tokens = text
+        tokens = self.tknz_fn(text).to(self.device) if self.use_tknz_fn else text
         z = self.transformer(tokens, return_embeddings=True)
         return z
 
