@@ -105,10 +105,14 @@ def test_torch_save_files_load_mapped_or_not(tmp_path, zip_format):
     path = tmp_path / "model.ckpt"
     weights = {"w": torch.arange(3000.0).reshape(30, 100), "b": torch.ones(7, dtype=torch.float16)}
     torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=zip_format)
+    saved = path.read_bytes()
     loaded = load_state_dict(path)
     assert loaded.keys() == weights.keys()
     for name, tensor in weights.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    loaded["w"] += 1  # weights changed in place (a LoRA merged, fine-tuning) are the process's copy
+    del loaded
+    assert path.read_bytes() == saved
 
 
 def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
