@@ -486,10 +486,12 @@ def _same_file(a, b):
 
 
 def _layout(path):
-    """The tensor names and shapes of the safetensors file `path` (ldm.util.tensor_layout), None for
-    anything else (a folder, no file, another format)."""
+    """The weight names and shapes of the checkpoint file `path` (ldm.util.tensor_layout) but its EMA
+    copies (model_ema.*, which a training checkpoint holds beside the weights that an export keeps);
+    None for anything else (a folder, no file, another format)."""
     from ldm.util import tensor_layout
-    return tensor_layout(in_repo(path)) if os.path.isfile(in_repo(path)) else None
+    layout = tensor_layout(in_repo(path)) if os.path.isfile(in_repo(path)) else None
+    return layout and {name: shape for name, shape in layout.items() if not name.startswith("model_ema.")}
 
 
 def default_config(parser, opt):

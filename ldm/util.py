@@ -417,9 +417,16 @@ def _missing_end(path) -> str | None:
 
 
 def tensor_layout(path) -> dict | None:
-    """{name: shape} of the tensors of a safetensors file, read from its header alone; None for any
-    other file (a torch.save zip, no file, one cut off in its header)."""
+    """{name: shape} of the weights of a checkpoint file, read from its index alone: a safetensors
+    header, or a torch.save zip's pickle, unpickled weights-only as read_checkpoint does, its tensors
+    mapped and not read (a Lightning checkpoint: those of its state_dict); None for any other file
+    (torch's format before 1.6, no file, one cut off in its index)."""
     from safetensors import SafetensorError, safe_open
+    if zipfile.is_zipfile(path):
+        try:
+            return {key: tuple(tensor.shape) for key, tensor in load_state_dict(path).items()}
+        except CheckpointError:  # e.g. one that needs --unsafe-pickle: no layout without it
+            return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}

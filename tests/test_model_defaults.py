@@ -168,10 +168,12 @@ def test_a_ckpt_given_alone_runs_with_the_config_that_names_it_else_sd_v1s(workd
 
 
 def test_a_copy_of_a_shipped_models_weights_runs_with_its_config_as_they_do(workdir):
-    """The shipped 16 px weights copied elsewhere (or any safetensors of the same tensors) were built
-    as SD v1 and failed with "lacks 314 weights"; the tensors' names and shapes, read from the two
-    headers, tell that its config fits them. Other tensors, or a file that is no safetensors, are
-    still SD v1's; weights in a main.py run keep the run's config (its overrides, which no tensor shape shows)."""
+    """The shipped 16 px weights copied elsewhere (or any checkpoint of the same tensors) were built
+    as SD v1 and failed with "lacks 314 weights"; the tensors' names and shapes, read from the
+    files' indexes (a safetensors header, a torch.save zip's pickle), tell that its config fits
+    them, EMA copies aside (a training checkpoint moved out of its run). Other tensors, or torch's
+    format before 1.6, are still SD v1's; weights in a main.py run keep the run's config (its
+    overrides, which no tensor shape shows)."""
     import torch
     from safetensors.torch import save_file
     shipped = {"unet.w": torch.zeros(2, 3), "vae.b": torch.zeros(4)}
@@ -179,12 +181,16 @@ def test_a_copy_of_a_shipped_models_weights_runs_with_its_config_as_they_do(work
     save_file({key: t + 1 for key, t in shipped.items()}, copy := workdir / "mine.safetensors")  # fine-tuned, say
     save_file({**shipped, "unet.w": torch.ones(2, 4)}, other := workdir / "other.safetensors")
     torch.save(shipped, pickled := workdir / "mine.ckpt")
+    torch.save({"state_dict": {**shipped, "model_ema.unetw": torch.zeros(2, 3)}, "global_step": 9100,
+                "optimizer_states": [{"lr": 1e-4}]}, moved := workdir / "last.ckpt")
+    torch.save(shipped, legacy := workdir / "legacy.ckpt", _use_new_zipfile_serialization=False)
     run = workdir / "logs" / "2026-12-06T09-00-00_procedural-t2i-16px"  # a main.py run's own config wins
     (run / "configs").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     OmegaConf.save(OmegaConf.load(REPO / PRELIMINARY_CONFIG), project := run / "configs" / "2026-12-06-project.yaml")
     save_file(shipped, trained := run / "checkpoints" / "last.safetensors")
-    expected = {copy: PRELIMINARY_CONFIG, other: SD_V1_CONFIG, pickled: SD_V1_CONFIG, trained: str(project)}
+    expected = {copy: PRELIMINARY_CONFIG, other: SD_V1_CONFIG, pickled: PRELIMINARY_CONFIG, moved: PRELIMINARY_CONFIG,
+                legacy: SD_V1_CONFIG, trained: str(project)}
     for ckpt, config in expected.items():
         resolve_model(Parser(), opt := options(ckpt=str(ckpt)))
         assert opt.config.endswith(config), ckpt
