@@ -1,6 +1,9 @@
 """scripts/benchmark_loading.py at the tiny config: its table, its clean-up and its error lines."""
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +28,20 @@ def test_table_times_both_ways_of_loading_each_format_and_leaves_no_checkpoint(t
             assert 0 < held <= peak
         assert ratio == pytest.approx(built / placed, abs=0.01 + 0.01 / placed)  # of the printed medians
     assert not any(tmp_path.iterdir())  # the checkpoints it wrote are gone
+
+
+def test_a_run_ended_by_kill_deletes_the_checkpoints_it_wrote(tmp_path):
+    """SD v1's three checkpoints are 7 GB: a run stopped with `kill` must not leave them behind."""
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_loading.py"), "--config", str(TINY_CONFIG),
+               "--repeats", "50", "--workdir", str(tmp_path)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/model-fp16.ckpt")):  # all written: the loads have begun
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    run.terminate()
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv, message", [
