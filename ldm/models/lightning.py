@@ -53,6 +53,7 @@ class TrainableModule(nn.Module):
         if getattr(self, "use_ema", False) and not any(key.startswith("model_ema.") for key in kept):
             # e.g. an exported model or SD's released weights: its EMA is in the weights themselves
             self.model_ema.restart_from(self.ema_tracked())
+            missing = [key for key in missing if not key.startswith("model_ema.")]  # not news: the line below says
             logger.info("%s holds no EMA copy (model_ema.*): the EMA starts from its weights", path)
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         if missing:
