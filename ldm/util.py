@@ -345,7 +345,9 @@ def save_safetensors(tensors, path, metadata=None):
 def read_checkpoint(path, *, unsafe_pickle=False):
     """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats. A
     diffusers pipeline folder (unet/, vae/, text_encoder/) is read as one state dict in the
-    single-file layout (ldm/diffusers_folder.py)."""
+    single-file layout (ldm/diffusers_folder.py). Safetensors and torch.save zip files are mapped
+    (mmap), not read whole: their tensors read the file as they are used, so copy those that must
+    outlive the file being rewritten in place (apply_state_dict's placeholders do)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         try:
@@ -576,7 +578,10 @@ def apply_state_dict(model, sd, source="checkpoint"):
     _check_weights(sd, model_sd, source)
     placeholders = any(p.is_meta for p in model.parameters())
     if placeholders:  # the checkpoint's tensors become the model's, in the model's dtypes (fp16 files: float32)
-        sd = {k: v.to(model_sd[k].dtype).contiguous() if k in model_sd else v for k, v in sd.items()}
+        # as copies: files are read by mmap, and the model's weights must not be views of a file
+        # that may be rewritten in place while the process samples (`cp`; pytorch-lightning 2.1
+        # saves last.ckpt so), which would change them or end the process with SIGBUS
+        sd = {k: v.to(model_sd[k].dtype, copy=True).contiguous() if k in model_sd else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=placeholders)
     if missing:
         logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))

@@ -279,6 +279,23 @@ def test_weights_load_into_placeholders_exactly_as_into_a_built_model(tmp_path, 
             assert_same_parameters(model.model, expected)
 
 
+@pytest.mark.parametrize("name, save", [("model.safetensors", save_file),
+                                        ("model.ckpt", lambda sd, path: torch.save({"state_dict": sd}, path))])
+def test_a_checkpoint_rewritten_in_place_after_loading_leaves_the_model_as_loaded(tmp_path, tiny_model, name, save):
+    """Files are read by mmap; the model's weights are copies, not views of the file: `cp` over it,
+    or a training run saving last.ckpt in place (pytorch-lightning 2.1), while a process samples
+    must neither change its weights nor end it with SIGBUS."""
+    config = OmegaConf.load(TINY_CONFIG)
+    path = tmp_path / name
+    save(tiny_state_dict(tiny_model), str(path))
+    model, _ = build_with_weights(config, path)
+    save({k: torch.zeros_like(v) for k, v in tiny_state_dict(tiny_model).items()}, str(tmp_path / "other"))
+    with open(path, "r+b") as f:  # in place, as cp and open(path, "wb") write: same inode
+        f.write((tmp_path / "other").read_bytes())
+        f.truncate()
+    assert_same_parameters(model, tiny_model)
+
+
 def test_the_shipped_model_loads_into_placeholders_exactly_as_into_a_built_model(caplog):
     config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml")
     path = REPO / "models/embedded/procedural-t2i-16px.safetensors"
