@@ -123,7 +123,9 @@ class ReferenceCache:
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 header = json.loads((f.metadata() or {}).get("reference", "null"))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                # copies: get_tensor's tensors are views of the mapped file, which a `cp` over it
+                # while this run samples would change
+                tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
         except Exception as err:  # not a safetensors file at all
             raise ReferenceMismatch(f"{path} is not a reference file: {err}") from None
         if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN):
