@@ -299,10 +299,10 @@ def _unsupported_global(error):
 
 
 def _load_pickle(path, unsafe_pickle, allowed):
-    # mmap: the tensors are read from the file as they are used, as safetensors' are, not all
-    # copied into memory first: an fp32 file's weights stay file pages the kernel may drop and
-    # read again, and after an fp16 SD v1 .ckpt the process holds the float32 model's 4.2 GiB,
-    # not 5.75 (docs/benchmarks.md). torch's zip format only, the one torch.save writes since 1.6.
+    # mmap: the tensors read the file as they are used, as safetensors' do, instead of the whole
+    # file being read into the process first: after an fp16 SD v1 .ckpt the process holds the
+    # float32 model's 4.15 GiB, not 5.75, and loads faster (docs/benchmarks.md). torch's zip
+    # format only, the one torch.save writes since 1.6.
     mmap = zipfile.is_zipfile(path)
     if unsafe_pickle:
         logger.warning("Loading %s with full unpickling (--unsafe-pickle): this can run arbitrary code, "
