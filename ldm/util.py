@@ -298,12 +298,8 @@ def _unsupported_global(error):
     return match.group(1) if match else None
 
 
-def _load_pickle(path, unsafe_pickle, allowed):
-    # mmap: the tensors read the file as they are used, as safetensors' do, instead of the whole
-    # file being read into the process first: after an fp16 SD v1 .ckpt the process holds the
-    # float32 model's 4.15 GiB, not 5.75, and loads faster (docs/benchmarks.md). torch's zip
-    # format only, the one torch.save writes since 1.6.
-    mmap = zipfile.is_zipfile(path)
+def _load_pickle(path, unsafe_pickle, allowed, mapped):
+    mmap = mapped and zipfile.is_zipfile(path)  # torch's zip format, the one torch.save writes since 1.6
     if unsafe_pickle:
         logger.warning("Loading %s with full unpickling (--unsafe-pickle): this can run arbitrary code, "
                        "only use it for files you trust", path)
@@ -342,16 +338,22 @@ def save_safetensors(tensors, path, metadata=None):
     os.chmod(path, 0o666 & ~umask)
 
 
-def read_checkpoint(path, *, unsafe_pickle=False):
+def read_checkpoint(path, *, unsafe_pickle=False, mapped=False):
     """Read a checkpoint file as it was saved (a dict); see load_state_dict for the formats. A
     diffusers pipeline folder (unet/, vae/, text_encoder/) is read as one state dict in the
-    single-file layout (ldm/diffusers_folder.py). Safetensors and torch.save zip files are mapped
-    (mmap), not read whole: their tensors read the file as they are used, so copy those that must
-    outlive the file being rewritten in place (apply_state_dict's placeholders do)."""
+    single-file layout (ldm/diffusers_folder.py).
+
+    mapped=True: the tensors of safetensors and torch.save zip files may be views of the file
+    (mmap), read as they are used, not read whole into the process first: after an fp16 SD v1
+    .ckpt the model loaders then hold the float32 model's 4.15 GiB, not 5.75, and load faster
+    (docs/benchmarks.md). Only for callers that copy what they keep and do not write the file:
+    rewritten in place (`cp`, `torch.save` over it), a mapped file changes such tensors, and one
+    that got shorter ends the process with SIGBUS. By default every tensor is the caller's own."""
     path = os.fspath(path)
     if os.path.isdir(path):
         try:
-            return read_pipeline_folder(path, lambda file: read_checkpoint(file, unsafe_pickle=unsafe_pickle))
+            return read_pipeline_folder(path, lambda file: read_checkpoint(file, unsafe_pickle=unsafe_pickle,
+                                                                           mapped=mapped))
         except ValueError as e:
             raise CheckpointError(str(e)) from e
     if not os.path.isfile(path):
@@ -361,9 +363,10 @@ def read_checkpoint(path, *, unsafe_pickle=False):
     try:
         if suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
             from safetensors.torch import load_file
-            return load_file(path, device="cpu")
+            tensors = load_file(path, device="cpu")  # safetensors 0.8 maps the file
+            return tensors if mapped else {key: tensor.clone() for key, tensor in tensors.items()}
         if suffix in PICKLE_SUFFIXES:
-            return _load_pickle(path, unsafe_pickle, allowed)
+            return _load_pickle(path, unsafe_pickle, allowed, mapped)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise assorted types for damaged files
@@ -426,7 +429,7 @@ def tensor_layout(path) -> dict | None:
     from safetensors import SafetensorError, safe_open
     if zipfile.is_zipfile(path):
         try:
-            return {key: tuple(tensor.shape) for key, tensor in load_state_dict(path).items()}
+            return {key: tuple(tensor.shape) for key, tensor in load_state_dict(path, mapped=True).items()}
         except CheckpointError:  # e.g. one that needs --unsafe-pickle: no layout without it
             return None
     try:
@@ -448,16 +451,16 @@ def state_dict_of(checkpoint, path="checkpoint"):
     return tensors
 
 
-def load_state_dict(path, *, unsafe_pickle=False):
+def load_state_dict(path, *, unsafe_pickle=False, mapped=False):
     """Load the weights of a checkpoint file as {name: tensor} on the CPU.
 
     .safetensors (or any name, by content): safetensors; .ckpt/.pt/.pth: torch.load(weights_only=True) with a small
     allow-list (checkpoint_safe_globals) for what Stable Diffusion 1.x .ckpt files contain; a
     diffusers pipeline folder: its UNet, VAE and text encoder, renamed to this layout.
-    unsafe_pickle=True allows full unpickling (arbitrary code!) for trusted files.
-    Raises CheckpointError with a one-line message.
+    unsafe_pickle=True allows full unpickling (arbitrary code!) for trusted files; mapped: see
+    read_checkpoint. Raises CheckpointError with a one-line message.
     """
-    return state_dict_of(read_checkpoint(path, unsafe_pickle=unsafe_pickle), os.fspath(path))
+    return state_dict_of(read_checkpoint(path, unsafe_pickle=unsafe_pickle, mapped=mapped), os.fspath(path))
 
 
 # The text encoder of SD 1.x checkpoints (saved with transformers 4.19) lives under
@@ -578,9 +581,9 @@ def apply_state_dict(model, sd, source="checkpoint"):
     _check_weights(sd, model_sd, source)
     placeholders = any(p.is_meta for p in model.parameters())
     if placeholders:  # the checkpoint's tensors become the model's, in the model's dtypes (fp16 files: float32)
-        # as copies: files are read by mmap, and the model's weights must not be views of a file
-        # that may be rewritten in place while the process samples (`cp`; pytorch-lightning 2.1
-        # saves last.ckpt so), which would change them or end the process with SIGBUS
+        # as copies: load_weights reads the file mapped, and the model's weights must not be views
+        # of a file that may be rewritten in place while the process samples (`cp`;
+        # pytorch-lightning 2.1 saves last.ckpt so), which would change them or end it with SIGBUS
         sd = {k: v.to(model_sd[k].dtype, copy=True).contiguous() if k in model_sd else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=placeholders)
     if missing:
@@ -746,7 +749,7 @@ def load_weights(model, ckpt, *, unsafe_pickle=False):
     """Load checkpoint file `ckpt` into `model` (apply_state_dict); returns the checkpoint's
     global step, None where it has none (safetensors, a bare state dict)."""
     logger.info("Loading model weights from %s", ckpt)
-    checkpoint = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle)
+    checkpoint = read_checkpoint(ckpt, unsafe_pickle=unsafe_pickle, mapped=True)  # the model copies what it takes
     global_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     if global_step is not None:
         logger.info("Checkpoint global step: %s", global_step)

@@ -100,19 +100,35 @@ def test_a_pickle_file_that_is_no_checkpoint_does_not_suggest_unsafe_pickle(tmp_
 
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_torch_save_files_load_mapped_or_not(tmp_path, zip_format):
-    """torch's zip files are read by mmap (their tensors are read from the file when first used);
-    the format before torch 1.6, which cannot be mapped, is read as before."""
+    """mapped=True reads torch's zip files by mmap (their tensors read the file as they are used);
+    the format before torch 1.6, which cannot be mapped, is read whole either way."""
     path = tmp_path / "model.ckpt"
     weights = {"w": torch.arange(3000.0).reshape(30, 100), "b": torch.ones(7, dtype=torch.float16)}
     torch.save({"state_dict": weights}, path, _use_new_zipfile_serialization=zip_format)
     saved = path.read_bytes()
+    for mapped in (True, False):
+        loaded = load_state_dict(path, mapped=mapped)
+        assert loaded.keys() == weights.keys()
+        for name, tensor in weights.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+        loaded["w"] += 1  # weights changed in place (a LoRA merged, fine-tuning) are the process's copy
+        del loaded
+        assert path.read_bytes() == saved
+
+
+@pytest.mark.parametrize("name, save", [("model.safetensors", save_file), ("model.ckpt", torch.save)])
+def test_weights_read_by_default_are_the_callers_own(tmp_path, name, save):
+    """What load_state_dict returns by default is not a view of the file: saving it over the file
+    it came from (pruning a checkpoint in place) works, and so does reading on after the file was
+    overwritten; a mapped read would end with SIGBUS or see the new contents."""
+    path = tmp_path / name
+    weights = {"w": torch.arange(3000.0), "b": torch.ones(7)}
+    save(weights, str(path))
     loaded = load_state_dict(path)
-    assert loaded.keys() == weights.keys()
-    for name, tensor in weights.items():
-        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
-    loaded["w"] += 1  # weights changed in place (a LoRA merged, fine-tuning) are the process's copy
-    del loaded
-    assert path.read_bytes() == saved
+    save({key: torch.zeros_like(t) for key, t in loaded.items()}, str(path))  # in place: same inode
+    assert all(torch.equal(loaded[key], t) for key, t in weights.items())
+    save(loaded, str(path))
+    assert all(torch.equal(load_state_dict(path)[key], t) for key, t in weights.items())
 
 
 def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):

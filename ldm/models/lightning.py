@@ -36,7 +36,7 @@ class TrainableModule(nn.Module):
         of the model (the first stage's weights). `only_model`: into `self.model` alone."""
         from ldm.util import CheckpointError, load_state_dict
         try:
-            state = load_state_dict(path)
+            state = load_state_dict(path, mapped=True)  # copied into the model below
         except CheckpointError as e:
             download = ("; scripts/download_first_stages.sh downloads the pretrained first stages"
                         if "first_stage_models" in str(path) else "")
