@@ -1,13 +1,13 @@
 """How long loading a checkpoint takes, and the memory it peaks at, two ways: built then loaded
 (upstream's way: every parameter randomly initialised, then overwritten) and loaded into
 placeholders (ldm.util.build_with_weights: parameters on the meta device, no initialisation,
-the checkpoint's tensors taken as they are).
+copies of the checkpoint's tensors taken as they are read).
 
 The checkpoints are the config's model with random weights (loading does not depend on them),
 written once per format into --workdir and deleted afterwards. Every load runs in a process of
 its own, the two ways alternating; seconds are the build, the load and one read of every weight
-(imports excluded; a checkpoint read by mmap, as safetensors and torch's zip files are, is read
-from the file only when a weight is first used), medians of --repeats. Peak is the process's
+(imports excluded; both ways map safetensors and torch's zip files, whose weights are read from
+the file only when first used), medians of --repeats. Peak is the process's
 resident memory, imports included, the file pages of a mapped checkpoint too (the kernel can
 drop those under memory pressure); held is the memory the process itself holds with the model
 loaded (anonymous memory, which the kernel can only swap out).
@@ -67,7 +67,8 @@ def write_checkpoints(config, folder):
 
 
 def measure(config_path, way, ckpt):
-    """One load in this process: {"seconds": build and load, "peak_gib", "held_gib": memory_gib()}."""
+    """One load in this process: {"seconds": build, load and a read of every weight, "peak_gib",
+    "held_gib": memory_gib()}."""
     from ldm.util import build_for_weights, build_with_weights, load_weights
     config = load_config(config_path)
     start = time.perf_counter()
