@@ -7,10 +7,10 @@ The checkpoints are the config's model with random weights (loading does not dep
 written once per format into --workdir and deleted afterwards. Every load runs in a process of
 its own, the two ways alternating; seconds are the build, the load and one read of every weight
 (imports excluded; both ways map safetensors and torch's zip files, whose weights are read from
-the file only when first used), medians of --repeats. Peak is the process's
-resident memory, imports included, the file pages of a mapped checkpoint too (the kernel can
-drop those under memory pressure); held is the memory the process itself holds with the model
-loaded (anonymous memory, which the kernel can only swap out).
+the file only when first used), medians of --repeats. Peak is the process's resident memory,
+imports included, the file pages of a mapped checkpoint too (the kernel can drop those under
+memory pressure); held is the memory the process itself holds with the model loaded (anonymous
+memory, which the kernel can only swap out).
 
     # SD v1, 860 M parameters (writes two 1.7 GB files and a 3.4 GB one)
     python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-inference.yaml
