@@ -584,7 +584,8 @@ def apply_state_dict(model, sd, source="checkpoint"):
         # as copies: load_weights reads the file mapped, and the model's weights must not be views
         # of a file that may be rewritten in place while the process samples (`cp`;
         # pytorch-lightning 2.1 saves last.ckpt so), which would change them or end it with SIGBUS
-        sd = {k: v.to(model_sd[k].dtype, copy=True).contiguous() if k in model_sd else v for k, v in sd.items()}
+        sd = {k: v.to(model_sd[k].dtype, copy=True, memory_format=torch.contiguous_format) if k in model_sd else v
+              for k, v in sd.items()}  # one copy, contiguous, also of a strided tensor
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=placeholders)
     if missing:
         logger.info("%d optional keys not in %s (kept as initialised): %s", len(missing), source, _some(missing))

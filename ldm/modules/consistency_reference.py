@@ -121,11 +121,11 @@ class ReferenceCache:
     def load(cls, path, device="cpu"):
         from safetensors import safe_open
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {}).get("reference", "null"))
-                # copies: get_tensor's tensors are views of the mapped file, which a `cp` over it
-                # while this run samples would change
-                tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
+                # copies, one each (on the CPU too): get_tensor's tensors are views of the mapped
+                # file, which a `cp` over it while this run samples would change
+                tensors = {key: f.get_tensor(key).to(device, copy=True) for key in f.keys()}
         except Exception as err:  # not a safetensors file at all
             raise ReferenceMismatch(f"{path} is not a reference file: {err}") from None
         if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_WITH_SUBJECT_OR_ADAIN):
