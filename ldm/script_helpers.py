@@ -97,8 +97,9 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--skip_grid", action="store_true",
         help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
     add("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
-    add("--ddim_steps", type=int, default=None,
-        help=f"number of sampling steps (default: from the config's `sampling` block, else {DEFAULT_STEPS})")
+    add("--ddim_steps", "--steps", type=int, default=None, metavar="N",
+        help="number of sampling steps, for every --sampler (--steps: the same, named as in inpaint.py and the "
+             f"benchmarks; default: from the config's `sampling` block, else {DEFAULT_STEPS})")
     add("--sampler", choices=sorted(samplers), default=None, help="sampling method (default: ddim)")
     for flag, name in aliases.items():
         add(f"--{flag}", action="store_true",

@@ -98,10 +98,11 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
     Image.new("RGB", (70, 64), (200, 40, 40)).save(init)  # 70 wide: cropped to 64
     out = tmp_path / "out"
     assert_ok(run("img2img.py", "--config", TINY_CONFIG, "--random-weights", "--init-img", init,
-                  "--n_samples", "2", "--ddim_steps", "4", "--strength", "0.5", "--outdir", out))
+                  "--n_samples", "2", "--steps", "4", "--strength", "0.5", "--outdir", out))  # = --ddim_steps
     assert pngs(out) == ["grid-0000.png", "samples/00000.png", "samples/00001.png"]
     meta = read_parameters(out / "samples" / "00000.png")
     assert meta["extra"]["strength"] == 0.5 and meta["sampler"] == "ddim" and (meta["H"], meta["W"]) == (64, 64)
+    assert meta["steps"] == 4
 
 
 @pytest.mark.parametrize("args, fragments", [
