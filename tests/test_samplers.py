@@ -119,13 +119,57 @@ def test_ddim_update_clips_x0_only_for_pixel_space_models(tiny_model, clip, monk
 def test_clipped_dpm_solver_clips_the_data_prediction(tiny_model):
     from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVP
     from ldm.models.diffusion.dpm_solver.sampler import ClippedDPMSolver
-    schedule = NoiseScheduleVP("discrete", alphas_cumprod=tiny_model.alphas_cumprod)
+    schedule = NoiseScheduleVP(tiny_model.alphas_cumprod)
     noise_fn = lambda x, t: -5 * x  # drives x0 far outside [-1, 1]
     x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
-    raw = DPM_Solver(noise_fn, schedule, predict_x0=True).data_prediction_fn(x, t)
-    clipped = ClippedDPMSolver(noise_fn, schedule, predict_x0=True).data_prediction_fn(x, t)
+    raw = DPM_Solver(noise_fn, schedule).data_prediction_fn(x, t)
+    clipped = ClippedDPMSolver(noise_fn, schedule).data_prediction_fn(x, t)
     assert raw.abs().max() > 1
     assert torch.equal(clipped, raw.clamp(-1, 1))
+
+
+def linear_lambda_schedule(n=1000):
+    """alphas_cumprod whose half log-SNR lambda falls linearly in DPM-Solver's time, from 3 at
+    t = 1/n to -3 at t = 1: its time-uniform steps are then uniform in lambda."""
+    from ldm.models.diffusion.dpm_solver.dpm_solver import NoiseScheduleVP
+    t = torch.arange(1, n + 1) / n
+    return NoiseScheduleVP(torch.sigmoid(2 * (3 - 6 * (t - 1 / n) / (1 - 1 / n))))
+
+
+@pytest.mark.parametrize("slope", [0.0, 1.0])
+def test_dpm_solver_is_exact_for_constant_x0_and_second_order_beyond(slope):
+    """A model whose x0 prediction is a + slope * lambda (whatever x): the diffusion ODE then has
+    the closed-form solution x_e = sigma_e / sigma_T x_T + sigma_e [e^l (a + slope (l - 1))] from
+    lambda_T to lambda_e. DPM-Solver++ solves it exactly for a constant x0 (DDIM's assumption), and
+    for a sloped one its error falls 4x per halved step: second order. A first-order method, or a
+    wrong multistep coefficient, falls 2x."""
+    from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver
+    schedule = linear_lambda_schedule()
+    a, b = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    per_image = lambda v: v.reshape(-1, 1, 1, 1)
+    x0 = lambda lam: a + slope * b * per_image(lam)
+    noise = lambda x, t: ((x - per_image(schedule.marginal_alpha(t)) * x0(schedule.marginal_lambda(t)))
+                          / per_image(schedule.marginal_std(t)))
+    primitive = lambda lam: torch.exp(lam) * (a + slope * b * (lam - 1))
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    t_T, t_e = torch.ones(1), torch.full((1,), 1 / 1000)
+    sigma_T, sigma_e = schedule.marginal_std(t_T), schedule.marginal_std(t_e)
+    exact = sigma_e / sigma_T * x_T + sigma_e * (primitive(schedule.marginal_lambda(t_e))
+                                                 - primitive(schedule.marginal_lambda(t_T)))
+    errors = [(DPM_Solver(noise, schedule).sample(x_T, steps) - exact).abs().max().item() for steps in (16, 32, 64)]
+    if slope == 0:
+        assert max(errors) < 1e-5, errors
+    else:
+        assert errors[2] > 1e-4, errors  # measurable above float32 rounding
+        assert all(3.6 < coarse / fine < 4.4 for coarse, fine in zip(errors, errors[1:])), errors
+
+
+def test_dpm_solver_calls_the_model_at_its_own_timesteps():
+    """Continuous time t = (n + 1) / N is timestep n of a schedule of N, whatever N (the authors'
+    wrapper scaled by 1000, right only for N = 1000)."""
+    for n in (1000, 100):
+        schedule = linear_lambda_schedule(n)
+        assert torch.allclose(schedule.model_time(schedule.t_array[0]), torch.arange(n, dtype=torch.float32), atol=1e-3)
 
 
 @pytest.mark.parametrize("clip", [False, True])

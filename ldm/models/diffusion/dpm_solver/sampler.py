@@ -2,7 +2,7 @@
 import torch
 
 from ldm.models.diffusion.sampler import Sampler
-from .dpm_solver import NoiseScheduleVP, model_wrapper, DPM_Solver
+from .dpm_solver import NoiseScheduleVP, DPM_Solver
 
 
 class DPMSolverSampler(Sampler):
@@ -30,23 +30,17 @@ class DPMSolverSampler(Sampler):
             ("score_corrector", score_corrector, None)) if (value is not None if default is None else value != default)]
         if refused:
             raise ValueError(f"DPMSolverSampler does not support {', '.join(refused)} (use DDIMSampler)")
-        ns = NoiseScheduleVP('discrete', alphas_cumprod=self.alphas_cumprod)
-        # Guidance happens in guided_eps (shared with DDIM/PLMS), so the wrapper only converts
-        # DPM-Solver's continuous time to the model's timestep ("uncond" = no extra guidance).
-        model_fn = model_wrapper(
-            lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale),
-            ns,
-            model_type="noise",
-            guidance_type="uncond",
-        )
+        ns = NoiseScheduleVP(self.alphas_cumprod)
+        # Guidance happens in noise_estimate (shared with DDIM/PLMS); the solver's continuous time
+        # becomes the model's timestep here.
+        model_fn = lambda x, t: self.noise_estimate(x, ns.model_time(t), cond, unconditional_conditioning,
+                                                    unconditional_guidance_scale)
         if mask is not None:
             model_fn = with_known_part(model_fn, ns, mask, x0)
         # A pixel-space model's x_0 is clipped to [-1, 1] as in DDIM (ddim.py says why). Not the
         # solver's own dynamic thresholding: rescaling the early, wide x_0 greys the small model's images.
         solver = ClippedDPMSolver if self.model.clip_denoised else DPM_Solver
-        dpm_solver = solver(model_fn, ns, predict_x0=True, thresholding=False)
-        x = dpm_solver.sample(x_T, steps=self.steps, skip_type="time_uniform", method="multistep", order=2,
-                              lower_order_final=True)
+        x = solver(model_fn, ns).sample(x_T, steps=self.steps)
         return x.to(self.model.betas.device), None
 
 
