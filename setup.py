@@ -24,8 +24,8 @@ setup(
     ],
     extras_require={
         # diffusers: parity of pipeline-folder loading; opencv: canny parity; opencv and scipy: the
-        # BSRGAN degradations
-        "test": ["pytest", "diffusers", "opencv-python-headless", "scipy"],
+        # BSRGAN degradations; invisible-watermark: --watermark (it brings opencv-python, ~80 MB)
+        "test": ["pytest", "diffusers", "opencv-python-headless", "scipy", "invisible-watermark"],
         # Optional post-processing used by scripts/txt2img.py --watermark / --safety-checker.
         "watermark": ["invisible-watermark", "opencv-python-headless"],
         "safety": ["diffusers"],

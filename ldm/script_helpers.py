@@ -17,12 +17,13 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
+from typing import Callable, NamedTuple
 
 import torch
 
 from ldm import diffusers_folder
 from ldm.hub import pretrained_source
-from ldm.image_io import make_grid, next_free_index, save_png, to_pil
+from ldm.image_io import make_grid, next_free_index, save_png, to_pil, upscale
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
@@ -936,27 +937,27 @@ WATERMARK_TEXT = "StableDiffusionV1"
 WATERMARK_MIN_PIXELS = 256 * 256  # invisible-watermark refuses smaller images (its DWT-DCT needs the room)
 
 
+class Postprocess(NamedTuple):
+    """What a run does to its images on the way out. `batch`: to each batch of samples, before any
+    file or grid is made of them (the safety checker, whose blanked images stay blank in the grid).
+    `png`: to the pixels of every PNG the run writes, samples and grids, at their saved size (the
+    invisible watermark, which a reader decodes from the file as it is: upstream marked each file)."""
+    batch: Callable
+    png: Callable | None = None
+
+
 def build_postprocess(opt, height, width):
-    """A function images -> images applying the requested safety checker / watermark.
-
-    Images are (B, 3, height, width) in [0, 1]. Everything is loaded here, before sampling, so a
-    missing optional dependency or an image too small to watermark fails fast with one line.
-    """
-    if opt.watermark and height * width < WATERMARK_MIN_PIXELS:
+    """The run's Postprocess for (B, 3, height, width) images in [0, 1], saved --display-scale
+    times larger. Everything is loaded here, before sampling, so a missing optional dependency or an
+    image too small to watermark fails fast with one line."""
+    saved_height, saved_width = height * opt.display_scale, width * opt.display_scale
+    if opt.watermark and saved_height * saved_width < WATERMARK_MIN_PIXELS:
         raise SystemExit(f"error: --watermark needs images of 256x256 pixels or more (invisible-watermark's "
-                         f"limit), this run makes {width}x{height}: leave it out or generate larger images")
-    steps = []
-    if opt.safety_checker is not None:
-        steps.append(_load_safety_checker(*safety_checker_sources(opt.safety_checker, opt.ckpt)))
-    if opt.watermark:
-        steps.append(_load_watermarker())
-
-    def postprocess(images):
-        for step in steps:
-            images = step(images)
-        return images
-
-    return postprocess
+                         f"limit), this run saves {saved_width}x{saved_height}: leave it out, or generate larger "
+                         "images or save them larger (--display-scale)")
+    check = (_load_safety_checker(*safety_checker_sources(opt.safety_checker, opt.ckpt))
+             if opt.safety_checker is not None else lambda images: images)
+    return Postprocess(batch=check, png=_load_watermarker() if opt.watermark else None)
 
 
 def safety_checker_sources(folder, ckpt):
@@ -1008,19 +1009,16 @@ def _load_watermarker():
         import cv2
         import numpy as np
         from imwatermark import WatermarkEncoder
+        from PIL import Image
     except ImportError as e:
         raise SystemExit("error: --watermark needs invisible-watermark and opencv-python-headless "
                          f"(pip install invisible-watermark opencv-python-headless): {e}")
     encoder = WatermarkEncoder()
     encoder.set_watermark("bytes", WATERMARK_TEXT.encode("utf-8"))
 
-    def watermark(images):
-        out = []
-        for img in images:
-            bgr = cv2.cvtColor(np.array(to_pil(img)), cv2.COLOR_RGB2BGR)
-            rgb = encoder.encode(bgr, "dwtDct")[:, :, ::-1].astype(np.float32) / 255.0
-            out.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
-        return torch.stack(out)
+    def watermark(image):  # upstream's put_watermark
+        bgr = encoder.encode(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR), "dwtDct")
+        return Image.fromarray(bgr[:, :, ::-1])
 
     return watermark
 
@@ -1065,10 +1063,11 @@ class OutputWriter:
     Numbering continues after the highest existing index; existing files are never overwritten.
     """
 
-    def __init__(self, outdir, display_scale=1):
+    def __init__(self, outdir, display_scale=1, mark=None):
         self.outdir = outdir
         self.sample_dir = os.path.join(outdir, "samples")
         self.display_scale = display_scale
+        self.mark = mark  # PIL image -> PIL image, on every file's pixels as saved (Postprocess.png)
         os.makedirs(self.sample_dir, exist_ok=True)
         self.next_sample = next_free_index(self.sample_dir, digits=5)
         self.next_grid = next_free_index(outdir, prefix="grid-", digits=4)
@@ -1078,16 +1077,19 @@ class OutputWriter:
         paths = []
         for i, image in enumerate(images):
             path = os.path.join(self.sample_dir, f"{self.next_sample:05}.png")
-            paths.append(save_png(to_pil(image), path, metadata(i), self.display_scale))
+            paths.append(self._save(image, path, metadata(i)))
             self.next_sample += 1
         return paths
 
     def save_grid(self, images, nrow, metadata):
-        grid = make_grid(images, nrow=nrow)
-        path = os.path.join(self.outdir, f"grid-{self.next_grid:04}.png")
-        save_png(to_pil(grid), path, metadata, self.display_scale)
+        path = self._save(make_grid(images, nrow=nrow), os.path.join(self.outdir, f"grid-{self.next_grid:04}.png"),
+                          metadata)
         self.next_grid += 1
         return path
+
+    def _save(self, image, path, metadata):
+        pixels = upscale(to_pil(image), self.display_scale)
+        return save_png(self.mark(pixels) if self.mark else pixels, path, metadata)
 
 
 def written_message(opt, paths):
@@ -1097,10 +1099,11 @@ def written_message(opt, paths):
     return "no files written: --skip_save and --skip_grid leave out the samples and the grid"
 
 
-def save_results(opt, results, *, height, width, extra_metadata=None):
+def save_results(opt, results, *, height, width, extra_metadata=None, mark=None):
     """Save each batch of ``results`` ((prompts, images) pairs) as samples (unless --skip_save)
-    and all of them as one grid (unless --skip_grid), with metadata; returns the paths."""
-    writer = OutputWriter(opt.outdir, opt.display_scale)
+    and all of them as one grid (unless --skip_grid), with metadata, each file's pixels through
+    `mark` (Postprocess.png); returns the paths."""
+    writer = OutputWriter(opt.outdir, opt.display_scale, mark)
 
     def metadata(prompt, **where):
         return run_metadata(opt, prompt=prompt, height=height, width=width, extra_metadata=extra_metadata, **where)

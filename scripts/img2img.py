@@ -118,13 +118,13 @@ def generate(opt, model, sampler, device, postprocess, init_image):
         if opt.adapters is not None:
             opt.adapters.prepare(model, device)  # features once per image, not per step
         for prompts, noise in noised_batches(opt, init_latent.shape, device):
-            yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise))
+            yield prompts, postprocess.batch(sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise))
 
 
-def save_outputs(opt, results, size, extra_metadata=None):
+def save_outputs(opt, results, size, extra_metadata=None, mark=None):
     """Save samples (unless --skip_save) and a grid (unless --skip_grid); returns the paths."""
     extra = {"init_img": opt.init_img, "strength": opt.strength, **(extra_metadata or {})}
-    return save_results(opt, results, height=size[0], width=size[1], extra_metadata=extra)
+    return save_results(opt, results, height=size[0], width=size[1], extra_metadata=extra, mark=mark)
 
 
 def check_init_image(parser, opt):
@@ -165,7 +165,7 @@ def main(argv=None, extra_metadata=None):
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)
-    paths = save_outputs(opt, results, (height, width), extra_metadata)
+    paths = save_outputs(opt, results, (height, width), extra_metadata, postprocess.png)
     logger.info(written_message(opt, paths))
     return paths
 

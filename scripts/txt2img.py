@@ -72,12 +72,12 @@ def generate(opt, model, sampler, device, postprocess):
             opt.adapters.prepare(model, device)  # features once per image, not per step
         latent_shape = (opt.n_samples, opt.C, opt.H // opt.f, opt.W // opt.f)
         for prompts, x_T in noised_batches(opt, latent_shape, device):
-            yield prompts, postprocess(sample_batch(opt, model, sampler, prompts, x_T))
+            yield prompts, postprocess.batch(sample_batch(opt, model, sampler, prompts, x_T))
 
 
-def save_outputs(opt, results, extra_metadata=None):
+def save_outputs(opt, results, extra_metadata=None, mark=None):
     """Save samples (unless --skip_save) and a grid (unless --skip_grid); returns the paths."""
-    return save_results(opt, results, height=opt.H, width=opt.W, extra_metadata=extra_metadata)
+    return save_results(opt, results, height=opt.H, width=opt.W, extra_metadata=extra_metadata, mark=mark)
 
 
 def main(argv=None, extra_metadata=None):
@@ -91,7 +91,7 @@ def main(argv=None, extra_metadata=None):
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
     check_step_window(parser, opt, sampler)
-    paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata)
+    paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata, postprocess.png)
     logger.info(written_message(opt, paths))
     return paths
 

@@ -472,20 +472,35 @@ def test_safety_checker_sources():
 def test_watermark_on_images_too_small_for_it_is_one_line_before_sampling(tmp_path):
     """invisible-watermark refuses images under 256x256: the embedded models' 16 and 32 px ones
     ended in its traceback after sampling."""
-    assert_one_line_error(run("txt2img.py", *TINY, "--watermark", "--outdir", tmp_path / "out"),
-                          "--watermark needs images of 256x256 pixels or more", "this run makes 64x64")
+    assert_one_line_error(run("txt2img.py", *TINY, "--watermark", "--display-scale", "2", "--outdir", tmp_path / "out"),
+                          "--watermark needs images of 256x256 pixels or more", "this run saves 128x128")
     assert not (tmp_path / "out").exists()
 
 
-def test_watermark_changes_the_pixels_it_hides_in(tmp_path):
+@pytest.mark.parametrize("size, display_scale", [(256, 1), (64, 4)])
+def test_watermark_changes_the_pixels_of_every_file_as_saved(tmp_path, size, display_scale):
+    """Each sample and the grid are marked as a whole, at the size they are saved (upstream marked
+    each file): a grid of marked samples, or a mark upscaled with the image, is no mark a reader of
+    that file can decode. Small images saved large (--display-scale) can be marked."""
     pytest.importorskip("imwatermark")
     pytest.importorskip("cv2")
+    args = [*TINY, "--H", str(size), "--W", str(size), "--display-scale", str(display_scale)]
     for name, extra in (("plain", []), ("marked", ["--watermark"])):
-        assert_ok(run("txt2img.py", *TINY, "--H", "256", "--W", "256", *extra, "--outdir", tmp_path / name))
-    plain, marked = (np.asarray(Image.open(tmp_path / name / "samples" / "00000.png")).astype(int)
-                     for name in ("plain", "marked"))
-    assert plain.shape == marked.shape == (256, 256, 3)
-    assert 0 < np.abs(plain - marked).mean() < 8  # hidden: small changes, but changes
+        assert_ok(run("txt2img.py", *args, *extra, "--outdir", tmp_path / name))
+
+    def pixels(name, file):
+        return np.asarray(Image.open(tmp_path / name / file)).astype(int)
+    for file in ("samples/00000.png", "grid-0000.png"):
+        plain, marked = pixels("plain", file), pixels("marked", file)
+        assert plain.shape == marked.shape and plain.shape[0] >= 256
+        assert 0 < np.abs(plain - marked).mean() < 8  # hidden: small changes, but changes
+        border = 2 * display_scale  # the grid's first image lies after its 2-pixel border
+        tile = marked[border:border + 256, border:border + 256]
+        if file.startswith("grid"):
+            assert not np.array_equal(tile, pixels("marked", "samples/00000.png"))  # marked as one file
+        elif display_scale > 1:
+            # marked after the upscale: the blocks of one model pixel no longer share one colour
+            assert not np.array_equal(marked, np.repeat(np.repeat(marked[::4, ::4], 4, 0), 4, 1))
 
 
 def test_fixed_code_starts_every_iteration_from_the_same_noise(tmp_path):
