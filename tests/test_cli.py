@@ -501,6 +501,9 @@ def test_watermark_changes_the_pixels_of_every_file_as_saved(tmp_path, size, dis
         elif display_scale > 1:
             # marked after the upscale: the blocks of one model pixel no longer share one colour
             assert not np.array_equal(marked, np.repeat(np.repeat(marked[::4, ::4], 4, 0), 4, 1))
+    reader = run("tests/test_watermark.py", tmp_path / "marked" / "grid-0000.png")  # upstream's reader of the mark
+    assert reader.returncode == 0 and len(reader.stdout.splitlines()) == 1, reader.stderr
+    assert_one_line_error(run("tests/test_watermark.py", tmp_path / "none.png"), "cannot read")
 
 
 def test_fixed_code_starts_every_iteration_from_the_same_noise(tmp_path):
