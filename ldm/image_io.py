@@ -112,9 +112,8 @@ def read_parameters(path):
     return None if text is None else json.loads(text)
 
 
-def save_png(image, path, parameters=None, display_scale=1):
+def save_png(image, path, parameters=None):
     """Save a PIL image as PNG with optional metadata; refuses to overwrite an existing file."""
-    image = upscale(image, display_scale)
     pnginfo = png_parameters(parameters) if parameters is not None else None
     # "xb": exclusive create, so a file that appeared meanwhile is never clobbered.
     with open(path, "xb") as f:
