@@ -317,13 +317,19 @@ def _load_pickle(path, unsafe_pickle, allowed, mapped):
                               f"({refused}); if you trust the file, pass --unsafe-pickle") from e
 
 
+def _safetensors_header_length(start):
+    """The JSON header's length where `start`, a file's first 9 bytes, begins as safetensors files
+    do (the header's length in 8 bytes, then its "{"); None where it does not."""
+    return int.from_bytes(start[:8], "little") if len(start) == 9 and start[8:] == b"{" else None
+
+
 def _is_safetensors(path):
-    """Whether the file starts as safetensors do (an 8-byte header length, then the JSON header):
-    README's `ln -s sd-v1-5.safetensors models/ldm/stable-diffusion-v1/model.ckpt` keeps upstream's
-    path, so the name alone does not tell the format."""
+    """Whether the file starts as safetensors do: README's `ln -s sd-v1-5.safetensors
+    models/ldm/stable-diffusion-v1/model.ckpt` keeps upstream's path, so the name alone does not
+    tell the format."""
     with open(path, "rb") as f:
-        start = f.read(9)
-    return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") < os.path.getsize(path)
+        header_length = _safetensors_header_length(f.read(9))
+    return header_length is not None and header_length < os.path.getsize(path)
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -410,9 +416,9 @@ def _missing_end(path) -> str | None:
             except zipfile.BadZipFile as e:
                 return str(e)
             return None
-        if start[8:] != b"{":  # not safetensors (an 8-byte header length, then the JSON header)
+        header_length, size = _safetensors_header_length(start), os.path.getsize(path)
+        if header_length is None:  # neither format
             return None
-        header_length, size = int.from_bytes(start[:8], "little"), os.path.getsize(path)
         if 8 + header_length > size:
             return f"its header alone is {header_length} bytes, the file {size}"
         f.seek(8)
