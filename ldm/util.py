@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import torch
@@ -305,7 +306,10 @@ def _load_pickle(path, unsafe_pickle, allowed, mapped):
                        "only use it for files you trust", path)
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            # torch warns of a pickle protocol it does not know before it fails on a file that is no
+            # pickle, and asks to "file an issue": above the one line this function raises, it misleads
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _unsupported_global(e)

@@ -1,6 +1,7 @@
 """Checkpoint loading (ldm.util): file formats, the weights-only allow-list, key remapping, missing weights."""
 import copy
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -93,9 +94,11 @@ def test_a_pickle_file_that_is_no_checkpoint_does_not_suggest_unsafe_pickle(tmp_
     # --unsafe-pickle cannot read garbage; it is suggested only for a refused class
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="not a") as info:
+    with pytest.raises(CheckpointError, match="not a") as info, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         load_state_dict(path)
     assert "unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
+    assert not warned, [str(w.message) for w in warned]  # nothing above the one line (torch's "file an issue")
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
