@@ -414,6 +414,8 @@ def incomplete_checkpoint(path) -> str | None:
 def _missing_end(path) -> str | None:
     with open(path, "rb") as f:
         start = f.read(9)
+        if not start:
+            return "it is empty"
         if start[:4] == b"PK\x03\x04":  # torch.save's zip format
             try:
                 zipfile.ZipFile(f).close()
