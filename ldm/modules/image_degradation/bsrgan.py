@@ -14,6 +14,9 @@ import numpy as np
 import cv2
 
 import random
+from dataclasses import dataclass
+from typing import Callable
+
 from scipy import ndimage
 import scipy.stats as ss
 from scipy.interpolate import RectBivariateSpline
@@ -174,28 +177,38 @@ def add_JPEG_noise(img):
     return img
 
 
-# todo no isp_model?
-def degradation_bsrgan_variant(image, sf=4, isp_model=None):
+@dataclass(frozen=True)
+class Variant:
+    """What tells BSRGAN's degradation pipeline from its light variant (bsrgan_light.py): the blur
+    and JPEG steps, how many of the seven shuffled steps blur, how often the second downsampling
+    resizes (else it blurs with a shifted kernel and subsamples), the Gaussian noise's levels."""
+    add_blur: Callable
+    add_JPEG_noise: Callable
+    blur_steps: tuple = (0, 1)
+    resize_prob: float = 0.75
+    noise_levels: tuple = (2, 25)  # the noise's standard deviation, drawn in 8-bit levels
+
+
+BSRGAN = Variant(add_blur, add_JPEG_noise)
+
+
+def degradation_bsrgan_variant(image, sf=4, isp_model=None, variant=BSRGAN):
     """
     This is the degradation model of BSRGAN from the paper
     "Designing a Practical Degradation Model for Deep Blind Image Super-Resolution"
     ----------
     sf: scale factor
-    isp_model: camera ISP model
+    isp_model: camera ISP model (unused, as upstream: its step is left out)
+    variant: BSRGAN's steps, or bsrgan_light's LIGHT
     Returns
     -------
-    img: low-quality patch, size: lq_patchsizeXlq_patchsizeXC, range: [0, 1]
-    hq: corresponding high-quality patch, size: (lq_patchsizexsf)X(lq_patchsizexsf)XC, range: [0, 1]
+    {"image": the low-quality image, 1/sf of the input's size (mod-cropped to a multiple of sf), uint8}
     """
     image = util.uint2single(image)
-    isp_prob, jpeg_prob, scale2_prob = 0.25, 0.9, 0.25
-    sf_ori = sf
+    jpeg_prob, scale2_prob = 0.9, 0.25
 
     h1, w1 = image.shape[:2]
     image = image.copy()[:w1 - w1 % sf, :h1 - h1 % sf, ...]  # mod crop
-    h, w = image.shape[:2]
-
-    hq = image.copy()
 
     if sf == 4 and random.random() < scale2_prob:  # downsample1
         if np.random.rand() < 0.5:
@@ -213,16 +226,13 @@ def degradation_bsrgan_variant(image, sf=4, isp_model=None):
 
     for i in shuffle_order:
 
-        if i == 0:
-            image = add_blur(image, sf=sf)
-
-        elif i == 1:
-            image = add_blur(image, sf=sf)
+        if i in variant.blur_steps:
+            image = variant.add_blur(image, sf=sf)
 
         elif i == 2:
             a, b = image.shape[1], image.shape[0]
             # downsample2
-            if random.random() < 0.75:
+            if random.random() < variant.resize_prob:
                 sf1 = random.uniform(1, 2 * sf)
                 image = cv2.resize(image, (int(1 / sf1 * image.shape[1]), int(1 / sf1 * image.shape[0])),
                                    interpolation=random.choice([1, 2, 3]))
@@ -241,23 +251,17 @@ def degradation_bsrgan_variant(image, sf=4, isp_model=None):
 
         elif i == 4:
             # add Gaussian noise
-            image = add_Gaussian_noise(image, noise_level1=2, noise_level2=25)
+            image = add_Gaussian_noise(image, *variant.noise_levels)
 
         elif i == 5:
             # add JPEG noise
             if random.random() < jpeg_prob:
-                image = add_JPEG_noise(image)
+                image = variant.add_JPEG_noise(image)
 
-        # elif i == 6:
-        #     # add processed camera sensor noise
-        #     if random.random() < isp_prob and isp_model is not None:
-        #         with torch.no_grad():
-        #             img, hq = isp_model.forward(img.copy(), hq)
+        # step 6, processed camera sensor noise (isp_model), is left out, as upstream
 
     # add final JPEG compression noise
-    image = add_JPEG_noise(image)
+    image = variant.add_JPEG_noise(image)
     image = util.single2uint(image)
     example = {"image":image}
     return example
-
-
