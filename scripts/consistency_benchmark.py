@@ -229,7 +229,8 @@ def build_parser():
                         help="the anchor of the image:* settings for every batch, and what ref. sim compares each "
                              "image to (with --embedder); any prompt (default: a render of each batch's reference "
                              "scene, procedural prompts only)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one batch per prompt and seed, the seed drawing its start noise (default: 0 1 2)")
     parser.add_argument("--n", type=int, default=8, help="images per batch (that should agree)")
     add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
