@@ -137,7 +137,7 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add("--precision", type=str, choices=["full", "autocast"], default="autocast",
         help="autocast: float16 autocast on CUDA (CPU always runs float32)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    add_device_argument(parser)
     add_threads_argument(parser)
     add("--unsafe-pickle", action="store_true",
         help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
@@ -154,6 +154,10 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make; img2img "
              "reads --init-img shrunk by K, so those PNGs go back in at the model's size (default: from the "
              "config's `sampling` block, else 1)")
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
 
 
 def add_threads_argument(parser):

@@ -59,9 +59,9 @@ from ldm.data import procedural  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
                                   first_stage_factor, injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_output_dir, conditionings,  # noqa: E402
-                                configure_logging, in_repo, latents_to_images, resolve_device, seed_step_noise,
-                                set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument,  # noqa: E402
+                                check_output_dir, conditionings, configure_logging, in_repo, latents_to_images,
+                                resolve_device, seed_step_noise, set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
@@ -103,7 +103,8 @@ def build_parser():
     parser.add_argument("--cond-tau", type=float, default=1.0, help="adapter on for this first fraction of the steps")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS,
                         help="procedural chair/table/shape prompts (default: plain and described chairs and tables)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one batch per prompt and seed, the seed drawing its start noise (default: 0 1 2)")
     parser.add_argument("--n", type=int, default=8, help="images (differently laid out conditions) per batch")
     cb.add_sampling_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
@@ -111,7 +112,7 @@ def build_parser():
     parser.add_argument("--outdir", default="outputs/adapter-benchmark", help="results go to OUTDIR/run-NNN")
     parser.add_argument("--figure", type=int, nargs=2, default=[0, 0], metavar=("PROMPT", "SEED"),
                         help="index into --prompts and --seeds of the batch shown in figure.png")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     add_threads_argument(parser)
     return parser
 

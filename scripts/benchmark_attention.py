@@ -437,7 +437,8 @@ def write_csv(path, rows, common):
 
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, type=in_repo)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, type=in_repo,
+                        help=f"the UNet to time, built with random weights (default: {DEFAULT_CONFIG})")
     parser.add_argument("--size", type=int,
                         help="image size in pixels; default: the config's sampling size (512 for SD v1)")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="images per CFG half")

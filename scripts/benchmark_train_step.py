@@ -84,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16, help="images per training step")
     parser.add_argument("--size", type=int, metavar="PX", help="image size (default: the config's sampling size, else 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per setting and round (2 rounds)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
     parser.add_argument("--autocast", default="off", choices=list(AUTOCAST), help="mixed precision of the step")
     parser.add_argument("--flops", action="store_true",
                         help="count the FLOPs of one plain step instead of timing (matmuls and convolutions, forward "

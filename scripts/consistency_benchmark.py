@@ -92,9 +92,9 @@ from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedd
 from ldm.modules.consistency import GROUP_CHOICES, ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_output_dir,  # noqa: E402
-                                conditionings, config_of_weights, configure_logging, cpu_noise, in_repo,
-                                interruptible, latents_to_images, read_model_geometry, require_text_model,
+from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
+                                check_output_dir, conditionings, config_of_weights, configure_logging, cpu_noise,
+                                in_repo, interruptible, latents_to_images, read_model_geometry, require_text_model,
                                 resolve_device, resolve_weights, seed_step_noise, set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
@@ -248,7 +248,7 @@ def build_parser():
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new batch after this many seconds of sampling and report the batches "
                              "measured (every setting on each); a run cut by `timeout` reports nothing")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     add_threads_argument(parser)
     return parser
 

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", required=True, nargs="+", type=in_repo,
                         help="weight files (.safetensors or .ckpt) to compare")
     parser.add_argument("--n", type=positive_int, default=1024, help="validation scenes")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="scenes per model call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise")
     add_threads_argument(parser)
     opt = parser.parse_args(argv)

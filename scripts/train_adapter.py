@@ -44,8 +44,8 @@ from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, build_model, check_new_file, config_of_weights,  # noqa: E402
-                                configure_logging, in_repo, read_model_geometry, resolve_device, resolve_weights)
+from ldm.script_helpers import (ArgumentParser, add_device_argument, build_model, check_new_file,  # noqa: E402
+                                config_of_weights, configure_logging, in_repo, read_model_geometry, resolve_device, resolve_weights)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
@@ -69,8 +69,8 @@ def build_parser():
         help="layout map: outline (object outline, white on black) or mask (filled silhouette)")
     add("--kinds", nargs="+", default=list(KINDS), choices=("face", "chair", "table", "shape"),
         help="scene kinds (default: those the embedded model was trained on)")
-    add("--steps", type=int, default=2000)
-    add("--batch-size", type=int, default=256)
+    add("--steps", type=int, default=2000, help="optimiser steps")
+    add("--batch-size", type=int, default=256, help="scenes per step")
     add("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
     add("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (0 or more)")
     add("--warmup-steps", type=int, default=100, help="linear LR warm-up")
@@ -84,10 +84,11 @@ def build_parser():
     add("--eval-size", type=int, default=256, help="held-out scenes for the with/without-adapter loss")
     add("--num-workers", type=int, default=8, help="data loader processes (0: render in the main process)")
     add("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_argument(parser)
     add("--max-minutes", type=float, default=0, help="stop training after this long and save (0 = no limit)")
     add("--log-every", type=int, default=50, help="log and record the mean loss every this many steps")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seed of the adapter's first weights and of the training timesteps "
+                                             "and noise (the scenes have seeds of their own)")
     return parser
 
 
