@@ -455,6 +455,7 @@ def test_safety_checker_from_a_pipeline_folder_blacks_out_what_it_flags(pipeline
         assert f"safety checker: {folder}" in result.stderr
         samples = sorted((tmp_path / name / "samples").glob("*.png"))
         assert len(samples) == 2 and not any(np.asarray(Image.open(s)).any() for s in samples)
+        assert not np.asarray(Image.open(tmp_path / name / "grid-0000.png")).any()  # blanked before the grid
 
 
 def test_safety_checker_folder_that_is_not_there_is_one_line(tmp_path):
