@@ -168,8 +168,8 @@ def add_Gaussian_noise(img, noise_level1=2, noise_level2=25):
     return img
 
 
-def add_JPEG_noise(img):
-    quality_factor = random.randint(30, 95)
+def add_JPEG_noise(img, quality=(30, 95)):
+    quality_factor = random.randint(*quality)
     img = cv2.cvtColor(util.single2uint(img), cv2.COLOR_RGB2BGR)
     result, encimg = cv2.imencode('.jpg', img, [int(cv2.IMWRITE_JPEG_QUALITY), quality_factor])
     img = cv2.imdecode(encimg, 1)
@@ -180,16 +180,17 @@ def add_JPEG_noise(img):
 @dataclass(frozen=True)
 class Variant:
     """What tells BSRGAN's degradation pipeline from its light variant (bsrgan_light.py): the blur
-    and JPEG steps, how many of the seven shuffled steps blur, how often the second downsampling
-    resizes (else it blurs with a shifted kernel and subsamples), the Gaussian noise's levels."""
+    step, how many of the seven shuffled steps blur, how often the second downsampling resizes
+    (else it blurs with a shifted kernel and subsamples), the Gaussian noise's levels, the range
+    the JPEG quality is drawn from."""
     add_blur: Callable
-    add_JPEG_noise: Callable
     blur_steps: tuple = (0, 1)
     resize_prob: float = 0.75
     noise_levels: tuple = (2, 25)  # the noise's standard deviation, drawn in 8-bit levels
+    jpeg_quality: tuple = (30, 95)
 
 
-BSRGAN = Variant(add_blur, add_JPEG_noise)
+BSRGAN = Variant(add_blur)
 
 
 def degradation_bsrgan_variant(image, sf=4, isp_model=None, variant=BSRGAN):
@@ -256,12 +257,12 @@ def degradation_bsrgan_variant(image, sf=4, isp_model=None, variant=BSRGAN):
         elif i == 5:
             # add JPEG noise
             if random.random() < jpeg_prob:
-                image = variant.add_JPEG_noise(image)
+                image = add_JPEG_noise(image, variant.jpeg_quality)
 
         # step 6, processed camera sensor noise (isp_model), is left out, as upstream
 
     # add final JPEG compression noise
-    image = variant.add_JPEG_noise(image)
+    image = add_JPEG_noise(image, variant.jpeg_quality)
     image = util.single2uint(image)
     example = {"image":image}
     return example

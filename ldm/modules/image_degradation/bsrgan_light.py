@@ -1,9 +1,9 @@
 # -*- coding: utf-8 -*-
 """BSRGAN's lighter degradation pipeline (smaller blur kernels, one blur instead of two, milder
 Gaussian and JPEG noise, resizing a little more often), the super-resolution data's
-`degradation: bsrgan_light`. Upstream kept a full copy of bsrgan.py here; only the two steps that
-differ are written out, and the pipeline is bsrgan.py's own, run with them (LIGHT), so a fix
-there is a fix here.
+`degradation: bsrgan_light`. Upstream kept a full copy of bsrgan.py here; only the step that
+differs is written out (add_blur), and the pipeline is bsrgan.py's own, run with it and the
+light variant's numbers (LIGHT), so a fix there is a fix here.
 
 # --------------------------------------------
 # Super-Resolution
@@ -17,14 +17,11 @@ there is a fix here.
 
 import random
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
-import ldm.modules.image_degradation.utils_image as util
 from ldm.modules.image_degradation import bsrgan
-# bsrgan's own functions, not copies; add_blur and add_JPEG_noise below are lighter (kernels a
-# quarter as wide, JPEG quality 80-95)
+# bsrgan's own functions, not copies; add_blur below is lighter (kernels a quarter as wide)
 from ldm.modules.image_degradation.bsrgan import Variant, anisotropic_Gaussian, fspecial
 
 
@@ -46,16 +43,7 @@ def add_blur(img, sf=4):
     return img
 
 
-def add_JPEG_noise(img):
-    quality_factor = random.randint(80, 95)
-    img = cv2.cvtColor(util.single2uint(img), cv2.COLOR_RGB2BGR)
-    result, encimg = cv2.imencode('.jpg', img, [int(cv2.IMWRITE_JPEG_QUALITY), quality_factor])
-    img = cv2.imdecode(encimg, 1)
-    img = cv2.cvtColor(util.uint2single(img), cv2.COLOR_BGR2RGB)
-    return img
-
-
-LIGHT = Variant(add_blur, add_JPEG_noise, blur_steps=(0,), resize_prob=0.8, noise_levels=(1, 2))
+LIGHT = Variant(add_blur, blur_steps=(0,), resize_prob=0.8, noise_levels=(1, 2), jpeg_quality=(80, 95))
 
 
 def degradation_bsrgan_variant(image, sf=4, isp_model=None):
