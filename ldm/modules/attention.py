@@ -1,20 +1,10 @@
-from inspect import isfunction
 import torch
 import torch.nn.functional as F
 from torch import nn, einsum
 from einops import rearrange
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
-
-
-def exists(val):
-    return val is not None
-
-
-def default(val, d):
-    if exists(val):
-        return val
-    return d() if isfunction(d) else d
+from ldm.util import default, exists
 
 
 # feedforward

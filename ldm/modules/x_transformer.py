@@ -3,11 +3,11 @@ import torch
 from torch import nn, einsum
 import torch.nn.functional as F
 from functools import partial
-from inspect import isfunction
 from collections import namedtuple
 from einops import rearrange, repeat, reduce
 
 from ldm.modules.attention import FeedForward  # the same feed-forward (and GEGLU) as SD's blocks
+from ldm.util import default, exists
 
 # constants
 
@@ -52,16 +52,6 @@ class FixedPositionalEmbedding(nn.Module):
 
 
 # helpers
-
-def exists(val):
-    return val is not None
-
-
-def default(val, d):
-    if exists(val):
-        return val
-    return d() if isfunction(d) else d
-
 
 def always(val):
     def inner(*args, **kwargs):
