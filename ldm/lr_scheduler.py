@@ -73,15 +73,17 @@ class LambdaWarmUpCosineScheduler2:
                                                        f"current cycle {cycle}")
         if n < self.lr_warm_up_steps[cycle]:
             f = (self.f_max[cycle] - self.f_start[cycle]) / self.lr_warm_up_steps[cycle] * n + self.f_start[cycle]
-            self.last_f = f
-            return f
         else:
-            t = (n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle])
-            t = min(t, 1.0)
-            f = self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (
-                    1 + math.cos(t * math.pi))
-            self.last_f = f
-            return f
+            f = self.decay(n, cycle)
+        self.last_f = f
+        return f
+
+    def decay(self, n, cycle):
+        """The multiplier at step n of `cycle` after its warm-up: a half cosine from f_max to f_min."""
+        t = (n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle])
+        t = min(t, 1.0)
+        return self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (
+                1 + math.cos(t * math.pi))
 
     def __call__(self, n, **kwargs):
         return self.schedule(n, **kwargs)
@@ -89,20 +91,9 @@ class LambdaWarmUpCosineScheduler2:
 
 class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
 
-    def schedule(self, n, **kwargs):
-        cycle = self.find_in_interval(n)
-        n = n - self.cum_cycles[cycle]
-        if self.verbosity_interval > 0:
-            if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_f}, "
-                                                       f"current cycle {cycle}")
-
-        if n < self.lr_warm_up_steps[cycle]:
-            f = (self.f_max[cycle] - self.f_start[cycle]) / self.lr_warm_up_steps[cycle] * n + self.f_start[cycle]
-            self.last_f = f
-            return f
-        else:
-            n = min(n, self.cycle_lengths[cycle])  # past the end: stay at f_min
-            f = self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (self.cycle_lengths[cycle] - n) / (self.cycle_lengths[cycle])
-            self.last_f = f
-            return f
-
+    def decay(self, n, cycle):
+        """After the warm-up, on the line from f_max at the cycle's start to f_min at its end
+        (upstream's line: it starts below f_max where the warm-up ends)."""
+        n = min(n, self.cycle_lengths[cycle])  # past the end: stay at f_min
+        length = self.cycle_lengths[cycle]
+        return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (length - n) / length
