@@ -45,7 +45,8 @@ from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusi
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, build_model, check_new_file,  # noqa: E402
-                                config_of_weights, configure_logging, in_repo, read_model_geometry, resolve_device, resolve_weights)
+                                config_of_weights, configure_logging, in_repo, read_model_geometry, resolve_device,
+                                resolve_weights)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
