@@ -90,11 +90,18 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def no_tensors(path):
+    """A whole checkpoint file holding no tensors at `path`: where weights stand, for what is decided
+    before any are read (an empty file is refused there as cut off)."""
+    import torch
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({}, path) if path.suffix == ".safetensors" else torch.save({}, path)
+    return path
+
+
 def put_weights(workdir, config):
-    weights = workdir / read_geometry(load_config(config)).weights
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    weights.write_bytes(b"")
-    return weights
+    return no_tensors(workdir / read_geometry(load_config(config)).weights)
 
 
 def test_without_any_weights_the_error_says_every_way_out(workdir):
@@ -161,8 +168,7 @@ def test_a_ckpt_given_alone_runs_with_the_config_that_names_it_else_sd_v1s(workd
     for given in (str(shipped), "models/embedded/procedural-t2i-16px.safetensors"):
         resolve_model(Parser(), opt := options(ckpt=given))
         assert opt.config.endswith(PRELIMINARY_CONFIG) and (opt.H, opt.ddim_steps) == (16, 20)
-    other = workdir / "sd-v1-4.safetensors"
-    other.write_bytes(b"")
+    other = no_tensors(workdir / "sd-v1-4.safetensors")
     resolve_model(Parser(), opt := options(ckpt=str(other)))
     assert opt.config.endswith(SD_V1_CONFIG) and opt.H == 512
 
@@ -202,7 +208,7 @@ def test_a_ckpt_of_a_main_py_run_samples_with_the_runs_newest_config(workdir):
     run = workdir / "logs" / "2026-12-06T05-32-36_procedural-t2i-16px"
     (run / "checkpoints").mkdir(parents=True)
     (run / "configs").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    no_tensors(run / "checkpoints" / "last.ckpt")
     for started in ("2026-12-06T05-32-36", "2026-12-06T07-00-00"):  # the first start, then a --resume
         config = OmegaConf.load(REPO / PRELIMINARY_CONFIG)
         config.sampling.steps = 20 if started.endswith("36") else 30
@@ -212,7 +218,7 @@ def test_a_ckpt_of_a_main_py_run_samples_with_the_runs_newest_config(workdir):
     assert opt.config == f"logs/{run.name}/configs/2026-12-06T07-00-00-project.yaml"
     assert (opt.H, opt.ddim_steps) == (16, 30)
     # weights exported from it (scripts/export_checkpoint.py), whose sidecar names the run's checkpoint
-    (workdir / "exported.safetensors").write_bytes(b"")
+    no_tensors(workdir / "exported.safetensors")
     (workdir / "exported.json").write_text(json.dumps({"source": str(run / "checkpoints" / "last.ckpt")}))
     resolve_model(Parser(), opt := options(ckpt="exported.safetensors"))
     assert opt.config == str(run / "configs" / "2026-12-06T07-00-00-project.yaml")
