@@ -94,6 +94,6 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
     def decay(self, n, cycle):
         """After the warm-up, on the line from f_max at the cycle's start to f_min at its end
         (upstream's line: it starts below f_max where the warm-up ends)."""
-        n = min(n, self.cycle_lengths[cycle])  # past the end: stay at f_min
         length = self.cycle_lengths[cycle]
+        n = min(n, length)  # past the end: stay at f_min
         return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (length - n) / length

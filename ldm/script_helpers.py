@@ -1086,8 +1086,8 @@ class OutputWriter:
         return paths
 
     def save_grid(self, images, nrow, metadata):
-        path = self._save(make_grid(images, nrow=nrow), os.path.join(self.outdir, f"grid-{self.next_grid:04}.png"),
-                          metadata)
+        path = os.path.join(self.outdir, f"grid-{self.next_grid:04}.png")
+        self._save(make_grid(images, nrow=nrow), path, metadata)
         self.next_grid += 1
         return path
 
