@@ -32,3 +32,14 @@ def test_degradation_variant_runs_every_branch_and_gives_the_low_resolution_imag
         low = module.degradation_bsrgan_variant(image, sf=4)["image"]
         assert low.shape == (16, 16, 3) and low.dtype == np.uint8
     assert shifted, "no seed took the shifted-kernel downsampling; take more seeds"
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_a_wide_image_keeps_its_aspect_after_the_mod_crop(module):
+    """The mod crop cuts rows to a multiple of sf by the height and columns by the width; upstream
+    cut them by each other's (an image 37 rows by 50 columns came out 9x9, not 9x12)."""
+    image = np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    for seed in range(8):
+        random.seed(seed)
+        np.random.seed(seed)
+        assert module.degradation_bsrgan_variant(image, sf=4)["image"].shape == (9, 12, 3)

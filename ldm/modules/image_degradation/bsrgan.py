@@ -209,7 +209,7 @@ def degradation_bsrgan_variant(image, sf=4, isp_model=None, variant=BSRGAN):
     jpeg_prob, scale2_prob = 0.9, 0.25
 
     h1, w1 = image.shape[:2]
-    image = image.copy()[:w1 - w1 % sf, :h1 - h1 % sf, ...]  # mod crop
+    image = image[:h1 - h1 % sf, :w1 - w1 % sf, ...]  # mod crop (upstream swapped h and w: right only if square)
 
     if sf == 4 and random.random() < scale2_prob:  # downsample1
         if np.random.rand() < 0.5:
