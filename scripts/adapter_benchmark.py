@@ -56,12 +56,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure helpers)
 from ldm.data import procedural  # noqa: E402
+from ldm.model_choice import in_repo  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
                                   first_stage_factor, injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument,  # noqa: E402
-                                check_output_dir, conditionings, configure_logging, in_repo, latents_to_images,
-                                resolve_device, seed_step_noise, set_cpu_threads)
+                                check_output_dir, conditionings, configure_logging, latents_to_images, resolve_device,
+                                seed_step_noise, set_cpu_threads)
 from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")

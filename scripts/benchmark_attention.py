@@ -35,9 +35,10 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file, in_repo, read_model_geometry  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")

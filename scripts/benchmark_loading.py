@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.script_helpers import ArgumentParser, in_repo, load_config, positive_int, read_model_geometry  # noqa: E402
+from ldm.model_choice import in_repo, load_config, read_model_geometry  # noqa: E402
+from ldm.script_helpers import ArgumentParser, positive_int  # noqa: E402
 
 WAYS = ("built then loaded", "into placeholders")
 FORMATS = ("fp16 .safetensors", "fp32 .ckpt", "fp16 .ckpt")  # diffusers', CompVis' and pruned files

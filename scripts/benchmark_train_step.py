@@ -28,8 +28,9 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
-from ldm.script_helpers import ArgumentParser, in_repo, read_model_geometry  # noqa: E402
+from ldm.script_helpers import ArgumentParser  # noqa: E402
 from ldm.util import first_line, instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
 

@@ -89,13 +89,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.data import procedural  # noqa: E402
 from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedder,  # noqa: E402
                                  reference_similarity)
+from ldm.model_choice import (config_of_weights, in_repo, read_model_geometry, require_text_model,  # noqa: E402
+                              resolve_weights)
 from ldm.modules.consistency import GROUP_CHOICES, ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
-                                check_output_dir, conditionings, config_of_weights, configure_logging, cpu_noise,
-                                in_repo, interruptible, latents_to_images, read_model_geometry, require_text_model,
-                                resolve_device, resolve_weights, seed_step_noise, set_cpu_threads, warn_unseen_words)
+                                check_output_dir, conditionings, configure_logging, cpu_noise, interruptible,
+                                latents_to_images, resolve_device, seed_step_noise, set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
 

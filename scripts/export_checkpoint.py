@@ -29,7 +29,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import ArgumentParser, check_checkpoint_type, check_new_file  # noqa: E402
+from ldm.model_choice import check_checkpoint_type  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
 from ldm.util import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")

@@ -17,9 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_checkpoint_type,  # noqa: E402
-                                config_of_weights, configure_logging, in_repo, load_config, positive_int,
-                                set_cpu_threads)
+from ldm.model_choice import check_checkpoint_type, config_of_weights, in_repo, load_config  # noqa: E402
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, configure_logging,  # noqa: E402
+                                positive_int, set_cpu_threads)
 
 logger = logging.getLogger("heldout_loss")
 

@@ -16,12 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
-from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, build_postprocess,
-                                check_against_model, check_output_dir, check_step_window,
-                                check_subject_words_before_loading, configure_logging, consistency_from_arguments,
-                                feature_metadata, interruptible, latents_to_images, load_model, make_sampler,
-                                noised_batches, precision_context, sampling_batch, save_results, validate_common,
-                                warn_if_far_above_model_size, written_message)
+from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
+from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, check_against_model,
+                                check_output_dir, check_step_window, check_subject_words_before_loading,
+                                configure_logging, consistency_from_arguments, interruptible, latents_to_images,
+                                load_model, make_sampler, noised_batches, precision_context, sampling_batch,
+                                validate_common, warn_if_far_above_model_size)
 
 logger = logging.getLogger("img2img")
 

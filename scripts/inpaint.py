@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm import script_helpers as helpers
+from ldm.model_choice import in_repo, read_model_geometry
 from ldm.image_io import read_user_image
 from ldm.models.diffusion.ddim import DDIMSampler
 
@@ -126,8 +127,8 @@ def inpaint(model, sampler, batch, steps):
 def main():
     helpers.configure_logging()
     parser, opt = parse_args()
-    opt.config, opt.ckpt = helpers.in_repo(opt.config), helpers.in_repo(opt.ckpt)
-    geometry = helpers.read_model_geometry(parser, "--config", opt.config, example=CONFIG)
+    opt.config, opt.ckpt = in_repo(opt.config), in_repo(opt.ckpt)
+    geometry = read_model_geometry(parser, "--config", opt.config, example=CONFIG)
     pairs = find_pairs(parser, opt, geometry.multiple)
     helpers.check_output_dir(parser, "--outdir", opt.outdir)
     logger.info("Found %d inputs.", len(pairs))

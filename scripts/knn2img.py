@@ -14,7 +14,8 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.hub import ModelUnavailable
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
-from ldm.script_helpers import OutputWriter, build_model, configure_logging
+from ldm.outputs import OutputWriter
+from ldm.script_helpers import build_model, configure_logging
 
 logger = logging.getLogger("knn2img")
 

@@ -9,8 +9,9 @@ from PIL import Image
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
+from ldm.model_choice import non_text_conditioning, run_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import configure_logging, non_text_conditioning, positive_int, run_config
+from ldm.script_helpers import configure_logging, positive_int
 from ldm.util import ModelError, build_with_weights
 
 logger = logging.getLogger("sample_diffusion")

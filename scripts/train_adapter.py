@@ -41,12 +41,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.data.procedural import CONDITION_KINDS, KINDS, ProceduralScenes  # noqa: E402
+from ldm.model_choice import config_of_weights, in_repo, read_model_geometry, resolve_weights  # noqa: E402
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, build_model, check_new_file,  # noqa: E402
-                                config_of_weights, configure_logging, in_repo, read_model_geometry, resolve_device,
-                                resolve_weights)
+                                configure_logging, resolve_device)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")

@@ -11,13 +11,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.modules import adapters, consistency_image, consistency_reference
-from ldm.script_helpers import (SAMPLER_ALIASES, SAMPLERS, ArgumentParser, add_batch_arguments, add_common_arguments,
-                                build_postprocess, check_against_model, check_image_size, check_output_dir,
-                                check_step_window, check_subject_words_before_loading, configure_logging,
-                                consistency_from_arguments, feature_metadata, interruptible,
-                                latents_to_images, load_model, make_sampler, noised_batches, precision_context,
-                                sampling_batch, save_results, validate_common, warn_if_far_above_model_size,
-                                written_message)
+from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
+from ldm.script_helpers import (SAMPLERS, SAMPLER_ALIASES, ArgumentParser, add_batch_arguments, add_common_arguments,
+                                check_against_model, check_image_size, check_output_dir, check_step_window,
+                                check_subject_words_before_loading, configure_logging, consistency_from_arguments,
+                                interruptible, latents_to_images, load_model, make_sampler, noised_batches,
+                                precision_context, sampling_batch, validate_common, warn_if_far_above_model_size)
 
 logger = logging.getLogger("txt2img")
 

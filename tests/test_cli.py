@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import REPO, TINY_CONFIG, interrupt_script_when, load_script, write_flagging_safety_checker
 from ldm.image_io import read_parameters
-from ldm.script_helpers import computed_precision, ctrl_c_deferred, precision_context
+from ldm.outputs import ctrl_c_deferred
+from ldm.script_helpers import computed_precision, precision_context
 
 TINY = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64",
         "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3"]
@@ -276,7 +277,7 @@ def test_adapter_scripts_resolve_relative_paths_against_the_repository(tmp_path,
     opt = load_script("adapter_benchmark").build_parser().parse_args(["--adapter", adapter, "--ckpt", WEIGHTS_16PX])
     assert (opt.adapter, opt.ckpt) == (str(REPO / adapter), str(REPO / WEIGHTS_16PX))
     assert opt.config is None  # then the config of those weights (test_consistency_benchmark.py runs it):
-    from ldm.script_helpers import config_of_weights
+    from ldm.model_choice import config_of_weights
     assert config_of_weights(opt.ckpt) == str(REPO / "configs" / "embedded" / "procedural-t2i-16px.yaml")
     train_adapter = load_script("train_adapter")
     parser = train_adapter.build_parser()
@@ -465,7 +466,7 @@ def test_safety_checker_folder_that_is_not_there_is_one_line(tmp_path):
 
 
 def test_safety_checker_sources():
-    from ldm.script_helpers import SAFETY_MODEL_ID, safety_checker_sources
+    from ldm.outputs import SAFETY_MODEL_ID, safety_checker_sources
     assert safety_checker_sources("", None) == (SAFETY_MODEL_ID, SAFETY_MODEL_ID)
     assert safety_checker_sources("", "models/ldm/stable-diffusion-v1/model.ckpt") == (SAFETY_MODEL_ID,) * 2
 

@@ -9,12 +9,12 @@ from PIL import Image
 
 from conftest import REPO, load_script
 from test_cli import assert_ok, assert_one_line_error, pngs, run
-from ldm import script_helpers
+from ldm import model_choice, script_helpers
 from ldm.data import procedural
 from ldm.data.procedural import KINDS
 from ldm.image_io import read_parameters
-from ldm.script_helpers import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, PRELIMINARY_CONFIG, SD_V1_CONFIG, load_config,
-                                read_geometry, resolve_model)
+from ldm.model_choice import (DEFAULT_CONFIGS, EMBEDDED_CONFIG, PRELIMINARY_CONFIG, SD_V1_CONFIG, load_config,
+                              read_geometry, resolve_model)
 
 
 @pytest.mark.parametrize("path, channels, factor, multiple, size, scale, steps", [
@@ -81,12 +81,12 @@ class Parser(argparse.ArgumentParser):
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A checkout with the default configs and no weights: the working folder, and the repository
-    relative paths fall back to (script_helpers.in_repo)."""
+    relative paths fall back to (model_choice.in_repo)."""
     for path in DEFAULT_CONFIGS:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / path, tmp_path / path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(script_helpers, "REPO_ROOT", str(tmp_path))
+    monkeypatch.setattr(model_choice, "REPO_ROOT", str(tmp_path))
     return tmp_path
 
 
