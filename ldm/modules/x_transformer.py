@@ -4,7 +4,7 @@ from torch import nn, einsum
 import torch.nn.functional as F
 from functools import partial
 from collections import namedtuple
-from einops import rearrange, repeat, reduce
+from einops import rearrange, repeat
 
 from ldm.modules.attention import FeedForward  # the same feed-forward (and GEGLU) as SD's blocks
 from ldm.util import default, exists
@@ -77,11 +77,6 @@ def max_neg_value(tensor):
 
 # keyword argument helpers
 
-def pick_and_pop(keys, d):
-    values = list(map(lambda key: d.pop(key), keys))
-    return dict(zip(keys, values))
-
-
 def group_dict_by_key(cond, d):
     return_val = [dict(), dict()]
     for key in d.keys():
@@ -93,10 +88,6 @@ def group_dict_by_key(cond, d):
 
 def string_begins_with(prefix, str):
     return str.startswith(prefix)
-
-
-def group_by_key_prefix(prefix, d):
-    return group_dict_by_key(partial(string_begins_with, prefix), d)
 
 
 def groupby_prefix_and_trim(prefix, d):
@@ -356,8 +347,6 @@ class AttentionLayers(nn.Module):
         ff_kwargs, kwargs = groupby_prefix_and_trim('ff_', kwargs)
         attn_kwargs, _ = groupby_prefix_and_trim('attn_', kwargs)
 
-        dim_head = attn_kwargs.get('dim_head', DEFAULT_DIM_HEAD)
-
         self.dim = dim
         self.depth = depth
         self.layers = nn.ModuleList([])
@@ -565,7 +554,7 @@ class TransformerWrapper(nn.Module):
             mems=None,
             **kwargs
     ):
-        b, n, device, num_mem = *x.shape, x.device, self.num_memory_tokens
+        b, num_mem = x.shape[0], self.num_memory_tokens
         x = self.token_emb(x)
         x += self.pos_emb(x)
         x = self.emb_dropout(x)
