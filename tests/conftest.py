@@ -62,6 +62,21 @@ def tiny_model_with_weights():
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The tiny model's weights with every all-zero weight filled (seed 0), as a .safetensors file
+    for the scripts' --ckpt: sharing then visibly changes their images."""
+    from safetensors.torch import save_file
+
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    fill_zero_weights_(model.model)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 def count_ops(fn):
     """(ops dispatched, bytes of the new tensors they return) while fn() runs: what a function
     launches and writes, counted on CPU without timing anything. Outputs that alias an input (views,

@@ -1,29 +1,15 @@
 """--consistent-attn end to end: txt2img and img2img as a user runs them, on the tiny config.
 
 The tiny config's random init zeroes the UNet's output layers (upstream's zero_module), so its
-noise prediction would not depend on attention at all; the checkpoint made here gives every
-weight a value, so that sharing visibly changes images."""
+noise prediction would not depend on attention at all; the `tiny_ckpt` checkpoint (conftest.py)
+gives every weight a value, so that sharing visibly changes images."""
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 from PIL import Image
-from safetensors.torch import save_file
 
-from conftest import TINY_CONFIG, fill_zero_weights_
+from conftest import TINY_CONFIG
 from ldm.image_io import read_parameters
-from ldm.util import instantiate_from_config
 from test_cli import assert_ok, assert_one_line_error, run
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
-    fill_zero_weights_(model.model)  # let attention/adapters reach the output
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def args(ckpt, outdir, *extra, n=3):

@@ -8,7 +8,7 @@ from conftest import TINY_CONFIG, load_script
 from ldm.image_io import read_parameters
 from ldm.modules.consistency_reference import ReferenceCache
 from test_cli import assert_ok, assert_one_line_error, run
-from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
+from test_cli_consistency import args, pixels, txt2img
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 from conftest import TINY_CONFIG
 from ldm.image_io import read_parameters
 from test_cli import assert_ok, assert_one_line_error
-from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
+from test_cli_consistency import args, pixels, txt2img
 
 PROMPTS = ["--prompt", "a red chair in a kitchen", "--prompt", "a red chair on a beach",
            "--prompt", "a red chair at night"]

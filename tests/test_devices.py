@@ -23,7 +23,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import CrossAttention, sdpa_attention, set_attention_backend
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention
 from ldm.modules.consistency_reference import read_reference, record_reference
-from test_cli_consistency import args, pixels, tiny_ckpt, txt2img  # noqa: F401 (tiny_ckpt is a fixture)
+from test_cli_consistency import args, pixels, txt2img
 from test_cli import assert_ok
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
