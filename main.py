@@ -20,12 +20,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Callback, LearningRateM
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
+from ldm.checkpoints import incomplete_checkpoint, numpy_safe_globals
 from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import (ConfigError, ModelError, construct, get_obj_from_str, incomplete_checkpoint,
-                      instantiate_from_config, numpy_safe_globals)
+from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger("main")
 

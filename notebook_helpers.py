@@ -1,5 +1,6 @@
 from torchvision.datasets.utils import download_url
-from ldm.util import instantiate_from_config, read_checkpoint
+from ldm.checkpoints import read_checkpoint
+from ldm.util import instantiate_from_config
 import torch
 import os
 # todo ?

@@ -215,7 +215,7 @@ def resolve_weights(parser, opt, geometry):
 def check_checkpoint_type(parser, flag, path):
     """A file of no checkpoint type, or one cut off, is one error line before the model is built
     (which takes seconds for SD v1), not after; folders are read as diffusers folders when loading."""
-    from ldm.util import incomplete_checkpoint, unsupported_checkpoint_type
+    from ldm.checkpoints import incomplete_checkpoint, unsupported_checkpoint_type
     problem = os.path.isfile(path) and (unsupported_checkpoint_type(path) or incomplete_checkpoint(path))
     if problem:
         parser.error(f"{flag}: {problem}")
@@ -227,10 +227,10 @@ def _same_file(a, b):
 
 
 def _layout(path):
-    """The weight names and shapes of the checkpoint file `path` (ldm.util.tensor_layout) but its EMA
+    """The weight names and shapes of the checkpoint file `path` (ldm.checkpoints.tensor_layout) but its EMA
     copies (model_ema.*, which a training checkpoint holds beside the weights that an export keeps);
     None for anything else (a folder, no file, another format)."""
-    from ldm.util import tensor_layout
+    from ldm.checkpoints import tensor_layout
     layout = tensor_layout(in_repo(path)) if os.path.isfile(in_repo(path)) else None
     return layout and {name: shape for name, shape in layout.items() if not name.startswith("model_ema.")}
 

@@ -414,7 +414,7 @@ def load_model(opt):
 def seed_step_noise(seed):
     """Seed what sampling draws from the global generators (DDIM's step noise at eta > 0,
     img2img's encoding noise), so that it follows from the seed alone, not from what building
-    the model drew (nothing, when weights load into placeholders; ldm.util.build_with_weights).
+    the model drew (nothing, when weights load into placeholders; ldm.checkpoints.build_with_weights).
     A stream apart from the start noise's (`cpu_noise`, drawn from `seed` itself): from the same
     seed the first step's noise would be x_T again, which leaves the images covered in noise.
     Modulo 2**32, as the CPU generator keeps only a seed's low 32 bits anyway."""
@@ -422,18 +422,19 @@ def seed_step_noise(seed):
 
 
 def build_model(config_path, ckpt, device="cpu", **options):
-    """ldm.util.load_model_from_config on the config file at `config_path`. What stops it ends the
+    """ldm.checkpoints.load_model_from_config on the config file at `config_path`. What stops it ends the
     script with one error line, naming the config where the fix may lie in it: a setting it holds,
     or weights that do not fit its model (SD v1's config is the one used for a --ckpt given alone
     that no shipped config names)."""
-    import ldm.util
+    from ldm.checkpoints import WeightsMismatchError, load_model_from_config
+    from ldm.util import ConfigError, ModelError
     try:
-        return ldm.util.load_model_from_config(load_config(config_path), ckpt, device, **options)
-    except ldm.util.ConfigError as e:
+        return load_model_from_config(load_config(config_path), ckpt, device, **options)
+    except ConfigError as e:
         raise SystemExit(f"error: {e} (set in {config_path})")
-    except ldm.util.WeightsMismatchError as e:
+    except WeightsMismatchError as e:
         raise SystemExit(f"error: {e} (the model of {config_path}; --config names the checkpoint's own)")
-    except (ldm.util.ModelError, FileNotFoundError) as e:
+    except (ModelError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
 

@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure helpers)
+from ldm.checkpoints import CheckpointError  # noqa: E402
 from ldm.data import procedural  # noqa: E402
 from ldm.model_choice import in_repo  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
@@ -63,7 +64,6 @@ from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attent
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument,  # noqa: E402
                                 check_output_dir, conditionings, configure_logging, latents_to_images, resolve_device,
                                 seed_step_noise, set_cpu_threads)
-from ldm.util import CheckpointError  # noqa: E402
 
 logger = logging.getLogger("adapter_benchmark")
 

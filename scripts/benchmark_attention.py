@@ -346,7 +346,7 @@ def run_end_to_end(opt, device, dtype, header):
     --consistent-attn settings. Prompt tokenisation and PNG writing are left out."""
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.script_helpers import conditionings, latents_to_images
-    from ldm.util import load_model_from_config
+    from ldm.checkpoints import load_model_from_config
 
     config = OmegaConf.load(opt.config)
     torch.manual_seed(0)

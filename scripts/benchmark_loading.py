@@ -1,6 +1,6 @@
 """How long loading a checkpoint takes, and the memory it peaks at, two ways: built then loaded
 (upstream's way: every parameter randomly initialised, then overwritten) and loaded into
-placeholders (ldm.util.build_with_weights: parameters on the meta device, no initialisation,
+placeholders (ldm.checkpoints.build_with_weights: parameters on the meta device, no initialisation,
 copies of the checkpoint's tensors taken as they are read).
 
 The checkpoints are the config's model with random weights (loading does not depend on them),
@@ -55,7 +55,7 @@ def write_checkpoints(config, folder):
     """{format: path} of the config's model with random weights."""
     from safetensors.torch import save_file
 
-    from ldm.util import build_for_weights
+    from ldm.checkpoints import build_for_weights
     torch.manual_seed(0)
     state = build_for_weights(config, "benchmark checkpoints").state_dict()
     names = ("model.safetensors", "model.ckpt", "model-fp16.ckpt")
@@ -70,7 +70,7 @@ def write_checkpoints(config, folder):
 def measure(config_path, way, ckpt):
     """One load in this process: {"seconds": build, load and a read of every weight, "peak_gib",
     "held_gib": memory_gib()}."""
-    from ldm.util import build_for_weights, build_with_weights, load_weights
+    from ldm.checkpoints import build_for_weights, build_with_weights, load_weights
     config = load_config(config_path)
     start = time.perf_counter()
     if way == WAYS[0]:

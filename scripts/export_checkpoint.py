@@ -2,11 +2,11 @@
 
     python scripts/export_checkpoint.py logs/RUN/checkpoints/last.ckpt procedural-t2i.safetensors
 
-* The checkpoint is read with torch.load(weights_only=True) (ldm.util.read_checkpoint); only
+* The checkpoint is read with torch.load(weights_only=True) (ldm.checkpoints.read_checkpoint); only
   its state dict's tensors are kept (no optimizer state, no pickled objects).
 * If it holds EMA weights (model_ema.*, from ``use_ema: true``), they replace the UNet weights
   model.diffusion_model.* and the model_ema.* copies are dropped, so the file holds the EMA
-  UNet once. ldm.util.apply_state_dict then samples with exactly these weights.
+  UNet once. ldm.checkpoints.apply_state_dict then samples with exactly these weights.
 * Network weights (UNet, text encoder) are stored as float16 by default (--dtype), halving the
   file; everything else (the noise schedule buffers) keeps its dtype. Loading casts back to
   the model's float32.
@@ -29,9 +29,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ldm.checkpoints import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 from ldm.model_choice import check_checkpoint_type  # noqa: E402
 from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
-from ldm.util import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
 

@@ -9,10 +9,11 @@ from PIL import Image
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
+from ldm.checkpoints import build_with_weights
 from ldm.model_choice import non_text_conditioning, run_config
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.script_helpers import configure_logging, positive_int
-from ldm.util import ModelError, build_with_weights
+from ldm.util import ModelError
 
 logger = logging.getLogger("sample_diffusion")
 

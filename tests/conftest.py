@@ -125,7 +125,7 @@ def text_transformer_of(clip_text_model):
 
 def has_plain_file_mode(path):
     """Whether `path` has the permission bits a file written with open() beside it gets (0666 less
-    the umask): safetensors 0.8 alone leaves its files 0600 (ldm.util.save_safetensors)."""
+    the umask): safetensors 0.8 alone leaves its files 0600 (ldm.checkpoints.save_safetensors)."""
     import stat
     plain = Path(path).with_name(Path(path).name + ".plain")
     plain.write_bytes(b"")

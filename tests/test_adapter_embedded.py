@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from conftest import REPO, fill_zero_weights_, has_plain_file_mode
+from ldm.checkpoints import CheckpointError
 from ldm.modules.adapter_training import AdapterEMA, diffusion_loss, sample_timesteps
 from ldm.modules.adapters import (Adapter, adapter_for_model, first_stage_factor, injection_sites, load_adapter,
                                   save_adapter, unet_level_channels)
-from ldm.util import CheckpointError, instantiate_from_config
+from ldm.util import instantiate_from_config
 
 EMBEDDED_CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
 WIDTHS = (64, 64, 64, 64)

@@ -6,12 +6,12 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FULL_CONFIG, TINY_CONFIG, fill_zero_weights_
+from ldm.checkpoints import CheckpointError
 from ldm.modules.adapters import (SD_V1_CHANNELS, Adapter, AdapterInjection, LightAdapter,
                                   adapter_conditioning, check_adapter_fits, combine_features,
                                   detect_adapter, injection_sites, load_adapter, strip_prefix,
                                   unet_level_channels)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel, timestep_of_call
-from ldm.util import CheckpointError
 
 TINY_CHANNELS = (32, 64, 128, 128)
 

@@ -82,13 +82,13 @@ def test_step_noise_follows_from_the_seed_not_from_how_the_weights_were_loaded(t
     same CPU generator), which left these images speckled (pixel noise 0.045 instead of 0.012)."""
     import contextlib
 
-    import ldm.util
+    import ldm.checkpoints
     from ldm.data.procedural import pixel_noise
     common = ["--config", "configs/embedded/procedural-t2i-16px.yaml", "--prompt", "a chair", "--n_samples", "4",
               "--n_iter", "1", "--ddim_steps", "10", "--skip_grid"]
     monkeypatch.chdir(REPO)
     placeholders = txt2img.main([*common, "--outdir", str(tmp_path / "placeholders")])
-    monkeypatch.setattr(ldm.util, "parameters_as_placeholders", contextlib.nullcontext)
+    monkeypatch.setattr(ldm.checkpoints, "parameters_as_placeholders", contextlib.nullcontext)
     built = txt2img.main([*common, "--outdir", str(tmp_path / "built")])
     assert [Path(p).read_bytes() for p in placeholders] == [Path(p).read_bytes() for p in built]
     assert pixel_noise([np.array(Image.open(p))[::16, ::16] for p in placeholders]) < 0.03
@@ -173,7 +173,8 @@ def test_txt2img_vae_decodes_with_the_given_autoencoder_and_records_it(txt2img, 
     """In-process. The tiny model with random weights: the same latents, decoded by another
     autoencoder, are other pixels; the PNG names the file."""
     from omegaconf import OmegaConf
-    from ldm.util import instantiate_from_config, save_safetensors
+    from ldm.checkpoints import save_safetensors
+    from ldm.util import instantiate_from_config
     torch.manual_seed(1)
     other = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).first_stage_model
     save_safetensors({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "vae.safetensors")

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY_CONFIG, load_script, write_flagging_safety_checker
-from ldm.util import CheckpointError, load_model_from_config, load_state_dict
+from ldm.checkpoints import CheckpointError, load_model_from_config, load_state_dict
 
 LEVELS = (32, 64, 128, 128)  # v1-tiny.yaml: model_channels 32, channel_mult [1, 2, 4, 4]
 
@@ -210,7 +210,8 @@ def test_sd14_sized_pipeline_keys_and_shapes_all_map():
     and the model lacks none."""
     from omegaconf import OmegaConf
     from ldm.diffusers_folder import COMPONENTS, unet_state_dict, vae_state_dict
-    from ldm.util import apply_state_dict, instantiate_from_config, remap_clip_text_keys
+    from ldm.checkpoints import apply_state_dict, remap_clip_text_keys
+    from ldm.util import instantiate_from_config
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(
             sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)

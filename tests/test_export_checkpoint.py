@@ -74,7 +74,8 @@ def test_no_ema_keeps_training_weights(tmp_path):
 
 
 def test_export_of_the_embedded_model_loads_for_sampling_with_the_ema_weights(tmp_path):
-    from ldm.util import instantiate_from_config, load_model_from_config
+    from ldm.checkpoints import load_model_from_config
+    from ldm.util import instantiate_from_config
     config = OmegaConf.load(EMBEDDED_CONFIG)
     torch.manual_seed(0)
     model = instantiate_from_config(config.model)

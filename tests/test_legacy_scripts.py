@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import REPO, TINY_CONFIG
-from ldm.util import instantiate_from_config, load_state_dict
+from ldm.checkpoints import load_state_dict
+from ldm.util import instantiate_from_config
 
 
 def run(script, *args):

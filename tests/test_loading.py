@@ -1,4 +1,4 @@
-"""Checkpoint loading (ldm.util): file formats, the weights-only allow-list, key remapping, missing weights."""
+"""Checkpoint loading (ldm.checkpoints): file formats, the weights-only allow-list, key remapping, missing weights."""
 import copy
 import logging
 import warnings
@@ -10,11 +10,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_
+from ldm.checkpoints import (CheckpointError, apply_state_dict, build_for_weights, build_with_weights,
+                            incomplete_checkpoint, load_model_from_config, load_state_dict, load_weights,
+                            remap_clip_text_keys)
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.util import (
-    CheckpointError, apply_state_dict, build_for_weights, build_with_weights, incomplete_checkpoint,
-    instantiate_from_config, load_model_from_config, load_state_dict, load_weights, remap_clip_text_keys)
+from ldm.util import instantiate_from_config
 
 TEXT = "cond_stage_model.transformer."
 
@@ -148,11 +149,11 @@ def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
 def test_a_bug_in_the_allow_list_is_not_reported_as_a_damaged_file(tmp_path, monkeypatch):
     # numpy 1.26 made building the allow-list raise AttributeError, and every .ckpt read as
     # "damaged or not a checkpoint": a bug of ours must keep its traceback
-    import ldm.util
+    import ldm.checkpoints
 
     def broken():
         raise AttributeError("module 'numpy._core' has no attribute 'multiarray'")
-    monkeypatch.setattr(ldm.util, "numpy_safe_globals", broken)
+    monkeypatch.setattr(ldm.checkpoints, "numpy_safe_globals", broken)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, path)
     with pytest.raises(AttributeError, match="multiarray"):
@@ -165,7 +166,7 @@ def test_non_allow_listed_object_needs_unsafe_pickle(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="--unsafe-pickle") as info:
         load_state_dict(path)
     assert "NotAllowListed" in str(info.value) and "\n" not in str(info.value)
-    with caplog.at_level(logging.WARNING, logger="ldm.util"):
+    with caplog.at_level(logging.WARNING, logger="ldm.checkpoints"):
         sd = load_state_dict(path, unsafe_pickle=True)
     assert torch.equal(sd["w"], torch.ones(2))
     assert any(r.levelno == logging.WARNING and "unpickling" in r.getMessage() for r in caplog.records)
@@ -212,7 +213,7 @@ def test_full_size_sd14_layout_maps_with_zero_missing_keys():
     sd14 = to_transformers_419_layout(dict(expected))
     sd14[TEXT + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     sd14.update({"model_ema." + k.replace(".", "")[:40]: v for k, v in list(expected.items())[:5]})
-    from ldm.util import _drop_ema_keys  # the EMA step of apply_state_dict
+    from ldm.checkpoints import _drop_ema_keys  # the EMA step of apply_state_dict
     mapped = remap_clip_text_keys(_drop_ema_keys(sd14, expected), model)
     assert set(mapped) == set(expected)
 
@@ -220,7 +221,7 @@ def test_full_size_sd14_layout_maps_with_zero_missing_keys():
 # --- load_model_from_config ----------------------------------------------------------------------
 
 def test_random_weights_warns_loudly(tiny_config, caplog):
-    with caplog.at_level(logging.WARNING, logger="ldm.util"):
+    with caplog.at_level(logging.WARNING, logger="ldm.checkpoints"):
         model = load_model_from_config(tiny_config, None, random_weights=True)
     assert not model.training
     assert any("RANDOM WEIGHTS" in r.getMessage() for r in caplog.records)
@@ -235,7 +236,7 @@ def test_tiny_model_round_trips(tmp_path, tiny_config, tiny_model, suffix, caplo
     else:
         torch.save({"state_dict": to_transformers_419_layout(sd), "global_step": 3}, path)
     torch.manual_seed(1)  # different random init, so equality proves the weights were loaded
-    with caplog.at_level(logging.INFO, logger="ldm.util"):
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoints"):
         loaded = load_model_from_config(tiny_config, str(path))
     assert not loaded.training
     assert_same_parameters(loaded, tiny_model)
@@ -287,7 +288,7 @@ def test_weights_load_into_placeholders_exactly_as_into_a_built_model(tmp_path, 
         path = tmp_path / "model.ckpt"
         torch.save({"state_dict": sd, "global_step": 7}, path)
     torch.manual_seed(1)
-    with caplog.at_level(logging.INFO, logger="ldm.util"):
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoints"):
         model, global_step = build_with_weights(config, path)
     assert "unset" not in caplog.text  # the placeholders took the file's tensors: no second, ordinary build
     assert global_step == (7 if path.suffix == ".ckpt" else None)
@@ -319,7 +320,7 @@ def test_a_checkpoint_rewritten_in_place_after_loading_leaves_the_model_as_loade
 def test_the_shipped_model_loads_into_placeholders_exactly_as_into_a_built_model(caplog):
     config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml")
     path = REPO / "models/embedded/procedural-t2i-16px.safetensors"
-    with caplog.at_level(logging.INFO, logger="ldm.util"):
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoints"):
         model = build_with_weights(config, path)[0].eval()
     assert "unset" not in caplog.text
     assert_same_model(built_then_loaded(config, path), model)
@@ -334,7 +335,7 @@ def test_a_checkpoint_that_leaves_a_parameter_unset_is_loaded_into_an_initialise
     config.model.params.learn_logvar = True
     path = tmp_path / "without_logvar.safetensors"
     save_file(tiny_state_dict(tiny_model), str(path))
-    with caplog.at_level(logging.INFO, logger="ldm.util"):
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoints"):
         model, _ = build_with_weights(config, path)
     assert "leaves 1 tensors unset (e.g. logvar): building the model with initialised weights" in caplog.text
     assert not model.logvar.is_meta and torch.equal(model.logvar, torch.zeros_like(model.logvar))
@@ -425,7 +426,7 @@ def test_the_configs_own_checkpoint_paths_are_not_read_when_sampling(tmp_path, t
     config = copy.deepcopy(tiny_config)
     config.model.params.first_stage_config.params.ckpt_path = str(tmp_path / "not-downloaded.ckpt")
     save_file(tiny_state_dict(tiny_model), str(tmp_path / "tiny.safetensors"))
-    with caplog.at_level(logging.INFO, logger="ldm.util"):
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoints"):
         assert_same_parameters(load_model_from_config(config, str(tmp_path / "tiny.safetensors")), tiny_model)
         load_model_from_config(config, None, random_weights=True)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Not reading")] == [

@@ -36,7 +36,7 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
-    from ldm.util import read_checkpoint
+    from ldm.checkpoints import read_checkpoint
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert sorted(p.name.rsplit("-", 1)[-1] for p in (run_dir / "configs").iterdir()) == [
         "lightning.yaml", "project.yaml"]
@@ -121,7 +121,7 @@ def test_main_trains_an_ldm_on_a_vq_first_stage(tmp_path):
         cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
-    from ldm.util import read_checkpoint
+    from ldm.checkpoints import read_checkpoint
     weights = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert weights["global_step"] == 1
     assert weights["state_dict"]["first_stage_model.quantize.embedding.weight"].shape == (16, 3)
@@ -454,7 +454,7 @@ def test_fine_tuning_the_shipped_model_starts_its_ema_from_the_shipped_weights()
     """The README's `model.params.ckpt_path=FILE` on the exported 16 px model (use_ema: true, no
     model_ema.* in the file): the EMA that validation samples with is those weights, not noise."""
     from omegaconf import OmegaConf
-    from ldm.util import load_state_dict
+    from ldm.checkpoints import load_state_dict
     config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml").model
     weights = REPO / "models/embedded/procedural-t2i-16px.safetensors"
     config.params.ckpt_path = str(weights)

@@ -76,7 +76,7 @@ def test_a_ckpt_path_of_which_no_weight_fits_is_an_error(tmp_path):
     model loaded nothing and training went on from random weights without a word."""
     from safetensors.torch import save_file
     from ldm.models.autoencoder import AutoencoderKL
-    from ldm.util import CheckpointError
+    from ldm.checkpoints import CheckpointError
     ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     kwargs = dict(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
@@ -105,7 +105,7 @@ def test_a_misspelt_ddconfig_setting_is_an_error_and_each_half_gets_its_own(mode
 
 def test_a_missing_pretrained_first_stage_names_the_download_script(tmp_path):
     from ldm.models.autoencoder import AutoencoderKL
-    from ldm.util import CheckpointError
+    from ldm.checkpoints import CheckpointError
     ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     missing = tmp_path / "models" / "first_stage_models" / "kl-f8" / "model.ckpt"

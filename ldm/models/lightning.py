@@ -34,7 +34,7 @@ class TrainableModule(nn.Module):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
         of the model (the first stage's weights). `only_model`: into `self.model` alone."""
-        from ldm.util import CheckpointError, load_state_dict
+        from ldm.checkpoints import CheckpointError, load_state_dict
         try:
             state = load_state_dict(path, mapped=True)  # copied into the model below
         except CheckpointError as e:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ldm.diffusers_folder import MODEL_WEIGHTS, cache_snapshot, find_weight_file
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
-from ldm.util import CONTROLNET_PREFIXES, CheckpointError, load_state_dict, save_safetensors
+from ldm.checkpoints import CONTROLNET_PREFIXES, CheckpointError, load_state_dict, save_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import torch
 
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
-from ldm.util import save_safetensors
+from ldm.checkpoints import save_safetensors
 from ldm.modules.attention import rounds_by_batch_size
 from ldm.modules.consistency import (CfgPolicy, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,

@@ -16,7 +16,8 @@ from einops import repeat
 
 from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
-from ldm.util import CheckpointError, first_line
+from ldm.checkpoints import CheckpointError
+from ldm.util import first_line
 
 logger = logging.getLogger(__name__)
 
