@@ -863,15 +863,19 @@ def config_from_share_flags(opt, parser):
         parser.error(f"{FLAG_OF_FIELD[err.field]}: {err}")
 
 
-__all__ = ["Group", "Half", "Side", "ShareMode", "CfgPolicy", "ConsistentAttentionConfig", "SharedKV",
-           "AttentionSite", "self_attention_sites", "selected_sites", "share_per_cfg_group", "split_groups",
-           "enable_consistent_attention",
-           "disable_consistent_attention", "consistent_attention", "parse_groups", "parse_window",
-           "joint_attention", "anchor_attention", "read_with_anchors", "sampled_attention",
-           "in_window", "unet_of",
-           "add_arguments", "config_from_arguments", "config_from_share_flags", "given_share_flags",
-           "channel_stats", "adain_to", "adain_to_anchor", "read_masked", "masked_joint_attention",
-           "masked_anchor_attention",
-           "sampled_tokens", "cross_attention_layers", "subject_masks_for",
-           "subject_tokens_in", "AnchorsFirst", "anchors_first", "check_anchor_images", "parse_positions",
-           "SettingError"]
+__all__ = [
+    # settings
+    "Group", "Half", "Side", "ShareMode", "CfgPolicy", "SettingError", "ConsistentAttentionConfig", "parse_groups",
+    "parse_window",
+    # the policy and the attention it computes
+    "SharedKV", "AnchorsFirst", "anchors_first", "split_groups", "share_per_cfg_group", "joint_attention",
+    "anchor_attention", "read_with_anchors", "channel_stats", "adain_to", "adain_to_anchor", "read_masked",
+    "masked_joint_attention", "masked_anchor_attention", "sampled_tokens", "sampled_attention",
+    # where the layers are, switching it on and off
+    "AttentionSite", "self_attention_sites", "selected_sites", "cross_attention_layers",
+    "enable_consistent_attention", "subject_masks_for", "subject_tokens_in", "in_window",
+    "disable_consistent_attention", "consistent_attention", "unet_of",
+    # command line
+    "add_arguments", "config_from_arguments", "check_anchor_images", "parse_positions", "given_share_flags",
+    "config_from_share_flags",
+]
