@@ -3,7 +3,7 @@
 Without --config/--ckpt the first of DEFAULT_CONFIGS whose weights are in place runs; with --ckpt
 alone, the config that goes with those weights (`config_of_weights`). A config's model and its
 optional `sampling` block give the `ModelGeometry`: latent channels, downsampling factors, default
-size, guidance scale, steps, DDIM eta and weights. Every problem is one `prog: error:` line.
+size, guidance scale, steps, DDIM eta and weights. A problem a user can fix is one error line.
 """
 import glob
 import logging
@@ -27,7 +27,6 @@ DEFAULT_CONFIGS = (SD_V1_CONFIG, EMBEDDED_CONFIG, PRELIMINARY_CONFIG)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_STEPS = 50  # upstream's --ddim_steps; a config's `sampling: steps:` overrides it
-
 
 
 @dataclass(frozen=True)
