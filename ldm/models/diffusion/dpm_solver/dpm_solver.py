@@ -69,9 +69,8 @@ class DPM_Solver:
         dims = x.dim()
         h = ns.marginal_lambda(t) - ns.marginal_lambda(s)
         sigma_s, sigma_t = ns.marginal_std(s), ns.marginal_std(t)
-        alpha_t = torch.exp(ns.marginal_log_mean_coeff(t))
         phi_1 = torch.expm1(-h)
-        return expand_dims(sigma_t / sigma_s, dims) * x - expand_dims(alpha_t * phi_1, dims) * model_s
+        return expand_dims(sigma_t / sigma_s, dims) * x - expand_dims(ns.marginal_alpha(t) * phi_1, dims) * model_s
 
     def second_order_update(self, x, model_prev_list, t_prev_list, t):
         """x at time t from x at t_prev_list[-1], given the x_0 predictions at the last two times."""
@@ -81,17 +80,13 @@ class DPM_Solver:
         t_prev_1, t_prev_0 = t_prev_list
         lambda_prev_1, lambda_prev_0, lambda_t = (ns.marginal_lambda(time) for time in (t_prev_1, t_prev_0, t))
         sigma_prev_0, sigma_t = ns.marginal_std(t_prev_0), ns.marginal_std(t)
-        alpha_t = torch.exp(ns.marginal_log_mean_coeff(t))
 
         h_0 = lambda_prev_0 - lambda_prev_1
         h = lambda_t - lambda_prev_0
         r0 = h_0 / h
         D1_0 = expand_dims(1. / r0, dims) * (model_prev_0 - model_prev_1)
-        return (
-            expand_dims(sigma_t / sigma_prev_0, dims) * x
-            - expand_dims(alpha_t * (torch.exp(-h) - 1.), dims) * model_prev_0
-            - 0.5 * expand_dims(alpha_t * (torch.exp(-h) - 1.), dims) * D1_0
-        )
+        alpha_phi = expand_dims(ns.marginal_alpha(t) * (torch.exp(-h) - 1.), dims)
+        return expand_dims(sigma_t / sigma_prev_0, dims) * x - alpha_phi * model_prev_0 - 0.5 * alpha_phi * D1_0
 
     @torch.no_grad()
     def sample(self, x, steps):
