@@ -30,12 +30,17 @@ def tiny_config():
     return OmegaConf.load(TINY_CONFIG)
 
 
+def build_tiny_model():
+    """The tiny LatentDiffusion with random weights, seeded 0 (the same weights every call), on the CPU."""
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(0)
+    return instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny LatentDiffusion with random weights (seed 0), on the CPU, in eval mode."""
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    return instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+    return build_tiny_model().eval()
 
 
 @torch.no_grad()
@@ -51,29 +56,27 @@ def fill_zero_weights_(module, std=0.05):
     return module
 
 
-@pytest.fixture(scope="session")
-def tiny_model_with_weights():
-    """The tiny LatentDiffusion (seed 0, CPU, eval) with every all-zero weight filled, so that
-    attention changes reach the noise prediction."""
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model).eval()
+def build_tiny_model_with_weights():
+    """`build_tiny_model` with every all-zero weight of its UNet filled, so that attention changes
+    reach the noise prediction (the fill follows the build's seed, so the weights are the same every call)."""
+    model = build_tiny_model()
     fill_zero_weights_(model.model)
     return model
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """The tiny model's weights with every all-zero weight filled (seed 0), as a .safetensors file
-    for the scripts' --ckpt: sharing then visibly changes their images."""
-    from safetensors.torch import save_file
+def tiny_model_with_weights():
+    """build_tiny_model_with_weights, in eval mode."""
+    return build_tiny_model_with_weights().eval()
 
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
-    fill_zero_weights_(model.model)
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """build_tiny_model_with_weights' weights as a .safetensors file for the scripts' --ckpt:
+    sharing then visibly changes their images."""
+    from safetensors.torch import save_file
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in build_tiny_model_with_weights().state_dict().items()}, str(path))
     return path
 
 

@@ -3,14 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from conftest import TINY_CONFIG, fill_zero_weights_, load_script
+from conftest import TINY_CONFIG, build_tiny_model_with_weights, load_script
 from ldm.image_io import read_parameters
 from ldm.modules.adapters import Adapter, LightAdapter, load_adapter, save_adapter
-from ldm.util import instantiate_from_config
 from test_adapters import TINY_CHANNELS, compact
 from test_cli import assert_ok, assert_one_line_error, run
 
@@ -21,9 +19,7 @@ def files(tmp_path_factory):
     layers, which would hide any change of the hidden states), two random tiny adapters, and
     condition images."""
     root = tmp_path_factory.mktemp("adapter")
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
-    fill_zero_weights_(model.model)  # let attention/adapters reach the output
+    model = build_tiny_model_with_weights()  # seeds the adapters' random weights below too
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny.safetensors"))
     torch.save({f"adapter.{k}": v for k, v in Adapter(TINY_CHANNELS, cond_channels=1).state_dict().items()},
                root / "canny.pth")
