@@ -497,13 +497,14 @@ def test_watermark_changes_the_pixels_of_every_file_as_saved(tmp_path, size, dis
         plain, marked = pixels("plain", file), pixels("marked", file)
         assert plain.shape == marked.shape and plain.shape[0] >= 256
         assert 0 < np.abs(plain - marked).mean() < 8  # hidden: small changes, but changes
-        border = 2 * display_scale  # the grid's first image lies after its 2-pixel border
-        tile = marked[border:border + 256, border:border + 256]
+        border, saved = 2 * display_scale, size * display_scale  # the grid's first image lies after its border
+        tile = marked[border:border + saved, border:border + saved]
         if file.startswith("grid"):
             assert not np.array_equal(tile, pixels("marked", "samples/00000.png"))  # marked as one file
         elif display_scale > 1:
             # marked after the upscale: the blocks of one model pixel no longer share one colour
-            assert not np.array_equal(marked, np.repeat(np.repeat(marked[::4, ::4], 4, 0), 4, 1))
+            blocks = marked[::display_scale, ::display_scale]
+            assert not np.array_equal(marked, np.repeat(np.repeat(blocks, display_scale, 0), display_scale, 1))
     reader = run("tests/test_watermark.py", tmp_path / "marked" / "grid-0000.png")  # upstream's reader of the mark
     assert reader.returncode == 0 and len(reader.stdout.splitlines()) == 1, reader.stderr
     assert_one_line_error(run("tests/test_watermark.py", tmp_path / "none.png"), "cannot read")
