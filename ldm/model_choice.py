@@ -230,7 +230,8 @@ def _layout(path):
     copies (model_ema.*, which a training checkpoint holds beside the weights that an export keeps);
     None for anything else (a folder, no file, another format)."""
     from ldm.checkpoints import tensor_layout
-    layout = tensor_layout(in_repo(path)) if os.path.isfile(in_repo(path)) else None
+    path = in_repo(path)
+    layout = tensor_layout(path) if os.path.isfile(path) else None
     return layout and {name: shape for name, shape in layout.items() if not name.startswith("model_ema.")}
 
 
