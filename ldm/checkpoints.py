@@ -39,7 +39,7 @@ class WeightsMismatchError(CheckpointError):
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # .bin: diffusers/transformers weights saved before safetensors
 
 
 # Weights every Stable Diffusion checkpoint must provide (everything else is optional).

@@ -115,6 +115,19 @@ def test_fp16_variant_files_and_older_vae_attention_names_load_too(pipeline, tmp
     assert all(torch.equal(converted[k], reference[k].half()) for k in reference)
 
 
+def test_bin_weights_of_older_pipelines_load_as_their_safetensors_do(pipeline, tmp_path):
+    """Pipelines saved before safetensors hold diffusion_pytorch_model.bin / pytorch_model.bin, torch.save'd
+    state dicts: read with weights_only, as any .ckpt."""
+    folder, *_ = pipeline
+    for name in ("unet", "vae", "text_encoder"):
+        (tmp_path / name).mkdir()
+        source = next((folder / name).glob("*.safetensors"))
+        torch.save(load_file(source), tmp_path / name / source.name.replace(".safetensors", ".bin"))
+    converted, reference = load_state_dict(tmp_path), load_state_dict(folder)
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
 def test_an_incomplete_or_unrelated_folder_is_one_line(pipeline, tmp_path):
     folder, *_ = pipeline
     with pytest.raises(CheckpointError, match="folder without unet/"):
