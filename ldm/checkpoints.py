@@ -189,7 +189,7 @@ def incomplete_checkpoint(path) -> str | None:
     of a few kilobytes read. None when it looks whole (read_checkpoint may still find damage inside)."""
     try:
         missing = _missing_end(path)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):  # json.loads of a nested header
         return None  # unreadable or malformed: read_checkpoint says what is wrong
     return missing and f"{path} is not a whole checkpoint ({missing}): cut off while it was written or copied?"
 

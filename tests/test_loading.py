@@ -86,6 +86,11 @@ def test_a_checkpoint_cut_off_anywhere_is_told_from_its_index(tmp_path, save, na
             load_state_dict(cut)
     cut.write_bytes(b"not a checkpoint at all")  # no index to tell from: read_checkpoint's to say
     assert incomplete_checkpoint(cut) is None
+    nested = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # deeper than json.loads recurses
+    cut.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    assert incomplete_checkpoint(cut) is None
+    with pytest.raises(CheckpointError):
+        load_state_dict(cut)
     cut.write_bytes(b"")  # a copy that never started (torch.load said "EOFError: EOFError")
     assert f"{cut} is not a whole checkpoint (it is empty)" in incomplete_checkpoint(cut)
     assert incomplete_checkpoint(tmp_path / "missing.ckpt") is None
