@@ -395,8 +395,19 @@ def _drop_ema_copy_without_weights(model, sd, source):
     """A config with use_ema keeps an EMA copy that ema_scope() swaps in for sampling; a file
     without model_ema.* (e.g. exported with the EMA already in the UNet weights) would leave that
     copy at its random initialisation, so sampling must use the loaded weights instead, and the
-    copy (as large as the UNet) goes."""
-    if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in sd):
+    copy (as large as the UNet) goes. Only the copy's weights count: a file pruned down to its
+    counters (model_ema.decay, model_ema.num_updates) has none; one holding some and not others
+    would sample with random weights where it lacks them, and is refused."""
+    if not getattr(model, "use_ema", False):
+        return
+    ema_weights = [f"model_ema.{name}" for name, _ in model.model_ema.named_buffers()
+                   if name not in ("decay", "num_updates")]
+    held = [k for k in ema_weights if k in sd]
+    if held and len(held) < len(ema_weights):
+        raise WeightsMismatchError(f"{source} holds {len(held)} of the {len(ema_weights)} EMA weights (model_ema.*) "
+                                   f"this config samples with, lacking e.g. {_some(set(ema_weights) - set(held))}; "
+                                   f"a config with use_ema: false samples with its UNet weights instead")
+    if not held:
         # DEBUG: this is the usual case (SD's released files, exports), not news on every run
         logger.debug("%s has no separate EMA copy (model_ema.*): sampling with its UNet weights, which in pruned "
                      "and exported checkpoints are the EMA weights already", source)

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_
-from ldm.checkpoints import (CheckpointError, apply_state_dict, build_for_weights, build_with_weights,
-                            incomplete_checkpoint, load_model_from_config, load_state_dict, load_weights,
-                            remap_clip_text_keys)
+from ldm.checkpoints import (CheckpointError, WeightsMismatchError, apply_state_dict, build_for_weights,
+                            build_with_weights, incomplete_checkpoint, load_model_from_config, load_state_dict,
+                            load_weights, remap_clip_text_keys)
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
@@ -354,6 +354,30 @@ def test_a_safetensors_file_linked_to_upstreams_ckpt_path_loads(tmp_path, tiny_c
     (tmp_path / "model.ckpt").symlink_to(tmp_path / "tiny.safetensors")
     torch.manual_seed(1)
     assert_same_parameters(load_model_from_config(tiny_config, str(tmp_path / "model.ckpt")), tiny_model)
+
+
+@pytest.mark.parametrize("ema_weights", [0, 1])
+def test_an_ema_copy_is_sampled_only_when_the_file_holds_all_its_weights(tmp_path, tiny_model_with_weights,
+                                                                           ema_weights):
+    """A use_ema config swaps its EMA copy in for sampling (ema_scope). A file pruned down to the
+    copy's counters has none of its weights: the UNet weights sample, as with no model_ema.* at
+    all. Some of them without the rest would leave the others random: refused."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.use_ema = True
+    sd = tiny_state_dict(tiny_model_with_weights)
+    sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7, dtype=torch.int)})
+    ema = LitEma(tiny_model_with_weights.model)
+    sd.update({f"model_ema.{k}": v for k, v in list(ema.state_dict().items())[2:2 + ema_weights]})
+    path = tmp_path / "pruned.safetensors"
+    save_file(sd, str(path))
+    if ema_weights:
+        with pytest.raises(WeightsMismatchError, match=r"holds 1 of the \d+ EMA weights .* use_ema: false"):
+            load_model_from_config(config, str(path))
+        return
+    model = load_model_from_config(config, str(path))
+    assert model.use_ema is False
+    with model.ema_scope():
+        assert_same_parameters(model.model, tiny_model_with_weights.model)
 
 
 def test_ema_weights_are_ignored_when_the_config_has_no_ema(tmp_path, tiny_config, tiny_model):
