@@ -64,7 +64,8 @@ def numpy_safe_globals():
     pairs = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
              (np.dtype, "numpy.dtype")]
     dtypes = getattr(np, "dtypes", None)
-    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType", "Int8DType",
+                 "UInt64DType", "UInt32DType", "UInt16DType", "UInt8DType", "BoolDType", "StrDType", "BytesDType"):
         if dtypes is not None and hasattr(dtypes, name):
             cls = getattr(dtypes, name)
             pairs.append((cls, f"numpy.dtypes.{name}"))
@@ -78,7 +79,8 @@ def checkpoint_safe_globals():
 
 def _unsupported_global(error):
     """The class a weights-only load refused, or None when the pickle itself is unreadable."""
-    match = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"Unsupported class ([\w.]+)", str(error))
+    patterns = (r"GLOBAL ([\w.]+)", r"Unsupported class ([\w.]+)", r"but got <class '([\w.]+)'>")  # torch's wordings
+    match = next((m for m in (re.search(p, str(error)) for p in patterns) if m), None)
     return match.group(1) if match else None
 
 

@@ -146,9 +146,19 @@ def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):
     path = tmp_path / "sd14-like.ckpt"
     torch.save({"state_dict": {"w": torch.arange(3.0)}, "global_step": 470000, "epoch": 5,
                 "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1),
-                                                "kth_value": np.float64(np.inf), "count": np.int64(2)}}}, path)
+                                                "kth_value": np.float64(np.inf), "count": np.int64(2)}},
+                "hyper_parameters": {"channels": np.uint8(3), "heads": np.int8(1), "name": np.str_("sd")}}, path)
     sd = load_state_dict(path)
     assert list(sd) == ["w"] and torch.equal(sd["w"], torch.arange(3.0))
+
+
+def test_a_numpy_class_outside_the_allow_list_is_named_with_the_unsafe_pickle_hint(tmp_path):
+    """torch words such refusals "... but got <class 'numpy.dtypes.ObjectDType'>": a class refused,
+    not a damaged file, so --unsafe-pickle is the way to read it if trusted."""
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "column": np.dtype(object)}, path)
+    with pytest.raises(CheckpointError, match=r"refuses \(numpy\.dtypes\.ObjectDType\); .* --unsafe-pickle"):
+        load_state_dict(path)
 
 
 def test_a_bug_in_the_allow_list_is_not_reported_as_a_damaged_file(tmp_path, monkeypatch):
