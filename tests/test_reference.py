@@ -260,6 +260,30 @@ def test_a_reference_from_another_model_size_or_trajectory_is_refused(model, sam
     assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
 
 
+def test_a_model_with_an_ema_copy_reads_back_what_it_recorded_while_sampling(model, tmp_path):
+    """txt2img records inside ema_scope (the EMA weights in the UNet) and checks a reference right
+    after loading, outside it: the fingerprint is the same, and another EMA copy is another model."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.use_ema = True
+    ema_model = instantiate_from_config(config.model).eval()
+    ema_model.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for buffer in ema_model.model_ema.buffers():
+            if buffer.is_floating_point() and buffer.dim() > 0:
+                buffer.add_(0.5)  # EMA weights other than the training weights
+    with ema_model.ema_scope(), record_reference(ema_model, ANCHOR, N) as cache:
+        unet_call(ema_model, *batch())
+    cache.save(tmp_path / "ref.safetensors")
+    run = ReferenceRun(str(tmp_path / "ref.safetensors"), cache=ReferenceCache.load(tmp_path / "ref.safetensors"))
+    run.check_model(ema_model)  # outside ema_scope, as txt2img's check_against_model
+    with ema_model.ema_scope(), read_reference(ema_model, run.cache, N):
+        unet_call(ema_model, *batch())
+    with torch.no_grad():
+        next(b for b in ema_model.model_ema.buffers() if b.dim() > 0).add_(1.0)
+    with pytest.raises(ReferenceMismatch, match="another model"):
+        run.check_model(ema_model)
+
+
 def test_sd_v1_reference_size():
     with torch.device("meta"):
         full = instantiate_from_config(OmegaConf.load(FULL_CONFIG).model.params.unet_config)

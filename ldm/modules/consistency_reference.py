@@ -64,10 +64,17 @@ class ReferenceMismatch(ValueError):
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of the UNet's parameter names, shapes, dtypes and first values: cheap (no pass over
-    860M weights), and any other checkpoint or architecture gives another fingerprint."""
+    """sha256 of the names, shapes, dtypes and first values of the weights the UNet samples with:
+    cheap (no pass over 860M weights), and any other checkpoint or architecture gives another
+    fingerprint. A model with an EMA copy (use_ema) samples with that copy, which ema_scope swaps
+    into the UNet: its own buffers hold it inside that scope and outside alike, so a reference
+    recorded while sampling passes the check a reader makes right after loading."""
+    if getattr(model, "use_ema", False):
+        weights = {name: t for name, t in model.model_ema.state_dict().items() if name not in ("decay", "num_updates")}
+    else:
+        weights = unet_of(model).state_dict()
     digest = hashlib.sha256()
-    for name, tensor in unet_of(model).state_dict().items():
+    for name, tensor in weights.items():
         head = tensor.detach().flatten()[:8].float().cpu().numpy().tobytes()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode() + head)
     return digest.hexdigest()
