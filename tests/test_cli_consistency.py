@@ -94,6 +94,19 @@ def test_a_first_batch_shorter_than_the_anchor_count_is_all_anchors(tmp_path, ti
     assert len(pixels(tmp_path / "out")) == 2
 
 
+@pytest.mark.parametrize("source", ["--prompt", "--from-file"])
+def test_a_run_whose_images_are_all_anchors_is_one_error_line(tmp_path, tiny_ckpt, source):
+    """One batch of 2 images and 2 anchors leaves nothing to share; a prompt file of 2 lines is such a
+    run too (its batches are counted once it is read), not a run of later batches that read them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red chair\na blue chair\n")
+    given = ["--from-file", prompts] if source == "--from-file" else ["--prompt", "a red chair"]
+    out = tmp_path / "out"
+    result = txt2img(*args(tiny_ckpt, out, *given, "--consistent-attn", "--share-anchors", "2", n=2))
+    assert_one_line_error(result, "--share-anchors 2 with 2 images per batch leaves no image to read the anchors")
+    assert not out.exists()
+
+
 def test_single_image_warns_and_samples_normally(tmp_path, tiny_ckpt):
     plain, shared = tmp_path / "plain", tmp_path / "shared"
     assert_ok(txt2img(*args(tiny_ckpt, plain, n=1)))

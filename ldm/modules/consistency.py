@@ -799,11 +799,21 @@ def config_from_arguments(opt, parser, images_per_batch):
     if config.mode is ShareMode.ANCHOR and config.n_anchors > images_per_batch:
         parser.error(f"--share-anchors {config.n_anchors}: the anchors are images of the batch, which holds "
                      f"{images_per_batch}: use at most {images_per_batch} or a larger --n_samples")
-    if config.mode is ShareMode.ANCHOR and config.n_anchors == images_per_batch and not run_of_batches:
-        anchors = f"--anchor-images {opt.anchor_images}" if opt.anchor_images else f"--share-anchors {config.n_anchors}"
-        parser.error(f"{anchors} with {images_per_batch} images per batch leaves no image to read the anchors: use "
-                     f"fewer anchors, a larger --n_samples, or --n_iter 2 or more (the later batches read them)")
     return config
+
+
+def check_anchors_leave_readers(parser, opt, images, batches):
+    """One error line where anchor mode would make every image of the run an anchor, so that nothing
+    is shared: a run of a single batch of `images` images with as many anchors or more. Checked once
+    the prompts are read: --from-file decides how many batches there are, and may give fewer images
+    than --n_samples. In a run of several batches the later ones read the anchors."""
+    config = opt.consistency
+    if config is None or config.mode is not ShareMode.ANCHOR or batches > 1 or config.n_anchors < images:
+        return
+    anchors = f"--anchor-images {opt.anchor_images}" if opt.anchor_images else f"--share-anchors {config.n_anchors}"
+    parser.error(f"{anchors} with {images} images per batch leaves no image to read the anchors: use fewer "
+                 f"anchors, a larger --n_samples (more lines with --from-file), or --n_iter 2 or more (the later "
+                 f"batches read them)")
 
 
 def check_anchor_images(parser, config, images):
@@ -876,6 +886,6 @@ __all__ = [
     "enable_consistent_attention", "subject_masks_for", "subject_tokens_in", "in_window",
     "disable_consistent_attention", "consistent_attention", "unet_of",
     # command line
-    "add_arguments", "config_from_arguments", "check_anchor_images", "parse_positions", "given_share_flags",
-    "config_from_share_flags",
+    "add_arguments", "config_from_arguments", "check_anchors_leave_readers", "check_anchor_images", "parse_positions",
+    "given_share_flags", "config_from_share_flags",
 ]
