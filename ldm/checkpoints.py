@@ -122,12 +122,23 @@ def _is_safetensors(path):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """`safetensors.torch.save_file`, leaving the file with the permissions of any other file this
-    process writes (0666 less the umask). safetensors 0.8 writes through a temporary file created
-    0600 and renames it (safetensors issue #782), so a reference, adapter or exported checkpoint
-    was unreadable to the other users of a machine it was written for."""
+    """`safetensors.torch.save_file` into a new file: it never replaces one. The name is claimed
+    first (created empty, exclusively), so a file there, or one another run writes meanwhile under
+    the same name, is a FileExistsError, not overwritten (save_file alone renames over it); a
+    failed write removes what it left. The file gets the permissions of any other file this process
+    writes (0666 less the umask): safetensors 0.8 writes through a temporary file created 0600
+    (safetensors issue #782), so a reference, adapter or exported checkpoint was unreadable to the
+    other users of a machine it was written for."""
     from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        open(path, "xb").close()
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; files are never overwritten: choose a new name") from None
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except BaseException:
+        os.unlink(path)
+        raise
     umask = os.umask(0)  # the only way to read it: set, then put back at once
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

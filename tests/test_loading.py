@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_
+from conftest import FULL_CONFIG, REPO, TINY_CONFIG, fill_zero_weights_, has_plain_file_mode
 from ldm.checkpoints import (CheckpointError, WeightsMismatchError, apply_state_dict, build_for_weights,
                             build_with_weights, incomplete_checkpoint, load_model_from_config, load_state_dict,
-                            load_weights, remap_clip_text_keys)
+                            load_weights, remap_clip_text_keys, save_safetensors)
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config
@@ -139,6 +139,23 @@ def test_weights_read_by_default_are_the_callers_own(tmp_path, name, save):
     assert all(torch.equal(loaded[key], t) for key, t in weights.items())
     save(loaded, str(path))
     assert all(torch.equal(load_state_dict(path)[key], t) for key, t in weights.items())
+
+
+def test_save_safetensors_never_replaces_a_file_and_leaves_nothing_when_it_fails(tmp_path):
+    """The name is claimed before writing: a file there (or one another run wrote meanwhile) stays as
+    it is; a write that fails leaves no file; a new one has a plain file's permissions."""
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_safetensors({"w": torch.ones(2)}, path)
+    assert path.read_bytes() == b"someone else's"
+    failed = tmp_path / "failed.safetensors"
+    with pytest.raises(Exception):
+        save_safetensors({"w": "not a tensor"}, failed)
+    assert not failed.exists()
+    written = tmp_path / "new.safetensors"
+    save_safetensors({"w": torch.ones(2)}, written)
+    assert torch.equal(load_state_dict(written)["w"], torch.ones(2)) and has_plain_file_mode(written)
 
 
 def test_lightning_and_numpy_bookkeeping_loads_weights_only(tmp_path):

@@ -402,9 +402,7 @@ def adapter_weights(path) -> tuple:
 def save_adapter(adapter: nn.Module, path, metadata: dict | None = None) -> None:
     """Write the weights as .safetensors in the released key layout (no prefix), so load_adapter
     (and --adapter) read them like a released file; the unshuffle factor, which the keys do not
-    show, goes into the header with `metadata` (str -> str). Never overwrites a file."""
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose a new file name (adapters are never overwritten)")
+    show, goes into the header with `metadata` (str -> str). Never overwrites a file (save_safetensors)."""
     header = {UNSHUFFLE_METADATA: str(adapter.factor), **{k: str(v) for k, v in (metadata or {}).items()}}
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}, path,
                      metadata=header)

@@ -114,9 +114,7 @@ class ReferenceCache:
     def save(self, path, dtype=torch.float16):
         """safetensors file: the K/V (fp16 by default, half the size; lossless for K/V computed
         under fp16 autocast; masks and statistics as they are) and the header as JSON metadata.
-        Never overwrites a file."""
-        if os.path.exists(path):
-            raise FileExistsError(f"{path} exists; the reference is not overwritten")
+        Never overwrites a file (save_safetensors)."""
         if not self.tensors:
             raise ValueError("nothing was recorded: no UNet call of the sampling run fell inside the step "
                              "window; widen --share-window or take more --ddim_steps")
@@ -450,7 +448,7 @@ class ReferenceRun:
                 yield
             try:
                 cache.save(self.path)
-            except ValueError as err:
+            except (ValueError, OSError) as err:  # nothing recorded; a file written meanwhile, a full disk
                 raise SystemExit(f"error: --write-reference {self.path}: {err}")
             self.written = True
             log.info("reference written to %s: %.1f MB", self.path, cache.nbytes / 1e6)
