@@ -302,6 +302,13 @@ def check_run(parser, opt, settings):
                      f"and {len(opt.seeds)} seeds")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
+    # a batch is a prompt and a seed, measured once: the tables pair settings by them
+    for flag, values in (("--prompts", opt.prompts), ("--seeds", opt.seeds)):
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            parser.error(f"{flag} gives {repeated!r} twice; each batch is measured once (more seeds, more batches)")
+    if min(opt.seeds) < 0:
+        parser.error(f"--seeds must be 0 or more, got {min(opt.seeds)}")
 
 
 def config_of(name):
@@ -579,11 +586,12 @@ def warm_up(model, sampler, opt, device):
 # --- reporting ----------------------------------------------------------------------------
 
 def mean_std(values):
+    """'mean ± sample standard deviation' of the values that are not NaN (n/a for the spread of one)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+    std = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
+    return f"{statistics.fmean(values):.3f} ± {std}"
 
 
 def markdown_table(rows, settings):
@@ -603,11 +611,12 @@ METRIC_LABELS = {"colour_spread": "colour spread", "chroma_spread": "chroma spre
 
 
 def mean_se(values):
+    """'mean ± standard error' of the values that are not NaN (n/a for the error of one)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "n/a"
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.3f} ± {se:.3f}"
+    se = f"{statistics.stdev(values) / math.sqrt(len(values)):.3f}" if len(values) > 1 else "n/a"
+    return f"{statistics.fmean(values):+.3f} ± {se}"
 
 
 def paired_table(rows, settings, baseline="none", first=()):
@@ -624,7 +633,8 @@ def paired_table(rows, settings, baseline="none", first=()):
     for setting in others:
         pairs = [(r, base[r["prompt"], r["seed"]]) for r in rows if r["setting"] == setting]
         diffs = {m: [r[m] - b[m] for r, b in pairs] for m in (*first, *PAIRED_METRICS)}
-        narrower = f"{sum(d < 0 for d in diffs['colour_spread'])}/{len(pairs)}"
+        spreads = [d for d in diffs["colour_spread"] if not math.isnan(d)]  # NaN: no read-back (not procedural)
+        narrower = f"{sum(d < 0 for d in spreads)}/{len(spreads)}" if spreads else "n/a"
         cells = [narrower if m == "narrower" else mean_se(diffs[m]) for m in columns]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -77,8 +77,9 @@ def test_paired_table_subtracts_the_same_batch_without_sharing():
             row("all:all", "a chair", 0, 0.6, 0.6, 0.4), row("all:all", "a face", 0, 0.6, 0.5, float("nan"))]
     lines = bench.paired_table(rows, ["none", "all:all"]).splitlines()
     # colour spread: -0.3 and +0.1 -> mean -0.1, std 0.4 / sqrt(2), standard error std / sqrt(2) = 0.2;
-    # chroma spread half of that; fidelity: the face pair is NaN (its prompt names nothing), one pair left
-    assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 | +0.000 ± 0.000 |"
+    # chroma spread half of that; fidelity: the face pair is NaN (its prompt names nothing), one pair
+    # left, whose standard error is undefined
+    assert lines[2] == "| all:all | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 | +0.000 ± n/a |"
     assert bench.paired_table(rows[2:], ["all:all"]) == ""  # no baseline run: no table
     for r, iou in zip(rows, [0.5, 0.7, 0.25, 0.35], strict=True):
         r["iou"] = iou
@@ -86,7 +87,11 @@ def test_paired_table_subtracts_the_same_batch_without_sharing():
     assert lines[0] == ("| setting | IoU − none | colour spread − none | batches narrower | chroma spread − none "
                         "| agreement − none | fidelity − none |")
     assert lines[2] == ("| all:all | -0.300 ± 0.050 | -0.100 ± 0.200 | 1/2 | -0.050 ± 0.100 | +0.000 ± 0.100 "
-                        "| +0.000 ± 0.000 |")
+                        "| +0.000 ± n/a |")
+    for r in rows:  # prompts without read-back (an embedder's): no colour spread, no count of narrower batches
+        r["colour_spread"] = r["chroma_spread"] = float("nan")
+    lines = bench.paired_table(rows, ["all:all"]).splitlines()
+    assert lines[2] == "| all:all | n/a | n/a | n/a | +0.000 ± 0.100 | +0.000 ± n/a |"
 
 
 def one_error_line(result, text):
@@ -287,6 +292,10 @@ BAD_RUNS = [
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
     (["--time-budget", "0"], "--time-budget must be a positive number of seconds, got 0"),
     (["--eta", "1.5"], "--eta must be between 0 (deterministic) and 1 (DDPM-like), got 1.5"),
+    # batches are paired by prompt and seed: a repeated one would pair with another batch's noise
+    (["--prompts", "a chair", "a face", "a chair"], "--prompts gives 'a chair' twice; each batch is measured once"),
+    (["--seeds", "0", "1", "0"], "--seeds gives 0 twice"),
+    (["--seeds", "-1"], "--seeds must be 0 or more, got -1"),
 ]
 
 
