@@ -237,6 +237,18 @@ def test_consistency_and_diversity(kind):
     assert diversity_score(rnd) > 0.15
 
 
+@pytest.mark.parametrize("kind", ["chair", "table", "shape"])
+def test_images_without_an_object_agree_on_nothing_but_their_background(kind):
+    """Where no object is found its attributes read "unknown": not a value the images share."""
+    blank = [np.full((32, 32, 3), 255, np.uint8)] * 4
+    score = consistency_score(blank, kind)
+    assert score["per_attribute"]["background"] == 1.0
+    assert all(v == 0.0 for k, v in score["per_attribute"].items() if k != "background")
+    drawn = render(sample_scene(np.random.default_rng(3), kind))
+    half = consistency_score([drawn, drawn] + blank[:2], kind)["per_attribute"]
+    assert half["colour"] == 0.5  # the two drawn objects agree; the empty images do not join them
+
+
 def test_chroma_spread_ignores_what_only_changes_the_grey_level():
     image = render(sample_scene(np.random.default_rng(4), "chair"))
     assert image.max() <= 255 - 30  # nothing clips below

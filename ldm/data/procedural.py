@@ -790,10 +790,12 @@ def consistency_score(images, kind: str) -> dict:
     """Consistency of a batch of images that should all show the same ``kind`` object.
 
     Returns a dict with
-      * ``agreement`` (float in [1/N, 1], higher = more consistent): the attributes of
+      * ``agreement`` (float in [0, 1], higher = more consistent): the attributes of
         every image are read with :func:`read_attributes`; for each attribute the fraction
-        of images whose value equals the batch's majority value; mean over attributes.
-        1.0 means every readable attribute is identical across the batch.
+        of images whose value equals the batch's majority value among the values read
+        ("unknown", where no object was found, agrees with nothing: a batch of empty images
+        is not consistent); mean over attributes. 1.0 means every attribute was read and
+        is identical across the batch.
       * ``per_attribute``: that fraction for each attribute.
       * ``colour_spread`` (float >= 0, lower = more consistent): mean pairwise Euclidean
         distance between the images' object colour signatures in RGB scaled to [0, 1]
@@ -811,7 +813,7 @@ def consistency_score(images, kind: str) -> dict:
     per = {}
     for k in ATTRIBUTES[kind]:
         vals = [r[k] for r in reads]
-        per[k] = max(vals.count(v) for v in set(vals)) / len(vals)
+        per[k] = max((vals.count(v) for v in set(vals) if v != "unknown"), default=0) / len(vals)
     sig = np.stack([_object_colour(x, kind) for x in imgs])
     if kind == "face":
         sig = sig / 2.0     # 4 parts -> RMS distance per part
