@@ -63,7 +63,7 @@ from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, che
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument,  # noqa: E402
                                 check_output_dir, conditionings, configure_logging, latents_to_images, resolve_device,
-                                seed_step_noise, set_cpu_threads)
+                                set_cpu_threads)
 
 logger = logging.getLogger("adapter_benchmark")
 
@@ -204,8 +204,7 @@ def measure(images, prompt, scenes, reference):
 
 def run(opt, model, adapter, device):
     """Yield (row, images, conditions) for every prompt x seed x setting."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    sampler = DDIMSampler(model)
+    sampler = cb.StepNoisePerImage(model)  # adapter+image samples the batch behind its anchor
     size = opt.shape[-1] * first_stage_factor(model)
     with torch.no_grad(), model.ema_scope():
         for p, prompt in enumerate(opt.prompts):
@@ -217,9 +216,10 @@ def run(opt, model, adapter, device):
                 features = [opt.adapter_weight * f for f in adapter(conds.to(device))]
                 x_T = cb.start_noise(opt.shape, p, seed, opt.n, device)
                 reference = cb.reference_scene(prompt, p, seed)
+                sampler.draw(cb.batch_seed(p, seed), opt.steps, [opt.n, *opt.shape], device)
                 for setting in opt.settings:
                     use_adapter, share = SETTINGS[setting]
-                    seed_step_noise(cb.batch_seed(p, seed))
+                    sampler.rewind()
                     cb.synchronize(device)
                     start = time.perf_counter()
                     images = sample(model, sampler, opt, c, uc, x_T, features if use_adapter else None, share,

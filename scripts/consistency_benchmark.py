@@ -2,7 +2,7 @@
 
 For every sharing setting (SETTINGS, or any other MODE:GROUPS such as anchor:middle) the same
 batches are generated from the same start noise (and, with --eta > 0, the same noise at every
-step): for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may
+step, image by image: StepNoisePerImage): for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may
 give each image its own text ("a chair, on a white background | a chair, on a black background":
 image i gets part i mod k), the storyboard case: the object should agree, the named scenes
 differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch without
@@ -92,6 +92,7 @@ from ldm.image_embedder import (EmbedderError, embedding_similarity, load_embedd
 from ldm.model_choice import (config_of_weights, in_repo, read_model_geometry, require_text_model,  # noqa: E402
                               resolve_weights)
 from ldm.modules.consistency import GROUP_CHOICES, ConsistentAttentionConfig, consistent_attention  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
@@ -270,7 +271,7 @@ def add_sampling_arguments(parser):
     parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--eta", type=float, default=0.0,
                         help="DDIM eta: 0 deterministic, 1 DDPM-like (fresh noise at every step, the same "
-                             "draws for every setting of a batch)")
+                             "for each image in every setting of a batch)")
 
 
 def check_run(parser, opt, settings):
@@ -438,9 +439,9 @@ def sample_from_reference(model, sampler, opt, prompts, c, uc, x_T, config):
     first, last = slice(0, -1), slice(-1, None)
     part = lambda cond, which: None if cond is None else cond[which]
     with record_reference(model, config, 1, prompts=prompts[last]) as cache:
-        reference = ddim_images(model, sampler, opt, part(c, last), part(uc, last), x_T[last])
+        reference = ddim_images(model, sampler, opt, part(c, last), part(uc, last), x_T[last], images=last)
     with read_reference(model, cache, opt.n - 1):
-        readers = ddim_images(model, sampler, opt, part(c, first), part(uc, first), x_T[first])
+        readers = ddim_images(model, sampler, opt, part(c, first), part(uc, first), x_T[first], images=first)
     return torch.cat([readers, reference])
 
 
@@ -483,16 +484,55 @@ def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_
         sharing = anchors.batch(model, prompts[batch]) if anchors is not None else \
             consistent_attention(model, config, len(prompts[batch]), prompts=prompts[batch])
         with sharing:
-            images.append(ddim_images(model, sampler, opt, part(c, batch), part(uc, batch), x_T[batch]))
+            images.append(ddim_images(model, sampler, opt, part(c, batch), part(uc, batch), x_T[batch], images=batch))
     return torch.cat(images)
 
 
-def ddim_images(model, sampler, opt, c, uc, x_T, **known):
-    """`known`: the sampler's mask and x0 (a reference image's anchor)."""
+def ddim_images(model, sampler, opt, c, uc, x_T, images=slice(None), **known):
+    """`images`: which of the batch's images x_T holds (behind any anchors in front), for their
+    step noise (StepNoisePerImage); `known`: the sampler's mask and x0 (a reference image's anchor)."""
+    sampler.images = images
     latents, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(x_T), shape=opt.shape,
                                 unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                 eta=opt.eta, x_T=x_T, verbose=False, **known)
     return latents_to_images(model, latents)
+
+
+class StepNoisePerImage(DDIMSampler):
+    """DDIM whose step noise (eta > 0) is drawn once per batch, image by image: in every setting image
+    i of a batch gets the same noise at every step, also where a setting samples the batch in runs
+    of other sizes (reference:*: image N-1, then the others; n_iter2:*: two halves) or behind
+    --reference-image anchors (image:*), where a draw over each run's own images would hand image i
+    other noise. Drawn as one run of the batch's N images draws it from the batch's step seed
+    (`seed_step_noise`), so the settings that sample the batch in one run sample as with DDIMSampler.
+    Anchors in front get none: they are replaced by their noised reference before every step."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.drawn = None          # [(N, C, h, w)] per step in sampling order; None: DDIMSampler's own
+        self.images = slice(None)  # which of the batch's images the current run samples
+        self.rng_state = None
+
+    def draw(self, seed, steps, shape, device):
+        """The step noise of a batch of `shape` (N, C, h, w) sampled in `steps` steps, then the global
+        generators' state after it (`rewind`)."""
+        seed_step_noise(seed)
+        self.drawn = [torch.randn(shape, device=device) for _ in range(steps)]
+        self.rng_state = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind(self):
+        """Before each setting: what it draws besides (an image anchor's forward noise) comes after the
+        step noise, the same in every setting."""
+        cpu, cuda = self.rng_state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+    def step_noise(self, shape, device, index):
+        if self.drawn is None:
+            return super().step_noise(shape, device, index)
+        noise = self.drawn[len(self.drawn) - 1 - index][self.images]
+        return torch.cat([noise.new_zeros(shape[0] - len(noise), *noise.shape[1:]), noise])
 
 
 def to_uint8_hwc(images):
@@ -537,8 +577,7 @@ def run(opt, model, device, embedder=None):
     """Yield (row dict, images) for every seed x prompt x setting. Seeds are the outer loop and
     settings the inner one, so a run stopped by --time-budget has measured every setting on the
     same batches, and every prompt once before any prompt twice."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    sampler = DDIMSampler(model)
+    sampler = StepNoisePerImage(model)
     deadline = None if opt.time_budget is None else time.monotonic() + opt.time_budget
     with torch.no_grad(), model.ema_scope():
         warm_up(model, sampler, opt, device)
@@ -561,8 +600,9 @@ def run(opt, model, device, embedder=None):
             if anchor is None and scene is not None and (embedder is not None or image_settings):
                 anchor = scene_anchor(scene, opt.image_size)
             embedded = embedder((anchor.pixels + 1) / 2) if embedder is not None and anchor is not None else None
+            sampler.draw(batch_seed(p, seed), opt.steps, [opt.n, *opt.shape], device)
             for setting in opt.settings:
-                seed_step_noise(batch_seed(p, seed))  # every setting of a batch draws the same step noise
+                sampler.rewind()
                 synchronize(device)
                 start = time.perf_counter()
                 images = sample(model, sampler, opt, prompts, c, uc, x_T, setting, anchor)

@@ -218,6 +218,25 @@ def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_
     assert not torch.equal(torch.randn(2, 4, 8, 8), bench.start_noise([4, 8, 8], 0, 0, 2, torch.device("cpu")))
 
 
+def test_with_eta_settings_sampled_in_several_runs_give_each_image_its_own_step_noise(tiny_model_with_weights):
+    """reference:* samples image N-1 alone, then the others; n_iter2:* two halves: at eta 1 every image
+    still gets the noise it has in `none`, so the reference image and each half's own anchor come out
+    exactly as without sharing (a draw per run handed them other images' noise)."""
+    import types
+
+    import torch
+    bench = benchmark_module()
+    settings = ["none", "reference:all", "n_iter2:own-anchors"]
+    opt = types.SimpleNamespace(n=4, steps=3, shape=[4, 8, 8], scale=5.0, seeds=[0], prompts=["a red chair"],
+                                settings=settings, time_budget=None, reference_pixels=None, eta=1.0)
+    images = dict(zip(settings, (batch for _, batch in bench.run(opt, tiny_model_with_weights, torch.device("cpu")))))
+    exact = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(images["reference:all"][-1], images["none"][-1], **exact)
+    for anchor in (0, 2):  # the first image of each half
+        torch.testing.assert_close(images["n_iter2:own-anchors"][anchor], images["none"][anchor], **exact)
+    assert not torch.allclose(images["reference:all"][:-1], images["none"][:-1], atol=1e-3)  # the others share
+
+
 def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
     one_error_line(run("--random-weights", "--prompts", "a chair | a table", "--outdir", tmp_path),
                    "show different kinds (chair, table)")

@@ -102,11 +102,16 @@ class DDIMSampler(Sampler):
             pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
         # direction pointing to x_t
         dir_xt = (1. - a_prev - sigma_t**2).sqrt() * e_t
-        noise = sigma_t * noise_like(x.shape, device) * temperature
+        noise = sigma_t * self.step_noise(x.shape, device, index) * temperature
         if noise_dropout > 0.:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
         return x_prev, pred_x0
+
+    def step_noise(self, shape, device, index):
+        """The fresh noise of schedule step `index` (scaled by eta's sigma; drawn at eta 0 too, as
+        upstream did): from the global generator. scripts/consistency_benchmark.py draws it per image."""
+        return noise_like(shape, device)
 
     @torch.no_grad()
     def stochastic_encode(self, x0, t, noise=None):
