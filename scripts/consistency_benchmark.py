@@ -2,13 +2,14 @@
 
 For every sharing setting (SETTINGS, or any other MODE:GROUPS such as anchor:middle) the same
 batches are generated from the same start noise (and, with --eta > 0, the same noise at every
-step, image by image: StepNoisePerImage): for each prompt and seed, N images with DDIM and classifier-free guidance. A prompt may
-give each image its own text ("a chair, on a white background | a chair, on a black background":
-image i gets part i mod k), the storyboard case: the object should agree, the named scenes
-differ. The procedural scenes' pixel read-back (ldm.data.procedural) measures each batch without
-any classifier:
+step, image by image: StepNoisePerImage): for each prompt and seed, N images with DDIM and
+classifier-free guidance. A prompt may give each image its own text ("a chair, on a white
+background | a chair, on a black background": image i gets part i mod k), the storyboard case:
+the object should agree, the named scenes differ. The procedural scenes' pixel read-back
+(ldm.data.procedural) measures each batch without any classifier:
 
-* agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more consistent)
+* agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more
+                consistent; an attribute not read, no object found, agrees with nothing)
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
 * scene div.    1 - agreement over the scene attributes (background, position): subject-masked
                 sharing should keep the object consistent and leave these as free as without sharing
