@@ -519,7 +519,8 @@ class StepNoisePerImage(DDIMSampler):
         generators' state after it (`rewind`)."""
         seed_step_noise(seed)
         self.drawn = [torch.randn(shape, device=device) for _ in range(steps)]
-        self.rng_state = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        self.rng_state = torch.get_rng_state(), (torch.cuda.get_rng_state(device), device) if cuda else None
 
     def rewind(self):
         """Before each setting: what it draws besides (an image anchor's forward noise) comes after the
@@ -527,7 +528,7 @@ class StepNoisePerImage(DDIMSampler):
         cpu, cuda = self.rng_state
         torch.set_rng_state(cpu)
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+            torch.cuda.set_rng_state(*cuda)
 
     def step_noise(self, shape, device, index):
         if self.drawn is None:
