@@ -394,12 +394,17 @@ def test_plain_attention_matches_upstream(backend, exact):
 
 
 def parse_cli(argv, images=4):
+    """The config the flags give for a run of one batch of `images` images, checked as txt2img and
+    img2img check it (the anchors' readers once the prompts are read, ldm.script_helpers)."""
     import argparse
-    from ldm.modules.consistency import add_arguments, config_from_arguments
+    from ldm.modules.consistency import add_arguments, check_anchors_leave_readers, config_from_arguments
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=42)
     add_arguments(parser)
-    return config_from_arguments(parser.parse_args(argv), parser, images)
+    opt = parser.parse_args(argv)
+    opt.consistency = config_from_arguments(opt, parser, images)
+    check_anchors_leave_readers(parser, opt, images, batches=1)
+    return opt.consistency
 
 
 def test_cli_flags_build_the_config():
