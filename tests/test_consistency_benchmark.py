@@ -221,12 +221,13 @@ def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_
 def test_with_eta_settings_sampled_in_several_runs_give_each_image_its_own_step_noise(tiny_model_with_weights):
     """reference:* samples image N-1 alone, then the others; n_iter2:* two halves: at eta 1 every image
     still gets the noise it has in `none`, so the reference image and each half's own anchor come out
-    exactly as without sharing (a draw per run handed them other images' noise)."""
+    exactly as without sharing (a draw per run handed them other images' noise), and a run of two
+    batches reading the first one's anchor gives the images of one batch in anchor mode."""
     import types
 
     import torch
     bench = benchmark_module()
-    settings = ["none", "reference:all", "n_iter2:own-anchors"]
+    settings = ["none", "reference:all", "n_iter2:own-anchors", "n_iter2:anchor", "anchor:middle+inner"]
     opt = types.SimpleNamespace(n=4, steps=3, shape=[4, 8, 8], scale=5.0, seeds=[0], prompts=["a red chair"],
                                 settings=settings, time_budget=None, reference_pixels=None, eta=1.0)
     images = dict(zip(settings, (batch for _, batch in bench.run(opt, tiny_model_with_weights, torch.device("cpu")))))
@@ -235,6 +236,7 @@ def test_with_eta_settings_sampled_in_several_runs_give_each_image_its_own_step_
     for anchor in (0, 2):  # the first image of each half
         torch.testing.assert_close(images["n_iter2:own-anchors"][anchor], images["none"][anchor], **exact)
     assert not torch.allclose(images["reference:all"][:-1], images["none"][:-1], atol=1e-3)  # the others share
+    torch.testing.assert_close(images["n_iter2:anchor"], images["anchor:middle+inner"], **exact)
 
 
 def test_per_image_prompts_of_different_kinds_are_one_error_line(tmp_path):
