@@ -413,8 +413,7 @@ def _drop_ema_copy_without_weights(model, sd, source):
     would sample with random weights where it lacks them, and is refused."""
     if not getattr(model, "use_ema", False):
         return
-    ema_weights = [f"model_ema.{name}" for name, _ in model.model_ema.named_buffers()
-                   if name not in ("decay", "num_updates")]
+    ema_weights = [f"model_ema.{name}" for name in model.model_ema.m_name2s_name.values()]  # not its counters
     held = [k for k in ema_weights if k in sd]
     if held and len(held) < len(ema_weights):
         raise WeightsMismatchError(f"{source} holds {len(held)} of the {len(ema_weights)} EMA weights (model_ema.*) "

@@ -70,7 +70,8 @@ def model_fingerprint(model) -> str:
     into the UNet: its own buffers hold it inside that scope and outside alike, so a reference
     recorded while sampling passes the check a reader makes right after loading."""
     if getattr(model, "use_ema", False):
-        weights = {name: t for name, t in model.model_ema.state_dict().items() if name not in ("decay", "num_updates")}
+        shadows = dict(model.model_ema.named_buffers())
+        weights = {name: shadows[name] for name in model.model_ema.m_name2s_name.values()}  # not its counters
     else:
         weights = unet_of(model).state_dict()
     digest = hashlib.sha256()
