@@ -506,7 +506,7 @@ class StepNoisePerImage(DDIMSampler):
     --reference-image anchors (image:*), where a draw over each run's own images would hand image i
     other noise. Drawn as one run of the batch's N images draws it from the batch's step seed
     (`seed_step_noise`), so the settings that sample the batch in one run sample as with DDIMSampler.
-    Anchors in front get none: they are replaced by their noised reference before every step."""
+    Anchors in front draw none (ddim.py, `rows_to_noise`)."""
 
     def __init__(self, model):
         super().__init__(model)
@@ -533,8 +533,7 @@ class StepNoisePerImage(DDIMSampler):
     def step_noise(self, shape, device, index):
         if self.drawn is None:
             return super().step_noise(shape, device, index)
-        noise = self.drawn[len(self.drawn) - 1 - index][self.images]
-        return torch.cat([noise.new_zeros(shape[0] - len(noise), *noise.shape[1:]), noise])
+        return self.drawn[len(self.drawn) - 1 - index][self.images]
 
 
 def to_uint8_hwc(images):

@@ -49,7 +49,9 @@ class DDIMSampler(Sampler):
 
         eps = lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale,
                                                score_corrector, corrector_kwargs)
-        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, quantize_denoised, temperature, noise_dropout)
+        fresh, known_noise = rows_to_noise(mask, b), known_part_generator(mask, device)
+        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, quantize_denoised, temperature, noise_dropout,
+                                                        fresh)
         history = []  # earlier noise estimates, for multistep methods (PLMS)
         iterator = tqdm(time_range, desc=type(self).__name__, total=total_steps, disable=not verbose)
         for i, step in enumerate(iterator):
@@ -57,7 +59,7 @@ class DDIMSampler(Sampler):
             ts = torch.full((b,), step, device=device, dtype=torch.long)
             ts_next = torch.full((b,), time_range[min(i + 1, len(time_range) - 1)], device=device, dtype=torch.long)
 
-            img = self.keep_known(img, ts, mask, x0)
+            img = self.keep_known(img, ts, mask, x0, known_noise)
             img, pred_x0 = self.denoise_step(img, ts, ts_next, index, eps, update, history)
             if callback: callback(i)
             if img_callback: img_callback(pred_x0, i)
@@ -68,20 +70,23 @@ class DDIMSampler(Sampler):
 
         return img, intermediates
 
-    def keep_known(self, x, t, mask, x0):
+    def keep_known(self, x, t, mask, x0, generator=None):
         """x with its known part (mask 1) replaced by x0 noised to timestep t: upstream's inpainting
-        replacement, before each step (also how --reference-image keeps its anchor at the reference)."""
+        replacement, before each step (also how --reference-image keeps its anchor at the reference).
+        The noise comes from `generator` (`known_part_generator`)."""
         if mask is None:
             return x
         assert x0 is not None
-        return self.model.q_sample(x0, t) * mask + (1. - mask) * x
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.model.q_sample(x0, t, noise=noise) * mask + (1. - mask) * x
 
     def denoise_step(self, x, t, t_next, index, eps, update, history):
         """One DDIM step: x_{t-1} and the predicted x_0 from the noise estimate at (x, t)."""
         return update(x, eps(x, t), index)
 
-    def ddim_update(self, x, e_t, index, quantize_denoised=False, temperature=1., noise_dropout=0.):
-        """x_{t-1} and the predicted x_0, from x_t and the noise estimate e_t at schedule step `index`."""
+    def ddim_update(self, x, e_t, index, quantize_denoised=False, temperature=1., noise_dropout=0., fresh=None):
+        """x_{t-1} and the predicted x_0, from x_t and the noise estimate e_t at schedule step `index`;
+        step noise for the images `fresh` only (`rows_to_noise`; None: all)."""
         b, device = x.shape[0], x.device
         # the parameters of schedule step `index`, one per image
         a_t = torch.full((b, 1, 1, 1), self.ddim_alphas[index], device=device)
@@ -102,7 +107,12 @@ class DDIMSampler(Sampler):
             pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
         # direction pointing to x_t
         dir_xt = (1. - a_prev - sigma_t**2).sqrt() * e_t
-        noise = sigma_t * self.step_noise(x.shape, device, index) * temperature
+        if fresh is None:
+            noise = self.step_noise(x.shape, device, index)
+        else:  # the others are replaced before the next step
+            noise = torch.zeros(x.shape, device=device)
+            noise[fresh] = self.step_noise((len(fresh), *x.shape[1:]), device, index)
+        noise = sigma_t * noise * temperature
         if noise_dropout > 0.:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
@@ -132,9 +142,34 @@ class DDIMSampler(Sampler):
         logger.debug("Running DDIM decoding with %d timesteps", total_steps)
 
         x_dec = x_latent
+        fresh, known_noise = rows_to_noise(mask, len(x_latent)), known_part_generator(mask, x_latent.device)
         for i, step in enumerate(tqdm(time_range, desc='Decoding image', total=total_steps, disable=not verbose)):
             ts = torch.full((x_latent.shape[0],), step, device=x_latent.device, dtype=torch.long)
-            x_dec = self.keep_known(x_dec, ts, mask, x0)
+            x_dec = self.keep_known(x_dec, ts, mask, x0, known_noise)
             e_t = self.noise_estimate(x_dec, ts, cond, unconditional_conditioning, unconditional_guidance_scale)
-            x_dec, _ = self.ddim_update(x_dec, e_t, index=total_steps - i - 1)
+            x_dec, _ = self.ddim_update(x_dec, e_t, index=total_steps - i - 1, fresh=fresh)
         return x_dec
+
+
+# A batch with known images (--reference-image's anchors, mask 1 all over) must sample its other
+# images exactly as the same batch without them: with the same seed, what a reference changes in
+# them is then what the images read from it, not other random numbers. So the known images draw
+# no step noise (they are replaced before every step anyway), and the noise that keeps them at the
+# reference comes from a generator of their own, not from the global one the step noise comes from.
+
+def rows_to_noise(mask, n):
+    """The images of a batch of `n` that need DDIM's step noise: those not known all over. None: all."""
+    if mask is None or mask.shape[0] != n:
+        return None
+    fresh = (mask.reshape(n, -1) < 1).any(1)
+    return None if fresh.all() else fresh.nonzero().squeeze(1)
+
+
+def known_part_generator(mask, device):
+    """The generator of the noise that keeps a known part at x0's noise level (`keep_known`), seeded
+    from the global one's state without advancing it (so it follows the run's seed); None without a mask."""
+    if mask is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(2**62, ()))
+    return torch.Generator(device).manual_seed(seed)
