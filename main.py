@@ -17,6 +17,7 @@ from PIL import Image
 from pytorch_lightning import seed_everything
 from pytorch_lightning.trainer import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, Callback, LearningRateMonitor  # noqa: F401 (config targets main.X)
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
@@ -623,6 +624,16 @@ class CUDACallback(Callback):
         rank_zero_info(f"Average Peak memory {max_memory:.2f}MiB")
 
 
+class TimeOfThisCommand(Timer):
+    """lightning.trainer.max_time, counted from this command's start. Lightning's own Timer adds the
+    time a resumed run had spent before, so a --resume of a run that max_time stopped (every run of
+    scripts/gpu_train_embedded.sh) trained no step and ended as if done; max_time is set here to fit
+    one command into a lease or a job slot."""
+
+    def load_state_dict(self, state_dict):
+        pass
+
+
 class TrainingStart(Callback):
     """The step at which this process began to train, after a --resume restored its state (None
     before): what a failure may save is only what was trained since."""
@@ -907,6 +918,9 @@ if __name__ == "__main__":
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         training_start = TrainingStart()
         trainer_kwargs["callbacks"].append(training_start)
+        if trainer_config.get("max_time") is not None:
+            trainer_kwargs["callbacks"].append(TimeOfThisCommand(duration=trainer_config.pop("max_time"),
+                                                                 interval="step"))
         trainer = Trainer(**trainer_config, **trainer_kwargs)
         trainer.logdir = logdir  ###
 

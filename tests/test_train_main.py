@@ -236,6 +236,24 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
     assert not any(tmp_path.glob("*/checkpoints/*.ckpt"))
 
 
+def test_resuming_a_run_that_max_time_stopped_trains_on_for_max_time_again(tmp_path):
+    """lightning.trainer.max_time caps one command (scripts/gpu_train_embedded.sh sets it for every
+    run), and the run's saved config keeps it: Lightning's Timer counted the time spent before the
+    --resume too, so the resumed run stopped at once, no step trained, exit status 0."""
+    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                 "lightning.trainer.max_time=00:00:00:01"]
+    common = ["-t", "--no-test", "--accelerator", "cpu", "--devices", "1", "--max_steps", "1000"]
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, *common, "--logdir", tmp_path, *overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    from ldm.checkpoints import read_checkpoint
+    stopped = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 1 <= stopped < 1000
+    result = run_main("--resume", run_dir, *common, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] > stopped
+
+
 def run_main(*args, timeout=120):
     # empty stdin: a debugger that opens reads end-of-file and quits instead of waiting for a terminal
     return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
