@@ -96,7 +96,8 @@ def main(argv=None):
             shapes = [(len(captions), model.channels, model.image_size, model.image_size) for _, captions in batches]
             timesteps = [torch.randint(0, model.num_timesteps, (s[0],), generator=generator) for s in shapes]
             noises = [torch.randn(s, generator=generator) for s in shapes]
-        losses = losses_of(model, batches, timesteps, noises)
+        with model.ema_scope():  # the weights txt2img samples with: a .ckpt's EMA copy, where it has one
+            losses = losses_of(model, batches, timesteps, noises)
         first = losses if first is None else first
         rows.append((path, mean_se(losses), mean_se(losses - first)))
     print(f"{opt.n} validation scenes of {opt.config}, timesteps and noise from seed {opt.seed}\n")

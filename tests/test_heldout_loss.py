@@ -29,6 +29,22 @@ def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
     assert 0.8 < broken[1] < 1.2 and broken[2] > 0.7, broken  # zero prediction: the loss is E[noise²] = 1
 
 
+def test_a_checkpoint_with_an_ema_copy_is_scored_on_it_as_txt2img_samples_with_it(tmp_path):
+    """A training .ckpt holds the raw weights and the EMA copy (model_ema.*, LitEma's names); txt2img
+    samples with the copy, and so must the loss that compares it with an export."""
+    weights = load_file(REPO_WEIGHTS)
+    ema = {f"model_ema.{k[len('model.'):].replace('.', '')}": v.clone()  # LitEma's buffer names
+           for k, v in weights.items() if k.startswith("model.diffusion_model.")}
+    raw = {k: v.clone().zero_() if k.startswith("model.diffusion_model.out.2.") else v for k, v in weights.items()}
+    save_file({**raw, **ema}, tmp_path / "last-ema.safetensors")
+
+    result = run("heldout_loss.py", "--config", CONFIG, "--ckpt", REPO_WEIGHTS, tmp_path / "last-ema.safetensors",
+                 "--n", "16", "--batch-size", "16", "--threads", "1")
+    assert_ok(result)
+    shipped, with_ema = rows_of(result.stdout)
+    assert with_ema[1:] == shipped[1:3] and with_ema[2] == 0.0, (shipped, with_ema)
+
+
 def test_a_missing_weight_file_is_one_error_line(tmp_path):
     assert_one_line_error(run("heldout_loss.py", "--config", CONFIG, "--ckpt", tmp_path / "none.safetensors"),
                           "none.safetensors", "no such file")
