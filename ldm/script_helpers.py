@@ -509,28 +509,37 @@ def _shortened(text, length=40):
     return repr(text if len(text) <= length else text[:length - 1] + "…")
 
 
-def check_step_window(parser, opt, sampler, timesteps=None):
-    """A --share-window holding none of the steps at which this run calls the model would share
-    (or record as a reference) nothing: one error line before the first image, instead of a
-    warning, or with --write-reference an error, after a batch. `timesteps`: the calls of a run
-    that samples part of the schedule (img2img); default a whole run of --ddim_steps (a dry run,
-    no model call)."""
+def check_step_windows(parser, opt, sampler, timesteps=None):
+    """A --share-window or --cond-tau holding none of the steps at which this run calls the model
+    would share (or record as a reference) nothing, or apply the adapter at no step: one error line
+    before the first image, instead of a warning, an error after a batch, or nothing at all.
+    `timesteps`: the calls of a run that samples part of the schedule (img2img, from --strength);
+    default a whole run of --ddim_steps (a dry run, no model call)."""
     from ldm.modules.consistency import in_window
     reference = getattr(opt, "reference", None)
     config = opt.consistency or (reference.config if reference is not None else None)
-    if config is None or config.window == (0.0, 1.0):
+    adapters = getattr(opt, "adapters", None)
+    cond_tau = adapters.cond_tau if adapters is not None else 1.0
+    if (config is None or config.window == (0.0, 1.0)) and cond_tau == 1.0:
         return
-    timesteps = sampler.model_timesteps(opt.ddim_steps) if timesteps is None else timesteps
+    partial = timesteps is not None
+    timesteps = timesteps if partial else sampler.model_timesteps(opt.ddim_steps)
     num_timesteps = sampler.ddpm_num_timesteps
-    if any(in_window(config, t, num_timesteps) for t in timesteps):
-        return
-    start, end = config.window
-    positions = [1.0 - t / num_timesteps for t in timesteps]
-    nearest = [max((p for p in positions if p < start), default=None),
-               min((p for p in positions if p > end), default=None)]
-    parser.error(f"--share-window {start:g}:{end:g} holds none of this run's {len(positions)} model calls (the nearest "
-                 f"at {' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
-                 f"1 = image): widen it or take more --ddim_steps")
+    positions = [1.0 - t / num_timesteps for t in timesteps]  # 0 = noise, 1 = image
+    calls = f"this run's {len(positions)} model calls"
+    if config is not None and not any(in_window(config, t, num_timesteps) for t in timesteps):
+        start, end = config.window
+        nearest = [max((p for p in positions if p < start), default=None),
+                   min((p for p in positions if p > end), default=None)]
+        more = ("raise --strength, which starts the run nearer the noise" if partial and end < min(positions)
+                else "take more --ddim_steps")
+        parser.error(f"--share-window {start:g}:{end:g} holds none of {calls} (the nearest at "
+                     f"{' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
+                     f"1 = image): widen it or {more}")
+    if min(positions) > cond_tau:  # the adapter is on while 1 - t/T <= cond_tau (adapters.AdapterInjection)
+        parser.error(f"--cond-tau {cond_tau:g} holds none of {calls} (the first at {min(positions):.3f} of the "
+                     f"trajectory, 0 = noise, 1 = image): the adapter would change nothing; raise it to "
+                     f"{min(positions):.3f} or more" + ("" if partial else " or take more --ddim_steps"))
 
 
 def check_subject_words_before_loading(parser, opt):

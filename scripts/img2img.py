@@ -18,7 +18,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, check_against_model,
-                                check_output_dir, check_step_window, check_subject_words_before_loading,
+                                check_output_dir, check_step_windows, check_subject_words_before_loading,
                                 configure_logging, consistency_from_arguments, interruptible, latents_to_images,
                                 load_model, make_sampler, noised_batches, precision_context, sampling_batch,
                                 validate_common, warn_if_far_above_model_size)
@@ -163,7 +163,7 @@ def main(argv=None, extra_metadata=None):
     sampler = make_sampler(opt, model, SAMPLERS)
     # one schedule for the step-window check and the sampling
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
-    check_step_window(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
+    check_step_windows(parser, opt, sampler, timesteps=sampler.ddim_timesteps[:encode_steps(opt)])
     results = generate(opt, model, sampler, device, postprocess, init_image)
     paths = save_outputs(opt, results, (height, width), extra_metadata, postprocess.png)
     logger.info(written_message(opt, paths))

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
 from ldm.script_helpers import (SAMPLERS, SAMPLER_ALIASES, ArgumentParser, add_batch_arguments, add_common_arguments,
-                                check_against_model, check_image_size, check_output_dir, check_step_window,
+                                check_against_model, check_image_size, check_output_dir, check_step_windows,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 interruptible, latents_to_images, load_model, make_sampler, noised_batches,
                                 precision_context, sampling_batch, validate_common, warn_if_far_above_model_size)
@@ -89,7 +89,7 @@ def main(argv=None, extra_metadata=None):
     model, device = load_model(opt)
     check_against_model(parser, opt, model)
     sampler = make_sampler(opt, model, SAMPLERS)
-    check_step_window(parser, opt, sampler)
+    check_step_windows(parser, opt, sampler)
     paths = save_outputs(opt, generate(opt, model, sampler, device, postprocess), extra_metadata, postprocess.png)
     logger.info(written_message(opt, paths))
     return paths

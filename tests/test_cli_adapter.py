@@ -70,15 +70,23 @@ def test_two_adapters_run_and_are_recorded(tmp_path, files):
     assert color["kind"] == "light" and color["weight"] == 0.5 and len(color["cond"]) == 2
 
 
-def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files):
-    """In-process (cheaper than three more subprocesses). DDIM with 2 steps runs t = 501, 1:
-    --cond-tau 0.4 ends before the first step (progress 0.499), so the image is the plain one."""
+def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files, capsys):
+    """In-process (cheaper than more subprocesses). DDIM with 2 steps calls the model at progress
+    0.499 and 0.999: --cond-tau 0.6 applies the adapter at the first call only, 0.4 at none, which
+    is one error line before sampling (it made the plain image, and its metadata named the adapter)."""
     adapter = ["--adapter", files / "canny.pth", "--cond", files / "photo.png", "--cond-type", "canny"]
     image = lambda name, *extra: one_image(files, tmp_path / name, "--ddim_steps", "2", *extra)
-    plain = image("plain")
-    assert not np.array_equal(image("steered", *adapter), plain)
-    assert np.array_equal(image("outside", *adapter, "--cond-tau", "0.4"), plain)
+    plain, steered = image("plain"), image("steered", *adapter)
+    first_call = image("first-call", *adapter, "--cond-tau", "0.6")
+    assert not np.array_equal(steered, plain) and not np.array_equal(first_call, plain)
+    assert not np.array_equal(first_call, steered)
     assert "t2i_adapter" not in read_parameters(tmp_path / "plain" / "samples" / "00000.png")["extra"]
+    with pytest.raises(SystemExit) as exit_info:
+        image("outside", *adapter, "--cond-tau", "0.4")
+    assert exit_info.value.code == 2 and not any((tmp_path / "outside").iterdir())  # no image
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--cond-tau 0.4 holds none of this run's 2 model calls (the first at 0.499" in error
+    assert "raise it to 0.499 or more or take more --ddim_steps" in error
 
 
 def test_a_diffusers_adapter_folder_steers_as_its_weights_in_the_released_layout(tmp_path, files):
@@ -171,7 +179,7 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     assert len(errors) == 1 and message.format(**paths) in errors[0], errors
 
 
-def test_img2img_takes_adapters_too(tmp_path, files):
+def test_img2img_takes_adapters_too(tmp_path, files, capsys):
     script = load_script("img2img")
     common = ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--init-img", files / "photo.png",
               "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4", "--strength", "0.5", "--skip_grid"]
@@ -180,8 +188,13 @@ def test_img2img_takes_adapters_too(tmp_path, files):
         script.main([str(a) for a in [*common, "--outdir", tmp_path / name, *extra]])
         return pixels(tmp_path / name)[0]
 
-    steered = image("steered", "--adapter", files / "color.safetensors", "--cond", files / "photo.png",
-                    "--cond-type", "color")
+    adapter = ["--adapter", files / "color.safetensors", "--cond", files / "photo.png", "--cond-type", "color"]
+    steered = image("steered", *adapter)
     assert not np.array_equal(steered, image("plain"))
     meta = read_parameters(tmp_path / "steered" / "samples" / "00000.png")["extra"]
     assert meta["strength"] == 0.5 and meta["t2i_adapter"]["adapters"][0]["kind"] == "light"
+    # strength 0.5 of 4 steps calls the model at 0.749 and 0.999 only: more steps would not help
+    with pytest.raises(SystemExit):
+        image("outside", *adapter, "--cond-tau", "0.5")
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert error.endswith("raise it to 0.749 or more")
