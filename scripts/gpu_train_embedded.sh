@@ -18,6 +18,7 @@
 #   MAX_STEPS=3000 BATCH=256 NUM_WORKERS=8 ACCELERATOR=gpu PRECISION=bf16-mixed
 #   MAX_TIME=00:00:07:30   (DD:HH:MM:SS; Lightning stops there and still saves last.ckpt; the device
 #                           tool stops a command at 10 minutes, export and grid need ~1 more)
+#   TRAIN_ARGS=""               (more KEY=VALUE config overrides for main.py)
 #   SAMPLE_STEPS=50             (DDIM steps of the txt2img grid)
 #   BENCHMARK=1 BENCH_ARGS=""   (extra arguments for the benchmark, e.g. "--seeds 0 --n 4")
 #   LOGDIR=logs/embedded
@@ -40,6 +41,7 @@ MAX_TIME=${MAX_TIME:-00:00:07:30}
 SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 BENCHMARK=${BENCHMARK:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 LOGDIR=${LOGDIR:-logs/embedded}
 EARLY_FAILURE_SECONDS=${EARLY_FAILURE_SECONDS:-120}
 CONFIG=configs/embedded/procedural-t2i.yaml
@@ -59,6 +61,7 @@ mkdir -p "$LOGDIR"
 log() { echo "[gpu_train_embedded $(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 
+# shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
 train() {  # train WORKERS MAX_TIME: main.py's exit status; its log is appended to $LOGDIR/train.log
   log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), $1 loader workers, at most $2"
   set +e
@@ -66,7 +69,7 @@ train() {  # train WORKERS MAX_TIME: main.py's exit status; its log is appended 
     --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
     data.params.batch_size="$BATCH" data.params.num_workers="$1" \
     model.params.scheduler_config.params.cycle_lengths="[$MAX_STEPS]" \
-    lightning.trainer.max_time="$2" 2>&1 | tee -a "$LOGDIR/train.log" \
+    lightning.trainer.max_time="$2" $TRAIN_ARGS 2>&1 | tee -a "$LOGDIR/train.log" \
     | grep --line-buffered -E "Trainer.fit|Setting learning rate|Average|Error|error"
   local status=${PIPESTATUS[0]}
   set -e
@@ -87,18 +90,22 @@ if [ "$status" != 0 ] && [ "$NUM_WORKERS" != 0 ] && [ "$elapsed" -lt "$EARLY_FAI
   train 0 "$(printf '00:%02d:%02d:%02d' $((left / 3600)) $((left % 3600 / 60)) $((left % 60)))" || status=$?
 fi
 tail -n 300 "$LOGDIR/train.log" > "$OUT/train-tail.log"
-if [ "$status" != 0 ]; then
-  echo "error: training failed (exit $status); see $OUT/train-tail.log" >&2; exit 1
-fi
-run_dir=$(ls -d "$LOGDIR"/*_"$NAME" | tail -n 1)
+run_dir=$(ls -d "$LOGDIR"/*_"$NAME" 2>/dev/null | tail -n 1 || true)
 ckpt="$run_dir/checkpoints/last.ckpt"
-if [ ! -f "$ckpt" ]; then
+if [ "$status" != 0 ]; then
+  echo "error: training failed (exit $status); see $OUT/train-tail.log" >&2
+  # main.py saves last.ckpt when a failure comes after a trained step: a lease keeps those weights
+  # (the json's global_step says how far they got); the exit status stays 1
+  [ -n "$run_dir" ] && [ -f "$ckpt" ] || exit 1
+  log "exporting what the failed training saved: $ckpt"
+elif [ ! -f "$ckpt" ]; then
   echo "error: training wrote no $ckpt; see $OUT/train-tail.log" >&2; exit 1
 fi
 log "trained in $(( $(date +%s) - start )) s"
 
-cp "$run_dir"/csv/version_0/metrics.csv "$OUT/metrics.csv"
-python3 scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" --metrics "$OUT/metrics.csv"
+metrics=()
+if cp "$run_dir"/csv/version_0/metrics.csv "$OUT/metrics.csv"; then metrics=(--metrics "$OUT/metrics.csv"); fi
+python3 scripts/export_checkpoint.py "$ckpt" "$OUT/$NAME.safetensors" "${metrics[@]}"
 
 log "sample grid with txt2img"
 python3 scripts/txt2img.py --config "$CONFIG" --ckpt "$OUT/$NAME.safetensors" \
@@ -113,3 +120,4 @@ if [ "$BENCHMARK" = "1" ]; then
     --outdir "$OUT/benchmark" $BENCH_ARGS
 fi
 log "done in $(( $(date +%s) - start )) s; outputs in $OUT"
+[ "$status" = 0 ] || exit 1

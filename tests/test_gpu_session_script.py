@@ -34,7 +34,7 @@ def files(out):
 
 @pytest.fixture(scope="module")
 def lease_one(tmp_path_factory):
-    """The default jobs, train, consistency, cuda and perf, as the first GPU lease runs them."""
+    """The default jobs, train, cuda, consistency and perf, as the first GPU lease runs them."""
     tmp = tmp_path_factory.mktemp("lease-one")
     return tmp / "out", run(tmp / "out", tmp / "logs")
 
@@ -91,7 +91,16 @@ def test_benchmarks_are_skipped_when_the_time_is_spent(tmp_path):
     assert result.returncode == 1
     assert all(f"{job} skipped" in result.stdout for job in ("consistency", "cuda", "perf"))
     assert not any((tmp_path / "out" / job).exists() for job in ("consistency", "cuda", "perf"))
-    assert "failed, skipped or timed out: train consistency cuda perf" in result.stdout
+    assert "failed, skipped or timed out: train cuda consistency perf" in result.stdout
+
+
+def test_after_a_training_that_used_its_time_the_cuda_checks_still_run(tmp_path):
+    """SECONDS=380: bash starts its clock there, as after a training that reached MAX_TIME (330 s)
+    and then exported and sampled. The consistency benchmark shrinks to what cuda leaves it."""
+    result = run(tmp_path / "out", tmp_path / "logs", ACCELERATOR="no-such-accelerator", SECONDS="380")
+    log = result.stdout
+    assert "cuda skipped" not in log and " passed" in log.split("cuda: ")[-1].splitlines()[0]
+    assert log.index("] cuda") < log.index("] consistency")
 
 
 def test_an_unknown_job_is_one_error_line(tmp_path):

@@ -54,3 +54,14 @@ def test_a_late_training_failure_is_not_retried(tmp_path):
     result = run(tmp_path, NUM_WORKERS="-1", EARLY_FAILURE_SECONDS="0")
     assert result.returncode == 1 and "once more" not in result.stdout
     assert "error: training failed" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_training_that_fails_after_trained_steps_still_brings_its_weights_back(tmp_path):
+    """main.py saves last.ckpt when a failure follows a trained step (here the image logger's
+    sampling, refused at step 3): the lease exports it, and still says the training failed."""
+    logger = "lightning.callbacks.image_logger.params"
+    result = run(tmp_path, MAX_STEPS="6", TRAIN_ARGS=f"{logger}.batch_frequency=3 {logger}.log_images_kwargs.ddim_steps=0")
+    assert result.returncode == 1 and "error: training failed" in result.stderr
+    info = json.loads((tmp_path / "out" / "procedural-t2i.json").read_text())
+    assert info["global_step"] == 3 and (tmp_path / "out" / "procedural-t2i.safetensors").is_file()
+    assert (tmp_path / "out" / "samples.png").is_file()
