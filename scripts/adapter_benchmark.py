@@ -45,6 +45,7 @@ row per setting, for --figure PROMPT SEED) and prints the table.
 """
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -128,6 +129,8 @@ def validate(parser, opt):
                          f"works for those kinds only")
     if not 0 < opt.cond_tau <= 1:
         parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
+    if not math.isfinite(opt.adapter_weight):
+        parser.error(f"--adapter-weight must be a finite number, got {opt.adapter_weight}")
     if not os.path.isfile(opt.adapter):
         parser.error(f"adapter not found: {opt.adapter}")
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
@@ -139,7 +142,8 @@ def load_adapter_for(model, opt, device):
     """The adapter, checked against the model (f and widths), on `device`; one-line errors."""
     unet = unet_of(model)
     try:
-        adapter = load_adapter(opt.adapter, levels=len(injection_sites(unet)), unshuffle=first_stage_factor(model))
+        adapter = load_adapter(opt.adapter, levels=len(injection_sites(unet)), unshuffle=first_stage_factor(model),
+                               unsafe_pickle=opt.unsafe_pickle)
         check_adapter_fits(adapter, unet, f"adapter {opt.adapter}")
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")

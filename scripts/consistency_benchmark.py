@@ -264,6 +264,8 @@ def add_model_arguments(parser):
     parser.add_argument("--ckpt", type=in_repo,
                         help="weights (.safetensors or .ckpt; default: those the config's sampling block names)")
     parser.add_argument("--random-weights", action="store_true", help="no checkpoint (smoke runs only)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
 
 
 def add_sampling_arguments(parser):
@@ -286,6 +288,8 @@ def check_run(parser, opt, settings):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not 0 <= opt.eta <= 1:
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
+    if not math.isfinite(opt.scale):
+        parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.config is None:
         opt.config = config_of_weights(opt.ckpt) or in_repo(DEFAULT_CONFIG)
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
@@ -309,8 +313,9 @@ def check_run(parser, opt, settings):
         repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if repeated is not None:
             parser.error(f"{flag} gives {repeated!r} twice; each batch is measured once (more seeds, more batches)")
-    if min(opt.seeds) < 0:
-        parser.error(f"--seeds must be 0 or more, got {min(opt.seeds)}")
+    outside = [seed for seed in opt.seeds if not 0 <= seed < 2**32]  # txt2img's --seed range
+    if outside:
+        parser.error(f"--seeds must be between 0 and {2**32 - 1}, got {outside[0]}")
 
 
 def config_of(name):
@@ -379,7 +384,8 @@ def new_run_dir(outdir):
 
 def load(opt, device):
     torch.manual_seed(0)
-    return build_model(opt.config, opt.ckpt, device, random_weights=opt.random_weights)
+    return build_model(opt.config, opt.ckpt, device, random_weights=opt.random_weights,
+                       unsafe_pickle=opt.unsafe_pickle)
 
 
 def start_noise(shape, prompt_index, seed, n, device):

@@ -53,6 +53,7 @@ logger = logging.getLogger("train_adapter")
 
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
 TRAIN_SEED, EVAL_SEED = 2, 1  # data seeds: 0 trained the base model, 1 is its validation split
+EVAL_BATCH = 256  # held-out scenes per forward pass
 COND_TYPE = "sketch"  # how txt2img reads both maps: 1 channel, binarised at 0.5
 
 
@@ -116,10 +117,12 @@ def validate(parser, opt):
                              ("--num-workers", opt.num_workers, 0)):
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
-    if not opt.lr > 0:
-        parser.error(f"--lr must be positive, got {opt.lr}")
-    if not opt.weight_decay >= 0:
-        parser.error(f"--weight-decay must be 0 or more, got {opt.weight_decay}")
+    if not 0 < opt.lr < math.inf:  # inf trained on to an adapter of NaNs, saved, and black images from it
+        parser.error(f"--lr must be a positive finite number, got {opt.lr}")
+    if not 0 <= opt.weight_decay < math.inf:
+        parser.error(f"--weight-decay must be a finite number, 0 or more, got {opt.weight_decay}")
+    if not 0 <= opt.seed < 2**32:  # txt2img's --seed range
+        parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
     if not opt.max_minutes >= 0:
         parser.error(f"--max-minutes must be positive, or 0 for no limit, got {opt.max_minutes}")
     if not 0 <= opt.ema_decay < 1:
@@ -167,10 +170,10 @@ def pixel_size(model):
     return model.image_size * first_stage_factor(model)
 
 
-def make_loader(opt, size, device, *, seed, length, batch_size, workers):
+def make_loader(opt, size, device, *, seed, length, batch_size, workers, drop_last=True):
     data = ProceduralScenes(size=size, length=length, seed=seed, kinds=opt.kinds, condition=opt.condition)
     # every index is a new random scene, so reading in order is already a random stream
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True,
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=drop_last,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        persistent_workers=workers > 0)
 
@@ -254,22 +257,22 @@ def log_window(step, steps, window, start):
 def evaluate(model, adapter, opt, device, amp):
     """Held-out denoising loss with and without the adapter on the same scenes, noise and
     (cubic) timesteps: how much the condition tells the frozen model about the image."""
-    size = min(opt.eval_size, 256)
+    size = min(opt.eval_size, EVAL_BATCH)
     loader = make_loader(opt, pixel_size(model), device, seed=EVAL_SEED, length=opt.eval_size, batch_size=size,
-                         workers=0)
+                         workers=0, drop_last=False)  # all --eval-size scenes
     generator = torch.Generator(device).manual_seed(12345)
     totals = {"loss_with_adapter": 0.0, "loss_without_adapter": 0.0}
-    batches = 0
+    scenes = 0
     for batch in loader:
         x0, context, cond = encode_batch(model, batch, device)
         t = sample_timesteps(len(x0), model.num_timesteps, opt.timesteps, device, generator)
         noise = torch.randn(x0.shape, device=device, generator=generator)
-        with amp:
-            totals["loss_with_adapter"] += float(diffusion_loss(model, adapter, x0, context, cond, t, noise))
-            totals["loss_without_adapter"] += float(diffusion_loss(model, None, x0, context, cond, t, noise))
-        batches += 1
-    result = {k: round(v / max(batches, 1), 6) for k, v in totals.items()}
-    logger.info("held-out loss (%d scenes, %s t): with adapter %.5f, without %.5f", batches * size, opt.timesteps,
+        with amp:  # batch means, weighted by the batch's size: the last batch may be smaller
+            totals["loss_with_adapter"] += len(x0) * float(diffusion_loss(model, adapter, x0, context, cond, t, noise))
+            totals["loss_without_adapter"] += len(x0) * float(diffusion_loss(model, None, x0, context, cond, t, noise))
+        scenes += len(x0)
+    result = {k: round(v / scenes, 6) for k, v in totals.items()}
+    logger.info("held-out loss (%d scenes, %s t): with adapter %.5f, without %.5f", scenes, opt.timesteps,
                 result["loss_with_adapter"], result["loss_without_adapter"])
     return result
 

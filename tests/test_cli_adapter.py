@@ -179,6 +179,24 @@ def test_bad_adapter_flags_are_one_error_line(files, capsys, flags, message):
     assert len(errors) == 1 and message.format(**paths) in errors[0], errors
 
 
+def test_a_trusted_pickled_adapter_loads_with_unsafe_pickle_as_the_error_says(files, tmp_path, capsys):
+    """A training script's .pth with its argparse arguments: refused by weights-only loading with
+    the advice to pass --unsafe-pickle, which then reaches the adapter (it reached only --ckpt)."""
+    import argparse
+    trusted = tmp_path / "trusted.pth"
+    torch.save({"state_dict": torch.load(files / "canny.pth"), "args": argparse.Namespace(lr=1e-4)}, trusted)
+    script = load_script("txt2img")
+    parser = script.build_parser()
+    argv = ["--config", str(TINY_CONFIG), "--random-weights", "--H", "64", "--W", "64", "--n_samples", "2",
+            "--adapter", str(trusted), "--cond", str(files / "photo.png"), "--cond-type", "canny"]
+    with pytest.raises(SystemExit):
+        script.validate_options(parser, parser.parse_args(argv))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "argparse.Namespace" in error and "pass --unsafe-pickle" in error
+    opt = script.validate_options(parser, parser.parse_args([*argv, "--unsafe-pickle"]))
+    assert opt.adapters.uses[0].adapter.cond_channels == 1
+
+
 def test_img2img_takes_adapters_too(tmp_path, files, capsys):
     script = load_script("img2img")
     common = ["--config", TINY_CONFIG, "--ckpt", files / "tiny.safetensors", "--init-img", files / "photo.png",

@@ -316,7 +316,9 @@ BAD_RUNS = [
     # batches are paired by prompt and seed: a repeated one would pair with another batch's noise
     (["--prompts", "a chair", "a face", "a chair"], "--prompts gives 'a chair' twice; each batch is measured once"),
     (["--seeds", "0", "1", "0"], "--seeds gives 0 twice"),
-    (["--seeds", "-1"], "--seeds must be 0 or more, got -1"),
+    (["--seeds", "-1"], "--seeds must be between 0 and 4294967295, got -1"),
+    (["--seeds", "0", str(2**32)], "--seeds must be between 0 and 4294967295, got 4294967296"),
+    (["--scale", "nan"], "--scale must be a finite number, got nan"),
 ]
 
 

@@ -42,6 +42,18 @@ def test_three_cpu_steps_write_a_loadable_adapter_and_a_report(trained):
 
 
 
+def test_the_held_out_loss_is_over_every_eval_scene_also_past_one_batch(tmp_path, monkeypatch, caplog):
+    """--eval-size scenes in batches of EVAL_BATCH (256; 2 here): the last, smaller batch counts
+    too (drop_last had cut 500 to 256), weighted by its size."""
+    script = load_script("train_adapter")
+    monkeypatch.setattr(script, "EVAL_BATCH", 2)
+    with caplog.at_level("INFO"):
+        report = script.main(["--config", str(CONFIG), "--random-weights", "--out", str(tmp_path / "a.safetensors"),
+                              "--steps", "1", "--batch-size", "1", "--eval-size", "3", "--num-workers", "0"])
+    assert "held-out loss (3 scenes" in caplog.text
+    assert all(np.isfinite(v) for v in report["held_out"].values())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--random-weights", "--ckpt", "{existing}"], "--ckpt and --random-weights: choose one"),
     (["--random-weights", "--out", "{existing}"], "exists; choose a new --out"),
@@ -52,7 +64,10 @@ def test_three_cpu_steps_write_a_loadable_adapter_and_a_report(trained):
     (["--random-weights", "--out", "{existing}/b.safetensors"], "is a file, not a folder"),
     (["--random-weights", "--out", "/proc/x/b.safetensors"], "--out /proc/x: cannot create files in this folder"),
     (["--random-weights", "--out", "/proc/b.safetensors"], "--out /proc"),  # root passes os.access there
-    (["--random-weights", "--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1"),
+    (["--random-weights", "--weight-decay", "-1"], "--weight-decay must be a finite number, 0 or more, got -1"),
+    (["--random-weights", "--weight-decay", "inf"], "--weight-decay must be a finite number, 0 or more, got inf"),
+    (["--random-weights", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--random-weights", "--seed", str(2**64)], "--seed must be between 0 and 4294967295"),
     (["--random-weights", "--max-minutes", "-1"], "--max-minutes must be positive, or 0 for no limit"),
     (["--random-weights", "--config", "{text}"], "is not a model config (Missing key model"),
     (["--random-weights", "--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml")],
@@ -133,6 +148,7 @@ def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
     (["--outdir", "/proc"], "--outdir /proc: "),
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
+    (["--adapter-weight", "nan"], "--adapter-weight must be a finite number, got nan"),
 ])
 def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, capsys, args, message):
     files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out"}

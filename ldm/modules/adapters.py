@@ -676,7 +676,8 @@ def run_from_arguments(opt, parser, n_samples: int, width: int, height: int,
         try:
             if not os.path.exists(ckpt):
                 raise ValueError(f"adapter checkpoint not found: {ckpt}")
-            adapter = load_adapter(ckpt, levels=len(widths) if widths else 4, unshuffle=factor)
+            adapter = load_adapter(ckpt, levels=len(widths) if widths else 4, unshuffle=factor,
+                                   unsafe_pickle=getattr(opt, "unsafe_pickle", False))
             if widths:
                 check_adapter_fits(adapter, widths, f"adapter {ckpt}")
             files = condition_files(entries)
