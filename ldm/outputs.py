@@ -160,20 +160,27 @@ class OutputWriter:
         """Save each (3, H, W) image; ``metadata(i)`` gives the parameters for image i of the batch."""
         paths = []
         for i, image in enumerate(images):
-            path = os.path.join(self.sample_dir, f"{self.next_sample:05}.png")
-            paths.append(self._save(image, path, metadata(i)))
-            self.next_sample += 1
+            path, self.next_sample = self._save(image, metadata(i), self.sample_dir, "", 5, self.next_sample)
+            paths.append(path)
         return paths
 
     def save_grid(self, images, nrow, metadata):
-        path = os.path.join(self.outdir, f"grid-{self.next_grid:04}.png")
-        self._save(make_grid(images, nrow=nrow), path, metadata)
-        self.next_grid += 1
+        path, self.next_grid = self._save(make_grid(images, nrow=nrow), metadata, self.outdir, "grid-", 4,
+                                          self.next_grid)
         return path
 
-    def _save(self, image, path, metadata):
+    def _save(self, image, metadata, directory, prefix, digits, index):
+        """Save under the first free number from `index` on; returns (path, the next number). Another
+        run writing into the same folder may have taken the number since this one looked: the file
+        is created exclusively, so that is a FileExistsError, and the next free number is taken."""
         pixels = upscale(to_pil(image), self.display_scale)
-        return save_png(self.mark(pixels) if self.mark else pixels, path, metadata)
+        pixels = self.mark(pixels) if self.mark else pixels
+        while True:
+            path = os.path.join(directory, f"{prefix}{index:0{digits}}.png")
+            try:
+                return save_png(pixels, path, metadata), index + 1
+            except FileExistsError:
+                index = max(index + 1, next_free_index(directory, prefix, digits))
 
 
 def written_message(opt, paths):

@@ -128,3 +128,20 @@ def test_flatten_blends_partial_transparency_and_leaves_opaque_images_alone(mode
     assert flat.mode == "RGB" and (np.asarray(flat) == expected).all()
     for opaque in (Image.new("RGB", (2, 1)), Image.new("L", (2, 1)), Image.new("P", (2, 1))):
         assert flatten(opaque, "white") is opaque
+
+
+def test_a_run_sharing_its_outdir_with_another_takes_the_next_free_numbers(tmp_path):
+    """Two runs writing into one --outdir each chose their numbers at the start: the file the
+    other run wrote meanwhile was a FileExistsError that lost the whole run. It is kept, and this
+    run's images take the next free numbers."""
+    from ldm.outputs import OutputWriter
+    writer = OutputWriter(str(tmp_path))
+    (tmp_path / "samples" / "00000.png").write_bytes(b"the other run's")
+    (tmp_path / "grid-0000.png").write_bytes(b"the other run's grid")
+    images = torch.rand(2, 3, 8, 8)
+    paths = writer.save_samples(images, lambda i: {"position": i})
+    grid = writer.save_grid(images, 2, {})
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00001.png", "00002.png"] and grid.endswith("grid-0001.png")
+    assert (tmp_path / "samples" / "00000.png").read_bytes() == b"the other run's"
+    assert (tmp_path / "grid-0000.png").read_bytes() == b"the other run's grid"
+    assert writer.save_samples(images[:1], lambda i: {})[0].endswith("00003.png")
