@@ -145,3 +145,12 @@ def test_a_run_sharing_its_outdir_with_another_takes_the_next_free_numbers(tmp_p
     assert (tmp_path / "samples" / "00000.png").read_bytes() == b"the other run's"
     assert (tmp_path / "grid-0000.png").read_bytes() == b"the other run's grid"
     assert writer.save_samples(images[:1], lambda i: {})[0].endswith("00003.png")
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_transparency_as_a_colour_key_is_shown_over_the_background_too(tmp_path, mode, key):
+    image = Image.new(mode, (4, 4), (200, 40, 40) if mode == "RGB" else 120)
+    image.paste((0, 0, 0) if mode == "RGB" else 0, (0, 0, 2, 2))  # the keyed, transparent corner
+    image.save(tmp_path / "keyed.png", transparency=key)
+    pixels = np.asarray(read_user_image(tmp_path / "keyed.png", "white"))
+    assert (pixels[:2, :2] == 255).all() and not (pixels[2:, 2:] == 255).all()
