@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
@@ -96,6 +97,17 @@ def find_pairs(parser, opt, multiple):
     return pairs
 
 
+def check_inpainting_model(parser, opt, geometry):
+    """The config is a model conditioned on the masked image (upstream's inpainting LDM), and
+    --steps fits its schedule: else one error line, before the model is built."""
+    key = OmegaConf.load(opt.config).model.get("params", {}).get("cond_stage_key")
+    if key != "masked_image":
+        parser.error(f"--config {opt.config} is not an inpainting model (conditioned on {key!r}, not on "
+                     f"'masked_image'); this script needs {CONFIG}")
+    if opt.steps >= geometry.timesteps:
+        parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps, got {opt.steps}")
+
+
 def load_model(parser, opt, device):
     if not os.path.isfile(opt.ckpt):
         hint = " (scripts/download_models.sh downloads the inpainting model)" if opt.ckpt == CKPT else ""
@@ -129,6 +141,7 @@ def main():
     parser, opt = parse_args()
     opt.config, opt.ckpt = in_repo(opt.config), in_repo(opt.ckpt)
     geometry = read_model_geometry(parser, "--config", opt.config, example=CONFIG)
+    check_inpainting_model(parser, opt, geometry)
     pairs = find_pairs(parser, opt, geometry.multiple)
     helpers.check_output_dir(parser, "--outdir", opt.outdir)
     logger.info("Found %d inputs.", len(pairs))

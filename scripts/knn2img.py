@@ -1,4 +1,4 @@
-import argparse, os, sys, glob, logging
+import os, sys, glob, logging
 import importlib.util
 import torch
 import numpy as np
@@ -13,9 +13,10 @@ from ldm.util import parallel_data_prefetch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.hub import ModelUnavailable
+from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
-from ldm.script_helpers import build_model, configure_logging
+from ldm.script_helpers import ArgumentParser, build_model, configure_logging, positive_int
 
 logger = logging.getLogger("knn2img")
 
@@ -149,7 +150,7 @@ class Searcher(object):
 
 if __name__ == "__main__":
     configure_logging()
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()
     # TODO: add n_neighbors and modes (text-only, text-image-retrieval, image-image retrieval etc)
     # TODO: add 'image variation' mode when knn=0 but a single image is given instead of a text prompt?
     parser.add_argument(
@@ -176,7 +177,7 @@ if __name__ == "__main__":
 
     parser.add_argument(
         "--ddim_steps",
-        type=int,
+        type=positive_int,
         default=50,
         help="number of ddim sampling steps",
     )
@@ -202,7 +203,7 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--n_iter",
-        type=int,
+        type=positive_int,
         default=1,
         help="sample this often",
     )
@@ -223,7 +224,7 @@ if __name__ == "__main__":
 
     parser.add_argument(
         "--n_samples",
-        type=int,
+        type=positive_int,
         default=3,
         help="how many samples to produce for each given prompt. A.k.a batch size",
     )
@@ -301,6 +302,9 @@ if __name__ == "__main__":
     for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
         if not os.path.isfile(path):
             parser.error(f"{flag} {path} not found")
+    timesteps = read_model_geometry(parser, "--config", opt.config).timesteps
+    if opt.ddim_steps >= timesteps:
+        parser.error(f"--ddim_steps must be below the model's {timesteps} training timesteps, got {opt.ddim_steps}")
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:  # before the model: CLIP's weights are the ones that may be missing

@@ -1,4 +1,4 @@
-import argparse, os, sys, glob, datetime, logging, math, yaml
+import os, sys, glob, datetime, logging, math, yaml
 import torch
 import time
 import numpy as np
@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.checkpoints import build_with_weights
 from ldm.model_choice import non_text_conditioning, run_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import configure_logging, positive_int
+from ldm.script_helpers import ArgumentParser, configure_logging, positive_int
 from ldm.util import ModelError
 
 logger = logging.getLogger("sample_diffusion")
@@ -151,7 +151,7 @@ def save_logs(logs, path, n_saved=0, key="sample", np_path=None):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()
     parser.add_argument(
         "-r",
         "--resume",
@@ -239,9 +239,13 @@ if __name__ == "__main__":
                      "script samples unconditional ones" + (f": for this text-to-image model use scripts/txt2img.py "
                                                             f"--config {opt.base[0]} --ckpt {ckpt}" if text else ""))
 
+    timesteps = params.get("timesteps", 1000)
+    if not opt.vanilla_sample and opt.custom_steps >= timesteps:
+        parser.error(f"-c/--custom_steps must be below the model's {timesteps} training timesteps, "
+                     f"got {opt.custom_steps}")
+
     if opt.logdir != "none":
-        locallog = logdir.split(os.sep)[-1]
-        if locallog == "": locallog = logdir.split(os.sep)[-2]
+        locallog = os.path.basename(os.path.abspath(logdir))  # logdir "" (a checkpoint in the current folder)
         logger.info("switching logdir from %s to %s", logdir, os.path.join(opt.logdir, locallog))
         logdir = os.path.join(opt.logdir, locallog)
 

@@ -58,8 +58,9 @@ def test_train_searcher_keeps_an_earlier_searcher(tmp_path):
 
 def test_sample_diffusion_needs_a_run_folder(tmp_path):
     assert "required: -r/--resume" in error_line(run("sample_diffusion.py"))
-    last = error_line(run("sample_diffusion.py", "-r", tmp_path / "nope"))
-    assert f"cannot find {tmp_path / 'nope'}" in last, last
+    result = run("sample_diffusion.py", "-r", tmp_path / "nope")
+    assert f"cannot find {tmp_path / 'nope'}" in error_line(result)
+    assert len(result.stderr.strip().splitlines()) == 1  # the error alone, no usage block above it
 
 
 # the tiny SD config made unconditional: what sample_diffusion samples
@@ -84,6 +85,19 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
 
 def test_inpaint_needs_its_folders(tmp_path):
     assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
+
+
+def test_inpaint_with_another_kind_of_model_or_too_many_steps_is_one_error_line(tiny_inpainting_model, tmp_path):
+    """Both were tracebacks once the model was built (a tokenizer fed the masked image; the sampler)."""
+    config, ckpt = tiny_inpainting_model
+    text_model = ["--config", "configs/embedded/procedural-t2i-16px.yaml", "--ckpt",
+                  "models/embedded/procedural-t2i-16px.safetensors"]
+    last = error_line(run("inpaint.py", "--indir", tmp_path, "--outdir", tmp_path / "out", *text_model))
+    assert "is not an inpainting model (conditioned on 'caption', not on 'masked_image')" in last, last
+    last = error_line(run("inpaint.py", "--indir", tmp_path, "--outdir", tmp_path / "out", "--config", config,
+                          "--ckpt", ckpt, "--steps", "1000"))
+    assert last.endswith("--steps must be below the model's 1000 training timesteps, got 1000"), last
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +189,10 @@ def test_sample_diffusion_refuses_a_conditional_model_and_bare_flags_in_one_line
     # a flag without its value was None (upstream's nargs="?"): a TypeError at sampling
     for bad in (["-n"], ["--batch_size", "0"], ["-e", "1.5"]):
         assert "error:" in error_line(run("sample_diffusion.py", "-r", tmp_path, *bad)), bad
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(OmegaConf.load(TINY_CONFIG),
+                                                                            OmegaConf.from_dotlist(UNCONDITIONAL))))
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "-c", "1000"))  # was a traceback after loading
+    assert last.endswith("-c/--custom_steps must be below the model's 1000 training timesteps, got 1000"), last
 
 
 def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
@@ -202,6 +220,12 @@ def test_sample_diffusion_samples_a_main_py_run_and_a_model_folder(tmp_path):
         assert samples.parents[2].name == (run_dir.name if name == "run" else "model")  # the run's name, not checkpoints
         assert sorted(p.name for p in (samples / "img").iterdir()) == [f"sample_{i:06}.png" for i in range(3)]
         assert [p.name for p in (samples / "numpy").iterdir()] == ["3x64x64x3-samples.npz"]
+    # a checkpoint in the current folder: its log folder is "" (the samples were an IndexError)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "sample_diffusion.py"), "-r", "model.ckpt", "-n",
+                             "1", "-c", "1", "-l", str(tmp_path / "here")], cwd=folder, capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "here").glob("model/samples/*/*/img/sample_000000.png"))
     # a safetensors file (no global step: upstream's KeyError) samples; one without a UNet weight
     # is one error line (upstream loaded non-strictly and sampled noise)
     weights = load_state_dict(folder / "model.ckpt")
@@ -259,6 +283,18 @@ def test_knn2img_numbers_its_images_after_those_already_there(tiny_retrieval_mod
     assert (tmp_path / "samples" / "00005.png").read_bytes() == b"not mine"
     assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
     assert Image.open(tmp_path / "samples" / "00006.png").size == (32, 32)
+
+
+def test_knn2img_bad_counts_are_one_error_line_before_the_model(tiny_retrieval_model, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(CLIP_STAND_IN), HOME=str(tmp_path))
+    for flags, message in ((["--ddim_steps", "1000"], "--ddim_steps must be below the model's 1000 training "
+                                                       "timesteps, got 1000"),
+                           (["--n_samples", "0"], "--n_samples: must be at least 1, got 0")):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config",
+                                 str(tiny_retrieval_model / "config.yaml"), "--ckpt",
+                                 str(tiny_retrieval_model / "model.safetensors"), "--outdir", str(tmp_path / "out"),
+                                 *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert message in error_line(result) and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_knn2img_without_clip_weights_and_network_is_one_line_before_the_model(tiny_retrieval_model, tmp_path):
