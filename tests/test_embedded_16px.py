@@ -62,9 +62,9 @@ def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_ke
     without the adapter, 0.721 with it, 0.722 with it and consistent attention in mode all, 0.714 in
     anchor mode (--consistent-attn's default); colour spread 0.622 with the adapter, 0.540 with
     mode all, 0.508 with anchor. With a render of each batch's reference scene as the anchor
-    (--adapter with --reference-image; measured 2026-12-06, every image with its own step noise):
-    IoU 0.747, colour spread 0.446, and the share of objects in the reference's colour 0.406
-    against 0.219 with the adapter alone.
+    (--adapter with --reference-image; measured 2026-12-06, every image with its own step noise,
+    the anchor's with a generator of its own): IoU 0.714, colour spread 0.440, and the share of
+    objects in the reference's colour 0.406 against 0.219 with the adapter alone.
     Each threshold keeps half its measured gap; sharing may cost 0.1 of IoU."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
                  "--steps", "20", "--eta", "1",
@@ -94,11 +94,11 @@ def test_a_reference_image_gives_the_batch_its_colour(tmp_path):
     """Three rendered chairs (green, blue, purple) as --reference-image for "a chair", seed 0, two
     batches of 8 each (--n_iter 2), at the config's sampling settings; then each with a second
     view (the same chair at another position, on another background unless the draw repeats it).
-    Measured (2026-12-05, since txt2img seeds its step noise apart from the start noise): the
+    Measured (2026-12-06, since the reference draws none of the other images' step noise): the
     share of the 16 chairs whose colour is the reference's, 0.12 / 0.19 / 0.12 in the plain
-    batches (mean 0.15), 0.38 / 0.75 / 0.19 with the reference image (mean 0.44), 0.19 / 0.44 /
-    0.44 with it read during the first half of the trajectory only (--share-window 0:0.5, mean
-    0.35), 0.62 / 0.81 / 0.25 with both views (mean 0.56). The thresholds keep half the gap of the
+    batches (mean 0.15), 0.38 / 0.81 / 0.31 with the reference image (mean 0.50), 0.25 / 0.50 /
+    0.12 with it read during the first half of the trajectory only (--share-window 0:0.5, mean
+    0.29), 0.62 / 0.88 / 0.19 with both views (mean 0.56). The thresholds keep half the gap of the
     means, and half the smallest share of one view."""
     common = ["--prompt", "a chair", "--n_samples", "8", "--n_iter", "2", "--seed", "0", "--skip_grid"]
     assert_ok(run("txt2img.py", *common, "--outdir", tmp_path / "plain"))
@@ -123,9 +123,9 @@ def test_a_reference_image_gives_the_batch_its_colour(tmp_path):
         two_views.append(share(f"{seed}-two"))
         half.append(share(f"{seed}-half"))
     assert len(chair_colours(tmp_path / "101")) == len(chair_colours(tmp_path / "101-two")) == 16  # no anchor saved
-    assert statistics.fmean(steered) > statistics.fmean(plain) + 0.14, (plain, steered)
-    assert min(steered) > 0.09, steered
+    assert statistics.fmean(steered) > statistics.fmean(plain) + 0.17, (plain, steered)
+    assert min(steered) > 0.15, steered
     assert statistics.fmean(two_views) > statistics.fmean(plain) + 0.2, (plain, two_views)
-    # --share-window dials the reference's strength: the first half of the trajectory, most of the effect
-    assert statistics.fmean(plain) + 0.1 < statistics.fmean(half) < statistics.fmean(steered) - 0.04, \
+    # --share-window dials the reference's strength: the first half of the trajectory, part of the effect
+    assert statistics.fmean(plain) + 0.07 < statistics.fmean(half) < statistics.fmean(steered) - 0.1, \
         (plain, half, steered)
