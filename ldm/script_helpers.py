@@ -185,6 +185,9 @@ def validate_common(parser, opt, samplers, aliases):
             logger.warning("this model's config samples with ddim eta %g: --sampler %s draws no step noise and "
                            "can leave its images speckled (--sampler ddim samples it as intended)",
                            opt.geometry.eta, opt.sampler)
+    elif opt.ddim_eta == 0 and opt.geometry.eta > 0:
+        logger.warning("this model's config samples with ddim eta %g: --ddim_eta 0 draws no step noise and can "
+                       "leave its images speckled (leave --ddim_eta out to sample it as intended)", opt.geometry.eta)
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.negative_prompt and opt.scale == 1.0:

@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.image_io import read_user_image
+from ldm.model_choice import in_repo
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
@@ -35,7 +36,7 @@ def build_parser():
     parser = ArgumentParser(description="Make variations of an input image guided by a prompt.")
     add_common_arguments(parser, samplers=SAMPLERS, aliases=SAMPLER_ALIASES,
                          outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
-    parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
+    parser.add_argument("--init-img", type=in_repo, nargs="?", help="path to the input image")
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
                              "information in init image")

@@ -252,6 +252,11 @@ def test_txt2img_from_another_folder_finds_the_repositorys_default_model_and_wri
     relative = run("txt2img.py", "--config", "configs/stable-diffusion/v1-tiny.yaml", "--random-weights", "--H", "64",
                    "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "1", "--outdir", "tiny", cwd=tmp_path)
     assert_ok(relative)  # a relative --config that is not below the working folder: the repository's
+    # and the README's inputs named from the repository: a --reference-image, an --init-img
+    assert_ok(run("txt2img.py", "--prompt", "a chair", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2",
+                  "--consistent-attn", "--reference-image", "docs/reference-chair.png", "--outdir", "ref", cwd=tmp_path))
+    assert_ok(run("img2img.py", "--prompt", "a chair", "--init-img", "docs/reference-chair.png", "--n_samples", "1",
+                  "--n_iter", "1", "--ddim_steps", "4", "--outdir", "i2i", cwd=tmp_path))
 
 
 WEIGHTS_16PX = "models/embedded/procedural-t2i-16px.safetensors"

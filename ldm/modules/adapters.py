@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ldm.diffusers_folder import MODEL_WEIGHTS, cache_snapshot, find_weight_file
+from ldm.model_choice import in_repo
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call, unet_of
 from ldm.checkpoints import CONTROLNET_PREFIXES, CheckpointError, load_state_dict, save_safetensors
 
@@ -615,10 +616,10 @@ def add_arguments(parser):
     group = parser.add_argument_group(
         "T2I-Adapter (steer the layout with an edge map, sketch, depth, pose or palette); "
         "repeat --adapter/--cond/--cond-type[/--adapter-weight] to combine adapters")
-    group.add_argument("--adapter", action="append", metavar="CKPT",
+    group.add_argument("--adapter", action="append", metavar="CKPT", type=in_repo,
                        help="T2I-Adapter checkpoint (e.g. t2iadapter_canny_sd14v1.pth or .safetensors), or a "
                             "diffusers T2IAdapter folder (config.json and its weights)")
-    group.add_argument("--cond", action="append", nargs="+", metavar="IMAGE|DIR",
+    group.add_argument("--cond", action="append", nargs="+", metavar="IMAGE|DIR", type=in_repo,
                        help="condition image(s) for that adapter: one for all images, or one per image "
                             "(files or a folder; as many as --n_samples); same size as --W x --H")
     group.add_argument("--cond-type", action="append", choices=sorted(COND_TYPES),

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 
 from ldm.image_io import read_user_image
+from ldm.model_choice import in_repo
 from ldm.modules.consistency import ShareMode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
 def add_arguments(parser):
-    parser.add_argument("--reference-image", metavar="PATH", nargs="+",
+    parser.add_argument("--reference-image", metavar="PATH", nargs="+", type=in_repo,
                         help="the batch takes the look of this image (an object, face or style; several: views "
                              "of one): each is read as an extra anchor, noised to each step, and is not itself "
                              "an output; with --consistent-attn (anchor mode). Resized to the output size")
