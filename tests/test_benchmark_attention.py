@@ -106,6 +106,34 @@ def test_subject_setting_counts_and_times_masked_sharing(monkeypatch, capsys):
     assert masked_calls and subject.name in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["vanilla sdpa", bench.DEFAULT_SHARING])
+def test_a_unet_call_copies_nothing_from_the_host_so_a_cuda_graph_can_capture_it(name):
+    """After its first call a UNet call touches only tensors on the model's device (meta here):
+    a host-to-device copy synchronises the stream, which CUDA graph capture (the graphs stage)
+    refuses; the timestep embedding's frequencies were copied from the CPU at every call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ldm.modules.consistency import consistent_attention
+
+    host_ops = []
+
+    class HostOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(a, torch.Tensor)]
+            if any(a.device.type != "meta" for a in tensors):
+                host_ops.append(str(func))
+            return out
+
+    unet, context_dim = bench.build_unet(str(TINY_CONFIG), torch.device("meta"), torch.float32)
+    setting = next(s for s in bench.SETTINGS if s.name == name)
+    x, t, context = bench.unet_inputs(unet, context_dim, 2, 8, torch.device("meta"), torch.float32)
+    with torch.no_grad(), consistent_attention(unet, setting.sharing, 2):
+        unet(x, t, context=context)  # the first call may set things up on the device
+        with HostOps():
+            unet(x, t, context=context)
+    assert host_ops == []
+
+
 def test_unet_runs_in_the_dtype_of_its_weights():
     # the benchmark converts the UNet with .to(dtype), no autocast: the forward must follow
     unet, context_dim = bench.build_unet(str(TINY_CONFIG), torch.device("cpu"), torch.float32)

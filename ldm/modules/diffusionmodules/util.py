@@ -8,6 +8,7 @@
 # thanks!
 
 
+import functools
 import logging
 import math
 
@@ -110,6 +111,16 @@ def checkpoint(func, inputs, params, flag):
     return func(*inputs)
 
 
+@functools.lru_cache(maxsize=None)
+def timestep_frequencies(half, max_period, device):
+    """The embedding's `half` frequencies, computed on the CPU as upstream computed them (the same
+    float32 values on every device) and copied to `device` once, not at every UNet call: a
+    host-to-device copy synchronises the stream, which CUDA graph capture refuses. Made outside
+    inference mode, so that a model that sampled under it can still train."""
+    with torch.inference_mode(False):
+        return torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
     """
     Create sinusoidal timestep embeddings.
@@ -121,9 +132,7 @@ def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
     """
     if not repeat_only:
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
-        ).to(device=timesteps.device)
+        freqs = timestep_frequencies(half, max_period, timesteps.device)
         args = timesteps[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
