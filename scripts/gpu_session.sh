@@ -2,8 +2,9 @@
 # What one 15-minute GPU lease must bring back, in ONE device call (docs/gpu-session.md):
 #
 #   OUT=/path/to/out bash scripts/gpu_session.sh                         # lease 1: train cuda consistency perf
-#   OUT=/path/to/out JOBS=perf bash scripts/gpu_session.sh               # lease 2: the whole perf table
-#   OUT=/path/to/out JOBS="adapter perf" STAGES="bf16 chlast graphs compile" \
+#   OUT=/path/to/out JOBS=perf STAGES="table e2e bf16 chlast graphs compile" \
+#     bash scripts/gpu_session.sh                                        # lease 2: every perf stage
+#   OUT=/path/to/out JOBS="adapter perf" STAGES="(what lease 2 left)" \
 #     bash scripts/gpu_session.sh                                        # lease 3, weights committed
 #
 # A lease holds 15 minutes of device time in all (machine start, transfers and idle waits
@@ -20,9 +21,10 @@
 #                README states as exact (anchors are the plain images, CFG halves never mix, ...) hold
 #                with CUDA's kernels too; at most CUDA_SECONDS; cuda/pytest.log, and its last line in
 #                this script's output
-#   perf         scripts/gpu_benchmarks.sh, stages "table e2e": the SD v1 UNet at 512² for every
-#                setting and N, and images/s end to end; perf/, 3 files. It needs no trained
-#                weights and gets whatever is left of TOTAL_SECONDS when its turn comes
+#   perf         scripts/gpu_benchmarks.sh, stages STAGES (default "table e2e"): the SD v1 UNet at
+#                512² for every setting and N, and images/s end to end; perf/, 3 files. It needs no
+#                trained weights and gets whatever is left of TOTAL_SECONDS when its turn comes,
+#                every stage's limit cut to fit (DEADLINE)
 #   adapter      scripts/gpu_train_adapter.sh on MODEL (MAX_MINUTES, default 5); adapter/, 4 files
 # A call returns at most 8 files: with more, the CSVs and logs are packed into $OUT/logs.tar.gz
 # at the end (lease 1: 7 files). A failed job does not stop the next; the exit status is 1 if
@@ -83,9 +85,10 @@ perf() {
     log "perf skipped: ${left} s left of ${TOTAL_SECONDS} (MIN_PERF_SECONDS=$MIN_PERF_SECONDS)"; return 1
   fi
   local table=$((left - E2E_SECONDS - 15))   # 15 s for the script's own start and its log
-  log "perf: table ${table} s, end to end ${E2E_SECONDS} s"
+  log "perf: at most ${left} s; table ${table} s, end to end ${E2E_SECONDS} s"
+  # DEADLINE: every stage, the variants' too (bf16 chlast graphs compile), ends within what is left
   OUT="$OUT/perf" STAGES=${STAGES:-table e2e} STAGE_LIMITS="table=$table e2e=$E2E_SECONDS" \
-    bash scripts/gpu_benchmarks.sh
+    DEADLINE=$((left - 5)) bash scripts/gpu_benchmarks.sh
 }
 
 consistency() {

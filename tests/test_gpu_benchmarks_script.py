@@ -49,3 +49,16 @@ def test_unknown_stage_is_one_error_line(tmp_path):
     result = run(tmp_path / "out", STAGES="table warp")
     assert result.returncode == 2
     assert "unknown stage 'warp'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_deadline_cuts_every_stages_limit_and_skips_what_no_longer_fits(tmp_path):
+    """gpu_session.sh passes what is left of the lease as DEADLINE: the variant stages (no
+    STAGE_LIMITS entry of their own, lease 3) had 600 s each, past the device's command limit."""
+    run(tmp_path / "out", STAGES="chlast bf16", STAGE_LIMITS="chlast=300", DEADLINE="40", TABLE_SETTINGS="vanilla sdpa")
+    log = (tmp_path / "out" / "benchmarks.log").read_text()
+    limits = [int(line.split("(limit ")[1].split(" s)")[0]) for line in log.splitlines() if "(limit " in line]
+    assert limits and all(limit <= 40 for limit in limits), log
+    skipped = run(tmp_path / "late", STAGES="chlast bf16", DEADLINE="10")
+    assert skipped.returncode == 1
+    assert "stage chlast skipped: " in skipped.stdout and "stage bf16 skipped: " in skipped.stdout
+    assert "##" not in (tmp_path / "late" / "benchmarks.md").read_text().split("\n", 1)[1]  # no table
