@@ -92,16 +92,22 @@ def _load_watermarker():
     try:
         import cv2
         import numpy as np
-        from imwatermark import WatermarkEncoder
+        from imwatermark import WatermarkDecoder, WatermarkEncoder
         from PIL import Image
     except ImportError as e:
         raise SystemExit("error: --watermark needs invisible-watermark and opencv-python-headless "
                          f"(pip install invisible-watermark opencv-python-headless): {e}")
-    encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", WATERMARK_TEXT.encode("utf-8"))
+    text = WATERMARK_TEXT.encode("utf-8")
+    encoder, decoder = WatermarkEncoder(), WatermarkDecoder("bytes", 8 * len(text))
+    encoder.set_watermark("bytes", text)
+    unreadable = []
 
-    def watermark(image):  # upstream's put_watermark
+    def watermark(image):  # upstream's put_watermark, read back as a reader would
         bgr = encoder.encode(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR), "dwtDct")
+        if decoder.decode(bgr, "dwtDct") != text and not unreadable:
+            unreadable.append(True)  # once per run
+            logger.warning("the invisible watermark cannot be read back from some of this run's files: flat "
+                           "images (the small models') hide it badly; a larger --display-scale may help")
         return Image.fromarray(bgr[:, :, ::-1])
 
     return watermark

@@ -40,7 +40,8 @@ def validate_options(parser, opt):
     if opt.laion400m:  # upstream's shortcut to its LAION-400M model; flags the user gave win
         logger.info("Falling back to LAION 400M model...")
         opt.config = opt.config or "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
-        opt.ckpt = opt.ckpt or "models/ldm/text2img-large/model.ckpt"
+        if not opt.random_weights:
+            opt.ckpt = opt.ckpt or "models/ldm/text2img-large/model.ckpt"
         if opt.outdir == parser.get_default("outdir"):
             opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)

@@ -515,6 +515,17 @@ def test_watermark_changes_the_pixels_of_every_file_as_saved(tmp_path, size, dis
     assert_one_line_error(run("tests/test_watermark.py", tmp_path / "none.png"), "cannot read")
 
 
+def test_a_watermark_that_cannot_be_read_back_is_a_warning(tmp_path):
+    """The 16 px model's flat images, saved 16x larger: invisible-watermark's decoder reads the mark
+    back from some of the files only (3 of the 6 samples of seed 0); the run says so once."""
+    pytest.importorskip("imwatermark")
+    pytest.importorskip("cv2")
+    result = run("txt2img.py", "--prompt", "a chair", "--n_samples", "6", "--n_iter", "1", "--seed", "0",
+                 "--watermark", "--outdir", tmp_path)
+    assert_ok(result)
+    assert result.stderr.count("the invisible watermark cannot be read back from some of this run's files") == 1
+
+
 def test_fixed_code_starts_every_iteration_from_the_same_noise(tmp_path):
     """Upstream's --fixed_code: one start code for the whole run, so with deterministic DDIM each
     --n_iter batch repeats the first; without it every batch draws its own."""

@@ -370,3 +370,10 @@ def test_a_hub_text_encoder_offline_is_one_error_line(tmp_path):
     result = run("txt2img.py", "--config", config, "--random-weights", "--H", "64", "--W", "64",
                  "--outdir", tmp_path / "out")
     assert_one_line_error(result, "text_config is only used with version='openai/clip-vit-large-patch14'")
+
+
+def test_laion400m_with_random_weights_takes_its_config_and_no_checkpoint(tmp_path):
+    """--laion400m filled in its checkpoint before the --ckpt/--random-weights check, which then
+    named a flag the user had not given."""
+    opt = validated_txt2img(tmp_path, "--laion400m", "--H", "64", "--W", "64")
+    assert opt.config.endswith("configs/latent-diffusion/txt2img-1p4B-eval.yaml") and opt.ckpt is None
