@@ -69,7 +69,7 @@ def flatten(image, background):
     (often black, sometimes the cut-out's edge colours): a product photo cut out onto transparency
     then became an object on black. Photos (--init-img, --reference-image, inpaint's image) lie on
     "white", as a page shows them; condition maps and masks on "black", where nothing is drawn.
-    Transparency as a colour key (PNG's tRNS in an RGB, greyscale or palette image) counts too."""
+    Transparency as a colour key (PNG's tRNS in an 8-bit RGB, greyscale or palette image) counts too."""
     if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
         return image
     rgba = image.convert("RGBA")

@@ -151,7 +151,7 @@ def in_repo(path):
     that name if there is one: upstream's relative defaults (configs/..., the weights a config's
     `sampling` block names, models/...) then also work from another folder, e.g. `python
     ~/sd/scripts/txt2img.py` (outputs still go below the working directory)."""
-    if path is None or os.path.isabs(path) or os.path.exists(path):
+    if not path or os.path.isabs(path) or os.path.exists(path):  # "" is no name: not the repository's root
         return path
     in_repository = os.path.join(REPO_ROOT, path)
     return in_repository if os.path.exists(in_repository) else path

@@ -104,7 +104,7 @@ def _load_watermarker():
 
     def watermark(image):  # upstream's put_watermark, read back as a reader would
         bgr = encoder.encode(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR), "dwtDct")
-        if decoder.decode(bgr, "dwtDct") != text and not unreadable:
+        if not unreadable and decoder.decode(bgr, "dwtDct") != text:
             unreadable.append(True)  # once per run
             logger.warning("the invisible watermark cannot be read back from some of this run's files: flat "
                            "images (the small models') hide it badly; a larger --display-scale may help")

@@ -179,15 +179,13 @@ def validate_common(parser, opt, samplers, aliases):
     resolve_model(parser, opt)
     if opt.ddim_eta is None:  # a config's eta is for the sampler that draws step noise; the others have none
         opt.ddim_eta = opt.geometry.eta if sampler.stochastic else 0.0
-        if opt.geometry.eta > 0 and not sampler.stochastic:
-            # a model that needs eta > 0 leaves pixel noise on a deterministic path (the 16 px model:
-            # pixel noise 0.04-0.14 with plms or dpm, 0.01 with its ddim eta 1; CONSISTENCY_NOTES.md)
-            logger.warning("this model's config samples with ddim eta %g: --sampler %s draws no step noise and "
-                           "can leave its images speckled (--sampler ddim samples it as intended)",
-                           opt.geometry.eta, opt.sampler)
-    elif opt.ddim_eta == 0 and opt.geometry.eta > 0:
-        logger.warning("this model's config samples with ddim eta %g: --ddim_eta 0 draws no step noise and can "
-                       "leave its images speckled (leave --ddim_eta out to sample it as intended)", opt.geometry.eta)
+    if opt.geometry.eta > 0 and opt.ddim_eta == 0:
+        # a model that needs eta > 0 leaves pixel noise on a deterministic path (the 16 px model:
+        # pixel noise 0.04-0.14 with plms or dpm, 0.01 with its ddim eta 1; CONSISTENCY_NOTES.md)
+        what, fix = ((f"--sampler {opt.sampler}", "--sampler ddim samples it as intended") if not sampler.stochastic
+                     else ("--ddim_eta 0", "leave --ddim_eta out to sample it as intended"))
+        logger.warning("this model's config samples with ddim eta %g: %s draws no step noise and can leave its "
+                       "images speckled (%s)", opt.geometry.eta, what, fix)
     if not math.isfinite(opt.scale):
         parser.error(f"--scale must be a finite number, got {opt.scale}")
     if opt.negative_prompt and opt.scale == 1.0:
@@ -540,9 +538,10 @@ def check_step_windows(parser, opt, sampler, timesteps=None):
                      f"{' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
                      f"1 = image): widen it or {more}")
     if min(positions) > cond_tau:  # the adapter is on while 1 - t/T <= cond_tau (adapters.AdapterInjection)
+        enough = math.ceil(min(positions) * 1000) / 1000  # 1 - 981/1000 is 0.019000000000000017: 0.019 is not
         parser.error(f"--cond-tau {cond_tau:g} holds none of {calls} (the first at {min(positions):.3f} of the "
                      f"trajectory, 0 = noise, 1 = image): the adapter would change nothing; raise it to "
-                     f"{min(positions):.3f} or more" + ("" if partial else " or take more --ddim_steps"))
+                     f"{enough:g} or more" + ("" if partial else " or take more --ddim_steps"))
 
 
 def check_subject_words_before_loading(parser, opt):

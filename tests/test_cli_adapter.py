@@ -87,6 +87,11 @@ def test_adapter_steers_sampling_only_inside_the_cond_tau_window(tmp_path, files
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert "--cond-tau 0.4 holds none of this run's 2 model calls (the first at 0.499" in error
     assert "raise it to 0.499 or more or take more --ddim_steps" in error
+    # 50 steps: the first call is at 1 - 981/1000 = 0.019000000000000017, so 0.019 is not enough
+    with pytest.raises(SystemExit):
+        image("fifty", *adapter, "--ddim_steps", "50", "--cond-tau", "0.019")
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "(the first at 0.019 of the trajectory" in error and "raise it to 0.02 or more" in error
 
 
 def test_a_diffusers_adapter_folder_steers_as_its_weights_in_the_released_layout(tmp_path, files):

@@ -62,3 +62,12 @@ def test_a_deadline_cuts_every_stages_limit_and_skips_what_no_longer_fits(tmp_pa
     assert skipped.returncode == 1
     assert "stage chlast skipped: " in skipped.stdout and "stage bf16 skipped: " in skipped.stdout
     assert "##" not in (tmp_path / "late" / "benchmarks.md").read_text().split("\n", 1)[1]  # no table
+
+
+def test_a_short_stage_limit_of_its_own_is_no_reason_to_skip_it(tmp_path):
+    """Only what is left before the DEADLINE skips a stage: a table given 17 s of a call with 86 s
+    left runs (gpu_session.sh gives the table what the end-to-end stage leaves)."""
+    result = run(tmp_path / "out", STAGES="table", STAGE_LIMITS="table=17", DEADLINE="86", NS="1",
+                 TABLE_SETTINGS="vanilla sdpa")
+    log = (tmp_path / "out" / "benchmarks.log").read_text()
+    assert "stage table skipped" not in log and "stage table: " in log and "(limit 17 s)" in log, result.stdout

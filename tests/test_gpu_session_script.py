@@ -96,7 +96,7 @@ def test_benchmarks_are_skipped_when_the_time_is_spent(tmp_path):
 
 def test_after_a_training_that_used_its_time_the_cuda_checks_still_run(tmp_path):
     """SECONDS=380: bash starts its clock there, as after a training that reached MAX_TIME (330 s)
-    and then exported and sampled. The consistency benchmark shrinks to what cuda leaves it."""
+    and then exported and sampled: cuda, which cannot shrink, runs before consistency, which can."""
     result = run(tmp_path / "out", tmp_path / "logs", ACCELERATOR="no-such-accelerator", SECONDS="380")
     log = result.stdout
     assert "cuda skipped" not in log and " passed" in log.split("cuda: ")[-1].splitlines()[0]

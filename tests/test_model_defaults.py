@@ -269,6 +269,9 @@ def test_a_config_that_names_its_eta_sets_the_ddim_default_and_a_given_flag_wins
     assert validated_txt2img(tmp_path, *config, "--ddim_eta", "0").ddim_eta == 0.0
     assert "ddim eta 1: --ddim_eta 0 draws no step noise and can leave its images speckled" in caplog.text
     caplog.clear()
+    validated_txt2img(tmp_path, *config, "--sampler", "plms", "--ddim_eta", "0")  # the sampler is the cause
+    assert "--sampler plms draws no step noise" in caplog.text and "--ddim_eta 0 draws" not in caplog.text
+    caplog.clear()
     # plms and dpm draw no step noise: the config's eta is not theirs, and not an error either,
     # but the user hears that this model samples cleanly only with ddim
     assert validated_txt2img(tmp_path, *config, "--sampler", "plms").ddim_eta == 0.0
@@ -377,3 +380,8 @@ def test_laion400m_with_random_weights_takes_its_config_and_no_checkpoint(tmp_pa
     named a flag the user had not given."""
     opt = validated_txt2img(tmp_path, "--laion400m", "--H", "64", "--W", "64")
     assert opt.config.endswith("configs/latent-diffusion/txt2img-1p4B-eval.yaml") and opt.ckpt is None
+
+
+def test_an_empty_path_is_not_read_as_the_repositorys_root():
+    from ldm.model_choice import in_repo
+    assert in_repo("") == ""  # was the repository's folder: `--init-img ""` then named a folder never given
