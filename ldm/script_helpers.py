@@ -156,6 +156,19 @@ def positive_int(text):
     return value
 
 
+def check_seed(parser, flag, seed):
+    """A seed in numpy's and upstream's (pytorch_lightning's) range, else one error line."""
+    if not 0 <= seed < 2**32:
+        parser.error(f"{flag} must be between 0 and {2**32 - 1}, got {seed}")
+
+
+def check_steps(parser, flag, steps, timesteps, where=""):
+    """Sampling steps below the model's training timesteps (a sampler refuses more, with a traceback
+    once the model is built), else one error line; `where` says where the timesteps are set."""
+    if steps >= timesteps:
+        parser.error(f"{flag} must be below the model's {timesteps} training timesteps{where}, got {steps}")
+
+
 def validate_common(parser, opt, samplers, aliases):
     """Check the shared options; resolves opt.sampler. Exits via parser.error on bad input."""
     resolve_sampler(parser, opt, samplers, aliases)
@@ -170,8 +183,7 @@ def validate_common(parser, opt, samplers, aliases):
                      f"(leave --ddim_eta out)")
     if opt.ddim_eta is not None and not 0 <= opt.ddim_eta <= 1:
         parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
-    if not 0 <= opt.seed < 2**32:  # numpy's and upstream's (pytorch_lightning's) seed range
-        parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
+    check_seed(parser, "--seed", opt.seed)
     if opt.n_rows < 0:
         parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
     if opt.n_rows and opt.skip_grid:  # upstream's combination, so a warning, not an error
@@ -196,9 +208,7 @@ def validate_common(parser, opt, samplers, aliases):
                      "runs no unconditional half (every image shares): pass --scale above 1 or leave it out")
     if opt.ddim_steps < sampler.min_steps:
         parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
-    if opt.ddim_steps >= opt.geometry.timesteps:
-        parser.error(f"--ddim_steps must be below the model's {opt.geometry.timesteps} training timesteps, "
-                     f"got {opt.ddim_steps}")
+    check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     opt.prompts = read_prompts(parser, opt)
     warn_unseen_words(opt.geometry, opt.config, opt.prompts + [getattr(opt, "negative_prompt", "") or ""])
     batches = prompt_batches(opt)

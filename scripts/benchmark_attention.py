@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_new_file, check_steps  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")
@@ -471,9 +471,8 @@ def validate(parser, opt):
         if min(values) < 1:
             parser.error(f"{flag} must be at least 1, got {min(values)}")
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
-    if opt.end_to_end and opt.steps >= geometry.timesteps:
-        parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
-                     f"(model.params.timesteps in {opt.config}), got {opt.steps}")
+    if opt.end_to_end:
+        check_steps(parser, "--steps", opt.steps, geometry.timesteps, f" (model.params.timesteps in {opt.config})")
     if opt.size is None:
         opt.size = geometry.height
     if opt.size < geometry.multiple or opt.size % geometry.multiple:

@@ -97,8 +97,9 @@ from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
-                                check_output_dir, conditionings, configure_logging, cpu_noise, interruptible,
-                                latents_to_images, resolve_device, seed_step_noise, set_cpu_threads, warn_unseen_words)
+                                check_output_dir, check_seed, check_steps, conditionings, configure_logging,
+                                cpu_noise, interruptible, latents_to_images, resolve_device, seed_step_noise,
+                                set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -295,9 +296,7 @@ def check_run(parser, opt, settings):
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)
     require_text_model(parser, opt.config, geometry)
     warn_unseen_words(geometry, opt.config, opt.prompts)  # e.g. shapes, for a model trained without them
-    if opt.steps >= geometry.timesteps:
-        parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps "
-                     f"(model.params.timesteps in {opt.config}), got {opt.steps}")
+    check_steps(parser, "--steps", opt.steps, geometry.timesteps, f" (model.params.timesteps in {opt.config})")
     # at the model's default sampling size (512 px for SD v1, 32 px for the embedded model)
     opt.shape = [geometry.channels, geometry.height // geometry.factor, geometry.width // geometry.factor]
     opt.image_size = (geometry.height, geometry.width)
@@ -313,9 +312,8 @@ def check_run(parser, opt, settings):
         repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if repeated is not None:
             parser.error(f"{flag} gives {repeated!r} twice; each batch is measured once (more seeds, more batches)")
-    outside = [seed for seed in opt.seeds if not 0 <= seed < 2**32]  # txt2img's --seed range
-    if outside:
-        parser.error(f"--seeds must be between 0 and {2**32 - 1}, got {outside[0]}")
+    for seed in opt.seeds:
+        check_seed(parser, "--seeds", seed)
 
 
 def config_of(name):
@@ -634,11 +632,16 @@ def warm_up(model, sampler, opt, device):
 
 def mean_std(values):
     """'mean ± sample standard deviation' of the values that are not NaN (n/a for the spread of one)."""
+    return mean_and_spread(values, statistics.stdev)
+
+
+def mean_and_spread(values, spread, sign=""):
+    """'mean ± spread(values)' of the values that are not NaN; n/a for none, and for the spread of one."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "n/a"
-    std = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
-    return f"{statistics.fmean(values):.3f} ± {std}"
+    shown = f"{spread(values):.3f}" if len(values) > 1 else "n/a"
+    return f"{statistics.fmean(values):{sign}.3f} ± {shown}"
 
 
 def markdown_table(rows, settings):
@@ -658,12 +661,8 @@ METRIC_LABELS = {"colour_spread": "colour spread", "chroma_spread": "chroma spre
 
 
 def mean_se(values):
-    """'mean ± standard error' of the values that are not NaN (n/a for the error of one)."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    se = f"{statistics.stdev(values) / math.sqrt(len(values)):.3f}" if len(values) > 1 else "n/a"
-    return f"{statistics.fmean(values):+.3f} ± {se}"
+    """'mean ± standard error', signed, of the values that are not NaN (n/a for the error of one)."""
+    return mean_and_spread(values, lambda v: statistics.stdev(v) / math.sqrt(len(v)), sign="+")
 
 
 def paired_table(rows, settings, baseline="none", first=()):

@@ -104,8 +104,7 @@ def check_inpainting_model(parser, opt, geometry):
     if key != "masked_image":
         parser.error(f"--config {opt.config} is not an inpainting model (conditioned on {key!r}, not on "
                      f"'masked_image'); this script needs {CONFIG}")
-    if opt.steps >= geometry.timesteps:
-        parser.error(f"--steps must be below the model's {geometry.timesteps} training timesteps, got {opt.steps}")
+    helpers.check_steps(parser, "--steps", opt.steps, geometry.timesteps)
 
 
 def load_model(parser, opt, device):

@@ -16,7 +16,7 @@ from ldm.hub import ModelUnavailable
 from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
-from ldm.script_helpers import ArgumentParser, build_model, configure_logging, positive_int
+from ldm.script_helpers import ArgumentParser, build_model, check_steps, configure_logging, positive_int
 
 logger = logging.getLogger("knn2img")
 
@@ -302,9 +302,7 @@ if __name__ == "__main__":
     for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
         if not os.path.isfile(path):
             parser.error(f"{flag} {path} not found")
-    timesteps = read_model_geometry(parser, "--config", opt.config).timesteps
-    if opt.ddim_steps >= timesteps:
-        parser.error(f"--ddim_steps must be below the model's {timesteps} training timesteps, got {opt.ddim_steps}")
+    check_steps(parser, "--ddim_steps", opt.ddim_steps, read_model_geometry(parser, "--config", opt.config).timesteps)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:  # before the model: CLIP's weights are the ones that may be missing

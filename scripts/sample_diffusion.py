@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.checkpoints import build_with_weights
 from ldm.model_choice import non_text_conditioning, run_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import ArgumentParser, configure_logging, positive_int
+from ldm.script_helpers import ArgumentParser, check_steps, configure_logging, positive_int
 from ldm.util import ModelError
 
 logger = logging.getLogger("sample_diffusion")
@@ -239,10 +239,8 @@ if __name__ == "__main__":
                      "script samples unconditional ones" + (f": for this text-to-image model use scripts/txt2img.py "
                                                             f"--config {opt.base[0]} --ckpt {ckpt}" if text else ""))
 
-    timesteps = params.get("timesteps", 1000)
-    if not opt.vanilla_sample and opt.custom_steps >= timesteps:
-        parser.error(f"-c/--custom_steps must be below the model's {timesteps} training timesteps, "
-                     f"got {opt.custom_steps}")
+    if not opt.vanilla_sample:
+        check_steps(parser, "-c/--custom_steps", opt.custom_steps, params.get("timesteps", 1000))
 
     if opt.logdir != "none":
         locallog = os.path.basename(os.path.abspath(logdir))  # logdir "" (a checkpoint in the current folder)

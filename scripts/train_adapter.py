@@ -46,7 +46,7 @@ from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusi
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, build_model, check_new_file,  # noqa: E402
-                                configure_logging, resolve_device)
+                                check_seed, configure_logging, resolve_device)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
@@ -121,8 +121,7 @@ def validate(parser, opt):
         parser.error(f"--lr must be a positive finite number, got {opt.lr}")
     if not 0 <= opt.weight_decay < math.inf:
         parser.error(f"--weight-decay must be a finite number, 0 or more, got {opt.weight_decay}")
-    if not 0 <= opt.seed < 2**32:  # txt2img's --seed range
-        parser.error(f"--seed must be between 0 and {2**32 - 1}, got {opt.seed}")
+    check_seed(parser, "--seed", opt.seed)
     if not opt.max_minutes >= 0:
         parser.error(f"--max-minutes must be positive, or 0 for no limit, got {opt.max_minutes}")
     if not 0 <= opt.ema_decay < 1:
