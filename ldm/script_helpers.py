@@ -547,11 +547,18 @@ def check_step_windows(parser, opt, sampler, timesteps=None):
         parser.error(f"--share-window {start:g}:{end:g} holds none of {calls} (the nearest at "
                      f"{' and '.join(f'{p:.3f}' for p in nearest if p is not None)} of the trajectory, 0 = noise, "
                      f"1 = image): widen it or {more}")
-    if min(positions) > cond_tau:  # the adapter is on while 1 - t/T <= cond_tau (adapters.AdapterInjection)
+    check_cond_tau(parser, cond_tau, positions, calls, steps_flag=None if partial else "--ddim_steps")
+
+
+def check_cond_tau(parser, cond_tau, positions, calls, steps_flag="--ddim_steps"):
+    """The adapter is on while 1 - t/T <= cond_tau (adapters.AdapterInjection): a --cond-tau below
+    the first of the model calls' `positions` (1 - t/T, described by `calls`) applies it nowhere.
+    `steps_flag`: the flag that takes more steps, None where more steps would not help."""
+    if min(positions) > cond_tau:
         enough = math.ceil(min(positions) * 1000) / 1000  # 1 - 981/1000 is 0.019000000000000017: 0.019 is not
         parser.error(f"--cond-tau {cond_tau:g} holds none of {calls} (the first at {min(positions):.3f} of the "
                      f"trajectory, 0 = noise, 1 = image): the adapter would change nothing; raise it to "
-                     f"{enough:g} or more" + ("" if partial else " or take more --ddim_steps"))
+                     f"{enough:g} or more" + (f" or take more {steps_flag}" if steps_flag else ""))
 
 
 def check_subject_words_before_loading(parser, opt):

@@ -59,12 +59,13 @@ import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure 
 from ldm.checkpoints import CheckpointError  # noqa: E402
 from ldm.data import procedural  # noqa: E402
 from ldm.model_choice import in_repo  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
                                   first_stage_factor, injection_sites, load_adapter, unet_of)
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument,  # noqa: E402
-                                check_output_dir, conditionings, configure_logging, latents_to_images, resolve_device,
-                                set_cpu_threads)
+                                check_cond_tau, check_output_dir, conditionings, configure_logging, latents_to_images,
+                                resolve_device, set_cpu_threads)
 
 logger = logging.getLogger("adapter_benchmark")
 
@@ -134,6 +135,15 @@ def validate(parser, opt):
     if not os.path.isfile(opt.adapter):
         parser.error(f"adapter not found: {opt.adapter}")
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
+
+
+def check_cond_tau_window(parser, opt, model):
+    """After loading, as the model's timesteps decide it: a --cond-tau that none of the --steps
+    model calls falls under would benchmark the adapter applied nowhere."""
+    sampler = DDIMSampler(model)
+    positions = [1.0 - t / sampler.ddpm_num_timesteps for t in sampler.model_timesteps(opt.steps)]
+    check_cond_tau(parser, opt.cond_tau, positions, f"the {len(positions)} model calls of --steps {opt.steps}",
+                   steps_flag="--steps")
 
 
 # --- model, adapter, conditions -------------------------------------------------------------
@@ -275,6 +285,7 @@ def main(argv=None):
     if device.type == "cpu":
         set_cpu_threads(opt.threads)
     model = cb.load(opt, device)
+    check_cond_tau_window(parser, opt, model)
     adapter = load_adapter_for(model, opt, device)
     figure_prompt, figure_seed = opt.prompts[opt.figure[0]], opt.seeds[opt.figure[1]]
     rows, figure_batches = [], {}

@@ -131,6 +131,19 @@ def test_benchmark_prints_iou_for_all_seven_settings(trained, tmp_path):
         assert figure.height == 8 * (32 * 4 + 2)  # the conditions + seven settings
 
 
+def test_benchmark_refuses_a_cond_tau_under_every_model_call_before_sampling(trained, tmp_path):
+    """--steps 2 calls the model at 0.499 and 0.999 of the trajectory: --cond-tau 0.4 would have
+    benchmarked the adapter applied at no step, every 'adapter' row a copy of 'plain'."""
+    adapter, _ = trained
+    result = run("adapter_benchmark.py", "--config", CONFIG, "--random-weights", "--adapter", adapter, "--n", 2,
+                 "--steps", 2, "--cond-tau", 0.4, "--seeds", 0, "--prompts", "a chair", "--outdir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "error: --cond-tau 0.4 holds none of the 2 model calls of --steps 2 (the first at 0.499 of the trajectory, "
+        "0 = noise, 1 = image): the adapter would change nothing; raise it to 0.499 or more or take more --steps")
+    assert not (tmp_path / "out").exists()
+
+
 def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
     adapter, _ = trained
     script = load_script("adapter_benchmark")
