@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.checkpoints import CheckpointError, read_checkpoint, save_safetensors, state_dict_of  # noqa: E402
 from ldm.model_choice import check_checkpoint_type  # noqa: E402
 from ldm.script_helpers import ArgumentParser, check_new_file  # noqa: E402
+from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("export_checkpoint")
 
@@ -209,6 +210,8 @@ def main(argv=None):
                       metrics_path=opt.metrics, unsafe_pickle=opt.unsafe_pickle)
     except CheckpointError as e:
         parser.exit(1, f"error: {e}\n")
+    except OSError as e:  # the output was checked writable: a full disk, or a folder gone meanwhile
+        parser.exit(1, f"{parser.prog}: error: cannot write {opt.out} ({first_line(e)})\n")
     logger.info("wrote %s (%.1f MiB, step %s, EMA %s) and %s", opt.out, info["bytes"] / 2**20,
                 info["global_step"], info["ema"], sidecar_path(opt.out))
     return info

@@ -309,7 +309,11 @@ def main(argv=None):
     logger.info("training an adapter on %s maps for %s on %s: %d steps at batch %d", opt.condition, opt.config, device,
                 opt.steps, opt.batch_size)
     adapter, report = fit(model, opt, device)
-    write_outputs(opt, adapter, report)
+    try:
+        write_outputs(opt, adapter, report)
+    except OSError as e:  # checked writable before training; a disk that filled meanwhile is one line, not a traceback
+        parser.exit(1, f"{parser.prog}: error: cannot write {opt.out} ({first_line(e)}); free the space or pass "
+                       f"another --out and train again\n")
     return report
 
 

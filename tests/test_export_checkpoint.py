@@ -148,6 +148,29 @@ def test_cli_bad_output_and_metrics_are_one_error_line_before_reading_the_checkp
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_disk_that_fills_while_writing_is_one_error_line_and_leaves_no_partial_file(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    ckpt = fake_run(tmp_path, small_state_dict())
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        export_checkpoint.main([str(ckpt), str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f": error: cannot write {tmp_path / 'm.safetensors'} ([Errno 28] "
+                                                  f"No space left on device)")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_cli_refuses_a_checkpoint_without_unet_weights(tmp_path):
     from safetensors.torch import save_file
     empty = tmp_path / "nomodel.safetensors"

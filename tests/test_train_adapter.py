@@ -54,6 +54,24 @@ def test_the_held_out_loss_is_over_every_eval_scene_also_past_one_batch(tmp_path
     assert all(np.isfinite(v) for v in report["held_out"].values())
 
 
+def test_a_disk_that_fills_during_training_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import errno
+    script = load_script("train_adapter")
+
+    def disk_full(adapter, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(script, "save_adapter", disk_full)
+    out = tmp_path / "a.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--config", str(CONFIG), "--random-weights", "--out", str(out), "--steps", "1",
+                     "--batch-size", "1", "--eval-size", "1", "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f": error: cannot write {out} ([Errno 28] No space left "
+                                                 f"on device); free the space or pass another --out and train again")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--random-weights", "--ckpt", "{existing}"], "--ckpt and --random-weights: choose one"),
     (["--random-weights", "--out", "{existing}"], "exists; choose a new --out"),
