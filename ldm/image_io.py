@@ -69,7 +69,7 @@ def flatten(image, background):
     (often black, sometimes the cut-out's edge colours): a product photo cut out onto transparency
     then became an object on black. Photos (--init-img, --reference-image, inpaint's image) lie on
     "white", as a page shows them; condition maps and masks on "black", where nothing is drawn.
-    Transparency as a colour key (PNG's tRNS in an 8-bit RGB, greyscale or palette image) counts too."""
+    Transparency as a colour key (PNG's tRNS in an RGB, greyscale or palette image) counts too."""
     if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
         return image
     rgba = image.convert("RGBA")
@@ -81,7 +81,8 @@ def to_8bit(image):
     32-bit greyscale image at 255 and a float one to 0, so a 16-bit depth map or scan came out
     white and a [0, 1] float image black; their values are scaled instead: 16-bit ones by 257
     (65535 -> 255), floats from [0, 1]. Other modes (RGB, RGBA, L, P, CMYK, ...) are returned as
-    they are."""
+    they are. A 16-bit colour key (PNG's tRNS) becomes an alpha channel ("LA"): scaled, the key
+    would name another grey, and its pixels would show as grey, not as the background."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image, dtype=np.float64)
@@ -89,7 +90,12 @@ def to_8bit(image):
         values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
     elif image.mode != "I" or values.max(initial=0.0) > 255:  # "I" holding 8-bit values stays as it is
         values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    alpha = np.where(np.asarray(image) == key, 0, 255).astype(np.uint8)
+    return Image.merge("LA", (grey, Image.fromarray(alpha, "L")))
 
 
 def upscale(image, factor):

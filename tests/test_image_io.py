@@ -154,3 +154,14 @@ def test_transparency_as_a_colour_key_is_shown_over_the_background_too(tmp_path,
     image.save(tmp_path / "keyed.png", transparency=key)
     pixels = np.asarray(read_user_image(tmp_path / "keyed.png", "white"))
     assert (pixels[:2, :2] == 255).all() and not (pixels[2:, 2:] == 255).all()
+
+
+def test_a_16_bit_greyscale_colour_key_is_shown_over_the_background(tmp_path):
+    """Scaled to 8 bits, the key (here 1234) would name grey 5: the keyed corner came out near black."""
+    values = np.full((4, 4), 40000, np.uint16)
+    values[:2, :2] = 1234
+    Image.fromarray(values).save(tmp_path / "keyed16.png", transparency=1234)
+    with Image.open(tmp_path / "keyed16.png") as image:
+        assert image.mode == "I;16" and image.info["transparency"] == 1234
+    pixels = np.asarray(read_user_image(tmp_path / "keyed16.png", "white").convert("L"))
+    assert (pixels[:2, :2] == 255).all() and (pixels[2:, 2:] == 156).all()  # 40000 / 257
