@@ -52,7 +52,7 @@ def validate_options(parser, opt):
         parser.error("pass --init-img PATH (the image to vary)")
     if not 0.0 <= opt.strength <= 1.0:
         parser.error(f"--strength must be in [0.0, 1.0], got {opt.strength}")
-    if int(opt.strength * opt.ddim_steps) < 1:
+    if encode_steps(opt) < 1:
         parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
                      f"raise one of them")
     return opt
@@ -92,8 +92,9 @@ def encode_init_image(model, init_image, batch_size, device):
 
 
 def encode_steps(opt):
-    """How many of the --ddim_steps steps the init image is noised by, and denoised along."""
-    return int(opt.strength * opt.ddim_steps)
+    """How many of the --ddim_steps steps the init image is noised by, and denoised along: the
+    whole steps of strength x steps, as upstream, but 0.29 x 100 (28.999999999999996 in floats) is 29."""
+    return int(round(opt.strength * opt.ddim_steps, 9))
 
 
 def sample_batch(opt, model, sampler, prompts, init_latent, t_enc, noise):

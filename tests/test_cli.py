@@ -385,6 +385,14 @@ def test_img2img_strength_one_noises_the_init_image_completely(tmp_path):
     assert pngs(tmp_path / "out") == ["grid-0000.png", "samples/00000.png"]
 
 
+@pytest.mark.parametrize("strength, steps, t_enc", [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29),
+                                                     (0.5, 4, 2), (0.35, 4, 1), (1.0, 3, 3)])
+def test_img2img_denoises_the_whole_steps_of_strength_times_steps(strength, steps, t_enc):
+    # int(0.29 * 100) is 28: the float product is 28.999999999999996
+    opt = load_script("img2img").build_parser().parse_args(["--strength", str(strength), "--ddim_steps", str(steps)])
+    assert load_script("img2img").encode_steps(opt) == t_enc
+
+
 def test_img2img_rejects_plms_and_missing_init_img(tmp_path):
     assert_one_line_error(run("img2img.py", "--config", TINY_CONFIG, "--random-weights", "--plms",
                               "--init-img", "x.png", "--outdir", tmp_path), "plms")

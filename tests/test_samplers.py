@@ -311,12 +311,30 @@ def test_a_misspelt_option_is_an_error_not_ignored(tiny_model, conds):
     ("ddim", dict(S=1000), "takes 1 to 999 steps"),
     ("dpm", dict(S=5000), "takes 2 to 999 steps"),
     ("dpm", dict(temperature=0.5), "does not support temperature"),
+    ("ddim", dict(eta=1.5), r"eta must be in \[0, 1\], got 1.5"),  # had sampled NaN images
+    ("ddim", dict(eta=float("nan")), r"eta must be in \[0, 1\], got nan"),
 ])
 def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, message):
     c, _ = conds
     options = {"S": 3, **options}
     with pytest.raises(ValueError, match=message):
         SAMPLERS[name](tiny_model).sample(batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, **options)
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms"])  # DPM-Solver refuses score correctors
+def test_a_score_corrector_needs_no_keyword_arguments(tiny_model, conds, name):
+    """corrector_kwargs defaults to None: upstream unpacked it as **None, a TypeError."""
+    c, _ = conds
+    seen = []
+
+    class Halve:
+        def modify_score(self, model, e_t, x, t, c):
+            seen.append(float(t[0]))
+            return e_t / 2
+
+    SAMPLERS[name](tiny_model).sample(S=3, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                      score_corrector=Halve())
+    assert seen
 
 
 def test_plms_schedule_refuses_eta(tiny_model):

@@ -39,6 +39,8 @@ class Sampler:
                              f"steps, got {S}")
         if eta != 0 and not self.stochastic:
             raise ValueError(f"{type(self).__name__} is deterministic: eta must be 0, got {eta}")
+        if not 0 <= eta <= 1:  # above 1 the step's noise outweighs what is left of 1 - alpha: sqrt of < 0, NaN
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         logger.debug("%s: %d steps, data shape %s, eta %s", type(self).__name__, S, size, eta)
@@ -75,7 +77,7 @@ class Sampler:
         e_t = guided_eps(self.model, x, t, cond, uncond, scale)
         if score_corrector is not None:
             assert self.model.parameterization == "eps"
-            e_t = score_corrector.modify_score(self.model, e_t, x, t, cond, **corrector_kwargs)
+            e_t = score_corrector.modify_score(self.model, e_t, x, t, cond, **(corrector_kwargs or {}))
         return e_t
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
