@@ -400,3 +400,34 @@ def test_model_timesteps_are_the_timesteps_sampling_calls_the_unet_at(tiny_model
     finally:
         hook.remove()
     assert dry == seen and len(seen) == {"ddim": steps, "plms": steps + 1, "dpm": steps}[name]
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "progressive_denoising"])
+def test_ancestral_sampling_ends_on_x0_where_it_is_known(tiny_model, conds, loop):
+    """After the step from t to t - 1 the known part is x0 at level t - 1, and x0 itself after the
+    last: upstream noised it to t, so the known part of its final sample kept noise of std
+    sqrt(1 - alpha_bar_0)."""
+    c, _ = conds
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1
+    steps = dict(timesteps=3) if loop == "p_sample_loop" else dict(start_T=3)
+    out = getattr(tiny_model, loop)(c, (2, 4, 8, 8), mask=mask, x0=x0, verbose=False, **steps)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.equal(out[..., :4], x0[..., :4]) and not torch.equal(out[..., 4:], x0[..., 4:])
+
+
+def test_the_logged_outpainting_keeps_the_centre_the_inpainting_fills(tiny_model, monkeypatch):
+    masks = []
+
+    def sample_log(**options):
+        if options.get("mask") is not None:
+            masks.append(options["mask"])
+        return torch.zeros(options["batch_size"], 4, 8, 8), None
+
+    monkeypatch.setattr(tiny_model, "sample_log", sample_log)
+    batch = {tiny_model.first_stage_key: torch.rand(2, 64, 64, 3) * 2 - 1, tiny_model.cond_stage_key: ["a", "b"]}
+    tiny_model.log_images(batch, N=2, inpaint=True, plot_progressive_rows=False, plot_diffusion_rows=False)
+    inpaint, outpaint = masks  # mask 1: kept
+    assert inpaint[0, 0, 4, 4] == 0 and inpaint[0, 0, 0, 0] == 1 and torch.equal(outpaint, 1 - inpaint)

@@ -999,14 +999,22 @@ class LatentDiffusion(DDPM):
                                             score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
             if mask is not None:
                 assert x0 is not None
-                img_orig = self.q_sample(x0, ts)
-                img = img_orig * mask + (1. - mask) * img
+                img = self.keep_known_after_step(img, i, mask, x0)
 
             if i % log_every_t == 0 or i == timesteps - 1:
                 intermediates.append(x0_partial)
             if callback: callback(i)
             if img_callback: img_callback(img, i)
         return img, intermediates
+
+    def keep_known_after_step(self, img, t, mask, x0):
+        """`img` after p_sample has taken it from timestep t to t - 1, its known part (mask 1) replaced
+        by x0 at that level: x0 itself after the last step. Upstream noised x0 to t, one level too
+        noisy, and its samples kept that noise where they should show x0."""
+        if t == 0:
+            return x0 * mask + (1. - mask) * img
+        level = torch.full((img.shape[0],), t - 1, device=img.device, dtype=torch.long)
+        return self.q_sample(x0, level) * mask + (1. - mask) * img
 
     @torch.no_grad()
     def p_sample_loop(self, cond, shape, return_intermediates=False,
@@ -1047,8 +1055,7 @@ class LatentDiffusion(DDPM):
                                 clip_denoised=self.clip_denoised,
                                 quantize_denoised=quantize_denoised)
             if mask is not None:
-                img_orig = self.q_sample(x0, ts)
-                img = img_orig * mask + (1. - mask) * img
+                img = self.keep_known_after_step(img, i, mask, x0)
 
             if i % log_every_t == 0 or i == timesteps - 1:
                 intermediates.append(img)
@@ -1179,10 +1186,10 @@ class LatentDiffusion(DDPM):
                 log["samples_inpainting"] = x_samples
                 log["mask"] = mask
 
-                # outpaint
+                # outpaint: the centre is kept, the border filled in (upstream passed the inpainting mask again)
                 with self.ema_scope("Plotting Outpaint"):
                     samples, _ = self.sample_log(cond=c, batch_size=N, ddim=use_ddim,eta=ddim_eta,
-                                                ddim_steps=ddim_steps, x0=z[:N], mask=mask)
+                                                ddim_steps=ddim_steps, x0=z[:N], mask=1. - mask)
                 x_samples = self.decode_first_stage(samples.to(self.device))
                 log["samples_outpainting"] = x_samples
 
