@@ -45,6 +45,9 @@ def validate_options(parser, opt):
         if opt.outdir == parser.get_default("outdir"):
             opt.outdir = "outputs/txt2img-samples-laion400m"
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
+    if opt.ddim_steps == 1:  # upstream's steps are 1, 1 + T/n, ...: the only one is the last, nearly clean level
+        logger.warning("--ddim_steps 1 takes its one step at timestep 1 of %d, where the start noise counts as an "
+                       "almost finished image: the images are that noise; take 2 or more", opt.geometry.timesteps)
     check_image_size(parser, opt.H, opt.W, multiple=opt.geometry.multiple)
     warn_if_far_above_model_size(opt.geometry, opt.H, opt.W, "--H/--W give images of", "take a smaller --H/--W")
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler

@@ -143,6 +143,20 @@ def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, cap
     assert not any(tmp_path.iterdir())
 
 
+def test_one_ddim_step_is_a_warning_that_the_images_stay_noise(txt2img, tmp_path, caplog):
+    """Upstream's single step is at timestep 1 (sqrt(1 - alpha_bar_1) = 0.04 on SD v1's schedule): the sample barely differs from its
+    start noise."""
+    parser = txt2img.build_parser()
+    for steps in (1, 2):
+        caplog.clear()
+        txt2img.validate_options(parser, parser.parse_args([*map(str, TINY), "--ddim_steps", str(steps),
+                                                            "--outdir", str(tmp_path / str(steps))]))
+        warned = [r.getMessage() for r in caplog.records if "--ddim_steps 1" in r.getMessage()]
+        assert warned == ([] if steps == 2 else ["--ddim_steps 1 takes its one step at timestep 1 of 1000, where the "
+                                                 "start noise counts as an almost finished image: the images are "
+                                                 "that noise; take 2 or more"])
+
+
 def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplog):
     """On the 16 px model: 40x40 is 6x its pixels (warned, with the fix), 32x32 4x (not); img2img
     reads a 48x48 image pixel for pixel with --display-scale 1 (9x, warned), at 16x16 with 3."""

@@ -61,12 +61,11 @@ def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timestep
     if not 1 <= num_ddim_timesteps < num_ddpm_timesteps:
         raise ValueError(f"number of sampling steps must be between 1 and {num_ddpm_timesteps - 1}, "
                          f"got {num_ddim_timesteps}")
-    if ddim_discr_method == 'uniform':
-        ddim_timesteps = np.arange(num_ddim_timesteps) * num_ddpm_timesteps // num_ddim_timesteps
-    elif ddim_discr_method == 'quad':
-        ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
-    else:
+    # upstream's other method, 'quad', is gone: it gave repeated steps (49 distinct of 50), and
+    # nothing passed it
+    if ddim_discr_method != 'uniform':
         raise NotImplementedError(f'There is no ddim discretization method called "{ddim_discr_method}"')
+    ddim_timesteps = np.arange(num_ddim_timesteps) * num_ddpm_timesteps // num_ddim_timesteps
 
     # add one to get the final alpha values right (the ones from first scale to data during sampling)
     steps_out = ddim_timesteps + 1

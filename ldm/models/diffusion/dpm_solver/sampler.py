@@ -6,7 +6,8 @@ from .dpm_solver import NoiseScheduleVP, DPM_Solver
 
 
 class DPMSolverSampler(Sampler):
-    min_steps = 2  # order 2: the first step is first order, the rest use the previous one too
+    min_steps = 2  # order 2: the first step is first order, the rest use the previous one too (and under
+                   # 15 steps the last is first order again: DPM_Solver.sample)
 
     def __init__(self, model, schedule="linear"):
         super().__init__(model, schedule)
