@@ -144,8 +144,8 @@ def test_txt2img_bad_input_is_one_error_line(txt2img, tmp_path, monkeypatch, cap
 
 
 def test_one_ddim_step_is_a_warning_that_the_images_stay_noise(txt2img, tmp_path, caplog):
-    """Upstream's single step is at timestep 1 (sqrt(1 - alpha_bar_1) = 0.04 on SD v1's schedule): the sample barely differs from its
-    start noise."""
+    """Upstream's single step is at timestep 1 (sqrt(1 - alpha_bar_1) = 0.04 on SD v1's schedule): the
+    sample barely differs from its start noise."""
     parser = txt2img.build_parser()
     for steps in (1, 2):
         caplog.clear()
