@@ -12,8 +12,8 @@ anchors (`RunAnchors`), so that a whole run agrees, not each batch on its own.
 
 Keys are (layer site name, UNet call index). The call index, not the timestep, because PLMS
 calls the UNet twice in its first step and again at the second call's timestep (3 steps: 667,
-334, 334, 1); the timestep of every call is stored too, and a read whose trajectory differs (another sampler, step count or
-strength) is refused at the first differing call. Guidance: the batch is `[uncond; cond]`; the
+334, 334, 1); the timestep of every call is stored too, and a read whose trajectory differs
+(another sampler, step count or strength) is refused at the first differing call. Guidance: the batch is `[uncond; cond]`; the
 halves are recorded separately and each is read into the matching half, so the prompt never
 leaks into the unconditional estimate.
 
