@@ -189,6 +189,21 @@ def batch_variant_kernel(model):
         set_attention_backend(model, "sdpa")
 
 
+@pytest.mark.parametrize("device,dtype", SETTINGS)
+def test_a_training_loss_and_its_gradients_on_the_device(device, dtype):
+    """main.py's training step (LatentDiffusion.forward: random timesteps, p_losses) where it trains:
+    upstream's logvar stayed a CPU tensor, indexed with CUDA timesteps, an error on the first step."""
+    from conftest import build_tiny_model
+    model = build_tiny_model().to(device).train()
+    x, _, c = batch(device)
+    with precision(device, dtype):
+        loss, logged = model(x, c)
+    loss.backward()
+    grads = [p.grad for p in model.model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    assert set(logged) == {"train/loss_simple", "train/loss_vlb", "train/loss"}
+
+
 def test_the_batch_variant_kernel_differs_between_batch_sizes():
     q, k, v = (torch.randn(4, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     assert torch.equal(batch_variant_attention(q, k, v), batch_variant_attention(q, k, v))

@@ -70,3 +70,21 @@ def test_the_frozen_stages_stay_in_eval_mode_and_return_themselves():
         assert stage.eval() is stage and stage.train() is stage and not stage.training
     clone = copy.deepcopy(model)
     assert clone.first_stage_model.train() is clone.first_stage_model
+
+
+@pytest.mark.parametrize("config, overrides", [
+    (TINY_CONFIG, {}),
+    (TINY_CONFIG, {"num_timesteps_cond": 2}),  # upstream's shortened conditioning schedule (cond_ids)
+    (TINY_CONFIG, {"learn_logvar": True}),
+    (REPO / "configs" / "embedded" / "procedural-t2i.yaml", {}),  # what gpu_train_embedded.sh trains
+])
+def test_every_tensor_the_model_holds_follows_it_to_another_device(config, overrides):
+    """A plain tensor attribute stays on the CPU when the model moves; indexed with the batch's
+    timesteps on a GPU it is an error (upstream's logvar, in every training step). The meta device
+    stands in for CUDA here."""
+    params = OmegaConf.merge(OmegaConf.load(config).model.params, overrides)
+    torch.manual_seed(0)
+    model = LatentDiffusion(**params).to("meta")
+    left_behind = [f"{name or 'model'}.{attribute}" for name, module in model.named_modules()
+                   for attribute, value in vars(module).items() if isinstance(value, torch.Tensor) and not value.is_meta]
+    assert left_behind == []

@@ -120,9 +120,13 @@ class DDPM(TrainableModule):
         self.loss_type = loss_type
 
         self.learn_logvar = learn_logvar
-        self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
+        logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
         if self.learn_logvar:
-            self.logvar = nn.Parameter(self.logvar, requires_grad=True)
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:  # a buffer, so that it follows the model to the GPU: upstream's plain tensor stayed on the CPU,
+            # and p_losses indexes it with the batch's timesteps, which on CUDA is an error (a CPU tensor
+            # takes CPU indices only). Not saved, as upstream: its checkpoints have no such key.
+            self.register_buffer('logvar', logvar, persistent=False)
 
 
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
@@ -473,9 +477,10 @@ class LatentDiffusion(DDPM):
             self.restarted_from_ckpt = True
 
     def make_cond_schedule(self, ):
-        self.cond_ids = torch.full(size=(self.num_timesteps,), fill_value=self.num_timesteps - 1, dtype=torch.long)
-        ids = torch.round(torch.linspace(0, self.num_timesteps - 1, self.num_timesteps_cond)).long()
-        self.cond_ids[:self.num_timesteps_cond] = ids
+        cond_ids = torch.full(size=(self.num_timesteps,), fill_value=self.num_timesteps - 1, dtype=torch.long)
+        cond_ids[:self.num_timesteps_cond] = torch.round(torch.linspace(0, self.num_timesteps - 1,
+                                                                        self.num_timesteps_cond)).long()
+        self.register_buffer('cond_ids', cond_ids, persistent=False)  # follows the model, as logvar
 
     @rank_zero_only
     @torch.no_grad()
@@ -885,7 +890,7 @@ class LatentDiffusion(DDPM):
         loss_simple = self.get_loss(model_output, target, mean=False).mean([1, 2, 3])
         loss_dict.update({f'{prefix}/loss_simple': loss_simple.mean()})
 
-        logvar_t = self.logvar[t].to(self.device)
+        logvar_t = self.logvar[t]
         loss = loss_simple / torch.exp(logvar_t) + logvar_t
         # loss = loss_simple / torch.exp(self.logvar) + self.logvar
         if self.learn_logvar:
