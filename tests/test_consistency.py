@@ -1,5 +1,7 @@
 """Invariants of consistent self-attention (ldm/modules/consistency.py), checked bit-exactly on the
 tiny UNet (same attention layout as SD v1, random weights) on CPU."""
+import warnings
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -256,7 +258,35 @@ def test_cfg_halves_never_mix(unet, settings):
     uncond_changed = run(unet, torch.cat([x2[:n], x[n:]]), t, torch.cat([c2[:n], c[n:]]), cfg, n)
     assert torch.equal(cond_changed[:n], base[:n])
     assert torch.equal(uncond_changed[n:], base[n:])
-    assert not torch.equal(cond_changed[n:], base[n:])
+    plain = run(unet, x, t, c)  # and each half did share: not trivially untouched
+    assert not torch.equal(base[:n], plain[:n]) and not torch.equal(base[n:], plain[n:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", [4, 8])
+def test_share_cfg_cond_makes_the_plain_call_only_for_a_plain_uncond_half(mode, batch):
+    """On a kernel that rounds by batch size (a GPU's), --share-cfg cond takes the uncond half from
+    the plain model's own call over the batch; with --scale 1 (a batch of one group) there is no
+    uncond half, and outside anchor mode that call was made and thrown away."""
+    calls = []
+
+    def recording_attention(q, k, v, mask=None):
+        calls.append((q.shape[0], k.shape[2]))  # the plain call: the whole batch, each image's 16 keys
+        return sdpa_attention(q, k, v, mask)
+
+    q, k, v = torch.randn(3, batch, 2, 16, 8).unbind(0)
+    SharedKV(config(mode=mode, cfg=CfgPolicy.COND), images_per_group=4)(q, k, v, recording_attention)
+    assert calls.count((batch, 16)) == (1 if batch == 8 or mode is ShareMode.ANCHOR else 0), calls
+
+
+def test_adain_with_every_image_an_anchor_renormalises_nothing_and_warns_nothing():
+    """A run's first batch of --share-anchors N is all anchors: torch warned about the variance of
+    the empty rest."""
+    q, k, v = torch.randn(3, 2, 2, 16, 8).unbind(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = SharedKV(config(mode=ShareMode.ANCHOR, n_anchors=2, adain=True), 2)(q, k, v, sdpa_attention)
+    assert torch.equal(out, sdpa_attention(q, k, v))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -231,7 +231,8 @@ class SharedKV:
             readable = self.subject.masks_for(q.shape[2])  # (n, T) bool
             if readable is None:  # first UNet call: no maps yet, so nothing is shared
                 return attend(q, k, v)
-        keeps_plain_images = self.config.mode is ShareMode.ANCHOR or self.config.cfg is CfgPolicy.COND
+        # images promised plain: the anchors, and the uncond half that --share-cfg cond leaves alone
+        keeps_plain_images = self.config.mode is ShareMode.ANCHOR or plain_uncond_half(self.config.cfg, q.shape[0], n)
         return share_per_cfg_group(q, k, v, attend, n, self.config.cfg,
                                    lambda q, k, v, groups, plain: self._share(q, k, v, attend, readable, plain),
                                    from_plain_call=keeps_plain_images and rounds_by_batch_size(attend, q.device))
@@ -321,6 +322,12 @@ def split_groups(t, n):
     return t.reshape(t.shape[0] // n, n, *t.shape[1:])
 
 
+def plain_uncond_half(cfg: CfgPolicy, batch_size, n):
+    """Whether the batch's unconditional half stays plain: `CfgPolicy.COND` where guidance runs a
+    `[uncond; cond]` batch (--scale 1 runs the cond half alone, which then shares)."""
+    return cfg is CfgPolicy.COND and batch_size == 2 * n
+
+
 def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, from_plain_call=False):
     """Attention over a batch of CFG groups of `n` images, q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
 
@@ -335,7 +342,7 @@ def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, from_plain_ca
     `from_plain_call` runs `attend(q, k, v)` over the whole batch, the very call the plain model
     makes, and those images are its rows."""
     B = q.shape[0]
-    cond_only = cfg is CfgPolicy.COND and B == 2 * n
+    cond_only = plain_uncond_half(cfg, B, n)
     groups = slice(1, 2) if cond_only else slice(None)
     plain = split_groups(attend(q, k, v), n) if from_plain_call else None  # the plain model's own call
     q, k, v = (split_groups(t, n) for t in (q, k, v))  # (G, N, nh, T, hs)
@@ -431,6 +438,8 @@ def adain_to_anchor(t, keep=1):
     """`adain_to` the first image's statistics, for every image from index `keep` on. The first
     `keep` images are returned untouched: the anchor normalised to itself would only gain
     rounding, and anchor mode promises that all its anchors are computed as without sharing."""
+    if keep >= t.shape[1]:  # all anchors (a run's first batch of --share-anchors N): nothing to renormalise
+        return t
     mean, std = channel_stats(t[:, :1])
     return torch.cat([t[:, :keep], adain_to(t[:, keep:], mean, std)], dim=1)
 
@@ -495,7 +504,9 @@ def sampled_attention(q, k, v, attend, rate, generator):
     Each image's keys are gathered in ONE indexing op from the group's token sequence (own tokens,
     then the picked tokens of the other images in image order). Building them image by image
     (a gather per image, then a (N, N-1, m) pool, then a concatenation) wrote O(N²·m) temporaries
-    and launched O(N) kernels per layer; the one gather writes only the keys SDPA reads.
+    and launched O(N) kernels per layer; the one gather writes only the keys SDPA reads. Those are
+    still one sequence per reader, (N, T + (N-1)m) tokens: O(N²·m), where modes all and anchor hold
+    O(N·T) (docs/benchmarks.md). A masked joint call would hold O(N·T) but compute as mode all.
     """
     G, N, nh, T, hs = q.shape
     m = max(1, round(rate * T))
@@ -765,7 +776,7 @@ def add_arguments(parser):
     group.add_argument("--share-adain", action="store_true", default=None,
                        help="StyleAligned AdaIN: in sharing layers, give every image's queries and keys the "
                             "per-channel mean/std of the first image of the batch, in anchor mode of the first "
-                            "anchor (which stays unchanged)")
+                            "anchor (the anchors stay unchanged)")
 
 
 def config_from_arguments(opt, parser, images_per_batch):

@@ -13,9 +13,9 @@ anchors (`RunAnchors`), so that a whole run agrees, not each batch on its own.
 Keys are (layer site name, UNet call index). The call index, not the timestep, because PLMS
 calls the UNet twice in its first step and again at the second call's timestep (3 steps: 667,
 334, 334, 1); the timestep of every call is stored too, and a read whose trajectory differs
-(another sampler, step count or strength) is refused at the first differing call. Guidance: the batch is `[uncond; cond]`; the
-halves are recorded separately and each is read into the matching half, so the prompt never
-leaks into the unconditional estimate.
+(another sampler, step count or strength) is refused at the first differing call. Guidance: the
+batch is `[uncond; cond]`; the halves are recorded separately and each is read into the matching
+half, so the prompt never leaks into the unconditional estimate.
 
 Subject masks and AdaIN (`--subject`, `--share-adain`, consistency_subject.py) work with a
 reference too. Recording then also keeps, per UNet call, the reference images' subject masks (one
@@ -44,11 +44,11 @@ from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
 from ldm.checkpoints import save_safetensors
 from ldm.modules.attention import rounds_by_batch_size
-from ldm.modules.consistency import (CfgPolicy, ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
+from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,
-                                     disable_consistent_attention, given_share_flags, in_window, read_masked,
-                                     read_with_anchors, selected_sites, share_per_cfg_group, split_groups,
-                                     subject_masks_for, subject_tokens_in, unet_of)
+                                     disable_consistent_attention, given_share_flags, in_window, plain_uncond_half,
+                                     read_masked, read_with_anchors, selected_sites, share_per_cfg_group,
+                                     split_groups, subject_masks_for, subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class ReferenceKV:
         # each CFG half reads the reference's matching half
         return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups, plain: self._read(
             q, k, v, attend, [t[groups] for t in ref], readable),
-            from_plain_call=config.cfg is CfgPolicy.COND and rounds_by_batch_size(attend, q.device))
+            from_plain_call=plain_uncond_half(config.cfg, q.shape[0], n) and rounds_by_batch_size(attend, q.device))
 
     def _record(self, q, k, v):
         """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need.
