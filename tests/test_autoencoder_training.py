@@ -113,3 +113,18 @@ def test_validation_logs_the_reconstruction_loss(cls, tmp_path):
     # VQModel validates twice, with its weights and with their EMA (the same here: use_ema is off)
     names = {"val/rec_loss"} | ({"val_ema/rec_loss"} if cls is VQModel else set())
     assert names <= metrics.keys() and all(metrics[name] > 0 for name in names)
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, VQModel], ids=lambda c: c.__name__)
+def test_validation_counts_disc_start_in_updates_as_training_does(cls, monkeypatch):
+    """At Lightning 2's global_step 6 (3 updates of both optimizers) a disc_start of 4 has not come:
+    validation passed the raw step and logged the discriminator as on."""
+    model = build(cls, disc_start=4).eval()  # as Lightning validates
+    monkeypatch.setattr(type(model), "global_step", property(lambda self: 6))
+    logged = {}
+    monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
+    monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
+    images = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        model.validation_step({"image": images}, 0)
+    assert model.updates == 3 and float(logged["val/disc_factor"]) == 0.0

@@ -33,6 +33,13 @@ class AdversarialTraining(TrainableModule):
     so do a trainer's `max_steps` and step-based checkpoints."""
     automatic_optimization = False  # read by Lightning 2
     accumulate_grad_batches = 1
+    n_optimizers = 2  # the autoencoder's and the discriminator's (configure_optimizers)
+
+    @property
+    def updates(self):
+        """Lightning 1's global_step, which the losses' `disc_start` counts: validation too, or its
+        logged disc_factor turned on at half of disc_start."""
+        return self.global_step // self.n_optimizers
 
     def adversarial_loss(self, x, optimizer_idx, updates):
         """The loss of optimizer `optimizer_idx` on the input batch `x` (logged here)."""
@@ -41,7 +48,7 @@ class AdversarialTraining(TrainableModule):
     def training_step(self, batch, batch_idx):
         x = self.get_input(batch, self.image_key)
         optimizers = self.optimizers()
-        updates = self.global_step // len(optimizers)
+        updates = self.updates
         update_now = (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
         for optimizer_idx, optimizer in enumerate(optimizers):
             self.toggle_optimizer(optimizer)
@@ -187,14 +194,14 @@ class VQModel(AdversarialTraining):
         x = self.get_input(batch, self.image_key)
         xrec, qloss, ind = self(x, return_pred_indices=True)
         aeloss, log_dict_ae = self.loss(qloss, x, xrec, 0,
-                                        self.global_step,
+                                        self.updates,
                                         last_layer=self.get_last_layer(),
                                         split="val"+suffix,
                                         predicted_indices=ind
                                         )
 
         discloss, log_dict_disc = self.loss(qloss, x, xrec, 1,
-                                            self.global_step,
+                                            self.updates,
                                             last_layer=self.get_last_layer(),
                                             split="val"+suffix,
                                             predicted_indices=ind
@@ -361,10 +368,10 @@ class AutoencoderKL(AdversarialTraining):
     def validation_step(self, batch, batch_idx):
         inputs = self.get_input(batch, self.image_key)
         reconstructions, posterior = self(inputs)
-        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, self.global_step,
+        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, self.updates,
                                         last_layer=self.get_last_layer(), split="val")
 
-        discloss, log_dict_disc = self.loss(inputs, reconstructions, posterior, 1, self.global_step,
+        discloss, log_dict_disc = self.loss(inputs, reconstructions, posterior, 1, self.updates,
                                             last_layer=self.get_last_layer(), split="val")
 
         self.log("val/rec_loss", log_dict_ae["val/rec_loss"])
