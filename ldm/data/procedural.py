@@ -21,8 +21,10 @@ layout (so their parts are at known places) and furniture/shapes on a uniform
 background (so they can be segmented by their difference to the background colour).
 
 Unnamed attributes vary freely; in addition every scene has a small continuous jitter
-(horizontal offset for furniture/shapes, a global brightness factor for all kinds) so that
-two scenes with the same attributes are not pixel-identical.
+(horizontal offset for furniture/shapes, a global brightness factor for all kinds). Rendered, it
+moves furniture by a pixel or two and colours by a few levels, so scenes with the same
+attributes are often pixel-identical, and another seed's draws (the validation split) are often
+images the training draws hold too (models/embedded/README.md measures how often).
 """
 from __future__ import annotations
 
