@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from contextlib import contextmanager
 from functools import partial
 from PIL import Image
 
@@ -21,7 +22,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
-from ldm.checkpoints import incomplete_checkpoint, numpy_safe_globals
+from ldm.checkpoints import CheckpointError, incomplete_checkpoint, numpy_safe_globals, read_checkpoint
 from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
@@ -248,6 +249,19 @@ def parse_devices(devices):
     if "," in devices:
         return [int(d) for d in devices.split(",") if d.strip()]
     return devices
+
+
+def resumed_step(ckpt_path):
+    """The global step of the checkpoint a run goes on from (0 for a new run), added to --seed: a
+    resumed run starts its epoch over (the procedural loader cannot be fast-forwarded), and with
+    the same seed it drew again the very scenes, timesteps and noise of the steps it had trained."""
+    if ckpt_path is None:
+        return 0
+    try:
+        return int(read_checkpoint(ckpt_path, mapped=True).get("global_step") or 0)
+    except (CheckpointError, AttributeError, TypeError, ValueError) as e:  # Lightning reports what is wrong with it
+        logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
+        return 0
 
 
 def trainer_config_from_args(trainer_config):
@@ -487,6 +501,20 @@ class SetupCallback(Callback):
                     pass
 
 
+@contextmanager
+def evaluation_mode(module):
+    """`module` in eval mode, then every submodule back in the mode it was in. Upstream called
+    train() afterwards, which also switched what trains in eval mode to train mode: an
+    autoencoder's LPIPS (its dropout), after the first image log, made the perceptual loss random."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class ImageLogger(Callback):
     def __init__(self, batch_frequency, max_images, clamp=True, increase_log_steps=True,
                  rescale=True, disabled=False, log_on_batch_idx=False, log_first_step=False,
@@ -559,11 +587,7 @@ class ImageLogger(Callback):
                 self.max_images > 0):
             logger_type = type(pl_module.logger)
 
-            is_train = pl_module.training
-            if is_train:
-                pl_module.eval()
-
-            with torch.no_grad():
+            with torch.no_grad(), evaluation_mode(pl_module):
                 images = pl_module.log_images(batch, **self.log_images_kwargs)
 
             for k in images:
@@ -579,9 +603,6 @@ class ImageLogger(Callback):
 
             logger_log_images = self.logger_log_images.get(logger_type, lambda *args, **kwargs: None)
             logger_log_images(pl_module, images, pl_module.global_step, split)
-
-            if is_train:
-                pl_module.train()
 
     def check_frequency(self, check_idx):
         if ((check_idx % self.batch_freq) == 0 or (check_idx in self.log_steps)) and (
@@ -753,7 +774,6 @@ if __name__ == "__main__":
 
     ckptdir = os.path.join(logdir, "checkpoints")
     cfgdir = os.path.join(logdir, "configs")
-    seed_everything(opt.seed)
 
     trainer = None
     try:
@@ -768,6 +788,7 @@ if __name__ == "__main__":
             problem = incomplete_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) else "not found"
             if problem:
                 parser.error(f"--resume_from_checkpoint {ckpt_path}: {problem}")
+        seed_everything(opt.seed + resumed_step(ckpt_path))
         if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
                          "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "

@@ -63,6 +63,9 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
+    # seeded with --seed + the step it goes on from: with 23 again it drew the first run's scenes,
+    # timesteps and noise anew (Lightning restarts the epoch)
+    assert "Seed set to 26" in result.stderr and "Seed set to 23" not in result.stderr
     resumed = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 4
     (adam,) = resumed["optimizer_states"]
@@ -297,6 +300,16 @@ def error_line(capsys, function, *args):
         function(*args)
     assert exit_info.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_image_logging_puts_every_submodule_back_in_its_mode(main_module):
+    """A part kept in eval mode while the rest trains (an autoencoder's LPIPS) stays so: upstream's
+    ImageLogger called train() after logging, and LPIPS's dropout made the perceptual loss random."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    model[1].eval()
+    with main_module.evaluation_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training
 
 
 @pytest.mark.parametrize("gpus, expected", [
