@@ -21,7 +21,7 @@
 #   TRAIN_ARGS=""               (more KEY=VALUE config overrides for main.py)
 #   SAMPLE_STEPS=50             (DDIM steps of the txt2img grid)
 #   BENCHMARK=1 BENCH_ARGS=""   (extra arguments for the benchmark, e.g. "--seeds 0 --n 4")
-#   LOGDIR=logs/embedded
+#   LOGDIR=logs/embedded-<date-time>
 #   EARLY_FAILURE_SECONDS=120   a training that fails sooner is run once more with NUM_WORKERS=0
 #                               (the loader workers are what a new machine most likely refuses)
 #
@@ -42,7 +42,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 BENCHMARK=${BENCHMARK:-1}
 BENCH_ARGS=${BENCH_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
-LOGDIR=${LOGDIR:-logs/embedded}
+LOGDIR=${LOGDIR:-logs/embedded-$(date +%Y%m%d-%H%M%S)}  # new per call: a warm machine keeps the last one's
 EARLY_FAILURE_SECONDS=${EARLY_FAILURE_SECONDS:-120}
 CONFIG=configs/embedded/procedural-t2i.yaml
 NAME=procedural-t2i
@@ -65,6 +65,8 @@ start=$(date +%s)
 train() {  # train WORKERS MAX_TIME: main.py's exit status; its log is appended to $LOGDIR/train.log
   log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), $1 loader workers, at most $2"
   set +e
+  # max_time bounds the fit loop only: a hang outside it (a stuck loader) must not take the whole call
+  timeout -k 30 "$(( $(seconds_of "$2") + 120 ))" \
   python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
     --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \
     data.params.batch_size="$BATCH" data.params.num_workers="$1" \
