@@ -195,6 +195,23 @@ def test_tiny_unet_has_the_sd_v1_layout(unet):
     assert count_groups(self_attention_sites(unet)) == SD_V1_LAYOUT
 
 
+def test_the_groups_are_the_resolution_levels_outer_the_finest(unet):
+    """What each group's layers attend over, told by the token counts they see (16² latent): the
+    counts above cannot tell outer from middle, SD v1 having as many layers in each."""
+    seen = {}
+
+    def record(site):
+        return lambda module, args, output: seen.setdefault(site.group, set()).add(args[0].shape[1])
+
+    hooks = [attn.register_forward_hook(record(site)) for site, attn in self_attention_sites(unet)]
+    try:
+        run(unet, *inputs(1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {Group.OUTER: {16 * 16}, Group.MIDDLE: {8 * 8}, Group.INNER: {4 * 4, 2 * 2}}
+
+
 @pytest.mark.parametrize("groups,half", [({"outer"}, "both"), ({"middle", "inner"}, "decoder"),
                                          ({"inner"}, "encoder")])
 def test_enable_selects_exactly_the_chosen_layers(unet, groups, half):
@@ -226,6 +243,36 @@ def test_sharing_changes_a_batch(unet, mode):
     x, t, c = inputs(4)
     shared, plain = run(unet, x, t, c, config(mode=mode)), run(unet, x, t, c)
     assert (shared[1:] - plain[1:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_what_each_mode_reads(unet, mode):
+    """all: every image reads every other, image 0 too; anchor: images read image 0 only, which
+    stays plain; sample: every image reads part of every other. Told apart by which outputs move
+    when image 1's latent changes."""
+    x, t, c = inputs(4)
+    moved = x.clone()
+    moved[1] += 0.5
+    cfg = config(mode=mode)
+    shared, shared_moved, plain = run(unet, x, t, c, cfg), run(unet, moved, t, c, cfg), run(unet, x, t, c)
+    assert torch.equal(shared[0], plain[0]) == (mode is ShareMode.ANCHOR)
+    reads_image_1 = [not torch.equal(shared[i], shared_moved[i]) for i in (0, 2, 3)]
+    assert reads_image_1 == ([False] * 3 if mode is ShareMode.ANCHOR else [True] * 3)
+
+
+def test_sample_mode_draws_its_tokens_from_the_seed_and_the_timestep(unet):
+    """The policy reseeds its generator per UNet call from (seed, t): the same seed gives the same
+    images whatever ran before, another seed other ones."""
+    x, _, c = inputs(3)
+    t500, t900 = torch.full((3,), 500), torch.full((3,), 900)
+
+    def calls(seed, timesteps):
+        with torch.no_grad(), consistent_attention(unet, config(mode=ShareMode.SAMPLE, seed=seed), 3):
+            return [unet(x, t, context=c) for t in timesteps][-1]
+
+    alone = calls(1, [t500])
+    assert torch.equal(calls(1, [t900, t500]), alone)
+    assert not torch.equal(calls(2, [t500]), alone)
 
 
 def test_disabled_model_is_exactly_the_plain_model(unet):
