@@ -76,7 +76,7 @@ def sampled(model):
         anchored = run()
     with record_reference(model, ANCHOR, N) as cache:
         written = run()
-    return dict(plain=run(), anchored=anchored, written=written, cache=cache, run=run)
+    return dict(plain=run(), anchored=anchored, written=written, cache=cache, run=run, cond=cond, uncond=uncond)
 
 
 def test_sampling_with_the_reference_equals_anchor_mode(model, sampled):
@@ -99,6 +99,15 @@ def test_run_anchors_sample_the_first_batch_in_anchor_mode_and_later_batches_rea
     assert torch.equal(later[1:], sampled["anchored"][1:])  # as if the first batch's anchor were in it
     # image 0 reads its own K/V twice: the plain image up to rounding, summed over the 3 steps
     torch.testing.assert_close(later[0], sampled["plain"][0], rtol=1e-3, atol=1e-4)
+    # a later batch of other images reads the first batch's anchor, not an anchor of its own
+    other_x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with anchors.batch(model, PROMPTS):
+        other = ddim(model, other_x_T, sampled["cond"], sampled["uncond"])
+    with read_reference(model, sampled["cache"], N):  # the reference of the first batch's image 0
+        reading_the_first = ddim(model, other_x_T, sampled["cond"], sampled["uncond"])
+    with consistent_attention(model, ANCHOR, N):
+        own_anchor = ddim(model, other_x_T, sampled["cond"], sampled["uncond"])
+    assert torch.equal(other, reading_the_first) and not torch.equal(other[1:], own_anchor[1:])
     assert all(attn.kv_sharing is None for _, attn in self_attention_sites(model))
     # mode all and sample have no images a later batch could read; one batch needs nothing kept
     assert run_anchors(dataclasses.replace(ANCHOR, mode="all"), batches=2) is None

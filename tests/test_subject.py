@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG, count_ops, fill_zero_weights_
 from ldm.modules.attention import CrossAttention, einsum_attention, sdpa_attention
-from ldm.modules.consistency import (ConsistentAttentionConfig, Group, adain_to_anchor,
+from ldm.modules.consistency import (ConsistentAttentionConfig, Group, SharedKV, adain_to_anchor,
                                      consistent_attention, cross_attention_layers, joint_attention,
                                      masked_anchor_attention, masked_joint_attention, self_attention_sites)
 from ldm.modules.consistency_subject import (SubjectMasks, SubjectNotInPrompt, otsu_masks, parse_subjects,
@@ -257,6 +257,34 @@ def test_other_modes_with_subject_masks(unet, mode):
     if mode == "anchor":
         assert torch.equal(second[[0, 3]], reference[[0, 3]])  # the anchor of each half stays exact
     assert not torch.equal(second, reference)
+
+
+@pytest.mark.parametrize("mode", ["all", "anchor", "sample"])
+def test_an_image_reads_the_others_only_inside_their_subject_masks(mode):
+    """Keys and values of image 0 (anchor in anchor mode, read by images 1 and 2) changed outside
+    its mask leave every image bit-identical; changed inside, the readers move. Inverted masks
+    had passed the tests that compare with sharing without masks."""
+    class KnownMasks:
+        def masks_for(self, tokens):
+            return readable
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 16, 8, generator=g) for _ in range(3))  # one group of 3 images, 16 tokens
+    readable = torch.zeros(3, 16, dtype=torch.bool)
+    readable[:, :6] = True
+    policy = SharedKV(ConsistentAttentionConfig(groups=frozenset(Group), subjects=("chair",), mode=mode,
+                                                sample_rate=1.0), 3, subject=KnownMasks())
+    base = policy(q, k, v, sdpa_attention)
+
+    def changed(tokens):
+        k2, v2 = k.clone(), v.clone()
+        k2[0, :, tokens] += 1.0
+        v2[0, :, tokens] += 1.0
+        return policy(q, k2, v2, sdpa_attention)
+
+    outside, inside = changed(slice(6, None)), changed(slice(0, 6))
+    assert torch.equal(outside[1:], base[1:])
+    assert not torch.equal(inside[1], base[1]) and not torch.equal(inside[2], base[2])
 
 
 # --- AdaIN ---------------------------------------------------------------------------------------
