@@ -342,20 +342,24 @@ def test_plms_schedule_refuses_eta(tiny_model):
         PLMSSampler(tiny_model).make_schedule(ddim_num_steps=3, ddim_eta=0.5, verbose=False)
 
 
-def written_out_ddim(model, x, c, uc, scale, steps, plms=False):
-    """DDIM with eta 0 (Song et al. eq. 12) and PLMS (Liu et al. Alg. 2) from the papers'
-    formulas, independent of the sampler classes: the parity reference for both."""
+def written_out_ddim(model, x, c, uc, scale, steps, plms=False, eta=0.0, noises=()):
+    """DDIM (Song et al. eq. 12, with eta > 0 the step noise of eq. 16, `noises` one per step) and
+    PLMS (Liu et al. Alg. 2) from the papers' formulas, independent of the sampler classes: the
+    parity reference for both."""
     import numpy as np
     abar = model.alphas_cumprod
     timesteps = [int(t) for t in np.arange(steps) * model.num_timesteps // steps + 1][::-1]  # descending
     eps = lambda x, t: guided_eps(model, x, torch.full((x.shape[0],), t), c, uc, scale)
 
-    def ddim_step(x, e, t, t_prev):
+    def ddim_step(x, e, t, t_prev, noise=None):
         a, a_prev = abar[t], abar[t_prev] if t_prev is not None else abar[0]
         x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        if noise is None:
+            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * e + sigma * noise
 
-    history = []
+    history, noises = [], iter(noises)
     for t, t_prev in zip(timesteps, timesteps[1:] + [None], strict=True):
         e = eps(x, t)
         if not plms:
@@ -366,7 +370,7 @@ def written_out_ddim(model, x, c, uc, scale, steps, plms=False):
             weights = {1: (3, -1, 2), 2: (23, -16, 5, 12), 3: (55, -59, 37, -9, 24)}[len(history)]
             e_step = sum(w * h for w, h in zip(weights[:-1], [e, *history[::-1]], strict=True)) / weights[-1]
         history = (history + [e])[-3:]
-        x = ddim_step(x, e_step, t, t_prev)
+        x = ddim_step(x, e_step, t, t_prev, next(noises, None))
     return x
 
 
@@ -383,6 +387,40 @@ def test_ddim_and_plms_match_the_written_out_formulas(tiny_model_with_weights, n
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if name == "plms":  # six steps use every order, and PLMS is not DDIM
         assert not torch.allclose(out, written_out_ddim(tiny_model, x_T, c, uc, 5.0, steps=6), atol=1e-4)
+
+
+def test_ddim_with_eta_matches_the_written_out_formula(tiny_model_with_weights):
+    """eta 1: the step noise, scaled by sigma_t of Song et al. eq. 16, and the direction to x_t
+    shortened to make room for it."""
+    model = tiny_model_with_weights
+    g = torch.Generator().manual_seed(2)
+    x_T, noises = torch.randn(2, 4, 8, 8, generator=g), [torch.randn(2, 4, 8, 8, generator=g) for _ in range(6)]
+    sampler = DDIMSampler(model)
+    drawn = iter(noises)
+    sampler.step_noise = lambda shape, device, index: next(drawn)
+    with torch.no_grad():
+        c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table"], ["", ""]))
+        out, _ = sampler.sample(S=6, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, x_T=x_T, eta=1.0,
+                                unconditional_guidance_scale=5.0, unconditional_conditioning=uc)
+        expected = written_out_ddim(model, x_T, c, uc, 5.0, steps=6, eta=1.0, noises=noises)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, written_out_ddim(model, x_T, c, uc, 5.0, steps=6), atol=1e-2)
+
+
+def test_dpm_solver_is_the_solver_on_the_guided_noise_estimate_of_the_other_samplers(tiny_model_with_weights):
+    """The sampler wraps the solver around guided_eps at the model's own timesteps: nothing else
+    (a doubled scale there had passed every test)."""
+    from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVP
+    model = tiny_model_with_weights
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table"], ["", ""]))
+        out, _ = DPMSolverSampler(model).sample(S=5, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                                x_T=x_T, unconditional_guidance_scale=5.0,
+                                                unconditional_conditioning=uc)
+        ns = NoiseScheduleVP(model.alphas_cumprod.float())
+        expected = DPM_Solver(lambda x, t: guided_eps(model, x, ns.model_time(t), c, uc, 5.0), ns).sample(x_T, steps=5)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("name, steps", [("ddim", 4), ("plms", 4), ("dpm", 5)])
