@@ -132,6 +132,9 @@ def test_a_reference_with_subject_masks_and_adain_is_read_by_prompts_without_the
     assert_ok(txt2img(*args(tiny_ckpt, read, "--read-reference", ref, "--prompt", "a chair in a garden")))
     meta = read_parameters(read / "samples" / "00000.png")["extra"]["reference"]
     assert meta["subjects"] == ["monster"] and meta["adain"] is True
+    plain = tmp_path / "plain"  # the same seed without the reference: every image read something
+    assert_ok(txt2img(*args(tiny_ckpt, plain, "--prompt", "a chair in a garden")))
+    assert all(not np.array_equal(a, b) for a, b in zip(pixels(read), pixels(plain), strict=True))
 
 
 def test_a_subject_missing_from_the_recorded_prompt_is_one_error_line(tmp_path, tiny_ckpt):  # noqa: F811
