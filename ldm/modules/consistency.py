@@ -498,8 +498,8 @@ def sampled_tokens(N, T, rate, generator):
 
 def sampled_attention(q, k, v, attend, rate, generator):
     """StoryDiffusion's consistent self-attention: every image reads its own tokens plus a random
-    `rate` fraction of each other image's tokens (one random subset per image and UNet call, the
-    same subset for every reader). rate=1 reads everything, like `joint_attention`.
+    `rate` fraction of each other image's tokens (one random subset per image, layer and UNet call,
+    the same for every reader and both CFG halves). rate=1 reads everything, like `joint_attention`.
 
     Each image's keys are gathered in ONE indexing op from the group's token sequence (own tokens,
     then the picked tokens of the other images in image order). Building them image by image
