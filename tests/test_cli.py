@@ -375,6 +375,13 @@ def tiny_with_edited_config(tmp_path, old, new):
     return config, [a if a != str(TINY_CONFIG) else str(config) for a in TINY]
 
 
+def test_txt2img_context_longer_than_the_text_encoders_positions_is_one_error_line(tmp_path):
+    config, args = tiny_with_edited_config(tmp_path, "        text_config:", "        max_length: 100\n        text_config:")
+    result = run("txt2img.py", *args, "--outdir", tmp_path / "out")  # had been an IndexError traceback
+    assert_one_line_error(result, "max_length 100 does not fit the CLIP text encoder's 77 positions")
+    assert not (tmp_path / "out").exists()
+
+
 def test_txt2img_config_setting_outside_its_choices_is_one_error_line(tmp_path):
     config, args = tiny_with_edited_config(tmp_path, "    linear_start:", "    loss_type: l3\n    linear_start:")
     result = run("txt2img.py", *args, "--outdir", tmp_path / "out")

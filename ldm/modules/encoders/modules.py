@@ -313,7 +313,12 @@ def load_clip_text_encoder(version=CLIP_VERSION, text_config=None, max_length=77
       reached); TextEncoderLoadError if it cannot be fetched.
     """
     if version == CLIP_VERSION:
-        return build_clip_tokenizer(model_max_length=max_length), CLIPTextTransformer(clip_text_config(text_config))
+        config = clip_text_config(text_config)
+        if not 2 < max_length <= config.max_position_embeddings:  # else an IndexError in the position embedding
+            raise TextEncoderLoadError(f"max_length {max_length} does not fit the CLIP text encoder's "
+                                       f"{config.max_position_embeddings} positions: set max_length from 3 to "
+                                       f"{config.max_position_embeddings} in the config's cond_stage_config")
+        return build_clip_tokenizer(model_max_length=max_length), CLIPTextTransformer(config)
     if text_config:
         raise TextEncoderLoadError(f"text_config is only used with version={CLIP_VERSION!r}, not with {version!r}; "
                                    f"remove one of them from the config")
