@@ -120,7 +120,8 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
 
     ``extra_metadata`` is a dict other features add their settings to (stored under "extra").
     A sample also records where it was made: ``batch`` (from 0, in the run) and ``position`` in
-    that batch, which with the same seed reproduces it and is what --anchor-images takes.
+    that batch, which with the same seed, batch size and --fixed_code reproduces it and is what
+    --anchor-images takes.
     """
     metadata = {
         "prompt": prompt,
@@ -140,8 +141,9 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
     }
     if opt.vae:
         metadata["vae"] = opt.vae
-    if batch is not None:
-        metadata.update(batch=batch, position=position)
+    if batch is not None:  # with these, the batch's size and how its noise was drawn reproduce the sample
+        metadata.update(batch=batch, position=position, n_samples=opt.n_samples,
+                        fixed_code=bool(getattr(opt, "fixed_code", False)))
     if opt.random_weights:
         metadata["random_weights"] = True
     return metadata

@@ -568,3 +568,7 @@ def test_fixed_code_starts_every_iteration_from_the_same_noise(tmp_path):
     assert np.array_equal(first, second) and not np.array_equal(first[0], first[1])
     first, second = batches("fresh")
     assert not np.array_equal(first, second)
+    # each PNG says how its noise was drawn: the same seed, batch and position give another image without it
+    for name, fixed in (("fixed", True), ("fresh", False)):
+        meta = read_parameters(tmp_path / name / "samples" / "00003.png")
+        assert (meta["fixed_code"], meta["n_samples"], meta["batch"], meta["position"]) == (fixed, 2, 1, 1)
