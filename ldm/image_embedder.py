@@ -65,10 +65,15 @@ def load_embedder(path, device="cpu") -> ImageEmbedder:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model_class = CLIPVisionModelWithProjection if config.model_type in CLIP_TYPES else AutoModel
-        model = model_class.from_pretrained(path, local_files_only=True)
+        model, loading = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         from ldm.util import first_line
         raise EmbedderError(f"cannot load the image model in {path}: {first_line(e)}") from e
+    if loading["missing_keys"]:  # transformers initialises them at random, with a printed table only
+        missing = sorted(loading["missing_keys"])
+        raise EmbedderError(f"the image model in {path} lacks {len(missing)} weight(s), e.g. {missing[0]}, which "
+                            f"would embed with random values (a CLIP vision folder needs its visual_projection: "
+                            f"save CLIPVisionModelWithProjection or CLIPModel)")
     vision = getattr(config, "vision_config", config)
     mean, std = _normalisation(path, config.model_type)
     return ImageEmbedder(model, vision.image_size, mean, std, device)

@@ -93,6 +93,14 @@ def test_the_hugging_face_cache_folder_of_a_model_loads_its_snapshot(tmp_path):
     torch.testing.assert_close(load_embedder(cache)(images), load_embedder(cache / "snapshots" / "0a1b")(images))
 
 
+def test_a_clip_vision_folder_without_its_projection_is_refused_not_filled_at_random(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     image_size=28, patch_size=7)).save_pretrained(tmp_path)
+    with pytest.raises(EmbedderError, match="lacks 1 weight.s., e.g. visual_projection.weight, which would embed"):
+        load_embedder(tmp_path)
+
+
 def test_a_folder_without_a_model_is_refused_with_what_to_give(tmp_path):
     with pytest.raises(EmbedderError, match="not a local model directory with a config.json"):
         load_embedder(tmp_path)
