@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from ldm.diffusers_folder import cache_snapshot
 
@@ -50,7 +51,7 @@ def _why_offline() -> str:
     if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as huggingface_hub read it on import
         return "is switched off (HF_HUB_OFFLINE)"
     try:
-        status = get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).status_code
+        status = within_probe_time(lambda: get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S).status_code)
     except Exception as err:  # requests' or httpx' errors, by huggingface_hub version: any means "no answer"
         from ldm.util import first_line
         return f"at {constants.ENDPOINT} cannot be reached ({first_line(err)})"
@@ -66,13 +67,37 @@ def url_unreachable(url: str) -> str:
     import urllib.error
     import urllib.request
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+        within_probe_time(lambda: urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                                         timeout=PROBE_TIMEOUT_S).close())
     except urllib.error.HTTPError as err:  # 405: no HEAD here, which says nothing of a download
         return "" if err.code == 405 else f"answers HTTP {err.code}"
     except (OSError, ValueError, http.client.HTTPException) as err:  # no answer, or none in HTTP
         from ldm.util import first_line
         return f"cannot be reached ({first_line(err)})"
     return ""
+
+
+def within_probe_time(request):
+    """request()'s result, or TimeoutError when it has not come within twice PROBE_TIMEOUT_S. A
+    socket timeout bounds each read only: a proxy or captive portal that trickles a byte now and
+    then never trips it, and the one short request would wait for as long as it keeps trickling.
+    The request runs in a daemon thread, left behind if it has not ended (it holds one socket)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = request()
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(2 * PROBE_TIMEOUT_S)
+    if thread.is_alive():
+        raise TimeoutError(f"no whole answer within {2 * PROBE_TIMEOUT_S:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _can_be_hub_id(name: str) -> bool:

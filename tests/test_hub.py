@@ -57,6 +57,35 @@ def unreachable_hub(monkeypatch):
 
 
 @pytest.fixture
+def trickling_hub(monkeypatch):
+    """A hub endpoint (a proxy, a captive portal) that sends a byte every 0.1 s for 3 s and never a
+    whole answer; the probe's timeout made 0.5 s: each read gets its byte in time."""
+    from huggingface_hub import constants
+    from ldm import hub
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        connection, _ = listener.accept()
+        with connection:
+            for _ in range(30):
+                if stop.wait(0.1):
+                    return
+                try:
+                    connection.sendall(b"H")
+                except OSError:
+                    return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    yield constants.ENDPOINT
+    stop.set()
+    listener.close()
+
+
+@pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache; `hub_cache("org/name")` puts a snapshot of that id in it."""
     from huggingface_hub import constants
@@ -199,3 +228,13 @@ def test_openai_clip_weights_neither_cached_nor_reachable_are_one_line(openai_cl
                               "cannot be reached (")
     assert message.endswith("download it there where there is network, or pass the path of its .pt file instead "
                             "of 'ViT-L/14'")
+
+
+@pytest.mark.parametrize("ask", ["hub", "url"])
+def test_a_hub_that_trickles_bytes_is_given_up_on_in_twice_the_probe_time(trickling_hub, hub_cache, ask):
+    """Each read got its byte within the socket timeout: the request had waited as long as it trickled."""
+    if ask == "hub":
+        with pytest.raises(ModelUnavailable, match="cannot be reached .no whole answer within 1 s"):
+            pretrained_source("org/model")
+    else:
+        assert url_unreachable(trickling_hub + "/model.pt") == "cannot be reached (no whole answer within 1 s)"
