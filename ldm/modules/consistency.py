@@ -231,11 +231,9 @@ class SharedKV:
             readable = self.subject.masks_for(q.shape[2])  # (n, T) bool
             if readable is None:  # first UNet call: no maps yet, so nothing is shared
                 return attend(q, k, v)
-        # images promised plain: the anchors, and the uncond half that --share-cfg cond leaves alone
-        keeps_plain_images = self.config.mode is ShareMode.ANCHOR or plain_uncond_half(self.config.cfg, q.shape[0], n)
         return share_per_cfg_group(q, k, v, attend, n, self.config.cfg,
                                    lambda q, k, v, groups, plain: self._share(q, k, v, attend, readable, plain),
-                                   from_plain_call=keeps_plain_images and rounds_by_batch_size(attend, q.device))
+                                   plain_anchors=self.config.mode is ShareMode.ANCHOR)
 
     def _share(self, q, k, v, attend, readable=None, plain=None):
         """q, k, v: (G, N, nh, T, hs); `readable`: (N, T) bool, the tokens of each image that the
@@ -322,13 +320,7 @@ def split_groups(t, n):
     return t.reshape(t.shape[0] // n, n, *t.shape[1:])
 
 
-def plain_uncond_half(cfg: CfgPolicy, batch_size, n):
-    """Whether the batch's unconditional half stays plain: `CfgPolicy.COND` where guidance runs a
-    `[uncond; cond]` batch (--scale 1 runs the cond half alone, which then shares)."""
-    return cfg is CfgPolicy.COND and batch_size == 2 * n
-
-
-def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, from_plain_call=False):
+def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, plain_anchors=False):
     """Attention over a batch of CFG groups of `n` images, q, k, v: (B, nh, T, hs) -> (B, nh, T, hs).
 
     `share(q, k, v, groups, plain)` attends within each group of (G, n, nh, T, hs), `groups` being
@@ -336,14 +328,16 @@ def share_per_cfg_group(q, k, v, attend, n, cfg: CfgPolicy, share, from_plain_ca
     None. With `CfgPolicy.COND` and a `[uncond; cond]` batch, the unconditional group is plain
     attention and only the conditional one shares.
 
-    Images that must come out exactly as without sharing (the unconditional group here, anchors
-    in `share`) can be attended in a smaller call of their own where the kernel computes every
-    image alike at any batch size (the CPU's). On a GPU it does not (`rounds_by_batch_size`), so
-    `from_plain_call` runs `attend(q, k, v)` over the whole batch, the very call the plain model
-    makes, and those images are its rows."""
+    Images that must come out exactly as without sharing (the unconditional group here, the
+    anchors of `share` where `plain_anchors`) can be attended in a smaller call of their own where
+    the kernel computes every image alike at any batch size (the CPU's). On a GPU it does not
+    (`rounds_by_batch_size`), so `attend(q, k, v)` runs over the whole batch, the very call the
+    plain model makes, and those images are its rows; where there are none (--scale 1 runs the
+    cond group alone, and it shares), that call is not made."""
     B = q.shape[0]
-    cond_only = plain_uncond_half(cfg, B, n)
+    cond_only = cfg is CfgPolicy.COND and B == 2 * n
     groups = slice(1, 2) if cond_only else slice(None)
+    from_plain_call = (cond_only or plain_anchors) and rounds_by_batch_size(attend, q.device)
     plain = split_groups(attend(q, k, v), n) if from_plain_call else None  # the plain model's own call
     q, k, v = (split_groups(t, n) for t in (q, k, v))  # (G, N, nh, T, hs)
     out = share(q[groups], k[groups], v[groups], groups, None if plain is None else plain[groups])

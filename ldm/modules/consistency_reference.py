@@ -43,12 +43,11 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import timestep_of_call
 from ldm.script_helpers import check_new_file
 from ldm.checkpoints import save_safetensors
-from ldm.modules.attention import rounds_by_batch_size
 from ldm.modules.consistency import (ConsistentAttentionConfig, SharedKV, ShareMode, adain_to, channel_stats,
                                      check_anchor_images, config_from_share_flags, cross_attention_layers,
-                                     disable_consistent_attention, given_share_flags, in_window, plain_uncond_half,
-                                     read_masked, read_with_anchors, selected_sites, share_per_cfg_group,
-                                     split_groups, subject_masks_for, subject_tokens_in, unet_of)
+                                     disable_consistent_attention, given_share_flags, in_window, read_masked,
+                                     read_with_anchors, selected_sites, share_per_cfg_group, split_groups,
+                                     subject_masks_for, subject_tokens_in, unet_of)
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +241,7 @@ class ReferenceKV:
             ref += [cache.tensors[f"{self.site}|{state.call}|{name}"].to(q.device) for name in ADAIN_STATS]
         # each CFG half reads the reference's matching half
         return share_per_cfg_group(q, k, v, attend, n, config.cfg, lambda q, k, v, groups, plain: self._read(
-            q, k, v, attend, [t[groups] for t in ref], readable),
-            from_plain_call=plain_uncond_half(config.cfg, q.shape[0], n) and rounds_by_batch_size(attend, q.device))
+            q, k, v, attend, [t[groups] for t in ref], readable))
 
     def _record(self, q, k, v):
         """Keep the reference images' K/V (halves, a, nh, T, hs), and what subjects and AdaIN need.
