@@ -142,8 +142,7 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
     if opt.vae:
         metadata["vae"] = opt.vae
     if batch is not None:  # with these, the batch's size and how its noise was drawn reproduce the sample
-        metadata.update(batch=batch, position=position, n_samples=opt.n_samples,
-                        fixed_code=bool(getattr(opt, "fixed_code", False)))
+        metadata.update(batch=batch, position=position, n_samples=opt.n_samples, fixed_code=opt.fixed_code)
     if opt.random_weights:
         metadata["random_weights"] = True
     return metadata
