@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_tiny_model
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import CrossAttention, sdpa_attention, set_attention_backend
 from ldm.modules.consistency import ConsistentAttentionConfig, Group, consistent_attention
@@ -213,7 +214,6 @@ def batch_variant_kernel(model):
 def test_a_training_loss_and_its_gradients_on_the_device(device, dtype):
     """main.py's training step (LatentDiffusion.forward: random timesteps, p_losses) where it trains:
     upstream's logvar stayed a CPU tensor, indexed with CUDA timesteps, an error on the first step."""
-    from conftest import build_tiny_model
     model = build_tiny_model().to(device).train()
     x, _, c = batch(device)
     with precision(device, dtype):
