@@ -2,13 +2,11 @@ import importlib
 import logging
 import re
 
+import glob
+import os
+
 import torch
 import numpy as np
-from collections import abc
-
-import multiprocessing as mp
-from threading import Thread
-from queue import Queue
 
 from inspect import isfunction
 from PIL import Image, ImageDraw, ImageFont
@@ -104,114 +102,28 @@ def get_obj_from_str(string, reload=False):
     return getattr(importlib.import_module(module, package=None), cls)
 
 
-def _do_parallel_data_prefetch(func, Q, data, idx, idx_to_fn=False):
-    # create dummy dataset instance
-
-    # run prefetching
-    if idx_to_fn:
-        res = func(data, worker_id=idx)
-    else:
-        res = func(data)
-    Q.put([idx, res])
-    Q.put("Done")
-
-
-def parallel_data_prefetch(
-        func: callable, data, n_proc, target_data_type="ndarray", cpu_intensive=True, use_worker_id=False
-):
-    # if target_data_type not in ["ndarray", "list"]:
-    #     raise ValueError(
-    #         "Data, which is passed to parallel_data_prefetch has to be either of type list or ndarray."
-    #     )
-    if isinstance(data, np.ndarray) and target_data_type == "list":
-        raise ValueError("list expected but function got ndarray.")
-    elif isinstance(data, abc.Iterable):
-        if isinstance(data, dict):
-            logger.warning(
-                '"data" argument passed to parallel_data_prefetch is a dict: Using only its values and disregarding keys.'
-            )
-            data = list(data.values())
-        if target_data_type == "ndarray":
-            data = np.asarray(data)
-        else:
-            data = list(data)
-    else:
-        raise TypeError(
-            f"The data, that shall be processed parallel has to be either an np.ndarray or an Iterable, but is actually {type(data)}."
-        )
-
-    if cpu_intensive:
-        Q = mp.Queue(1000)
-        proc = mp.Process
-    else:
-        Q = Queue(1000)
-        proc = Thread
-    # spawn processes
-    if target_data_type == "ndarray":
-        arguments = [
-            [func, Q, part, i, use_worker_id]
-            for i, part in enumerate(np.array_split(data, n_proc))
-        ]
-    else:
-        step = (
-            int(len(data) / n_proc + 1)
-            if len(data) % n_proc != 0
-            else int(len(data) / n_proc)
-        )
-        arguments = [
-            [func, Q, part, i, use_worker_id]
-            for i, part in enumerate(
-                [data[i: i + step] for i in range(0, len(data), step)]
-            )
-        ]
-    processes = []
-    for i in range(n_proc):
-        p = proc(target=_do_parallel_data_prefetch, args=arguments[i])
-        processes += [p]
-
-    # start processes
-    logger.info("Start prefetching...")
-    import time
-
-    start = time.time()
-    gather_res = [[] for _ in range(n_proc)]
-    try:
-        for p in processes:
-            p.start()
-
-        k = 0
-        while k < n_proc:
-            # get result
-            res = Q.get()
-            if res == "Done":
-                k += 1
-            else:
-                gather_res[res[0]] = res[1]
-
-    except Exception as e:
-        logger.error("Exception during prefetching: %s", e)
-        for p in processes:
-            p.terminate()
-
-        raise e
-    finally:
-        for p in processes:
-            p.join()
-        logger.info("Prefetching complete. [%.2f sec.]", time.time() - start)
-
-    if target_data_type == 'ndarray':
-        if not isinstance(gather_res[0], np.ndarray):
-            return np.concatenate([np.asarray(r) for r in gather_res], axis=0)
-
-        # order outputs
-        return np.concatenate(gather_res, axis=0)
-    elif target_data_type == 'list':
-        out = []
-        for r in gather_res:
-            out.extend(r)
-        return out
-    else:
-        return gather_res
+def load_retrieval_database(folder):
+    """A retrieval database (CLIP image embeddings with their image ids and patch coordinates, as
+    upstream's RDM databases store them) from the .npz files in ``folder``: each array joined over
+    the files, in name order. Upstream loaded the files in worker processes and joined them along
+    the wrong axis, so a database of more files than CPU cores silently kept one file per worker,
+    and files of unequal length failed. Raises FileNotFoundError or ValueError with a one-line
+    message."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
+    if not paths:
+        raise FileNotFoundError(f"no .npz files in {folder}")
+    parts = []
+    for path in paths:
+        with np.load(path) as part:  # no pickles: allow_pickle stays False
+            parts.append({key: part[key] for key in part.files})
+    for path, part in zip(paths, parts):
+        if "embedding" not in part or part.keys() != parts[0].keys():
+            raise ValueError(f"{path} holds the arrays {sorted(part)}; every file of a database holds the same "
+                             f"arrays, 'embedding' among them")
+    database = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    logger.info("loaded a retrieval database of %d entries from %d file(s) in %s", len(database["embedding"]),
+                len(paths), folder)
+    return database
 
 
 # --- errors a user can fix --------------------------------------------------------------------

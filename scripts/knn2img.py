@@ -1,22 +1,22 @@
 import os, sys, glob, logging
 import importlib.util
+import math
 import torch
 import numpy as np
 from tqdm import tqdm, trange
 from itertools import islice
-import time
-from multiprocessing import cpu_count
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.util import parallel_data_prefetch
+from ldm.util import first_line, load_retrieval_database
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.hub import ModelUnavailable
 from ldm.model_choice import read_model_geometry
-from ldm.modules.encoders.modules import FrozenClipImageEmbedder, FrozenCLIPTextEmbedder
+from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
-from ldm.script_helpers import ArgumentParser, build_model, check_steps, configure_logging, positive_int
+from ldm.script_helpers import (ArgumentParser, build_model, check_image_size, check_steps, configure_logging,
+                                positive_int, read_prompts)
 
 logger = logging.getLogger("knn2img")
 
@@ -35,24 +35,28 @@ DATABASES = [
 ]
 
 
+def database_folder(database):
+    return f'data/rdm/retrieval_databases/{database}'
+
+
 def chunk(it, size):
     it = iter(it)
     return iter(lambda: tuple(islice(it, size)), ())
 
 
+#: below this many entries a database without a trained searcher gets a brute-force one on the fly
+#: (as train_searcher.py builds for them too); a larger one needs train_searcher.py first
+ON_THE_FLY_ENTRIES = 20_000
+
+
 class Searcher(object):
-    def __init__(self, database, retriever_version='ViT-L/14'):
+    def __init__(self, database):
         assert database in DATABASES
-        # self.database = self.load_database(database)
         self.database_name = database
         self.searcher_savedir = f'data/rdm/searchers/{self.database_name}'
-        self.database_path = f'data/rdm/retrieval_databases/{self.database_name}'
-        self.retriever = self.load_retriever(version=retriever_version)
-        self.database = {'embedding': [],
-                         'img_id': [],
-                         'patch_coords': []}
-        self.load_database()
-        self.load_searcher()
+        self.database_path = database_folder(database)
+        self.database = load_retrieval_database(self.database_path)
+        self.searcher = self.load_searcher()
 
     def train_searcher(self, k,
                        metric='dot_product',
@@ -71,81 +75,65 @@ class Searcher(object):
             os.makedirs(searcher_savedir, exist_ok=True)
             self.searcher.serialize(searcher_savedir)
 
-    def load_single_file(self, saved_embeddings):
-        compressed = np.load(saved_embeddings)
-        self.database = {key: compressed[key] for key in compressed.files}
-        logger.info('Finished loading of clip embeddings.')
-
-    def load_multi_files(self, data_archive):
-        out_data = {key: [] for key in self.database}
-        for d in tqdm(data_archive, desc=f'Loading datapool from {len(data_archive)} individual files.'):
-            for key in d.files:
-                out_data[key].append(d[key])
-
-        return out_data
-
-    def load_database(self):
-
-        logger.info(f'Load saved patch embedding from "{self.database_path}"')
-        file_content = glob.glob(os.path.join(self.database_path, '*.npz'))
-
-        if len(file_content) == 1:
-            self.load_single_file(file_content[0])
-        elif len(file_content) > 1:
-            data = [np.load(f) for f in file_content]
-            prefetched_data = parallel_data_prefetch(self.load_multi_files, data,
-                                                     n_proc=min(len(data), cpu_count()), target_data_type='dict')
-
-            self.database = {key: np.concatenate([od[key] for od in prefetched_data], axis=1)[0] for key in
-                             self.database}
-        else:
-            raise ValueError(f'No npz-files in specified path "{self.database_path}" is this directory existing?')
-
-        logger.info(f'Finished loading of retrieval database of length {self.database["embedding"].shape[0]}.')
-
-    def load_retriever(self, version='ViT-L/14', ):
-        model = FrozenClipImageEmbedder(model=version)
-        if torch.cuda.is_available():
-            model.cuda()
-        model.eval()
-        return model
-
     def load_searcher(self):
+        """The trained searcher of the database, or None for a small one without (search fits it)."""
+        entries = len(self.database['embedding'])
+        if not os.path.isdir(self.searcher_savedir):
+            if entries < ON_THE_FLY_ENTRIES:
+                return None
+            raise FileNotFoundError(f"no searcher in {self.searcher_savedir} for this database of {entries} entries: "
+                                    f"build it with python scripts/train_searcher.py -d {self.database_path} "
+                                    f"-t {self.searcher_savedir}")
         import scann
         logger.info(f'load searcher for database {self.database_name} from {self.searcher_savedir}')
-        self.searcher = scann.scann_ops_pybind.load_searcher(self.searcher_savedir)
+        searcher = scann.scann_ops_pybind.load_searcher(self.searcher_savedir)
         logger.info('Finished loading searcher.')
+        return searcher
 
     def search(self, x, k):
-        if self.searcher is None and self.database['embedding'].shape[0] < 2e4:
+        """The k database embeddings nearest to each query's, at unit length: (B, k, D)."""
+        if self.searcher is None:
             self.train_searcher(k)   # quickly fit searcher on the fly for small databases
-        assert self.searcher is not None, 'Cannot search with uninitialized searcher'
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         if len(x.shape) == 3:
             x = x[:, 0]
         query_embeddings = x / np.linalg.norm(x, axis=1)[:, np.newaxis]
-
-        start = time.time()
-        nns, distances = self.searcher.search_batched(query_embeddings, final_num_neighbors=k)
-        end = time.time()
-
-        out_embeddings = self.database['embedding'][nns]
-        out_img_ids = self.database['img_id'][nns]
-        out_pc = self.database['patch_coords'][nns]
-
-        out = {'nn_embeddings': out_embeddings / np.linalg.norm(out_embeddings, axis=-1)[..., np.newaxis],
-               'img_ids': out_img_ids,
-               'patch_coords': out_pc,
-               'queries': x,
-               'exec_time': end - start,
-               'nns': nns,
-               'q_embeddings': query_embeddings}
-
-        return out
+        nns, _ = self.searcher.search_batched(query_embeddings, final_num_neighbors=k)
+        found = self.database['embedding'][nns]
+        return found / np.linalg.norm(found, axis=-1)[..., np.newaxis]
 
     def __call__(self, x, n):
         return self.search(x, n)
+
+
+RDM_WEIGHTS = "models/rdm/rdm768x768/model.ckpt"
+RDM_WEIGHTS_URL = "https://ommer-lab.com/files/rdm/model.ckpt"  # latent-diffusion's README
+
+
+def validate(parser, opt):
+    """Every check that needs no model, so that bad input costs one line, not a CLIP and model load."""
+    for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
+        if not os.path.isfile(path):
+            hint = f" (upstream's weights: wget -O {RDM_WEIGHTS} {RDM_WEIGHTS_URL})" if path == RDM_WEIGHTS else ""
+            parser.error(f"{flag} {path} not found{hint}")
+    opt.geometry = read_model_geometry(parser, "--config", opt.config)
+    check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
+    check_image_size(parser, opt.H, opt.W, opt.geometry.multiple)
+    if not 0 <= opt.ddim_eta <= 1:
+        parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
+    if opt.plms and opt.ddim_eta != 0:
+        parser.error("--ddim_eta applies to the DDIM sampler; --plms is deterministic (leave --ddim_eta out)")
+    if not math.isfinite(opt.scale):
+        parser.error(f"--scale must be a finite number, got {opt.scale}")
+    if opt.n_rows < 0:
+        parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
+    opt.prompt = None if opt.prompt is None else [opt.prompt]
+    opt.prompts = read_prompts(parser, opt)
+    folder = database_folder(opt.database)
+    if opt.use_neighbors and not glob.glob(os.path.join(folder, "*.npz")):
+        parser.error(f"--database {opt.database}: no .npz files in {folder}; put upstream's retrieval databases "
+                     "in data/rdm/retrieval_databases (latent-diffusion's README, \"RDM with text-to-image retrieval\")")
 
 
 if __name__ == "__main__":
@@ -157,8 +145,7 @@ if __name__ == "__main__":
         "--prompt",
         type=str,
         nargs="?",
-        default="a painting of a virus monster playing guitar",
-        help="the prompt to render"
+        help="the prompt to render (default: a painting of a virus monster playing guitar)"
     )
 
     parser.add_argument(
@@ -184,9 +171,9 @@ if __name__ == "__main__":
 
     parser.add_argument(
         "--n_repeat",
-        type=int,
+        type=positive_int,
         default=1,
-        help="number of repeats in CLIP latent space",
+        help="how many times the prompt's CLIP embedding stands in the conditioning",
     )
 
     parser.add_argument(
@@ -233,7 +220,7 @@ if __name__ == "__main__":
         "--n_rows",
         type=int,
         default=0,
-        help="rows in the grid (default: n_samples)",
+        help="images per grid row (default: n_samples)",
     )
 
     parser.add_argument(
@@ -267,7 +254,7 @@ if __name__ == "__main__":
         "--clip_type",
         type=str,
         default="ViT-L/14",
-        help="which CLIP model to use for retrieval and NN encoding",
+        help="which CLIP model encodes the prompt (a name, or the path of its .pt file)",
     )
     parser.add_argument(
         "--database",
@@ -285,31 +272,30 @@ if __name__ == "__main__":
     parser.add_argument(
         "--knn",
         default=10,
-        type=int,
+        type=positive_int,
         help="The number of included neighbors, only applied when --use_neighbors=True",
     )
     parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
 
     opt = parser.parse_args()
 
-    # optional packages (not in the fork's requirements): CLIP always, ScaNN and kornia for retrieval
+    # optional packages (not in the fork's requirements): CLIP always, ScaNN for retrieval
     packages = {"clip": "git+https://github.com/openai/CLIP.git"}
     if opt.use_neighbors:
-        packages.update(scann="scann", kornia="kornia")
+        packages.update(scann="scann")
     for package, pip_name in packages.items():
         if importlib.util.find_spec(package) is None:
             raise SystemExit(f"error: this script needs the optional package {package} (pip install {pip_name})")
-    for flag, path in (("--config", opt.config), ("--ckpt", opt.ckpt)):
-        if not os.path.isfile(path):
-            parser.error(f"{flag} {path} not found")
-    check_steps(parser, "--ddim_steps", opt.ddim_steps, read_model_geometry(parser, "--config", opt.config).timesteps)
+    validate(parser, opt)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:  # before the model: CLIP's weights are the ones that may be missing
-        clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type).to(device)  # its tokens follow its weights
-        searcher = Searcher(opt.database, retriever_version=opt.clip_type) if opt.use_neighbors else None
+    try:  # before the model: CLIP's weights and the database are what may be missing
+        clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type, n_repeat=opt.n_repeat).to(device)  # tokens follow
+        searcher = Searcher(opt.database) if opt.use_neighbors else None
     except ModelUnavailable as e:
         raise SystemExit(f"error: {e} (--clip_type)")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --database {opt.database}: {first_line(e)}")
 
     model = build_model(opt.config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle).to(device)  # strict, as txt2img
 
@@ -323,16 +309,7 @@ if __name__ == "__main__":
 
     batch_size = opt.n_samples
     n_rows = opt.n_rows if opt.n_rows > 0 else batch_size
-    if not opt.from_file:
-        prompt = opt.prompt
-        assert prompt is not None
-        data = [batch_size * [prompt]]
-
-    else:
-        logger.info(f"reading prompts from {opt.from_file}")
-        with open(opt.from_file, "r") as f:
-            data = f.read().splitlines()
-            data = list(chunk(data, batch_size))
+    data = list(chunk(opt.prompts, batch_size))
 
     # numbered after the files already there, never overwriting one (upstream counted the files, so a
     # gap in the numbering made it write over the highest ones)
@@ -351,13 +328,10 @@ if __name__ == "__main__":
                     c = clip_text_encoder.encode(prompts)
                     uc = None
                     if searcher is not None:
-                        nn_dict = searcher(c, opt.knn)
-                        c = torch.cat([c, torch.from_numpy(nn_dict['nn_embeddings']).to(c.device)], dim=1)
+                        c = torch.cat([c, torch.from_numpy(searcher(c, opt.knn)).to(c)], dim=1)
                     if opt.scale != 1.0:
                         uc = torch.zeros_like(c)
-                    if isinstance(prompts, tuple):
-                        prompts = list(prompts)
-                    shape = [16, opt.H // 16, opt.W // 16]  # note: currently hardcoded for f16 model
+                    shape = [opt.geometry.channels, opt.H // opt.geometry.factor, opt.W // opt.geometry.factor]
                     samples_ddim, _ = sampler.sample(S=opt.ddim_steps,
                                                      conditioning=c,
                                                      batch_size=c.shape[0],

@@ -1,16 +1,13 @@
 import logging
 import os, sys
 import numpy as np
-import argparse
 import glob
 import importlib.util
-from multiprocessing import cpu_count
 from pathlib import Path
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.script_helpers import configure_logging
-from ldm.util import parallel_data_prefetch
+from ldm.script_helpers import ArgumentParser, configure_logging, positive_int
+from ldm.util import first_line, load_retrieval_database
 
 logger = logging.getLogger("train_searcher")
 
@@ -31,40 +28,6 @@ def search_ah(searcher, dims_per_block, aiq_threshold, reorder_k):
     return searcher.score_ah(dims_per_block, anisotropic_quantization_threshold=aiq_threshold).reorder(
         reorder_k).build()
 
-def load_datapool(dpath):
-
-
-    def load_single_file(saved_embeddings):
-        compressed = np.load(saved_embeddings)
-        database = {key: compressed[key] for key in compressed.files}
-        return database
-
-    def load_multi_files(data_archive):
-        database = {key: [] for key in data_archive[0].files}
-        for d in tqdm(data_archive, desc=f'Loading datapool from {len(data_archive)} individual files.'):
-            for key in d.files:
-                database[key].append(d[key])
-
-        return database
-
-    logger.info(f'Load saved patch embedding from "{dpath}"')
-    file_content = glob.glob(os.path.join(dpath, '*.npz'))
-
-    if len(file_content) == 1:
-        data_pool = load_single_file(file_content[0])
-    elif len(file_content) > 1:
-        data = [np.load(f) for f in file_content]
-        prefetched_data = parallel_data_prefetch(load_multi_files, data,
-                                                 n_proc=min(len(data), cpu_count()), target_data_type='dict')
-
-        data_pool = {key: np.concatenate([od[key] for od in prefetched_data], axis=1)[0] for key in prefetched_data[0].keys()}
-    else:
-        raise ValueError(f'No npz-files in specified path "{dpath}" is this directory existing?')
-
-    logger.info(f'Finished loading of retrieval database of length {data_pool["embedding"].shape[0]}.')
-    return data_pool
-
-
 def train_searcher(opt,
                    metric='dot_product',
                    partioning_trainsize=None,
@@ -75,7 +38,7 @@ def train_searcher(opt,
                    num_leaves=None,
                    num_leaves_to_search=None,):
 
-    data_pool = load_datapool(opt.database)
+    data_pool = load_retrieval_database(opt.database)
     k = opt.knn
 
     if not reorder_k:
@@ -129,8 +92,7 @@ def train_searcher(opt,
 
 if __name__ == '__main__':
     configure_logging()
-    sys.path.append(os.getcwd())
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()
     parser.add_argument('--database',
                         '-d',
                         default='data/rdm/retrieval_databases/openimages',
@@ -144,7 +106,7 @@ if __name__ == '__main__':
     parser.add_argument('--knn',
                         '-k',
                         default=20,
-                        type=int,
+                        type=positive_int,
                         help='number of nearest neighbors, for which the searcher shall be optimized')
 
     opt = parser.parse_args()
@@ -157,4 +119,7 @@ if __name__ == '__main__':
     if not glob.glob(os.path.join(opt.database, '*.npz')):
         parser.error(f"no .npz files in --database {opt.database} (the folder of CLIP features to index)")
 
-    train_searcher(opt,)
+    try:
+        train_searcher(opt)
+    except ValueError as e:  # the database's files do not fit together
+        parser.error(f"--database {opt.database}: {first_line(e)}")

@@ -285,16 +285,103 @@ def test_knn2img_numbers_its_images_after_those_already_there(tiny_retrieval_mod
     assert Image.open(tmp_path / "samples" / "00006.png").size == (32, 32)
 
 
-def test_knn2img_bad_counts_are_one_error_line_before_the_model(tiny_retrieval_model, tmp_path):
+def test_knn2img_bad_input_is_one_error_line_before_the_model(tiny_retrieval_model, tmp_path):
+    """Upstream checked none of these; each ended in a traceback after the model had loaded (or, with
+    --scale nan, in NaN images)."""
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "data" / "rdm" / "retrieval_databases" / "openimages").mkdir(parents=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(CLIP_STAND_IN), HOME=str(tmp_path))
     for flags, message in ((["--ddim_steps", "1000"], "--ddim_steps must be below the model's 1000 training "
                                                        "timesteps, got 1000"),
-                           (["--n_samples", "0"], "--n_samples: must be at least 1, got 0")):
+                           (["--n_samples", "0"], "--n_samples: must be at least 1, got 0"),
+                           (["--n_repeat", "0"], "--n_repeat: must be at least 1, got 0"),
+                           (["--knn", "-3"], "--knn: must be at least 1, got -3"),
+                           (["--n_rows", "-1"], "--n_rows must be 0 (= n_samples) or positive, got -1"),
+                           (["--from-file", tmp_path / "nope.txt"], "nope.txt: not found"),
+                           (["--from-file", tmp_path / "empty.txt"], "empty.txt has no prompts"),
+                           (["--ddim_eta", "2"], "--ddim_eta must be between 0 (deterministic) and 1"),
+                           (["--plms", "--ddim_eta", "0.5"], "--plms is deterministic (leave --ddim_eta out)"),
+                           (["--H", "48"], "--H must be a positive multiple of 32, got 48"),
+                           (["--W", "0"], "--W must be a positive multiple of 32, got 0"),
+                           (["--scale", "nan"], "--scale must be a finite number, got nan"),
+                           (["--use_neighbors", "--database", "openimages"],
+                            "--database openimages: no .npz files in data/rdm/retrieval_databases/openimages")):
         result = subprocess.run([sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config",
                                  str(tiny_retrieval_model / "config.yaml"), "--ckpt",
                                  str(tiny_retrieval_model / "model.safetensors"), "--outdir", str(tmp_path / "out"),
-                                 *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                                 *map(str, flags)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=120)
         assert message in error_line(result) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def write_database(folder, sizes, features=8, seed=0):
+    """A retrieval database in upstream's layout, one .npz file per size; returns its embeddings in
+    the order of the files' names (the order the loader joins them in)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name, size in zip("dbac", sizes):
+        part = rng.standard_normal((size, features)).astype(np.float32)
+        np.savez(folder / f"{name}.npz", embedding=part, img_id=np.arange(size), patch_coords=np.zeros((size, 4)))
+        parts.append((name, part))
+    return np.concatenate([part for _, part in sorted(parts, key=lambda p: p[0])])
+
+
+def test_a_retrieval_database_in_more_files_than_cpu_cores_loses_nothing(tmp_path):
+    """Upstream joined the files of each loader process along the wrong axis: with more files than
+    processes it kept one file per process, with files of unequal length it failed."""
+    from ldm.util import load_retrieval_database
+    expected = write_database(tmp_path / "db", sizes=(3, 5, 2, 4))
+    database = load_retrieval_database(tmp_path / "db")
+    assert np.array_equal(database["embedding"], expected)
+    assert np.array_equal(database["img_id"], np.concatenate([np.arange(n) for n in (2, 5, 4, 3)]))  # a b c d
+    with pytest.raises(FileNotFoundError, match="no .npz files in"):
+        load_retrieval_database(tmp_path / "nothing")
+    np.savez(tmp_path / "db" / "e.npz", img_id=np.arange(2))
+    with pytest.raises(ValueError, match=r"e.npz holds the arrays \['img_id'\]; every file of a database"):
+        load_retrieval_database(tmp_path / "db")
+
+
+def test_train_searcher_indexes_every_file_of_a_database(tmp_path):
+    expected = write_database(tmp_path / "db", sizes=(3, 5, 2, 4))
+    env = dict(os.environ, PYTHONPATH=str(CLIP_STAND_IN))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_searcher.py"), "-d", str(tmp_path / "db"),
+                             "-t", str(tmp_path / "searcher"), "--knn", "3"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    indexed = np.load(tmp_path / "searcher" / "database.npy")  # the scann stand-in's serialized index
+    assert np.allclose(indexed, expected / np.linalg.norm(expected, axis=1, keepdims=True))
+
+
+def run_knn2img_with_neighbours(model, cwd, *flags):
+    """knn2img --use_neighbors in `cwd` (its databases and searchers are under cwd/data/rdm), with the
+    clip and scann stand-ins; CLIP's weights are in cwd/home."""
+    (cwd / "home" / ".cache" / "clip").mkdir(parents=True, exist_ok=True)
+    (cwd / "home" / ".cache" / "clip" / "ViT-L-14.pt").write_bytes(b"CLIP's weights")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(CLIP_STAND_IN), HOME=str(cwd / "home"))
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config", str(model / "config.yaml"),
+         "--ckpt", str(model / "model.safetensors"), "--H", "32", "--W", "32", "--ddim_steps", "2",
+         "--n_samples", "2", "--outdir", str(cwd / "out"), "--use_neighbors", "--knn", "3", *flags],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_knn2img_retrieves_from_a_small_database_without_a_searcher(tiny_retrieval_model, tmp_path):
+    """A database under 20,000 entries gets a brute-force searcher on the fly (upstream's branch for
+    it was unreachable: a missing searcher folder was scann's traceback); a larger one needs
+    train_searcher.py, which the error line gives."""
+    write_database(tmp_path / "data" / "rdm" / "retrieval_databases" / "artbench-surrealism", sizes=(10, 20, 7))
+    result = run_knn2img_with_neighbours(tiny_retrieval_model, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded a retrieval database of 37 entries from 3 file(s)" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    write_database(tmp_path / "data" / "rdm" / "retrieval_databases" / "artbench-baroque", sizes=(20_000,))
+    last = error_line(run_knn2img_with_neighbours(tiny_retrieval_model, tmp_path, "--database", "artbench-baroque"),
+                      returncode=1)
+    assert last == ("error: --database artbench-baroque: no searcher in data/rdm/searchers/artbench-baroque for "
+                    "this database of 20000 entries: build it with python scripts/train_searcher.py -d "
+                    "data/rdm/retrieval_databases/artbench-baroque -t data/rdm/searchers/artbench-baroque"), last
 
 
 def test_knn2img_without_clip_weights_and_network_is_one_line_before_the_model(tiny_retrieval_model, tmp_path):

@@ -1,7 +1,7 @@
 """Conditioning encoders.
 
 Only torch is needed to import this module, and SD's text encoder needs only torch and the
-`tokenizers` library (clip_text.py). transformers, ``clip``, ``kornia`` and the x-transformer code
+`tokenizers` library (clip_text.py). transformers, ``clip`` and the x-transformer code
 are imported inside what uses them, which txt2img with SD or the embedded models never does.
 """
 import functools
@@ -387,7 +387,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 OPENAI_CLIP_CACHE = os.path.expanduser("~/.cache/clip")  # where OpenAI's clip.load keeps its downloads
 
 
-def load_openai_clip(name, device="cpu", jit=False):
+def load_openai_clip(name):
     """The model of OpenAI's `clip.load(name)` (a model name or a file). clip.load downloads the
     weights of a name missing from its cache from OpenAI's URL, with no timeout: without network it
     ended in urllib's traceback, on a network that drops packets it waited minutes for one. So the
@@ -402,7 +402,7 @@ def load_openai_clip(name, device="cpu", jit=False):
             raise ModelUnavailable(f"OpenAI CLIP {name} is not in {OPENAI_CLIP_CACHE} and {url} {reason}: "
                                    "download it there where there is network, or pass the path of its .pt file "
                                    f"instead of {name!r}")
-    return clip.load(name, device=device, jit=jit, download_root=OPENAI_CLIP_CACHE)[0]
+    return clip.load(name, device="cpu", jit=False, download_root=OPENAI_CLIP_CACHE)[0]
 
 
 class FrozenCLIPTextEmbedder(nn.Module):
@@ -440,41 +440,6 @@ class FrozenCLIPTextEmbedder(nn.Module):
             z = z[:, None, :]
         z = repeat(z, 'b 1 d -> b k d', k=self.n_repeat)
         return z
-
-
-class FrozenClipImageEmbedder(nn.Module):
-    """
-        Uses the CLIP image encoder.
-        """
-    def __init__(
-            self,
-            model,
-            jit=False,
-            device='cuda' if torch.cuda.is_available() else 'cpu',
-            antialias=False,
-        ):
-        super().__init__()
-        self.model = load_openai_clip(model, device=device, jit=jit)
-
-        self.antialias = antialias
-
-        self.register_buffer('mean', torch.Tensor([0.48145466, 0.4578275, 0.40821073]), persistent=False)
-        self.register_buffer('std', torch.Tensor([0.26862954, 0.26130258, 0.27577711]), persistent=False)
-
-    def preprocess(self, x):
-        import kornia
-        # normalize to [0,1]
-        x = kornia.geometry.resize(x, (224, 224),
-                                   interpolation='bicubic',align_corners=True,
-                                   antialias=self.antialias)
-        x = (x + 1.) / 2.
-        # renormalize according to clip
-        x = kornia.enhance.normalize(x, self.mean, self.std)
-        return x
-
-    def forward(self, x):
-        # x is assumed to be in range [-1,1]
-        return self.model.encode_image(self.preprocess(x))
 
 
 if __name__ == "__main__":
