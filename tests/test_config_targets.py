@@ -135,7 +135,7 @@ def test_first_stage_checkpoint_is_where_the_download_script_puts_it(path, first
     folder, name = os.path.split(ckpt)
     assert name == "model.ckpt" and os.path.dirname(folder) == "models/first_stage_models", f"{path}: {ckpt}"
     download = (REPO / "scripts" / "download_first_stages.sh").read_text()
-    assert f"-O {folder}/model.zip" in download, f"{path}: download_first_stages.sh does not fetch {folder}"
+    assert f"fetch {folder} " in download, f"{path}: download_first_stages.sh does not fetch {folder}"
     released = OmegaConf.load(REPO / folder / "config.yaml").model.params
     for key in ("ddconfig", "embed_dim", "n_embed"):
         assert first_stage.params.get(key) == released.get(key), f"{path}: {key} differs from {folder}/config.yaml"

@@ -394,3 +394,32 @@ def test_knn2img_without_clip_weights_and_network_is_one_line_before_the_model(t
                            "cannot be reached ("), last
     assert last.endswith("or pass the path of its .pt file instead of 'ViT-L/14' (--clip_type)"), last
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_download_is_reported_and_keeps_the_earlier_zip(tmp_path):
+    """Upstream's download scripts ran every line regardless, exited 0 with nothing downloaded, and a
+    failed re-run truncated the zip an earlier run had fetched (wget -O writes before it fails).
+    wget and unzip are stand-ins here: one download fails halfway, the others succeed."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("download_lib.sh", "download_first_stages.sh"):
+        shutil.copy(REPO / "scripts" / name, tmp_path / "scripts" / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wget").write_text('#!/bin/bash\n# wget -O FILE URL\ncase $3 in *kl-f8.zip) printf partial > "$2"; '
+                                  'exit 4;; esac\nprintf "zip of %s" "$3" > "$2"\n')
+    (bin_dir / "unzip").write_text('#!/bin/bash\n# unzip -o -q ZIP -d FOLDER\ncp "$3" "$5/model.ckpt"\n')
+    for tool in ("wget", "unzip"):
+        (bin_dir / tool).chmod(0o755)
+    earlier = tmp_path / "models" / "first_stage_models" / "kl-f8"
+    earlier.mkdir(parents=True)
+    (earlier / "model.zip").write_text("an earlier download")
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "download_first_stages.sh")], cwd=REPO,
+                            env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: 1 download(s) failed (see above): "
+                                                      "https://ommer-lab.com/files/latent-diffusion/kl-f8.zip")
+    assert sorted(p.name for p in earlier.iterdir()) == ["model.zip"]
+    assert (earlier / "model.zip").read_text() == "an earlier download"
+    fetched = tmp_path / "models" / "first_stage_models" / "vq-f16" / "model.ckpt"
+    assert fetched.read_text() == "zip of https://ommer-lab.com/files/latent-diffusion/vq-f16.zip"
