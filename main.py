@@ -27,7 +27,7 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import ConfigError, ModelError, construct, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, ModelError, construct, first_line, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger("main")
 
@@ -302,6 +302,32 @@ def image_side_multiple(model):
     if hasattr(unet, "channel_mult"):
         multiple *= 2 ** (len(unet.channel_mult) - 1)
     return multiple
+
+
+#: pip's names for the modules upstream's datasets import that are not pip's names
+PIP_NAMES = {"cv2": "opencv-python-headless", "taming": "taming-transformers", "PIL": "pillow"}
+
+
+def build_data(parser, data_config):
+    """The data module with its datasets built. Upstream's LSUN and ImageNet configs read file
+    lists and folders under data/ that a fresh clone lacks, and ImageNet's dataset imports packages
+    this fork does not install (albumentations, cv2, taming, torchvision): each is one error line."""
+    try:
+        data = instantiate_from_config(data_config)
+        # NOTE according to https://pytorch-lightning.readthedocs.io/en/latest/datamodules.html
+        # calling these ourselves should not be necessary but it is.
+        # lightning still takes care of proper multiprocessing though
+        data.prepare_data()
+        data.setup()
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top in ("", "ldm", "main"):  # a misspelt target, not a package to install
+            parser.error(f"the config's data names a module that does not exist: {first_line(e)}")
+        parser.error(f"the data needs the package {top} (pip install {PIP_NAMES.get(top, top)})")
+    except FileNotFoundError as e:
+        parser.error(f"the data cannot be read: {e.strerror or e}: {e.filename} (the config's data.params say "
+                     "where it is read from)")
+    return data
 
 
 def check_data(parser, model, datasets):
@@ -946,12 +972,7 @@ if __name__ == "__main__":
         trainer.logdir = logdir  ###
 
         # data
-        data = instantiate_from_config(config.data)
-        # NOTE according to https://pytorch-lightning.readthedocs.io/en/latest/datamodules.html
-        # calling these ourselves should not be necessary but it is.
-        # lightning still takes care of proper multiprocessing though
-        data.prepare_data()
-        data.setup()
+        data = build_data(parser, config.data)
         check_data(parser, model, data.datasets)
         logger.info("#### Data #####")
         for k in data.datasets:

@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG
 from ldm.image_io import read_parameters
@@ -497,3 +498,24 @@ def test_fine_tuning_the_shipped_model_starts_its_ema_from_the_shipped_weights()
             if name.startswith("model."):
                 ours = unet[name[len("model."):]]
                 assert torch.equal(ours, tensor.to(ours.dtype)), name
+
+
+def data_module(train):
+    return OmegaConf.create({"target": "main.DataModuleFromConfig", "params": {"batch_size": 1, "train": train}})
+
+
+def test_data_that_cannot_be_built_is_one_error_line(main_module, capsys, tmp_path, monkeypatch):
+    """Upstream's LSUN and ImageNet configs read data/ folders a fresh clone lacks, and ImageNet's
+    dataset imports packages this fork does not install: tracebacks until now."""
+    parser = main_module.get_parser()
+    missing = tmp_path / "church_outdoor_train.txt"
+    lsun = data_module({"target": "ldm.data.lsun.LSUNBase", "params": {"txt_file": str(missing), "data_root": "x"}})
+    assert error_line(capsys, main_module.build_data, parser, lsun).endswith(
+        f"error: the data cannot be read: No such file or directory: {missing} (the config's data.params say where "
+        "it is read from)")
+    (tmp_path / "needs_a_package.py").write_text("import a_package_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert error_line(capsys, main_module.build_data, parser, data_module({"target": "needs_a_package.Data"})).endswith(
+        "error: the data needs the package a_package_not_installed (pip install a_package_not_installed)")
+    assert error_line(capsys, main_module.build_data, parser, data_module({"target": "ldm.data.lsunn.LSUNBase"})).endswith(
+        "error: the config's data names a module that does not exist: No module named 'ldm.data.lsunn'")
