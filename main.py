@@ -491,12 +491,6 @@ class SetupCallback(Callback):
         self.config = config
         self.lightning_config = lightning_config
 
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_rank == 0:
-            logger.info("Summoning checkpoint.")
-            ckpt_path = os.path.join(self.ckptdir, "last.ckpt")
-            trainer.save_checkpoint(ckpt_path, weights_only=False)
-
     def on_fit_start(self, trainer, pl_module):
         if trainer.global_rank == 0:
             # Create logdirs and save configs
@@ -681,16 +675,56 @@ class TimeOfThisCommand(Timer):
         pass
 
 
+def save_last(trainer, ckptdir):
+    """checkpoints/last.ckpt, with the optimizer state (--resume continues it). Called on every
+    rank: Lightning writes the file on rank 0 and then waits for all ranks (upstream called it on
+    rank 0 alone, and a run on several devices failed at its end)."""
+    last = os.path.join(ckptdir, "last.ckpt")
+    if trainer.global_rank == 0:
+        logger.info("Saving %s at step %d.", last, trainer.global_step)
+    trainer.save_checkpoint(last, weights_only=False)
+
+
 class TrainingStart(Callback):
     """The step at which this process began to train, after a --resume restored its state (None
-    before): what a failure may save is only what was trained since."""
+    before): what a failure or Ctrl-C may save is only what was trained since. Upstream saved on
+    Ctrl-C whatever the model held, so interrupting a --resume before its checkpoint was restored
+    wrote an untrained model over the run's last.ckpt."""
     step = None
+
+    def __init__(self, ckptdir):
+        self.ckptdir = ckptdir
 
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step
 
     def trained(self, trainer):
         return self.step is not None and trainer.global_step > self.step
+
+    def on_exception(self, trainer, pl_module, exception):
+        # Lightning exits after Ctrl-C once the callbacks have run: the last chance to save
+        if isinstance(exception, KeyboardInterrupt) and self.trained(trainer):
+            save_last(trainer, self.ckptdir)
+
+
+class SaveOnSignal(Callback):
+    """SIGUSR1 (SLURM's warning before it pre-empts a job) asks for last.ckpt, written at the end
+    of the training step it arrives in. Upstream saved inside the signal handler, which can run
+    while validation or image logging has the EMA weights swapped in: they were saved as the
+    trained weights. The request is agreed on by all ranks, which may see the signal at
+    different steps, so that they save together."""
+    requested = False
+
+    def __init__(self, ckptdir):
+        self.ckptdir = ckptdir
+
+    def request(self, *args):
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            self.requested = False
+            save_last(trainer, self.ckptdir)
 
 
 if __name__ == "__main__":
@@ -963,8 +997,8 @@ if __name__ == "__main__":
 
         # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-        training_start = TrainingStart()
-        trainer_kwargs["callbacks"].append(training_start)
+        training_start, save_on_signal = TrainingStart(ckptdir), SaveOnSignal(ckptdir)
+        trainer_kwargs["callbacks"] += [training_start, save_on_signal]
         if trainer_config.get("max_time") is not None:
             trainer_kwargs["callbacks"].append(TimeOfThisCommand(duration=trainer_config.pop("max_time"),
                                                                  interval="step"))
@@ -993,14 +1027,6 @@ if __name__ == "__main__":
             logger.info(f"Setting learning rate to {model.learning_rate:.2e}")
 
 
-        # allow checkpointing via USR1
-        def melk(*args, **kwargs):
-            if trainer.global_rank == 0:
-                last = os.path.join(ckptdir, "last.ckpt")
-                logger.info("Saving %s at step %d.", last, trainer.global_step)
-                trainer.save_checkpoint(last, weights_only=False)  # with optimizer state: --resume continues it
-
-
         def divein(*args, **kwargs):
             if trainer.global_rank == 0:
                 interactive_debugger().set_trace()
@@ -1008,7 +1034,7 @@ if __name__ == "__main__":
 
         import signal
 
-        signal.signal(signal.SIGUSR1, melk)
+        signal.signal(signal.SIGUSR1, save_on_signal.request)
         signal.signal(signal.SIGUSR2, divein)
 
         # run
@@ -1023,11 +1049,11 @@ if __name__ == "__main__":
                 # whose checkpoint did not restore, or did only in part) would write an untrained
                 # model, or one without its optimizer state, over last.ckpt
                 if training_start.trained(trainer):
-                    melk()
+                    save_last(trainer, ckptdir)
                 raise
-            # A run stopped by lightning.trainer.max_time (or Ctrl-C) ends between the
-            # every_n_train_steps checkpoints; without this its last steps would be lost.
-            melk()
+            # A run stopped by lightning.trainer.max_time ends between the every_n_train_steps
+            # checkpoints; without this its last steps would be lost.
+            save_last(trainer, ckptdir)
         has_test = "test" in data.dataset_configs and is_overridden("test_step", model)
         if not opt.no_test and not trainer.interrupted and has_test:
             trainer.test(model, data)

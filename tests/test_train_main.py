@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import numpy as np
@@ -519,3 +520,54 @@ def test_data_that_cannot_be_built_is_one_error_line(main_module, capsys, tmp_pa
         "error: the data needs the package a_package_not_installed (pip install a_package_not_installed)")
     assert error_line(capsys, main_module.build_data, parser, data_module({"target": "ldm.data.lsunn.LSUNBase"})).endswith(
         "error: the config's data names a module that does not exist: No module named 'ldm.data.lsunn'")
+
+
+def test_a_run_on_two_devices_saves_its_last_checkpoint(tmp_path):
+    """last.ckpt was saved on rank 0 alone, and Lightning's save waits for every rank: a run on
+    several devices failed at its end (here two CPU processes, DDP over gloo)."""
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--no-test", "--accelerator", "cpu", "--devices", "2",
+                      "--strategy", "ddp", "--max_steps", "2", "--logdir", tmp_path, "model.params.first_stage_key=image",
+                      "model.params.cond_stage_key=caption", "lightning.callbacks.image_logger.params.batch_frequency=1000",
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+class StandInTrainer:
+    """What main.py's saving callbacks use of a Trainer; save_checkpoint records the step saved."""
+    global_rank = 0
+
+    def __init__(self):
+        self.global_step, self.saved = 0, []
+        self.strategy = types.SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+
+    def save_checkpoint(self, path, weights_only=False):
+        self.saved.append((os.path.basename(path), self.global_step, weights_only))
+
+
+def test_ctrl_c_saves_only_what_this_run_trained(main_module):
+    """Upstream saved on Ctrl-C whatever the model held: interrupting a --resume before Lightning had
+    restored its checkpoint wrote an untrained model over the run's last.ckpt."""
+    trainer, start = StandInTrainer(), main_module.TrainingStart("ckpts")
+    start.on_exception(trainer, None, KeyboardInterrupt())  # before training started
+    trainer.global_step = 40  # restored by --resume
+    start.on_train_start(trainer, None)
+    start.on_exception(trainer, None, KeyboardInterrupt())  # nothing trained since
+    assert trainer.saved == []
+    trainer.global_step = 41
+    start.on_exception(trainer, None, RuntimeError())  # main.py's own except saves those
+    start.on_exception(trainer, None, KeyboardInterrupt())
+    assert trainer.saved == [("last.ckpt", 41, False)]
+
+
+def test_sigusr1_saves_at_the_end_of_the_step_not_inside_the_handler(main_module):
+    """The handler can run while validation has the EMA weights swapped in, which upstream saved as
+    the trained weights: it only asks, and the step's end saves, once."""
+    trainer, on_signal = StandInTrainer(), main_module.SaveOnSignal("ckpts")
+    on_signal.request(signal.SIGUSR1, None)
+    assert trainer.saved == []
+    trainer.global_step = 7
+    for _ in range(2):
+        on_signal.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.saved == [("last.ckpt", 7, False)]
