@@ -251,6 +251,17 @@ def parse_devices(devices):
     return devices
 
 
+def new_run_name(logdir, name):
+    """`name`, or name-2, name-3 ... where a run in `logdir` has it already: runs are named to the
+    second, and two started within one second under one name shared a folder, the second
+    overwriting the first's configs and last.ckpt."""
+    candidate, n = name, 1
+    while os.path.exists(os.path.join(logdir, candidate)):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def resumed_step(ckpt_path):
     """The global step of the checkpoint a run goes on from (0 for a new run), added to --seed: a
     resumed run starts its epoch over (the procedural loader cannot be fast-forwarded), and with
@@ -828,7 +839,7 @@ if __name__ == "__main__":
             name = "_" + cfg_name
         else:
             name = ""
-        nowname = now + name + opt.postfix
+        nowname = new_run_name(opt.logdir, now + name + opt.postfix)
         logdir = os.path.join(opt.logdir, nowname)
     config = load_config(parser, opt.base, unknown)
 

@@ -571,3 +571,14 @@ def test_sigusr1_saves_at_the_end_of_the_step_not_inside_the_handler(main_module
     for _ in range(2):
         on_signal.on_train_batch_end(trainer, None, None, None, 0)
     assert trainer.saved == [("last.ckpt", 7, False)]
+
+
+def test_a_new_run_never_shares_an_earlier_runs_folder(main_module, tmp_path):
+    """Runs are named to the second: two started within one second under one name shared a folder,
+    the second overwriting the first's configs and last.ckpt."""
+    name = "2026-12-07T03-00-00_v1-tiny"
+    assert main_module.new_run_name(tmp_path / "logs", name) == name  # no logs folder yet
+    (tmp_path / name).mkdir()
+    assert main_module.new_run_name(tmp_path, name) == f"{name}-2"
+    (tmp_path / f"{name}-2").mkdir()
+    assert main_module.new_run_name(tmp_path, name) == f"{name}-3"
