@@ -582,3 +582,16 @@ def test_a_new_run_never_shares_an_earlier_runs_folder(main_module, tmp_path):
     assert main_module.new_run_name(tmp_path, name) == f"{name}-2"
     (tmp_path / f"{name}-2").mkdir()
     assert main_module.new_run_name(tmp_path, name) == f"{name}-3"
+
+
+def test_ema_averages_once_per_optimizer_step_when_batches_accumulate(tmp_path):
+    """Upstream updated the EMA after every batch: with accumulate_grad_batches 2, twice a step."""
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--no-test", "--accelerator", "cpu", "--devices", "1",
+                      "--max_steps", "3", "--accumulate_grad_batches", "2", "--logdir", tmp_path,
+                      "model.params.use_ema=true", "model.params.first_stage_key=image",
+                      "model.params.cond_stage_key=caption", "lightning.callbacks.image_logger.params.batch_frequency=1000",
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint["state_dict"]["model_ema.num_updates"] == 3
