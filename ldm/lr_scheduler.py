@@ -11,6 +11,12 @@ import math
 logger = logging.getLogger(__name__)
 
 
+def decay_fraction(n, warm_up_steps, end):
+    """How far step n is from the end of the warm-up (0) to `end` (1), capped at 1; a warm-up as
+    long as the schedule leaves no decay (upstream divided by zero there)."""
+    return min((n - warm_up_steps) / (end - warm_up_steps), 1.0) if end > warm_up_steps else 1.0
+
+
 class LambdaWarmUpCosineScheduler:
     """
     note: use with a base_lr of 1.0
@@ -32,8 +38,7 @@ class LambdaWarmUpCosineScheduler:
             self.last_lr = lr
             return lr
         else:
-            t = (n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps)
-            t = min(t, 1.0)
+            t = decay_fraction(n, self.lr_warm_up_steps, self.lr_max_decay_steps)
             lr = self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (
                     1 + math.cos(t * math.pi))
             self.last_lr = lr
@@ -60,10 +65,12 @@ class LambdaWarmUpCosineScheduler2:
         self.verbosity_interval = verbosity_interval
 
     def find_in_interval(self, n):
-        """The cycle step n falls in. Past the last cycle it stays in the last one, at its end value:
-        a run that trains longer than its schedule (more steps, a resumed run) keeps f_min
-        instead of failing on an index."""
-        return min(bisect.bisect_left(self.cum_cycles, n, lo=1) - 1, len(self.cycle_lengths) - 1)
+        """The cycle step n falls in: cycle i holds cycle_lengths[i] steps, from cum_cycles[i] on
+        (upstream's bisect_left put each boundary step in the cycle before, so the first cycle had
+        one step more and the later ones never started at f_start). Past the last cycle it stays
+        in the last one, at its end value: a run that trains longer than its schedule (more
+        steps, a resumed run) keeps f_min instead of failing on an index."""
+        return min(bisect.bisect_right(self.cum_cycles, n) - 1, len(self.cycle_lengths) - 1)
 
     def schedule(self, n, **kwargs):
         cycle = self.find_in_interval(n)
@@ -80,8 +87,7 @@ class LambdaWarmUpCosineScheduler2:
 
     def decay(self, n, cycle):
         """The multiplier at step n of `cycle` after its warm-up: a half cosine from f_max to f_min."""
-        t = (n - self.lr_warm_up_steps[cycle]) / (self.cycle_lengths[cycle] - self.lr_warm_up_steps[cycle])
-        t = min(t, 1.0)
+        t = decay_fraction(n, self.lr_warm_up_steps[cycle], self.cycle_lengths[cycle])
         return self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (
                 1 + math.cos(t * math.pi))
 

@@ -33,9 +33,23 @@ def test_steps_past_the_schedule_keep_its_end_value(step):
 def test_two_cycles_restart_at_their_boundary():
     s = LambdaWarmUpCosineScheduler2(warm_up_steps=[0, 0], f_min=[0.0, 0.0], f_max=[1.0, 0.5], f_start=[1.0, 0.5],
                                      cycle_lengths=[100, 100])
-    assert s(100) == pytest.approx(0.0)      # the end of the first cycle
-    assert s(101) == pytest.approx(0.5, abs=1e-3)  # the start of the second
+    assert s(99) == pytest.approx(0.0, abs=1e-3)  # the last of the first cycle's 100 steps
+    assert s(100) == 0.5  # the second starts at its f_max (upstream: step 100 was the first cycle's 101st)
     assert s(200) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("scheduler", [LambdaWarmUpCosineScheduler2, LambdaLinearScheduler])
+def test_each_cycle_warms_up_from_f_start_at_its_first_step(scheduler):
+    s = scheduler(warm_up_steps=[2, 2], f_min=[0.2, 0.2], f_max=[1.0, 1.0], f_start=[0.0, 0.0], cycle_lengths=[10, 10])
+    assert [s(n) for n in (0, 1, 10, 11)] == [0.0, 0.5, 0.0, 0.5]  # upstream: 0.2 (the first cycle's end) at 10
+
+
+def test_a_warm_up_as_long_as_the_schedule_leaves_no_decay():
+    # upstream divided by zero at the step the warm-up ended
+    s = LambdaWarmUpCosineScheduler2(warm_up_steps=[10], f_min=[0.1], f_max=[1.0], f_start=[0.0], cycle_lengths=[10])
+    assert s(10) == pytest.approx(0.1)
+    single = LambdaWarmUpCosineScheduler(warm_up_steps=5, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=5)
+    assert single(5) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("config", ["configs/embedded/procedural-t2i-16px.yaml", "configs/embedded/procedural-t2i.yaml",
