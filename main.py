@@ -32,19 +32,20 @@ from ldm.util import ConfigError, ModelError, construct, first_line, get_obj_fro
 logger = logging.getLogger("main")
 
 
-def get_parser(**parser_kwargs):
-    def str2bool(v):
-        if isinstance(v, bool):
-            return v
-        if v.lower() in ("yes", "true", "t", "y", "1"):
-            return True
-        elif v.lower() in ("no", "false", "f", "n", "0"):
-            return False
-        else:
-            raise argparse.ArgumentTypeError(
-                f"Boolean value expected, got {v!r} (KEY=VALUE config overrides cannot follow this flag "
-                "directly: put them after a flag that takes a value, e.g. --logdir DIR)")
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    elif v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    else:
+        raise argparse.ArgumentTypeError(
+            f"Boolean value expected, got {v!r} (KEY=VALUE config overrides cannot follow this flag "
+            "directly: put them after a flag that takes a value, e.g. --logdir DIR)")
 
+
+def get_parser(**parser_kwargs):
     parser = ArgumentParser(**parser_kwargs)
     parser.add_argument(
         "-n",
@@ -64,6 +65,7 @@ def get_parser(**parser_kwargs):
         "-b",
         "--base",
         nargs="*",
+        action="extend",  # -b a.yaml ... -b b.yaml: both (the last list alone, upstream)
         metavar="base_config.yaml",
         help="paths to base configs. Loaded from left-to-right. "
              "Parameters can be overwritten or added with command-line arguments of the form `key=value` "
@@ -134,13 +136,22 @@ def get_parser(**parser_kwargs):
     return parser
 
 
+def int_or_float(text):
+    """A batch count ("1": one batch) or a fraction of the batches ("1.0": all of them), as
+    pytorch-lightning 1.x parsed the limit and interval options: a float type made `1` all."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 # Trainer options settable on the command line (pytorch-lightning 2 dropped
 # Trainer.add_argparse_args). They default to None = "not given": only given ones override
 # the config's lightning.trainer section. Anything else goes there (or as lightning.trainer.KEY=VALUE).
 TRAINER_ARGS = {
     "accelerator": str, "devices": str, "strategy": str, "precision": str, "max_steps": int,
-    "max_epochs": int, "accumulate_grad_batches": int, "limit_train_batches": float,
-    "limit_val_batches": float, "val_check_interval": float, "check_val_every_n_epoch": int,
+    "max_epochs": int, "accumulate_grad_batches": int, "limit_train_batches": int_or_float,
+    "limit_val_batches": int_or_float, "val_check_interval": int_or_float, "check_val_every_n_epoch": int,
     "log_every_n_steps": int, "num_sanity_val_steps": int, "benchmark": bool,
     # pytorch-lightning 1.x names, translated by trainer_config_from_args
     "gpus": str, "resume_from_checkpoint": str,
@@ -151,7 +162,7 @@ def add_trainer_arguments(parser):
     group = parser.add_argument_group("trainer (pytorch_lightning.Trainer arguments)")
     for name, kind in TRAINER_ARGS.items():
         if kind is bool:
-            group.add_argument(f"--{name}", type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
+            group.add_argument(f"--{name}", type=str2bool, default=None)  # a typo is an error, not False
         else:
             group.add_argument(f"--{name}", type=kind, default=None)
 

@@ -595,3 +595,15 @@ def test_ema_averages_once_per_optimizer_step_when_batches_accumulate(tmp_path):
     (run,) = tmp_path.iterdir()
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3 and checkpoint["state_dict"]["model_ema.num_updates"] == 3
+
+
+def test_trainer_flags_mean_what_they_meant_in_lightning_1(main_module, capsys):
+    """`--limit_val_batches 1` is one batch and `1.0` all of them (a float type made both all);
+    a second -b adds configs (it replaced the first); a mistyped boolean is an error (it was False)."""
+    parser = main_module.get_parser()
+    opt, _ = parser.parse_known_args(["--limit_val_batches", "1", "--val_check_interval", "0.5",
+                                      "--limit_train_batches", "1.0", "-b", "a.yaml", "-t", "-b", "b.yaml"])
+    assert (opt.limit_val_batches, opt.val_check_interval, opt.limit_train_batches) == (1, 0.5, 1.0)
+    assert type(opt.limit_val_batches) is int and type(opt.limit_train_batches) is float
+    assert opt.base == ["a.yaml", "b.yaml"]
+    assert "Boolean value expected, got 'treu'" in error_line(capsys, parser.parse_known_args, ["--benchmark", "treu"])
