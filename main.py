@@ -326,6 +326,15 @@ def image_side_multiple(model):
     return multiple
 
 
+def build_section(parser, section, config):
+    """A logger or callback of the config's lightning section; a misspelt target or parameter is one
+    error line naming the section (upstream's traceback)."""
+    try:
+        return instantiate_from_config(config)
+    except ConfigError as e:
+        parser.error(f"{section}: {e}")
+
+
 #: pip's names for the modules upstream's datasets import that are not pip's names
 PIP_NAMES = {"cv2": "opencv-python-headless", "taming": "taming-transformers", "PIL": "pillow"}
 
@@ -341,10 +350,10 @@ def build_data(parser, data_config):
         # lightning still takes care of proper multiprocessing though
         data.prepare_data()
         data.setup()
+    except ConfigError as e:  # a misspelt target or parameter
+        parser.error(f"data: {e}")
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
-        if top in ("", "ldm", "main"):  # a misspelt target, not a package to install
-            parser.error(f"the config's data names a module that does not exist: {first_line(e)}")
         parser.error(f"the data needs the package {top} (pip install {PIP_NAMES.get(top, top)})")
     except FileNotFoundError as e:
         parser.error(f"the data cannot be read: {e.strerror or e}: {e.filename} (the config's data.params say "
@@ -922,7 +931,7 @@ if __name__ == "__main__":
         else:
             logger_cfg = OmegaConf.create()
         logger_cfg = OmegaConf.merge(default_logger_cfg, logger_cfg)
-        trainer_kwargs["logger"] = instantiate_from_config(logger_cfg)
+        trainer_kwargs["logger"] = build_section(parser, "lightning.logger", logger_cfg)
 
         # modelcheckpoint - use TrainResult/EvalResult(checkpoint_on=metric) to
         # specify which metric is used to determine best models
@@ -1010,7 +1019,8 @@ if __name__ == "__main__":
         elif 'ignore_keys_callback' in callbacks_cfg:
             del callbacks_cfg['ignore_keys_callback']
 
-        trainer_kwargs["callbacks"] = [instantiate_from_config(callbacks_cfg[k]) for k in callbacks_cfg]
+        trainer_kwargs["callbacks"] = [build_section(parser, f"lightning.callbacks.{k}", callbacks_cfg[k])
+                                       for k in callbacks_cfg]
         for callback in trainer_kwargs["callbacks"]:
             # by attribute: config targets import `main.ImageLogger`, not this __main__'s class
             problem = callback.check_arguments(model) if hasattr(callback, "check_arguments") else None
@@ -1024,7 +1034,10 @@ if __name__ == "__main__":
         if trainer_config.get("max_time") is not None:
             trainer_kwargs["callbacks"].append(TimeOfThisCommand(duration=trainer_config.pop("max_time"),
                                                                  interval="step"))
-        trainer = Trainer(**trainer_config, **trainer_kwargs)
+        try:
+            trainer = Trainer(**trainer_config, **trainer_kwargs)
+        except (TypeError, ValueError) as e:  # Lightning's words for a trainer option it does not take
+            parser.error(f"lightning.trainer: {first_line(e)}")
         trainer.logdir = logdir  ###
 
         # data

@@ -78,13 +78,13 @@ def _training_vocabulary(config) -> frozenset[str] | None:
     encoder trained from scratch on a closed vocabulary, as theirs, learnt nothing for any other
     word: its token embedding never left its random start, noise rather than meaning."""
     from omegaconf import OmegaConf
-    from ldm.util import get_obj_from_str, instantiate_from_config
+    from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
     train = OmegaConf.select(config, "data.params.train")
     if not train or "target" not in train:
         return None
     try:
         dataset = get_obj_from_str(train.target)
-    except (ImportError, AttributeError):  # a loader this install lacks: sampling does not need it
+    except (ImportError, ConfigError):  # a loader this install lacks (or misspelt): sampling does not need it
         return None
     return frozenset(instantiate_from_config(train).vocabulary()) if hasattr(dataset, "vocabulary") else None
 

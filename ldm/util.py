@@ -2,8 +2,10 @@ import importlib
 import logging
 import re
 
+import difflib
 import glob
 import os
+from collections import abc
 
 import torch
 import numpy as np
@@ -73,7 +75,8 @@ def instantiate_from_config(config):
             return None
         elif config == "__is_unconditional__":
             return None
-        raise KeyError("Expected key `target` to instantiate.")
+        held = ", ".join(map(str, config)) if isinstance(config, abc.Mapping) else repr(config)
+        raise ConfigError(f"a config section has no `target:` to build (it holds {held or 'nothing'})")
     return construct(get_obj_from_str(config["target"]), config.get("params", dict()), config["target"])
 
 
@@ -94,12 +97,25 @@ def construct(cls, params, target):
         raise ConfigError(f"{target} does not take the config's parameters as given: {e}") from e
 
 
-def get_obj_from_str(string, reload=False):
-    module, cls = string.rsplit(".", 1)
-    if reload:
-        module_imp = importlib.import_module(module)
-        importlib.reload(module_imp)
-    return getattr(importlib.import_module(module, package=None), cls)
+def get_obj_from_str(string):
+    """What a config's `target` names ("package.module.Name"). A target naming no module, or
+    nothing in its module, is a ConfigError (a misspelt target: upstream's traceback); a package
+    that the module imports and that is not installed stays a ModuleNotFoundError."""
+    module, _, name = string.rpartition(".")
+    if not module:
+        raise ConfigError(f"target {string!r} is not of the form package.module.Name")
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise ConfigError(f"target {string}: there is no module {e.name}") from e
+        raise
+    try:
+        return getattr(imported, name)
+    except AttributeError:
+        close = difflib.get_close_matches(name, [n for n in dir(imported) if not n.startswith("_")], n=1)
+        raise ConfigError(f"target {string}: {module} has no {name}"
+                          + (f" (did you mean {close[0]}?)" if close else "")) from None
 
 
 def load_retrieval_database(folder):

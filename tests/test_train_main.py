@@ -519,7 +519,23 @@ def test_data_that_cannot_be_built_is_one_error_line(main_module, capsys, tmp_pa
     assert error_line(capsys, main_module.build_data, parser, data_module({"target": "needs_a_package.Data"})).endswith(
         "error: the data needs the package a_package_not_installed (pip install a_package_not_installed)")
     assert error_line(capsys, main_module.build_data, parser, data_module({"target": "ldm.data.lsunn.LSUNBase"})).endswith(
-        "error: the config's data names a module that does not exist: No module named 'ldm.data.lsunn'")
+        "error: data: target ldm.data.lsunn.LSUNBase: there is no module ldm.data.lsunn")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.params.unet_config.target=ldm.modules.diffusionmodules.openaimodel.UNetModle",
+     "ldm.modules.diffusionmodules.openaimodel has no UNetModle (did you mean UNetModel?)"),
+    ("lightning.callbacks.image_logger.params.batch_frequncy=1",
+     "lightning.callbacks.image_logger: main.ImageLogger does not take the config's parameters as given"),
+    ("lightning.callbacks.extra.params.x=1", "lightning.callbacks.extra: a config section has no `target:` to build "
+                                            "(it holds params)"),
+    ("lightning.trainer.max_step=1", "lightning.trainer: Trainer.__init__() got an unexpected keyword argument 'max_step'"),
+])
+def test_a_misspelt_target_parameter_or_trainer_option_is_one_error_line(tmp_path, override, words):
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path,
+                      "model.params.first_stage_key=image", "model.params.cond_stage_key=caption", override)
+    assert_one_error_line(result, words)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_run_on_two_devices_saves_its_last_checkpoint(tmp_path):
