@@ -234,7 +234,33 @@ def load_config(parser, paths, overrides):
         if params is not None and not isinstance(params, DictConfig):  # e.g. the override model.params=3
             parser.error(f"`{section}.params` must be a mapping of the target's arguments, got {params!r} "
                          f"(see {EXAMPLE_CONFIG} for the layout)")
+    check_config_keys(parser, config)
+    learning_rate = config.model.get("base_learning_rate")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        parser.error(f"model.base_learning_rate must be a positive number (the learning rate per sample, which "
+                     f"--scale_lr multiplies by the batch size), got {learning_rate!r}")
     return config
+
+
+#: the keys main.py reads, per section of the merged config ("" the top level; a target's params
+#: are checked by the target's own signature)
+CONFIG_KEYS = {"": ("model", "data", "lightning", "sampling"), "model": ("target", "params", "base_learning_rate"),
+               "data": ("target", "params"), "lightning": ("trainer", "logger", "modelcheckpoint", "callbacks")}
+
+
+def check_config_keys(parser, config):
+    """A key main.py does not read (a misspelt section or override, e.g. lightnig.trainer.max_epochs=1
+    or model.base_learing_rate=1e-5) is an error: upstream trained without it, and saved it into
+    the run's configs as if it had applied."""
+    for section, known in CONFIG_KEYS.items():
+        node = config.get(section) if section else config
+        for key in node if isinstance(node, DictConfig) else ():
+            if key not in known:
+                where = f"{section}.{key}" if section else key
+                close = difflib.get_close_matches(str(key), known, n=1)
+                parser.error(f"the configs or overrides set {where}, which main.py does not read"
+                             + (f": did you mean {section + '.' if section else ''}{close[0]}?" if close
+                                else f" ({section or 'the top level'} takes {', '.join(known)})"))
 
 
 def build_model(parser, model_config, paths):

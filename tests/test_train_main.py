@@ -422,7 +422,7 @@ def test_a_config_that_cannot_train_is_one_error_line(main_module, capsys, tmp_p
 
 def test_the_merged_configs_and_overrides_are_checked(main_module, capsys, tmp_path):
     model, data = tmp_path / "model.yaml", tmp_path / "data.yaml"
-    model.write_text("model:\n  target: some.Model\n")
+    model.write_text("model:\n  base_learning_rate: 1.0e-4\n  target: some.Model\n")
     data.write_text("data:\n  target: main.DataModuleFromConfig\n")
     parser = main_module.get_parser()
     config = main_module.load_config(parser, [str(model), str(data)], ["data.params.batch_size=4"])
@@ -623,3 +623,19 @@ def test_trainer_flags_mean_what_they_meant_in_lightning_1(main_module, capsys):
     assert type(opt.limit_val_batches) is int and type(opt.limit_train_batches) is float
     assert opt.base == ["a.yaml", "b.yaml"]
     assert "Boolean value expected, got 'treu'" in error_line(capsys, parser.parse_known_args, ["--benchmark", "treu"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("lightnig.trainer.max_epochs=0", "the configs or overrides set lightnig, which main.py does not read: did you "
+                                      "mean lightning?"),
+    ("model.base_learing_rate=5.0", "set model.base_learing_rate, which main.py does not read: did you mean "
+                                    "model.base_learning_rate?"),
+    ("lightning.trainr.max_steps=1", "did you mean lightning.trainer?"),
+    ("model.base_learning_rate=null", "model.base_learning_rate must be a positive number"),
+    ("model.base_learning_rate=fast", "got 'fast'"),
+])
+def test_a_key_main_py_does_not_read_is_one_error_line(main_module, capsys, override, words):
+    """Upstream trained without such a key and saved it into the run's configs as if it had applied."""
+    parser = main_module.get_parser()
+    last = error_line(capsys, main_module.load_config, parser, [str(TINY_CONFIG), str(DATA_CONFIG)], [override])
+    assert words in last, last
