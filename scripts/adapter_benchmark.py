@@ -132,7 +132,7 @@ def validate(parser, opt):
         parser.error(f"--cond-tau must be in (0, 1], got {opt.cond_tau}")
     if not math.isfinite(opt.adapter_weight):
         parser.error(f"--adapter-weight must be a finite number, got {opt.adapter_weight}")
-    if not os.path.isfile(opt.adapter):
+    if not os.path.exists(opt.adapter):  # a file, or a diffusers adapter folder (as txt2img's --adapter)
         parser.error(f"adapter not found: {opt.adapter}")
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
 

@@ -25,7 +25,7 @@
 #   BENCHMARK=1 BENCH_ARGS=""   extra arguments for the benchmark (e.g. "--n 4 --seeds 0 --prompts 'a chair'");
 #                         both are split like a shell command line, so quotes group words
 #   RANDOM_WEIGHTS=0      1: no MODEL, a random model (CPU smoke runs only)
-#   WORKDIR=logs/adapter  training log and the benchmark's run folder (not copied to $OUT)
+#   WORKDIR=logs/adapter  training logs and the benchmark's run folders, new ones per run (not copied to $OUT)
 #
 # Time: 2000 steps at batch 256 are ESTIMATED (not measured) at a few minutes on one H100: each
 # step is one forward and backward pass of the 4.3M-parameter UNet at 32x32, as in the embedded
@@ -77,10 +77,11 @@ log() { echo "[gpu_train_adapter $(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 
 log "training the $CONDITION adapter: $STEPS steps at batch $BATCH on $DEVICE ($PRECISION), at most $MAX_MINUTES min"
+train_log=$(mktemp "$WORKDIR/train-$NAME-XXXX.log")  # a new one per run: an earlier run's log stays
 python3 scripts/train_adapter.py --config "$CONFIG" "${weights[@]}" --out "$OUT/$NAME.safetensors" \
   --condition "$CONDITION" --steps "$STEPS" --batch-size "$BATCH" --num-workers "$NUM_WORKERS" \
   --device "$DEVICE" --precision "$PRECISION" --max-minutes "$MAX_MINUTES" "${train_args[@]}" 2>&1 \
-  | tee "$WORKDIR/train-$NAME.log" | grep --line-buffered -E "step [0-9]+/|held-out|wrote|rror"
+  | tee "$train_log" | grep --line-buffered -E "step [0-9]+/|held-out|wrote|rror|reached"
 log "trained in $(( $(date +%s) - start )) s"
 
 if [ "$BENCHMARK" = "1" ]; then

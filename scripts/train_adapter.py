@@ -80,7 +80,8 @@ def build_parser():
         help="cubic: t = (1 - u^3) T, biased to the noisy steps where the layout forms (T2I-Adapter); "
              "uniform: as the base model was trained")
     add("--ema-decay", type=float, default=0.999, help="EMA of the adapter weights, saved instead of the raw "
-                                                       "ones; 0 = no EMA")
+                                                       "ones; 0 = no EMA. With LitEma's warm-up the decay of update n "
+                                                       "is at most (1 + n) / (10 + n): 0.9955 at step 2000")
     add("--num-res-blocks", type=int, default=2, help="residual blocks per adapter stage (released: 2)")
     add("--no-zero-init", action="store_true", help="start from random adapter outputs instead of zeros")
     add("--eval-size", type=int, default=256, help="held-out scenes for the with/without-adapter loss")
@@ -207,7 +208,8 @@ def fit(model, opt, device):
     final = ema.shadow if ema is not None else adapter.eval()
     report = {"steps": steps, "steps_requested": opt.steps, "batch_size": opt.batch_size,
               "seconds": round(seconds, 1), "loss_curve": curve, "final_loss": curve[-1]["loss"],
-              "held_out": evaluate(model, final, opt, device, amp), "precision": precision, "device": str(device)}
+              "held_out": evaluate(model, final, opt, device, amp), "precision": precision, "device": str(device),
+              "ema_decay_reached": round(ema.current_decay, 6) if ema is not None else None}
     return final, report
 
 

@@ -33,13 +33,22 @@ def test_tiny_cpu_run_writes_adapter_report_table_and_figure(tmp_path):
                                                      "procedural-outline-adapter.json",
                                                      "procedural-outline-adapter.safetensors"]
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
-    assert json.loads((out / "procedural-outline-adapter.json").read_text())["steps"] == 1
+    report = json.loads((out / "procedural-outline-adapter.json").read_text())
+    # the decay asked for (0.999) and the one LitEma's warm-up allowed after 1 update: (1 + 1) / (10 + 1)
+    assert report["steps"] == 1 and report["ema_decay"] == 0.999 and report["ema_decay_reached"] == round(2 / 11, 6)
     assert load_adapter(out / "procedural-outline-adapter.safetensors").spec.unshuffle == 1
     table = (out / "adapter-benchmark.md").read_text()
     assert "| plain |" in table and "| adapter |" in table and "'a chair'" in table
 
     again = run(tmp_path)  # the outputs of the first run are never overwritten
     assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
+
+    # a run that --max-minutes cuts short says so on the console (the log alone had it), and
+    # writes a log of its own next to the first run's (the same name overwrote it)
+    short = run(tmp_path, OUT=str(tmp_path / "short"), STEPS="3", MAX_MINUTES="0.0001", BENCHMARK="0")
+    assert short.returncode == 0, (short.stdout + short.stderr)[-3000:]
+    assert "--max-minutes 0.0001 reached after 1 of 3 steps" in short.stdout, short.stdout[-3000:]
+    assert len(list((tmp_path / "work").glob("train-procedural-outline-adapter-*.log"))) == 2
 
 
 def test_missing_model_is_one_error_line(tmp_path):

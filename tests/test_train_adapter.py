@@ -194,3 +194,16 @@ def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, caps
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert message.format(**files) in err.strip().splitlines()[-1]
     assert files["afile"].read_text() == "keep me" and not files["out"].exists()
+
+
+def test_benchmark_takes_an_adapter_folder_as_txt2img_does(tmp_path):
+    """A diffusers adapter folder was refused as 'adapter not found'; the loader reads it (here an
+    empty one, which the loader refuses for what it lacks)."""
+    script = load_script("adapter_benchmark")
+    parser = script.build_parser()
+    opt = parser.parse_args(["--random-weights", "--adapter", str(tmp_path), "--outdir", str(tmp_path / "out")])
+    script.validate(parser, opt)  # no SystemExit
+    result = run("adapter_benchmark.py", "--config", CONFIG, "--random-weights", "--adapter", tmp_path, "--n", 2,
+                 "--steps", 1, "--seeds", 0, "--outdir", tmp_path / "out")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"adapter folder {tmp_path} has no readable config.json" in result.stderr.strip().splitlines()[-1]

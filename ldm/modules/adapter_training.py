@@ -70,9 +70,15 @@ class AdapterEMA:
         self.updates = 0
         self.shadow = copy.deepcopy(adapter).eval().requires_grad_(False)
 
+    @property
+    def current_decay(self) -> float:
+        """The decay of the latest update: below the one asked for until (1 + n) / (10 + n) passes it
+        (0.999 only after ~9000 updates)."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, adapter) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = self.current_decay
         for mine, theirs in zip(self.shadow.parameters(), adapter.parameters()):
             mine.lerp_(theirs, 1.0 - decay)

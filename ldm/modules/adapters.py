@@ -111,9 +111,9 @@ class Adapter(nn.Module):
         """Make the features exactly zero (the adapter starts as 'no adapter'), yet trainable.
 
         Zeroes conv_in and every block's output conv (and the width projections' bias): the
-        identity skips then carry zeros through every stage. conv_in still gets gradients
-        through those skips and block2 through relu(block1's bias), so all layers learn from
-        the first step. Why: a randomly initialised adapter adds random features to a frozen
+        identity skips then carry zeros through every stage. conv_in gets gradients through
+        those skips and block2 through relu(block1's bias) from the first step; block1 and the
+        width projections' weights from the second, once block2 is no longer zero. Why: a randomly initialised adapter adds random features to a frozen
         model's hidden states, and a short run would spend its first steps undoing that damage.
         The key layout stays the released one (nothing is added)."""
         for conv in [self.conv_in] + [block.block2 for block in self.body]:
