@@ -65,3 +65,14 @@ def test_a_misspelt_unet_argument_is_an_error_not_ignored():
         unet(torch.zeros(1, 4, 8, 8), torch.zeros(1), contxt=torch.zeros(1, 1, 32))
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         EncoderUNetModel(**unet_config.params)
+
+
+def test_where_the_diffusion_model_or_the_label_is_wrong_it_says_so(run_dir, tmp_path):
+    """A folder without the run's configs was an IndexError; the config's label_key lost to the
+    diffusion model's cond_stage_key, and one the classifier cannot predict was a bare NotImplementedError."""
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match=f"model.params.diffusion_path {tmp_path}: no configs/\\*-project.yaml in it"):
+        NoisyLatentImageClassifier(diffusion_path=str(tmp_path), num_classes=N_CLASSES)
+    with pytest.raises(ConfigError, match="model.params.label_key is 'caption'; it takes one of 'class_label', "
+                                          "'segmentation'"):
+        NoisyLatentImageClassifier(diffusion_path=str(run_dir), num_classes=N_CLASSES, label_key="caption")

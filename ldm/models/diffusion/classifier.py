@@ -13,7 +13,7 @@ from glob import glob
 from ldm.models.diffusion.ddpm import frozen
 from ldm.models.lightning import TrainableModule
 from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
-from ldm.util import log_txt_as_img, default, ismap, instantiate_from_config
+from ldm.util import ConfigError, check_choice, log_txt_as_img, default, ismap, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ class NoisyLatentImageClassifier(TrainableModule):
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
         # get latest config of diffusion model
-        diffusion_config = natsorted(glob(os.path.join(diffusion_path, 'configs', '*-project.yaml')))[-1]
-        self.diffusion_config = OmegaConf.load(diffusion_config).model
+        configs = natsorted(glob(os.path.join(diffusion_path, 'configs', '*-project.yaml')))
+        if not configs:
+            raise ConfigError(f"model.params.diffusion_path {diffusion_path}: no configs/*-project.yaml in it; give the "
+                              "log folder of the main.py run that trained the diffusion model")
+        self.diffusion_config = OmegaConf.load(configs[-1]).model
         self.diffusion_config.params.ckpt_path = diffusion_ckpt_path
         self.load_diffusion()
 
@@ -60,13 +63,10 @@ class NoisyLatentImageClassifier(TrainableModule):
         self.log_time_interval = self.diffusion_model.num_timesteps // log_steps
         self.log_steps = log_steps
 
-        self.label_key = label_key if not hasattr(self.diffusion_model, 'cond_stage_key') \
-            else self.diffusion_model.cond_stage_key
-
-        assert self.label_key is not None, 'label_key neither in diffusion model nor in model.params'
-
-        if self.label_key not in __models__:
-            raise NotImplementedError()
+        # the config's label_key, else what the diffusion model conditions on (upstream took the latter
+        # whenever the model had one, and every LatentDiffusion has a cond_stage_key)
+        self.label_key = label_key or getattr(self.diffusion_model, 'cond_stage_key', None)
+        check_choice("label_key", self.label_key, tuple(__models__))
 
         self.load_classifier(ckpt_path, pool)
 
