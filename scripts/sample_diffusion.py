@@ -17,8 +17,6 @@ from ldm.util import ModelError
 
 logger = logging.getLogger("sample_diffusion")
 
-rescale = lambda x: (x + 1.) / 2.
-
 def custom_to_pil(x):
     x = x.detach().cpu()
     x = torch.clamp(x, -1., 1.)
@@ -131,22 +129,14 @@ def run(model, logdir, batch_size=50, vanilla=False, custom_steps=None, eta=None
     logger.info("sampling of %d images finished in %.2f minutes", n_saved, (time.time() - tstart) / 60.)
 
 
-def save_logs(logs, path, n_saved=0, key="sample", np_path=None):
+def save_logs(logs, path, n_saved=0, key="sample"):
     for k in logs:
         if k == key:
-            batch = logs[key]
-            if np_path is None:
-                for x in batch:
-                    img = custom_to_pil(x)
-                    imgpath = os.path.join(path, f"{key}_{n_saved:06}.png")
-                    img.save(imgpath)
-                    n_saved += 1
-            else:
-                npbatch = custom_to_np(batch)
-                shape_str = "x".join([str(x) for x in npbatch.shape])
-                nppath = os.path.join(np_path, f"{n_saved}-{shape_str}-samples.npz")
-                np.savez(nppath, npbatch)
-                n_saved += npbatch.shape[0]
+            for x in logs[key]:
+                img = custom_to_pil(x)
+                imgpath = os.path.join(path, f"{key}_{n_saved:06}.png")
+                img.save(imgpath)
+                n_saved += 1
     return n_saved
 
 
@@ -165,7 +155,7 @@ def get_parser():
     parser.add_argument("-e", "--eta", type=float, default=1.0,
                         help="DDIM eta, 0 (deterministic) to 1 (DDPM-like, the default)")
     parser.add_argument("-v", "--vanilla_sample", default=False, action='store_true',
-                        help="sample with the model's full DDPM chain instead of DDIM (-c is then ignored)")
+                        help="sample with the model's full DDPM chain instead of DDIM (-c and -e are then ignored)")
     parser.add_argument("-l", "--logdir", type=str, default="none",
                         help="write the samples below this folder (in a subfolder named after the run) instead of "
                              "the run's own folder")
@@ -200,15 +190,8 @@ if __name__ == "__main__":
         parser.error(f"cannot find {opt.resume} (pass -r a log folder with config.yaml and model.ckpt, "
                      "or a checkpoint in one)")
     if os.path.isfile(opt.resume):
-        # paths = opt.resume.split("/")
-        try:
-            logdir = '/'.join(opt.resume.split('/')[:-1])
-            # idx = len(paths)-paths[::-1].index("logs")+1
-            logger.info("logdir is %s", logdir)
-        except ValueError:
-            paths = opt.resume.split("/")
-            idx = -2  # take a guess: path/to/logdir/checkpoints/model.ckpt
-            logdir = "/".join(paths[:idx])
+        logdir = os.path.dirname(opt.resume)
+        logger.info("logdir is %s", logdir)
         ckpt = opt.resume
     else:
         assert os.path.isdir(opt.resume), f"{opt.resume} is not a directory"
