@@ -17,6 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Found 1 module\\(s\\) in eval mo
 from conftest import REPO  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL, VQModel  # noqa: E402
 from ldm.models.lightning import lightning_module  # noqa: E402
+from ldm.modules.ema import LitEma  # noqa: E402
 
 DDCONFIG = dict(double_z=True, z_channels=2, resolution=8, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
                 num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -84,6 +85,14 @@ def test_gradients_add_up_over_accumulate_grad_batches(tmp_path):
     assert [step for _, step in calls] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2] and trainer.global_step == 6
     # updates after the second and fourth batch, and after the last one, though it is alone
     assert changed == [(False, False), (True, True), (False, False), (True, True), (True, True)]
+
+
+def test_the_ema_averages_once_per_update(tmp_path):
+    """VQModel's EMA (use_ema) averaged after every batch: with accumulate 2, twice per update."""
+    model = build(VQModel, disc_start=0)
+    model.use_ema, model.model_ema = True, LitEma(model)
+    fit(model, batches=5, accumulate=2, logdir=tmp_path)
+    assert model.model_ema.num_updates == 3  # after the second, the fourth and the last batch
 
 
 def test_main_trains_the_kl_autoencoder_config_with_accumulation(tmp_path):

@@ -127,10 +127,6 @@ class VQModel(AdversarialTraining):
                 if context is not None:
                     logger.info(f"{context}: Restored training weights")
 
-    def on_train_batch_end(self, *args, **kwargs):
-        if self.use_ema:
-            self.model_ema(self)
-
     def encode(self, x):
         h = self.encoder(x)
         h = self.quant_conv(h)

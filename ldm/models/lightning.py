@@ -30,6 +30,17 @@ class TrainableModule(nn.Module):
         """The module whose weights `model_ema` averages when the config sets use_ema."""
         return self
 
+    def on_train_start(self):
+        self._ema_step = self.trainer.global_step  # 0, or the step a --resume restored
+
+    def on_train_batch_end(self, *args, **kwargs):
+        # the EMA averages once per optimizer step: with gradients accumulated over K batches upstream
+        # averaged after each batch, an effective decay of decay**K a step (and LitEma's warm-up
+        # counted batches). An autoencoder's two optimizers both step on the batch that updates.
+        if getattr(self, "use_ema", False) and self.trainer.global_step != self._ema_step:
+            self._ema_step = self.trainer.global_step
+            self.model_ema(self.ema_tracked())
+
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part

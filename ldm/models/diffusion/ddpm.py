@@ -365,16 +365,6 @@ class DDPM(TrainableModule):
         for losses in (loss_dict_no_ema, loss_dict_ema):
             self.log_dict(losses, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
 
-    def on_train_start(self):
-        self._ema_step = self.trainer.global_step  # 0, or the step a --resume restored
-
-    def on_train_batch_end(self, *args, **kwargs):
-        # once per optimizer step: with accumulate_grad_batches K upstream averaged after each of the
-        # K batches, an effective decay of decay**K a step (and LitEma's warm-up counted batches)
-        if self.use_ema and self.trainer.global_step != self._ema_step:
-            self._ema_step = self.trainer.global_step
-            self.model_ema(self.model)
-
     def _get_rows_from_list(self, samples):
         n_imgs_per_row = len(samples)
         denoise_grid = rearrange(samples, 'n b c h w -> b n c h w')
