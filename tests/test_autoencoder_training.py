@@ -3,6 +3,7 @@ discriminator, two optimizers, gradients accumulated over two batches) on pytorc
 which steps several optimizers only by hand and then accumulates nothing. The real losses run,
 with small stand-ins for taming-transformers' LPIPS and discriminator (gan_stand_ins.py)."""
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -137,3 +138,67 @@ def test_validation_counts_disc_start_in_updates_as_training_does(cls, monkeypat
     with torch.no_grad():
         model.validation_step({"image": images}, 0)
     assert model.updates == 3 and float(logged["val/disc_factor"]) == 0.0
+
+
+def test_a_half_precision_posterior_samples_in_its_dtype():
+    """The noise was drawn in float32 and the sample came back float32: a bf16 decoder refused it."""
+    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+    posterior = DiagonalGaussianDistribution(torch.zeros(2, 4, 3, 3, dtype=torch.bfloat16))
+    assert posterior.sample().dtype == torch.bfloat16
+    model = build(AutoencoderKL, disc_start=0).to(torch.bfloat16)
+    with torch.no_grad():
+        reconstruction, _ = model(torch.zeros(1, 3, 8, 8, dtype=torch.bfloat16))  # samples the posterior
+    assert reconstruction.dtype == torch.bfloat16
+
+
+def test_vq_codes_decode_to_what_the_quantized_latents_decode_to():
+    """decode_code called a quantizer method that does not exist (upstream's too)."""
+    model = build(VQModel, disc_start=0).eval()
+    with torch.no_grad():
+        quant, _, (_, _, indices) = model.encode(torch.rand(2, 3, 8, 8) * 2 - 1)
+        codes = indices.reshape(2, *quant.shape[2:])
+        # (the straight-through latents differ from the codebook vectors by rounding only)
+        assert torch.allclose(model.decode_code(codes), model.decode(quant), atol=1e-5)
+
+
+def test_the_ema_reconstruction_of_a_segmentation_model_reads_the_segmentation():
+    """With more than 3 channels the EMA pass got the 3-channel picture of the input."""
+    model = lightning_module(VQModel)(ddconfig={**DDCONFIG, "double_z": False, "in_channels": 5, "out_ch": 5},
+                                      lossconfig={"target": "gan_stand_ins.VQLPIPSWithDiscriminator",
+                                                  "params": {"disc_start": 0, "disc_in_channels": 5}},
+                                      n_embed=16, embed_dim=2, image_key="segmentation", colorize_nlabels=5,
+                                      use_ema=True)
+    segmentation = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 8, 8)), 5).float()
+    with torch.no_grad():
+        log = model.log_images({"segmentation": segmentation}, plot_ema=True)
+    assert log["reconstructions_ema"].shape == (2, 3, 8, 8)
+
+
+def test_settings_the_losses_and_the_kl_autoencoder_cannot_use_are_config_errors():
+    from ldm.modules.losses import contperceptual, vqperceptual
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="lossconfig.params.disc_loss is 'foo'; it takes one of 'hinge', 'vanilla'"):
+        contperceptual.LPIPSWithDiscriminator(disc_start=0, disc_loss="foo")
+    with pytest.raises(ConfigError, match="lossconfig.params.pixel_loss is 'l3'"):
+        vqperceptual.VQLPIPSWithDiscriminator(disc_start=0, pixel_loss="l3")
+    with pytest.raises(ConfigError, match="AutoencoderKL needs model.params.ddconfig.double_z: true"):
+        lightning_module(AutoencoderKL)(ddconfig={**DDCONFIG, "double_z": False}, embed_dim=2,
+                                        lossconfig={"target": "torch.nn.Identity"})
+
+
+def test_a_vq_loss_without_n_classes_trains_without_the_perplexity_log(tmp_path):
+    """It asserted n_classes at the first training step (the perplexity log needs the codebook size)."""
+    model = build(VQModel, disc_start=0)
+    model.loss.n_classes = None
+    trainer, _, _ = fit(model, batches=1, accumulate=1, logdir=tmp_path)
+    assert trainer.global_step == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("taming") is not None, reason="taming-transformers is installed")
+def test_the_autoencoder_configs_without_taming_are_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--base", "configs/autoencoder/autoencoder_kl_32x32x4.yaml",
+                             "-t", "--accelerator", "cpu", "--devices", "1", "--logdir", str(tmp_path)],
+                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "The LPIPS/discriminator training losses need taming-transformers" in result.stderr.strip().splitlines()[-1]

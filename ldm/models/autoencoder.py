@@ -14,7 +14,7 @@ from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 from ldm.modules.diffusionmodules.model import encoder_and_decoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,10 @@ class VQModel(AdversarialTraining):
         return dec
 
     def decode_code(self, code_b):
-        quant_b = self.quantize.embed_code(code_b)
-        dec = self.decode(quant_b)
-        return dec
+        """Images from codebook indices (B, H, W); upstream called `embed_code`, which its quantizer
+        does not have."""
+        b, h, w = code_b.shape
+        return self.decode(self.quantize.get_codebook_entry(code_b.reshape(-1), (b, h, w, self.embed_dim)))
 
     def forward(self, input, return_pred_indices=False):
         quant, diff, (_,_,ind) = self.encode(input)
@@ -255,6 +256,7 @@ class VQModel(AdversarialTraining):
             log["inputs"] = x
             return log
         xrec, _ = self(x)
+        model_input = x  # the EMA pass below reads the input, not its colorized picture
         if x.shape[1] > 3:
             # colorize with random projection
             assert xrec.shape[1] > 3
@@ -264,8 +266,8 @@ class VQModel(AdversarialTraining):
         log["reconstructions"] = xrec
         if plot_ema:
             with self.ema_scope():
-                xrec_ema, _ = self(x)
-                if x.shape[1] > 3: xrec_ema = self.to_rgb(xrec_ema)
+                xrec_ema, _ = self(model_input)
+                if model_input.shape[1] > 3: xrec_ema = self.to_rgb(xrec_ema)
                 log["reconstructions_ema"] = xrec_ema
         return log
 
@@ -314,7 +316,9 @@ class AutoencoderKL(AdversarialTraining):
         self.image_key = image_key
         self.encoder, self.decoder = encoder_and_decoder(ddconfig)
         self.loss = instantiate_from_config(lossconfig)
-        assert ddconfig["double_z"]
+        if not ddconfig.get("double_z"):
+            raise ConfigError("AutoencoderKL needs model.params.ddconfig.double_z: true (its encoder outputs the "
+                              "posterior's mean and log-variance)")
         self.quant_conv = torch.nn.Conv2d(2*ddconfig["z_channels"], 2*embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim

@@ -22,7 +22,9 @@ class DiagonalGaussianDistribution(object):
             self.var = self.std = torch.zeros_like(self.mean).to(device=self.parameters.device)
 
     def sample(self):
-        x = self.mean + self.std * torch.randn(self.mean.shape).to(device=self.parameters.device)
+        # drawn on the CPU in float32 (the same stream on every device), then in the posterior's dtype:
+        # a bf16 or fp16 autoencoder got a float32 latent and its decoder refused it
+        x = self.mean + self.std * torch.randn(self.mean.shape).to(device=self.parameters.device, dtype=self.mean.dtype)
         return x
 
     def kl(self, other=None):

@@ -2,6 +2,7 @@ import torch
 import torch.nn as nn
 
 from ldm.modules.losses.vqperceptual import adopt_weight, hinge_d_loss, vanilla_d_loss, import_taming_gan_parts
+from ldm.util import check_choice
 
 
 class DummyLoss(nn.Module):
@@ -17,8 +18,8 @@ class LPIPSWithDiscriminator(nn.Module):
                  disc_loss="hinge"):
 
         super().__init__()
+        check_choice("lossconfig.params.disc_loss", disc_loss, ("hinge", "vanilla"))
         LPIPS, NLayerDiscriminator, weights_init = import_taming_gan_parts()
-        assert disc_loss in ["hinge", "vanilla"]
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight
         self.perceptual_loss = LPIPS().eval()

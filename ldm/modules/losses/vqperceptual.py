@@ -4,6 +4,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ldm.util import ModelError, check_choice
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,11 +18,11 @@ def import_taming_gan_parts():
     try:
         from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
         from taming.modules.losses.lpips import LPIPS
-    except ImportError as e:
-        raise ImportError(
+    except ImportError as e:  # a ModelError: main.py and the scripts print it as one line
+        raise ModelError(
             "The LPIPS/discriminator training losses need taming-transformers: "
             "pip install 'taming-transformers @ git+https://github.com/CompVis/taming-transformers'"
-        ) from e
+            f" ({e})") from e
     return LPIPS, NLayerDiscriminator, weights_init
 
 
@@ -62,10 +64,10 @@ class VQLPIPSWithDiscriminator(nn.Module):
                  disc_ndf=64, disc_loss="hinge", n_classes=None, perceptual_loss="lpips",
                  pixel_loss="l1"):
         super().__init__()
+        check_choice("lossconfig.params.disc_loss", disc_loss, ("hinge", "vanilla"))
+        check_choice("lossconfig.params.perceptual_loss", perceptual_loss, ("lpips",))  # upstream's others: none
+        check_choice("lossconfig.params.pixel_loss", pixel_loss, ("l1", "l2"))
         LPIPS, NLayerDiscriminator, weights_init = import_taming_gan_parts()
-        assert disc_loss in ["hinge", "vanilla"]
-        assert perceptual_loss in ["lpips", "clips", "dists"]
-        assert pixel_loss in ["l1", "l2"]
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight
         if perceptual_loss == "lpips":
@@ -156,8 +158,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
                    "{}/disc_factor".format(split): torch.tensor(disc_factor),
                    "{}/g_loss".format(split): g_loss.detach().mean(),
                    }
-            if predicted_indices is not None:
-                assert self.n_classes is not None
+            if predicted_indices is not None and self.n_classes is not None:  # (the codebook size)
                 with torch.no_grad():
                     perplexity, cluster_usage = measure_perplexity(predicted_indices, self.n_classes)
                 log[f"{split}/perplexity"] = perplexity
