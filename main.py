@@ -288,6 +288,15 @@ def parse_devices(devices):
     return devices
 
 
+def several_devices(trainer_config):
+    """Whether the trainer will run on more than one device (`devices` as the command line or the
+    config give it; "auto" and -1 are every GPU where the accelerator may be one)."""
+    devices = parse_devices(trainer_config.get("devices", "auto"))
+    if devices in ("auto", -1):
+        return trainer_config.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.device_count() > 1
+    return (len(devices) if isinstance(devices, list) else int(devices)) > 1
+
+
 def new_run_name(logdir, name):
     """`name`, or name-2, name-3 ... where a run in `logdir` has it already: runs are named to the
     second, and two started within one second under one name shared a folder, the second
@@ -921,6 +930,10 @@ if __name__ == "__main__":
             # Lightning 2 accumulates only for automatic optimization (and refuses the setting
             # otherwise): models that step their optimizers themselves accumulate themselves
             model.accumulate_grad_batches = trainer_config.pop("accumulate_grad_batches", 1)
+            if trainer_config.get("strategy", "auto") in ("auto", "ddp") and several_devices(trainer_config):
+                # each optimizer's pass leaves the other's parameters without gradients, which DDP
+                # refuses unless told to look for them (Lightning 1.4, upstream's, looked by default)
+                trainer_config["strategy"] = "ddp_find_unused_parameters_true"
 
         # trainer and callbacks
         trainer_kwargs = dict()

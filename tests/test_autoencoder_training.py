@@ -202,3 +202,24 @@ def test_the_autoencoder_configs_without_taming_are_one_error_line(tmp_path):
                             timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "The LPIPS/discriminator training losses need taming-transformers" in result.stderr.strip().splitlines()[-1]
+
+
+def test_main_trains_an_autoencoder_on_two_devices(tmp_path):
+    """Each optimizer's pass leaves the other's parameters without gradients, which Lightning 2's
+    default DDP refuses (Lightning 1.4's looked for them): main.py asks DDP to (two CPU processes)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
+    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
+                             "--devices", "2", "--max_steps", "4", "--logdir", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_several_devices_reads_devices_as_the_trainer_will():
+    import main
+    assert not main.several_devices({"accelerator": "cpu", "devices": 1})
+    assert main.several_devices({"accelerator": "cpu", "devices": "2"})
+    assert main.several_devices({"accelerator": "gpu", "devices": [0, 1]})
+    assert not main.several_devices({"accelerator": "gpu", "devices": "0,"})
+    assert main.several_devices({"accelerator": "cpu"}) is False
