@@ -927,9 +927,11 @@ if __name__ == "__main__":
         model = build_model(parser, config.model, opt.base)
         accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         if not model.automatic_optimization:
-            # Lightning 2 accumulates only for automatic optimization (and refuses the setting
-            # otherwise): models that step their optimizers themselves accumulate themselves
+            # Lightning 2 accumulates and clips only for automatic optimization (and refuses the
+            # settings otherwise): models that step their optimizers themselves do it themselves
             model.accumulate_grad_batches = trainer_config.pop("accumulate_grad_batches", 1)
+            for setting in ("gradient_clip_val", "gradient_clip_algorithm"):
+                setattr(model, setting, trainer_config.pop(setting, None))
             if trainer_config.get("strategy", "auto") in ("auto", "ddp") and several_devices(trainer_config):
                 # each optimizer's pass leaves the other's parameters without gradients, which DDP
                 # refuses unless told to look for them (Lightning 1.4, upstream's, looked by default)

@@ -223,3 +223,20 @@ def test_several_devices_reads_devices_as_the_trainer_will():
     assert main.several_devices({"accelerator": "gpu", "devices": [0, 1]})
     assert not main.several_devices({"accelerator": "gpu", "devices": "0,"})
     assert main.several_devices({"accelerator": "cpu"}) is False
+
+
+def test_gradients_are_clipped_before_each_optimizer_steps(tmp_path, monkeypatch):
+    """Lightning 2 refuses the trainer's gradient_clip_val for models that step their optimizers
+    themselves (main.py failed with a traceback): main.py moves it to the model, which clips."""
+    model = build(AutoencoderKL, disc_start=0)
+    model.gradient_clip_val, model.gradient_clip_algorithm = 0.5, "value"
+    clipped = []
+    monkeypatch.setattr(model, "clip_gradients", lambda optimizer, **kwargs: clipped.append(kwargs))
+    fit(model, batches=3, accumulate=1, logdir=tmp_path)
+    assert clipped == 6 * [{"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}]  # 3 updates, 2 optimizers
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
+    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
+                             "--devices", "1", "--max_steps", "2", "--logdir", str(tmp_path / "logs"),
+                             "lightning.trainer.gradient_clip_val=1.0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -27,12 +27,14 @@ class AdversarialTraining(TrainableModule):
     optimizer, with an `optimizer_idx`); Lightning 2 steps several optimizers only by hand, and
     then does not accumulate gradients either. This does what Lightning 1 did: only the stepping
     optimizer's parameters require grad, gradients add up over `accumulate_grad_batches` batches
-    (main.py moves the trainer's setting here), and learning-rate schedulers step with the
-    optimizers. The losses get Lightning 1's `global_step`, the number of updates so far, which
+    (main.py moves the trainer's setting here, and the gradient clipping's), and learning-rate
+    schedulers step with the optimizers. The losses get Lightning 1's `global_step`, the number of updates so far, which
     their `disc_start` counts; Lightning 2's counts every optimizer's steps, twice as many, and
     so do a trainer's `max_steps` and step-based checkpoints."""
     automatic_optimization = False  # read by Lightning 2
     accumulate_grad_batches = 1
+    gradient_clip_val = None  # and the algorithm: the trainer's, moved here by main.py as accumulation is
+    gradient_clip_algorithm = None
     n_optimizers = 2  # the autoencoder's and the discriminator's (configure_optimizers)
 
     @property
@@ -55,6 +57,9 @@ class AdversarialTraining(TrainableModule):
             loss = self.adversarial_loss(x, optimizer_idx, updates)
             self.manual_backward(loss / self.accumulate_grad_batches)
             if update_now:
+                if self.gradient_clip_val:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                        gradient_clip_algorithm=self.gradient_clip_algorithm)
                 optimizer.step()
                 optimizer.zero_grad()
             self.untoggle_optimizer(optimizer)
