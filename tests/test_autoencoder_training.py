@@ -240,3 +240,18 @@ def test_gradients_are_clipped_before_each_optimizer_steps(tmp_path, monkeypatch
                              "lightning.trainer.gradient_clip_val=1.0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (REPO / "models" / "first_stage_models").glob(
+    "vq-*/config.yaml")))
+def test_the_released_vq_configs_name_a_loss_that_takes_the_code_indices(folder):
+    """They named taming's loss, whose forward takes no predicted_indices, which VQModel passes: the
+    first training step was a TypeError. ldm's copy takes them, with the codebook size."""
+    from omegaconf import OmegaConf
+    from gan_stand_ins import stand_in_gan_parts
+    from ldm.modules.losses import vqperceptual
+    from ldm.util import instantiate_from_config
+    params = OmegaConf.load(REPO / "models" / "first_stage_models" / folder / "config.yaml").model.params
+    with stand_in_gan_parts(vqperceptual):
+        loss = instantiate_from_config(params.lossconfig)
+    assert isinstance(loss, vqperceptual.VQLPIPSWithDiscriminator) and loss.n_classes == params.n_embed
