@@ -38,6 +38,7 @@ logger = logging.getLogger("export_checkpoint")
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+EMA_COUNTERS = {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}  # LitEma's, next to its weights
 NETWORK_PREFIXES = (UNET_PREFIX, "cond_stage_model.")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LOSS_COLUMNS = ("train/loss_simple_step", "train/loss_simple_epoch", "val/loss_simple", "val/loss_simple_ema")
@@ -126,14 +127,19 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
     """Write ``out_path`` (.safetensors) and its .json sidecar; returns the sidecar dict."""
     checkpoint = read_checkpoint(ckpt_path, unsafe_pickle=unsafe_pickle)
     sd = state_dict_of(checkpoint, os.fspath(ckpt_path))
-    has_ema = any(k.startswith(EMA_PREFIX) for k in sd)
+    # the EMA's counters alone (SD's pruned files keep them) are no EMA copy of the weights
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_COUNTERS for k in sd)
     swapped = 0
     if has_ema and use_ema:
         sd, swapped = swap_in_ema(sd)
         logger.info("EMA weights swapped into %d UNet tensors", swapped)
-    elif has_ema:
+    else:
         sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
-        logger.info("--no-ema: exporting the raw training weights, EMA dropped")
+        if has_ema:
+            logger.info("--no-ema: exporting the raw training weights, EMA dropped")
+        else:
+            logger.info("no EMA copy in %s: exporting its UNet weights as they are (in SD's pruned files, the EMA "
+                        "weights already)", ckpt_path)
     sd = {k: v.contiguous() for k, v in cast_network_weights(sd, DTYPES[dtype]).items()}
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         raise CheckpointError(f"{ckpt_path} holds no UNet weights ({UNET_PREFIX}*): not a trained model to export")
@@ -151,15 +157,21 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
     save_safetensors(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
     info["bytes"] = os.path.getsize(out_path)
     with open(sidecar_path(out_path), "x") as f:
-        json.dump(info, f, indent=2, default=_json_default)
+        json.dump(finite_or_null(info), f, indent=2, allow_nan=False, default=str)
         f.write("\n")
     return info
 
 
-def _json_default(value):
+def finite_or_null(value):
+    """`value` with NaN and infinities as None (JSON's null): json.dump writes them as NaN and
+    Infinity, which strict JSON readers refuse (a diverged run's losses)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    return str(value)
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def sidecar_path(out_path):

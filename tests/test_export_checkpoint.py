@@ -192,3 +192,25 @@ def test_loss_columns_without_values_yet_are_not_an_error(tmp_path):
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,lr-AdamW,train/loss_simple_step\n,0,0.0002,\n")
     assert export_checkpoint.loss_summary(metrics) == {"metrics_csv": str(metrics)}
+
+
+def test_a_pruned_checkpoint_with_the_ema_counters_alone_exports_its_weights(tmp_path, caplog):
+    """SD's pruned files keep model_ema.decay and num_updates, no EMA weights: the export refused
+    them ('has EMA weights but none for ...'), and --no-ema called their weights raw."""
+    caplog.set_level("INFO")
+    sd = {k: v for k, v in small_state_dict().items() if k != "model_ema.diffusion_modelout2weight"}
+    info = export_checkpoint.export(fake_run(tmp_path, sd), tmp_path / "pruned.safetensors")
+    exported = load_file(tmp_path / "pruned.safetensors")
+    assert info["ema"] is False and not any(k.startswith("model_ema.") for k in exported)
+    assert torch.equal(exported["model.diffusion_model.out.2.weight"], torch.zeros(3, 4, dtype=torch.float16))
+    assert "no EMA copy in" in caplog.text and "raw training weights" not in caplog.text
+
+
+def test_a_diverged_runs_losses_are_null_in_the_sidecar(tmp_path):
+    """json.dump wrote NaN and Infinity, which strict JSON readers refuse."""
+    ckpt = fake_run(tmp_path, small_state_dict())
+    (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,train/loss_simple_step,val/loss_simple_ema\n0,9,nan,\n0,19,inf,\n0,19,,inf\n")
+    export_checkpoint.export(ckpt, tmp_path / "m.safetensors")
+    sidecar = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert sidecar["losses"]["train_loss_last"] is None and sidecar["losses"]["val/loss_simple_ema"]["value"] is None
