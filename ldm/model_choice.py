@@ -128,7 +128,7 @@ def load_config(path):
     from yaml import YAMLError
     try:
         return OmegaConf.load(path)
-    except (OSError, YAMLError, OmegaConfBaseException) as e:
+    except (OSError, YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:  # the last: not a text file
         raise SystemExit(f"error: cannot read config {path}: {e}")
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ldm.model_choice import check_checkpoint_type, config_of_weights, in_repo, load_config  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, configure_logging,  # noqa: E402
                                 positive_int, set_cpu_threads)
+from ldm.util import ModelError  # noqa: E402
 
 logger = logging.getLogger("heldout_loss")
 
@@ -51,13 +52,18 @@ def validation_batches(config, n, batch_size):
     """[(images (B, C, H, W) in [-1, 1], captions)] of the first n validation items."""
     from omegaconf import OmegaConf
 
-    from ldm.util import instantiate_from_config
+    from ldm.util import ConfigError, first_line, instantiate_from_config
     spec = OmegaConf.select(config, "data.params.validation")
     if spec is None:
         raise SystemExit("error: the config has no data.params.validation dataset to measure on; use a "
                          "training config such as configs/embedded/procedural-t2i-16px.yaml")
     spec = OmegaConf.merge(spec, {"params": {"length": n}})
-    data = instantiate_from_config(spec)
+    try:
+        data = instantiate_from_config(spec)
+    except (ConfigError, ImportError, OSError) as e:  # e.g. LSUN's: it takes no length, reads files
+        raise SystemExit(f"error: the config's validation dataset ({spec.target}) cannot give {n} scenes here: "
+                         f"{first_line(e)}; use a config with procedural data, such as "
+                         "configs/embedded/procedural-t2i-16px.yaml")
     batches = []
     for start in range(0, n, batch_size):
         items = [data[i] for i in range(start, min(n, start + batch_size))]
@@ -90,12 +96,17 @@ def main(argv=None):
     batches = validation_batches(config, opt.n, opt.batch_size)
     rows, first = [], None
     for path in opt.ckpt:
-        model = build_model(opt.config, path)
+        try:
+            model = build_model(opt.config, path)
+        except ModelError as e:
+            raise SystemExit(f"error: --ckpt {path}: {e}")
         if first is None:  # drawn once, in the model's latent shape, for every file
             generator = torch.Generator().manual_seed(opt.seed)
             shapes = [(len(captions), model.channels, model.image_size, model.image_size) for _, captions in batches]
             timesteps = [torch.randint(0, model.num_timesteps, (s[0],), generator=generator) for s in shapes]
             noises = [torch.randn(s, generator=generator) for s in shapes]
+        # a KL first stage samples its latents from the global generator: the same draws for every file
+        torch.manual_seed(opt.seed)
         with model.ema_scope():  # the weights txt2img samples with: a .ckpt's EMA copy, where it has one
             losses = losses_of(model, batches, timesteps, noises)
         first = losses if first is None else first

@@ -72,3 +72,33 @@ def test_a_weight_file_cut_off_is_one_error_line_before_any_is_scored(tmp_path):
 def test_a_config_without_validation_data_is_one_error_line():
     result = run("heldout_loss.py", "--config", "configs/stable-diffusion/v1-inference.yaml", "--ckpt", REPO_WEIGHTS)
     assert_one_line_error(result, "data.params.validation")
+
+
+def tiny_latent_model(tmp_path):
+    """v1-tiny (a KL first stage, random weights) with the procedural validation data, as one config."""
+    import torch
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml"),
+                             OmegaConf.load(REPO / "tests" / "configs" / "tiny-train-data.yaml"))
+    OmegaConf.save(config, tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    save_file(instantiate_from_config(config.model).state_dict(), tmp_path / "model.safetensors")
+    return tmp_path / "config.yaml", tmp_path / "model.safetensors"
+
+
+def test_a_kl_first_stage_draws_the_same_latents_for_every_file(tmp_path):
+    """Its posterior was sampled from the unseeded global generator: the same file twice differed."""
+    config, weights = tiny_latent_model(tmp_path)
+    result = run("heldout_loss.py", "--config", config, "--ckpt", weights, weights, "--n", "8", "--batch-size", "4")
+    assert_ok(result)
+    first, again = rows_of(result.stdout)
+    assert again[1:] == first[1:] and again[2] == 0.0, (first, again)
+
+
+def test_a_config_whose_data_or_text_cannot_be_read_is_one_error_line(tmp_path):
+    assert_one_line_error(run("heldout_loss.py", "--config", "configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml",
+                              "--ckpt", REPO_WEIGHTS), "validation dataset (ldm.data.lsun.LSUNChurchesValidation) "
+                                                       "cannot give 1024 scenes here")
+    assert_one_line_error(run("heldout_loss.py", "--config", "docs/first-command.png", "--ckpt", REPO_WEIGHTS),
+                          "cannot read config docs/first-command.png")
