@@ -1,5 +1,5 @@
-"""LatentDiffusion's patch-wise first stage (upstream's split_input_params, which notebook_helpers
-sets for large images): overlapping crops, each encoded or decoded alone, blended back."""
+"""LatentDiffusion's patch-wise first stage (upstream's split_input_params, which its super-resolution
+notebook helpers set for large images): overlapping crops, each encoded or decoded alone, blended back."""
 import pytest
 import torch
 import torch.nn.functional as F

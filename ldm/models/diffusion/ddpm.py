@@ -733,8 +733,9 @@ class LatentDiffusion(DDPM):
         return self.first_stage_model.encode(x)
 
     def _patchwise(self, x, apply, **factor):
-        """Upstream's patch-wise first stage for large images (split_input_params, set by
-        notebook_helpers): `apply` on overlapping crops of x, blended back with a weighting.
+        """Upstream's patch-wise first stage for large images (split_input_params, which a caller
+        sets on the model, as upstream's super-resolution notebook helpers did): `apply` on
+        overlapping crops of x, blended back with a weighting.
         `factor`: uf (decoding, the crops grow by it) or df (encoding, they shrink by it)."""
         ks = self.split_input_params["ks"]  # eg. (128, 128)
         stride = self.split_input_params["stride"]  # eg. (64, 64)
