@@ -2,7 +2,8 @@
 
 One step is the model's denoising loss on random latents and a caption (the text encoder runs
 too when it is trainable), backward, no optimizer update; random weights, since the cost does
-not depend on them. Checkpointed and plain steps alternate, so a machine that drifts affects
+not depend on them. The ResBlocks are never checkpointed here (SD's config checkpoints them too),
+so that the columns, and the FLOP count, differ in the transformer blocks alone. Checkpointed and plain steps alternate, so a machine that drifts affects
 both columns alike; the table gives medians and their ratio from one run.
 
     # the embedded model's training step on a CPU (batch 16 keeps a step to seconds)
@@ -30,7 +31,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
-from ldm.script_helpers import ArgumentParser  # noqa: E402
+from ldm.script_helpers import ArgumentParser, positive_int  # noqa: E402
 from ldm.util import first_line, instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
 
@@ -82,9 +83,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/embedded/procedural-t2i.yaml", type=in_repo, help="model config")
-    parser.add_argument("--batch", type=int, default=16, help="images per training step")
-    parser.add_argument("--size", type=int, metavar="PX", help="image size (default: the config's sampling size, else 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per setting and round (2 rounds)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="images per training step")
+    parser.add_argument("--size", type=positive_int, metavar="PX",
+                        help="image size (default: the config's sampling size, else 512)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed steps per setting and round (2 rounds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
     parser.add_argument("--autocast", default="off", choices=list(AUTOCAST), help="mixed precision of the step")
     parser.add_argument("--flops", action="store_true",
@@ -94,8 +96,12 @@ def main(argv=None):
                         help="time the config's training data instead: one process making batches of --batch "
                              "(what one loader worker delivers)")
     opt = parser.parse_args(argv)
-    if opt.batch < 1 or opt.repeats < 1:
-        parser.error("--batch and --repeats must be at least 1")
+    if opt.data:
+        unused = [flag for flag, given in (("--flops", opt.flops), ("--size", opt.size is not None),
+                                           ("--device", opt.device != "cpu"), ("--autocast", opt.autocast != "off"))
+                  if given]
+        if unused:
+            parser.error(f"--data times the data alone, on the CPU: {', '.join(unused)} would have no effect")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     geometry = read_model_geometry(parser, "--config", opt.config)
@@ -113,6 +119,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.load(opt.config).model).to(device).train()
+    for module in model.modules():  # the ResBlocks' checkpointing (a config's use_checkpoint) stays off:
+        if hasattr(module, "use_checkpoint"):  # the columns differ in the transformer blocks' alone
+            module.use_checkpoint = False
     blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
     if not blocks:
         parser.error(f"{opt.config} has no transformer blocks to checkpoint")

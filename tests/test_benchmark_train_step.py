@@ -45,8 +45,11 @@ def test_data_rate_is_the_batches_a_process_renders(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "--batch and --repeats must be at least 1"),
+    (["--batch", "0"], "--batch: must be at least 1, got 0"),
     (["--size", "12"], "--size 12 is not a multiple of 8"),
+    (["--size", "-16"], "--size: must be at least 1, got -16"),  # a traceback; 0 ran at the default size
+    (["--data", "--flops", "--size", "16"], "--data times the data alone, on the CPU: --flops, --size would have no "
+                                            "effect"),
     (["--config", "missing.yaml"], "config not found: missing.yaml"),
     (["--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml"), "--data"],
      "--data: cannot build the config's data.params.train"),
@@ -56,3 +59,19 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
         bench.main(SMALL + argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_the_resblocks_are_never_checkpointed_so_the_flops_count_no_recompute(capsys, tmp_path):
+    """SD's config (and v1-tiny) checkpoint the ResBlocks too: the plain column and the FLOP count
+    included their recomputed forward (12 % of v1-tiny's count)."""
+    from omegaconf import OmegaConf
+    tiny = REPO / "configs/stable-diffusion/v1-tiny.yaml"
+    config = OmegaConf.load(tiny)
+    assert config.model.params.unet_config.params.use_checkpoint
+    config.model.params.unet_config.params.use_checkpoint = False
+    OmegaConf.save(config, tmp_path / "plain.yaml")
+    counts = []
+    for path in (tiny, tmp_path / "plain.yaml"):
+        bench.main(["--config", str(path), "--batch", "1", "--size", "64", "--flops"])
+        counts.append(float(capsys.readouterr().out.splitlines()[1].split()[0]))
+    assert counts[0] == counts[1] > 0
