@@ -12,7 +12,7 @@ imports included, the file pages of a mapped checkpoint too (the kernel can drop
 memory pressure); held is the memory the process itself holds with the model loaded (anonymous
 memory, which the kernel can only swap out).
 
-    # SD v1, 860 M parameters (writes two 1.7 GB files and a 3.4 GB one)
+    # SD v1, 1.07 G weights: UNet, text encoder, autoencoder (writes two 2.1 GB files and a 4.3 GB one)
     python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-inference.yaml
     # what the tests run
     python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-tiny.yaml --repeats 1
@@ -100,7 +100,10 @@ def memory_gib():
 
 def load_in_child(config_path, way, ckpt):
     result = subprocess.run([sys.executable, __file__, "--config", config_path, "--measure", way, ckpt],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True)
+    if result.returncode:  # the child's last words, not CalledProcessError's traceback without them
+        reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise SystemExit(f"error: loading {os.path.basename(ckpt)} ({way}) failed: {reason}")
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -113,7 +116,7 @@ def main(argv=None):
     read_model_geometry(parser, "--config", opt.config)  # a missing or non-model config is one error line
     if opt.workdir is not None and not os.path.isdir(opt.workdir):
         parser.error(f"--workdir {opt.workdir} is not a folder")
-    # `kill` (SIGTERM) ends the run as Ctrl-C does, through the `with` below: its checkpoints (7 GB
+    # `kill` (SIGTERM) ends the run as Ctrl-C does, through the `with` below: its checkpoints (8.5 GB
     # for SD v1) are deleted, not left in the temporary folder
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with tempfile.TemporaryDirectory(dir=opt.workdir) as folder:

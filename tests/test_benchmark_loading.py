@@ -31,7 +31,7 @@ def test_table_times_both_ways_of_loading_each_format_and_leaves_no_checkpoint(t
 
 
 def test_a_run_ended_by_kill_deletes_the_checkpoints_it_wrote(tmp_path):
-    """SD v1's three checkpoints are 7 GB: a run stopped with `kill` must not leave them behind."""
+    """SD v1's three checkpoints are 8.5 GB: a run stopped with `kill` must not leave them behind."""
     command = [sys.executable, str(REPO / "scripts" / "benchmark_loading.py"), "--config", str(TINY_CONFIG),
                "--repeats", "50", "--workdir", str(tmp_path)]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -55,3 +55,13 @@ def test_bad_input_is_one_error_line(argv, message, capsys, monkeypatch):
         bench.main(["--config", str(TINY_CONFIG), *argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_load_that_fails_in_its_process_is_one_error_line_with_its_reason(tmp_path):
+    """The child's failure was CalledProcessError's traceback, without the child's own words."""
+    (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        bench.load_in_child(str(TINY_CONFIG), bench.WAYS[0], str(tmp_path / "model.ckpt"))
+    message = str(exit_.value)
+    assert message.startswith(f"error: loading model.ckpt ({bench.WAYS[0]}) failed: ") and "\n" not in message
+    assert "model.ckpt" in message.split("failed: ")[1], message  # the child's reason names the file
