@@ -27,7 +27,8 @@ from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
 from ldm.script_helpers import ArgumentParser
-from ldm.util import ConfigError, ModelError, construct, first_line, get_obj_from_str, instantiate_from_config
+from ldm.util import (ConfigError, ModelError, construct, first_line, get_obj_from_str, instantiate_from_config,
+                      pip_name)
 
 logger = logging.getLogger("main")
 
@@ -218,7 +219,8 @@ def load_config(parser, paths, overrides):
             parser.error(f"{path} is not a YAML mapping of config sections (model:, data:, lightning:)")
         configs.append(config)
     try:
-        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+        given = OmegaConf.from_dotlist(overrides)
+        config = OmegaConf.merge(*configs, given)
     except Exception as e:  # omegaconf's errors for an override that does not fit the configs
         parser.error(f"cannot apply the overrides {' '.join(overrides)}: {_one_line(e)}")
     for section in ("model", "data"):
@@ -234,7 +236,7 @@ def load_config(parser, paths, overrides):
         if params is not None and not isinstance(params, DictConfig):  # e.g. the override model.params=3
             parser.error(f"`{section}.params` must be a mapping of the target's arguments, got {params!r} "
                          f"(see {EXAMPLE_CONFIG} for the layout)")
-    check_config_keys(parser, config)
+    check_config_keys(parser, config, [*zip(paths, configs), ("an override", given)])
     learning_rate = config.model.get("base_learning_rate")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         parser.error(f"model.base_learning_rate must be a positive number (the learning rate per sample, which "
@@ -248,17 +250,20 @@ CONFIG_KEYS = {"": ("model", "data", "lightning", "sampling"), "model": ("target
                "data": ("target", "params"), "lightning": ("trainer", "logger", "modelcheckpoint", "callbacks")}
 
 
-def check_config_keys(parser, config):
+def check_config_keys(parser, config, sources):
     """A key main.py does not read (a misspelt section or override, e.g. lightnig.trainer.max_epochs=1
-    or model.base_learing_rate=1e-5) is an error: upstream trained without it, and saved it into
-    the run's configs as if it had applied."""
+    or model.base_learing_rate=1e-5) is an error naming where it is set (`sources`: (name, config)
+    of each file and of the overrides; a resumed run's own files among them): upstream trained
+    without it, and saved it into the run's configs as if it had applied."""
     for section, known in CONFIG_KEYS.items():
         node = config.get(section) if section else config
         for key in node if isinstance(node, DictConfig) else ():
             if key not in known:
                 where = f"{section}.{key}" if section else key
+                setter = next((name for name, source in sources if OmegaConf.select(source, where) is not None),
+                              "the configs")
                 close = difflib.get_close_matches(str(key), known, n=1)
-                parser.error(f"the configs or overrides set {where}, which main.py does not read"
+                parser.error(f"{setter} sets {where}, which main.py does not read"
                              + (f": did you mean {section + '.' if section else ''}{close[0]}?" if close
                                 else f" ({section or 'the top level'} takes {', '.join(known)})"))
 
@@ -370,10 +375,6 @@ def build_section(parser, section, config):
         parser.error(f"{section}: {e}")
 
 
-#: pip's names for the modules upstream's datasets import that are not pip's names
-PIP_NAMES = {"cv2": "opencv-python-headless", "taming": "taming-transformers", "PIL": "pillow"}
-
-
 def build_data(parser, data_config):
     """The data module with its datasets built. Upstream's LSUN and ImageNet configs read file
     lists and folders under data/ that a fresh clone lacks, and ImageNet's dataset imports packages
@@ -389,10 +390,10 @@ def build_data(parser, data_config):
         parser.error(f"data: {e}")
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
-        parser.error(f"the data needs the package {top} (pip install {PIP_NAMES.get(top, top)})")
-    except FileNotFoundError as e:
-        parser.error(f"the data cannot be read: {e.strerror or e}: {e.filename} (the config's data.params say "
-                     "where it is read from)")
+        parser.error(f"the data needs the package {top} (pip install {pip_name(top)})")
+    except FileNotFoundError as e:  # an OSError's (strerror, filename), or a library's message alone
+        detail = f"{e.strerror}: {e.filename}" if e.filename else first_line(e)
+        parser.error(f"the data cannot be read: {detail} (the config's data.params say where it is read from)")
     return data
 
 

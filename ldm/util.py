@@ -1,4 +1,5 @@
 import importlib
+import importlib.util
 import logging
 import re
 
@@ -97,6 +98,16 @@ def construct(cls, params, target):
         raise ConfigError(f"{target} does not take the config's parameters as given: {e}") from e
 
 
+#: pip's names for importable modules whose package is named otherwise (upstream's optional ones)
+PIP_NAMES = {"cv2": "opencv-python-headless", "taming": "'taming-transformers @ "
+             "git+https://github.com/CompVis/taming-transformers'", "PIL": "pillow", "clip":
+             "git+https://github.com/openai/CLIP.git"}
+
+
+def pip_name(module):
+    return PIP_NAMES.get(module, module)
+
+
 def get_obj_from_str(string):
     """What a config's `target` names ("package.module.Name"). A target naming no module, or
     nothing in its module, is a ConfigError (a misspelt target: upstream's traceback); a package
@@ -108,6 +119,10 @@ def get_obj_from_str(string):
         imported = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
+            top = e.name.split(".")[0]
+            if importlib.util.find_spec(top) is None:  # misspelt, or a package to install
+                raise ConfigError(f"target {string}: there is no module {top} (misspelt, or a package this "
+                                  f"environment lacks: pip install {pip_name(top)})") from e
             raise ConfigError(f"target {string}: there is no module {e.name}") from e
         raise
     try:

@@ -255,3 +255,22 @@ def test_the_released_vq_configs_name_a_loss_that_takes_the_code_indices(folder)
     with stand_in_gan_parts(vqperceptual):
         loss = instantiate_from_config(params.lossconfig)
     assert isinstance(loss, vqperceptual.VQLPIPSWithDiscriminator) and loss.n_classes == params.n_embed
+
+
+def test_fp16_gradients_are_clipped_once_unscaled(tmp_path, monkeypatch):
+    """Clipping before optimizer.step() saw fp16's scaled gradients (unscaled inside step):
+    gradient_clip_val / scale was the real threshold. Lightning's hook comes after the unscaling."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+    from torch.amp.grad_scaler import OptState
+    scaler = torch.amp.GradScaler("cpu")
+    model = build(AutoencoderKL, disc_start=0)
+    model.gradient_clip_val = 0.5
+    stages = []
+    monkeypatch.setattr(model, "clip_gradients", lambda optimizer, **kwargs: stages.append(
+        scaler._per_optimizer_states[id(optimizer)]["stage"]))
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, limit_val_batches=0, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    images = torch.rand(4, 8, 8, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trainer.fit(model, torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2))
+    assert stages and all(stage == OptState.UNSCALED for stage in stages), stages

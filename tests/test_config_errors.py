@@ -59,3 +59,15 @@ def test_the_identity_first_stage_takes_no_settings():
     # a first_stage_config switched to the identity but left with its autoencoder's params
     with pytest.raises(ConfigError, match="IdentityFirstStage.__init__.. got an unexpected keyword argument 'embed_dim'"):
         instantiate_from_config({"target": "ldm.models.autoencoder.IdentityFirstStage", "params": {"embed_dim": 4}})
+
+
+def test_a_misspelt_target_names_the_nearest_name_and_a_missing_package_how_to_install_it():
+    from ldm.util import get_obj_from_str
+    with pytest.raises(ConfigError, match=r"ldm.data.lsun has no LSUNBas \(did you mean LSUNBase\?\)"):
+        get_obj_from_str("ldm.data.lsun.LSUNBas")
+    with pytest.raises(ConfigError, match="there is no module ldm.data.lsunn$"):
+        get_obj_from_str("ldm.data.lsunn.LSUNBase")
+    # a package not installed here (or a misspelt one): both told, with the pip command
+    with pytest.raises(ConfigError, match=r"there is no module not_a_package_here \(misspelt, or a package this "
+                                          r"environment lacks: pip install not_a_package_here\)"):
+        get_obj_from_str("not_a_package_here.losses.Loss")

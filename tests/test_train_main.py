@@ -520,6 +520,11 @@ def test_data_that_cannot_be_built_is_one_error_line(main_module, capsys, tmp_pa
         "error: the data needs the package a_package_not_installed (pip install a_package_not_installed)")
     assert error_line(capsys, main_module.build_data, parser, data_module({"target": "ldm.data.lsunn.LSUNBase"})).endswith(
         "error: data: target ldm.data.lsunn.LSUNBase: there is no module ldm.data.lsunn")
+    (tmp_path / "no_folder.py").write_text("class Data:\n    def __init__(self):\n        raise FileNotFoundError("
+                                           "'Couldn\\'t find any class folder in /data/x.')\n")
+    assert error_line(capsys, main_module.build_data, parser, data_module({"target": "no_folder.Data"})).endswith(
+        "error: the data cannot be read: Couldn't find any class folder in /data/x. (the config's data.params say "
+        "where it is read from)")  # a message alone: it printed ': None' for the file it has not
 
 
 @pytest.mark.parametrize("override, words", [
@@ -626,9 +631,9 @@ def test_trainer_flags_mean_what_they_meant_in_lightning_1(main_module, capsys):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("lightnig.trainer.max_epochs=0", "the configs or overrides set lightnig, which main.py does not read: did you "
+    ("lightnig.trainer.max_epochs=0", "an override sets lightnig, which main.py does not read: did you "
                                       "mean lightning?"),
-    ("model.base_learing_rate=5.0", "set model.base_learing_rate, which main.py does not read: did you mean "
+    ("model.base_learing_rate=5.0", "sets model.base_learing_rate, which main.py does not read: did you mean "
                                     "model.base_learning_rate?"),
     ("lightning.trainr.max_steps=1", "did you mean lightning.trainer?"),
     ("model.base_learning_rate=null", "model.base_learning_rate must be a positive number"),
@@ -639,3 +644,13 @@ def test_a_key_main_py_does_not_read_is_one_error_line(main_module, capsys, over
     parser = main_module.get_parser()
     last = error_line(capsys, main_module.load_config, parser, [str(TINY_CONFIG), str(DATA_CONFIG)], [override])
     assert words in last, last
+
+
+def test_a_key_main_py_does_not_read_names_the_file_that_sets_it(main_module, capsys, tmp_path):
+    """A run saved by an older main.py may hold such a key in its configs/*-project.yaml: the error
+    names that file, which --resume read, not the user's overrides."""
+    saved = tmp_path / "2026-12-01T00-00-00-project.yaml"
+    saved.write_text("model:\n  base_learing_rate: 1.0e-4\n")
+    last = error_line(capsys, main_module.load_config, main_module.get_parser(),
+                      [str(TINY_CONFIG), str(DATA_CONFIG), str(saved)], [])
+    assert f"{saved} sets model.base_learing_rate, which main.py does not read" in last, last

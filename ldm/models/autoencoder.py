@@ -37,6 +37,13 @@ class AdversarialTraining(TrainableModule):
     gradient_clip_algorithm = None
     n_optimizers = 2  # the autoencoder's and the discriminator's (configure_optimizers)
 
+    def on_before_optimizer_step(self, optimizer):
+        # here, not before optimizer.step(): with fp16 the gradients are unscaled in between, and
+        # clipping them still scaled clipped at gradient_clip_val / scale
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+
     @property
     def updates(self):
         """Lightning 1's global_step, which the losses' `disc_start` counts: validation too, or its
@@ -57,10 +64,7 @@ class AdversarialTraining(TrainableModule):
             loss = self.adversarial_loss(x, optimizer_idx, updates)
             self.manual_backward(loss / self.accumulate_grad_batches)
             if update_now:
-                if self.gradient_clip_val:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                        gradient_clip_algorithm=self.gradient_clip_algorithm)
-                optimizer.step()
+                optimizer.step()  # clips first: on_before_optimizer_step
                 optimizer.zero_grad()
             self.untoggle_optimizer(optimizer)
         if update_now:
