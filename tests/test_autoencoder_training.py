@@ -96,13 +96,19 @@ def test_the_ema_averages_once_per_update(tmp_path):
     assert model.model_ema.num_updates == 3  # after the second, the fourth and the last batch
 
 
+def train_main(logdir, *args):
+    """main.py training the tiny autoencoder config (its losses' stand-ins from tests/) on the CPU;
+    --devices 1 unless `args` give it, as a later flag wins."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
+    return subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
+                           "--devices", "1", "--logdir", str(logdir), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_main_trains_the_kl_autoencoder_config_with_accumulation(tmp_path):
     """main.py, as upstream trained configs/autoencoder/*.yaml: the trainer's
     accumulate_grad_batches (2 there) moves to the model, which Lightning 2 would refuse."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
-    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
-                             "--devices", "1", "--max_steps", "8", "--logdir", str(tmp_path)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = train_main(tmp_path, "--max_steps", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
@@ -207,10 +213,7 @@ def test_the_autoencoder_configs_without_taming_are_one_error_line(tmp_path):
 def test_main_trains_an_autoencoder_on_two_devices(tmp_path):
     """Each optimizer's pass leaves the other's parameters without gradients, which Lightning 2's
     default DDP refuses (Lightning 1.4's looked for them): main.py asks DDP to (two CPU processes)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
-    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
-                             "--devices", "2", "--max_steps", "4", "--logdir", str(tmp_path)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = train_main(tmp_path, "--max_steps", "4", "--devices", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
@@ -234,11 +237,7 @@ def test_gradients_are_clipped_before_each_optimizer_steps(tmp_path, monkeypatch
     monkeypatch.setattr(model, "clip_gradients", lambda optimizer, **kwargs: clipped.append(kwargs))
     fit(model, batches=3, accumulate=1, logdir=tmp_path)
     assert clipped == 6 * [{"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}]  # 3 updates, 2 optimizers
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "tests"))
-    result = subprocess.run([sys.executable, "main.py", "--base", str(TRAIN_CONFIG), "-t", "--accelerator", "cpu",
-                             "--devices", "1", "--max_steps", "2", "--logdir", str(tmp_path / "logs"),
-                             "lightning.trainer.gradient_clip_val=1.0"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = train_main(tmp_path / "logs", "--max_steps", "2", "lightning.trainer.gradient_clip_val=1.0")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
