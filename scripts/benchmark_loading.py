@@ -118,14 +118,17 @@ def main(argv=None):
         parser.error(f"--workdir {opt.workdir} is not a folder")
     # `kill` (SIGTERM) ends the run as Ctrl-C does, through the `with` below: its checkpoints (8.5 GB
     # for SD v1) are deleted, not left in the temporary folder
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with tempfile.TemporaryDirectory(dir=opt.workdir) as folder:
-        paths = write_checkpoints(load_config(opt.config), folder)
-        runs = {(f, w): [] for f in FORMATS for w in WAYS}
-        for f in FORMATS:
-            for _ in range(opt.repeats):
-                for w in WAYS:  # alternating, so that a drifting machine affects both alike
-                    runs[f, w].append(load_in_child(opt.config, w, paths[f]))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        with tempfile.TemporaryDirectory(dir=opt.workdir) as folder:
+            paths = write_checkpoints(load_config(opt.config), folder)
+            runs = {(f, w): [] for f in FORMATS for w in WAYS}
+            for f in FORMATS:
+                for _ in range(opt.repeats):
+                    for w in WAYS:  # alternating, so that a drifting machine affects both alike
+                        runs[f, w].append(load_in_child(opt.config, w, paths[f]))
+    finally:  # a caller's own handler back (the tests call main in their process)
+        signal.signal(signal.SIGTERM, previous)
     print(f"# {opt.config}, torch {torch.__version__}, {os.cpu_count()} CPUs, {datetime.date.today()}: "
           f"medians of {opt.repeats} load(s), each in a process of its own")
     print("| checkpoint | way | s | x placeholders | peak GiB | held GiB |")

@@ -14,7 +14,9 @@ import benchmark_loading as bench  # noqa: E402
 
 
 def test_table_times_both_ways_of_loading_each_format_and_leaves_no_checkpoint(tmp_path, capsys):
+    handler = signal.getsignal(signal.SIGTERM)
     bench.main(["--config", str(TINY_CONFIG), "--repeats", "1", "--workdir", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) is handler  # its SIGTERM handler was left in the caller's process
     lines = capsys.readouterr().out.splitlines()
     assert "v1-tiny.yaml" in lines[0] and "medians of 1 load(s)" in lines[0]
     row = re.compile(r"\| (fp16 \.safetensors|fp32 \.ckpt|fp16 \.ckpt) \| (built then loaded|into placeholders) \| "
