@@ -213,3 +213,20 @@ def test_transformer_embedder_sends_tokens_where_its_weights_are(device):
     tokens = torch.randint(0, 50, (2, 8))
     assert embedder.device == torch.device("cpu")
     assert embedder(tokens).shape == (2, 8, 16)
+
+
+def test_transformer_embedder_refuses_too_many_tokens_or_ids_outside_its_vocabulary_in_one_line():
+    # both were an IndexError deep in an embedding table
+    from ldm.modules.encoders.modules import TransformerEmbedder
+    embedder = TransformerEmbedder(n_embed=16, n_layer=1, vocab_size=50, max_seq_len=8)
+    with pytest.raises(ValueError, match="9 tokens, more than the 8 positions of this text encoder"):
+        embedder(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\) \(vocab_size\), got 0 to 50"):
+        embedder(torch.tensor([[0, 50]]))
+
+
+def test_a_spatial_rescaler_method_torch_lacks_is_a_config_error():
+    from ldm.modules.encoders.modules import SpatialRescaler
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="method is 'cubic'; it takes one of 'nearest'"):
+        SpatialRescaler(method="cubic")

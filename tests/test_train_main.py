@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG
+from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import read_parameters
 from ldm.util import instantiate_from_config
 
@@ -654,3 +655,18 @@ def test_a_key_main_py_does_not_read_names_the_file_that_sets_it(main_module, ca
     last = error_line(capsys, main_module.load_config, main_module.get_parser(),
                       [str(TINY_CONFIG), str(DATA_CONFIG), str(saved)], [])
     assert f"{saved} sets model.base_learing_rate, which main.py does not read" in last, last
+
+
+class RecordIds(Txt2ImgIterableBaseDataset):
+    """An iterable text-to-image dataset that yields the ids of the records it is given."""
+    def __iter__(self):
+        yield from self.sample_ids
+
+
+@pytest.mark.parametrize("valid_ids", [None, list(range(5))])
+def test_loader_workers_share_every_record_of_an_iterable_dataset(main_module, valid_ids):
+    """main.worker_init_fn gave each worker num_records // num_workers records (the rest none), and
+    failed on the base class's default valid_ids (None)."""
+    loader = torch.utils.data.DataLoader(RecordIds(num_records=5, valid_ids=valid_ids), batch_size=None, num_workers=2,
+                                         worker_init_fn=main_module.worker_init_fn)
+    assert sorted(int(i) for i in loader) == [0, 1, 2, 3, 4]

@@ -4,6 +4,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 import random
 
+from ldm.util import check_choice
+
 
 class LSUNBase(Dataset):
     def __init__(self,
@@ -15,8 +17,8 @@ class LSUNBase(Dataset):
                  ):
         self.data_paths = txt_file
         self.data_root = data_root
-        with open(self.data_paths, "r") as f:
-            self.image_paths = f.read().splitlines()
+        with open(self.data_paths, "r") as f:  # a blank line (a trailing one) is no image
+            self.image_paths = [line for line in f.read().splitlines() if line.strip()]
         self._length = len(self.image_paths)
         self.labels = {
             "relative_file_path_": [l for l in self.image_paths],
@@ -26,11 +28,13 @@ class LSUNBase(Dataset):
 
         self.size = size
         # "linear" was Pillow's alias of bilinear, removed in Pillow 10
-        self.interpolation = {"linear": Image.Resampling.BILINEAR,
-                              "bilinear": Image.Resampling.BILINEAR,
-                              "bicubic": Image.Resampling.BICUBIC,
-                              "lanczos": Image.Resampling.LANCZOS,
-                              }[interpolation]
+        resampling = {"linear": Image.Resampling.BILINEAR,
+                      "bilinear": Image.Resampling.BILINEAR,
+                      "bicubic": Image.Resampling.BICUBIC,
+                      "lanczos": Image.Resampling.LANCZOS,
+                      }
+        check_choice("data.params.*.params.interpolation", interpolation, tuple(resampling))
+        self.interpolation = resampling[interpolation]
         self.flip_p = flip_p
 
     def __len__(self):

@@ -555,6 +555,12 @@ class TransformerWrapper(nn.Module):
             **kwargs
     ):
         b, num_mem = x.shape[0], self.num_memory_tokens
+        if x.shape[1] > self.max_seq_len:  # the position table's length: an IndexError inside it otherwise
+            raise ValueError(f"{x.shape[1]} tokens, more than the {self.max_seq_len} positions of this text "
+                             "encoder (max_seq_len): shorten the text")
+        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < self.num_tokens:
+            raise ValueError(f"token ids must be in [0, {self.num_tokens}) (vocab_size), got {int(x.min())} to "
+                             f"{int(x.max())}")
         x = self.token_emb(x)
         x += self.pos_emb(x)
         x = self.emb_dropout(x)

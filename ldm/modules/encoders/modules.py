@@ -17,7 +17,7 @@ from einops import repeat
 from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.checkpoints import CheckpointError
-from ldm.util import first_line
+from ldm.util import ConfigError, check_choice, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,10 @@ class SpatialRescaler(nn.Module):
                  bias=False):
         super().__init__()
         self.n_stages = n_stages
-        assert self.n_stages >= 0
-        assert method in ['nearest','linear','bilinear','trilinear','bicubic','area']
+        if n_stages < 0:
+            raise ConfigError(f"n_stages of SpatialRescaler must be 0 or more, got {n_stages}")
+        check_choice("cond_stage_config.params.method", method,
+                     ('nearest', 'linear', 'bilinear', 'trilinear', 'bicubic', 'area'))
         self.multiplier = multiplier
         self.interpolator = partial(torch.nn.functional.interpolate, mode=method)
         self.remap_output = out_channels is not None
