@@ -423,3 +423,13 @@ def test_a_failed_download_is_reported_and_keeps_the_earlier_zip(tmp_path):
     assert (earlier / "model.zip").read_text() == "an earlier download"
     fetched = tmp_path / "models" / "first_stage_models" / "vq-f16" / "model.ckpt"
     assert fetched.read_text() == "zip of https://ommer-lab.com/files/latent-diffusion/vq-f16.zip"
+
+
+def test_the_openai_clip_text_encoder_truncates_a_long_prompt(tmp_path, monkeypatch):
+    """clip.tokenize raised on a prompt over 77 tokens, in the middle of a knn2img run."""
+    monkeypatch.syspath_prepend(str(CLIP_STAND_IN))
+    monkeypatch.delitem(sys.modules, "clip", raising=False)
+    from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
+    (tmp_path / "ViT-L-14.pt").write_bytes(b"CLIP's weights")
+    embedder = FrozenCLIPTextEmbedder(str(tmp_path / "ViT-L-14.pt"))
+    assert embedder.encode(["a chair " * 60]).shape == (1, 1, 8)

@@ -26,5 +26,8 @@ def load(name, device="cpu", jit=False, download_root=None):
     return TextModel().to(device), None
 
 
-def tokenize(texts):
+def tokenize(texts, context_length=77, truncate=False):
+    # as the real one: a text of more tokens than context_length (here: words) is refused unless truncated
+    if not truncate and any(len(text.split()) > context_length - 2 for text in texts):
+        raise RuntimeError(f"Input {texts} is too long for context length {context_length}")
     return torch.tensor([[len(text) % 7] * 8 for text in texts])

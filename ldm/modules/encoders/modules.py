@@ -430,7 +430,8 @@ class FrozenCLIPTextEmbedder(nn.Module):
 
     def forward(self, text):
         import clip
-        tokens = clip.tokenize(text).to(self.device)
+        # truncated to CLIP's 77 positions, as SD's text encoder does (clip.tokenize raised on a longer prompt)
+        tokens = clip.tokenize(text, truncate=True).to(self.device)
         z = self.model.encode_text(tokens)
         if self.normalize:
             z = z / torch.linalg.norm(z, dim=1, keepdim=True)
