@@ -230,3 +230,12 @@ def test_a_spatial_rescaler_method_torch_lacks_is_a_config_error():
     from ldm.util import ConfigError
     with pytest.raises(ConfigError, match="method is 'cubic'; it takes one of 'nearest'"):
         SpatialRescaler(method="cubic")
+
+
+def test_a_class_label_outside_the_embedders_classes_is_one_line():
+    # class 1000 (cin256-v2's unconditional class) on cin-ldm-vq-f8's 1000 classes was an IndexError
+    from ldm.modules.encoders.modules import ClassEmbedder
+    embedder = ClassEmbedder(embed_dim=4, n_classes=1000, key="class_label")
+    assert embedder({"class_label": torch.tensor([0, 999])}).shape == (2, 1, 4)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 1000\) \(n_classes\), got 5 to 1000"):
+        embedder({"class_label": torch.tensor([5, 1000])})

@@ -53,6 +53,10 @@ class ClassEmbedder(nn.Module):
             key = self.key
         # this is for use in crossattn
         c = batch[key][:, None]
+        n_classes = self.embedding.num_embeddings
+        if c.numel() and not 0 <= int(c.min()) <= int(c.max()) < n_classes:  # an IndexError in the table otherwise
+            raise ValueError(f"class labels must be in [0, {n_classes}) (n_classes), got {int(c.min())} to "
+                             f"{int(c.max())}")
         c = self.embedding(c)
         return c
 
