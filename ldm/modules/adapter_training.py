@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.modules.adapters import adapter_conditioning
+from ldm.modules.ema import warm_up_decay
 
 TIMESTEP_SAMPLING = ("cubic", "uniform")
 
@@ -74,7 +75,7 @@ class AdapterEMA:
     def current_decay(self) -> float:
         """The decay of the latest update: below the one asked for until (1 + n) / (10 + n) passes it
         (0.999 only after ~9000 updates)."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return warm_up_decay(self.decay, self.updates)
 
     @torch.no_grad()
     def update(self, adapter) -> None:

@@ -2,6 +2,12 @@ import torch
 from torch import nn
 
 
+def warm_up_decay(decay, updates):
+    """The decay of the `updates`-th average: at most (1 + n) / (10 + n), so that a short run is not
+    dominated by its first weights (0.994 at update 1500, 0.9955 at 2000)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 class LitEma(nn.Module):
     def __init__(self, model, decay=0.9999, use_num_upates=True):
         super().__init__()
@@ -27,7 +33,7 @@ class LitEma(nn.Module):
 
         if self.num_updates >= 0:
             self.num_updates += 1
-            decay = min(self.decay,(1 + self.num_updates) / (10 + self.num_updates))
+            decay = warm_up_decay(self.decay, self.num_updates)
 
         one_minus_decay = 1.0 - decay
 
