@@ -176,6 +176,15 @@ def check_choice(setting, value, choices):
         raise ConfigError(f"model.params.{setting} is {value!r}; it takes one of {', '.join(map(repr, choices))}")
 
 
+def check_indices(indices, size, what, setting):
+    """Refuse `indices` (a tensor) outside [0, size) with one ValueError line: an embedding table
+    indexed past its end raises an IndexError deep inside torch."""
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if not 0 <= low <= high < size:
+            raise ValueError(f"{what} must be in [0, {size}) ({setting}), got {low} to {high}")
+
+
 def first_line(error):
     """The first line of an exception's message, or its type's name when it has none: for one-line errors."""
     text = str(error).strip()

@@ -7,7 +7,7 @@ from collections import namedtuple
 from einops import rearrange, repeat
 
 from ldm.modules.attention import FeedForward  # the same feed-forward (and GEGLU) as SD's blocks
-from ldm.util import default, exists
+from ldm.util import check_indices, default, exists
 
 # constants
 
@@ -558,9 +558,7 @@ class TransformerWrapper(nn.Module):
         if x.shape[1] > self.max_seq_len:  # the position table's length: an IndexError inside it otherwise
             raise ValueError(f"{x.shape[1]} tokens, more than the {self.max_seq_len} positions of this text "
                              "encoder (max_seq_len): shorten the text")
-        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < self.num_tokens:
-            raise ValueError(f"token ids must be in [0, {self.num_tokens}) (vocab_size), got {int(x.min())} to "
-                             f"{int(x.max())}")
+        check_indices(x, self.num_tokens, "token ids", "vocab_size")
         x = self.token_emb(x)
         x += self.pos_emb(x)
         x = self.emb_dropout(x)

@@ -17,7 +17,7 @@ from einops import repeat
 from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer, CLIPTokenizer
 from ldm.checkpoints import CheckpointError
-from ldm.util import ConfigError, check_choice, first_line
+from ldm.util import ConfigError, check_choice, check_indices, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ class ClassEmbedder(nn.Module):
             key = self.key
         # this is for use in crossattn
         c = batch[key][:, None]
-        n_classes = self.embedding.num_embeddings
-        if c.numel() and not 0 <= int(c.min()) <= int(c.max()) < n_classes:  # an IndexError in the table otherwise
-            raise ValueError(f"class labels must be in [0, {n_classes}) (n_classes), got {int(c.min())} to "
-                             f"{int(c.max())}")
+        check_indices(c, self.embedding.num_embeddings, "class labels", "n_classes")
         c = self.embedding(c)
         return c
 
