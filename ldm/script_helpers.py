@@ -169,6 +169,26 @@ def check_steps(parser, flag, steps, timesteps, where=""):
         parser.error(f"{flag} must be below the model's {timesteps} training timesteps{where}, got {steps}")
 
 
+def check_eta(parser, eta, deterministic_sampler=None):
+    """DDIM's eta in [0, 1], and none for a sampler that draws no step noise (`deterministic_sampler`:
+    its flag, e.g. "--sampler plms"); else one error line. None (not given) passes."""
+    if eta is not None and eta != 0 and deterministic_sampler:
+        parser.error(f"--ddim_eta applies to the ddim sampler; {deterministic_sampler} is deterministic "
+                     f"(leave --ddim_eta out)")
+    if eta is not None and not 0 <= eta <= 1:
+        parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {eta}")
+
+
+def check_n_rows(parser, n_rows):
+    if n_rows < 0:
+        parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {n_rows}")
+
+
+def check_scale(parser, scale):
+    if not math.isfinite(scale):
+        parser.error(f"--scale must be a finite number, got {scale}")
+
+
 def validate_common(parser, opt, samplers, aliases):
     """Check the shared options; resolves opt.sampler. Exits via parser.error on bad input."""
     resolve_sampler(parser, opt, samplers, aliases)
@@ -178,14 +198,9 @@ def validate_common(parser, opt, samplers, aliases):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     sampler = samplers[opt.sampler]
-    if opt.ddim_eta is not None and opt.ddim_eta != 0 and not sampler.stochastic:
-        parser.error(f"--ddim_eta applies to the ddim sampler; --sampler {opt.sampler} is deterministic "
-                     f"(leave --ddim_eta out)")
-    if opt.ddim_eta is not None and not 0 <= opt.ddim_eta <= 1:
-        parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
+    check_eta(parser, opt.ddim_eta, None if sampler.stochastic else f"--sampler {opt.sampler}")
     check_seed(parser, "--seed", opt.seed)
-    if opt.n_rows < 0:
-        parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
+    check_n_rows(parser, opt.n_rows)
     if opt.n_rows and opt.skip_grid:  # upstream's combination, so a warning, not an error
         logger.warning("--n_rows %d lays out the grid, which --skip_grid leaves out: it has no effect", opt.n_rows)
     resolve_model(parser, opt)
@@ -198,8 +213,7 @@ def validate_common(parser, opt, samplers, aliases):
                      else ("--ddim_eta 0", "leave --ddim_eta out to sample it as intended"))
         logger.warning("this model's config samples with ddim eta %g: %s draws no step noise and can leave its "
                        "images speckled (%s)", opt.geometry.eta, what, fix)
-    if not math.isfinite(opt.scale):
-        parser.error(f"--scale must be a finite number, got {opt.scale}")
+    check_scale(parser, opt.scale)
     if opt.negative_prompt and opt.scale == 1.0:
         parser.error("--negative-prompt needs classifier-free guidance, which --scale 1 turns off (the "
                      "unconditional pass it replaces does not run): pass --scale above 1 or leave it out")

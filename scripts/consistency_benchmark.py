@@ -97,9 +97,9 @@ from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules import consistency_image  # noqa: E402
 from ldm.modules.consistency_reference import read_reference, record_reference, run_anchors  # noqa: E402
 from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
-                                check_output_dir, check_seed, check_steps, conditionings, configure_logging,
-                                cpu_noise, interruptible, latents_to_images, resolve_device, seed_step_noise,
-                                set_cpu_threads, warn_unseen_words)
+                                check_output_dir, check_scale, check_seed, check_steps, conditionings,
+                                configure_logging, cpu_noise, interruptible, latents_to_images, resolve_device,
+                                seed_step_noise, set_cpu_threads, warn_unseen_words)
 
 logger = logging.getLogger("consistency_benchmark")
 
@@ -289,8 +289,7 @@ def check_run(parser, opt, settings):
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not 0 <= opt.eta <= 1:
         parser.error(f"--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta:g}")
-    if not math.isfinite(opt.scale):
-        parser.error(f"--scale must be a finite number, got {opt.scale}")
+    check_scale(parser, opt.scale)
     if opt.config is None:
         opt.config = config_of_weights(opt.ckpt) or in_repo(DEFAULT_CONFIG)
     geometry = read_model_geometry(parser, "--config", opt.config, DEFAULT_CONFIG)

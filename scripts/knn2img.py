@@ -1,6 +1,5 @@
 import os, sys, glob, logging
 import importlib.util
-import math
 import torch
 import numpy as np
 from tqdm import tqdm, trange
@@ -15,8 +14,8 @@ from ldm.hub import ModelUnavailable
 from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
-from ldm.script_helpers import (ArgumentParser, build_model, check_image_size, check_steps, configure_logging,
-                                positive_int, read_prompts)
+from ldm.script_helpers import (ArgumentParser, build_model, check_eta, check_image_size, check_n_rows, check_scale,
+                                check_steps, configure_logging, positive_int, read_prompts)
 
 logger = logging.getLogger("knn2img")
 
@@ -120,14 +119,9 @@ def validate(parser, opt):
     opt.geometry = read_model_geometry(parser, "--config", opt.config)
     check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     check_image_size(parser, opt.H, opt.W, opt.geometry.multiple)
-    if not 0 <= opt.ddim_eta <= 1:
-        parser.error(f"--ddim_eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.ddim_eta}")
-    if opt.plms and opt.ddim_eta != 0:
-        parser.error("--ddim_eta applies to the DDIM sampler; --plms is deterministic (leave --ddim_eta out)")
-    if not math.isfinite(opt.scale):
-        parser.error(f"--scale must be a finite number, got {opt.scale}")
-    if opt.n_rows < 0:
-        parser.error(f"--n_rows must be 0 (= n_samples) or positive, got {opt.n_rows}")
+    check_eta(parser, opt.ddim_eta, "--plms" if opt.plms else None)
+    check_scale(parser, opt.scale)
+    check_n_rows(parser, opt.n_rows)
     opt.prompt = None if opt.prompt is None else [opt.prompt]
     opt.prompts = read_prompts(parser, opt)
     folder = database_folder(opt.database)
