@@ -7,7 +7,7 @@ from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.util import first_line, load_retrieval_database
+from ldm.util import first_line, load_retrieval_database, pip_name
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.hub import ModelUnavailable
@@ -274,12 +274,10 @@ if __name__ == "__main__":
     opt = parser.parse_args()
 
     # optional packages (not in the fork's requirements): CLIP always, ScaNN for retrieval
-    packages = {"clip": "git+https://github.com/openai/CLIP.git"}
-    if opt.use_neighbors:
-        packages.update(scann="scann")
-    for package, pip_name in packages.items():
+    for package in ("clip", "scann") if opt.use_neighbors else ("clip",):
         if importlib.util.find_spec(package) is None:
-            raise SystemExit(f"error: this script needs the optional package {package} (pip install {pip_name})")
+            raise SystemExit(f"error: this script needs the optional package {package} "
+                             f"(pip install {pip_name(package)})")
     validate(parser, opt)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

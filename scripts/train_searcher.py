@@ -1,7 +1,6 @@
 import logging
 import os, sys
 import numpy as np
-import glob
 import importlib.util
 from pathlib import Path
 
@@ -116,10 +115,8 @@ if __name__ == '__main__':
     if importlib.util.find_spec("scann") is None:
         raise SystemExit("error: this script needs the optional package scann (pip install scann)")
     import scann
-    if not glob.glob(os.path.join(opt.database, '*.npz')):
-        parser.error(f"no .npz files in --database {opt.database} (the folder of CLIP features to index)")
 
     try:
         train_searcher(opt)
-    except ValueError as e:  # the database's files do not fit together
-        parser.error(f"--database {opt.database}: {first_line(e)}")
+    except (FileNotFoundError, ValueError) as e:  # no .npz files, or files that do not fit together
+        parser.error(f"--database {opt.database} (the folder of CLIP features to index): {first_line(e)}")

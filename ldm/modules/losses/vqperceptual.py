@@ -4,7 +4,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ldm.util import ModelError, check_choice
+from ldm.util import ModelError, check_choice, pip_name
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +19,8 @@ def import_taming_gan_parts():
         from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
         from taming.modules.losses.lpips import LPIPS
     except ImportError as e:  # a ModelError: main.py and the scripts print it as one line
-        raise ModelError(
-            "The LPIPS/discriminator training losses need taming-transformers: "
-            "pip install 'taming-transformers @ git+https://github.com/CompVis/taming-transformers'"
-            f" ({e})") from e
+        raise ModelError(f"The LPIPS/discriminator training losses need taming-transformers: "
+                         f"pip install {pip_name('taming')} ({e})") from e
     return LPIPS, NLayerDiscriminator, weights_init
 
 
