@@ -152,14 +152,16 @@ def get_parser():
     )
     # upstream's nargs="?" let a bare -n/-e/-c/-l/--batch_size through as None: a crash at sampling
     parser.add_argument("-n", "--n_samples", type=positive_int, default=50000, help="number of samples to draw")
-    parser.add_argument("-e", "--eta", type=float, default=1.0,
+    # -e and -c default to None so that -v can refuse them: upstream ignored them there silently
+    parser.add_argument("-e", "--eta", type=float, default=None,
                         help="DDIM eta, 0 (deterministic) to 1 (DDPM-like, the default)")
     parser.add_argument("-v", "--vanilla_sample", default=False, action='store_true',
-                        help="sample with the model's full DDPM chain instead of DDIM (-c and -e are then ignored)")
+                        help="sample with the model's full DDPM chain instead of DDIM (not with -c or -e)")
     parser.add_argument("-l", "--logdir", type=str, default="none",
                         help="write the samples below this folder (in a subfolder named after the run) instead of "
                              "the run's own folder")
-    parser.add_argument("-c", "--custom_steps", type=positive_int, default=50, help="number of DDIM steps")
+    parser.add_argument("-c", "--custom_steps", type=positive_int, default=None,
+                        help="number of DDIM steps (default 50)")
     parser.add_argument("--batch_size", type=positive_int, default=10, help="images sampled at once")
     parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
     return parser
@@ -185,6 +187,13 @@ if __name__ == "__main__":
     stray = [arg for arg in unknown if arg.startswith("-") or "=" not in arg]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)} (config overrides are written KEY=VALUE)")
+    if opt.vanilla_sample and (opt.eta is not None or opt.custom_steps is not None):
+        parser.error("-v/--vanilla_sample runs the model's full DDPM chain: -c/--custom_steps and -e/--eta are "
+                     "DDIM settings, leave them out (or leave out -v to sample with DDIM)")
+    opt.eta = 1.0 if opt.eta is None else opt.eta
+    opt.custom_steps = 50 if opt.custom_steps is None else opt.custom_steps
+    if not 0 <= opt.eta <= 1:
+        parser.error(f"-e/--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta}")
 
     if not os.path.exists(opt.resume):
         parser.error(f"cannot find {opt.resume} (pass -r a log folder with config.yaml and model.ckpt, "
@@ -213,8 +222,6 @@ if __name__ == "__main__":
     configs = [OmegaConf.load(cfg) for cfg in opt.base]
     cli = OmegaConf.from_dotlist(unknown)
     config = OmegaConf.merge(*configs, cli)
-    if not 0 <= opt.eta <= 1:
-        parser.error(f"-e/--eta must be between 0 (deterministic) and 1 (DDPM-like), got {opt.eta}")
     params = config.model.get("params", {})
     if params.get("cond_stage_config") not in (None, "__is_unconditional__"):  # upstream: NotImplementedError later
         text = non_text_conditioning(params) is None

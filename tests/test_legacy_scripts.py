@@ -63,6 +63,13 @@ def test_sample_diffusion_needs_a_run_folder(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1  # the error alone, no usage block above it
 
 
+@pytest.mark.parametrize("ddim_flag", [["-c", "20"], ["-e", "0"]])
+def test_sample_diffusion_refuses_ddim_settings_with_the_ddpm_chain(tmp_path, ddim_flag):
+    """Upstream sampled the full DDPM chain and ignored -c/-e silently."""
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "-v", *ddim_flag))
+    assert "-v/--vanilla_sample runs the model's full DDPM chain: -c/--custom_steps and -e/--eta are" in last, last
+
+
 # the tiny SD config made unconditional: what sample_diffusion samples
 UNCONDITIONAL = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
                  "model.params.conditioning_key=null", "model.params.cond_stage_config=__is_unconditional__",
