@@ -46,3 +46,17 @@ def test_checkpointed_unet_gives_the_same_loss_gradients():
     assert attention_grads and all(grads[0][name] is not None for name in attention_grads)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("use_checkpoint, qkv_calls", [(False, 1), (True, 2)])
+def test_attention_blocks_recompute_in_backward_only_when_checkpointed(use_checkpoint, qkv_calls):
+    """Upstream's AttentionBlock (the LDM configs without a spatial transformer) checkpointed
+    whatever the config said: its attention ran again in every backward."""
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
+                     num_res_blocks=1, channel_mult=[1], num_heads=2, use_checkpoint=use_checkpoint)
+    calls = []
+    qkv = next(module.qkv for module in unet.modules() if hasattr(module, "qkv"))
+    qkv.register_forward_hook(lambda *_: calls.append(1))
+    unet(torch.randn(1, 4, 8, 8), torch.tensor([10])).square().mean().backward()
+    assert len(calls) == qkv_calls
