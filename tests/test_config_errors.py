@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -26,6 +27,17 @@ def unet(**settings):
                              "features it reads, 768 for SD v1) go together; set both or neither"),
     (unet(use_spatial_transformer=False), "set both or neither"),
     (unet(num_heads=-1), "model.params.unet_config.params: set num_heads or num_head_channels"),
+    # upstream built these and failed at the first call: a ZeroDivisionError, an empty assert, a
+    # group norm's error; or, heads not dividing the width, silently narrowed the transformer
+    (unet(num_heads=0), "unet_config.params.num_heads must be a positive divisor of every attention layer's "
+                        "width [32, 64, 128], got 0"),
+    (unet(num_heads=3), "unet_config.params.num_heads must be a positive divisor"),
+    (unet(num_heads=-1, num_head_channels=48), "unet_config.params.num_head_channels must be a positive divisor"),
+    (unet(num_heads=-1, num_head_channels=256), "unet_config.params.num_head_channels must be a positive divisor"),
+    (unet(model_channels=16), "model_channels × channel_mult must be multiples of 32 (the group norm's 32 groups), "
+                              "got widths [16, 32, 64, 64]"),
+    (unet(use_spatial_transformer=False, context_dim=None, legacy=True, num_heads_upsample=3),
+     "unet_config.params.num_heads_upsample must be a positive divisor of the decoder's attention widths"),
     (lambda params: params.update(num_timesteps_cond=2000),
      "model.params.num_timesteps_cond is 2000; it can be at most model.params.timesteps (1000)"),
 ])
@@ -71,3 +83,18 @@ def test_a_misspelt_target_names_the_nearest_name_and_a_missing_package_how_to_i
     with pytest.raises(ConfigError, match=r"there is no module not_a_package_here \(misspelt, or a package this "
                                           r"environment lacks: pip install not_a_package_here\)"):
         get_obj_from_str("not_a_package_here.losses.Loss")
+
+
+def test_a_first_level_wider_than_model_channels_builds_a_unet_that_runs():
+    """Upstream's output conv took model_channels inputs, not the first level's width: with
+    channel_mult[0] ≠ 1 the model built and failed at its first call."""
+    params = OmegaConf.load(TINY_CONFIG).model.params.unet_config.params
+    params.update(channel_mult=[2, 2, 4, 4])
+    out = UNetModel(**params)(torch.randn(1, 4, 8, 8), torch.tensor([10]), context=torch.randn(1, 3, 32))
+    assert out.shape == (1, 4, 8, 8)
+
+
+def test_attention_resolutions_that_match_no_level_are_a_warning(caplog):
+    build(unet(attention_resolutions=[16, 2]))  # a pixel resolution by mistake, as in two released configs
+    assert "attention_resolutions [16] match no level (they are downsampling factors, [1, 2, 4, 8] for 4 " \
+           "levels): those entries add no attention" in caplog.text

@@ -1,4 +1,5 @@
 from abc import abstractmethod
+import logging
 import math
 
 import numpy as np
@@ -18,9 +19,38 @@ from ldm.modules.diffusionmodules.util import (
 from ldm.modules.attention import SpatialTransformer
 from ldm.util import ConfigError
 
+logger = logging.getLogger(__name__)
 
-# dummy replace
-## go
+
+def check_unet_widths(model_channels, channel_mult, attention_resolutions, num_heads, num_head_channels,
+                      num_heads_upsample, use_spatial_transformer, legacy):
+    """Refuse, once when the UNet is built, level widths and heads that upstream accepted and then
+    failed on at the first call (a ZeroDivisionError, an empty assert, a group norm's error), or
+    used silently: an attention resolution matching no level got no attention, a head count not
+    dividing the width narrowed the transformer."""
+    where = "model.params.unet_config.params"
+    widths = [model_channels * mult for mult in channel_mult]
+    if any(width % 32 for width in widths):  # normalization(): GroupNorm with 32 groups
+        raise ConfigError(f"{where}: model_channels × channel_mult must be multiples of 32 (the group norm's 32 "
+                          f"groups), got widths {widths}")
+    levels = [2 ** level for level in range(len(channel_mult))]
+    unmatched = sorted(set(attention_resolutions) - set(levels))
+    if unmatched:  # a warning, not an error: upstream's bsr_sr and semantic_synthesis configs have them
+        logger.warning("%s.attention_resolutions %s match no level (they are downsampling factors, %s for %d "
+                       "levels): those entries add no attention", where, unmatched, levels, len(channel_mult))
+    level_widths = sorted({widths[levels.index(ds)] for ds in attention_resolutions if ds in levels})
+    attended = sorted(set(level_widths) | {widths[-1]})  # the middle block always attends
+    setting, value = ("num_head_channels", num_head_channels) if num_head_channels != -1 else ("num_heads", num_heads)
+    if value <= 0 or any(width % value for width in attended):
+        raise ConfigError(f"{where}.{setting} must be a positive divisor of every attention layer's width "
+                          f"{attended}, got {value}")
+    # the decoder's legacy AttentionBlocks take num_heads_upsample where no head width is set
+    if legacy and not use_spatial_transformer and num_head_channels == -1 and num_heads_upsample != -1:
+        if num_heads_upsample <= 0 or any(width % num_heads_upsample for width in level_widths):
+            raise ConfigError(f"{where}.num_heads_upsample must be a positive divisor of the decoder's attention "
+                              f"widths {level_widths}, got {num_heads_upsample}")
+
+
 class AttentionPool2d(nn.Module):
     """
     Adapted from CLIP: https://github.com/openai/CLIP/blob/main/clip/model.py
@@ -466,6 +496,8 @@ class UNetModel(nn.Module):
                               "set both or neither")
         if num_heads == -1 and num_head_channels == -1:
             raise ConfigError("model.params.unet_config.params: set num_heads or num_head_channels")
+        check_unet_widths(model_channels, channel_mult, attention_resolutions, num_heads, num_head_channels,
+                          num_heads_upsample, use_spatial_transformer, legacy)
         if context_dim is not None:
             from omegaconf.listconfig import ListConfig
             if type(context_dim) == ListConfig:
@@ -676,12 +708,12 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+            zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),  # upstream: model_channels (≠ ch if mult[0] ≠ 1)
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(
             normalization(ch),
-            conv_nd(dims, model_channels, n_embed, 1),
+            conv_nd(dims, ch, n_embed, 1),
             #nn.LogSoftmax(dim=1)  # change to cross_entropy and produce non-normalized logits
         )
 
