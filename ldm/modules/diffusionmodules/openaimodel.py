@@ -518,6 +518,9 @@ class UNetModel(nn.Module):
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
         self.dtype = th.float16 if use_fp16 else th.float32
+        if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
+            logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
+                           "autocast or convert the model with .half() / .to(torch.bfloat16)")
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
@@ -740,6 +743,8 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
 
         h = x.type(self.input_blocks[0][0].weight.dtype)
+        if context is not None:
+            context = context.type(h.dtype)
         adapter = self.adapter_residuals
         for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
@@ -750,7 +755,9 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = th.cat([h, hs.pop()], dim=1)
             h = module(h, emb, context)
-        h = h.type(x.dtype)
+        # float32 under autocast, as upstream's x.dtype was (the output norm and SiLU stay in float32);
+        # the weights' dtype, not x's, so that a bf16 UNet given float32 latents runs
+        h = h.type(self.out[-1].weight.dtype)
         if self.predict_codebook_ids:
             return self.id_predictor(h)
         else:
@@ -800,6 +807,9 @@ class EncoderUNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
         self.dtype = th.float16 if use_fp16 else th.float32
+        if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
+            logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
+                           "autocast or convert the model with .half() / .to(torch.bfloat16)")
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
@@ -941,20 +951,20 @@ class EncoderUNetModel(nn.Module):
         :param timesteps: a 1-D batch of timesteps.
         :return: an [N x K] Tensor of outputs.
         """
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        # the weights' dtype where upstream had self.dtype (float32 unless use_fp16) and x.dtype, as in
+        # UNetModel.forward: a bf16 or half classifier runs without autocast
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
 
         results = []
-        h = x.type(self.dtype)
+        h = x.type(dtype)
         for module in self.input_blocks:
             h = module(h, emb)
             if self.pool.startswith("spatial"):
-                results.append(h.type(x.dtype).mean(dim=(2, 3)))
+                results.append(h.type(dtype).mean(dim=(2, 3)))
         h = self.middle_block(h, emb)
         if self.pool.startswith("spatial"):
-            results.append(h.type(x.dtype).mean(dim=(2, 3)))
-            h = th.cat(results, axis=-1)
-            return self.out(h)
-        else:
-            h = h.type(x.dtype)
-            return self.out(h)
+            results.append(h.type(dtype).mean(dim=(2, 3)))
+            return self.out(th.cat(results, axis=-1))
+        return self.out(h.type(dtype))
 
