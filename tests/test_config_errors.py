@@ -40,6 +40,14 @@ def unet(**settings):
      "unet_config.params.num_heads_upsample must be a positive divisor of the decoder's attention widths"),
     (lambda params: params.update(num_timesteps_cond=2000),
      "model.params.num_timesteps_cond is 2000; it can be at most model.params.timesteps (1000)"),
+    # a TypeError / an assert from the autoencoder's halves, which are not the config's target
+    (lambda params: params.first_stage_config.params.ddconfig.update(attn_resolution=[16]),
+     "ddconfig (the autoencoder's encoder and decoder settings) does not take attn_resolution; its settings are "
+     "attn_resolutions, attn_type, ch,"),
+    (lambda params: params.first_stage_config.params.ddconfig.pop("z_channels"),
+     "ddconfig (the autoencoder's encoder and decoder settings) lacks z_channels; its settings are"),
+    (lambda params: params.first_stage_config.params.ddconfig.update(attn_type="vanila"),
+     "ddconfig.attn_type (the autoencoder's attention) is 'vanila'; it takes one of 'vanilla', 'linear', 'none'"),
 ])
 def test_a_setting_the_model_cannot_use_is_a_config_error(edit, message):
     with pytest.raises(ConfigError) as raised:

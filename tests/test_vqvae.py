@@ -4,6 +4,7 @@ import torch
 
 from ldm.models.autoencoder import VQModel  # noqa: F401  (imports without taming-transformers)
 from ldm.modules.vqvae.quantize import VectorQuantizer2
+from ldm.util import ConfigError
 
 
 def test_quantizer_snaps_to_nearest_codebook_entry_with_straight_through_gradient():
@@ -99,7 +100,7 @@ def test_a_misspelt_ddconfig_setting_is_an_error_and_each_half_gets_its_own(mode
                   **({"n_embed": 8} if model == "VQModel" else {}))
     built = getattr(autoencoder, model)(ddconfig=ddconfig, **kwargs)
     assert built.decoder.tanh_out and built.encoder.conv_out.out_channels == (8 if double_z else 4)
-    with pytest.raises(TypeError, match="attn_typ"):
+    with pytest.raises(ConfigError, match="does not take attn_typ;"):
         getattr(autoencoder, model)(ddconfig={**ddconfig, "attn_typ": "none"}, **kwargs)
 
 

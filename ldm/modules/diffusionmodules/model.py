@@ -1,10 +1,12 @@
 # pytorch_diffusion + derived encoder decoder
+import inspect
 import logging
 import torch
 import torch.nn as nn
 import numpy as np
 
 from ldm.modules.attention import LinearAttention
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,9 @@ class AttnBlock(nn.Module):
 
 
 def make_attn(in_channels, attn_type="vanilla"):
-    assert attn_type in ["vanilla", "linear", "none"], f'attn_type {attn_type} unknown'
+    if attn_type not in ("vanilla", "linear", "none"):
+        raise ConfigError(f"ddconfig.attn_type (the autoencoder's attention) is {attn_type!r}; it takes one of "
+                          "'vanilla', 'linear', 'none'")
     logger.debug("making attention of type '%s' with %d in_channels", attn_type, in_channels)
     if attn_type == "vanilla":
         return AttnBlock(in_channels)
@@ -399,8 +403,17 @@ DECODER_ONLY = frozenset({"give_pre_end", "tanh_out"})
 
 
 def encoder_and_decoder(ddconfig):
-    """Both halves of a first stage from its shared ``ddconfig``. A key neither half takes is a
-    TypeError: upstream's halves swallowed unknown keys, so a misspelt setting was dropped silently."""
+    """Both halves of a first stage from its shared ``ddconfig``. A key neither half takes, or a
+    required one left out, is a ConfigError: upstream's halves swallowed unknown keys, so a
+    misspelt setting was dropped silently."""
+    takes = [inspect.signature(half).parameters.values() for half in (Encoder, Decoder)]
+    known = {p.name for parameters in takes for p in parameters}
+    required = {p.name for parameters in takes for p in parameters if p.default is inspect.Parameter.empty}
+    unknown, missing = sorted(set(ddconfig) - known), sorted(required - set(ddconfig))
+    if unknown or missing:
+        raise ConfigError("ddconfig (the autoencoder's encoder and decoder settings) "
+                          + (f"does not take {', '.join(unknown)}" if unknown else f"lacks {', '.join(missing)}")
+                          + f"; its settings are {', '.join(sorted(known))}")
     encoder = Encoder(**{k: v for k, v in ddconfig.items() if k not in DECODER_ONLY})
     decoder = Decoder(**{k: v for k, v in ddconfig.items() if k not in ENCODER_ONLY})
     return encoder, decoder
