@@ -2,7 +2,7 @@
 
 For every prompt and seed, N procedural scenes of the prompt's kind with different layouts
 (position, size, legs / shape) give N condition maps (outline or mask, as the adapter was
-trained: its file header says which). The same start noise is sampled under six settings:
+trained: its file header says which). The same start noise is sampled under seven settings:
 
     plain               the model alone (the IoU it reaches by chance is the baseline)
     adapter             with the adapter's features of the N conditions
