@@ -148,6 +148,9 @@ def run_metadata(opt, *, prompt, height, width, extra_metadata=None, batch=None,
     return metadata
 
 
+SAMPLES_FOLDER = "samples"
+
+
 class OutputWriter:
     """Saves samples as ``outdir/samples/NNNNN.png`` and grids as ``outdir/grid-NNNN.png``.
 
@@ -156,15 +159,17 @@ class OutputWriter:
 
     def __init__(self, outdir, display_scale=1, mark=None):
         self.outdir = outdir
-        self.sample_dir = os.path.join(outdir, "samples")
+        self.sample_dir = os.path.join(outdir, SAMPLES_FOLDER)
         self.display_scale = display_scale
         self.mark = mark  # PIL image -> PIL image, on every file's pixels as saved (Postprocess.png)
-        os.makedirs(self.sample_dir, exist_ok=True)
-        self.next_sample = next_free_index(self.sample_dir, digits=5)
+        self.next_sample = None  # the samples folder is made for the first sample: a grid alone needs none
         self.next_grid = next_free_index(outdir, prefix="grid-", digits=4)
 
     def save_samples(self, images, metadata):
         """Save each (3, H, W) image; ``metadata(i)`` gives the parameters for image i of the batch."""
+        if self.next_sample is None:
+            os.makedirs(self.sample_dir, exist_ok=True)
+            self.next_sample = next_free_index(self.sample_dir, digits=5)
         paths = []
         for i, image in enumerate(images):
             path, self.next_sample = self._save(image, metadata(i), self.sample_dir, "", 5, self.next_sample)

@@ -21,7 +21,7 @@ from ldm.model_choice import DEFAULT_CONFIGS, DEFAULT_STEPS, load_config, resolv
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.outputs import SAFETY_MODEL_ID
+from ldm.outputs import SAFETY_MODEL_ID, SAMPLES_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +362,19 @@ def _remove_if_empty(folders):
             os.rmdir(folder)
         except OSError:
             return
+
+
+def check_sample_outdir(parser, opt):
+    """--outdir and, unless --skip_save, its samples folder, where OutputWriter saves: a file of
+    that name was a traceback once the model had loaded."""
+    check_output_dir(parser, "--outdir", opt.outdir)
+    samples = os.path.join(opt.outdir, SAMPLES_FOLDER)
+    if opt.skip_save:
+        return
+    if os.path.exists(samples) and not os.path.isdir(samples):
+        parser.error(f"--outdir {opt.outdir} holds a file named {SAMPLES_FOLDER}, where the samples go: move it, "
+                     "or pass another --outdir")
+    check_output_dir(parser, "--outdir", samples)
 
 
 def check_new_file(parser, flag, path):

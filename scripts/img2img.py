@@ -19,7 +19,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
 from ldm.script_helpers import (ArgumentParser, add_batch_arguments, add_common_arguments, check_against_model,
-                                check_output_dir, check_step_windows, check_subject_words_before_loading,
+                                check_sample_outdir, check_step_windows, check_subject_words_before_loading,
                                 configure_logging, consistency_from_arguments, interruptible, latents_to_images,
                                 load_model, make_sampler, noised_batches, precision_context, sampling_batch,
                                 validate_common, warn_if_far_above_model_size)
@@ -147,7 +147,7 @@ def check_init_image(parser, opt):
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, width, height,
                                                size_hint="crop or resize --init-img to match")
     check_subject_words_before_loading(parser, opt)
-    check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
+    check_sample_outdir(parser, opt)  # last: created only when the input is good
     return init_image
 
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.modules import adapters, consistency_image, consistency_reference
 from ldm.outputs import build_postprocess, feature_metadata, save_results, written_message
 from ldm.script_helpers import (SAMPLERS, SAMPLER_ALIASES, ArgumentParser, add_batch_arguments, add_common_arguments,
-                                check_against_model, check_image_size, check_output_dir, check_step_windows,
+                                check_against_model, check_image_size, check_sample_outdir, check_step_windows,
                                 check_subject_words_before_loading, configure_logging, consistency_from_arguments,
                                 interruptible, latents_to_images, load_model, make_sampler, noised_batches,
                                 precision_context, sampling_batch, validate_common, warn_if_far_above_model_size)
@@ -53,7 +53,7 @@ def validate_options(parser, opt):
     opt.reference = consistency_reference.reference_from_arguments(opt, parser)  # needs opt.sampler
     consistency_image.set_from_arguments(opt, parser, (opt.H, opt.W))
     opt.adapters = adapters.run_from_arguments(opt, parser, opt.n_samples, opt.W, opt.H)
-    check_output_dir(parser, "--outdir", opt.outdir)
+    check_sample_outdir(parser, opt)
     check_subject_words_before_loading(parser, opt)  # needs opt.reference
     return opt
 

@@ -157,6 +157,23 @@ def test_one_ddim_step_is_a_warning_that_the_images_stay_noise(txt2img, tmp_path
                                                  "that noise; take 2 or more"])
 
 
+def test_img2img_with_one_ddim_step_warns_that_the_init_image_stays(tmp_path, caplog):
+    """At any --strength the one step noises to timestep 1 only (sqrt(alpha_bar_1) = 0.999): the
+    help's "1.0: full destruction of the init image" did not hold, silently."""
+    img2img = load_script("img2img")
+    parser = img2img.build_parser()
+    for steps in (1, 2):
+        caplog.clear()
+        img2img.validate_options(parser, parser.parse_args(["--config", str(TINY_CONFIG), "--random-weights",
+                                                            "--init-img", "docs/reference-chair.png",
+                                                            "--strength", "1", "--ddim_steps", str(steps),
+                                                            "--outdir", str(tmp_path / str(steps))]))
+        warned = [r.getMessage() for r in caplog.records if "--ddim_steps 1" in r.getMessage()]
+        assert warned == ([] if steps == 2 else ["--ddim_steps 1 noises the init image to timestep 1 of 1000 only, "
+                                                 "whatever --strength: the images are the init image almost "
+                                                 "unchanged; take 2 or more"])
+
+
 def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplog):
     """On the 16 px model: 40x40 is 6x its pixels (warned, with the fix), 32x32 4x (not); img2img
     reads a 48x48 image pixel for pixel with --display-scale 1 (9x, warned), at 16x16 with 3."""

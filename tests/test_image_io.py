@@ -136,15 +136,16 @@ def test_a_run_sharing_its_outdir_with_another_takes_the_next_free_numbers(tmp_p
     run's images take the next free numbers."""
     from ldm.outputs import OutputWriter
     writer = OutputWriter(str(tmp_path))
-    (tmp_path / "samples" / "00000.png").write_bytes(b"the other run's")
-    (tmp_path / "grid-0000.png").write_bytes(b"the other run's grid")
     images = torch.rand(2, 3, 8, 8)
+    assert writer.save_samples(images[:1], lambda i: {})[0].endswith("00000.png")
+    (tmp_path / "samples" / "00001.png").write_bytes(b"the other run's")
+    (tmp_path / "grid-0000.png").write_bytes(b"the other run's grid")
     paths = writer.save_samples(images, lambda i: {"position": i})
     grid = writer.save_grid(images, 2, {})
-    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00001.png", "00002.png"] and grid.endswith("grid-0001.png")
-    assert (tmp_path / "samples" / "00000.png").read_bytes() == b"the other run's"
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00002.png", "00003.png"] and grid.endswith("grid-0001.png")
+    assert (tmp_path / "samples" / "00001.png").read_bytes() == b"the other run's"
     assert (tmp_path / "grid-0000.png").read_bytes() == b"the other run's grid"
-    assert writer.save_samples(images[:1], lambda i: {})[0].endswith("00003.png")
+    assert writer.save_samples(images[:1], lambda i: {})[0].endswith("00004.png")
 
 
 @pytest.mark.parametrize("mode, key", [("RGB", (0, 0, 0)), ("L", 0)])
