@@ -21,7 +21,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm import script_helpers as helpers
 from ldm.model_choice import in_repo, read_model_geometry
-from ldm.image_io import read_user_image
+from ldm.outputs import ctrl_c_deferred
+from ldm.image_io import read_user_image, save_png
 from ldm.models.diffusion.ddim import DDIMSampler
 
 logger = logging.getLogger("inpaint")
@@ -138,6 +139,7 @@ def inpaint(model, sampler, batch, steps):
 def main():
     helpers.configure_logging()
     parser, opt = parse_args()
+    helpers.check_seed(parser, "--seed", opt.seed)
     opt.config, opt.ckpt = in_repo(opt.config), in_repo(opt.ckpt)
     geometry = read_model_geometry(parser, "--config", opt.config, example=CONFIG)
     check_inpainting_model(parser, opt, geometry)
@@ -151,9 +153,11 @@ def main():
     helpers.seed_everything(opt.seed)
     with model.ema_scope():
         for image, mask, output in tqdm(pairs):
-            Image.fromarray(inpaint(model, sampler, make_batch(image, mask, device), opt.steps)).save(output)
+            inpainted = Image.fromarray(inpaint(model, sampler, make_batch(image, mask, device), opt.steps))
+            with ctrl_c_deferred():  # a PNG cut off by Ctrl-C would block the rerun ("exists")
+                save_png(inpainted, output)  # exclusive: a file another run wrote meanwhile stays
     logger.info("%d images written to %s", len(pairs), opt.outdir)
 
 
 if __name__ == "__main__":
-    main()
+    helpers.interruptible(main)

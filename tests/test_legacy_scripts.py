@@ -94,6 +94,14 @@ def test_inpaint_needs_its_folders(tmp_path):
     assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_inpaint_checks_its_seed(tmp_path, seed):
+    """Upstream's seed went to seed_everything unchecked: -1 sampled as 2**64 - 1 did, 2**64 was a
+    traceback once the model had loaded."""
+    last = error_line(run("inpaint.py", "--indir", tmp_path, "--outdir", tmp_path / "out", "--seed", seed))
+    assert last.endswith(f"--seed must be between 0 and 4294967295, got {seed}"), last
+
+
 def test_inpaint_with_another_kind_of_model_or_too_many_steps_is_one_error_line(tiny_inpainting_model, tmp_path):
     """Both were tracebacks once the model was built (a tokenizer fed the masked image; the sampler)."""
     config, ckpt = tiny_inpainting_model
