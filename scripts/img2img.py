@@ -38,8 +38,8 @@ def build_parser():
                          outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
     parser.add_argument("--init-img", type=in_repo, nargs="?", help="path to the input image")
     parser.add_argument("--strength", type=float, default=0.75,
-                        help="strength for noising/unnoising. 1.0 corresponds to full destruction of "
-                             "information in init image")
+                        help="strength for noising/unnoising, above 0. 1.0 corresponds to full destruction of "
+                             "information in init image (with --ddim_steps 2 or more)")
     add_batch_arguments(parser)
     return parser
 
@@ -50,8 +50,12 @@ def validate_options(parser, opt):
     validate_common(parser, opt, SAMPLERS, SAMPLER_ALIASES)
     if not opt.init_img:
         parser.error("pass --init-img PATH (the image to vary)")
-    if not 0.0 <= opt.strength <= 1.0:
-        parser.error(f"--strength must be in [0.0, 1.0], got {opt.strength}")
+    if not 0.0 < opt.strength <= 1.0:
+        parser.error(f"--strength must be in (0.0, 1.0], got {opt.strength}" + (
+            " (0 would return the init image unchanged)" if opt.strength == 0 else ""))
+    if opt.ddim_steps == 1:  # txt2img warns too: the one step of upstream's schedule is timestep 1
+        logger.warning("--ddim_steps 1 noises the init image to timestep 1 of %d only, whatever --strength: the "
+                       "images are the init image almost unchanged; take 2 or more", opt.geometry.timesteps)
     if encode_steps(opt) < 1:
         parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
                      f"raise one of them")

@@ -227,6 +227,18 @@ def test_txt2img_skip_grid_and_skip_save_write_nothing_and_say_why(txt2img, tmp_
     assert "no files written: --skip_save and --skip_grid" in caplog.text
 
 
+def test_a_file_where_the_samples_go_is_one_error_line_before_loading_and_no_matter_with_skip_save(txt2img, tmp_path):
+    """OutputWriter made outdir/samples after the model had loaded: a file of that name was a
+    traceback then, even under --skip_save, which writes no sample."""
+    (tmp_path / "samples").write_text("an earlier file")
+    result = run("txt2img.py", *TINY, "--outdir", tmp_path, "--n_samples", "1", "--n_iter", "1")
+    assert_one_line_error(result, f"--outdir {tmp_path} holds a file named samples, where the samples go: move it, "
+                                  "or pass another --outdir")
+    assert "Loading model" not in result.stderr
+    assert txt2img.main([*map(str, TINY), "--outdir", str(tmp_path), "--n_samples", "1", "--skip_save"])
+    assert pngs(tmp_path) == ["grid-0000.png"] and (tmp_path / "samples").read_text() == "an earlier file"
+
+
 def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(bytes(range(128, 256)))
@@ -237,7 +249,9 @@ def test_txt2img_prompt_file_that_is_not_text_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("script, args, message", [
     ("txt2img.py", ["--scale", "nan"], "--scale must be a finite number"),
-    ("img2img.py", ["--init-img", "docs/reference-chair.png", "--strength", "1.5"], "--strength must be in [0.0, 1.0]"),
+    ("img2img.py", ["--init-img", "docs/reference-chair.png", "--strength", "1.5"], "--strength must be in (0.0, 1.0]"),
+    ("img2img.py", ["--init-img", "docs/reference-chair.png", "--strength", "0"],
+     "--strength must be in (0.0, 1.0], got 0.0 (0 would return the init image unchanged)"),
 ])
 def test_bad_input_after_a_warning_is_the_error_line_alone(tmp_path, script, args, message):
     """--n_rows with --skip_grid is warned about while the input is checked; when a later check
