@@ -226,15 +226,16 @@ def validate_common(parser, opt, samplers, aliases):
     opt.prompts = read_prompts(parser, opt)
     warn_unseen_words(opt.geometry, opt.config, opt.prompts + [getattr(opt, "negative_prompt", "") or ""])
     batches = prompt_batches(opt)
-    from ldm.modules.consistency import check_anchor_images, check_anchors_leave_readers
+    from ldm.modules.consistency import anchors_of_first_batch, check_anchor_images, check_anchors_leave_readers
     check_anchor_images(parser, opt.consistency, len(batches[0]))  # --from-file: maybe fewer than n_samples
-    from ldm.modules.consistency_reference import run_anchors  # it imports this module
-    opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(batches))
     images = len(batches[0]) + len(getattr(opt, "reference_image", None) or ())
     if opt.consistency is not None and opt.n_iter * len(batches) == 1 == images:  # --from-file: 1 line, --n_samples 1
         logger.warning("--consistent-attn: this run is a single image, nothing to share; sampling normally")
         opt.consistency = None
     check_anchors_leave_readers(parser, opt, images, opt.n_iter * len(batches))
+    opt.consistency = anchors_of_first_batch(opt.consistency, len(batches[0]))  # a run of batches: the later read
+    from ldm.modules.consistency_reference import run_anchors  # it imports this module
+    opt.run_anchors = run_anchors(opt.consistency, opt.n_iter * len(batches))
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available (use --device cpu)")
     if opt.safety_checker and not os.path.isdir(opt.safety_checker):

@@ -92,6 +92,12 @@ def test_a_first_batch_shorter_than_the_anchor_count_is_all_anchors(tmp_path, ti
                            "--share-anchors", "2", "--n_iter", "2"))
     assert_ok(result)
     assert len(pixels(tmp_path / "out")) == 2
+    # the run says so, and its metadata names the one anchor it had (it said "the first 2")
+    assert "--share-anchors 2: the first batch has 1 image(s); they are the anchors" in result.stderr
+    extra = read_parameters(sorted((tmp_path / "out" / "samples").glob("*.png"))[1])["extra"]
+    assert extra["consistent_attn"]["n_anchors"] == 1
+    assert extra["run_anchors"] == {"anchors": "the first 1 image(s) of the run's first batch, read by every later "
+                                               "batch"}
 
 
 @pytest.mark.parametrize("source", ["--prompt", "--from-file"])

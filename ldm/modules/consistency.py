@@ -36,6 +36,7 @@ the plain model.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from contextlib import contextmanager
@@ -819,6 +820,17 @@ def check_anchors_leave_readers(parser, opt, images, batches):
     parser.error(f"{anchors} with {images} images per batch leaves no image to read the anchors: use fewer "
                  f"anchors, a larger --n_samples (more lines with --from-file), or --n_iter 2 or more (the later "
                  f"batches read them)")
+
+
+def anchors_of_first_batch(config, images):
+    """`config` with no more anchors than the run's first batch of `images` images (--from-file
+    with fewer lines than --share-anchors): that batch is all anchors, as anchor_attention makes
+    it, and the PNG metadata says so; a warning says what was asked."""
+    if config is None or config.mode is not ShareMode.ANCHOR or config.anchor_images or config.n_anchors <= images:
+        return config
+    log.warning("--share-anchors %d: the first batch has %d image(s); they are the anchors", config.n_anchors,
+                   images)
+    return dataclasses.replace(config, n_anchors=images)
 
 
 def check_anchor_images(parser, config, images):
