@@ -469,3 +469,43 @@ def test_the_logged_outpainting_keeps_the_centre_the_inpainting_fills(tiny_model
     tiny_model.log_images(batch, N=2, inpaint=True, plot_progressive_rows=False, plot_diffusion_rows=False)
     inpaint, outpaint = masks  # mask 1: kept
     assert inpaint[0, 0, 4, 4] == 0 and inpaint[0, 0, 0, 0] == 1 and torch.equal(outpaint, 1 - inpaint)
+
+
+def x0_model():
+    from omegaconf import OmegaConf
+    from conftest import TINY_CONFIG
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.update(parameterization="x0", timesteps=10)
+    torch.manual_seed(0)
+    return instantiate_from_config(config.model).eval()
+
+
+@pytest.mark.parametrize("sampler", [DDIMSampler, PLMSSampler, DPMSolverSampler])
+def test_an_x0_model_is_refused_by_the_fast_samplers(sampler):
+    """They read the model's output as noise: upstream sampled noise from an x0 model."""
+    from ldm.util import ModelError
+    with pytest.raises(ModelError, match=f"{sampler.__name__} sample noise-predicting models .parameterization: "
+                                         "eps.; this one predicts x0: sample it with its full chain"):
+        sampler(x0_model())
+
+
+def test_an_x0_models_training_images_come_from_its_full_chain():
+    model = x0_model()
+    batch = {"jpg": torch.rand(1, 64, 64, 3) * 2 - 1, "txt": ["a chair"]}
+    with torch.no_grad():
+        log = model.log_images(batch, N=1, ddim_steps=5, plot_progressive_rows=False, plot_diffusion_rows=False,
+                               inpaint=False, quantize_denoised=False)
+    assert log["samples"].shape == (1, 3, 64, 64) and torch.isfinite(log["samples"]).all()
+
+
+def test_txt2img_refuses_an_x0_model_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+    from conftest import TINY_CONFIG
+    from test_cli import assert_one_line_error, run
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.parameterization = "x0"
+    OmegaConf.save(config, tmp_path / "x0.yaml")
+    result = run("txt2img.py", "--config", tmp_path / "x0.yaml", "--random-weights", "--H", "64", "--W", "64",
+                 "--n_samples", "1", "--n_iter", "1", "--outdir", tmp_path / "out")
+    assert_one_line_error(result, "this one predicts x0: sample it with its full chain")

@@ -1104,7 +1104,7 @@ class LatentDiffusion(DDPM):
                    plot_diffusion_rows=True):
         # No **kwargs: main.ImageLogger checks the config's log_images_kwargs against this signature.
 
-        use_ddim = ddim_steps is not None
+        use_ddim = ddim_steps is not None and self.parameterization == "eps"  # DDIM reads the output as noise
 
         log = dict()
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key,
