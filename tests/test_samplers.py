@@ -509,3 +509,13 @@ def test_txt2img_refuses_an_x0_model_in_one_line(tmp_path):
     result = run("txt2img.py", "--config", tmp_path / "x0.yaml", "--random-weights", "--H", "64", "--W", "64",
                  "--n_samples", "1", "--n_iter", "1", "--outdir", tmp_path / "out")
     assert_one_line_error(result, "this one predicts x0: sample it with its full chain")
+
+
+def test_log_images_plots_the_denoising_rows_with_ddim(tiny_model):
+    """With DDIM, upstream iterated over the keys of its intermediates dict: an AttributeError at
+    the first image log of a config that sets plot_denoise_rows."""
+    batch = {"jpg": torch.rand(1, 64, 64, 3) * 2 - 1, "txt": ["a chair"]}
+    with torch.no_grad():
+        log = tiny_model.log_images(batch, N=1, ddim_steps=5, plot_denoise_rows=True, inpaint=False,
+                                    plot_progressive_rows=False, plot_diffusion_rows=False, quantize_denoised=False)
+    assert log["denoise_row"].shape[0] == 3 and torch.isfinite(log["denoise_row"]).all()

@@ -1157,8 +1157,9 @@ class LatentDiffusion(DDPM):
                 # samples, z_denoise_row = self.sample(cond=c, batch_size=N, return_intermediates=True)
             x_samples = self.decode_first_stage(samples)
             log["samples"] = x_samples
-            if plot_denoise_rows:
-                denoise_grid = self._get_denoise_row_from_list(z_denoise_row)
+            if plot_denoise_rows:  # DDIM's intermediates are a dict (upstream iterated over its keys)
+                rows = z_denoise_row["x_inter"] if isinstance(z_denoise_row, dict) else z_denoise_row
+                denoise_grid = self._get_denoise_row_from_list(rows)
                 log["denoise_row"] = denoise_grid
 
             if quantize_denoised and not isinstance(self.first_stage_model, AutoencoderKL) and not isinstance(
