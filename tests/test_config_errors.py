@@ -46,6 +46,9 @@ def unet(**settings):
      "attn_resolutions, attn_type, ch,"),
     (lambda params: params.first_stage_config.params.ddconfig.pop("z_channels"),
      "ddconfig (the autoencoder's encoder and decoder settings) lacks z_channels; its settings are"),
+    (lambda params: params.update(cond_stage_trainable=True, cond_stage_config="__is_unconditional__"),
+     "model.params.cond_stage_trainable: true trains a conditioning model, and cond_stage_config is "
+     "__is_unconditional__: set cond_stage_trainable: false"),
     (lambda params: params.first_stage_config.params.ddconfig.update(attn_type="vanila"),
      "ddconfig.attn_type (the autoencoder's attention) is 'vanila'; it takes one of 'vanilla', 'linear', 'none'"),
 ])
@@ -106,3 +109,15 @@ def test_attention_resolutions_that_match_no_level_are_a_warning(caplog):
     build(unet(attention_resolutions=[16, 2]))  # a pixel resolution by mistake, as in two released configs
     assert "attention_resolutions [16] match no level (they are downsampling factors, [1, 2, 4, 8] for 4 " \
            "levels): those entries add no attention" in caplog.text
+
+
+def test_a_trainable_conditioning_stage_that_freezes_itself_is_a_warning(caplog):
+    """SD's FrozenCLIPEmbedder freezes itself unless told otherwise: upstream said "Also optimizing
+    conditioner params!" and trained none of them."""
+    build(lambda params: params.update(cond_stage_trainable=True))
+    assert "cond_stage_trainable is true, but FrozenCLIPEmbedder freezes its parameters: none of them trains" \
+        in caplog.text
+    caplog.clear()
+    build(lambda params: params.update(cond_stage_trainable=True) or params.cond_stage_config.params.update(
+        trainable=True))
+    assert "freezes its parameters" not in caplog.text

@@ -519,9 +519,16 @@ class LatentDiffusion(DDPM):
             else:
                 self.cond_stage_model = frozen(instantiate_from_config(config))
         else:
-            assert config != '__is_first_stage__'
-            assert config != '__is_unconditional__'
+            if config in ("__is_first_stage__", "__is_unconditional__"):
+                raise ConfigError(f"model.params.cond_stage_trainable: true trains a conditioning model, and "
+                                  f"cond_stage_config is {config}: set cond_stage_trainable: false")
             model = instantiate_from_config(config)
+            parameters = list(model.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):  # e.g. FrozenCLIPEmbedder by default
+                logger.warning("model.params.cond_stage_trainable is true, but %s freezes its parameters: none of "
+                               "them trains (and the text is encoded with gradients at every step); set its "
+                               "cond_stage_config.params.trainable: true, or cond_stage_trainable: false",
+                               type(model).__name__)
             self.cond_stage_model = model
 
     def _get_denoise_row_from_list(self, samples, desc='', force_no_decoder_quantization=False):
