@@ -134,3 +134,20 @@ def test_a_ckpt_path_without_an_ema_copy_starts_the_ema_from_its_weights(tmp_pat
         for name, tensor in trained.state_dict().items():
             assert torch.equal(tensor, reloaded.state_dict()[name]), name
     assert reloaded.model_ema.num_updates == 0
+
+
+def test_a_ckpt_path_with_weights_of_other_shapes_is_one_error(tmp_path):
+    """Non-strict loading still refuses other shapes, with a RuntimeError listing every weight
+    (874 lines for the 16 px model with a wider UNet): main.py printed it all as a traceback."""
+    from safetensors.torch import save_file
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.checkpoints import WeightsMismatchError
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    kwargs = dict(lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    narrow = AutoencoderKL(ddconfig=ddconfig, **kwargs).state_dict()
+    save_file({k: v.contiguous() for k, v in narrow.items()}, str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(WeightsMismatchError, match=r"narrow.safetensors has \d+ weights with shapes other than this "
+                                                   r"AutoencoderKL's \(e.g. decoder.conv_in.bias: \(64,\), the config's "
+                                                   r"\(128,\)\); is it the checkpoint meant"):
+        AutoencoderKL(ddconfig={**ddconfig, "ch": 64}, **kwargs, ckpt_path=str(tmp_path / "narrow.safetensors"))

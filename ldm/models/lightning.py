@@ -45,7 +45,7 @@ class TrainableModule(nn.Module):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
         of the model (the first stage's weights). `only_model`: into `self.model` alone."""
-        from ldm.checkpoints import CheckpointError, load_state_dict
+        from ldm.checkpoints import CheckpointError, WeightsMismatchError, load_state_dict
         try:
             state = load_state_dict(path, mapped=True)  # copied into the model below
         except CheckpointError as e:
@@ -56,6 +56,14 @@ class TrainableModule(nn.Module):
         if len(kept) < len(state):
             logger.info("Left out %d keys starting with %s", len(state) - len(kept), ", ".join(ignore_keys))
         target = self.model if only_model else self
+        expected = target.state_dict()
+        reshaped = [key for key in kept if key in expected and kept[key].shape != expected[key].shape]
+        if reshaped:  # non-strict loading still fails on them, with a RuntimeError listing every one
+            raise WeightsMismatchError(f"{path} has {len(reshaped)} weights with shapes other than this "
+                                       f"{type(target).__name__}'s (e.g. {reshaped[0]}: "
+                                       f"{tuple(kept[reshaped[0]].shape)}, the config's "
+                                       f"{tuple(expected[reshaped[0]].shape)}); is it the checkpoint meant for "
+                                       "the config's ckpt_path?")
         missing, unexpected = target.load_state_dict(kept, strict=False)
         if kept and len(unexpected) == len(kept):  # non-strict, yet not one weight fits: the wrong file
             raise CheckpointError(f"none of the {len(kept)} weights of {path} is one of this "
