@@ -38,8 +38,8 @@ def unet(**settings):
                               "got widths [16, 32, 64, 64]"),
     (unet(use_spatial_transformer=False, context_dim=None, legacy=True, num_heads_upsample=3),
      "unet_config.params.num_heads_upsample must be a positive divisor of the decoder's attention widths"),
-    (lambda params: params.update(num_timesteps_cond=2000),
-     "model.params.num_timesteps_cond is 2000; it can be at most model.params.timesteps (1000)"),
+    (lambda params: params.update(num_timesteps_cond=2),
+     "model.params.num_timesteps_cond is 2; only 1 (the conditioning is not noised) is supported"),
     # a TypeError / an assert from the autoencoder's halves, which are not the config's target
     (lambda params: params.first_stage_config.params.ddconfig.update(attn_resolution=[16]),
      "ddconfig (the autoencoder's encoder and decoder settings) does not take attn_resolution; its settings are "

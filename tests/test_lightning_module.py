@@ -74,7 +74,6 @@ def test_the_frozen_stages_stay_in_eval_mode_and_return_themselves():
 
 @pytest.mark.parametrize("config, overrides", [
     (TINY_CONFIG, {}),
-    (TINY_CONFIG, {"num_timesteps_cond": 2}),  # upstream's shortened conditioning schedule (cond_ids)
     (TINY_CONFIG, {"learn_logvar": True}),
     (REPO / "configs" / "embedded" / "procedural-t2i.yaml", {}),  # what gpu_train_embedded.sh trains
 ])

@@ -434,13 +434,13 @@ class LatentDiffusion(DDPM):
                  scale_by_std=False,
                  clip_denoised=False,
                  *args, **kwargs):
-        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        # upstream's unfinished option (marked "TODO: drop"): training noised the conditioning, DDIM,
+        # PLMS and DPM-Solver never did and its full chain noised it again at every step
+        if default(num_timesteps_cond, 1) != 1:
+            raise ConfigError(f"model.params.num_timesteps_cond is {num_timesteps_cond}; only 1 (the conditioning "
+                              "is not noised) is supported: upstream's noised-conditioning schedule sampled "
+                              "otherwise than it trained")
         self.scale_by_std = scale_by_std
-        # upstream read kwargs['timesteps'], a KeyError for a config that leaves DDPM's default
-        timesteps = kwargs.get("timesteps", DEFAULT_TIMESTEPS)
-        if self.num_timesteps_cond > timesteps:
-            raise ConfigError(f"model.params.num_timesteps_cond is {self.num_timesteps_cond}; it can be at most "
-                              f"model.params.timesteps ({timesteps})")
         # for backwards compatibility after implementation of DiffusionWrapper
         if conditioning_key is None:
             conditioning_key = 'concat' if concat_mode else 'crossattn'
@@ -472,11 +472,6 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
 
-    def make_cond_schedule(self, ):
-        cond_ids = torch.full(size=(self.num_timesteps,), fill_value=self.num_timesteps - 1, dtype=torch.long)
-        cond_ids[:self.num_timesteps_cond] = torch.round(torch.linspace(0, self.num_timesteps - 1,
-                                                                        self.num_timesteps_cond)).long()
-        self.register_buffer('cond_ids', cond_ids, persistent=False)  # follows the model, as logvar
 
     @rank_zero_only
     @torch.no_grad()
@@ -494,15 +489,6 @@ class LatentDiffusion(DDPM):
             self.register_buffer('scale_factor', 1. / z.flatten().std())
             logger.info(f"setting self.scale_factor to {self.scale_factor}")
             logger.info("### USING STD-RESCALING ###")
-
-    def register_schedule(self,
-                          given_betas=None, beta_schedule="linear", timesteps=1000,
-                          linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
-        super().register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-
-        self.shorten_cond_schedule = self.num_timesteps_cond > 1
-        if self.shorten_cond_schedule:
-            self.make_cond_schedule()
 
     def instantiate_first_stage(self, config):
         self.first_stage_model = frozen(instantiate_from_config(config))
@@ -773,9 +759,6 @@ class LatentDiffusion(DDPM):
             assert c is not None
             if self.cond_stage_trainable:
                 c = self.get_learned_conditioning(c)
-            if self.shorten_cond_schedule:  # TODO: drop this option
-                tc = self.cond_ids[t].to(self.device)
-                c = self.q_sample(x_start=c, t=tc, noise=torch.randn_like(c.float()))
         return self.p_losses(x, c, t, *args, **kwargs)
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
@@ -996,10 +979,6 @@ class LatentDiffusion(DDPM):
 
         for i in iterator:
             ts = torch.full((b,), i, device=self.device, dtype=torch.long)
-            if self.shorten_cond_schedule:
-                assert self.model.conditioning_key != 'hybrid'
-                tc = self.cond_ids[ts].to(cond.device)
-                cond = self.q_sample(x_start=cond, t=tc, noise=torch.randn_like(cond))
 
             img, x0_partial = self.p_sample(img, cond, ts,
                                             clip_denoised=self.clip_denoised,
@@ -1055,10 +1034,6 @@ class LatentDiffusion(DDPM):
 
         for i in iterator:
             ts = torch.full((b,), i, device=device, dtype=torch.long)
-            if self.shorten_cond_schedule:
-                assert self.model.conditioning_key != 'hybrid'
-                tc = self.cond_ids[ts].to(cond.device)
-                cond = self.q_sample(x_start=cond, t=tc, noise=torch.randn_like(cond))
 
             img = self.p_sample(img, cond, ts,
                                 clip_denoised=self.clip_denoised,
