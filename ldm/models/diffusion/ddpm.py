@@ -111,9 +111,6 @@ class DDPM(TrainableModule):
 
         if monitor is not None:
             self.monitor = monitor
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
-
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
 
@@ -127,15 +124,27 @@ class DDPM(TrainableModule):
             # and p_losses indexes it with the batch's timesteps, which on CUDA is an error (a CPU tensor
             # takes CPU indices only). Not saved, as upstream: its checkpoints have no such key.
             self.register_buffer('logvar', logvar, persistent=False)
+        if ckpt_path is not None:  # last: upstream loaded before the schedule and logvar existed (a learned
+            # logvar in the checkpoint was dropped)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
 
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
                           linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
         if exists(given_betas):
-            betas = given_betas
+            betas = np.asarray(given_betas, dtype=np.float64)  # a YAML list too (upstream: a TypeError)
         else:
+            check_choice("beta_schedule", beta_schedule, ("linear", "cosine", "sqrt_linear", "sqrt"))
+            if beta_schedule != "cosine" and not (linear_start > 0 and linear_end > 0):  # sqrt of < 0: complex
+                raise ConfigError(f"model.params.linear_start and linear_end must be positive, got {linear_start} "
+                                  f"and {linear_end}")
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
                                        cosine_s=cosine_s)
+        if not np.all((betas > 0) & (betas < 1)):  # upstream sampled with NaNs past a beta of 1, after warnings
+            raise ConfigError(f"model.params: the noise schedule's betas must lie in (0, 1), got {betas.min():g} to "
+                              f"{betas.max():g} (" + ("given_betas" if exists(given_betas) else
+                                                      f"beta_schedule {beta_schedule}, linear_start {linear_start}, "
+                                                      f"linear_end {linear_end}") + ")")
         alphas = 1. - betas
         alphas_cumprod = np.cumprod(alphas, axis=0)
         alphas_cumprod_prev = np.append(1., alphas_cumprod[:-1])
@@ -174,8 +183,9 @@ class DDPM(TrainableModule):
         if self.parameterization == "eps":
             lvlb_weights = self.betas ** 2 / (
                         2 * self.posterior_variance * to_torch(alphas) * (1 - self.alphas_cumprod))
-        elif self.parameterization == "x0":
-            lvlb_weights = 0.5 * np.sqrt(torch.Tensor(alphas_cumprod)) / (2. * 1 - torch.Tensor(alphas_cumprod))
+        elif self.parameterization == "x0":  # the bound's weight of |x0 - x0_pred|²: coef1² / 2σ², the eps
+            # weight above times ᾱ / (1 - ᾱ) (upstream's 0.5·sqrt(ᾱ) / (2·1 - ᾱ) was neither)
+            lvlb_weights = self.posterior_mean_coef1 ** 2 / (2 * self.posterior_variance)
         else:
             raise NotImplementedError("mu not supported")
         # TODO how to choose this term
@@ -294,30 +304,27 @@ class DDPM(TrainableModule):
     def p_losses(self, x_start, t, noise=None):
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_out = self.model(x_noisy, t)
+        return self.diffusion_loss(self.model(x_noisy, t), x_start, noise, t)
 
-        loss_dict = {}
-        if self.parameterization == "eps":
-            target = noise
-        elif self.parameterization == "x0":
-            target = x_start
-        else:
-            raise NotImplementedError(f"Paramterization {self.parameterization} not yet supported")
-
-        loss = self.get_loss(model_out, target, mean=False).mean(dim=[1, 2, 3])
-
-        log_prefix = 'train' if self.training else 'val'
-
-        loss_dict.update({f'{log_prefix}/loss_simple': loss.mean()})
-        loss_simple = loss.mean() * self.l_simple_weight
-
-        loss_vlb = (self.lvlb_weights[t] * loss).mean()
-        loss_dict.update({f'{log_prefix}/loss_vlb': loss_vlb})
-
-        loss = loss_simple + self.original_elbo_weight * loss_vlb
-
-        loss_dict.update({f'{log_prefix}/loss': loss})
-
+    def diffusion_loss(self, model_output, x_start, noise, t):
+        """(loss, its parts to log) of a prediction at timesteps `t`: the simple loss against the
+        noise (eps) or the clean input (x0), over exp(logvar_t) plus logvar_t (learned where
+        learn_logvar; 0, so the plain loss, otherwise), plus original_elbo_weight times the
+        variational bound's. One place for DDPM and LatentDiffusion: upstream's pixel-space DDPM
+        left out the learned log-variance it put in the optimizer."""
+        prefix = 'train' if self.training else 'val'
+        target = noise if self.parameterization == "eps" else x_start
+        loss_simple = self.get_loss(model_output, target, mean=False).mean([1, 2, 3])
+        loss_dict = {f'{prefix}/loss_simple': loss_simple.mean()}
+        logvar_t = self.logvar[t]
+        loss = loss_simple / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict.update({f'{prefix}/loss_gamma': loss.mean(), 'logvar': self.logvar.data.mean()})
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss_dict[f'{prefix}/loss_vlb'] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f'{prefix}/loss'] = loss
         return loss, loss_dict
 
     def forward(self, x, *args, **kwargs):
@@ -411,12 +418,17 @@ class DDPM(TrainableModule):
         return log
 
     def configure_optimizers(self):
-        lr = self.learning_rate
-        params = list(self.model.parameters())
-        if self.learn_logvar:
-            params = params + [self.logvar]
-        opt = torch.optim.AdamW(params, lr=lr)
-        return opt
+        params = list(self.model.parameters()) + ([self.logvar] if self.learn_logvar else [])
+        return self.with_scheduler(torch.optim.AdamW(params, lr=self.learning_rate))
+
+    def with_scheduler(self, opt):
+        """What configure_optimizers returns for `opt`: with the config's scheduler_config, a LambdaLR
+        of its schedule stepped at every step (upstream's pixel-space DDPM ignored it)."""
+        if not self.use_scheduler:
+            return opt
+        schedule = instantiate_from_config(self.scheduler_config)
+        logger.info("Setting up LambdaLR scheduler...")
+        return [opt], [{'scheduler': LambdaLR(opt, lr_lambda=schedule.schedule), 'interval': 'step', 'frequency': 1}]
 
 
 class LatentDiffusion(DDPM):
@@ -862,37 +874,7 @@ class LatentDiffusion(DDPM):
     def p_losses(self, x_start, cond, t, noise=None):
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-
-        loss_dict = {}
-        prefix = 'train' if self.training else 'val'
-
-        if self.parameterization == "x0":
-            target = x_start
-        elif self.parameterization == "eps":
-            target = noise
-        else:
-            raise NotImplementedError()
-
-        loss_simple = self.get_loss(model_output, target, mean=False).mean([1, 2, 3])
-        loss_dict.update({f'{prefix}/loss_simple': loss_simple.mean()})
-
-        logvar_t = self.logvar[t]
-        loss = loss_simple / torch.exp(logvar_t) + logvar_t
-        # loss = loss_simple / torch.exp(self.logvar) + self.logvar
-        if self.learn_logvar:
-            loss_dict.update({f'{prefix}/loss_gamma': loss.mean()})
-            loss_dict.update({'logvar': self.logvar.data.mean()})
-
-        loss = self.l_simple_weight * loss.mean()
-
-        loss_vlb = self.get_loss(model_output, target, mean=False).mean(dim=(1, 2, 3))
-        loss_vlb = (self.lvlb_weights[t] * loss_vlb).mean()
-        loss_dict.update({f'{prefix}/loss_vlb': loss_vlb})
-        loss += (self.original_elbo_weight * loss_vlb)
-        loss_dict.update({f'{prefix}/loss': loss})
-
-        return loss, loss_dict
+        return self.diffusion_loss(self.apply_model(x_noisy, t, cond), x_start, noise, t)
 
     def p_mean_variance(self, x, c, t, clip_denoised: bool, quantize_denoised=False,
                         return_x0=False, score_corrector=None, corrector_kwargs=None):
@@ -1202,20 +1184,7 @@ class LatentDiffusion(DDPM):
         if self.learn_logvar:
             logger.info('Diffusion model optimizing logvar')
             params.append(self.logvar)
-        opt = torch.optim.AdamW(params, lr=lr)
-        if self.use_scheduler:
-            assert 'target' in self.scheduler_config
-            scheduler = instantiate_from_config(self.scheduler_config)
-
-            logger.info("Setting up LambdaLR scheduler...")
-            scheduler = [
-                {
-                    'scheduler': LambdaLR(opt, lr_lambda=scheduler.schedule),
-                    'interval': 'step',
-                    'frequency': 1
-                }]
-            return [opt], scheduler
-        return opt
+        return self.with_scheduler(torch.optim.AdamW(params, lr=lr))
 
     @torch.no_grad()
     def to_rgb(self, x):

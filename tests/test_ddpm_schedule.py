@@ -1,0 +1,68 @@
+"""DDPM's noise schedule and loss: a schedule the model cannot sample with is a ConfigError when
+it is built, the variational bound weighs x0 and eps predictions alike, and the pixel-space DDPM
+trains with the scheduler and learned log-variance its config asks for (upstream's ignored both)."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.models.diffusion.ddpm import DDPM
+from ldm.util import ConfigError
+
+UNET = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[],
+                       num_res_blocks=1, channel_mult=[1], num_heads=1)}
+
+
+def ddpm(**settings):
+    torch.manual_seed(0)
+    return DDPM(unet_config=UNET, image_size=8, timesteps=20, use_ema=False, **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"beta_schedule": "cosin"}, "model.params.beta_schedule is 'cosin'; it takes one of 'linear', 'cosine'"),
+    ({"linear_start": -1.0}, "model.params.linear_start and linear_end must be positive, got -1.0 and 0.02"),
+    ({"linear_end": 1.2}, "model.params: the noise schedule's betas must lie in (0, 1), got 0.0001 to 1.2 "
+                          "(beta_schedule linear, linear_start 0.0001, linear_end 1.2)"),
+    ({"given_betas": [0.1] * 19 + [1.0]}, "betas must lie in (0, 1), got 0.1 to 1 (given_betas)"),
+])
+def test_a_schedule_the_model_cannot_sample_with_is_a_config_error(settings, message):
+    """Upstream: a ValueError traceback, a complex linspace, or NaN alphas after numpy warnings
+    (and txt2img still wrote its PNGs)."""
+    with pytest.raises(ConfigError) as raised:
+        ddpm(**settings)
+    assert message in str(raised.value)
+
+
+def test_given_betas_may_be_a_list():
+    assert torch.allclose(ddpm(given_betas=[0.01] * 20).betas, torch.full((20,), 0.01))
+
+
+def test_the_bound_weighs_x0_errors_as_the_eps_errors_they_make():
+    """|x0 - x0'|² = (1 - ᾱ)/ᾱ · |eps - eps'|² at one x_t: the two weights must agree through that
+    factor (upstream's x0 weight was 2532 at t = 1 instead of 0.5)."""
+    eps, x0 = ddpm(), ddpm(parameterization="x0")
+    ratio = (1 - eps.alphas_cumprod) / eps.alphas_cumprod
+    torch.testing.assert_close((x0.lvlb_weights * ratio)[1:], eps.lvlb_weights[1:], rtol=1e-3, atol=0)
+
+
+def test_the_pixel_ddpm_trains_its_learned_logvar_and_takes_its_scheduler():
+    model = ddpm(learn_logvar=True, scheduler_config={
+        "target": "ldm.lr_scheduler.LambdaLinearScheduler",
+        "params": {"warm_up_steps": [10], "cycle_lengths": [100], "f_start": [1e-6], "f_max": [1.0],
+                   "f_min": [1.0]}})
+    model.learning_rate = 1e-4
+    optimizers, schedulers = model.configure_optimizers()
+    assert schedulers[0]["scheduler"].get_last_lr() == [pytest.approx(1e-10)]  # f_start · lr at step 0
+    loss, logged = model.p_losses(torch.randn(2, 3, 8, 8), torch.tensor([3, 17]))
+    loss.backward()
+    assert model.logvar.grad is not None and model.logvar.grad[[3, 17]].abs().min() > 0
+    assert {"train/loss_gamma", "logvar"} <= set(logged)
+
+
+def test_a_learned_logvar_comes_back_from_ckpt_path(tmp_path):
+    saved = ddpm(learn_logvar=True)
+    with torch.no_grad():
+        saved.logvar.fill_(3.0)
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "ddpm.safetensors"))
+    loaded = ddpm(learn_logvar=True, ckpt_path=str(tmp_path / "ddpm.safetensors"))
+    assert torch.equal(loaded.logvar, torch.full((20,), 3.0))
