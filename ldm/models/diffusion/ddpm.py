@@ -30,11 +30,6 @@ from ldm.models.diffusion.ddim import DDIMSampler
 
 logger = logging.getLogger(__name__)
 
-__conditioning_keys__ = {'concat': 'c_concat',
-                         'crossattn': 'c_crossattn',
-                         'adm': 'y'}
-
-
 def disabled_train(self, mode=True):
     """Overwrite model.train with this function to make sure train/eval mode
     does not change anymore."""
@@ -93,7 +88,9 @@ class DDPM(TrainableModule):
         self.first_stage_key = first_stage_key
         self.image_size = image_size  # try conv?
         self.channels = channels
-        self.use_positional_encodings = use_positional_encodings
+        if use_positional_encodings:  # upstream's get_input called a compute_latent_shifts no class had
+            raise ConfigError("model.params.use_positional_encodings is not implemented (upstream's neither): "
+                              "leave it out")
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
@@ -684,18 +681,9 @@ class LatentDiffusion(DDPM):
                 c = xc
             if bs is not None:
                 c = c[:bs]
-
-            if self.use_positional_encodings:
-                pos_x, pos_y = self.compute_latent_shifts(batch)
-                ckey = __conditioning_keys__[self.model.conditioning_key]
-                c = {ckey: c, 'pos_x': pos_x, 'pos_y': pos_y}
-
         else:
             c = None
             xc = None
-            if self.use_positional_encodings:
-                pos_x, pos_y = self.compute_latent_shifts(batch)
-                c = {'pos_x': pos_x, 'pos_y': pos_y}
         out = [z, c]
         if return_first_stage_outputs:
             xrec = self.decode_first_stage(z)

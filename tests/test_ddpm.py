@@ -1,4 +1,4 @@
-"""DDPM's noise schedule and loss: a schedule the model cannot sample with is a ConfigError when
+"""DDPM and LatentDiffusion settings: a noise schedule the model cannot sample with is a ConfigError when
 it is built, the variational bound weighs x0 and eps predictions alike, and the pixel-space DDPM
 trains with the scheduler and learned log-variance its config asks for (upstream's ignored both)."""
 import pytest
@@ -66,3 +66,10 @@ def test_a_learned_logvar_comes_back_from_ckpt_path(tmp_path):
     save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "ddpm.safetensors"))
     loaded = ddpm(learn_logvar=True, ckpt_path=str(tmp_path / "ddpm.safetensors"))
     assert torch.equal(loaded.logvar, torch.full((20,), 3.0))
+
+
+def test_positional_encodings_are_refused_when_built():
+    """Upstream accepted the option and failed at the first batch: AttributeError, no
+    compute_latent_shifts."""
+    with pytest.raises(ConfigError, match="use_positional_encodings is not implemented"):
+        ddpm(use_positional_encodings=True)
