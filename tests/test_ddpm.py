@@ -73,3 +73,31 @@ def test_positional_encodings_are_refused_when_built():
     compute_latent_shifts."""
     with pytest.raises(ConfigError, match="use_positional_encodings is not implemented"):
         ddpm(use_positional_encodings=True)
+
+
+def latent_diffusion(**settings):
+    from omegaconf import OmegaConf
+    from conftest import TINY_CONFIG
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.update(settings)
+    torch.manual_seed(0)
+    return instantiate_from_config(config.model)
+
+
+def test_scale_by_std_with_a_scale_factor_is_refused_when_built():
+    """Upstream asserted at the first training batch, after the data and trainer were set up."""
+    with pytest.raises(ConfigError, match="scale_by_std computes scale_factor from the first batch, and "
+                                          "scale_factor is 0.18215: leave one of them out"):
+        latent_diffusion(scale_by_std=True, scale_factor=0.18215)
+
+
+@pytest.mark.parametrize("saved_scale_by_std", [True, False])
+def test_scale_by_std_recomputes_the_scale_only_where_the_checkpoint_has_none(tmp_path, saved_scale_by_std):
+    """Fine-tuning from weights saved with scale_by_std off (no scale_factor key) kept upstream at
+    1.0 for good: the first batch computes it now; a checkpoint's own scale_factor is kept."""
+    saved = latent_diffusion(scale_by_std=saved_scale_by_std, scale_factor=1.0)
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "ldm.safetensors"))
+    assert ("scale_factor" in saved.state_dict()) is saved_scale_by_std
+    loaded = latent_diffusion(scale_by_std=True, scale_factor=1.0, ckpt_path=str(tmp_path / "ldm.safetensors"))
+    assert loaded.restarted_from_ckpt is saved_scale_by_std

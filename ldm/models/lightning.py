@@ -44,7 +44,8 @@ class TrainableModule(nn.Module):
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Weights from a checkpoint (safetensors, or torch.load with weights_only), but the keys
         starting with one of `ignore_keys`; non-strict, as a config's `ckpt_path` is often a part
-        of the model (the first stage's weights). `only_model`: into `self.model` alone."""
+        of the model (the first stage's weights). `only_model`: into `self.model` alone. Returns the
+        keys of the model that the checkpoint left as they were."""
         from ldm.checkpoints import CheckpointError, WeightsMismatchError, load_state_dict
         try:
             state = load_state_dict(path, mapped=True)  # copied into the model below
@@ -79,6 +80,7 @@ class TrainableModule(nn.Module):
             logger.info("Missing keys: %s", missing)
         if unexpected:
             logger.info("Unexpected keys: %s", unexpected)
+        return missing
 
 
 @functools.cache

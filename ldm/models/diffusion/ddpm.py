@@ -469,6 +469,9 @@ class LatentDiffusion(DDPM):
             self.num_downs = 0
         if not scale_by_std:
             self.scale_factor = scale_factor
+        elif scale_factor != 1.0:  # upstream asserted at the first training batch
+            raise ConfigError(f"model.params.scale_by_std computes scale_factor from the first batch, and "
+                              f"scale_factor is {scale_factor}: leave one of them out")
         else:
             self.register_buffer('scale_factor', torch.tensor(scale_factor))
         self.instantiate_first_stage(first_stage_config)
@@ -476,10 +479,12 @@ class LatentDiffusion(DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.bbox_tokenizer = None  
 
+        # a checkpoint's scale_factor is kept; one without it (saved with scale_by_std off) gets one
+        # computed from the first batch (upstream kept 1.0 then, training on unscaled latents)
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
-            self.restarted_from_ckpt = True
+            missing = self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = not (scale_by_std and "scale_factor" in missing)
 
 
     @rank_zero_only
@@ -487,7 +492,6 @@ class LatentDiffusion(DDPM):
     def on_train_batch_start(self, batch, batch_idx, dataloader_idx=0):
         # only for very first batch
         if self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
-            assert self.scale_factor == 1., 'rather not use custom rescaling and std-rescaling simultaneously'
             # set rescale weight to 1./std of encodings
             logger.info("### USING STD-RESCALING ###")
             x = super().get_input(batch, self.first_stage_key)
