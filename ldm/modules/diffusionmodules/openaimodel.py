@@ -17,7 +17,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
 )
 from ldm.modules.attention import SpatialTransformer
-from ldm.util import ConfigError
+from ldm.util import ConfigError, check_indices
 
 logger = logging.getLogger(__name__)
 
@@ -729,9 +729,8 @@ class UNetModel(nn.Module):
         :param y: an [N] Tensor of labels, if class-conditional.
         :return: an [N x C x ...] Tensor of outputs.
         """
-        assert (y is not None) == (
-            self.num_classes is not None
-        ), "must specify y if and only if the model is class-conditional"
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("class labels y are given to a class-conditional UNet (num_classes set) and only to one")
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
         # The dtypes of the weights, not self.dtype (float32 unless use_fp16): a UNet converted
@@ -740,6 +739,7 @@ class UNetModel(nn.Module):
 
         if self.num_classes is not None:
             assert y.shape == (x.shape[0],)
+            check_indices(y, self.num_classes, "class labels", "model.params.unet_config.params.num_classes")
             emb = emb + self.label_emb(y)
 
         h = x.type(self.input_blocks[0][0].weight.dtype)
