@@ -101,3 +101,14 @@ def test_scale_by_std_recomputes_the_scale_only_where_the_checkpoint_has_none(tm
     assert ("scale_factor" in saved.state_dict()) is saved_scale_by_std
     loaded = latent_diffusion(scale_by_std=True, scale_factor=1.0, ckpt_path=str(tmp_path / "ldm.safetensors"))
     assert loaded.restarted_from_ckpt is saved_scale_by_std
+
+
+def test_a_hybrid_model_says_what_conditioning_it_takes():
+    model = latent_diffusion(conditioning_key="hybrid")
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([5])
+    with pytest.raises(ValueError, match="a hybrid model .conditioning_key: hybrid. takes its conditioning as a dict"):
+        model.apply_model(x, t, torch.randn(1, 77, 32))
+    context = torch.randn(1, 77, 32)
+    model.model.diffusion_model.input_blocks[0][0] = torch.nn.Conv2d(8, 32, 3, padding=1)  # x and c_concat: 8 in
+    out = model.apply_model(x, t, {"c_concat": [torch.randn(1, 4, 8, 8)], "c_crossattn": [context]})
+    assert out.shape == x.shape

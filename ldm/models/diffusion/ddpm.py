@@ -770,6 +770,10 @@ class LatentDiffusion(DDPM):
         if isinstance(cond, dict):
             # hybrid case, cond is exptected to be a dict
             pass
+        elif self.model.conditioning_key == 'hybrid':  # upstream: a TypeError in DiffusionWrapper
+            raise ValueError("a hybrid model (conditioning_key: hybrid) takes its conditioning as a dict "
+                             "{'c_concat': [...], 'c_crossattn': [...]}; LatentDiffusion's own get_input and "
+                             "the scripts build no such dict (SD 2's LatentInpaintDiffusion does)")
         else:
             if not isinstance(cond, list):
                 cond = [cond]
