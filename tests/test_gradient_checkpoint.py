@@ -48,10 +48,11 @@ def test_checkpointed_unet_gives_the_same_loss_gradients():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("use_checkpoint, qkv_calls", [(False, 1), (True, 2)])
+@pytest.mark.parametrize("use_checkpoint, qkv_calls", [(False, 1), (True, 2), (None, 2)])
 def test_attention_blocks_recompute_in_backward_only_when_checkpointed(use_checkpoint, qkv_calls):
     """Upstream's AttentionBlock (the LDM configs without a spatial transformer) checkpointed
-    whatever the config said: its attention ran again in every backward."""
+    whatever the config said: its attention ran again in every backward, also with False. Unset
+    (None, as in those configs) it still does: the memory their batch sizes were chosen for."""
     torch.manual_seed(0)
     unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
                      num_res_blocks=1, channel_mult=[1], num_heads=2, use_checkpoint=use_checkpoint)
@@ -60,3 +61,9 @@ def test_attention_blocks_recompute_in_backward_only_when_checkpointed(use_check
     qkv.register_forward_hook(lambda *_: calls.append(1))
     unet(torch.randn(1, 4, 8, 8), torch.tensor([10])).square().mean().backward()
     assert len(calls) == qkv_calls
+
+
+def test_unset_use_checkpoint_checkpoints_the_attention_only_as_upstream():
+    unet = tiny_unet(None)
+    assert all(block_flags(unet)) and not any(block.use_checkpoint for block in unet.modules()
+                                               if type(block).__name__ == "ResBlock")

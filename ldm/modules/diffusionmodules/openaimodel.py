@@ -450,7 +450,8 @@ class UNetModel(nn.Module):
     :param dims: determines if the signal is 1D, 2D, or 3D.
     :param num_classes: if specified (as an int), then this model will be
         class-conditional with `num_classes` classes.
-    :param use_checkpoint: use gradient checkpointing to reduce memory usage.
+    :param use_checkpoint: use gradient checkpointing to reduce memory usage: True in every block,
+                           False in none, unset (None) in the attention blocks only, as upstream.
     :param num_heads: the number of attention heads in each attention layer.
     :param num_heads_channels: if specified, ignore num_heads and instead use
                                a fixed channel width per attention head.
@@ -475,7 +476,7 @@ class UNetModel(nn.Module):
         conv_resample=True,
         dims=2,
         num_classes=None,
-        use_checkpoint=False,
+        use_checkpoint=None,
         use_fp16=False,
         num_heads=-1,
         num_head_channels=-1,
@@ -517,6 +518,11 @@ class UNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
+        # unset: upstream's, the attention blocks recompute their activations in the backward and the
+        # ResBlocks keep theirs (the memory the released LDM configs' batch sizes were set for); True /
+        # False: every block or none (upstream's attention blocks ignored False)
+        checkpoint_attention = True if use_checkpoint is None else use_checkpoint
+        use_checkpoint = bool(use_checkpoint)
         self.dtype = th.float16 if use_fp16 else th.float32
         if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
             logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
@@ -576,13 +582,13 @@ class UNetModel(nn.Module):
                     layers.append(
                         AttentionBlock(
                             ch,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                             num_heads=num_heads,
                             num_head_channels=dim_head,
                             use_new_attention_order=use_new_attention_order,
                         ) if not use_spatial_transformer else SpatialTransformer(
                             ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                         )
                     )
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
@@ -632,13 +638,13 @@ class UNetModel(nn.Module):
             ),
             AttentionBlock(
                 ch,
-                use_checkpoint=use_checkpoint,
+                use_checkpoint=checkpoint_attention,
                 num_heads=num_heads,
                 num_head_channels=dim_head,
                 use_new_attention_order=use_new_attention_order,
             ) if not use_spatial_transformer else SpatialTransformer(
                             ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                         ),
             ResBlock(
                 ch,
@@ -679,13 +685,13 @@ class UNetModel(nn.Module):
                     layers.append(
                         AttentionBlock(
                             ch,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                             num_heads=num_heads_upsample,
                             num_head_channels=dim_head,
                             use_new_attention_order=use_new_attention_order,
                         ) if not use_spatial_transformer else SpatialTransformer(
                             ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                         )
                     )
                 if level and i == num_res_blocks:
@@ -782,7 +788,7 @@ class EncoderUNetModel(nn.Module):
         channel_mult=(1, 2, 4, 8),
         conv_resample=True,
         dims=2,
-        use_checkpoint=False,
+        use_checkpoint=None,
         use_fp16=False,
         num_heads=1,
         num_head_channels=-1,
@@ -806,6 +812,11 @@ class EncoderUNetModel(nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
+        # unset: upstream's, the attention blocks recompute their activations in the backward and the
+        # ResBlocks keep theirs (the memory the released LDM configs' batch sizes were set for); True /
+        # False: every block or none (upstream's attention blocks ignored False)
+        checkpoint_attention = True if use_checkpoint is None else use_checkpoint
+        use_checkpoint = bool(use_checkpoint)
         self.dtype = th.float16 if use_fp16 else th.float32
         if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
             logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
@@ -850,7 +861,7 @@ class EncoderUNetModel(nn.Module):
                     layers.append(
                         AttentionBlock(
                             ch,
-                            use_checkpoint=use_checkpoint,
+                            use_checkpoint=checkpoint_attention,
                             num_heads=num_heads,
                             num_head_channels=num_head_channels,
                             use_new_attention_order=use_new_attention_order,
@@ -895,7 +906,7 @@ class EncoderUNetModel(nn.Module):
             ),
             AttentionBlock(
                 ch,
-                use_checkpoint=use_checkpoint,
+                use_checkpoint=checkpoint_attention,
                 num_heads=num_heads,
                 num_head_channels=num_head_channels,
                 use_new_attention_order=use_new_attention_order,
