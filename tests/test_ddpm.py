@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.models.diffusion.ddpm import DDPM
+from ldm.models.diffusion.ddpm import DDPM, SCHEDULE_BUFFERS
 from ldm.util import ConfigError
 
 UNET = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
@@ -112,3 +112,20 @@ def test_a_hybrid_model_says_what_conditioning_it_takes():
     model.model.diffusion_model.input_blocks[0][0] = torch.nn.Conv2d(8, 32, 3, padding=1)  # x and c_concat: 8 in
     out = model.apply_model(x, t, {"c_concat": [torch.randn(1, 4, 8, 8)], "c_crossattn": [context]})
     assert out.shape == x.shape
+
+
+def test_a_pixel_ddpms_ckpt_path_keeps_the_configs_schedule(tmp_path):
+    """Loading moved after the schedule (for a learned logvar) must not let the checkpoint's
+    schedule replace the config's, which upstream's order kept for this class."""
+    saved = ddpm()
+    with torch.no_grad():
+        saved.model.diffusion_model.input_blocks[0][0].weight.add_(1.0)  # not what ddpm() initialises
+    assert {key for key in saved.state_dict() if "." not in key} == set(SCHEDULE_BUFFERS)
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "ddpm.safetensors"))
+    loaded = ddpm(linear_end=0.012, ckpt_path=str(tmp_path / "ddpm.safetensors"))
+    assert loaded.betas[-1].item() == pytest.approx(0.012)
+    assert torch.equal(loaded.model.diffusion_model.input_blocks[0][0].weight,
+                       saved.model.diffusion_model.input_blocks[0][0].weight)
+    shorter = DDPM(unet_config=UNET, image_size=8, timesteps=10, use_ema=False,
+                   ckpt_path=str(tmp_path / "ddpm.safetensors"))
+    assert shorter.num_timesteps == 10

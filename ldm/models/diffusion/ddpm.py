@@ -30,6 +30,13 @@ from ldm.models.diffusion.ddim import DDIMSampler
 
 logger = logging.getLogger(__name__)
 
+# DDPM.register_schedule's buffers (saved in checkpoints): a pixel-space DDPM's ckpt_path leaves them
+# as its config makes them
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+
 def disabled_train(self, mode=True):
     """Overwrite model.train with this function to make sure train/eval mode
     does not change anymore."""
@@ -121,9 +128,9 @@ class DDPM(TrainableModule):
             # and p_losses indexes it with the batch's timesteps, which on CUDA is an error (a CPU tensor
             # takes CPU indices only). Not saved, as upstream: its checkpoints have no such key.
             self.register_buffer('logvar', logvar, persistent=False)
-        if ckpt_path is not None:  # last: upstream loaded before the schedule and logvar existed (a learned
-            # logvar in the checkpoint was dropped)
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+        if ckpt_path is not None:  # after logvar (upstream loaded before it existed: a learned logvar was
+            # dropped), but the config's schedule stays, as upstream's order kept it for this class
+            self.init_from_ckpt(ckpt_path, ignore_keys=[*ignore_keys, *SCHEDULE_BUFFERS], only_model=load_only_unet)
 
 
     def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000,
