@@ -85,11 +85,20 @@ def latent_diffusion(**settings):
     return instantiate_from_config(config.model)
 
 
-def test_scale_by_std_with_a_scale_factor_is_refused_when_built():
-    """Upstream asserted at the first training batch, after the data and trainer were set up."""
+def test_scale_by_std_with_a_scale_factor_is_refused_by_a_new_training_only(monkeypatch):
+    """Upstream asserted at the first batch of a new training; a model built to sample, or with a
+    checkpoint's scale, takes both settings."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)  # Lightning sets it for a training
+    model = latent_diffusion(scale_by_std=True, scale_factor=0.18215)
+    model.current_epoch = model.global_step = 0  # what Lightning gives the first batch
+    batch = {"jpg": torch.rand(1, 64, 64, 3) * 2 - 1, "txt": ["a chair"]}
     with pytest.raises(ConfigError, match="scale_by_std computes scale_factor from the first batch, and "
                                           "scale_factor is 0.18215: leave one of them out"):
-        latent_diffusion(scale_by_std=True, scale_factor=0.18215)
+        model.on_train_batch_start(batch, 0)
+    model.scale_factor.fill_(1.0)
+    model.on_train_batch_start(batch, 0)
+    assert model.scale_factor != 1.0
 
 
 @pytest.mark.parametrize("saved_scale_by_std", [True, False])

@@ -476,10 +476,7 @@ class LatentDiffusion(DDPM):
             self.num_downs = 0
         if not scale_by_std:
             self.scale_factor = scale_factor
-        elif scale_factor != 1.0:  # upstream asserted at the first training batch
-            raise ConfigError(f"model.params.scale_by_std computes scale_factor from the first batch, and "
-                              f"scale_factor is {scale_factor}: leave one of them out")
-        else:
+        else:  # a checkpoint's or, for a new training, its first batch's replaces it
             self.register_buffer('scale_factor', torch.tensor(scale_factor))
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
@@ -499,6 +496,9 @@ class LatentDiffusion(DDPM):
     def on_train_batch_start(self, batch, batch_idx, dataloader_idx=0):
         # only for very first batch
         if self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
+            if self.scale_factor != 1.:  # upstream's bare assert; sampling and resumed runs take both settings
+                raise ConfigError(f"model.params.scale_by_std computes scale_factor from the first batch, and "
+                                  f"scale_factor is {float(self.scale_factor):g}: leave one of them out")
             # set rescale weight to 1./std of encodings
             logger.info("### USING STD-RESCALING ###")
             x = super().get_input(batch, self.first_stage_key)
