@@ -230,6 +230,9 @@ if __name__ == "__main__":
                                                             f"--config {opt.base[0]} --ckpt {ckpt}" if text else ""))
 
     if not opt.vanilla_sample:
+        if params.get("parameterization", "eps") != "eps":  # DDIM reads the output as noise
+            parser.error(f"{ckpt} predicts {params.parameterization}, and DDIM samples noise-predicting models: "
+                         "pass -v to sample its full chain")
         check_steps(parser, "-c/--custom_steps", opt.custom_steps, params.get("timesteps", 1000))
 
     if opt.logdir != "none":

@@ -90,6 +90,20 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
     assert f"Cannot read checkpoint {ckpt}" in last, last
 
 
+def test_sample_diffusion_samples_an_x0_model_with_its_full_chain_only(tmp_path):
+    """DDIM reads the output as noise: upstream sampled noise, the refusing sampler was a traceback
+    after the sample folders were made."""
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_text("never read\n")
+    config = OmegaConf.merge(OmegaConf.load(TINY_CONFIG), OmegaConf.from_dotlist(UNCONDITIONAL))
+    config.model.params.parameterization = "x0"
+    OmegaConf.save(config, tmp_path / "config.yaml")
+    last = error_line(run("sample_diffusion.py", "-r", ckpt))
+    assert last.endswith(f"{ckpt} predicts x0, and DDIM samples noise-predicting models: pass -v to sample its "
+                         "full chain"), last
+    assert not (tmp_path / "samples").exists()
+
+
 def test_inpaint_needs_its_folders(tmp_path):
     assert "required: --indir, --outdir" in error_line(run("inpaint.py"))
 
