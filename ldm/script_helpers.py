@@ -371,7 +371,7 @@ def check_sample_outdir(parser, opt):
     that name was a traceback once the model had loaded."""
     check_output_dir(parser, "--outdir", opt.outdir)
     samples = os.path.join(opt.outdir, SAMPLES_FOLDER)
-    if opt.skip_save:
+    if getattr(opt, "skip_save", False):  # knn2img has no --skip_save
         return
     if os.path.exists(samples) and not os.path.isdir(samples):
         parser.error(f"--outdir {opt.outdir} holds a file named {SAMPLES_FOLDER}, where the samples go: move it, "

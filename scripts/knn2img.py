@@ -15,7 +15,7 @@ from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
 from ldm.script_helpers import (ArgumentParser, build_model, check_eta, check_image_size, check_n_rows, check_scale,
-                                check_steps, configure_logging, positive_int, read_prompts)
+                                check_sample_outdir, check_steps, configure_logging, positive_int, read_prompts)
 
 logger = logging.getLogger("knn2img")
 
@@ -128,6 +128,7 @@ def validate(parser, opt):
     if opt.use_neighbors and not glob.glob(os.path.join(folder, "*.npz")):
         parser.error(f"--database {opt.database}: no .npz files in {folder}; put upstream's retrieval databases "
                      "in data/rdm/retrieval_databases (latent-diffusion's README, \"RDM with text-to-image retrieval\")")
+    check_sample_outdir(parser, opt)  # last: created only when the input is good
 
 
 if __name__ == "__main__":
@@ -296,7 +297,6 @@ if __name__ == "__main__":
     else:
         sampler = DDIMSampler(model)
 
-    os.makedirs(opt.outdir, exist_ok=True)
     outpath = opt.outdir
 
     batch_size = opt.n_samples

@@ -342,6 +342,13 @@ def test_knn2img_bad_input_is_one_error_line_before_the_model(tiny_retrieval_mod
                                 timeout=120)
         assert message in error_line(result) and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "samples").write_text("an earlier file")  # a traceback after sampling, before
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config",
+                             str(tiny_retrieval_model / "config.yaml"), "--ckpt",
+                             str(tiny_retrieval_model / "model.safetensors"), "--outdir", str(tmp_path / "taken")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "holds a file named samples, where the samples go" in error_line(result), result.stderr
 
 
 def write_database(folder, sizes, features=8, seed=0):
