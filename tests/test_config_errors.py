@@ -31,11 +31,13 @@ def unet(**settings):
     # group norm's error; or, heads not dividing the width, silently narrowed the transformer
     (unet(num_heads=0), "unet_config.params.num_heads must be a positive divisor of every attention layer's "
                         "width [32, 64, 128], got 0"),
-    (unet(num_heads=3), "unet_config.params.num_heads must be a positive divisor"),
+    (unet(num_heads=3, use_spatial_transformer=False, context_dim=None),
+     "unet_config.params.num_heads must be a positive divisor"),
     (unet(num_heads=-1, num_head_channels=48), "unet_config.params.num_head_channels must be a positive divisor"),
     (unet(num_heads=-1, num_head_channels=256), "unet_config.params.num_head_channels must be a positive divisor"),
-    (unet(model_channels=16), "model_channels × channel_mult must be multiples of 32 (the group norm's 32 groups), "
-                              "got widths [16, 32, 64, 64]"),
+    (unet(model_channels=16), "model_channels and model_channels × channel_mult must be multiples of 32 (the group "
+                              "norm's 32 groups), got 16 and [16, 32, 64, 64]"),
+    (unet(model_channels=16, channel_mult=[2, 4]), "got 16 and [32, 64]"),
     (unet(use_spatial_transformer=False, context_dim=None, legacy=True, num_heads_upsample=3),
      "unet_config.params.num_heads_upsample must be a positive divisor of the decoder's attention widths"),
     (lambda params: params.update(num_timesteps_cond=2),
@@ -105,6 +107,15 @@ def test_a_first_level_wider_than_model_channels_builds_a_unet_that_runs():
     assert out.shape == (1, 4, 8, 8)
 
 
+def test_heads_not_dividing_a_transformers_width_are_a_warning(caplog):
+    """The transformer is narrower than its level, as upstream built it: a checkpoint trained so
+    still loads. An AttentionBlock with such heads fails: a ConfigError (above)."""
+    model = build(unet(num_heads=3))
+    assert "unet_config.params.num_heads 3 does not divide every attention layer's width [32, 64, 128]: those " \
+           "transformers are narrower than their level" in caplog.text
+    assert model.model.diffusion_model.middle_block[1].proj_in.out_channels == 126
+
+
 def test_attention_resolutions_that_match_no_level_are_a_warning(caplog):
     build(unet(attention_resolutions=[16, 2]))  # a pixel resolution by mistake, as in two released configs
     assert "attention_resolutions [16] match no level (they are downsampling factors, [1, 2, 4, 8] for 4 " \
@@ -121,3 +132,11 @@ def test_a_trainable_conditioning_stage_that_freezes_itself_is_a_warning(caplog)
     build(lambda params: params.update(cond_stage_trainable=True) or params.cond_stage_config.params.update(
         trainable=True))
     assert "freezes its parameters" not in caplog.text
+
+
+def test_the_classifiers_half_unet_checks_its_heads_when_built():
+    """EncoderUNetModel (the noisy-latent classifier) failed at its first call, on an empty assert."""
+    from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
+    with pytest.raises(ConfigError, match="num_heads must be a positive divisor of every attention layer's width"):
+        EncoderUNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=3, num_res_blocks=1,
+                         attention_resolutions=[2], channel_mult=[1, 2], num_heads=3)

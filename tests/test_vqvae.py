@@ -147,7 +147,7 @@ def test_a_ckpt_path_with_weights_of_other_shapes_is_one_error(tmp_path):
     kwargs = dict(lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
     narrow = AutoencoderKL(ddconfig=ddconfig, **kwargs).state_dict()
     save_file({k: v.contiguous() for k, v in narrow.items()}, str(tmp_path / "narrow.safetensors"))
-    with pytest.raises(WeightsMismatchError, match=r"narrow.safetensors has \d+ weights with shapes other than this "
-                                                   r"AutoencoderKL's \(e.g. decoder.conv_in.bias: \(64,\), the config's "
-                                                   r"\(128,\)\); is it the checkpoint meant"):
+    with pytest.raises(WeightsMismatchError, match=r"narrow.safetensors has \d+ weights with shapes other than "
+                                                   r"this AutoencoderKL's \(e.g. decoder.conv_in.bias: \(64,\), the "
+                                                   r"config's \(128,\)\); is it the checkpoint meant"):
         AutoencoderKL(ddconfig={**ddconfig, "ch": 64}, **kwargs, ckpt_path=str(tmp_path / "narrow.safetensors"))

@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 def check_unet_widths(model_channels, channel_mult, attention_resolutions, num_heads, num_head_channels,
                       num_heads_upsample, use_spatial_transformer, legacy):
     """Refuse, once when the UNet is built, level widths and heads that upstream accepted and then
-    failed on at the first call (a ZeroDivisionError, an empty assert, a group norm's error), or
-    used silently: an attention resolution matching no level got no attention, a head count not
-    dividing the width narrowed the transformer."""
+    failed on at the first call (a ZeroDivisionError, an empty assert, a group norm's error); warn
+    where it used them silently: a head count not dividing a transformer's width narrowed it (a
+    checkpoint trained so still loads), an attention resolution matching no level got no
+    attention (released configs have them)."""
     where = "model.params.unet_config.params"
     widths = [model_channels * mult for mult in channel_mult]
-    if any(width % 32 for width in widths):  # normalization(): GroupNorm with 32 groups
-        raise ConfigError(f"{where}: model_channels × channel_mult must be multiples of 32 (the group norm's 32 "
-                          f"groups), got widths {widths}")
+    if any(width % 32 for width in [model_channels, *widths]):  # normalization(): GroupNorm with 32 groups
+        raise ConfigError(f"{where}: model_channels and model_channels × channel_mult must be multiples of 32 (the "
+                          f"group norm's 32 groups), got {model_channels} and {widths}")
     levels = [2 ** level for level in range(len(channel_mult))]
     unmatched = sorted(set(attention_resolutions) - set(levels))
     if unmatched:  # a warning, not an error: upstream's bsr_sr and semantic_synthesis configs have them
@@ -41,9 +42,14 @@ def check_unet_widths(model_channels, channel_mult, attention_resolutions, num_h
     level_widths = sorted({widths[levels.index(ds)] for ds in attention_resolutions if ds in levels})
     attended = sorted(set(level_widths) | {widths[-1]})  # the middle block always attends
     setting, value = ("num_head_channels", num_head_channels) if num_head_channels != -1 else ("num_heads", num_heads)
-    if value <= 0 or any(width % value for width in attended):
+    # a transformer runs narrower where the heads do not divide its width, but not with none or 0 wide
+    fails = (lambda width: width % value) if not use_spatial_transformer else (lambda width: value > width)
+    if value <= 0 or any(map(fails, attended)):
         raise ConfigError(f"{where}.{setting} must be a positive divisor of every attention layer's width "
                           f"{attended}, got {value}")
+    if any(width % value for width in attended):
+        logger.warning("%s.%s %d does not divide every attention layer's width %s: those transformers are "
+                       "narrower than their level", where, setting, value, attended)
     # the decoder's legacy AttentionBlocks take num_heads_upsample where no head width is set
     if legacy and not use_spatial_transformer and num_head_channels == -1 and num_heads_upsample != -1:
         if num_heads_upsample <= 0 or any(width % num_heads_upsample for width in level_widths):
@@ -523,7 +529,6 @@ class UNetModel(nn.Module):
         # False: every block or none (upstream's attention blocks ignored False)
         checkpoint_attention = True if use_checkpoint is None else use_checkpoint
         use_checkpoint = bool(use_checkpoint)
-        self.dtype = th.float16 if use_fp16 else th.float32
         if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
             logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
                            "autocast or convert the model with .half() / .to(torch.bfloat16)")
@@ -717,7 +722,8 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
-            zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),  # upstream: model_channels (≠ ch if mult[0] ≠ 1)
+            # upstream: model_channels inputs, not ch, the first level's width (≠ model_channels if mult[0] ≠ 1)
+            zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(
@@ -739,7 +745,7 @@ class UNetModel(nn.Module):
             raise ValueError("class labels y are given to a class-conditional UNet (num_classes set) and only to one")
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
-        # The dtypes of the weights, not self.dtype (float32 unless use_fp16): a UNet converted
+        # The dtypes of the weights, not upstream's self.dtype (float32 unless use_fp16): a UNet converted
         # with .half() / .to(torch.bfloat16) then runs in that dtype without autocast.
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
 
@@ -799,6 +805,8 @@ class EncoderUNetModel(nn.Module):
         pool="adaptive",
     ):
         super().__init__()
+        check_unet_widths(model_channels, channel_mult, attention_resolutions, num_heads, num_head_channels,
+                          -1, use_spatial_transformer=False, legacy=False)
 
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -817,7 +825,6 @@ class EncoderUNetModel(nn.Module):
         # False: every block or none (upstream's attention blocks ignored False)
         checkpoint_attention = True if use_checkpoint is None else use_checkpoint
         use_checkpoint = bool(use_checkpoint)
-        self.dtype = th.float16 if use_fp16 else th.float32
         if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
             logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
                            "autocast or convert the model with .half() / .to(torch.bfloat16)")
