@@ -38,8 +38,9 @@ def build_parser():
                          outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0)
     parser.add_argument("--init-img", type=in_repo, nargs="?", help="path to the input image")
     parser.add_argument("--strength", type=float, default=0.75,
-                        help="strength for noising/unnoising, above 0. 1.0 corresponds to full destruction of "
-                             "information in init image (with --ddim_steps 2 or more)")
+                        help="strength for noising/unnoising, above 0. 1.0 noises the init image to the last of "
+                             "the --ddim_steps timesteps: with many steps nearly pure noise (full destruction of "
+                             "information in init image), with few much of it survives")
     add_batch_arguments(parser)
     return parser
 
@@ -55,7 +56,8 @@ def validate_options(parser, opt):
             " (0 would return the init image unchanged)" if opt.strength == 0 else ""))
     if opt.ddim_steps == 1:  # txt2img warns too: the one step of upstream's schedule is timestep 1
         logger.warning("--ddim_steps 1 noises the init image to timestep 1 of %d only, whatever --strength: the "
-                       "images are the init image almost unchanged; take 2 or more", opt.geometry.timesteps)
+                       "images are the init image almost unchanged; take more (strength 1 noises to the last of "
+                       "their timesteps)", opt.geometry.timesteps)
     if encode_steps(opt) < 1:
         parser.error(f"--strength {opt.strength} x --ddim_steps {opt.ddim_steps} gives no denoising steps; "
                      f"raise one of them")

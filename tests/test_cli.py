@@ -171,7 +171,8 @@ def test_img2img_with_one_ddim_step_warns_that_the_init_image_stays(tmp_path, ca
         warned = [r.getMessage() for r in caplog.records if "--ddim_steps 1" in r.getMessage()]
         assert warned == ([] if steps == 2 else ["--ddim_steps 1 noises the init image to timestep 1 of 1000 only, "
                                                  "whatever --strength: the images are the init image almost "
-                                                 "unchanged; take 2 or more"])
+                                                 "unchanged; take more (strength 1 noises to the last of their "
+                                                 "timesteps)"])
 
 
 def test_images_far_above_the_models_size_are_a_warning(txt2img, tmp_path, caplog):

@@ -532,8 +532,8 @@ class LatentDiffusion(DDPM):
             parameters = list(model.parameters())
             if parameters and not any(p.requires_grad for p in parameters):  # e.g. FrozenCLIPEmbedder by default
                 logger.warning("model.params.cond_stage_trainable is true, but %s freezes its parameters: none of "
-                               "them trains (and the text is encoded with gradients at every step); set its "
-                               "cond_stage_config.params.trainable: true, or cond_stage_trainable: false",
+                               "them trains; set its cond_stage_config.params.trainable: true, or "
+                               "cond_stage_trainable: false",
                                type(model).__name__)
             self.cond_stage_model = model
 
@@ -1182,8 +1182,10 @@ class LatentDiffusion(DDPM):
         lr = self.learning_rate
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
-            logger.info(f"{self.__class__.__name__}: Also optimizing conditioner params!")
-            params = params + list(self.cond_stage_model.parameters())
+            conditioning = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+            logger.info("%s: also optimizing the %d parameter tensors of the conditioning stage", type(self).__name__,
+                        len(conditioning))
+            params = params + conditioning
         if self.learn_logvar:
             logger.info('Diffusion model optimizing logvar')
             params.append(self.logvar)

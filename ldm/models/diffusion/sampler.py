@@ -87,7 +87,6 @@ class Sampler:
         """The guided noise prediction at (x, t), corrected by `score_corrector` if given."""
         e_t = guided_eps(self.model, x, t, cond, uncond, scale)
         if score_corrector is not None:
-            assert self.model.parameterization == "eps"
             e_t = score_corrector.modify_score(self.model, e_t, x, t, cond, **(corrector_kwargs or {}))
         return e_t
 

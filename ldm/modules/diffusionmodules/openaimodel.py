@@ -17,7 +17,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
 )
 from ldm.modules.attention import SpatialTransformer
-from ldm.util import ConfigError, check_indices
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -742,7 +742,8 @@ class UNetModel(nn.Module):
         :return: an [N x C x ...] Tensor of outputs.
         """
         if (y is not None) != (self.num_classes is not None):
-            raise ValueError("class labels y are given to a class-conditional UNet (num_classes set) and only to one")
+            raise ValueError("this UNet is class-conditional (num_classes set): pass it class labels y" if y is None else
+                             "this UNet has no class embedding (num_classes unset): pass it no class labels y")
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
         # The dtypes of the weights, not upstream's self.dtype (float32 unless use_fp16): a UNet converted
@@ -751,7 +752,6 @@ class UNetModel(nn.Module):
 
         if self.num_classes is not None:
             assert y.shape == (x.shape[0],)
-            check_indices(y, self.num_classes, "class labels", "model.params.unet_config.params.num_classes")
             emb = emb + self.label_emb(y)
 
         h = x.type(self.input_blocks[0][0].weight.dtype)
