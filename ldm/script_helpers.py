@@ -376,7 +376,8 @@ def check_sample_outdir(parser, opt):
     if os.path.exists(samples) and not os.path.isdir(samples):
         parser.error(f"--outdir {opt.outdir} holds a file named {SAMPLES_FOLDER}, where the samples go: move it, "
                      "or pass another --outdir")
-    check_output_dir(parser, "--outdir", samples)
+    if os.path.isdir(samples):  # one to make is made in --outdir, just checked: nothing made before the run
+        check_output_dir(parser, "--outdir", samples)
 
 
 def check_new_file(parser, flag, path):
