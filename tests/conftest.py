@@ -1,9 +1,18 @@
 """Shared test fixtures. Tests never touch the Hugging Face hub."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# an empty hub cache of the suite's own: a model in a developer's ~/.cache/huggingface (CLIP ViT-B/32,
+# say) must not turn an "offline, not cached" test into a download-free success
+_HF_HOME = tempfile.TemporaryDirectory(prefix="tests-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME.name
+for _cache in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_cache, None)
+# test_hub.py's stand-in hubs listen on 127.0.0.1: asked through a developer's proxy, they never answer
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,10 +12,8 @@ from ldm.modules.consistency import (
     consistent_attention, disable_consistent_attention, enable_consistent_attention,
     joint_attention, parse_groups, parse_window, sampled_attention, self_attention_sites)
 from ldm.util import instantiate_from_config
-from conftest import count_ops, fill_zero_weights_
+from conftest import FULL_CONFIG as FULL, TINY_CONFIG as TINY, count_ops, fill_zero_weights_
 
-TINY = "configs/stable-diffusion/v1-tiny.yaml"
-FULL = "configs/stable-diffusion/v1-inference.yaml"
 MODES = [ShareMode.ALL, ShareMode.ANCHOR, ShareMode.SAMPLE]
 ALL_GROUPS = frozenset(Group)
 

@@ -13,7 +13,7 @@ def rows_of(stdout):
 
 
 def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
-    weights = load_file(REPO_WEIGHTS)
+    weights = load_file(REPO / REPO_WEIGHTS)
     out_conv = [k for k in weights if k.startswith("model.diffusion_model.out.2.")]
     assert out_conv, sorted(weights)[:5]
     broken = {k: v.clone().zero_() if k in out_conv else v for k, v in weights.items()}  # predicts zero noise
@@ -32,7 +32,7 @@ def test_paired_losses_rank_a_broken_copy_below_the_shipped_weights(tmp_path):
 def test_a_checkpoint_with_an_ema_copy_is_scored_on_it_as_txt2img_samples_with_it(tmp_path):
     """A training .ckpt holds the raw weights and the EMA copy (model_ema.*, LitEma's names); txt2img
     samples with the copy, and so must the loss that compares it with an export."""
-    weights = load_file(REPO_WEIGHTS)
+    weights = load_file(REPO / REPO_WEIGHTS)
     ema = {f"model_ema.{k[len('model.'):].replace('.', '')}": v.clone()  # LitEma's buffer names
            for k, v in weights.items() if k.startswith("model.diffusion_model.")}
     raw = {k: v.clone().zero_() if k.startswith("model.diffusion_model.out.2.") else v for k, v in weights.items()}
