@@ -138,3 +138,17 @@ def test_a_pixel_ddpms_ckpt_path_keeps_the_configs_schedule(tmp_path):
     shorter = DDPM(unet_config=UNET, image_size=8, timesteps=10, use_ema=False,
                    ckpt_path=str(tmp_path / "ddpm.safetensors"))
     assert shorter.num_timesteps == 10
+
+
+def test_patchwise_crops_must_tile_the_input():
+    """split_input_params (set by callers) folded crops that did not reach the input's edge: those
+    pixels came back NaN. Crops that tile it give the whole-input result."""
+    model = latent_diffusion()
+    model.model.forward = lambda x, t, **conditioning: torch.tanh(x) * 2  # pixel by pixel: crops change nothing
+    model.split_input_params = {"ks": (4, 4), "stride": (2, 2), "patch_distributed_vq": False, "vqf": 1,
+                                "tie_braker": False, "clip_min_weight": 0.01, "clip_max_weight": 0.5}
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.zeros(1, 77, 32)
+    torch.testing.assert_close(model.apply_model(x, t, context), torch.tanh(x) * 2)
+    model.split_input_params.update(stride=(3, 3))
+    with pytest.raises(ValueError, match=r"crops of \(4, 4\) every \(3, 3\) do not tile a 8x8 input"):
+        model.apply_model(x, t, context)

@@ -614,6 +614,10 @@ class LatentDiffusion(DDPM):
         :return: n img crops of size (n, bs, c, kernel_size[0], kernel_size[1])
         """
         bs, nc, h, w = x.shape
+        if any(size < k or (size - k) % step for size, k, step in zip((h, w), kernel_size, stride)):
+            # upstream folded them anyway: the pixels no crop reached came back NaN (0 / 0)
+            raise ValueError(f"split_input_params: crops of {tuple(kernel_size)} every {tuple(stride)} do not tile "
+                             f"a {h}x{w} input; choose ks no larger than it and stride dividing its size minus ks")
 
         # number of crops in image
         Ly = (h - kernel_size[0]) // stride[0] + 1
