@@ -742,7 +742,8 @@ class UNetModel(nn.Module):
         :return: an [N x C x ...] Tensor of outputs.
         """
         if (y is not None) != (self.num_classes is not None):
-            raise ValueError("this UNet is class-conditional (num_classes set): pass it class labels y" if y is None else
+            raise ValueError("this UNet is class-conditional (num_classes set): pass it class labels y"
+                             if y is None else
                              "this UNet has no class embedding (num_classes unset): pass it no class labels y")
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
