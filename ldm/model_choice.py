@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass
 
 from ldm import diffusers_folder
+from ldm.models.diffusion.sampler import check_predicts_noise
 from ldm.modules.diffusionmodules.util import DEFAULT_TIMESTEPS
+from ldm.util import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class ModelGeometry:
     steps: int = DEFAULT_STEPS  # sampling steps; a small pixel-space model needs fewer than SD
     eta: float = 0.0  # DDIM eta; a small model can leave noise on the deterministic path (eta 0)
     timesteps: int = DEFAULT_TIMESTEPS  # of the training noise schedule; samplers take fewer steps than this
+    parameterization: str = "eps"  # what the model predicts: the noise (eps) or the clean image (x0)
     not_text: str | None = None  # what the model is when not text-conditioned, e.g. "an unconditional model"
     vocabulary: frozenset[str] | None = None  # every word of its training captions, where its config can list them
 
@@ -69,7 +72,7 @@ def read_geometry(config) -> ModelGeometry:
     not_text = non_text_conditioning(params)
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
                          unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", DEFAULT_TIMESTEPS),
-                         not_text=not_text, vocabulary=None if not_text else _training_vocabulary(config), **sampling)
+                         parameterization=params.get("parameterization", "eps"), not_text=not_text, vocabulary=None if not_text else _training_vocabulary(config), **sampling)
 
 
 def _training_vocabulary(config) -> frozenset[str] | None:
@@ -107,10 +110,15 @@ def non_text_conditioning(params) -> str | None:
 
 
 def require_text_model(parser, path, geometry):
-    """txt2img, img2img and the consistency benchmark sample from prompts."""
+    """txt2img, img2img and the consistency benchmark sample from prompts, with DDIM, PLMS or
+    DPM-Solver: checked on the config, before the weights load."""
     if geometry.not_text:
         parser.error(f"--config {path} is {geometry.not_text}, not a text-to-image model; pass one such as "
                      f"{SD_V1_CONFIG}")
+    try:
+        check_predicts_noise(geometry.parameterization)
+    except ModelError as err:
+        parser.error(f"--config {path}: {err}")
 
 
 def _first_stage_factor_of(first_stage_config) -> int:

@@ -21,7 +21,6 @@ from ldm.model_choice import DEFAULT_CONFIGS, DEFAULT_STEPS, load_config, resolv
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampler import check_predicts_noise
 from ldm.outputs import SAFETY_MODEL_ID, SAMPLES_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -505,11 +504,6 @@ def check_against_model(parser, opt, model):
     another model, or a --subject word missing from a prompt (checked again with the model's own
     tokenizer: a text encoder other than the vendored CLIP has none before loading), ends the run
     with one ``prog: error:`` line; a prompt longer than the text encoder reads is a warning."""
-    from ldm.util import ModelError
-    try:
-        check_predicts_noise(model)
-    except ModelError as err:
-        parser.error(str(err))
     reference = getattr(opt, "reference", None)
     if reference is not None:
         try:

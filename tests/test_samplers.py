@@ -509,6 +509,7 @@ def test_txt2img_refuses_an_x0_model_in_one_line(tmp_path):
     result = run("txt2img.py", "--config", tmp_path / "x0.yaml", "--random-weights", "--H", "64", "--W", "64",
                  "--n_samples", "1", "--n_iter", "1", "--outdir", tmp_path / "out")
     assert_one_line_error(result, "this one predicts x0: sample it with its full chain")
+    assert "model on cpu" not in result.stderr  # refused from the config, before the model is built
 
 
 def test_log_images_plots_the_denoising_rows_with_ddim(tiny_model):

@@ -11,12 +11,12 @@ from ldm.util import ModelError
 logger = logging.getLogger(__name__)
 
 
-def check_predicts_noise(model, sampler="DDIM, PLMS and DPM-Solver"):
+def check_predicts_noise(parameterization, sampler="DDIM, PLMS and DPM-Solver"):
     """The fast samplers step with the model's output as the noise: an x0-predicting model (upstream
     accepted one and sampled noise from it) samples with its full chain only."""
-    if getattr(model, "parameterization", "eps") != "eps":
+    if parameterization != "eps":
         raise ModelError(f"{sampler} sample noise-predicting models (parameterization: eps); this one predicts "
-                         f"{model.parameterization}: sample it with its full chain (model.sample, or "
+                         f"{parameterization}: sample it with its full chain (model.sample, or "
                          "scripts/sample_diffusion.py -v)")
 
 
@@ -25,7 +25,7 @@ class Sampler:
     stochastic = False   # whether eta (fresh noise at every step) applies; else eta must be 0
 
     def __init__(self, model, schedule="linear"):
-        check_predicts_noise(model, type(self).__name__)
+        check_predicts_noise(getattr(model, "parameterization", "eps"), type(self).__name__)
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
