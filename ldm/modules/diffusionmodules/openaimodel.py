@@ -57,6 +57,19 @@ def check_unet_widths(model_channels, channel_mult, attention_resolutions, num_h
                               f"widths {level_widths}, got {num_heads_upsample}")
 
 
+def checkpointing(use_checkpoint):
+    """(ResBlocks, attention blocks) recomputed in the backward, for a UNet's `use_checkpoint`:
+    unset, upstream's (the attention blocks only: the memory the released LDM configs' batch sizes
+    were set for); True / False, every block or none (upstream's attention blocks ignored False)."""
+    return bool(use_checkpoint), True if use_checkpoint is None else use_checkpoint
+
+
+def warn_use_fp16(use_fp16):
+    if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
+        logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
+                       "autocast or convert the model with .half() / .to(torch.bfloat16)")
+
+
 class AttentionPool2d(nn.Module):
     """
     Adapted from CLIP: https://github.com/openai/CLIP/blob/main/clip/model.py
@@ -524,14 +537,8 @@ class UNetModel(nn.Module):
         self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
-        # unset: upstream's, the attention blocks recompute their activations in the backward and the
-        # ResBlocks keep theirs (the memory the released LDM configs' batch sizes were set for); True /
-        # False: every block or none (upstream's attention blocks ignored False)
-        checkpoint_attention = True if use_checkpoint is None else use_checkpoint
-        use_checkpoint = bool(use_checkpoint)
-        if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
-            logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
-                           "autocast or convert the model with .half() / .to(torch.bfloat16)")
+        use_checkpoint, checkpoint_attention = checkpointing(use_checkpoint)
+        warn_use_fp16(use_fp16)
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
@@ -821,14 +828,8 @@ class EncoderUNetModel(nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
-        # unset: upstream's, the attention blocks recompute their activations in the backward and the
-        # ResBlocks keep theirs (the memory the released LDM configs' batch sizes were set for); True /
-        # False: every block or none (upstream's attention blocks ignored False)
-        checkpoint_attention = True if use_checkpoint is None else use_checkpoint
-        use_checkpoint = bool(use_checkpoint)
-        if use_fp16:  # upstream converted nothing either; its sampling scripts used autocast
-            logger.warning("use_fp16 converts nothing here: the weights stay float32; sample with --precision "
-                           "autocast or convert the model with .half() / .to(torch.bfloat16)")
+        use_checkpoint, checkpoint_attention = checkpointing(use_checkpoint)
+        warn_use_fp16(use_fp16)
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
