@@ -828,8 +828,7 @@ def anchors_of_first_batch(config, images):
     it, and the PNG metadata says so; a warning says what was asked."""
     if config is None or config.mode is not ShareMode.ANCHOR or config.anchor_images or config.n_anchors <= images:
         return config
-    log.warning("--share-anchors %d: the first batch has %d image(s); they are the anchors", config.n_anchors,
-                   images)
+    log.warning("--share-anchors %d: the first batch has %d image(s); they are the anchors", config.n_anchors, images)
     return dataclasses.replace(config, n_anchors=images)
 
 
