@@ -369,9 +369,9 @@ def check_sample_outdir(parser, opt):
     """--outdir and, unless --skip_save, its samples folder, where OutputWriter saves: a file of
     that name was a traceback once the model had loaded."""
     check_output_dir(parser, "--outdir", opt.outdir)
-    samples = os.path.join(opt.outdir, SAMPLES_FOLDER)
     if getattr(opt, "skip_save", False):  # knn2img has no --skip_save
         return
+    samples = os.path.join(opt.outdir, SAMPLES_FOLDER)
     if os.path.exists(samples) and not os.path.isdir(samples):
         parser.error(f"--outdir {opt.outdir} holds a file named {SAMPLES_FOLDER}, where the samples go: move it, "
                      "or pass another --outdir")
