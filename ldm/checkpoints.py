@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ldm.diffusers_folder import read_pipeline_folder, read_vae_folder, vae_state_dict
+from ldm.modules.ema import with_ema_of_parts_not_held
 from ldm.util import ModelError, first_line, instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -389,6 +390,7 @@ def apply_state_dict(model, sd, source="checkpoint"):
     model_sd = model.state_dict()
     sd = remap_clip_text_keys(_drop_ema_keys(sd, model_sd), model_sd.keys())
     _check_weights(sd, model_sd, source)
+    sd = with_ema_of_parts_not_held(model, sd)
     placeholders = any(p.is_meta for p in model.parameters())
     if placeholders:  # the checkpoint's tensors become the model's, in the model's dtypes (fp16 files: float32)
         # as copies: load_weights reads the file mapped, and the model's weights must not be views
@@ -409,16 +411,18 @@ def _drop_ema_copy_without_weights(model, sd, source):
     without model_ema.* (e.g. exported with the EMA already in the UNet weights) would leave that
     copy at its random initialisation, so sampling must use the loaded weights instead, and the
     copy (as large as the UNet) goes. Only the copy's weights count: a file pruned down to its
-    counters (model_ema.decay, model_ema.num_updates) has none; one holding some and not others
-    would sample with random weights where it lacks them, and is refused."""
+    counters (model_ema.decay, model_ema.num_updates) has none. A file holds the copy of each part
+    (LitEma.parts: the UNet, a trained text encoder) wholly or not at all; one holding some of a
+    part's and not others would sample with random weights where it lacks them, and is refused."""
     if not getattr(model, "use_ema", False):
         return
-    ema_weights = [f"model_ema.{name}" for name in model.model_ema.m_name2s_name.values()]  # not its counters
-    held = [k for k in ema_weights if k in sd]
-    if held and len(held) < len(ema_weights):
-        raise WeightsMismatchError(f"{source} holds {len(held)} of the {len(ema_weights)} EMA weights (model_ema.*) "
-                                   f"this config samples with, lacking e.g. {_some(set(ema_weights) - set(held))}; "
-                                   f"a config with use_ema: false samples with its UNet weights instead")
+    held, partial = model.model_ema.held_parts(sd, "model_ema.")
+    if partial:
+        part = model.model_ema.parts()[partial[0]]
+        lacking = {f"model_ema.{name}" for name in part} - set(sd)
+        raise WeightsMismatchError(f"{source} holds {len(part) - len(lacking)} of the {len(part)} EMA weights "
+                                   f"(model_ema.*) of {partial[0]} this config samples with, lacking e.g. "
+                                   f"{_some(lacking)}; a config with use_ema: false samples with its weights instead")
     if not held:
         # DEBUG: this is the usual case (SD's released files, exports), not news on every run
         logger.debug("%s has no separate EMA copy (model_ema.*): sampling with its UNet weights, which in pruned "

@@ -5,8 +5,9 @@
 * The checkpoint is read with torch.load(weights_only=True) (ldm.checkpoints.read_checkpoint); only
   its state dict's tensors are kept (no optimizer state, no pickled objects).
 * If it holds EMA weights (model_ema.*, from ``use_ema: true``), they replace the UNet weights
-  model.diffusion_model.* and the model_ema.* copies are dropped, so the file holds the EMA
-  UNet once. ldm.checkpoints.apply_state_dict then samples with exactly these weights.
+  model.diffusion_model.* and, where the training averaged a text encoder trained with it, its
+  weights cond_stage_model.*; the model_ema.* copies are dropped, so the file holds the EMA
+  weights once. ldm.checkpoints.apply_state_dict then samples with exactly these weights.
 * Network weights (UNet, text encoder) are stored as float16 by default (--dtype), halving the
   file; everything else (the noise schedule buffers) keeps its dtype. Loading casts back to
   the model's float32.
@@ -37,31 +38,37 @@ from ldm.util import first_line  # noqa: E402
 logger = logging.getLogger("export_checkpoint")
 
 UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
 EMA_COUNTERS = {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}  # LitEma's, next to its weights
-NETWORK_PREFIXES = (UNET_PREFIX, "cond_stage_model.")
+NETWORK_PREFIXES = (UNET_PREFIX, TEXT_PREFIX)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LOSS_COLUMNS = ("train/loss_simple_step", "train/loss_simple_epoch", "val/loss_simple", "val/loss_simple_ema")
 LAST_N_LOSSES = 50  # the sidecar's "final loss" is the mean of the last this-many logged steps
 
 
 def ema_key(model_key):
-    """'model.diffusion_model.out.2.weight' -> 'model_ema.diffusion_modelout2weight' (LitEma's
-    buffer names are the parameter names relative to DDPM.model, without dots)."""
-    return EMA_PREFIX + model_key[len("model."):].replace(".", "")
+    """'model.diffusion_model.out.2.weight' -> 'model_ema.diffusion_modelout2weight',
+    'cond_stage_model.a.b' -> 'model_ema.cond_stage_modelab' (LitEma's buffer names are the names of
+    the parameters in LatentDiffusion.ema_tracked(), without dots)."""
+    relative = model_key[len("model."):] if model_key.startswith("model.") else model_key
+    return EMA_PREFIX + relative.replace(".", "")
 
 
 def swap_in_ema(sd):
-    """UNet weights replaced by their EMA copies; model_ema.* removed. Returns (new sd, swapped)."""
+    """Weights replaced by their EMA copies, model_ema.* removed: every UNet weight, and the text
+    encoder's where the training averaged it too (it does since 2026-12-07 when the encoder trains).
+    Returns (new sd, number of UNet tensors swapped, number of text-encoder tensors swapped)."""
     unet_keys = [k for k in sd if k.startswith(UNET_PREFIX)]
     missing = [k for k in unet_keys if ema_key(k) not in sd]
     if missing:
         raise CheckpointError(f"the checkpoint has EMA weights but none for {len(missing)} UNet weights "
                               f"(e.g. {missing[0]}); export with --no-ema")
+    text_keys = [k for k in sd if k.startswith(TEXT_PREFIX) and ema_key(k) in sd]
     out = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
-    for k in unet_keys:
+    for k in unet_keys + text_keys:
         out[k] = sd[ema_key(k)]
-    return out, len(unet_keys)
+    return out, len(unet_keys), len(text_keys)
 
 
 def cast_network_weights(sd, dtype):
@@ -72,7 +79,7 @@ def cast_network_weights(sd, dtype):
 
 def count_parameters(sd):
     return {"unet": sum(v.numel() for k, v in sd.items() if k.startswith(UNET_PREFIX)),
-            "text_encoder": sum(v.numel() for k, v in sd.items() if k.startswith("cond_stage_model."))}
+            "text_encoder": sum(v.numel() for k, v in sd.items() if k.startswith(TEXT_PREFIX))}
 
 
 def find_metrics(ckpt_path):
@@ -129,10 +136,10 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
     sd = state_dict_of(checkpoint, os.fspath(ckpt_path))
     # the EMA's counters alone (SD's pruned files keep them) are no EMA copy of the weights
     has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_COUNTERS for k in sd)
-    swapped = 0
+    swapped = text_swapped = 0
     if has_ema and use_ema:
-        sd, swapped = swap_in_ema(sd)
-        logger.info("EMA weights swapped into %d UNet tensors", swapped)
+        sd, swapped, text_swapped = swap_in_ema(sd)
+        logger.info("EMA weights swapped into %d UNet and %d text-encoder tensors", swapped, text_swapped)
     else:
         sd = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
         if has_ema:
@@ -146,7 +153,8 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     info = {"source": os.path.abspath(ckpt_path), "global_step": step,
             "epoch": checkpoint.get("epoch") if isinstance(checkpoint, dict) else None,
-            "ema": bool(swapped), "dtype": dtype, "parameters": count_parameters(sd), "tensors": len(sd)}
+            "ema": bool(swapped), "ema_text_encoder": bool(text_swapped), "dtype": dtype,
+            "parameters": count_parameters(sd), "tensors": len(sd)}
     if metrics_path:  # given: validate() has read it
         info["losses"] = loss_summary(metrics_path)
     elif found := find_metrics(ckpt_path):
@@ -154,7 +162,8 @@ def export(ckpt_path, out_path, *, dtype="fp16", use_ema=True, metrics_path=None
             info["losses"] = loss_summary(found)
         except (OSError, ValueError) as e:  # found, not asked for: the export goes on without it
             logger.warning("no losses in the sidecar: %s", e)
-    save_safetensors(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)), "dtype": dtype})
+    save_safetensors(sd, out_path, metadata={"global_step": str(step), "ema": str(bool(swapped)),
+                                             "ema_text_encoder": str(bool(text_swapped)), "dtype": dtype})
     info["bytes"] = os.path.getsize(out_path)
     with open(sidecar_path(out_path), "x") as f:
         json.dump(finite_or_null(info), f, indent=2, allow_nan=False, default=str)

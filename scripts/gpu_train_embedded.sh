@@ -6,7 +6,7 @@
 #
 # Needs no network (the CLIP tokenizer is built from the vocabulary in the repo, the data is
 # rendered on the fly). Writes at most 8 files to $OUT, each well under 16 MiB:
-#   procedural-t2i.safetensors  float16 weights, EMA UNet (scripts/export_checkpoint.py), ~15 MiB
+#   procedural-t2i.safetensors  float16 weights, EMA UNet and text encoder (scripts/export_checkpoint.py), ~15 MiB
 #   procedural-t2i.json         global step, losses, parameter counts
 #   metrics.csv                 the Lightning CSV log (loss every 10 steps, validation every 500)
 #   train-tail.log              the last 300 lines of the training log

@@ -158,8 +158,9 @@ def load_frozen_model(opt, device):
                          f"(cond_stage_key: caption); the adapter is trained on captioned procedural scenes")
     if getattr(model, "use_ema", False):
         # train against the weights sampling uses: a training checkpoint's EMA copy goes into the
-        # UNet once (LitEma can only swap while the UNet still requires gradients, so before freezing)
-        model.model_ema.copy_to(model.model)
+        # UNet (and text encoder, where the training averaged it) once (LitEma can only swap while the
+        # weights still require gradients, so before freezing)
+        model.model_ema.copy_to(model.ema_tracked())
         model.use_ema = False
     return model.eval().requires_grad_(False)
 

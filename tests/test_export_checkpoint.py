@@ -58,11 +58,23 @@ def test_ema_is_swapped_in_network_weights_are_fp16_and_sidecar_has_losses(tmp_p
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar == json.loads(json.dumps(info))
     assert sidecar["global_step"] == 20 and sidecar["ema"] is True and sidecar["dtype"] == "fp16"
+    assert sidecar["ema_text_encoder"] is False  # a checkpoint whose EMA covers the UNet alone
     assert sidecar["parameters"] == {"unet": 12, "text_encoder": 10}
     losses = sidecar["losses"]
     assert losses["train_loss_last"] == 0.25 and losses["train_loss_last_step"] == 19
     assert losses["train_loss_mean_last_logged"] == pytest.approx(0.375)
     assert losses["val/loss_simple_ema"] == {"step": 19, "value": 0.3}
+
+
+def test_a_text_encoders_ema_is_swapped_in_where_the_checkpoint_has_one(tmp_path):
+    sd = small_state_dict()
+    sd["model_ema.cond_stage_modeltransformerembeddingstoken_embeddingweight"] = torch.full((5, 2), 0.2)
+    info = export_checkpoint.export(fake_run(tmp_path, sd), tmp_path / "model.safetensors", dtype="fp32")
+    exported = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(exported["cond_stage_model.transformer.embeddings.token_embedding.weight"],
+                       torch.full((5, 2), 0.2))
+    assert info["ema"] is True and info["ema_text_encoder"] is True
+    assert not any(k.startswith("model_ema.") for k in exported)
 
 
 def test_no_ema_keeps_training_weights(tmp_path):
@@ -91,9 +103,11 @@ def test_export_of_the_embedded_model_loads_for_sampling_with_the_ema_weights(tm
     loaded = load_model_from_config(config, str(out))
     assert loaded.use_ema is False  # ema_scope() must not swap the random EMA copy in
     assert not any(k.startswith("model_ema.") for k in loaded.state_dict())  # nor keep it in memory
-    name = "diffusion_model.input_blocks.0.0.weight"
-    expected = (dict(model.model.named_parameters())[name] + 0.5).half().float()
-    assert torch.equal(dict(loaded.model.named_parameters())[name], expected)
+    assert info["ema"] is True and info["ema_text_encoder"] is True  # the text encoder trains: averaged too
+    for name in ("model.diffusion_model.input_blocks.0.0.weight",
+                 "cond_stage_model.transformer.embeddings.token_embedding.weight"):
+        expected = (dict(model.named_parameters())[name] + 0.5).half().float()
+        assert torch.equal(dict(loaded.named_parameters())[name], expected), name
     assert torch.equal(loaded.alphas_cumprod, model.alphas_cumprod)
 
 

@@ -31,7 +31,7 @@ def test_tiny_cpu_run_fills_out_with_weights_log_and_samples(tmp_path):
                      "train-tail.log"]
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     info = json.loads((out / "procedural-t2i.json").read_text())
-    assert info["global_step"] == 2 and info["ema"] is True
+    assert info["global_step"] == 2 and info["ema"] is True and info["ema_text_encoder"] is True
     # the lr schedule decays over the run's MAX_STEPS, not the config's planned 3000
     (project,) = (tmp_path / "logs").glob("*_procedural-t2i/configs/*-project.yaml")
     assert OmegaConf.load(project).model.params.scheduler_config.params.cycle_lengths == [2]

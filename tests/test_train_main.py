@@ -486,7 +486,8 @@ def test_a_parameter_the_model_does_not_take_is_one_error_line_and_a_bug_keeps_i
 
 def test_fine_tuning_the_shipped_model_starts_its_ema_from_the_shipped_weights():
     """The README's `model.params.ckpt_path=FILE` on the exported 16 px model (use_ema: true, no
-    model_ema.* in the file): the EMA that validation samples with is those weights, not noise."""
+    model_ema.* in the file): the EMA that validation samples with is those weights, not noise,
+    for the UNet and the text encoder (averaged too, as it trains)."""
     from omegaconf import OmegaConf
     from ldm.checkpoints import load_state_dict
     config = OmegaConf.load(REPO / "configs/embedded/procedural-t2i-16px.yaml").model
@@ -494,12 +495,11 @@ def test_fine_tuning_the_shipped_model_starts_its_ema_from_the_shipped_weights()
     config.params.ckpt_path = str(weights)
     model = instantiate_from_config(config)
     shipped = load_state_dict(weights)
-    with model.ema_scope():
-        unet = model.model.state_dict()
+    with model.ema_scope():  # the UNet's and the text encoder's
+        ours = model.state_dict()
         for name, tensor in shipped.items():
-            if name.startswith("model."):
-                ours = unet[name[len("model."):]]
-                assert torch.equal(ours, tensor.to(ours.dtype)), name
+            if name.startswith(("model.", "cond_stage_model.")):
+                assert torch.equal(ours[name], tensor.to(ours[name].dtype)), name
 
 
 def data_module(train):
@@ -617,6 +617,31 @@ def test_ema_averages_once_per_optimizer_step_when_batches_accumulate(tmp_path):
     (run,) = tmp_path.iterdir()
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3 and checkpoint["state_dict"]["model_ema.num_updates"] == 3
+
+
+def test_a_run_saved_before_its_text_encoder_was_averaged_resumes(tmp_path):
+    """--resume loads the state dict strictly: a last.ckpt whose EMA covers the UNet alone (the EMA
+    of a trained text encoder came on 2026-12-07; upstream's cin-ldm-vq-f8 trains its class
+    embedder) goes on, the encoder's EMA starting at its weights."""
+    common = ["-t", "--no-test", "--accelerator", "cpu", "--devices", "1"]
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, *common, "--max_steps", "1", "--logdir", tmp_path,
+                      "model.params.use_ema=true", "model.params.cond_stage_trainable=true",
+                      "model.params.cond_stage_config.params.trainable=true", "model.params.first_stage_key=image",
+                      "model.params.cond_stage_key=caption", "lightning.callbacks.image_logger.params.batch_frequency=1000",
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    text_ema = [k for k in checkpoint["state_dict"] if k.startswith("model_ema.cond_stage_model")]
+    assert text_ema
+    for key in text_ema:
+        del checkpoint["state_dict"][key]
+    torch.save(checkpoint, last)
+    result = run_main("--resume", run, *common, "--max_steps", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 2 and set(text_ema) <= set(resumed["state_dict"])
 
 
 def test_trainer_flags_mean_what_they_meant_in_lightning_1(main_module, capsys):

@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from ldm.modules.ema import with_ema_of_parts_not_held
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +34,12 @@ class TrainableModule(nn.Module):
 
     def on_train_start(self):
         self._ema_step = self.trainer.global_step  # 0, or the step a --resume restored
+
+    def on_load_checkpoint(self, checkpoint):
+        # --resume loads the state dict strictly: a run saved before its text encoder was averaged
+        # too (upstream's cin-ldm-vq-f8 trains its class embedder) goes on with the encoder's EMA
+        # starting at its weights
+        checkpoint["state_dict"] = with_ema_of_parts_not_held(self, checkpoint["state_dict"])
 
     def on_train_batch_end(self, *args, **kwargs):
         # the EMA averages once per optimizer step: with gradients accumulated over K batches upstream
@@ -70,17 +78,31 @@ class TrainableModule(nn.Module):
             raise CheckpointError(f"none of the {len(kept)} weights of {path} is one of this "
                                   f"{type(target).__name__}'s (e.g. {next(iter(kept))}); is it the checkpoint "
                                   f"meant for the config's ckpt_path?")
-        if getattr(self, "use_ema", False) and not any(key.startswith("model_ema.") for key in kept):
-            # e.g. an exported model or SD's released weights: its EMA is in the weights themselves
-            self.model_ema.restart_from(self.ema_tracked())
-            missing = [key for key in missing if not key.startswith("model_ema.")]  # not news: the line below says
-            logger.info("%s holds no EMA copy (model_ema.*): the EMA starts from its weights", path)
+        if getattr(self, "use_ema", False):
+            missing = self._restart_ema_not_held(kept, missing, path)
         logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
         if missing:
             logger.info("Missing keys: %s", missing)
         if unexpected:
             logger.info("Unexpected keys: %s", unexpected)
         return missing
+
+    def _restart_ema_not_held(self, kept, missing, path):
+        """The EMA of every part of the model (LitEma.parts) that `kept` holds none of starts from the
+        part's weights: an exported model or SD's released weights, whose EMA is in the weights
+        themselves, or a checkpoint saved before the text encoder was averaged. Returns `missing`
+        without the EMA's keys then, which are not news: the log line says."""
+        from ldm.checkpoints import WeightsMismatchError
+        held, partial = self.model_ema.held_parts(kept, "model_ema.")
+        if partial:
+            raise WeightsMismatchError(f"{path} holds the EMA (model_ema.*) of some of the weights of {partial[0]} "
+                                       "and not of others: is it the checkpoint meant for the config's ckpt_path?")
+        fresh = [part for part in self.model_ema.parts() if part not in held]
+        if not fresh:
+            return missing
+        self.model_ema.restart_from(self.ema_tracked(), fresh)
+        logger.info("%s holds no EMA copy (model_ema.*) of %s: the EMA starts from its weights", path, ", ".join(fresh))
+        return [key for key in missing if not key.startswith("model_ema.")]
 
 
 @functools.cache

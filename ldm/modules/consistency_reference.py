@@ -70,7 +70,7 @@ def model_fingerprint(model) -> str:
     recorded while sampling passes the check a reader makes right after loading."""
     if getattr(model, "use_ema", False):
         shadows = dict(model.model_ema.named_buffers())
-        weights = {name: shadows[name] for name in model.model_ema.m_name2s_name.values()}  # not its counters
+        weights = {name: shadows[name] for name in model.model_ema.parts()["diffusion_model"]}  # not its counters
     else:
         weights = unet_of(model).state_dict()
     digest = hashlib.sha256()

@@ -8,6 +8,23 @@ def warm_up_decay(decay, updates):
     return min(decay, (1 + updates) / (10 + updates))
 
 
+def with_ema_of_parts_not_held(model, sd):
+    """`sd`, a state dict for `model` (which keeps an EMA: model_ema, ema_tracked()), with the EMA copy
+    of every part it averages none of (LitEma.parts; e.g. a text encoder in a checkpoint saved before
+    it was averaged too) set to that part's weights in `sd`: what sampling used for it then."""
+    if not getattr(model, "use_ema", False):
+        return sd
+    held, _ = model.model_ema.held_parts(sd, "model_ema.")
+    tracked = model.ema_tracked()
+    key_of = {id(p): key for key, p in model.named_parameters()}
+    out = dict(sd)
+    for name, s_name in model.model_ema.m_name2s_name.items():
+        key = key_of[id(tracked.get_parameter(name))]
+        if name.split(".")[0] not in held and key in sd:
+            out[f"model_ema.{s_name}"] = sd[key]
+    return out
+
+
 class LitEma(nn.Module):
     def __init__(self, model, decay=0.9999, use_num_upates=True):
         super().__init__()
@@ -49,13 +66,36 @@ class LitEma(nn.Module):
                 else:
                     assert not key in self.m_name2s_name
 
-    def restart_from(self, model):
-        """Start the average over at `model`'s weights: the copy made at construction holds the random
-        initialisation, which a checkpoint without an EMA copy of its own does not replace."""
+    def parts(self):
+        """{part: buffer names}: the averaged weights by the top-level module of the tracked model they
+        belong to (the UNet's 'diffusion_model', a text encoder trained with it 'cond_stage_model').
+        A checkpoint holds the average of a part wholly or not at all, as one saved before the
+        part was averaged does."""
+        parts = {}
+        for name, s_name in self.m_name2s_name.items():
+            parts.setdefault(name.split(".")[0], []).append(s_name)
+        return parts
+
+    def held_parts(self, keys, prefix):
+        """(held, partial): the parts whose every buffer, or only some, is among `keys` as prefix + name."""
+        keys, held, partial = set(keys), [], []
+        for part, s_names in self.parts().items():
+            n = sum(prefix + s_name in keys for s_name in s_names)
+            if n == len(s_names):
+                held.append(part)
+            elif n:
+                partial.append(part)
+        return held, partial
+
+    def restart_from(self, model, parts=None):
+        """Start the average over at `model`'s weights (of `parts` only, when given): the copy made at
+        construction holds the random initialisation, which a checkpoint without an EMA copy of its
+        own does not replace."""
         shadow_params = dict(self.named_buffers())
         with torch.no_grad():
             for name, s_name in self.m_name2s_name.items():
-                shadow_params[s_name].copy_(model.get_parameter(name))
+                if parts is None or name.split(".")[0] in parts:
+                    shadow_params[s_name].copy_(model.get_parameter(name))
 
     def copy_to(self, model):
         m_param = dict(model.named_parameters())

@@ -100,10 +100,7 @@ class DDPM(TrainableModule):
                               "leave it out")
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
-        self.use_ema = use_ema
-        if self.use_ema:
-            self.model_ema = LitEma(self.model)
-            logger.debug("Keeping EMAs of %d.", len(list(self.model_ema.buffers())))
+        self.keep_ema(use_ema)
 
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
@@ -200,18 +197,25 @@ class DDPM(TrainableModule):
     def ema_tracked(self):
         return self.model
 
+    def keep_ema(self, use_ema):
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.ema_tracked())
+            logger.debug("Keeping EMAs of %d.", len(list(self.model_ema.buffers())))
+
     @contextmanager
     def ema_scope(self, context=None):
         if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
+            tracked = self.ema_tracked()
+            self.model_ema.store(tracked.parameters())
+            self.model_ema.copy_to(tracked)
             if context is not None:
                 logger.info(f"{context}: Switched to EMA weights")
         try:
             yield None
         finally:
             if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
+                self.model_ema.restore(tracked.parameters())
                 if context is not None:
                     logger.info(f"{context}: Restored training weights")
 
@@ -464,9 +468,11 @@ class LatentDiffusion(DDPM):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
+        use_ema = kwargs.pop("use_ema", True)  # kept once the text encoder exists: it may be averaged too
         # Latents are unbounded, so predicted x0 is left as it is (DDPM clips its pixels to
         # [-1, 1] by default); a pixel-space model (IdentityFirstStage) sets clip_denoised: true.
-        super().__init__(conditioning_key=conditioning_key, clip_denoised=clip_denoised, *args, **kwargs)
+        super().__init__(conditioning_key=conditioning_key, clip_denoised=clip_denoised, use_ema=False,
+                         *args, **kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
@@ -480,6 +486,7 @@ class LatentDiffusion(DDPM):
             self.register_buffer('scale_factor', torch.tensor(scale_factor))
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
+        self.keep_ema(use_ema)
         self.cond_stage_forward = cond_stage_forward
         self.bbox_tokenizer = None  
 
@@ -536,6 +543,19 @@ class LatentDiffusion(DDPM):
                                "cond_stage_trainable: false",
                                type(model).__name__)
             self.cond_stage_model = model
+
+    def ema_tracked(self):
+        """The UNet and, when it trains beside it, the text encoder: sampling uses them as a pair, and
+        an averaged UNet with the encoder's last weights is a pair that never existed in training.
+        The UNet's weights keep DiffusionWrapper's names (diffusion_model.*), so a checkpoint whose
+        EMA covers the UNet alone (upstream's, this repository's before 2026-12-07) still fits it."""
+        if not self.cond_stage_trainable:
+            return self.model
+        tracked = nn.Module()
+        for name, child in self.model.named_children():
+            tracked.add_module(name, child)
+        tracked.add_module("cond_stage_model", self.cond_stage_model)
+        return tracked
 
     def _get_denoise_row_from_list(self, samples, desc='', force_no_decoder_quantization=False):
         denoise_row = []
@@ -1078,11 +1098,12 @@ class LatentDiffusion(DDPM):
         use_ddim = ddim_steps is not None and self.parameterization == "eps"  # DDIM reads the output as noise
 
         log = dict()
-        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key,
-                                           return_first_stage_outputs=True,
-                                           force_c_encode=True,
-                                           return_original_cond=True,
-                                           bs=N)
+        with self.ema_scope():  # the conditioning the samples below are drawn with: the EMA text encoder's
+            z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key,
+                                               return_first_stage_outputs=True,
+                                               force_c_encode=True,
+                                               return_original_cond=True,
+                                               bs=N)
         N = min(x.shape[0], N)
         n_row = min(x.shape[0], n_row)
         log["inputs"] = x
