@@ -1,15 +1,13 @@
 """scripts/benchmark_attention.py at a reduced size on CPU: the UNet table, the end-to-end table,
 the CSV, FLOP counting and its error lines. Run in-process (one torch import for all tests)."""
 import csv
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_CONFIG, fill_zero_weights_
+from conftest import REPO, TINY_CONFIG, fill_zero_weights_, load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark_attention as bench  # noqa: E402
+bench = load_script("benchmark_attention")
 
 
 

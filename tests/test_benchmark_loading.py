@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark_loading as bench  # noqa: E402
+bench = load_script("benchmark_loading")
 
 
 def test_table_times_both_ways_of_loading_each_format_and_leaves_no_checkpoint(tmp_path, capsys):

@@ -1,13 +1,11 @@
 """scripts/benchmark_train_step.py on CPU at a small batch: its table and its error lines (in-process)."""
 import re
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import benchmark_train_step as bench  # noqa: E402
+bench = load_script("benchmark_train_step")
 
 SMALL = ["--config", str(REPO / "configs/embedded/procedural-t2i-16px.yaml"), "--batch", "2", "--repeats", "1"]
 

@@ -23,10 +23,8 @@ def test_explicit_threads_are_set():
 
 
 def test_threads_below_one_is_one_error_line(capsys):
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "scripts"))
-    import txt2img
+    from conftest import load_script
+    txt2img = load_script("txt2img")
     parser = txt2img.build_parser()
     with pytest.raises(SystemExit) as exit_info:
         txt2img.validate_options(parser, parser.parse_args(["--random-weights", "--threads", "0"]))

@@ -8,10 +8,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, has_plain_file_mode
+from conftest import REPO, has_plain_file_mode, load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import export_checkpoint  # noqa: E402
+export_checkpoint = load_script("export_checkpoint")
 
 EMBEDDED_CONFIG = REPO / "configs" / "embedded" / "procedural-t2i.yaml"
 
