@@ -65,6 +65,10 @@ def swap_in_ema(sd):
         raise CheckpointError(f"the checkpoint has EMA weights but none for {len(missing)} UNet weights "
                               f"(e.g. {missing[0]}); export with --no-ema")
     text_keys = [k for k in sd if k.startswith(TEXT_PREFIX) and ema_key(k) in sd]
+    unaveraged = [k for k in sd if k.startswith(TEXT_PREFIX) and sd[k].is_floating_point() and ema_key(k) not in sd]
+    if text_keys and unaveraged:  # LitEma averages every weight of a part, or the part is not averaged
+        raise CheckpointError(f"the checkpoint has EMA weights for {len(text_keys)} text-encoder weights but none "
+                              f"for {len(unaveraged)} others (e.g. {unaveraged[0]}); export with --no-ema")
     out = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
     for k in unet_keys + text_keys:
         out[k] = sd[ema_key(k)]

@@ -76,6 +76,16 @@ def test_a_text_encoders_ema_is_swapped_in_where_the_checkpoint_has_one(tmp_path
     assert not any(k.startswith("model_ema.") for k in exported)
 
 
+def test_a_text_encoder_with_the_ema_of_some_of_its_weights_is_refused(tmp_path):
+    sd = small_state_dict()
+    sd["cond_stage_model.transformer.final_layer_norm.weight"] = torch.ones(2)
+    sd["model_ema.cond_stage_modeltransformerembeddingstoken_embeddingweight"] = torch.full((5, 2), 0.2)
+    with pytest.raises(export_checkpoint.CheckpointError, match="EMA weights for 1 text-encoder weights but none "
+                                                                 "for 1 others .*final_layer_norm"):
+        export_checkpoint.export(fake_run(tmp_path, sd), tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_no_ema_keeps_training_weights(tmp_path):
     ckpt = fake_run(tmp_path, small_state_dict())
     export_checkpoint.export(ckpt, tmp_path / "raw.safetensors", use_ema=False, dtype="fp32")
