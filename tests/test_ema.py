@@ -122,3 +122,22 @@ def test_ckpt_path_without_the_text_encoders_ema_starts_it_from_the_loaded_weigh
         assert_same(resumed.model.state_dict(), trained.model.state_dict())
     with resumed.ema_scope():
         assert_same(text_weights(resumed), text_weights(trained))
+
+
+def test_a_nested_ema_scope_leaves_the_trained_weights_in_place_when_the_outer_one_ends():
+    """LitEma stores one copy of the trained weights: a nested scope stored the EMA weights over it,
+    and the outer scope then put the EMA weights back as the trained ones, for the rest of training."""
+    model = build(trained_text_config())
+    train_a_step(model)
+
+    def weights():
+        return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
+
+    trained = weights()
+    with model.ema_scope():
+        averaged = weights()
+        with model.ema_scope():
+            assert_same(weights(), averaged)
+        assert_same(weights(), averaged)
+    assert_same(weights(), trained)
+    assert averaged.keys() == trained.keys() and any(not torch.equal(averaged[k], trained[k]) for k in trained)

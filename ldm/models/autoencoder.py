@@ -3,11 +3,9 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from contextlib import contextmanager
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.models.lightning import TrainableModule
-from ldm.modules.ema import LitEma
 
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 
@@ -111,30 +109,12 @@ class VQModel(AdversarialTraining):
         if self.batch_resize_range is not None:
             logger.info(f"{self.__class__.__name__}: Using per-batch resizing in range {batch_resize_range}.")
 
-        self.use_ema = use_ema
-        if self.use_ema:
-            self.model_ema = LitEma(self)
-            logger.info(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+        self.keep_ema(use_ema)
 
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
-
-    @contextmanager
-    def ema_scope(self, context=None):
-        if self.use_ema:
-            self.model_ema.store(self.parameters())
-            self.model_ema.copy_to(self)
-            if context is not None:
-                logger.info(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.parameters())
-                if context is not None:
-                    logger.info(f"{context}: Restored training weights")
 
     def encode(self, x):
         h = self.encoder(x)

@@ -7,6 +7,7 @@ about 3 s of its 8 (docs/benchmarks.md), for hooks that sampling never calls. ma
 `lightning_module(cls)`, the same class with LightningModule mixed in, where every hook finds
 what it was written against.
 """
+import contextlib
 import functools
 import itertools
 import logging
@@ -14,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from ldm.modules.ema import with_ema_of_parts_not_held
+from ldm.modules.ema import LitEma, with_ema_of_parts_not_held
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,39 @@ class TrainableModule(nn.Module):
         """Where the model's weights are (what LightningModule.device says once Lightning moved it)."""
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
+    _ema_swapped_in = False
+
     def ema_tracked(self) -> nn.Module:
         """The module whose weights `model_ema` averages when the config sets use_ema."""
         return self
+
+    def keep_ema(self, use_ema):
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.ema_tracked())
+            logger.debug("Keeping EMAs of %d.", len(list(self.model_ema.buffers())))
+
+    @contextlib.contextmanager
+    def ema_scope(self, context=None):
+        """The EMA weights in place of the trained ones, which come back at the end. Re-entrant: LitEma
+        stores one copy, so a nested scope would store the EMA weights, and the outer one then put
+        them back as the trained weights."""
+        swap = getattr(self, "use_ema", False) and not self._ema_swapped_in
+        if swap:
+            tracked = self.ema_tracked()
+            self.model_ema.store(tracked.parameters())
+            self.model_ema.copy_to(tracked)
+            self._ema_swapped_in = True
+            if context is not None:
+                logger.info(f"{context}: Switched to EMA weights")
+        try:
+            yield None
+        finally:
+            if swap:
+                self.model_ema.restore(tracked.parameters())
+                self._ema_swapped_in = False
+                if context is not None:
+                    logger.info(f"{context}: Restored training weights")
 
     def on_train_start(self):
         self._ema_step = self.trainer.global_step  # 0, or the step a --resume restored

@@ -13,7 +13,6 @@ import torch.nn as nn
 import numpy as np
 from torch.optim.lr_scheduler import LambdaLR
 from einops import rearrange, repeat
-from contextlib import contextmanager
 from functools import partial
 from tqdm import tqdm
 from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's, without importing Lightning
@@ -21,7 +20,6 @@ from lightning_utilities.core.rank_zero import rank_zero_only  # Lightning's, wi
 from ldm.image_io import make_grid
 from ldm.util import (log_txt_as_img, exists, default, ismap, isimage, count_params, instantiate_from_config,
                       check_choice, ConfigError)
-from ldm.modules.ema import LitEma
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.models.lightning import TrainableModule
 from ldm.models.autoencoder import VQModelInterface, IdentityFirstStage, AutoencoderKL
@@ -196,28 +194,6 @@ class DDPM(TrainableModule):
 
     def ema_tracked(self):
         return self.model
-
-    def keep_ema(self, use_ema):
-        self.use_ema = use_ema
-        if use_ema:
-            self.model_ema = LitEma(self.ema_tracked())
-            logger.debug("Keeping EMAs of %d.", len(list(self.model_ema.buffers())))
-
-    @contextmanager
-    def ema_scope(self, context=None):
-        if self.use_ema:
-            tracked = self.ema_tracked()
-            self.model_ema.store(tracked.parameters())
-            self.model_ema.copy_to(tracked)
-            if context is not None:
-                logger.info(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(tracked.parameters())
-                if context is not None:
-                    logger.info(f"{context}: Restored training weights")
 
     def q_mean_variance(self, x_start, t):
         """
