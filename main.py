@@ -898,6 +898,9 @@ if __name__ == "__main__":
         nowname = new_run_name(opt.logdir, now + name + opt.postfix)
         logdir = os.path.join(opt.logdir, nowname)
     config = load_config(parser, opt.base, unknown)
+    if not opt.train and (opt.no_test or "test" not in config.data.get("params", {})):
+        parser.error("nothing to run: main.py trains with -t (--train); without it it only tests on the config's "
+                     + ("test data, which --no-test skips" if opt.no_test else "data.params.test, which it has none of"))
 
     ckptdir = os.path.join(logdir, "checkpoints")
     cfgdir = os.path.join(logdir, "configs")
@@ -1134,6 +1137,9 @@ if __name__ == "__main__":
         has_test = "test" in data.dataset_configs and is_overridden("test_step", model)
         if not opt.no_test and not trainer.interrupted and has_test:
             trainer.test(model, data)
+        elif not opt.train:
+            logger.warning("nothing was run: without -t (--train) main.py only tests, and %s has no test_step",
+                           type(model).__name__)
     except Exception:
         if opt.debug and trainer is not None and trainer.global_rank == 0:
             interactive_debugger().post_mortem()

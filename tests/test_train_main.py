@@ -272,6 +272,16 @@ def assert_one_error_line(result, *words):
     assert all(w in last for w in words), last
 
 
+def test_main_without_train_and_nothing_to_test_is_one_error_line(tmp_path):
+    """Without -t main.py only tests, and no config here has test data: it built the model and data,
+    made a run folder, printed the learning rate and exited 0 having done nothing."""
+    assert_one_error_line(run_main("--base", TINY_CONFIG, DATA_CONFIG, "--logdir", tmp_path / "logs"),
+                          "nothing to run", "-t (--train)", "data.params.test")
+    assert_one_error_line(run_main("--base", TINY_CONFIG, DATA_CONFIG, "--no-test", "--logdir", tmp_path / "logs"),
+                          "nothing to run", "--no-test skips")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_main_with_a_text_file_as_config_is_one_error_line(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just some notes\nnot a config\n")
