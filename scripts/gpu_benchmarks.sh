@@ -50,6 +50,13 @@ DEADLINE=${DEADLINE:-}
 
 source scripts/gpu_env.sh   # offline, this checkout on PYTHONPATH, carried wheels installed
 
+if [ "$DEVICE" = cuda ] && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  # every stage would fail with the reason in benchmarks.log alone
+  echo "error: DEVICE=cuda (the default) and CUDA is not available here; run it on a GPU machine" \
+       "(docs/gpu-session.md), or on the CPU at a tiny size as tests/test_gpu_benchmarks_script.py does" >&2
+  exit 2
+fi
+
 MD="$OUT/benchmarks.md" CSV="$OUT/results.csv" LOG="$OUT/benchmarks.log"
 mkdir -p "$OUT"
 for f in "$MD" "$CSV" "$LOG"; do
@@ -135,7 +142,7 @@ for stage in $STAGES; do
   esac
 done
 
-log "all stages in $((SECONDS - total_start)) s; outputs: $MD $CSV $LOG"
+log "all stages in $((SECONDS - total_start)) s; outputs: $MD $([ -e "$CSV" ] && echo "$CSV ")$LOG"
 if [ ${#failed[@]} -gt 0 ]; then
   log "failed or timed out: ${failed[*]}"
   exit 1

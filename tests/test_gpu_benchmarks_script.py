@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from conftest import REPO, TINY_CONFIG
 
@@ -49,6 +50,15 @@ def test_unknown_stage_is_one_error_line(tmp_path):
     result = run(tmp_path / "out", STAGES="table warp")
     assert result.returncode == 2
     assert "unknown stage 'warp'" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_the_default_cuda_device_without_cuda_is_one_error_line_and_writes_nothing(tmp_path):
+    """Every stage failed, the reason only in benchmarks.log; the console said 'stage X failed'."""
+    result = run(tmp_path / "out", DEVICE="cuda")
+    assert result.returncode == 2
+    assert "CUDA is not available here" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_deadline_cuts_every_stages_limit_and_skips_what_no_longer_fits(tmp_path):
