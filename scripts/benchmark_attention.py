@@ -77,7 +77,7 @@ SETTINGS = [
     Setting("vanilla sdpa"),
     shared("all: inner", {"inner"}),
     shared("all: middle+inner", {"middle", "inner"}),
-    shared("all: decoder outer+middle", {"outer", "middle"}, half="decoder"),
+    shared("all: decoder outer+middle", {"outer", "middle"}, blocks="decoder"),
     shared("all: all groups", ALL_GROUPS),
     shared("anchor: middle+inner", {"middle", "inner"}, mode="anchor"),
     shared("anchor: all groups", ALL_GROUPS, mode="anchor"),

@@ -146,7 +146,7 @@ SETTINGS = {
     "all:outer+inner": shared({"outer", "inner"}),
     "all:middle+inner": shared({"middle", "inner"}),
     "all:all": shared(ALL_GROUPS),
-    "decoder:outer+middle": shared({"outer", "middle"}, half="decoder"),
+    "decoder:outer+middle": shared({"outer", "middle"}, blocks="decoder"),
     "anchor:all": shared(ALL_GROUPS, mode="anchor"),
     "anchor:middle+inner": shared({"middle", "inner"}, mode="anchor"),  # --consistent-attn's default
     "sample0.25:all": shared(ALL_GROUPS, mode="sample", sample_rate=0.25),
@@ -187,7 +187,7 @@ def composed_setting(name):
         raise ValueError(f"its groups are {', '.join(GROUP_CHOICES)} joined by '+', or all")
     options = {}
     if mode == "decoder":
-        mode, options["half"] = "all", "decoder"
+        mode, options["blocks"] = "all", "decoder"
     if rate is not None:
         mode, options["sample_rate"] = "sample", float(rate)
     if start is not None:

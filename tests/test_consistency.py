@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ldm.modules.attention import CrossAttention, einsum_attention, sdpa_attention
 from ldm.modules.consistency import (
-    CfgPolicy, ConsistentAttentionConfig, Group, Half, SharedKV, ShareMode, anchor_attention,
+    CfgPolicy, ConsistentAttentionConfig, Group, Blocks, SharedKV, ShareMode, anchor_attention,
     consistent_attention, disable_consistent_attention, enable_consistent_attention,
     joint_attention, parse_groups, parse_window, sampled_attention, self_attention_sites)
 from ldm.util import instantiate_from_config
@@ -210,14 +210,14 @@ def test_the_groups_are_the_resolution_levels_outer_the_finest(unet):
     assert seen == {Group.OUTER: {16 * 16}, Group.MIDDLE: {8 * 8}, Group.INNER: {4 * 4, 2 * 2}}
 
 
-@pytest.mark.parametrize("groups,half", [({"outer"}, "both"), ({"middle", "inner"}, "decoder"),
-                                         ({"inner"}, "encoder")])
-def test_enable_selects_exactly_the_chosen_layers(unet, groups, half):
-    cfg = ConsistentAttentionConfig(groups=groups, half=half)
+@pytest.mark.parametrize("groups,blocks", [({"outer"}, "both"), ({"middle", "inner"}, "decoder"),
+                                           ({"inner"}, "encoder")])
+def test_enable_selects_exactly_the_chosen_layers(unet, groups, blocks):
+    cfg = ConsistentAttentionConfig(groups=groups, blocks=blocks)
     policy = enable_consistent_attention(unet, cfg, 2)
     try:
         for site, attn in self_attention_sites(unet):
-            chosen = site.group.value in groups and (site.side == "middle" or half in ("both", site.side))
+            chosen = site.group.value in groups and (site.side == "middle" or blocks in ("both", site.side))
             assert (attn.kv_sharing is policy) == chosen, site
         for name, module in unet.named_modules():  # cross-attention never gets a policy
             if name.endswith("attn2"):
@@ -438,7 +438,7 @@ def test_parsing_and_validation():
         ConsistentAttentionConfig(n_anchors=0)
     with pytest.raises(ValueError):
         ConsistentAttentionConfig(mode="everything")
-    assert ConsistentAttentionConfig(half="decoder").half is Half.DECODER
+    assert ConsistentAttentionConfig(blocks="decoder").blocks is Blocks.DECODER
 
 
 def upstream_crossattention_forward(self, x, context=None):
@@ -496,7 +496,7 @@ def test_cli_flags_build_the_config():
                      "--share-anchors", "2", "--share-window", "0:0.6", "--share-cfg", "cond",
                      "--share-blocks", "decoder"])
     assert cfg == ConsistentAttentionConfig(groups={"outer"}, mode="anchor", n_anchors=2, window=(0, 0.6),
-                                            cfg="cond", half="decoder", seed=42)
+                                            cfg="cond", blocks="decoder", seed=42)
     assert parse_cli(["--consistent-attn"], images=1) is None  # nothing to share: plain sampling
 
 

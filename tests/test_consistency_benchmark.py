@@ -123,7 +123,7 @@ def test_settings_are_composed_from_their_names_as_the_listed_ones_are_named():
     for name in composable:
         assert cb.composed_setting(name) == cb.SETTINGS[name], name
     assert cb.resolve_setting("anchor:middle") == cb.shared({"middle"}, mode="anchor")
-    assert cb.resolve_setting("decoder:inner@0-0.5") == cb.shared({"inner"}, half="decoder", window=(0, 0.5))
+    assert cb.resolve_setting("decoder:inner@0-0.5") == cb.shared({"inner"}, blocks="decoder", window=(0, 0.5))
     assert cb.resolve_setting("sample0.5:outer+middle") == cb.shared({"outer", "middle"}, mode="sample",
                                                                       sample_rate=0.5)
     for name in ("subject:all", "reference:all", "none"):  # listed, but no composition of a mode and groups

@@ -234,7 +234,7 @@ def test_file_round_trip(model, sampled, tmp_path):
 
 
 def test_only_the_selected_layers_and_window_are_stored_and_the_size_formula_holds(model):
-    cfg = ConsistentAttentionConfig(groups={"middle"}, half="decoder", window=(0.0, 0.5))
+    cfg = ConsistentAttentionConfig(groups={"middle"}, blocks="decoder", window=(0.0, 0.5))
     x_T = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         cond, uncond = model.get_learned_conditioning(N * ["a chair"]), model.get_learned_conditioning(N * [""])
@@ -322,6 +322,14 @@ def test_a_damaged_reference_is_refused_on_load_not_while_sampling(sampled, tmp_
     with pytest.raises(ReferenceMismatch, match="damaged reference file") as err:
         ReferenceCache.load(path)
     assert message in str(err.value)
+
+
+def test_a_reference_recorded_when_share_blocks_was_called_half_still_loads(sampled, tmp_path):
+    cache = sampled["cache"]
+    settings = {("half" if k == "blocks" else k): v for k, v in cache.header["settings"].items()}
+    path = tmp_path / "ref.safetensors"
+    ReferenceCache({**cache.header, "settings": settings}, cache.tensors).save(path, dtype=torch.float32)
+    assert ReferenceCache.load(path).header["settings"] == cache.header["settings"]
 
 
 def test_a_window_that_no_step_reaches_records_nothing_and_writes_no_file(model, tmp_path):

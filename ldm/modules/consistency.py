@@ -58,7 +58,7 @@ class Group(str, enum.Enum):
     INNER = "inner"    # level >= 2 and the middle block
 
 
-class Half(str, enum.Enum):
+class Blocks(str, enum.Enum):
     """Which side of the UNet shares: the encoder (input blocks), the decoder (output blocks) or both.
     The middle block sits between the two and shares whenever `inner` is enabled."""
     ENCODER = "encoder"
@@ -89,7 +89,7 @@ def _enum_choices(enum_cls):
 
 
 GROUP_CHOICES = _enum_choices(Group)
-HALF_CHOICES = _enum_choices(Half)
+BLOCK_CHOICES = _enum_choices(Blocks)
 MODE_CHOICES = _enum_choices(ShareMode)
 CFG_CHOICES = _enum_choices(CfgPolicy)
 
@@ -113,7 +113,7 @@ class ConsistentAttentionConfig:
     the scenes more varied (an image reads one other image, not N-1, so less of their
     backgrounds and layouts leaks in) and costs O(N), where mode all costs O(N²)."""
     groups: frozenset = frozenset({Group.MIDDLE, Group.INNER})
-    half: Half = Half.BOTH
+    blocks: Blocks = Blocks.BOTH
     mode: ShareMode = ShareMode.ANCHOR
     n_anchors: int | None = None  # anchor mode: how many anchors (default: len(anchor_images), else 1)
     anchor_images: tuple = ()     # anchor mode: their positions in each batch, from 0 (default: the first n_anchors)
@@ -126,7 +126,7 @@ class ConsistentAttentionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "groups", frozenset(Group(g) for g in self.groups))
-        object.__setattr__(self, "half", Half(self.half))
+        object.__setattr__(self, "blocks", Blocks(self.blocks))
         object.__setattr__(self, "mode", ShareMode(self.mode))
         object.__setattr__(self, "cfg", CfgPolicy(self.cfg))
         object.__setattr__(self, "window", tuple(float(w) for w in self.window))
@@ -159,7 +159,7 @@ class ConsistentAttentionConfig:
 
     def describe(self) -> dict:
         """Plain-data form, for logs and PNG metadata."""
-        return {"groups": sorted(g.value for g in self.groups), "half": self.half.value,
+        return {"groups": sorted(g.value for g in self.groups), "blocks": self.blocks.value,
                 "mode": self.mode.value, "n_anchors": self.n_anchors, "anchor_images": list(self.anchor_images),
                 "sample_rate": self.sample_rate,
                 "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed,
@@ -568,7 +568,7 @@ class AttentionSite:
     def selected_by(self, config: ConsistentAttentionConfig) -> bool:
         if self.group not in config.groups:
             return False
-        return self.side is Side.MIDDLE or config.half is Half.BOTH or config.half.value == self.side.value
+        return self.side is Side.MIDDLE or config.blocks is Blocks.BOTH or config.blocks.value == self.side.value
 
 
 def self_attention_sites(model):
@@ -610,7 +610,7 @@ def selected_sites(model, config: ConsistentAttentionConfig):
     selected = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
     if not selected:
         raise ValueError(f"this UNet has no self-attention layer in groups "
-                         f"{sorted(g.value for g in config.groups)} / half {config.half.value}")
+                         f"{sorted(g.value for g in config.groups)} / blocks {config.blocks.value}")
     return selected
 
 
@@ -744,7 +744,7 @@ def add_arguments(parser):
     group.add_argument("--share-groups", metavar="GROUPS",
                        help="comma-separated UNet resolution groups that share: "
                             f"{', '.join(GROUP_CHOICES)} or all")
-    group.add_argument("--share-blocks", choices=HALF_CHOICES,
+    group.add_argument("--share-blocks", choices=BLOCK_CHOICES,
                        help="share in the encoder (input blocks), the decoder (output blocks) or both")
     group.add_argument("--share-mode", choices=MODE_CHOICES,
                        help="anchor: every image reads K anchor images (the first K, or --anchor-images), "
@@ -848,7 +848,7 @@ def parse_positions(text: str) -> tuple:
 
 
 # option -> (the ConsistentAttentionConfig field it sets, the parser of its text; None: argparse typed it)
-SHARE_FLAGS = {"share_groups": ("groups", parse_groups), "share_blocks": ("half", None),
+SHARE_FLAGS = {"share_groups": ("groups", parse_groups), "share_blocks": ("blocks", None),
                "share_mode": ("mode", None), "share_anchors": ("n_anchors", None),
                "anchor_images": ("anchor_images", parse_positions), "share_rate": ("sample_rate", None),
                "share_window": ("window", parse_window), "share_cfg": ("cfg", None),
@@ -891,7 +891,7 @@ def config_from_share_flags(opt, parser):
 
 __all__ = [
     # settings
-    "Group", "Half", "Side", "ShareMode", "CfgPolicy", "SettingError", "ConsistentAttentionConfig", "parse_groups",
+    "Group", "Blocks", "Side", "ShareMode", "CfgPolicy", "SettingError", "ConsistentAttentionConfig", "parse_groups",
     "parse_window",
     # the policy and the attention it computes
     "SharedKV", "AnchorsFirst", "anchors_first", "split_groups", "share_per_cfg_group", "joint_attention",

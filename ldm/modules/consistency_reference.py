@@ -139,6 +139,8 @@ class ReferenceCache:
         missing = [key for key in HEADER_KEYS if key not in header]
         if missing:
             raise ReferenceMismatch(f"{path} is a damaged reference file: its header lacks {', '.join(missing)}")
+        if isinstance(header["settings"], dict) and "half" in header["settings"]:
+            header["settings"]["blocks"] = header["settings"].pop("half")  # --share-blocks' field until 2026-12-07
         cache = cls(header, tensors)
         damage = cache.damage()
         if damage:
