@@ -22,10 +22,12 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
-from ldm.checkpoints import CheckpointError, incomplete_checkpoint, numpy_safe_globals, read_checkpoint
+from ldm.checkpoints import (CheckpointError, incomplete_checkpoint, numpy_safe_globals, read_checkpoint,
+                             state_dict_of)
 from ldm.data.base import Txt2ImgIterableBaseDataset
 from ldm.image_io import make_grid
 from ldm.models.lightning import lightning_module
+from ldm.modules.ema import with_ema_of_parts_not_held
 from ldm.script_helpers import ArgumentParser
 from ldm.util import (ConfigError, ModelError, construct, first_line, get_obj_from_str, instantiate_from_config,
                       pip_name)
@@ -324,6 +326,25 @@ def resumed_step(ckpt_path):
     except (CheckpointError, AttributeError, TypeError, ValueError) as e:  # Lightning reports what is wrong with it
         logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
         return 0
+
+
+def check_resumable(parser, model, ckpt_path, flag):
+    """A checkpoint to go on from whose weights do not fit the model its configs build now (a KEY=VALUE
+    override, or a code change since the run saved it): one error line before training, not
+    Lightning's RuntimeError listing every key once the trainer has started. The EMA of a part the
+    checkpoint does not average (on_load_checkpoint fills it) is no misfit."""
+    try:
+        saved = with_ema_of_parts_not_held(model, state_dict_of(read_checkpoint(ckpt_path, mapped=True), ckpt_path))
+    except CheckpointError:  # Lightning reads it otherwise, and reports what is wrong with it
+        return
+    expected = model.state_dict()
+    misfits = {"missing": [k for k in expected if k not in saved],
+               "not in this model": [k for k in saved if k not in expected],
+               "of other shapes": [k for k in expected if k in saved and saved[k].shape != expected[k].shape]}
+    if any(misfits.values()):
+        told = "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in misfits.items() if keys)
+        parser.error(f"{flag} {ckpt_path}: its weights do not fit the model the configs build: {told}; were the "
+                     "configs or KEY=VALUE overrides changed since the run saved it?")
 
 
 def trainer_config_from_args(trainer_config):
@@ -929,6 +950,8 @@ if __name__ == "__main__":
 
         # model
         model = build_model(parser, config.model, opt.base)
+        if ckpt_path is not None:
+            check_resumable(parser, model, ckpt_path, "--resume" if opt.resume else "--resume_from_checkpoint")
         accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         if not model.automatic_optimization:
             # Lightning 2 accumulates and clips only for automatic optimization (and refuses the

@@ -653,6 +653,13 @@ def test_a_run_saved_before_its_text_encoder_was_averaged_resumes(tmp_path):
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 2 and set(text_ema) <= set(resumed["state_dict"])
 
+    # an override that changes the model: one error line before training, last.ckpt untouched
+    before = last.read_bytes()
+    assert_one_error_line(run_main("--resume", run, *common, "--max_steps", "3", "model.params.use_ema=false"),
+                          f"--resume {run}", "its weights do not fit the model the configs build", "not in this model",
+                          "model_ema.", "KEY=VALUE overrides changed")
+    assert last.read_bytes() == before
+
 
 def test_trainer_flags_mean_what_they_meant_in_lightning_1(main_module, capsys):
     """`--limit_val_batches 1` is one batch and `1.0` all of them (a float type made both all);
