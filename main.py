@@ -315,28 +315,34 @@ def new_run_name(logdir, name):
     return candidate
 
 
-def resumed_step(ckpt_path):
-    """The global step of the checkpoint a run goes on from (0 for a new run), added to --seed: a
-    resumed run starts its epoch over (the procedural loader cannot be fast-forwarded), and with
-    the same seed it drew again the very scenes, timesteps and noise of the steps it had trained."""
+def read_resumed(ckpt_path):
+    """(state dict, global step) of the checkpoint a run goes on from, read once (mapped) for the
+    seed and check_resumable; None and 0 for a new run and for what cannot be read (Lightning
+    reads the file again, and reports what is wrong with it)."""
     if ckpt_path is None:
-        return 0
+        return None, 0
     try:
-        return int(read_checkpoint(ckpt_path, mapped=True).get("global_step") or 0)
-    except (CheckpointError, AttributeError, TypeError, ValueError) as e:  # Lightning reports what is wrong with it
+        checkpoint = read_checkpoint(ckpt_path, mapped=True)
+    except CheckpointError as e:
         logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
-        return 0
-
-
-def check_resumable(parser, model, ckpt_path, flag):
-    """A checkpoint to go on from whose weights do not fit the model its configs build now (a KEY=VALUE
-    override, or a code change since the run saved it): one error line before training, not
-    Lightning's RuntimeError listing every key once the trainer has started. The EMA of a part the
-    checkpoint does not average (on_load_checkpoint fills it) is no misfit."""
+        return None, 0
     try:
-        saved = with_ema_of_parts_not_held(model, state_dict_of(read_checkpoint(ckpt_path, mapped=True), ckpt_path))
-    except CheckpointError:  # Lightning reads it otherwise, and reports what is wrong with it
-        return
+        step = int(checkpoint.get("global_step") or 0)
+    except (AttributeError, TypeError, ValueError) as e:
+        logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
+        step = 0
+    try:
+        return state_dict_of(checkpoint, ckpt_path), step
+    except CheckpointError:
+        return None, step
+
+
+def check_resumable(parser, model, saved, ckpt_path, flag):
+    """A checkpoint to go on from whose weights (`saved`) do not fit the model its configs build now (a
+    KEY=VALUE override, or a code change since the run saved it): one error line before training,
+    not Lightning's RuntimeError listing every key once the trainer has started. The EMA of a part
+    the checkpoint does not average (on_load_checkpoint fills it) is no misfit."""
+    saved = with_ema_of_parts_not_held(model, saved)
     expected = model.state_dict()
     misfits = {"missing": [k for k in expected if k not in saved],
                "not in this model": [k for k in saved if k not in expected],
@@ -939,7 +945,11 @@ if __name__ == "__main__":
             problem = incomplete_checkpoint(ckpt_path) if os.path.isfile(ckpt_path) else "not found"
             if problem:
                 parser.error(f"--resume_from_checkpoint {ckpt_path}: {problem}")
-        seed_everything(opt.seed + resumed_step(ckpt_path))
+        # the global step is added to --seed: a resumed run starts its epoch over (the procedural loader
+        # cannot be fast-forwarded), and with the same seed it drew again the very scenes, timesteps
+        # and noise of the steps it had trained
+        saved, resumed_step = read_resumed(ckpt_path)
+        seed_everything(opt.seed + resumed_step)
         if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
                          "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "
@@ -950,8 +960,9 @@ if __name__ == "__main__":
 
         # model
         model = build_model(parser, config.model, opt.base)
-        if ckpt_path is not None:
-            check_resumable(parser, model, ckpt_path, "--resume" if opt.resume else "--resume_from_checkpoint")
+        if saved is not None:
+            check_resumable(parser, model, saved, ckpt_path, "--resume" if opt.resume else "--resume_from_checkpoint")
+            del saved  # views of the mapped file, not kept through training
         accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         if not model.automatic_optimization:
             # Lightning 2 accumulates and clips only for automatic optimization (and refuses the
