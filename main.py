@@ -926,8 +926,9 @@ if __name__ == "__main__":
         logdir = os.path.join(opt.logdir, nowname)
     config = load_config(parser, opt.base, unknown)
     if not opt.train and (opt.no_test or "test" not in config.data.get("params", {})):
-        parser.error("nothing to run: main.py trains with -t (--train); without it it only tests on the config's "
-                     + ("test data, which --no-test skips" if opt.no_test else "data.params.test, which it has none of"))
+        skipped = "test data, which --no-test skips" if opt.no_test else "data.params.test, which it has none of"
+        parser.error(f"nothing to run: main.py trains with -t (--train); without it it only tests on the "
+                     f"config's {skipped}")
 
     ckptdir = os.path.join(logdir, "checkpoints")
     cfgdir = os.path.join(logdir, "configs")

@@ -72,7 +72,8 @@ def read_geometry(config) -> ModelGeometry:
     not_text = non_text_conditioning(params)
     return ModelGeometry(channels=params.get("channels", 4), factor=_first_stage_factor_of(params.first_stage_config),
                          unet_factor=2 ** (unet_levels - 1), timesteps=params.get("timesteps", DEFAULT_TIMESTEPS),
-                         parameterization=params.get("parameterization", "eps"), not_text=not_text, vocabulary=None if not_text else _training_vocabulary(config), **sampling)
+                         parameterization=params.get("parameterization", "eps"), not_text=not_text,
+                         vocabulary=None if not_text else _training_vocabulary(config), **sampling)
 
 
 def _training_vocabulary(config) -> frozenset[str] | None:

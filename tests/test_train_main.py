@@ -637,8 +637,8 @@ def test_a_run_saved_before_its_text_encoder_was_averaged_resumes(tmp_path):
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, *common, "--max_steps", "1", "--logdir", tmp_path,
                       "model.params.use_ema=true", "model.params.cond_stage_trainable=true",
                       "model.params.cond_stage_config.params.trainable=true", "model.params.first_stage_key=image",
-                      "model.params.cond_stage_key=caption", "lightning.callbacks.image_logger.params.batch_frequency=1000",
-                      timeout=300)
+                      "model.params.cond_stage_key=caption",
+                      "lightning.callbacks.image_logger.params.batch_frequency=1000", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = tmp_path.iterdir()
     last = run / "checkpoints" / "last.ckpt"
