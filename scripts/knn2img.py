@@ -3,21 +3,24 @@ import importlib.util
 import torch
 import numpy as np
 from tqdm import tqdm, trange
-from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm.util import first_line, load_retrieval_database, pip_name
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.plms import PLMSSampler
+from ldm.checkpoints import CheckpointError
 from ldm.hub import ModelUnavailable
 from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
-from ldm.script_helpers import (ArgumentParser, build_model, check_eta, check_image_size, check_n_rows, check_scale,
-                                check_sample_outdir, check_steps, configure_logging, positive_int, read_prompts)
+from ldm.script_helpers import (SAMPLERS, ArgumentParser, build_model, check_eta, check_image_size, check_n_rows,
+                                check_scale, check_sample_outdir, check_steps, configure_logging, make_sampler,
+                                positive_int, prompt_batches, read_prompts, resolve_sampler)
 
 logger = logging.getLogger("knn2img")
+
+SAMPLER_ALIASES = {"plms": "plms"}  # upstream's flag here, kept as an alias of --sampler plms
+DEFAULT_DATABASE = "artbench-surrealism"
+DEFAULT_KNN = 10
 
 DATABASES = [
     "openimages",
@@ -38,11 +41,6 @@ def database_folder(database):
     return f'data/rdm/retrieval_databases/{database}'
 
 
-def chunk(it, size):
-    it = iter(it)
-    return iter(lambda: tuple(islice(it, size)), ())
-
-
 #: below this many entries a database without a trained searcher gets a brute-force one on the fly
 #: (as train_searcher.py builds for them too); a larger one needs train_searcher.py first
 ON_THE_FLY_ENTRIES = 20_000
@@ -57,9 +55,7 @@ class Searcher(object):
         self.database = load_retrieval_database(self.database_path)
         self.searcher = self.load_searcher()
 
-    def train_searcher(self, k,
-                       metric='dot_product',
-                       searcher_savedir=None):
+    def train_searcher(self, k, metric='dot_product'):
 
         import scann
         logger.info('Start training searcher')
@@ -68,11 +64,6 @@ class Searcher(object):
                                                   k, metric)
         self.searcher = searcher.score_brute_force().build()
         logger.info('Finish training searcher')
-
-        if searcher_savedir is not None:
-            logger.info(f'Save trained searcher under "{searcher_savedir}"')
-            os.makedirs(searcher_savedir, exist_ok=True)
-            self.searcher.serialize(searcher_savedir)
 
     def load_searcher(self):
         """The trained searcher of the database, or None for a small one without (search fits it)."""
@@ -119,9 +110,18 @@ def validate(parser, opt):
     opt.geometry = read_model_geometry(parser, "--config", opt.config)
     check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     check_image_size(parser, opt.H, opt.W, opt.geometry.multiple)
-    check_eta(parser, opt.ddim_eta, "--plms" if opt.plms else None)
+    resolve_sampler(parser, opt, SAMPLERS, SAMPLER_ALIASES)
+    check_eta(parser, opt.ddim_eta, None if SAMPLERS[opt.sampler].stochastic else f"--sampler {opt.sampler}")
     check_scale(parser, opt.scale)
     check_n_rows(parser, opt.n_rows)
+    if opt.n_rows and opt.skip_grid:
+        logger.warning("--n_rows %d lays out the grid, which --skip_grid leaves out: it has no effect", opt.n_rows)
+    retrieval = {"--database": opt.database, "--knn": opt.knn}
+    if not opt.use_neighbors and any(value is not None for value in retrieval.values()):
+        logger.warning("%s only applies with --use_neighbors: without it the prompt alone conditions the model",
+                       " and ".join(flag for flag, value in retrieval.items() if value is not None))
+    opt.database = opt.database or DEFAULT_DATABASE
+    opt.knn = opt.knn or DEFAULT_KNN
     opt.prompt = None if opt.prompt is None else [opt.prompt]
     opt.prompts = read_prompts(parser, opt)
     folder = database_folder(opt.database)
@@ -171,11 +171,8 @@ if __name__ == "__main__":
         help="how many times the prompt's CLIP embedding stands in the conditioning",
     )
 
-    parser.add_argument(
-        "--plms",
-        action='store_true',
-        help="use plms sampling",
-    )
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampling method (default: ddim)")
+    parser.add_argument("--plms", action='store_true', help="same as --sampler plms (upstream flag)")
 
     parser.add_argument(
         "--ddim_eta",
@@ -254,9 +251,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--database",
         type=str,
-        default='artbench-surrealism',
+        default=None,
         choices=DATABASES,
-        help="The database used for the search, only applied when --use_neighbors=True",
+        help=f"The database used for the search, only applied with --use_neighbors (default: {DEFAULT_DATABASE})",
     )
     parser.add_argument(
         "--use_neighbors",
@@ -266,11 +263,12 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--knn",
-        default=10,
+        default=None,
         type=positive_int,
-        help="The number of included neighbors, only applied when --use_neighbors=True",
+        help=f"The number of included neighbors, only applied with --use_neighbors (default: {DEFAULT_KNN})",
     )
-    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of a TRUSTED .ckpt (can run arbitrary code)")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow full unpickling of a TRUSTED .ckpt, and a --clip_type file (can run arbitrary code)")
 
     opt = parser.parse_args()
 
@@ -283,25 +281,22 @@ if __name__ == "__main__":
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:  # before the model: CLIP's weights and the database are what may be missing
-        clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type, n_repeat=opt.n_repeat).to(device)  # tokens follow
+        clip_text_encoder = FrozenCLIPTextEmbedder(opt.clip_type, n_repeat=opt.n_repeat,
+                                                   unsafe_pickle=opt.unsafe_pickle).to(device)  # tokens follow
         searcher = Searcher(opt.database) if opt.use_neighbors else None
-    except ModelUnavailable as e:
+    except (ModelUnavailable, CheckpointError) as e:
         raise SystemExit(f"error: {e} (--clip_type)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --database {opt.database}: {first_line(e)}")
 
     model = build_model(opt.config, opt.ckpt, unsafe_pickle=opt.unsafe_pickle).to(device)  # strict, as txt2img
 
-    if opt.plms:
-        sampler = PLMSSampler(model)
-    else:
-        sampler = DDIMSampler(model)
+    sampler = make_sampler(opt, model, SAMPLERS)
 
     outpath = opt.outdir
 
-    batch_size = opt.n_samples
-    n_rows = opt.n_rows if opt.n_rows > 0 else batch_size
-    data = list(chunk(opt.prompts, batch_size))
+    n_rows = opt.n_rows if opt.n_rows > 0 else opt.n_samples
+    data = prompt_batches(opt)
 
     # numbered after the files already there, never overwriting one (upstream counted the files, so a
     # gap in the numbering made it write over the highest ones)
@@ -315,8 +310,6 @@ if __name__ == "__main__":
                 all_samples = list()
                 for prompts in tqdm(data, desc="data"):
                     logger.info("sampling prompts: %s", prompts)
-                    if isinstance(prompts, tuple):
-                        prompts = list(prompts)
                     c = clip_text_encoder.encode(prompts)
                     uc = None
                     if searcher is not None:

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from ldm.checkpoints import CheckpointError
 from ldm.hub import ModelUnavailable, pretrained_source, url_unreachable
 from ldm.modules.encoders import modules
 from ldm.modules.encoders.modules import BERTTokenizer, TextEncoderLoadError, load_openai_clip
@@ -207,7 +208,10 @@ def test_openai_clip_weights_in_its_cache_load_without_a_request(openai_clip, an
     (tmp_path / "clip" / "ViT-L-14.pt").write_bytes(b"weights")
     assert isinstance(load_openai_clip("ViT-L/14"), openai_clip.TextModel)
     (tmp_path / "own.pt").write_bytes(b"weights")  # a file of one's own, given by its path
-    assert isinstance(load_openai_clip(str(tmp_path / "own.pt")), openai_clip.TextModel)
+    with pytest.raises(CheckpointError, match="own.pt would be loaded by OpenAI CLIP's clip.load, which can run code "
+                                              "the file carries; if you trust the file, pass --unsafe-pickle"):
+        load_openai_clip(str(tmp_path / "own.pt"))  # nothing checks a file's sum, as clip.load does a download's
+    assert isinstance(load_openai_clip(str(tmp_path / "own.pt"), unsafe_pickle=True), openai_clip.TextModel)
     assert answering_hub.requests == []
 
 

@@ -287,15 +287,29 @@ def tiny_retrieval_model(tmp_path_factory):
 CLIP_STAND_IN = REPO / "tests" / "clip_stand_in"
 
 
-def run_knn2img(model, outdir, home):
+def run_knn2img(model, outdir, home, *flags):
     """knn2img's text-only path (no retrieval database) with the clip stand-in, whose cache is
     home/.cache/clip."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(CLIP_STAND_IN), HOME=str(home))
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config", str(model / "config.yaml"),
          "--ckpt", str(model / "model.safetensors"), "--H", "32", "--W", "32", "--ddim_steps", "2",
-         "--n_samples", "2", "--outdir", str(outdir)], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300)
+         "--n_samples", "2", "--outdir", str(outdir), *map(str, flags)], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300)
+
+
+def test_knn2img_takes_the_sampler_by_name_a_trusted_clip_file_and_says_what_has_no_effect(tiny_retrieval_model,
+                                                                                             tmp_path):
+    """--sampler as txt2img's (upstream had --plms only, kept as its alias); a CLIP .pt file loads
+    with --unsafe-pickle and a warning; retrieval options without --use_neighbors are said to do nothing."""
+    clip_file = tmp_path / "my-clip.pt"
+    clip_file.write_bytes(b"a CLIP model this user trusts")
+    result = run_knn2img(tiny_retrieval_model, tmp_path / "out", tmp_path / "home", "--sampler", "dpm", "--knn", "3",
+                         "--clip_type", clip_file, "--unsafe-pickle", "--skip_grid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert "--knn only applies with --use_neighbors" in result.stderr
+    assert f"Loading {clip_file} with clip.load (--unsafe-pickle): this can run arbitrary code" in result.stderr
 
 
 def test_knn2img_numbers_its_images_after_those_already_there(tiny_retrieval_model, tmp_path):
@@ -329,7 +343,8 @@ def test_knn2img_bad_input_is_one_error_line_before_the_model(tiny_retrieval_mod
                            (["--from-file", tmp_path / "nope.txt"], "nope.txt: not found"),
                            (["--from-file", tmp_path / "empty.txt"], "empty.txt has no prompts"),
                            (["--ddim_eta", "2"], "--ddim_eta must be between 0 (deterministic) and 1"),
-                           (["--plms", "--ddim_eta", "0.5"], "--plms is deterministic (leave --ddim_eta out)"),
+                           (["--plms", "--ddim_eta", "0.5"], "--sampler plms is deterministic (leave --ddim_eta out)"),
+                           (["--plms", "--sampler", "dpm"], "--plms contradicts --sampler dpm"),
                            (["--H", "48"], "--H must be a positive multiple of 32, got 48"),
                            (["--W", "0"], "--W must be a positive multiple of 32, got 0"),
                            (["--scale", "nan"], "--scale must be a finite number, got nan"),
@@ -341,6 +356,15 @@ def test_knn2img_bad_input_is_one_error_line_before_the_model(tiny_retrieval_mod
                                  *map(str, flags)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=120)
         assert message in error_line(result) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # clip.load runs the code a file carries (torch.jit.load): upstream loaded any file named
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "knn2img.py"), "--config",
+                             str(tiny_retrieval_model / "config.yaml"), "--ckpt",
+                             str(tiny_retrieval_model / "model.safetensors"), "--outdir", str(tmp_path / "out"),
+                             "--clip_type", str(tmp_path / "empty.txt")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert error_line(result, returncode=1).endswith("empty.txt would be loaded by OpenAI CLIP's clip.load, which can "
+                                                     "run code the file carries; if you trust the file, pass "
+                                                     "--unsafe-pickle (--clip_type)")
     assert not (tmp_path / "out").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "samples").write_text("an earlier file")  # a traceback after sampling, before
@@ -467,5 +491,5 @@ def test_the_openai_clip_text_encoder_truncates_a_long_prompt(tmp_path, monkeypa
     monkeypatch.delitem(sys.modules, "clip", raising=False)
     from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
     (tmp_path / "ViT-L-14.pt").write_bytes(b"CLIP's weights")
-    embedder = FrozenCLIPTextEmbedder(str(tmp_path / "ViT-L-14.pt"))
+    embedder = FrozenCLIPTextEmbedder(str(tmp_path / "ViT-L-14.pt"), unsafe_pickle=True)  # a file: clip.load runs it
     assert embedder.encode(["a chair " * 60]).shape == (1, 1, 8)

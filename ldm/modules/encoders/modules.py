@@ -390,15 +390,26 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 OPENAI_CLIP_CACHE = os.path.expanduser("~/.cache/clip")  # where OpenAI's clip.load keeps its downloads
 
 
-def load_openai_clip(name):
+def load_openai_clip(name, *, unsafe_pickle=False):
     """The model of OpenAI's `clip.load(name)` (a model name or a file). clip.load downloads the
     weights of a name missing from its cache from OpenAI's URL, with no timeout: without network it
     ended in urllib's traceback, on a network that drops packets it waited minutes for one. So the
     URL is asked once, shortly, first; ModelUnavailable (one line, saying where the file goes) when
-    it does not answer."""
+    it does not answer.
+
+    A file goes through torch.jit.load, else a full torch.load: either can run code the file
+    carries. clip.load checks a named model's download against its SHA-256, nothing checks a path
+    given here, so a path needs unsafe_pickle=True (the scripts' --unsafe-pickle), as pickled
+    checkpoints do (ldm.checkpoints)."""
     import inspect
     import clip
     url = getattr(inspect.getmodule(clip.load), "_MODELS", {}).get(name)  # the package's name -> URL table
+    if url is None and os.path.isfile(name):
+        if not unsafe_pickle:
+            raise CheckpointError(f"{name} would be loaded by OpenAI CLIP's clip.load, which can run code the file "
+                                  "carries; if you trust the file, pass --unsafe-pickle")
+        logger.warning("Loading %s with clip.load (--unsafe-pickle): this can run arbitrary code, only use it for "
+                       "files you trust", name)
     if url and not os.path.isfile(os.path.join(OPENAI_CLIP_CACHE, os.path.basename(url))):
         reason = url_unreachable(url)
         if reason:
@@ -412,10 +423,11 @@ class FrozenCLIPTextEmbedder(nn.Module):
     """
     Uses the CLIP transformer encoder for text.
     """
-    def __init__(self, version='ViT-L/14', device=None, max_length=77, n_repeat=1, normalize=True):
+    def __init__(self, version='ViT-L/14', device=None, max_length=77, n_repeat=1, normalize=True,
+                 unsafe_pickle=False):
         super().__init__()
         # `device` is accepted for old callers only: tokens go where the weights are (`device` below)
-        self.model = load_openai_clip(version)
+        self.model = load_openai_clip(version, unsafe_pickle=unsafe_pickle)
         self.max_length = max_length
         self.n_repeat = n_repeat
         self.normalize = normalize
@@ -444,10 +456,3 @@ class FrozenCLIPTextEmbedder(nn.Module):
             z = z[:, None, :]
         z = repeat(z, 'b 1 d -> b k d', k=self.n_repeat)
         return z
-
-
-if __name__ == "__main__":
-    from ldm.util import count_params
-    logging.basicConfig(level=logging.INFO)
-    model = FrozenCLIPEmbedder()
-    count_params(model, verbose=True)
