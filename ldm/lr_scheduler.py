@@ -30,7 +30,7 @@ class LambdaWarmUpCosineScheduler:
         self.last_lr = 0.
         self.verbosity_interval = verbosity_interval
 
-    def schedule(self, n, **kwargs):
+    def schedule(self, n):
         if self.verbosity_interval > 0:
             if n % self.verbosity_interval == 0: logger.debug(f"current step: {n}, recent lr-multiplier: {self.last_lr}")
         if n < self.lr_warm_up_steps:
@@ -44,8 +44,8 @@ class LambdaWarmUpCosineScheduler:
             self.last_lr = lr
             return lr
 
-    def __call__(self, n, **kwargs):
-        return self.schedule(n,**kwargs)
+    def __call__(self, n):
+        return self.schedule(n)
 
 
 class LambdaWarmUpCosineScheduler2:
@@ -72,7 +72,7 @@ class LambdaWarmUpCosineScheduler2:
         steps, a resumed run) keeps f_min instead of failing on an index."""
         return min(bisect.bisect_right(self.cum_cycles, n) - 1, len(self.cycle_lengths) - 1)
 
-    def schedule(self, n, **kwargs):
+    def schedule(self, n):
         cycle = self.find_in_interval(n)
         n = n - self.cum_cycles[cycle]
         if self.verbosity_interval > 0:
@@ -91,8 +91,8 @@ class LambdaWarmUpCosineScheduler2:
         return self.f_min[cycle] + 0.5 * (self.f_max[cycle] - self.f_min[cycle]) * (
                 1 + math.cos(t * math.pi))
 
-    def __call__(self, n, **kwargs):
-        return self.schedule(n, **kwargs)
+    def __call__(self, n):
+        return self.schedule(n)
 
 
 class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):

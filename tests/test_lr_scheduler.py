@@ -67,3 +67,14 @@ def test_multipliers_are_python_floats_so_checkpoints_load_weights_only(config):
 def test_the_cosine_schedules_are_python_floats_too():
     single = LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=100)
     assert all(type(s.schedule(step)) is float for s in (single, cosine()) for step in (0, 5, 10, 50, 100, 500))
+
+
+@pytest.mark.parametrize("scheduler", [LambdaWarmUpCosineScheduler2, LambdaLinearScheduler])
+def test_a_schedule_takes_the_step_alone(scheduler):
+    # LambdaLR passes the step only; upstream's **kwargs took any misspelt extra and ignored it
+    s = scheduler(warm_up_steps=[2], f_min=[0.2], f_max=[1.0], f_start=[0.0], cycle_lengths=[10])
+    with pytest.raises(TypeError, match="warmup"):
+        s(5, warmup=1)
+    single = LambdaWarmUpCosineScheduler(warm_up_steps=2, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=10)
+    with pytest.raises(TypeError, match="warmup"):
+        single(5, warmup=1)

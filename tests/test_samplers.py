@@ -321,6 +321,19 @@ def test_what_a_sampler_cannot_do_is_refused(tiny_model, conds, name, options, m
         SAMPLERS[name](tiny_model).sample(batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False, **options)
 
 
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("options,message", [
+    (dict(normals_sequence=torch.zeros(2)), "normals_sequence is not used by any sampler"),
+    (dict(corrector_kwargs={"weight": 2}), "corrector_kwargs are the score_corrector's arguments"),
+])
+def test_an_option_no_sampler_would_read_is_refused(tiny_model, conds, name, options, message):
+    # upstream took both and sampled as if they were not there
+    c, _ = conds
+    with pytest.raises(ValueError, match=message):
+        SAMPLERS[name](tiny_model).sample(S=3, batch_size=2, shape=[4, 8, 8], conditioning=c, verbose=False,
+                                          **options)
+
+
 @pytest.mark.parametrize("name", ["ddim", "plms"])  # DPM-Solver refuses score correctors
 def test_a_score_corrector_needs_no_keyword_arguments(tiny_model, conds, name):
     """corrector_kwargs defaults to None: upstream unpacked it as **None, a TypeError."""

@@ -225,6 +225,15 @@ def test_transformer_embedder_refuses_too_many_tokens_or_ids_outside_its_vocabul
         embedder(torch.tensor([[0, 50]]))
 
 
+def test_a_misspelt_transformer_layer_option_is_an_error():
+    # upstream's AttentionLayers kept what began with ff_ or attn_ and dropped the rest: use_rmsnrom=True
+    # built layers with the default LayerNorm
+    from ldm.modules.x_transformer import Encoder
+    assert Encoder(dim=16, depth=1, heads=2, use_rmsnorm=True, attn_dim_head=8, ff_mult=2) is not None
+    with pytest.raises(TypeError, match=r"Encoder got unexpected keyword arguments \['use_rmsnrom'\]"):
+        Encoder(dim=16, depth=1, heads=2, use_rmsnrom=True)
+
+
 def test_a_spatial_rescaler_method_torch_lacks_is_a_config_error():
     from ldm.modules.encoders.modules import SpatialRescaler
     from ldm.util import ConfigError

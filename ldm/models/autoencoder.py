@@ -414,16 +414,16 @@ class IdentityFirstStage(torch.nn.Module):
         self.vq_interface = vq_interface  # TODO: Should be true by default but check to not break older stuff
         super().__init__()
 
-    def encode(self, x, *args, **kwargs):
+    def encode(self, x):
         return x
 
-    def decode(self, x, *args, **kwargs):
+    def decode(self, x):
         return x
 
-    def quantize(self, x, *args, **kwargs):
+    def quantize(self, x):
         if self.vq_interface:
             return x, None, [None, None, None]
         return x
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, x):
         return x

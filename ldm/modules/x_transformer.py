@@ -345,7 +345,10 @@ class AttentionLayers(nn.Module):
     ):
         super().__init__()
         ff_kwargs, kwargs = groupby_prefix_and_trim('ff_', kwargs)
-        attn_kwargs, _ = groupby_prefix_and_trim('attn_', kwargs)
+        attn_kwargs, unknown = groupby_prefix_and_trim('attn_', kwargs)
+        if unknown:  # upstream dropped them, so a misspelt option (use_rmsnrom=True) built the default layers
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)} "
+                            "(options of its feed-forward and attention layers start with ff_ and attn_)")
 
         self.dim = dim
         self.depth = depth

@@ -759,7 +759,7 @@ class LatentDiffusion(DDPM):
         o = o.view((o.shape[0], -1, o.shape[-1]))  # (bn, nc * ks'[0] * ks'[1], L)
         return fold(o) / normalization  # stitch the crops together; normalization is (1, 1, h', w')
 
-    def shared_step(self, batch, **kwargs):
+    def shared_step(self, batch):
         x, c = self.get_input(batch, self.first_stage_key)
         loss = self(x, c)
         return loss

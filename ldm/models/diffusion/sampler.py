@@ -43,8 +43,14 @@ class Sampler:
                log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None):
         """`S` steps from `x_T` (default: fresh noise) to (samples, intermediates): upstream's
         signature, whose **kwargs used to swallow misspelt options (now a TypeError).
-        `normals_sequence` is unused, as upstream. `mask`/`x0` keep the known part of x0 (inpainting)."""
+        `normals_sequence` is upstream's and no sampler reads it, so it is refused, as are
+        `corrector_kwargs` without the `score_corrector` they are for. `mask`/`x0` keep the known
+        part of x0 (inpainting)."""
         check_conditioning_batch(conditioning, batch_size)
+        if normals_sequence is not None:
+            raise ValueError("normals_sequence is not used by any sampler (upstream ignored it): leave it out")
+        if corrector_kwargs is not None and score_corrector is None:
+            raise ValueError("corrector_kwargs are the score_corrector's arguments: pass a score_corrector too")
         if not self.min_steps <= S < self.ddpm_num_timesteps:
             raise ValueError(f"{type(self).__name__} takes {self.min_steps} to {self.ddpm_num_timesteps - 1} "
                              f"steps, got {S}")
