@@ -39,18 +39,9 @@ def custom_to_np(x):
 
 
 @torch.no_grad()
-def convsample(model, shape, return_intermediates=True,
-               verbose=True,
-               make_prog_row=False):
-
-
-    if not make_prog_row:
-        return model.p_sample_loop(None, shape,
-                                   return_intermediates=return_intermediates, verbose=verbose)
-    else:
-        return model.progressive_denoising(
-            None, shape, verbose=True
-        )
+def convsample(model, shape):
+    """The full chain of the model's timesteps (-v), and the row of its predicted x_0 along the way."""
+    return model.progressive_denoising(None, shape, verbose=True)
 
 
 @torch.no_grad()
@@ -77,8 +68,7 @@ def make_convolutional_sample(model, batch_size, vanilla=False, custom_steps=Non
     with model.ema_scope("Plotting"):
         t0 = time.time()
         if vanilla:
-            sample, progrow = convsample(model, shape,
-                                         make_prog_row=True)
+            sample, progrow = convsample(model, shape)
         else:
             sample, intermediates = convsample_ddim(model,  steps=custom_steps, shape=shape,
                                                     eta=eta)
@@ -178,7 +168,6 @@ def load_model(config, ckpt, unsafe_pickle=False):
 if __name__ == "__main__":
     now = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     sys.path.append(os.getcwd())
-    command = " ".join(sys.argv)
 
     configure_logging()
     parser = get_parser()
