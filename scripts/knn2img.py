@@ -268,7 +268,8 @@ if __name__ == "__main__":
         help=f"The number of included neighbors, only applied with --use_neighbors (default: {DEFAULT_KNN})",
     )
     parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow full unpickling of a TRUSTED .ckpt, and a --clip_type file (can run arbitrary code)")
+                        help="allow full unpickling of a TRUSTED .ckpt, and a --clip_type file "
+                             "(can run arbitrary code)")
 
     opt = parser.parse_args()
 
