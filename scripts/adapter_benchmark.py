@@ -209,8 +209,10 @@ def measure(images, prompt, scenes, reference):
     size = pixels.shape[1]
     ious = [procedural.mask_iou(procedural.read_mask(p, kind), procedural.object_mask(s, size))
             for p, s in zip(pixels, scenes)]
-    score = procedural.consistency_score(pixels, kind)
-    agreement = float(np.mean([score["per_attribute"][a] for a in APPEARANCE]))
+    named = procedural.parse_caption(prompt).attributes
+    score = procedural.consistency_score(pixels, kind, named)
+    unnamed = [v for a, v in score["per_attribute"].items() if a in APPEARANCE]
+    agreement = float(np.mean(unnamed)) if unnamed else float("nan")
     return {"iou": float(np.mean(ious)), "agreement": agreement, "colour_spread": score["colour_spread"],
             "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, prompt),
             "reference_colour": cb.reference_agreement(pixels, reference, REFERENCE_ATTRIBUTES)}

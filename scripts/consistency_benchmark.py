@@ -8,15 +8,20 @@ background | a chair, on a black background": image i gets part i mod k), the st
 the object should agree, the named scenes differ. The procedural scenes' pixel read-back
 (ldm.data.procedural) measures each batch without any classifier:
 
-* agreement     fraction of images agreeing with the batch majority, mean over attributes (higher = more
-                consistent; an attribute not read, no object found, agrees with nothing)
+* agreement     fraction of images agreeing with the batch majority, mean over the attributes no prompt of
+                the batch names (what it names is fidelity's) and that can be read at the model's size
+                (procedural.legible_attributes: at 16 px not hair style, legs and shape); higher = more
+                consistent; an attribute not read (no object found, or an image too noisy to read,
+                procedural.UNREADABLE_NOISE) agrees with nothing
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
 * scene div.    1 - agreement over the scene attributes (background, position): subject-masked
                 sharing should keep the object consistent and leave these as free as without sharing
-* colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent)
+* colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent),
+                over the images clean enough to read (noise would pull them all towards one grey mix)
 * chroma spread the same with each colour's grey level removed: a batch that only got darker
                 narrows its colour spread, not this
-* fidelity      fraction of the attributes NAMED in the prompt that are read back (does sharing hurt the prompt?)
+* fidelity      fraction of the legible attributes NAMED in the prompt that are read back (does sharing hurt
+                the prompt?)
 * ref. agreement fraction of the object's attributes that are the batch's reference scene's: a scene of
                 the prompt (what it names, the rest drawn per batch) that the image:* settings give as
                 --reference-image; in the other rows, how often the images match it by chance
@@ -306,11 +311,12 @@ def check_run(parser, opt, settings):
                      f"and {len(opt.seeds)} seeds")
     if opt.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
-    # a batch is a prompt and a seed, measured once: the tables pair settings by them
-    for flag, values in (("--prompts", opt.prompts), ("--seeds", opt.seeds)):
+    # a batch is a prompt and a seed, measured once per setting: the tables pair settings by them
+    for flag, values in (("--settings", opt.settings), ("--prompts", opt.prompts), ("--seeds", opt.seeds)):
         repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if repeated is not None:
-            parser.error(f"{flag} gives {repeated!r} twice; each batch is measured once (more seeds, more batches)")
+            parser.error(f"{flag} gives {repeated!r} twice; the tables pair the settings batch by batch (a prompt "
+                         "and a seed), so each is measured once (more seeds, more batches)")
     for seed in opt.seeds:
         check_seed(parser, "--seeds", seed)
 
@@ -474,8 +480,10 @@ def reference_scene(prompt, prompt_index, seed):
     """A batch's reference scene: the prompt's object with the attributes it names, the others drawn
     from the batch's seed (its own stream), the same for every setting."""
     named = procedural.parse_caption(prompt)
-    drawn = procedural.sample_scene(np.random.default_rng([7, batch_seed(prompt_index, seed)]), kind=named.kind)
-    return procedural.Scene(named.kind, {**drawn.attributes, **named.attributes}, drawn.jitter)
+    # drawn under the renderer's legibility rules with what the prompt names (a white chair is never
+    # drawn on a white background): an invisible object would anchor the image:* rows
+    return procedural.sample_scene(np.random.default_rng([7, batch_seed(prompt_index, seed)]), kind=named.kind,
+                                   given=named.attributes)
 
 
 def sample_in_two_batches(model, sampler, opt, prompts, c, uc, x_T, config, run_wide):
@@ -553,7 +561,9 @@ def measure(images, prompts, embedder=None, reference=None, reference_embedding=
     row["pixel_noise"] = procedural.pixel_noise(pixels)
     scene = procedural.parse_caption(prompts[0])
     if scene is not None:
-        score = procedural.consistency_score(pixels, scene.kind)
+        # what any prompt of the batch names is fidelity's to measure: agreement is over what they leave free
+        named = {k for parsed in map(procedural.parse_caption, set(prompts)) if parsed for k in parsed.attributes}
+        score = procedural.consistency_score(pixels, scene.kind, named)
         named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
         named = [f for f in named if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
