@@ -26,10 +26,13 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
                (object_mask), mean over the images. 1 = the object is exactly where the
                condition put it.
 * agreement    consistency of the UNNAMED appearance attributes (object colour, background)
-               across the batch: fraction agreeing with the batch majority, mean over the two.
-               The layout attributes differ on purpose (the conditions differ) and are left out.
-* colour spread mean pairwise distance of the object colours, RGB in [0, 1] (lower = more alike)
-* fidelity     fraction of the attributes the prompt names that are read back
+               across the batch: fraction agreeing with the batch majority, mean over those of
+               the two the prompt does not name (NaN where it names both). The layout attributes
+               differ on purpose (the conditions differ) and are left out.
+* colour spread mean pairwise distance of the object colours, RGB in [0, 1] (lower = more alike),
+               over the images clean enough to read (procedural.consistency_score)
+* fidelity     fraction of the attributes the prompt names that are read back (those legible at
+               the model's size: procedural.fidelity)
 * ref. colour  fraction of the objects in the colour of the batch's reference scene (the one
                adapter+image reads; for the other settings, how often they match it by chance)
 * s/image      sampling wall time per image

@@ -22,11 +22,13 @@ the object should agree, the named scenes differ. The procedural scenes' pixel r
                 narrows its colour spread, not this
 * fidelity      fraction of the legible attributes NAMED in the prompt that are read back (does sharing hurt
                 the prompt?)
-* ref. agreement fraction of the object's attributes that are the batch's reference scene's: a scene of
+* ref. agreement fraction of the object's legible attributes that are the batch's reference scene's: a scene of
                 the prompt (what it names, the rest drawn per batch) that the image:* settings give as
                 --reference-image; in the other rows, how often the images match it by chance
 * diversity     mean pairwise pixel difference (0 = identical copies: degenerate "consistency")
 * pixel noise   noise the sampler left in the images (0 on clean renders; procedural.pixel_noise)
+* readable      share of the images clean enough to read (pixel noise up to procedural.UNREADABLE_NOISE):
+                the spreads are over these, so a setting that leaves images speckled shows here
 * embedding sim mean pairwise cosine similarity of image embeddings (--embedder PATH: a local
                 DINO/CLIP model, ldm.image_embedder); works for any prompt, e.g. on real SD weights
 * ref. sim      mean cosine similarity of each image's embedding to the reference image's (the
@@ -215,8 +217,8 @@ DEFAULT_PROMPTS = [
 ]
 
 METRICS = ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "chroma_spread", "fidelity",
-           "reference_agreement", "diversity", "pixel_noise", "embedding_similarity", "reference_similarity",
-           "seconds_per_image")
+           "reference_agreement", "diversity", "pixel_noise", "readable", "embedding_similarity",
+           "reference_similarity", "seconds_per_image")
 FIGURE_SCALE = 4
 LABEL_WIDTH = 150
 DEFAULT_CONFIG = "configs/embedded/procedural-t2i.yaml"
@@ -567,7 +569,7 @@ def measure(images, prompts, embedder=None, reference=None, reference_embedding=
         named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
         named = [f for f in named if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
-                   chroma_spread=score["chroma_spread"],
+                   chroma_spread=score["chroma_spread"], readable=score["readable"],
                    fidelity=statistics.fmean(named) if named else float("nan"),
                    **procedural.subject_and_scene(score["per_attribute"], scene.kind))
     if reference is not None:
@@ -581,7 +583,8 @@ def measure(images, prompts, embedder=None, reference=None, reference_embedding=
 
 
 def reference_agreement(pixels, reference, attributes=None):
-    """Share of the reference scene's object attributes (or of those named) read back from the images."""
+    """Share of the reference scene's object attributes (or of those named) read back from the images,
+    over those legible at their size (procedural.fidelity)."""
     own = {k: v for k, v in reference.attributes.items() if k not in procedural.SCENE_ATTRIBUTES[reference.kind]
            and (attributes is None or k in attributes)}
     return procedural.fidelity(pixels, procedural.Scene(reference.kind, own))
@@ -655,7 +658,7 @@ def mean_and_spread(values, spread, sign=""):
 
 def markdown_table(rows, settings):
     lines = ["| setting | agreement ↑ | subject agreement ↑ | scene diversity | colour spread ↓ | chroma spread ↓ "
-             "| fidelity ↑ | ref. agreement ↑ | diversity | pixel noise ↓ | embedding sim ↑ | ref. sim ↑ "
+             "| fidelity ↑ | ref. agreement ↑ | diversity | pixel noise ↓ | readable ↑ | embedding sim ↑ | ref. sim ↑ "
              "| s/image |", "|---" * (len(METRICS) + 1) + "|"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
@@ -688,7 +691,8 @@ def paired_table(rows, settings, baseline="none", first=()):
     for setting in others:
         pairs = [(r, base[r["prompt"], r["seed"]]) for r in rows if r["setting"] == setting]
         diffs = {m: [r[m] - b[m] for r, b in pairs] for m in (*first, *PAIRED_METRICS)}
-        spreads = [d for d in diffs["colour_spread"] if not math.isnan(d)]  # NaN: no read-back (not procedural)
+        # NaN: no read-back (not procedural), or under two images of one side clean enough to read
+        spreads = [d for d in diffs["colour_spread"] if not math.isnan(d)]
         narrower = f"{sum(d < 0 for d in spreads)}/{len(spreads)}" if spreads else "n/a"
         cells = [narrower if m == "narrower" else mean_se(diffs[m]) for m in columns]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")

@@ -111,6 +111,9 @@ def validate(parser, opt):
     check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     check_image_size(parser, opt.H, opt.W, opt.geometry.multiple)
     resolve_sampler(parser, opt, SAMPLERS, SAMPLER_ALIASES)
+    if opt.ddim_steps < SAMPLERS[opt.sampler].min_steps:
+        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {SAMPLERS[opt.sampler].min_steps} or more, "
+                     f"got {opt.ddim_steps}")
     check_eta(parser, opt.ddim_eta, None if SAMPLERS[opt.sampler].stochastic else f"--sampler {opt.sampler}")
     check_scale(parser, opt.scale)
     check_n_rows(parser, opt.n_rows)

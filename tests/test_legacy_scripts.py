@@ -345,6 +345,7 @@ def test_knn2img_bad_input_is_one_error_line_before_the_model(tiny_retrieval_mod
                            (["--ddim_eta", "2"], "--ddim_eta must be between 0 (deterministic) and 1"),
                            (["--plms", "--ddim_eta", "0.5"], "--sampler plms is deterministic (leave --ddim_eta out)"),
                            (["--plms", "--sampler", "dpm"], "--plms contradicts --sampler dpm"),
+                           (["--sampler", "dpm", "--ddim_steps", "1"], "--sampler dpm needs --ddim_steps 2 or more"),
                            (["--H", "48"], "--H must be a positive multiple of 32, got 48"),
                            (["--W", "0"], "--W must be a positive multiple of 32, got 0"),
                            (["--scale", "nan"], "--scale must be a finite number, got nan"),

@@ -234,6 +234,7 @@ def test_an_image_too_noisy_to_read_is_unknown_not_the_same_chair_as_the_others(
     clean = [render(scene, size) for scene in scenes]
     mixed = consistency_score(clean[:3] + speckle[:5], "chair")
     assert mixed["colour_spread"] == consistency_score(clean[:3], "chair")["colour_spread"]  # over the readable three
+    assert mixed["readable"] == 3 / 8 and score["readable"] == 0.0
 
 
 def test_agreement_is_over_the_attributes_the_prompts_leave_free():
@@ -264,7 +265,26 @@ def test_a_scene_drawn_with_given_attributes_keeps_the_renderers_legibility_rule
         face = sample_scene(rng, "face", given={"shirt": "red", "hair_colour": "black"})
         assert face.attributes["background"] != "red" and face.attributes["hair_style"] != "bald"
         assert (face.attributes["shirt"], face.attributes["hair_colour"]) == ("red", "black")
-    assert sample_scene(7, "table", given={}) == sample_scene(7, "table")  # the training data's draws
+    # the training data's draws, as before `given` existed (8656ef9 drew these)
+    assert sample_scene(7, "table") == Scene("table", {"colour": "black", "legs": "single", "size": "large",
+                                                       "position": "right", "background": "purple"}, (-0.0165, 0.976))
+    assert sample_scene(11, "face") == Scene("face", {"skin": "pale", "hair_style": "short", "hair_colour": "gray",
+                                                      "eye_colour": "green", "glasses": "no", "shirt": "pink",
+                                                      "background": "brown"}, (0.0, 0.9578))
+    assert sample_scene(3, "face", given={"hair_colour": "none"}).attributes["hair_style"] == "bald"
+    for kind, given, message in (("chair", {"colour": "wooden"}, "'wooden' is not a chair's colour"),
+                                 ("chair", {"wheels": "four"}, "a chair has no attribute 'wheels'"),
+                                 ("face", {"hair_style": "bald", "hair_colour": "black"}, "bald exactly when")):
+        with pytest.raises(ValueError, match=message):
+            sample_scene(0, kind, given=given)
+
+
+def test_a_caption_names_only_what_the_scenes_can_show():
+    """The captioner's vocabulary: a word the renderer has no value for names nothing (it could
+    neither be drawn into a reference scene nor read back for fidelity)."""
+    assert parse_caption("a wooden chair on a teal background") == Scene("chair", {})
+    assert parse_caption("a bald face with black hair") == Scene("face", {"hair_style": "bald"})
+    assert parse_caption("a large red chair").attributes == {"size": "large", "colour": "red"}
 
 
 # ---------------------------------------------------------------- batch metrics

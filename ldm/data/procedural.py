@@ -206,14 +206,15 @@ def sample_scene(rng: np.random.Generator | int | None = None, kind: str | None 
     kind = kind if kind is not None else _choice(rng, tuple(kinds))
     if kind not in ATTRIBUTES:
         raise ValueError(f"unknown kind {kind!r}; expected one of {ALL_KINDS}")
-    given = dict(given or {})
+    given = _check_given(kind, given or {})
     pick = lambda name, options: given[name] if name in given else _choice(rng, tuple(options))
     background = given.get("background")  # a given background constrains the draws before it
     a: dict[str, str] = {}
     if kind == "face":
         a["skin"] = pick("skin", SKIN)
-        hair_colour = given.get("hair_colour", "none")
-        a["hair_style"] = pick("hair_style", ("short", "long", "bald") if hair_colour == "none" else ("short", "long"))
+        hair_colour = given.get("hair_colour")
+        a["hair_style"] = pick("hair_style", ("short", "long", "bald") if hair_colour is None
+                               else ("bald",) if hair_colour == "none" else ("short", "long"))
         a["hair_colour"] = "none" if a["hair_style"] == "bald" else pick(
             "hair_colour", [h for h in HAIR if background is None or _dist(COLOURS[background], HAIR[h]) > 60])
         a["eye_colour"] = pick("eye_colour", EYES)
@@ -237,6 +238,20 @@ def sample_scene(rng: np.random.Generator | int | None = None, kind: str | None 
     # canonical attribute order
     a = {k: a[k] for k in ATTRIBUTES[kind]}
     return Scene(kind, a, (round(dx, 4), round(shade, 4)))
+
+
+def _check_given(kind: str, given: Mapping[str, str]) -> dict[str, str]:
+    """`given` as a dict, refused (ValueError) where it names an attribute or value a `kind` scene
+    does not have, or a bald face with a hair colour (:func:`parse_caption` gives none such)."""
+    for name, value in given.items():
+        if name not in ATTRIBUTES[kind]:
+            raise ValueError(f"a {kind} has no attribute {name!r} (it has {', '.join(ATTRIBUTES[kind])})")
+        if value not in ATTRIBUTES[kind][name]:
+            raise ValueError(f"{value!r} is not a {kind}'s {name} (one of {', '.join(ATTRIBUTES[kind][name])})")
+    styled = {"hair_style", "hair_colour"} <= given.keys()
+    if styled and (given["hair_style"] == "bald") != (given["hair_colour"] == "none"):
+        raise ValueError(f"a face is bald exactly when its hair colour is none, got {dict(given)}")
+    return dict(given)
 
 
 # ----------------------------------------------------------------------------------------
@@ -489,7 +504,9 @@ def parse_caption(text: str) -> Scene | None:
     """Inverse of the captioner: the kind and the attributes named in ``text``.
 
     Returns a partial :class:`Scene` (only named attributes) or None for "" / unknown text.
-    Works on any caption this module produces (and :func:`describe` prompts).
+    Works on any caption this module produces (and :func:`describe` prompts). A word this world has
+    no value for ("a wooden chair", "a teal table") names nothing: no scene can show it, no reader
+    can check it. A bald face's hair colour is left out, as the captioner leaves it out.
     """
     t = text.strip().lower()
     m = re.match(r"^an? (?:(bald) )?face\b", t)
@@ -536,7 +553,9 @@ def parse_caption(text: str) -> Scene | None:
                 a["position"] = v
     if mm := re.search(r"on an? (\w+) background", t):
         a["background"] = mm.group(1)
-    a = {n: a[n] for n in ATTRIBUTES[kind] if n in a}
+    if a.get("hair_style") == "bald":
+        a.pop("hair_colour", None)
+    a = {n: a[n] for n, values in ATTRIBUTES[kind].items() if a.get(n) in values}
     return Scene(kind, a)
 
 
@@ -804,10 +823,14 @@ def legible_attributes(kind: str, size: int) -> tuple[str, ...]:
     At 32 px and above that is every attribute. At 16 px a face's hair style, furniture's legs
     and a shape's shape are read right 64-77% of the time, and wrong always the same way (long
     hair as short, small chairs as four-legged): read from model samples they would agree, and
-    match a prompt naming them, by construction. The metrics below leave them out."""
+    match a prompt naming them, by construction. The metrics below leave them out. None is
+    legible at a size too small to render a ``kind`` scene (under 11-13 px)."""
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng, kind=kind) for _ in range(200)]
-    reads = [read_attributes(render(scene, size), kind) for scene in scenes]
+    try:
+        reads = [read_attributes(render(scene, size), kind) for scene in scenes]
+    except ValueError:  # PIL cannot draw the scene's parts this small
+        return ()
     return tuple(k for k in ATTRIBUTES[kind]
                  if np.mean([r[k] == scene.attributes[k] for r, scene in zip(reads, scenes)]) >= LEGIBLE)
 
@@ -855,11 +878,14 @@ def consistency_score(images, kind: str, named: Sequence[str] = ()) -> dict:
       * ``chroma_spread``: the same with each colour's grey level (the mean of its R, G, B)
         removed: hue and saturation only. Dark colours lie close in RGB; a batch that only got
         darker narrows its ``colour_spread`` but not this.
+      * ``readable``: the share of the images clean enough to read, those the spreads are over.
       * ``attributes``: the list of read attribute dicts.
     """
     imgs = [_to_uint8(x) for x in images]
+    if not imgs:
+        raise ValueError("consistency_score needs a batch of at least one image")
     reads = [read_attributes(x, kind) for x in imgs]
-    measured = [k for k in legible_attributes(kind, imgs[0].shape[0]) if k not in named]
+    measured = [k for k in legible_attributes(kind, _size(imgs)) if k not in named]
     per = {}
     for k in measured:
         vals = [r[k] for r in reads]
@@ -874,7 +900,15 @@ def consistency_score(images, kind: str, named: Sequence[str] = ()) -> dict:
         chroma = (colours - colours.mean(-1, keepdims=True)).reshape(len(sig), -1)
         spreads = {"colour_spread": _mean_pairwise_distance(sig), "chroma_spread": _mean_pairwise_distance(chroma)}
     return {"agreement": float(np.mean(list(per.values()))) if per else float("nan"), "per_attribute": per,
-            **spreads, "attributes": reads}
+            **spreads, "readable": len(readable) / len(imgs), "attributes": reads}
+
+
+def _size(images) -> int:
+    """The side that decides what a batch of same-sized images can show: the shorter one."""
+    sizes = {x.shape[:2] for x in images}
+    if len(sizes) != 1:
+        raise ValueError(f"the images of a batch have different sizes {sorted(sizes)}")
+    return min(sizes.pop())
 
 
 def _mean_pairwise_distance(x: np.ndarray) -> float:
@@ -959,7 +993,7 @@ def fidelity(images, caption_scene: Scene | str) -> float:
         if caption_scene is None:
             return float("nan")
     images = [_to_uint8(im) for im in images]
-    legible = legible_attributes(caption_scene.kind, images[0].shape[0]) if images else ()
+    legible = legible_attributes(caption_scene.kind, _size(images)) if images else ()
     named = {k: v for k, v in caption_scene.attributes.items() if k in legible}
     if not named:
         return float("nan")
