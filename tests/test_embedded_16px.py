@@ -63,9 +63,10 @@ def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_ke
     without the adapter, 0.721 with it, 0.722 with it and consistent attention in mode all, 0.714 in
     anchor mode (--consistent-attn's default); colour spread 0.622 with the adapter, 0.540 with
     mode all, 0.508 with anchor. With a render of each batch's reference scene as the anchor
-    (--adapter with --reference-image; measured 2026-12-06, every image with its own step noise,
-    the anchor's with a generator of its own): IoU 0.714, colour spread 0.440, and the share of
-    objects in the reference's colour 0.406 against 0.219 with the adapter alone.
+    (--adapter with --reference-image; measured 2026-12-07, every image with its own step noise,
+    the anchor's with a generator of its own, the reference scenes drawn under the renderer's
+    legibility rules with what the prompt names): IoU 0.691, colour spread 0.481, and the share of
+    objects in the reference's colour 0.312 against 0.156 with the adapter alone.
     Each threshold keeps half its measured gap; sharing may cost 0.1 of IoU."""
     result = run("adapter_benchmark.py", "--config", CONFIG, "--ckpt", WEIGHTS, "--adapter", ADAPTER, "--seeds", "0",
                  "--steps", "20", "--eta", "1",
@@ -77,11 +78,11 @@ def test_the_shipped_16px_adapter_moves_the_object_to_the_outline_and_sharing_ke
     assert len(rows) == 5 * 4
     assert mean(rows, "adapter", "iou") > mean(rows, "plain", "iou") + 0.26
     # one appearance across different poses: the colours narrow, the objects still follow their outlines
-    for setting, narrower in (("adapter+all", 0.041), ("adapter+anchor", 0.057), ("adapter+image", 0.088)):
+    for setting, narrower in (("adapter+all", 0.041), ("adapter+anchor", 0.057), ("adapter+image", 0.070)):
         assert mean(rows, setting, "colour_spread") < mean(rows, "adapter", "colour_spread") - narrower, setting
         assert mean(rows, setting, "iou") > mean(rows, "adapter", "iou") - 0.1, setting
     # the look follows the reference while the layout follows the outlines
-    assert mean(rows, "adapter+image", "reference_colour") > mean(rows, "adapter", "reference_colour") + 0.093
+    assert mean(rows, "adapter+image", "reference_colour") > mean(rows, "adapter", "reference_colour") + 0.078
 
 
 def chair_colours(outdir):
