@@ -169,6 +169,12 @@ def check_steps(parser, flag, steps, timesteps, where=""):
         parser.error(f"{flag} must be below the model's {timesteps} training timesteps{where}, got {steps}")
 
 
+def check_sampler_steps(parser, name, sampler, steps):
+    """At least the steps the `sampler` class (`--sampler name`) needs, else one error line."""
+    if steps < sampler.min_steps:
+        parser.error(f"--sampler {name} needs --ddim_steps {sampler.min_steps} or more, got {steps}")
+
+
 def check_eta(parser, eta, deterministic_sampler=None):
     """DDIM's eta in [0, 1], and none for a sampler that draws no step noise (`deterministic_sampler`:
     its flag, e.g. "--sampler plms"); else one error line. None (not given) passes."""
@@ -220,8 +226,7 @@ def validate_common(parser, opt, samplers, aliases):
     if getattr(opt, "share_cfg", None) == "cond" and opt.scale == 1.0:
         parser.error("--share-cfg cond keeps the unconditional half of classifier-free guidance plain, and --scale 1 "
                      "runs no unconditional half (every image shares): pass --scale above 1 or leave it out")
-    if opt.ddim_steps < sampler.min_steps:
-        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {sampler.min_steps} or more, got {opt.ddim_steps}")
+    check_sampler_steps(parser, opt.sampler, sampler, opt.ddim_steps)
     check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     opt.prompts = read_prompts(parser, opt)
     warn_unseen_words(opt.geometry, opt.config, opt.prompts + [getattr(opt, "negative_prompt", "") or ""])

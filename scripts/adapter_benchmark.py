@@ -208,16 +208,16 @@ def sample(model, sampler, opt, c, uc, x_T, features, share, reference):
 
 def measure(images, prompt, scenes, reference):
     pixels = cb.to_uint8_hwc(images)
-    kind = procedural.parse_caption(prompt).kind
+    named = procedural.parse_caption(prompt)
+    kind = named.kind
     size = pixels.shape[1]
     ious = [procedural.mask_iou(procedural.read_mask(p, kind), procedural.object_mask(s, size))
             for p, s in zip(pixels, scenes)]
-    named = procedural.parse_caption(prompt).attributes
-    score = procedural.consistency_score(pixels, kind, named)
+    score = procedural.consistency_score(pixels, kind, named.attributes)
     unnamed = [v for a, v in score["per_attribute"].items() if a in APPEARANCE]
     agreement = float(np.mean(unnamed)) if unnamed else float("nan")
     return {"iou": float(np.mean(ious)), "agreement": agreement, "colour_spread": score["colour_spread"],
-            "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, prompt),
+            "chroma_spread": score["chroma_spread"], "fidelity": procedural.fidelity(pixels, named),
             "reference_colour": cb.reference_agreement(pixels, reference, REFERENCE_ATTRIBUTES)}
 
 

@@ -13,8 +13,8 @@ from ldm.model_choice import read_model_geometry
 from ldm.modules.encoders.modules import FrozenCLIPTextEmbedder
 from ldm.outputs import OutputWriter
 from ldm.script_helpers import (SAMPLERS, ArgumentParser, build_model, check_eta, check_image_size, check_n_rows,
-                                check_scale, check_sample_outdir, check_steps, configure_logging, make_sampler,
-                                positive_int, prompt_batches, read_prompts, resolve_sampler)
+                                check_sample_outdir, check_sampler_steps, check_scale, check_steps, configure_logging,
+                                make_sampler, positive_int, prompt_batches, read_prompts, resolve_sampler)
 
 logger = logging.getLogger("knn2img")
 
@@ -111,9 +111,7 @@ def validate(parser, opt):
     check_steps(parser, "--ddim_steps", opt.ddim_steps, opt.geometry.timesteps)
     check_image_size(parser, opt.H, opt.W, opt.geometry.multiple)
     resolve_sampler(parser, opt, SAMPLERS, SAMPLER_ALIASES)
-    if opt.ddim_steps < SAMPLERS[opt.sampler].min_steps:
-        parser.error(f"--sampler {opt.sampler} needs --ddim_steps {SAMPLERS[opt.sampler].min_steps} or more, "
-                     f"got {opt.ddim_steps}")
+    check_sampler_steps(parser, opt.sampler, SAMPLERS[opt.sampler], opt.ddim_steps)
     check_eta(parser, opt.ddim_eta, None if SAMPLERS[opt.sampler].stochastic else f"--sampler {opt.sampler}")
     check_scale(parser, opt.scale)
     check_n_rows(parser, opt.n_rows)
