@@ -14,8 +14,9 @@ the object should agree, the named scenes differ. The procedural scenes' pixel r
                 consistent; an attribute not read (no object found, or an image too noisy to read,
                 procedural.UNREADABLE_NOISE) agrees with nothing
 * subject agr.  the same, over the object's own attributes only (colour, legs, size; a face's parts)
-* scene div.    1 - agreement over the scene attributes (background, position): subject-masked
-                sharing should keep the object consistent and leave these as free as without sharing
+* scene div.    1 - agreement over the scene attributes (background, position), among the images where
+                they were read: subject-masked sharing should keep the object consistent and leave these as
+                free as without sharing
 * colour spread mean pairwise distance of the object colours in RGB [0, 1] (lower = more consistent),
                 over the images clean enough to read (noise would pull them all towards one grey mix)
 * chroma spread the same with each colour's grey level removed: a batch that only got darker
@@ -561,17 +562,17 @@ def measure(images, prompts, embedder=None, reference=None, reference_embedding=
     row = dict.fromkeys(METRICS[:-1], float("nan"))
     row["diversity"] = procedural.diversity_score(pixels)
     row["pixel_noise"] = procedural.pixel_noise(pixels)
-    scene = procedural.parse_caption(prompts[0])
-    if scene is not None:
+    scenes = [procedural.parse_caption(p) for p in prompts]
+    if None not in scenes:  # one image of another prompt read as the first's kind would count as disagreeing
         # what any prompt of the batch names is fidelity's to measure: agreement is over what they leave free
-        named = {k for parsed in map(procedural.parse_caption, set(prompts)) if parsed for k in parsed.attributes}
-        score = procedural.consistency_score(pixels, scene.kind, named)
+        named = {k for parsed in scenes for k in parsed.attributes}
+        score = procedural.consistency_score(pixels, scenes[0].kind, named)
         named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
         named = [f for f in named if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
                    chroma_spread=score["chroma_spread"], readable=score["readable"],
                    fidelity=statistics.fmean(named) if named else float("nan"),
-                   **procedural.subject_and_scene(score["per_attribute"], scene.kind))
+                   **procedural.subject_and_scene(score, scenes[0].kind))
     if reference is not None:
         row["reference_agreement"] = reference_agreement(pixels, reference)
     if embedder is not None:

@@ -1,5 +1,6 @@
 """scripts/consistency_benchmark.py: a smoke run on the embedded config with random weights."""
 import csv
+import math
 import os
 import re
 import subprocess
@@ -198,6 +199,23 @@ def test_per_image_prompts_fill_the_batch_in_turn_and_fidelity_is_per_image():
     # names: the chair, and its position (counting the named backgrounds made the batch look diverse)
     assert row["scene_diversity"] == 0.0 and row["subject_agreement"] == 1.0 and row["agreement"] == 1.0
     assert row["pixel_noise"] == 0.0  # clean renders
+
+
+def test_a_batch_with_a_prompt_the_read_back_cannot_parse_is_not_read():
+    """Read-back took the first prompt's kind for the whole batch: the image of a per-image prompt it
+    cannot parse (an --embedder run's free text) was read as that kind and counted in the agreement."""
+    import numpy as np
+    import torch
+    from ldm.data import procedural
+    bench = benchmark_module()
+    chair = procedural.render(procedural.Scene("chair", {"colour": "red", "legs": "four", "size": "large",
+                                                         "position": "center", "background": "white"}))
+    images = torch.from_numpy(np.stack([chair, chair])).permute(0, 3, 1, 2) / 255
+    assert bench.measure(images, ["a red chair", "a red chair"])["agreement"] == 1.0
+    row = bench.measure(images, ["a red chair", "a photo of my chair"])
+    for metric in ("agreement", "subject_agreement", "scene_diversity", "colour_spread", "fidelity", "readable"):
+        assert math.isnan(row[metric]), metric
+    assert row["diversity"] == 0.0  # what needs no parsed prompt is still measured
 
 
 def test_with_eta_every_setting_of_a_batch_draws_the_same_step_noise(tiny_model_with_weights, monkeypatch):

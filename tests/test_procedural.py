@@ -372,13 +372,30 @@ def test_fidelity():
 def test_subject_and_scene_split_the_per_attribute_agreement():
     from ldm.data.procedural import subject_and_scene
     per = {"colour": 1.0, "legs": 1.0, "size": 0.5, "position": 0.5, "background": 0.25}
-    split = subject_and_scene(per, "chair")
+    reads = [{"position": "left", "background": "white"}, {"position": "left", "background": "black"},
+             {"position": "right", "background": "red"}, {"position": "right", "background": "blue"}]
+    split = subject_and_scene({"per_attribute": per, "attributes": reads}, "chair")
     assert split["subject_agreement"] == pytest.approx(2.5 / 3)
     assert split["scene_diversity"] == pytest.approx(1 - 0.375)
-    assert subject_and_scene({"skin": 1.0, "background": 1.0}, "face") == {"subject_agreement": 1.0,
-                                                                          "scene_diversity": 0.0}
-    named_scene = subject_and_scene({"colour": 1.0, "size": 0.5}, "chair")  # the prompts name the rest
-    assert named_scene["subject_agreement"] == 0.75 and math.isnan(named_scene["scene_diversity"])
+    face = {"per_attribute": {"skin": 1.0, "background": 1.0}, "attributes": [{"background": "white"}] * 2}
+    assert subject_and_scene(face, "face") == {"subject_agreement": 1.0, "scene_diversity": 0.0}
+    named_scene = {"per_attribute": {"colour": 1.0, "size": 0.5}, "attributes": reads}  # the prompts name the rest
+    split = subject_and_scene(named_scene, "chair")
+    assert split["subject_agreement"] == 0.75 and math.isnan(split["scene_diversity"])
+
+
+def test_scene_diversity_leaves_out_images_too_noisy_to_read():
+    """Counted as disagreeing, unreadable images made a speckled batch's scene look as free as an
+    unshared batch's: two alike chairs and two noise images scored 0.5, all noise 1.0."""
+    from ldm.data.procedural import consistency_score, subject_and_scene
+    chair = render(Scene("chair", {"colour": "red", "legs": "four", "size": "large", "position": "left",
+                                   "background": "white"}))
+    noise = np.random.default_rng(0).integers(0, 256, chair.shape, dtype=np.uint8)
+    alike = consistency_score([chair, chair, noise, noise], "chair")
+    assert alike["readable"] == 0.5 and alike["per_attribute"]["background"] == 0.5
+    split = subject_and_scene(alike, "chair")
+    assert split["scene_diversity"] == 0.0 and split["subject_agreement"] == 0.5
+    assert math.isnan(subject_and_scene(consistency_score([noise] * 3, "chair"), "chair")["scene_diversity"])
 
 
 @pytest.mark.parametrize("size", [13, 16, 25])

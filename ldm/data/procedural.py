@@ -924,23 +924,34 @@ def _mean_pairwise_distance(x: np.ndarray) -> float:
     return float(dmat[np.triu_indices(n, 1)].mean())
 
 
-def subject_and_scene(per_attribute: Mapping[str, float], kind: str) -> dict:
-    """Split the per-attribute agreement of :func:`consistency_score` into the object and its scene.
+def subject_and_scene(score: Mapping, kind: str) -> dict:
+    """Split the agreement of a :func:`consistency_score` result into the object and its scene.
 
-    * ``subject_agreement``: mean agreement over the object's own attributes (colour, legs,
-      size; a face's skin, hair, eyes, glasses, shirt); higher = the same object in every image.
+    * ``subject_agreement``: mean of its ``per_attribute`` agreement over the object's own
+      attributes (colour, legs, size; a face's skin, hair, eyes, glasses, shirt); higher = the
+      same object in every image. An attribute not read agrees with nothing, as in ``agreement``.
     * ``scene_diversity``: 1 - mean agreement over :data:`SCENE_ATTRIBUTES` (background,
-      position); 0 = every image has the same background and position, at most 1 - 1/N.
+      position), among the images where the attribute was read; 0 = every image has the same
+      background and position, at most 1 - 1/N. An image too noisy to read (or with no object
+      to place) is left out, as it is of the colour spreads: counted as disagreeing, a speckled
+      batch would look as free as an unshared one.
 
     Plain sharing tends to raise both agreements together; sharing restricted to the subject
     should raise ``subject_agreement`` and keep ``scene_diversity`` near the unshared batches'.
     Over the attributes ``per_attribute`` holds (those left free, :func:`consistency_score`);
-    NaN where it holds none of a group.
+    NaN where it holds none of a group, or no image's scene attributes were read.
     """
-    scene = [v for k, v in per_attribute.items() if k in SCENE_ATTRIBUTES[kind]]
-    own = [v for k, v in per_attribute.items() if k not in SCENE_ATTRIBUTES[kind]]
     mean = lambda values: float(np.mean(values)) if values else float("nan")
-    return {"subject_agreement": mean(own), "scene_diversity": 1.0 - mean(scene)}
+    in_scene = [k for k in score["per_attribute"] if k in SCENE_ATTRIBUTES[kind]]
+    own = [v for k, v in score["per_attribute"].items() if k not in in_scene]
+    scene = [_agreement_among_read([r[k] for r in score["attributes"]]) for k in in_scene]
+    return {"subject_agreement": mean(own), "scene_diversity": 1.0 - mean([a for a in scene if not np.isnan(a)])}
+
+
+def _agreement_among_read(values: Sequence[str]) -> float:
+    """The share of the values read (not "unknown") that are the most common one; NaN if none was read."""
+    read = [v for v in values if v != "unknown"]
+    return max(map(read.count, set(read))) / len(read) if read else float("nan")
 
 
 def diversity_score(images) -> float:
