@@ -36,14 +36,15 @@ class DDIMSampler(Sampler):
     def sampling_loop(self, cond, x_T, callback=None, quantize_denoised=False, mask=None, x0=None,
                       img_callback=None, log_every_t=100, temperature=1., noise_dropout=0., score_corrector=None,
                       corrector_kwargs=None, unconditional_guidance_scale=1., unconditional_conditioning=None,
-                      verbose=True):
-        """From x_T down the schedule; `denoise_step` is what DDIM and PLMS do differently."""
+                      verbose=True, t_start=None):
+        """From x_T, at schedule step t_start - 1 (None: the last), down the schedule; `denoise_step`
+        is what DDIM and PLMS do differently."""
         device = self.model.betas.device
         b = x_T.shape[0]
         img = x_T
 
         intermediates = {'x_inter': [img], 'pred_x0': [img]}
-        time_range = np.flip(self.ddim_timesteps)
+        time_range = np.flip(self.ddim_timesteps[:t_start])
         total_steps = len(time_range)
         logger.debug("Running %s with %d timesteps", type(self).__name__, total_steps)
 
@@ -135,20 +136,12 @@ class DDIMSampler(Sampler):
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                verbose=True, mask=None, x0=None):
-        """Denoise `x_latent`, noised to schedule step t_start - 1, down the first t_start steps;
-        `mask`/`x0` as in `sample`."""
-        time_range = np.flip(self.ddim_timesteps[:t_start])
-        total_steps = len(time_range)
-        logger.debug("Running DDIM decoding with %d timesteps", total_steps)
-
-        x_dec = x_latent
-        fresh, known_noise = rows_to_noise(mask, len(x_latent)), known_part_generator(mask, x_latent.device)
-        for i, step in enumerate(tqdm(time_range, desc='Decoding image', total=total_steps, disable=not verbose)):
-            ts = torch.full((x_latent.shape[0],), step, device=x_latent.device, dtype=torch.long)
-            x_dec = self.keep_known(x_dec, ts, mask, x0, known_noise)
-            e_t = self.noise_estimate(x_dec, ts, cond, unconditional_conditioning, unconditional_guidance_scale)
-            x_dec, _ = self.ddim_update(x_dec, e_t, index=total_steps - i - 1, fresh=fresh)
-        return x_dec
+        """Denoise `x_latent`, noised to schedule step t_start - 1 (`stochastic_encode`), down the
+        first t_start steps: img2img's half of the sampling loop; `mask`/`x0` as in `sample`."""
+        latents, _ = self.sampling_loop(cond, x_latent, mask=mask, x0=x0, verbose=verbose, t_start=t_start,
+                                        unconditional_guidance_scale=unconditional_guidance_scale,
+                                        unconditional_conditioning=unconditional_conditioning)
+        return latents
 
 
 # A batch with known images (--reference-image's anchors, mask 1 all over) must sample its other
