@@ -8,7 +8,7 @@ import torch
 import numpy as np
 from tqdm import tqdm
 
-from ldm.models.diffusion.sampler import Sampler
+from ldm.models.diffusion.sampler import Sampler, SamplingOptions
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps, noise_like, \
     extract_into_tensor
 
@@ -33,12 +33,10 @@ class DDIMSampler(Sampler):
         self.register_buffer('ddim_sqrt_one_minus_alphas', torch.sqrt(1. - ddim_alphas))
 
     @torch.no_grad()
-    def sampling_loop(self, cond, x_T, callback=None, quantize_denoised=False, mask=None, x0=None,
-                      img_callback=None, log_every_t=100, temperature=1., noise_dropout=0., score_corrector=None,
-                      corrector_kwargs=None, unconditional_guidance_scale=1., unconditional_conditioning=None,
-                      verbose=True, t_start=None):
+    def sampling_loop(self, cond, x_T, options, t_start=None):
         """From x_T, at schedule step t_start - 1 (None: the last), down the schedule; `denoise_step`
         is what DDIM and PLMS do differently."""
+        o = options
         device = self.model.betas.device
         b = x_T.shape[0]
         img = x_T
@@ -48,24 +46,24 @@ class DDIMSampler(Sampler):
         total_steps = len(time_range)
         logger.debug("Running %s with %d timesteps", type(self).__name__, total_steps)
 
-        eps = lambda x, t: self.noise_estimate(x, t, cond, unconditional_conditioning, unconditional_guidance_scale,
-                                               score_corrector, corrector_kwargs)
-        fresh, known_noise = rows_to_noise(mask, b), known_part_generator(mask, device)
-        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, quantize_denoised, temperature, noise_dropout,
+        eps = lambda x, t: self.noise_estimate(x, t, cond, o.uncond, o.guidance_scale, o.score_corrector,
+                                               o.corrector_kwargs)
+        fresh, known_noise = rows_to_noise(o.mask, b), known_part_generator(o.mask, device)
+        update = lambda x, e_t, index: self.ddim_update(x, e_t, index, o.quantize_x0, o.temperature, o.noise_dropout,
                                                         fresh)
         history = []  # earlier noise estimates, for multistep methods (PLMS)
-        iterator = tqdm(time_range, desc=type(self).__name__, total=total_steps, disable=not verbose)
+        iterator = tqdm(time_range, desc=type(self).__name__, total=total_steps, disable=not o.verbose)
         for i, step in enumerate(iterator):
             index = total_steps - i - 1
             ts = torch.full((b,), step, device=device, dtype=torch.long)
             ts_next = torch.full((b,), time_range[min(i + 1, len(time_range) - 1)], device=device, dtype=torch.long)
 
-            img = self.keep_known(img, ts, mask, x0, known_noise)
+            img = self.keep_known(img, ts, o.mask, o.x0, known_noise)
             img, pred_x0 = self.denoise_step(img, ts, ts_next, index, eps, update, history)
-            if callback: callback(i)
-            if img_callback: img_callback(pred_x0, i)
+            if o.callback: o.callback(i)
+            if o.img_callback: o.img_callback(pred_x0, i)
 
-            if index % log_every_t == 0 or index == total_steps - 1:
+            if index % o.log_every_t == 0 or index == total_steps - 1:
                 intermediates['x_inter'].append(img)
                 intermediates['pred_x0'].append(pred_x0)
 
@@ -138,9 +136,9 @@ class DDIMSampler(Sampler):
                verbose=True, mask=None, x0=None):
         """Denoise `x_latent`, noised to schedule step t_start - 1 (`stochastic_encode`), down the
         first t_start steps: img2img's half of the sampling loop; `mask`/`x0` as in `sample`."""
-        latents, _ = self.sampling_loop(cond, x_latent, mask=mask, x0=x0, verbose=verbose, t_start=t_start,
-                                        unconditional_guidance_scale=unconditional_guidance_scale,
-                                        unconditional_conditioning=unconditional_conditioning)
+        options = SamplingOptions(guidance_scale=unconditional_guidance_scale, uncond=unconditional_conditioning,
+                                  mask=mask, x0=x0, verbose=verbose)
+        latents, _ = self.sampling_loop(cond, x_latent, options, t_start)
         return latents
 
 

@@ -1,7 +1,9 @@
 """What the DDIM, PLMS and DPM-Solver samplers share: upstream's `sample` signature, checked once,
 and the guided noise estimate. A sampler subclass says what it is (`min_steps`, `stochastic`) and
 implements `make_schedule` and `sampling_loop`; classifier-free guidance is in guidance.py."""
+import dataclasses
 import logging
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -18,6 +20,29 @@ def check_predicts_noise(parameterization, sampler="DDIM, PLMS and DPM-Solver"):
         raise ModelError(f"{sampler} sample noise-predicting models (parameterization: eps); this one predicts "
                          f"{parameterization}: sample it with its full chain (model.sample, or "
                          "scripts/sample_diffusion.py -v)")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
+class SamplingOptions:
+    """What a sampling loop is given besides the conditioning and its start: upstream's `sample`
+    options, passed on as one value instead of fifteen keywords per loop."""
+    guidance_scale: float = 1.
+    uncond: Any = None                          # the unconditional conditioning (classifier-free guidance)
+    mask: Optional[torch.Tensor] = None         # 1 where x0 is known (inpainting, reference anchors)
+    x0: Optional[torch.Tensor] = None
+    callback: Optional[Callable] = None         # callback(step index), after every step
+    img_callback: Optional[Callable] = None     # img_callback(predicted x0, step index)
+    quantize_x0: bool = False
+    temperature: float = 1.                     # scales the step noise (eta > 0)
+    noise_dropout: float = 0.
+    score_corrector: Any = None
+    corrector_kwargs: Optional[dict] = None
+    log_every_t: int = 100                      # intermediates kept every this many steps
+    verbose: bool = True
+
+    def changed(self, *names):
+        """Those of `names` set to other than their default (what a loop that cannot honour them refuses)."""
+        return [f.name for f in dataclasses.fields(self) if f.name in names and getattr(self, f.name) != f.default]
 
 
 class Sampler:
@@ -62,12 +87,12 @@ class Sampler:
         size = (batch_size, *shape)
         logger.debug("%s: %d steps, data shape %s, eta %s", type(self).__name__, S, size, eta)
         x_T = torch.randn(size, device=self.model.betas.device) if x_T is None else x_T
-        return self.sampling_loop(conditioning, x_T, callback=callback, img_callback=img_callback,
-                                  quantize_denoised=quantize_x0, mask=mask, x0=x0, temperature=temperature,
-                                  noise_dropout=noise_dropout, score_corrector=score_corrector,
-                                  corrector_kwargs=corrector_kwargs, log_every_t=log_every_t,
-                                  unconditional_guidance_scale=unconditional_guidance_scale,
-                                  unconditional_conditioning=unconditional_conditioning, verbose=verbose)
+        options = SamplingOptions(
+            guidance_scale=unconditional_guidance_scale, uncond=unconditional_conditioning, mask=mask, x0=x0,
+            callback=callback, img_callback=img_callback, quantize_x0=quantize_x0, temperature=temperature,
+            noise_dropout=noise_dropout, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+            log_every_t=log_every_t, verbose=verbose)
+        return self.sampling_loop(conditioning, x_T, options)
 
     def model_timesteps(self, S):
         """The timesteps at which sampling `S` steps calls the model, found without calling it: the
@@ -99,5 +124,6 @@ class Sampler:
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
         raise NotImplementedError
 
-    def sampling_loop(self, cond, x_T, **options):
+    def sampling_loop(self, cond, x_T, options: SamplingOptions):
+        """(samples, intermediates) from x_T, on the schedule `make_schedule` set."""
         raise NotImplementedError

@@ -19,25 +19,20 @@ class DPMSolverSampler(Sampler):
         self.steps = ddim_num_steps
 
     @torch.no_grad()
-    def sampling_loop(self, cond, x_T, callback=None, img_callback=None, quantize_denoised=False, mask=None, x0=None,
-                      temperature=1., noise_dropout=0., score_corrector=None, corrector_kwargs=None,
-                      log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None,
-                      verbose=True):
+    def sampling_loop(self, cond, x_T, options):
         """Returns (samples, None): no intermediates. DDIM/PLMS options it cannot honour are refused.
         `mask`/`x0`: the model sees the known part (mask 1) as x0 noised to each call's level."""
-        refused = [name for name, value, default in (
-            ("callback", callback, None), ("img_callback", img_callback, None), ("quantize_x0", quantize_denoised, False),
-            ("temperature", temperature, 1.), ("noise_dropout", noise_dropout, 0.),
-            ("score_corrector", score_corrector, None)) if (value is not None if default is None else value != default)]
+        refused = options.changed("callback", "img_callback", "quantize_x0", "temperature", "noise_dropout",
+                                  "score_corrector")
         if refused:
             raise ValueError(f"DPMSolverSampler does not support {', '.join(refused)} (use DDIMSampler)")
         ns = NoiseScheduleVP(self.alphas_cumprod)
         # Guidance happens in noise_estimate (shared with DDIM/PLMS); the solver's continuous time
         # becomes the model's timestep here.
-        model_fn = lambda x, t: self.noise_estimate(x, ns.model_time(t), cond, unconditional_conditioning,
-                                                    unconditional_guidance_scale)
-        if mask is not None:
-            model_fn = with_known_part(model_fn, ns, mask, x0)
+        model_fn = lambda x, t: self.noise_estimate(x, ns.model_time(t), cond, options.uncond,
+                                                    options.guidance_scale)
+        if options.mask is not None:
+            model_fn = with_known_part(model_fn, ns, options.mask, options.x0)
         # A pixel-space model's x_0 is clipped to [-1, 1] as in DDIM (ddim.py says why). Not the
         # solver's own dynamic thresholding: rescaling the early, wide x_0 greys the small model's images.
         solver = ClippedDPMSolver if self.model.clip_denoised else DPM_Solver
