@@ -396,6 +396,9 @@ def test_scene_diversity_leaves_out_images_too_noisy_to_read():
     split = subject_and_scene(alike, "chair")
     assert split["scene_diversity"] == 0.0 and split["subject_agreement"] == 0.5
     assert math.isnan(subject_and_scene(consistency_score([noise] * 3, "chair"), "chair")["scene_diversity"])
+    # one image read agrees with itself: that says nothing about the batch's scenes
+    one = subject_and_scene(consistency_score([chair, noise, noise], "chair"), "chair")
+    assert math.isnan(one["scene_diversity"]) and one["subject_agreement"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("size", [13, 16, 25])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -5,6 +6,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 from ldm.models.diffusion.guidance import guided_eps
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.sampler import SamplingOptions
 
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
 
@@ -41,14 +43,16 @@ def test_ddim_stochastic_encode_decode_on_cpu(tiny_model, conds):
     assert out.shape == x0.shape and torch.isfinite(out).all()
 
 
-def test_decode_keeps_the_known_part_as_sampling_does(tiny_model_with_weights):
-    """img2img's decode over the whole schedule is DDIM sampling from the same start, and its
-    `mask`/`x0` replacement (--reference-image in img2img) is sampling's, step for step."""
+@pytest.mark.parametrize("sampler_class", [DDIMSampler, PLMSSampler])
+def test_decode_keeps_the_known_part_as_sampling_does(tiny_model_with_weights, sampler_class):
+    """img2img's decode over the whole schedule is sampling from the same start, and its
+    `mask`/`x0` replacement (--reference-image in img2img) is sampling's, step for step. PLMS's
+    decode steps as PLMS samples (it stepped as DDIM while decode had a loop of its own)."""
     model = tiny_model_with_weights
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     known = {"mask": torch.tensor([1., 0., 0.])[:, None, None, None],
              "x0": torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)}
-    sampler = DDIMSampler(model)
+    sampler = sampler_class(model)
     with torch.no_grad():
         c, uc = (model.get_learned_conditioning(p) for p in (["a wooden chair", "a red table", "a chair"], [""] * 3))
         results = []
@@ -311,6 +315,8 @@ def test_a_misspelt_option_is_an_error_not_ignored(tiny_model, conds):
     ("ddim", dict(S=1000), "takes 1 to 999 steps"),
     ("dpm", dict(S=5000), "takes 2 to 999 steps"),
     ("dpm", dict(temperature=0.5), "does not support temperature"),
+    # an option whose default is None is set when it is not None, whatever its == says
+    ("dpm", dict(callback=lambda i: None, img_callback=np.array([1, 2])), "does not support callback, img_callback"),
     ("ddim", dict(eta=1.5), r"eta must be in \[0, 1\], got 1.5"),  # had sampled NaN images
     ("ddim", dict(eta=float("nan")), r"eta must be in \[0, 1\], got nan"),
 ])
@@ -533,3 +539,10 @@ def test_log_images_plots_the_denoising_rows_with_ddim(tiny_model):
         log = tiny_model.log_images(batch, N=1, ddim_steps=5, plot_denoise_rows=True, inpaint=False,
                                     plot_progressive_rows=False, plot_diffusion_rows=False, quantize_denoised=False)
     assert log["denoise_row"].shape[0] == 3 and torch.isfinite(log["denoise_row"]).all()
+
+
+def test_sampling_options_refuse_to_check_an_option_they_do_not_have():
+    # a misspelt name in a loop's refusal list would silently let that option through
+    with pytest.raises(ValueError, match="no option 'temprature'"):
+        SamplingOptions(temperature=0.5).changed("temperature", "temprature")
+    assert SamplingOptions(temperature=0.5, mask=torch.ones(1)).changed("temperature", "noise_dropout") == ["temperature"]

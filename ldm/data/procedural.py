@@ -932,14 +932,15 @@ def subject_and_scene(score: Mapping, kind: str) -> dict:
       same object in every image. An attribute not read agrees with nothing, as in ``agreement``.
     * ``scene_diversity``: 1 - mean agreement over :data:`SCENE_ATTRIBUTES` (background,
       position), among the images where the attribute was read; 0 = every image has the same
-      background and position, at most 1 - 1/N. An image too noisy to read (or with no object
-      to place) is left out, as it is of the colour spreads: counted as disagreeing, a speckled
-      batch would look as free as an unshared one.
+      background and position, at most 1 - 1/n for n images read. An image too noisy to read
+      (or with no object to place) is left out, as it is of the colour spreads: counted as
+      disagreeing, a speckled batch would look as free as an unshared one. An attribute read
+      in fewer than two images is left out too.
 
     Plain sharing tends to raise both agreements together; sharing restricted to the subject
     should raise ``subject_agreement`` and keep ``scene_diversity`` near the unshared batches'.
     Over the attributes ``per_attribute`` holds (those left free, :func:`consistency_score`);
-    NaN where it holds none of a group, or no image's scene attributes were read.
+    NaN where it holds none of a group, or no scene attribute was read in two images.
     """
     mean = lambda values: float(np.mean(values)) if values else float("nan")
     in_scene = [k for k in score["per_attribute"] if k in SCENE_ATTRIBUTES[kind]]
@@ -949,9 +950,10 @@ def subject_and_scene(score: Mapping, kind: str) -> dict:
 
 
 def _agreement_among_read(values: Sequence[str]) -> float:
-    """The share of the values read (not "unknown") that are the most common one; NaN if none was read."""
+    """The share of the values read (not "unknown") that are the most common one; NaN where fewer
+    than two were read (one image agrees with itself: that says nothing about the batch)."""
     read = [v for v in values if v != "unknown"]
-    return max(map(read.count, set(read))) / len(read) if read else float("nan")
+    return max(map(read.count, set(read))) / len(read) if len(read) >= 2 else float("nan")
 
 
 def diversity_score(images) -> float:

@@ -135,7 +135,8 @@ class DDIMSampler(Sampler):
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                verbose=True, mask=None, x0=None):
         """Denoise `x_latent`, noised to schedule step t_start - 1 (`stochastic_encode`), down the
-        first t_start steps: img2img's half of the sampling loop; `mask`/`x0` as in `sample`."""
+        first t_start steps: img2img's half of the sampling loop, with this sampler's steps (a
+        PLMSSampler's are PLMS's); `mask`/`x0` as in `sample`."""
         options = SamplingOptions(guidance_scale=unconditional_guidance_scale, uncond=unconditional_conditioning,
                                   mask=mask, x0=x0, verbose=verbose)
         latents, _ = self.sampling_loop(cond, x_latent, options, t_start)

@@ -41,8 +41,14 @@ class SamplingOptions:
     verbose: bool = True
 
     def changed(self, *names):
-        """Those of `names` set to other than their default (what a loop that cannot honour them refuses)."""
-        return [f.name for f in dataclasses.fields(self) if f.name in names and getattr(self, f.name) != f.default]
+        """Those of `names` set to other than their default (what a loop that cannot honour them
+        refuses); an option whose default is None counts as set when it is not None."""
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        unknown = [name for name in names if name not in fields]
+        if unknown:  # a misspelt name would silently turn a refusal off
+            raise ValueError(f"SamplingOptions has no option {unknown[0]!r}")
+        return [name for name in names if (getattr(self, name) is not None if fields[name] is None
+                                           else getattr(self, name) != fields[name])]
 
 
 class Sampler:
