@@ -18,7 +18,9 @@ def test_table_times_the_step_with_and_without_checkpointed_transformer_blocks(c
     assert set(rows) == {"checkpointed", "plain"}
     (on, ratio), (off, one) = rows["checkpointed"], rows["plain"]
     assert on > 0 and off > 0 and one == 1.0
-    assert ratio == pytest.approx(on / off, abs=0.01 + 1.0 / off)  # the ratio is of the printed medians
+    # the ratio is of the medians the table rounds to whole ms: within what the rounding leaves open
+    # (a fixed tolerance was too tight where the checkpointed step came out far slower, on a loaded machine)
+    assert (on - 0.5) / (off + 0.5) - 0.0005 <= ratio <= (on + 0.5) / (off - 0.5) + 0.0005
 
 
 def test_flops_of_a_step_grow_with_the_batch_and_count_attention(capsys):
