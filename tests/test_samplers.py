@@ -545,4 +545,5 @@ def test_sampling_options_refuse_to_check_an_option_they_do_not_have():
     # a misspelt name in a loop's refusal list would silently let that option through
     with pytest.raises(ValueError, match="no option 'temprature'"):
         SamplingOptions(temperature=0.5).changed("temperature", "temprature")
-    assert SamplingOptions(temperature=0.5, mask=torch.ones(1)).changed("temperature", "noise_dropout") == ["temperature"]
+    options = SamplingOptions(temperature=0.5, mask=torch.ones(1))
+    assert options.changed("temperature", "noise_dropout") == ["temperature"]
