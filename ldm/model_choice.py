@@ -251,6 +251,10 @@ def default_config(parser, opt):
     if opt.ckpt:
         return config_of_weights(opt.ckpt, weights) or in_repo(SD_V1_CONFIG)  # upstream's for any other
     for path, file in zip(DEFAULT_CONFIGS, weights):
+        broken = file and _link_to_nothing(file)
+        if broken:  # README's `ln -s /path/to/sd-v1-4.ckpt ...` with a wrong path: a smaller model would run unasked
+            parser.error(f"{broken} is a link to {os.readlink(broken)}, which does not exist: point it at the "
+                         f"weights (ln -sf /path/to/weights {file}) or remove it")
         if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
                 logger.warning("no SD v1 weights (%s) and no 32 px embedded model (%s): running the preliminary "
@@ -260,6 +264,14 @@ def default_config(parser, opt):
     parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
                  f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")
+
+
+def _link_to_nothing(path) -> str | None:
+    """`path`, from the working directory or this repository, where it is a link to nothing."""
+    for candidate in (path, os.path.join(REPO_ROOT, path)):
+        if os.path.islink(candidate) and not os.path.exists(candidate):
+            return candidate
+    return None
 
 
 def default_weights() -> list[str | None]:

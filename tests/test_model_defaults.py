@@ -150,6 +150,22 @@ def test_a_fresh_clones_first_command_runs_a_trained_model(tmp_path):
     assert ("preliminary 16 px model" in result.stderr) == (expected == PRELIMINARY_CONFIG)
 
 
+def test_a_link_at_a_default_weights_path_that_points_nowhere_is_one_error_line(workdir):
+    """README's `ln -s /path/to/sd-v1-4.ckpt models/ldm/stable-diffusion-v1/model.ckpt` with a
+    wrong path ran the 16 px stand-in instead, with a warning that there were no SD weights."""
+    put_weights(workdir, PRELIMINARY_CONFIG)
+    link = workdir / "models/ldm/stable-diffusion-v1/model.ckpt"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(workdir / "nowhere" / "sd-v1-4.ckpt")
+    with pytest.raises(ValueError, match=r"model.ckpt is a link to .*nowhere/sd-v1-4.ckpt, which does not exist: "
+                                         r"point it at the weights"):
+        resolve_model(Parser(), options())
+    link.unlink()
+    link.symlink_to(no_tensors(workdir / "elsewhere" / "sd-v1-4.ckpt"))  # fixed: SD v1 runs, as upstream
+    resolve_model(Parser(), opt := options())
+    assert opt.config == SD_V1_CONFIG
+
+
 def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     put_weights(workdir, EMBEDDED_CONFIG)
     put_weights(workdir, SD_V1_CONFIG)
