@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.consistency import ConsistentAttentionConfig, consistent_attention  # noqa: E402
-from ldm.script_helpers import ArgumentParser, check_new_file, check_steps  # noqa: E402
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, check_new_file, check_steps,  # noqa: E402
+                                set_cpu_threads)
 from ldm.util import instantiate_from_config  # noqa: E402
 
 log = logging.getLogger("benchmark_attention")
@@ -446,6 +447,7 @@ def build_parser():
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights and activations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (batches with --end-to-end)")
+    add_threads_argument(parser)
     parser.add_argument("--settings", nargs="+", metavar="NAME",
                         help="only these settings (vanilla sdpa is always measured); default: all of "
                              + "; ".join(s.name for s in SETTINGS))
@@ -525,6 +527,8 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     device, dtype = validate(parser, opt)
+    if device.type == "cpu":
+        set_cpu_threads(opt.threads)  # the table's header says how many
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -45,8 +45,8 @@ from ldm.model_choice import config_of_weights, in_repo, read_model_geometry, re
 from ldm.modules.adapter_training import (TIMESTEP_SAMPLING, AdapterEMA, diffusion_loss,  # noqa: E402
                                           encode_batch, sample_timesteps)
 from ldm.modules.adapters import adapter_for_model, save_adapter  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_device_argument, build_model, check_new_file,  # noqa: E402
-                                check_seed, configure_logging, resolve_device)
+from ldm.script_helpers import (ArgumentParser, add_device_argument, add_threads_argument, build_model,  # noqa: E402
+                                check_new_file, check_seed, configure_logging, resolve_device, set_cpu_threads)
 from ldm.util import first_line  # noqa: E402
 
 logger = logging.getLogger("train_adapter")
@@ -88,6 +88,7 @@ def build_parser():
     add("--num-workers", type=int, default=8, help="data loader processes (0: render in the main process)")
     add("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA")
     add_device_argument(parser)
+    add_threads_argument(parser)
     add("--max-minutes", type=float, default=0, help="stop training after this long and save (0 = no limit)")
     add("--log-every", type=int, default=50, help="log and record the mean loss every this many steps")
     add("--seed", type=int, default=0, help="seed of the adapter's first weights and of the training timesteps "
@@ -305,6 +306,8 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
+    if device.type == "cpu":
+        set_cpu_threads(opt.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -52,6 +52,16 @@ def test_unet_table_prints_a_row_per_setting_and_n_and_appends_the_csv(tmp_path,
     assert len(list(csv.DictReader(path.open()))) == 9
 
 
+def test_threads_sets_the_cpu_runs_threads_and_the_header_says_so(capsys):
+    # on a busy machine --threads 1 is the faster choice (docs/benchmarks.md); the flag was missing here
+    try:
+        bench.main(TINY + ["--n", "1", "--settings", "vanilla sdpa", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert capsys.readouterr().out.startswith("# cpu (2 threads)")
+
+
 @pytest.mark.parametrize("again, level", [(dict(status="ok", ms_call=107.0), "WARNING"),
                                            (dict(status="ok", ms_call=97.0), "INFO"), (dict(status="OOM"), None)])
 def test_a_baseline_that_drifted_while_the_settings_ran_is_a_warning(again, level, caplog):

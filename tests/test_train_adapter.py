@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter")
     out = root / "outline.safetensors"
     result = run("train_adapter.py", "--config", CONFIG, "--random-weights", "--out", out, "--steps", 3,
-                 "--batch-size", 2, "--eval-size", 2, "--num-workers", 0, "--log-every", 1)
+                 "--batch-size", 2, "--eval-size", 2, "--num-workers", 0, "--log-every", 1, "--threads", 1)
     return out, result
 
 
@@ -87,6 +87,7 @@ def test_a_disk_that_fills_during_training_is_one_error_line(tmp_path, monkeypat
     (["--random-weights", "--lr", "inf"], "--lr must be a positive finite number, got inf"),
     (["--random-weights", "--seed", str(2**64)], "--seed must be between 0 and 4294967295"),
     (["--random-weights", "--max-minutes", "-1"], "--max-minutes must be positive, or 0 for no limit"),
+    (["--random-weights", "--threads", "0"], "--threads: must be at least 1, got 0"),
     (["--random-weights", "--config", "{text}"], "is not a model config (Missing key model"),
     (["--random-weights", "--config", str(REPO / "configs/stable-diffusion/v1-tiny.yaml")],
      "not a text-to-image model with captions"),
