@@ -25,7 +25,7 @@ def check_predicts_noise(parameterization, sampler="DDIM, PLMS and DPM-Solver"):
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
 class SamplingOptions:
     """What a sampling loop is given besides the conditioning and its start: upstream's `sample`
-    options, passed on as one value instead of fifteen keywords per loop."""
+    options, passed on as one value instead of thirteen keywords per loop."""
     guidance_scale: float = 1.
     uncond: Any = None                          # the unconditional conditioning (classifier-free guidance)
     mask: Optional[torch.Tensor] = None         # 1 where x0 is known (inpainting, reference anchors)
