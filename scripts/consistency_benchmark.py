@@ -567,11 +567,11 @@ def measure(images, prompts, embedder=None, reference=None, reference_embedding=
         # what any prompt of the batch names is fidelity's to measure: agreement is over what they leave free
         named = {k for parsed in scenes for k in parsed.attributes}
         score = procedural.consistency_score(pixels, scenes[0].kind, named)
-        named = [procedural.fidelity(image[None], prompt) for image, prompt in zip(pixels, prompts)]
-        named = [f for f in named if not math.isnan(f)]
+        fidelities = [procedural.fidelity(image[None], scene) for image, scene in zip(pixels, scenes)]
+        fidelities = [f for f in fidelities if not math.isnan(f)]
         row.update(agreement=score["agreement"], colour_spread=score["colour_spread"],
                    chroma_spread=score["chroma_spread"], readable=score["readable"],
-                   fidelity=statistics.fmean(named) if named else float("nan"),
+                   fidelity=statistics.fmean(fidelities) if fidelities else float("nan"),
                    **procedural.subject_and_scene(score, scenes[0].kind))
     if reference is not None:
         row["reference_agreement"] = reference_agreement(pixels, reference)
