@@ -417,8 +417,10 @@ def record_compute(opt, device):
     logger.info("model on %s, %s, sampler %s", device, opt.computed_precision, opt.sampler)
 
 
-def set_cpu_threads(requested=None):
-    """Set PyTorch's intra-op threads for a CPU run (None: keep PyTorch's choice); returns the number.
+def set_cpu_threads(requested, device):
+    """Set PyTorch's intra-op threads for a run on `device` if it is the CPU (None: keep PyTorch's
+    choice) and log them; returns the number, or None on another device, where --threads is
+    ignored with a warning (the CPU then only feeds the accelerator).
 
     Every op splits its work over the threads and waits for all of them, so on a CPU that other
     processes keep busy a descheduled thread stalls every op: on this project's shared 2-core
@@ -426,9 +428,16 @@ def set_cpu_threads(requested=None):
     3-4, against ~35 s with 1 thread at load 5 (docs/benchmarks.md). The default stays PyTorch's
     (all cores), not a guess from the load average: results differ in the last bits between
     thread counts, and the same command must give the same PNG bytes whatever else is running."""
+    if device.type != "cpu":
+        if requested is not None:
+            logger.warning("--threads %d ignored: it sets the CPU's threads for CPU runs, this run is on %s",
+                           requested, device)
+        return None
     if requested is not None:
         torch.set_num_threads(requested)
-    return torch.get_num_threads()
+    threads = torch.get_num_threads()
+    logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
+    return threads
 
 
 def seed_everything(seed):
@@ -447,9 +456,7 @@ def load_model(opt):
     reproducible, and after it for sampling (`seed_step_noise`)."""
     device = resolve_device(opt.device)
     seed_everything(opt.seed)
-    if device.type == "cpu":
-        threads = set_cpu_threads(opt.threads)
-        logger.info("CPU run on %d thread(s) (--threads to choose)", threads)
+    set_cpu_threads(opt.threads, device)
     model = build_model(opt.config, None if opt.random_weights else opt.ckpt, device,
                         unsafe_pickle=opt.unsafe_pickle, random_weights=opt.random_weights, vae=opt.vae)
     record_compute(opt, device)

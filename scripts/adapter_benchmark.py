@@ -287,8 +287,7 @@ def main(argv=None):
     validate(parser, opt)
     opt.condition = opt.condition or recorded_condition(opt.adapter) or "outline"
     device = resolve_device(opt.device)
-    if device.type == "cpu":
-        set_cpu_threads(opt.threads)
+    set_cpu_threads(opt.threads, device)
     model = cb.load(opt, device)
     check_cond_tau_window(parser, opt, model)
     adapter = load_adapter_for(model, opt, device)

@@ -527,8 +527,7 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     device, dtype = validate(parser, opt)
-    if device.type == "cpu":
-        set_cpu_threads(opt.threads)  # the table's header says how many
+    set_cpu_threads(opt.threads, device)  # the table's header says how many
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -744,8 +744,7 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
-    if device.type == "cpu":
-        set_cpu_threads(opt.threads)
+    set_cpu_threads(opt.threads, device)
     try:
         embedder = load_embedder(opt.embedder, device) if opt.embedder else None
     except EmbedderError as e:

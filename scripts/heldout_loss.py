@@ -91,7 +91,7 @@ def mean_se(values):
 def main(argv=None):
     configure_logging()
     opt = parse_args(argv)
-    set_cpu_threads(opt.threads)
+    set_cpu_threads(opt.threads, torch.device("cpu"))
     config = load_config(opt.config)
     batches = validation_batches(config, opt.n, opt.batch_size)
     rows, first = [], None

@@ -306,8 +306,7 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     validate(parser, opt)
     device = resolve_device(opt.device)
-    if device.type == "cpu":
-        set_cpu_threads(opt.threads)
+    set_cpu_threads(opt.threads, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

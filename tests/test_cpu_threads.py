@@ -1,4 +1,6 @@
 """--threads / set_cpu_threads: PyTorch's thread count unless the user chooses one."""
+import logging
+
 import pytest
 import torch
 
@@ -12,14 +14,27 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+CPU = torch.device("cpu")
+
+
 def test_default_keeps_pytorchs_choice_whatever_the_load():
     torch.set_num_threads(2)
-    assert set_cpu_threads(None) == 2 == torch.get_num_threads()
+    assert set_cpu_threads(None, CPU) == 2 == torch.get_num_threads()
 
 
 def test_explicit_threads_are_set():
     torch.set_num_threads(2)
-    assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+    assert set_cpu_threads(1, CPU) == 1 == torch.get_num_threads()
+
+
+def test_threads_on_another_device_are_left_alone_with_a_warning(caplog):
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.WARNING, logger="ldm.script_helpers"):
+        assert set_cpu_threads(1, torch.device("cuda")) is None
+        assert set_cpu_threads(None, torch.device("cuda")) is None
+    assert torch.get_num_threads() == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "--threads 1 ignored: it sets the CPU's threads for CPU runs, this run is on cuda"]
 
 
 def test_threads_below_one_is_one_error_line(capsys):
