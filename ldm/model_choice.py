@@ -159,11 +159,12 @@ def in_repo(path):
     """`path` as given if it exists from the working directory, else this repository's file of
     that name if there is one: upstream's relative defaults (configs/..., the weights a config's
     `sampling` block names, models/...) then also work from another folder, e.g. `python
-    ~/sd/scripts/txt2img.py` (outputs still go below the working directory)."""
-    if not path or os.path.isabs(path) or os.path.exists(path):  # "" is no name: not the repository's root
+    ~/sd/scripts/txt2img.py` (outputs still go below the working directory). A link counts as there
+    even where it points nowhere, so that the caller can say so rather than read another file."""
+    if not path or os.path.isabs(path) or os.path.lexists(path):  # "" is no name: not the repository's root
         return path
     in_repository = os.path.join(REPO_ROOT, path)
-    return in_repository if os.path.exists(in_repository) else path
+    return in_repository if os.path.lexists(in_repository) else path
 
 
 def resolve_model(parser, opt):
@@ -251,11 +252,12 @@ def default_config(parser, opt):
     if opt.ckpt:
         return config_of_weights(opt.ckpt, weights) or in_repo(SD_V1_CONFIG)  # upstream's for any other
     for path, file in zip(DEFAULT_CONFIGS, weights):
-        broken = file and _link_to_nothing(file)
-        if broken:  # README's `ln -s /path/to/sd-v1-4.ckpt ...` with a wrong path: a smaller model would run unasked
-            parser.error(f"{broken} is a link to {os.readlink(broken)}, which does not exist: point it at the "
+        found = file and in_repo(file)
+        if found and not os.path.exists(found) and os.path.islink(found):
+            # README's `ln -s /path/to/sd-v1-4.ckpt ...` with a wrong path: a smaller model would run unasked
+            parser.error(f"{found} is a link to {os.readlink(found)}, which does not exist: point it at the "
                          f"weights (ln -sf /path/to/weights {file}) or remove it")
-        if file and os.path.exists(in_repo(file)):  # a file, or a diffusers pipeline folder linked there
+        if found and os.path.exists(found):  # a file, or a diffusers pipeline folder linked there
             if path == PRELIMINARY_CONFIG:
                 logger.warning("no SD v1 weights (%s) and no 32 px embedded model (%s): running the preliminary "
                                "16 px model trained on a CPU, a weak stand-in (models/embedded/README.md); "
@@ -264,14 +266,6 @@ def default_config(parser, opt):
     parser.error(f"no model weights found: put SD v1 weights at {weights[0]} or pass --ckpt PATH (with --config), "
                  f"or train the embedded model into {weights[1]} (models/embedded/README.md); "
                  "--random-weights runs without weights")
-
-
-def _link_to_nothing(path) -> str | None:
-    """`path`, from the working directory or this repository, where it is a link to nothing."""
-    for candidate in (path, os.path.join(REPO_ROOT, path)):
-        if os.path.islink(candidate) and not os.path.exists(candidate):
-            return candidate
-    return None
 
 
 def default_weights() -> list[str | None]:

@@ -166,6 +166,26 @@ def test_a_link_at_a_default_weights_path_that_points_nowhere_is_one_error_line(
     assert opt.config == SD_V1_CONFIG
 
 
+@pytest.mark.parametrize("link_in", ["working folder", "repository"])
+def test_the_working_folders_weights_path_decides_before_the_repositorys(workdir, tmp_path_factory, monkeypatch,
+                                                                         link_in):
+    """A link to nothing stops the run only where it is the file the run would read: the working
+    folder's path when that exists (as a file or a link), else the repository's."""
+    repository, elsewhere = workdir, tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    weights = "models/ldm/stable-diffusion-v1/model.ckpt"
+    broken, good = (elsewhere, repository) if link_in == "working folder" else (repository, elsewhere)
+    (broken / weights).parent.mkdir(parents=True)
+    (broken / weights).symlink_to(broken / "nowhere.ckpt")
+    no_tensors(good / weights)
+    if link_in == "working folder":
+        with pytest.raises(ValueError, match=rf"^{weights} is a link to .*nowhere.ckpt, which does not exist"):
+            resolve_model(Parser(), options())
+    else:
+        resolve_model(Parser(), opt := options())
+        assert (opt.config, opt.ckpt) == (str(repository / SD_V1_CONFIG), weights)
+
+
 def test_sd_weights_at_upstreams_path_win_and_keep_upstream_defaults(workdir):
     put_weights(workdir, EMBEDDED_CONFIG)
     put_weights(workdir, SD_V1_CONFIG)
