@@ -33,6 +33,14 @@ def load_script(name):
     return module
 
 
+def run_gpu_script(name, env, timeout=900):
+    """scripts/<name> run with bash from the repository root, as the device call runs it: the
+    environment is this process's with `env` on top (the GPU scripts take their sizes from it)."""
+    import subprocess
+    return subprocess.run(["bash", str(REPO / "scripts" / name)], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture
 def tiny_config():
     """configs/stable-diffusion/v1-tiny.yaml: SD v1's layout, small enough for a CPU."""

@@ -1,16 +1,13 @@
 """scripts/gpu_benchmarks.sh, shrunk to a CPU run of the tiny config: its stages run, and $OUT gets
 the markdown tables, the CSV and the log (at most 4 files)."""
 import csv
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_CONFIG
+from conftest import TINY_CONFIG, run_gpu_script
 
-SCRIPT = REPO / "scripts" / "gpu_benchmarks.sh"
 TINY = dict(DEVICE="cpu", CONFIG=str(TINY_CONFIG), SIZE="64", NS="1 2", N_VARIANT="2", DTYPE="fp32",
             REPEATS="1", E2E_REPEATS="1", E2E_STEPS="2", STAGES="table e2e chlast graphs",
             TABLE_SETTINGS="vanilla einsum (upstream);anchor: all groups",
@@ -21,9 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def run(out, **env):
-    full_env = dict(os.environ, OUT=str(out), **{**TINY, **env})
-    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=600)
+    return run_gpu_script("gpu_benchmarks.sh", {"OUT": str(out), **TINY, **env}, timeout=600)
 
 
 def test_tiny_cpu_run_writes_tables_csv_and_log(tmp_path):

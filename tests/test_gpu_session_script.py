@@ -1,18 +1,15 @@
 """scripts/gpu_session.sh, shrunk to CPU runs: the jobs of one device call each fill their folder
 (at most 8 files come back: lease 1 packs its CSVs and logs), a failed job does not cost the next,
 and a spent budget skips the benchmarks."""
-import os
 import shutil
-import subprocess
 import tarfile
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG
+from conftest import TINY_CONFIG, run_gpu_script
 from test_gpu_benchmarks_script import TINY as TINY_BENCHMARKS
 from test_gpu_train_script import TINY as TINY_TRAINING
 
-SCRIPT = REPO / "scripts" / "gpu_session.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout")
@@ -23,9 +20,7 @@ def run(out, logs, **env):
             "CONFIG": str(TINY_CONFIG), "LOGDIR": str(logs),
             "CONSISTENCY_ARGS": "--n 2 --steps 1 --seeds 0 --settings none all:all",
             "DEVICE_TESTS": "cpu and not ddim"}  # the device tests' CPU half, less its sampling run
-    full_env = dict(os.environ, OUT=str(out), **{**tiny, **env})
-    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=900)
+    return run_gpu_script("gpu_session.sh", {"OUT": str(out), **tiny, **env})
 
 
 def files(out):

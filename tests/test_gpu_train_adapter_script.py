@@ -1,16 +1,13 @@
 """scripts/gpu_train_adapter.sh, shrunk to a 1-step CPU run with a random model: trains,
 benchmarks, and leaves exactly four files in OUT."""
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import run_gpu_script
 from ldm.modules.adapters import load_adapter
 
-SCRIPT = REPO / "scripts" / "gpu_train_adapter.sh"
 TINY = dict(RANDOM_WEIGHTS="1", STEPS="1", BATCH="2", NUM_WORKERS="0", DEVICE="cpu", PRECISION="fp32",
             TRAIN_ARGS="--eval-size 2",
             BENCH_ARGS="--n 2 --steps 1 --seeds 0 --scale 1 --prompts 'a chair' --settings plain adapter")
@@ -19,10 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def run(tmp_path, **env):
-    full_env = dict(os.environ, OUT=str(tmp_path / "out"), WORKDIR=str(tmp_path / "work"), **TINY)
-    full_env.update(env)
-    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=900)
+    return run_gpu_script("gpu_train_adapter.sh",
+                          {"OUT": str(tmp_path / "out"), "WORKDIR": str(tmp_path / "work"), **TINY, **env})
 
 
 def test_tiny_cpu_run_writes_adapter_report_table_and_figure(tmp_path):

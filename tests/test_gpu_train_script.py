@@ -1,15 +1,12 @@
 """scripts/gpu_train_embedded.sh, shrunk to a 2-step CPU run: trains, exports, samples."""
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import run_gpu_script
 
-SCRIPT = REPO / "scripts" / "gpu_train_embedded.sh"
 TINY = dict(MAX_STEPS="2", BATCH="4", NUM_WORKERS="0", ACCELERATOR="cpu", PRECISION="32",
             SAMPLE_STEPS="2", BENCHMARK="0")
 
@@ -17,9 +14,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def run(tmp_path, **env):
-    full_env = dict(os.environ, OUT=str(tmp_path / "out"), LOGDIR=str(tmp_path / "logs"), **{**TINY, **env})
-    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=900)
+    return run_gpu_script("gpu_train_embedded.sh",
+                          {"OUT": str(tmp_path / "out"), "LOGDIR": str(tmp_path / "logs"), **TINY, **env})
 
 
 def test_tiny_cpu_run_fills_out_with_weights_log_and_samples(tmp_path):
