@@ -3,6 +3,7 @@ import difflib
 import inspect
 import logging
 import numpy as np
+import signal
 import time
 import warnings
 import torch
@@ -19,6 +20,7 @@ from pytorch_lightning import seed_everything
 from pytorch_lightning.trainer import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, Callback, LearningRateMonitor  # noqa: F401 (config targets main.X)
 from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only, rank_zero_info
 
@@ -182,9 +184,13 @@ def check_overrides(parser, args):
     """The arguments the parser does not know must be config overrides KEY=VALUE (merged over
     the --base configs); anything else is a mistyped flag or a stray word: one error line."""
     options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    trainer_options = inspect.signature(Trainer.__init__).parameters
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             name = arg.split("=", 1)[0]
+            if arg.startswith("--") and name[2:] in trainer_options:  # upstream's Lightning 1 took every one as a flag
+                parser.error(f"unknown option {name}: pass it as a config override, lightning.trainer.{name[2:]}=VALUE "
+                             "(main.py's flags are the trainer options of --help)")
             close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
             if arg.startswith("-"):
                 parser.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close
@@ -313,6 +319,32 @@ def new_run_name(logdir, name):
         n += 1
         candidate = f"{name}-{n}"
     return candidate
+
+
+def check_resumable_file(parser, path):
+    """--resume FILE: a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so that there is a run to
+    continue (upstream took the folder two levels up as the run: its configs, and the place to log into)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if folder == "trainstep_checkpoints":  # main.py's metrics_over_trainsteps_checkpoint
+        parser.error(f"--resume {path}: an every-n-steps checkpoint holds the weights alone, no optimizer state "
+                     "to resume; to train on from its weights in a new run, pass --base CONFIG.yaml "
+                     f"model.params.ckpt_path={path}")
+    if folder != "checkpoints":
+        parser.error(f"--resume {path}: not a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so there is no "
+                     f"run to continue; to train on from it in a new run, pass --base CONFIG.yaml "
+                     f"--resume_from_checkpoint {path} (-n NAME names the run)")
+
+
+def check_run_folder(parser, path):
+    """--resume FOLDER: a run's folder (it has configs/ or checkpoints/), not the folder of the runs."""
+    if any(os.path.isdir(os.path.join(path, part)) for part in ("configs", "checkpoints")):
+        return
+    runs = sorted(p for p in glob.glob(os.path.join(path, "*"))
+                  if os.path.isdir(os.path.join(p, "configs")) or os.path.isdir(os.path.join(p, "checkpoints")))
+    if runs:
+        parser.error(f"--resume {path}: a folder of runs, not a run; pass one of them, e.g. {runs[-1]}")
+    parser.error(f"--resume {path}: not a run's folder (it has no configs/ or checkpoints/); pass a run's log "
+                 f"folder (logs/<run>) or a checkpoint in it (logs/<run>/checkpoints/last.ckpt)")
 
 
 def read_resumed(ckpt_path):
@@ -501,6 +533,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
                  wrap=False, num_workers=None, shuffle_test_loader=False, use_worker_init_fn=False,
                  shuffle_val_dataloader=False):
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if not (value is None and name == "num_workers") and (type(value) is not int or value < least):
+                # else a traceback from the loader, once the run's folder is written
+                raise ConfigError(f"data.params.{name} must be a whole number of at least {least}, got {value!r}")
         self.batch_size = batch_size
         self.dataset_configs = dict()
         self.num_workers = num_workers if num_workers is not None else batch_size * 2
@@ -796,9 +832,27 @@ class TrainingStart(Callback):
         return self.step is not None and trainer.global_step > self.step
 
     def on_exception(self, trainer, pl_module, exception):
-        # Lightning exits after Ctrl-C once the callbacks have run: the last chance to save
-        if isinstance(exception, KeyboardInterrupt) and self.trained(trainer):
+        # Lightning exits after Ctrl-C, and at the end of the step a SIGTERM arrives in (kill, timeout,
+        # a scheduler's stop), once the callbacks have run: the last chance to save
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and self.trained(trainer):
             save_last(trainer, self.ckptdir)
+
+
+class OneLastCheckpoint(Callback):
+    """checkpoints/last.ckpt stays the run's one last checkpoint after the run folder was moved or
+    copied (runs come back from GPU machines) and resumed there. Lightning restores where its
+    ModelCheckpoint last saved only if the folder is unchanged; otherwise it wrote last-v1.ckpt
+    beside the old last.ckpt, which the next --resume read: the steps between were lost."""
+
+    def __init__(self, ckptdir):
+        self.ckptdir = ckptdir
+
+    def on_train_start(self, trainer, pl_module):  # after the resumed state was restored
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last and callback.dirpath \
+                    and os.path.realpath(callback.dirpath) == os.path.realpath(self.ckptdir):
+                callback.last_model_path = os.path.join(
+                    callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
 
 
 class SaveOnSignal(Callback):
@@ -886,17 +940,17 @@ if __name__ == "__main__":
         if not os.path.exists(opt.resume):
             parser.error(f"--resume {opt.resume}: not found; pass a run's log folder (logs/<run>) or a checkpoint "
                          f"in it (logs/<run>/checkpoints/last.ckpt)")
+        for flag, name in (("-l/--logdir", "logdir"), ("-f/--postfix", "postfix")):
+            if getattr(opt, name) != parser.get_default(name):
+                parser.error(f"{flag} names a new run's folder, but --resume continues the run in its own; leave "
+                             f"{flag} out, or train on in a new run with --base CONFIG.yaml --resume_from_checkpoint CKPT")
         if os.path.isfile(opt.resume):
-            if os.path.basename(os.path.dirname(os.path.abspath(opt.resume))) != "checkpoints":
-                # upstream took the folder two levels up as the run: its configs, and the place to log into
-                parser.error(f"--resume {opt.resume}: not a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so "
-                             "there is no run to continue; to train on from it in a new run, pass --base CONFIG.yaml "
-                             f"--resume_from_checkpoint {opt.resume} (-n NAME names the run)")
-            paths = opt.resume.split("/")
-            logdir = "/".join(paths[:-2])
+            check_resumable_file(parser, opt.resume)
+            logdir = os.path.dirname(os.path.dirname(os.path.abspath(opt.resume)))
             ckpt = opt.resume
         else:
-            logdir = opt.resume.rstrip("/")
+            check_run_folder(parser, opt.resume)
+            logdir = os.path.abspath(opt.resume)
             ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
         others = [path for path in sorted(glob.glob(os.path.join(logdir, "checkpoints", "*.ckpt"))) if path != ckpt]
         way_out = f"pass one of its other checkpoints instead: {', '.join(others)}" if others else "start a new run"
@@ -911,8 +965,7 @@ if __name__ == "__main__":
         if not base_configs and not opt.base:
             parser.error(f"no configs in {os.path.join(logdir, 'configs')} to resume from (pass --base CONFIG.yaml)")
         opt.base = base_configs + opt.base
-        _tmp = logdir.split("/")
-        nowname = _tmp[-1]
+        nowname = os.path.basename(logdir)
     else:
         if opt.name:
             name = "_" + opt.name
@@ -951,6 +1004,15 @@ if __name__ == "__main__":
         # and noise of the steps it had trained
         saved, resumed_step = read_resumed(ckpt_path)
         seed_everything(opt.seed + resumed_step)
+        max_steps = trainer_config.get("max_steps")
+        if opt.train and isinstance(max_steps, int) and 0 <= max_steps <= resumed_step:
+            # a run's saved lightning config keeps the --max_steps it was started with
+            parser.error(f"{'--resume' if opt.resume else '--resume_from_checkpoint'} {opt.resume or ckpt_path}: "
+                         f"it is at step {resumed_step} and max_steps is {max_steps}, so no step would be trained; "
+                         f"pass --max_steps N above {resumed_step} to train on")
+        if "spawn" in str(trainer_config.get("strategy", "")):
+            parser.error(f"--strategy {trainer_config['strategy']}: main.py saves last.ckpt from its own process, "
+                         "which a spawning strategy leaves untrained; use --strategy ddp")
         if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
                          "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "
@@ -1110,13 +1172,13 @@ if __name__ == "__main__":
         # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         training_start, save_on_signal = TrainingStart(ckptdir), SaveOnSignal(ckptdir)
-        trainer_kwargs["callbacks"] += [training_start, save_on_signal]
-        if trainer_config.get("max_time") is not None:
-            trainer_kwargs["callbacks"].append(TimeOfThisCommand(duration=trainer_config.pop("max_time"),
-                                                                 interval="step"))
-        try:
+        trainer_kwargs["callbacks"] += [training_start, save_on_signal, OneLastCheckpoint(ckptdir)]
+        try:  # Lightning's words for a trainer option it does not take, or an accelerator it cannot run
+            if trainer_config.get("max_time") is not None:
+                trainer_kwargs["callbacks"].append(TimeOfThisCommand(duration=trainer_config.pop("max_time"),
+                                                                     interval="step"))
             trainer = Trainer(**trainer_config, **trainer_kwargs)
-        except (TypeError, ValueError) as e:  # Lightning's words for a trainer option it does not take
+        except (TypeError, ValueError, MisconfigurationException, ModuleNotFoundError) as e:
             parser.error(f"lightning.trainer: {first_line(e)}")
         trainer.logdir = logdir  ###
 
@@ -1147,8 +1209,6 @@ if __name__ == "__main__":
                 interactive_debugger().set_trace()
 
 
-        import signal
-
         signal.signal(signal.SIGUSR1, save_on_signal.request)
         signal.signal(signal.SIGUSR2, divein)
 
@@ -1159,6 +1219,9 @@ if __name__ == "__main__":
                 # learning rates (before ldm/lr_scheduler.py returned floats) pickled numpy scalars
                 with torch.serialization.safe_globals(numpy_safe_globals()):
                     trainer.fit(model, data, ckpt_path=ckpt_path)
+            except SIGTERMException:  # Lightning's SystemExit has no code: the run would exit 0, as if done
+                logger.warning("stopped by SIGTERM at step %d; --resume %s continues it", trainer.global_step, logdir)
+                raise SystemExit(128 + signal.SIGTERM)
             except Exception:
                 # Save what was trained, but only once a step was: a failure before it (a --resume
                 # whose checkpoint did not restore, or did only in part) would write an untrained

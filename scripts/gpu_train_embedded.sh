@@ -65,7 +65,8 @@ start=$(date +%s)
 train() {  # train WORKERS MAX_TIME: main.py's exit status; its log is appended to $LOGDIR/train.log
   log "training: $MAX_STEPS steps at batch $BATCH on $ACCELERATOR ($PRECISION), $1 loader workers, at most $2"
   set +e
-  # max_time bounds the fit loop only: a hang outside it (a stuck loader) must not take the whole call
+  # max_time bounds the fit loop only: a hang outside it (a stuck loader) must not take the whole call;
+  # timeout's SIGTERM lets main.py save last.ckpt at the end of a step still running, SIGKILL follows in 30 s
   timeout -k 30 "$(( $(seconds_of "$2") + 120 ))" \
   python3 main.py --base "$CONFIG" -t --no-test --accelerator "$ACCELERATOR" --devices 1 \
     --precision "$PRECISION" --max_steps "$MAX_STEPS" --logdir "$LOGDIR" \

@@ -712,3 +712,98 @@ def test_loader_workers_share_every_record_of_an_iterable_dataset(main_module, v
     loader = torch.utils.data.DataLoader(RecordIds(num_records=5, valid_ids=valid_ids), batch_size=None, num_workers=2,
                                          worker_init_fn=main_module.worker_init_fn)
     assert sorted(int(i) for i in loader) == [0, 1, 2, 3, 4]
+
+
+TRAIN_TINY = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+              "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0"]
+ON_CPU = ["-t", "--no-test", "--accelerator", "cpu", "--devices", "1"]
+
+
+def test_a_moved_run_resumes_from_inside_its_folder_into_its_one_last_ckpt(tmp_path):
+    """Runs come back copied from GPU machines. Resumed in the copy, Lightning did not know the
+    folder (its ModelCheckpoint restores only the folder it saved into) and wrote its step
+    checkpoints to last-v1.ckpt beside the old last.ckpt, which the next --resume read; and a
+    relative checkpoint path from inside the run folder made the run's folder ''."""
+    from ldm.checkpoints import read_checkpoint
+    periodic = "lightning.modelcheckpoint.params.every_n_train_steps=2"
+    result = run_main("--base", TINY_CONFIG, DATA_CONFIG, *ON_CPU, "--max_steps", "3", "--logdir", tmp_path / "logs",
+                      *TRAIN_TINY, periodic, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "logs").iterdir()
+    moved = tmp_path / "back-from-the-gpu" / run.name
+    shutil.copytree(run, moved)
+    result = subprocess.run([sys.executable, REPO / "main.py", "--resume", "checkpoints/last.ckpt", *ON_CPU,
+                             "--max_steps", "5"], cwd=moved, env=dict(os.environ, HF_HUB_OFFLINE="1"), input="",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(moved / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3  # the original is left as it was
+
+    # resumed again without --max_steps: the saved lightning config's 5 is reached, nothing would train
+    configs = sorted(p.name for p in (moved / "configs").iterdir())
+    assert_one_error_line(run_main("--resume", moved, "-t", "--accelerator", "cpu"),
+                          f"--resume {moved}: it is at step 5 and max_steps is 5, so no step would be trained; "
+                          "pass --max_steps N above 5 to train on")
+    assert sorted(p.name for p in (moved / "configs").iterdir()) == configs
+
+
+def test_sigterm_saves_the_step_it_arrives_in_and_exits_143(tmp_path):
+    """kill, timeout (scripts/gpu_train_embedded.sh's backstop) and schedulers stop a job with
+    SIGTERM: Lightning ends the step and exits 0, and main.py saved nothing."""
+    from ldm.checkpoints import read_checkpoint
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), *ON_CPU, "--max_steps", "1000",
+         "--logdir", str(tmp_path), *TRAIN_TINY, "lightning.modelcheckpoint.params.every_n_train_steps=1",
+         "lightning.callbacks.image_logger.params.batch_frequency=1000"],
+        cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(tmp_path.glob("*/checkpoints/last.ckpt")):  # a step trained
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGTERM at step" in err.strip().splitlines()[-1], err[-3000:]
+    (run,) = tmp_path.iterdir()
+    saved = [int(line.rsplit(" ", 1)[-1].rstrip(".")) for line in err.splitlines() if "last.ckpt at step" in line]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == saved[-1] < 1000
+    assert f"stopped by SIGTERM at step {saved[-1]};" in err
+
+
+def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing(tmp_path):
+    """Each was a traceback, a silent no-op or a wrong hint (a run folder written before some)."""
+    logs = tmp_path / "logs"
+    run = logs / "2026-12-07T10-00-00_tiny"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "project.yaml").write_text(TINY_CONFIG.read_text())
+    (run / "checkpoints" / "trainstep_checkpoints").mkdir(parents=True)
+    every_n = run / "checkpoints" / "trainstep_checkpoints" / "epoch=000000-step=000000003.ckpt"
+    every_n.write_bytes(b"PK\x03\x04 not read")
+    new_run = ["--base", TINY_CONFIG, DATA_CONFIG, *ON_CPU, "--max_steps", "2", "--logdir", tmp_path / "new"]
+    for args, words in [
+        (["--resume", logs, "-t"], [f"--resume {logs}: a folder of runs, not a run; pass one of them, e.g. {run}"]),
+        (["--resume", run, "-t", "--logdir", tmp_path / "other"], ["-l/--logdir names a new run's folder",
+                                                                     "--resume_from_checkpoint CKPT"]),
+        (["--resume", run, "-t", "-f", "_x"], ["-f/--postfix names a new run's folder"]),
+        (["--resume", every_n, "-t"], ["holds the weights alone", f"model.params.ckpt_path={every_n}"]),
+        ([*new_run, "--num_nodes", "1"], ["unknown option --num_nodes: pass it as a config override, "
+                                          "lightning.trainer.num_nodes=VALUE"]),
+        ([*new_run, "--gradient_clip_val=1.0"], ["lightning.trainer.gradient_clip_val=VALUE"]),
+        ([*new_run, "data.params.batch_size=four"], ["data.params.batch_size must be a whole number of at least 1, "
+                                                     "got 'four'"]),
+        ([*new_run, "data.params.batch_size=0"], ["data.params.batch_size", "got 0"]),
+        ([*new_run, "data.params.num_workers=-1"], ["data.params.num_workers must be a whole number of at least 0"]),
+        ([*new_run, "lightning.trainer.max_time=abc"], ["lightning.trainer: ", "abc"]),
+        ([*new_run, "--strategy", "ddp_spawn"], ["--strategy ddp_spawn: main.py saves last.ckpt from its own "
+                                                 "process", "use --strategy ddp"]),
+    ]:
+        assert_one_error_line(run_main(*args), *words)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "other").exists()
+    assert sorted(str(p.relative_to(logs)) for p in logs.rglob("*")) == sorted(
+        str(p.relative_to(logs)) for p in (run, run / "configs", run / "configs" / "project.yaml",
+                                           run / "checkpoints", every_n.parent, every_n))
