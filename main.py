@@ -188,8 +188,12 @@ def check_overrides(parser, args):
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             name = arg.split("=", 1)[0]
-            if arg.startswith("--") and name[2:] in trainer_options:  # upstream's Lightning 1 took every one as a flag
-                parser.error(f"unknown option {name}: pass it as a config override, lightning.trainer.{name[2:]}=VALUE "
+            key = name[2:]
+            if arg.startswith("--") and key in ("logger", "callbacks"):
+                parser.error(f"unknown option {name}: main.py builds the trainer's {key} from the config's "
+                             f"lightning.{key} section")
+            if arg.startswith("--") and key in trainer_options and key != "self":  # Lightning 1 took each as a flag
+                parser.error(f"unknown option {name}: pass it as a config override, lightning.trainer.{key}=VALUE "
                              "(main.py's flags are the trainer options of --help)")
             close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
             if arg.startswith("-"):
@@ -805,6 +809,24 @@ class TimeOfThisCommand(Timer):
         pass
 
 
+def stopped_by_sigterm(trainer, training_start, logdir):
+    """Say what a SIGTERM left (TrainingStart saved last.ckpt if a step was trained); True unless the
+    training had just reached its end (Lightning raises at the end of the epoch even then)."""
+    if trainer.fit_loop.done:
+        logger.warning("SIGTERM arrived as the training ended at step %d: the run is complete (no test is run)",
+                       trainer.global_step)
+        return False
+    last = os.path.join(logdir, "checkpoints", "last.ckpt")
+    if training_start.trained(trainer):
+        left = f"saved; --resume {logdir} continues it"
+    elif os.path.isfile(last):
+        left = f"no step trained by this command; --resume {logdir} continues from its last.ckpt"
+    else:
+        left = "no step trained, nothing saved"
+    logger.warning("stopped by SIGTERM at step %d: %s", trainer.global_step, left)
+    return True
+
+
 def save_last(trainer, ckptdir):
     """checkpoints/last.ckpt, with the optimizer state (--resume continues it). Called on every
     rank: Lightning writes the file on rank 0 and then waits for all ranks (upstream called it on
@@ -946,8 +968,8 @@ if __name__ == "__main__":
                              f"{flag} out, or train on in a new run with --base CONFIG.yaml --resume_from_checkpoint CKPT")
         if os.path.isfile(opt.resume):
             check_resumable_file(parser, opt.resume)
-            logdir = os.path.dirname(os.path.dirname(os.path.abspath(opt.resume)))
-            ckpt = opt.resume
+            ckpt = os.path.abspath(opt.resume)
+            logdir = os.path.dirname(os.path.dirname(ckpt))
         else:
             check_run_folder(parser, opt.resume)
             logdir = os.path.abspath(opt.resume)
@@ -1010,9 +1032,9 @@ if __name__ == "__main__":
             parser.error(f"{'--resume' if opt.resume else '--resume_from_checkpoint'} {opt.resume or ckpt_path}: "
                          f"it is at step {resumed_step} and max_steps is {max_steps}, so no step would be trained; "
                          f"pass --max_steps N above {resumed_step} to train on")
-        if "spawn" in str(trainer_config.get("strategy", "")):
+        if any(word in str(trainer_config.get("strategy", "")) for word in ("spawn", "fork", "notebook")):
             parser.error(f"--strategy {trainer_config['strategy']}: main.py saves last.ckpt from its own process, "
-                         "which a spawning strategy leaves untrained; use --strategy ddp")
+                         "which a strategy that trains in spawned or forked ones leaves untrained; use --strategy ddp")
         if trainer_config.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             parser.error(f"the trainer asks for a GPU (accelerator {trainer_config['accelerator']!r}, from "
                          "--accelerator or --gpus) but CUDA is not available here; train on the CPU with "
@@ -1220,8 +1242,8 @@ if __name__ == "__main__":
                 with torch.serialization.safe_globals(numpy_safe_globals()):
                     trainer.fit(model, data, ckpt_path=ckpt_path)
             except SIGTERMException:  # Lightning's SystemExit has no code: the run would exit 0, as if done
-                logger.warning("stopped by SIGTERM at step %d; --resume %s continues it", trainer.global_step, logdir)
-                raise SystemExit(128 + signal.SIGTERM)
+                if stopped_by_sigterm(trainer, training_start, logdir):
+                    raise SystemExit(128 + signal.SIGTERM)
             except Exception:
                 # Save what was trained, but only once a step was: a failure before it (a --resume
                 # whose checkpoint did not restore, or did only in part) would write an untrained

@@ -213,6 +213,11 @@ def test_resuming_a_run_without_last_ckpt_is_one_error_line_naming_its_checkpoin
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut off")
     assert_one_error_line(run_main("--resume", run, "-t"), f"{run / 'checkpoints' / 'last.ckpt'} is not a whole "
                           f"checkpoint", f"Pass one of its other checkpoints instead: {run / 'checkpoints' / 'epoch'}")
+    # given by a relative path, the damaged file is not offered as the way out
+    relative = os.path.relpath(run / "checkpoints" / "last.ckpt", REPO)
+    result = run_main("--resume", relative, "-t")
+    assert_one_error_line(result, "is not a whole checkpoint")
+    assert result.stderr.strip().endswith(f"instead: {run / 'checkpoints' / 'epoch=0-step=500.ckpt'}")
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"PK\x03\x04 cut off"
 
 
@@ -772,7 +777,27 @@ def test_sigterm_saves_the_step_it_arrives_in_and_exits_143(tmp_path):
     (run,) = tmp_path.iterdir()
     saved = [int(line.rsplit(" ", 1)[-1].rstrip(".")) for line in err.splitlines() if "last.ckpt at step" in line]
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == saved[-1] < 1000
-    assert f"stopped by SIGTERM at step {saved[-1]};" in err
+    assert f"stopped by SIGTERM at step {saved[-1]}: saved; --resume {run} continues it" in err
+
+
+@pytest.mark.parametrize("done, trained, has_last, exits, says", [
+    (True, True, True, False, "SIGTERM arrived as the training ended at step 7: the run is complete"),
+    (False, True, True, True, "stopped by SIGTERM at step 7: saved; --resume {run} continues it"),
+    (False, False, True, True, "no step trained by this command; --resume {run} continues from its last.ckpt"),
+    (False, False, False, True, "stopped by SIGTERM at step 7: no step trained, nothing saved"),
+])
+def test_what_a_sigterm_left_is_said_as_it_is(main_module, tmp_path, caplog, done, trained, has_last, exits, says):
+    """Lightning raises its SIGTERMException at the end of the epoch even when the last step is
+    done, and before the first step too: neither may say "--resume continues it" untruthfully."""
+    trainer, start = StandInTrainer(), main_module.TrainingStart(str(tmp_path / "checkpoints"))
+    trainer.global_step = 7
+    trainer.fit_loop = types.SimpleNamespace(done=done)
+    start.step = 6 if trained else 7
+    if has_last:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").touch()
+    assert main_module.stopped_by_sigterm(trainer, start, str(tmp_path)) == exits
+    assert says.format(run=tmp_path) in caplog.text
 
 
 def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing(tmp_path):
@@ -801,6 +826,9 @@ def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing
         ([*new_run, "lightning.trainer.max_time=abc"], ["lightning.trainer: ", "abc"]),
         ([*new_run, "--strategy", "ddp_spawn"], ["--strategy ddp_spawn: main.py saves last.ckpt from its own "
                                                  "process", "use --strategy ddp"]),
+        ([*new_run, "--strategy", "ddp_fork"], ["--strategy ddp_fork: main.py saves last.ckpt from its own"]),
+        ([*new_run, "--logger", "False"], ["unknown option --logger: main.py builds the trainer's logger from the "
+                                           "config's lightning.logger section"]),
     ]:
         assert_one_error_line(run_main(*args), *words)
     assert not (tmp_path / "new").exists() and not (tmp_path / "other").exists()
