@@ -351,10 +351,12 @@ def check_run_folder(parser, path):
                  f"folder (logs/<run>) or a checkpoint in it (logs/<run>/checkpoints/last.ckpt)")
 
 
-def read_resumed(ckpt_path):
+def read_resumed(parser, ckpt_path):
     """(state dict, global step) of the checkpoint a run goes on from, read once (mapped) for the
     seed and check_resumable; None and 0 for a new run and for what cannot be read (Lightning
-    reads the file again, and reports what is wrong with it)."""
+    reads the file again, and reports what is wrong with it). A file of weights alone (an export,
+    an every-n-steps checkpoint) is one error line: Lightning's KeyError came after the run's folder
+    was written."""
     if ckpt_path is None:
         return None, 0
     try:
@@ -362,6 +364,9 @@ def read_resumed(ckpt_path):
     except CheckpointError as e:
         logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
         return None, 0
+    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        parser.error(f"{ckpt_path}: it holds the weights alone, no optimizer state to resume; to train on from "
+                     f"its weights in a new run, pass --base CONFIG.yaml model.params.ckpt_path={ckpt_path}")
     try:
         step = int(checkpoint.get("global_step") or 0)
     except (AttributeError, TypeError, ValueError) as e:
@@ -1024,7 +1029,7 @@ if __name__ == "__main__":
         # the global step is added to --seed: a resumed run starts its epoch over (the procedural loader
         # cannot be fast-forwarded), and with the same seed it drew again the very scenes, timesteps
         # and noise of the steps it had trained
-        saved, resumed_step = read_resumed(ckpt_path)
+        saved, resumed_step = read_resumed(parser, ckpt_path)
         seed_everything(opt.seed + resumed_step)
         max_steps = trainer_config.get("max_steps")
         if opt.train and isinstance(max_steps, int) and 0 <= max_steps <= resumed_step:

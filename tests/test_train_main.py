@@ -810,6 +810,8 @@ def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing
     every_n = run / "checkpoints" / "trainstep_checkpoints" / "epoch=000000-step=000000003.ckpt"
     every_n.write_bytes(b"PK\x03\x04 not read")
     new_run = ["--base", TINY_CONFIG, DATA_CONFIG, *ON_CPU, "--max_steps", "2", "--logdir", tmp_path / "new"]
+    weights = tmp_path / "export.ckpt"  # a checkpoint of weights alone: Lightning's KeyError, a run folder written
+    torch.save({"state_dict": {}, "global_step": 3}, weights)
     for args, words in [
         (["--resume", logs, "-t"], [f"--resume {logs}: a folder of runs, not a run; pass one of them, e.g. {run}"]),
         (["--resume", run, "-t", "--logdir", tmp_path / "other"], ["-l/--logdir names a new run's folder",
@@ -827,6 +829,8 @@ def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing
         ([*new_run, "--strategy", "ddp_spawn"], ["--strategy ddp_spawn: main.py saves last.ckpt from its own "
                                                  "process", "use --strategy ddp"]),
         ([*new_run, "--strategy", "ddp_fork"], ["--strategy ddp_fork: main.py saves last.ckpt from its own"]),
+        ([*new_run, "--resume_from_checkpoint", weights], [f"{weights}: it holds the weights alone, no optimizer "
+                                                          f"state to resume", f"model.params.ckpt_path={weights}"]),
         ([*new_run, "--logger", "False"], ["unknown option --logger: main.py builds the trainer's logger from the "
                                            "config's lightning.logger section"]),
     ]:
