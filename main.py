@@ -325,14 +325,18 @@ def new_run_name(logdir, name):
     return candidate
 
 
+def weights_alone(path):
+    """The error for a checkpoint of weights alone (an export, an every-n-steps checkpoint) given to resume."""
+    return (f"it holds the weights alone, no optimizer state to resume; to train on from its weights in a new run, "
+            f"pass --base CONFIG.yaml model.params.ckpt_path={path}")
+
+
 def check_resumable_file(parser, path):
     """--resume FILE: a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so that there is a run to
     continue (upstream took the folder two levels up as the run: its configs, and the place to log into)."""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
     if folder == "trainstep_checkpoints":  # main.py's metrics_over_trainsteps_checkpoint
-        parser.error(f"--resume {path}: an every-n-steps checkpoint holds the weights alone, no optimizer state "
-                     "to resume; to train on from its weights in a new run, pass --base CONFIG.yaml "
-                     f"model.params.ckpt_path={path}")
+        parser.error(f"--resume {path}: an every-n-steps checkpoint: {weights_alone(path)}")
     if folder != "checkpoints":
         parser.error(f"--resume {path}: not a checkpoint of a run (logs/<run>/checkpoints/*.ckpt), so there is no "
                      f"run to continue; to train on from it in a new run, pass --base CONFIG.yaml "
@@ -365,8 +369,7 @@ def read_resumed(parser, ckpt_path):
         logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
         return None, 0
     if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-        parser.error(f"{ckpt_path}: it holds the weights alone, no optimizer state to resume; to train on from "
-                     f"its weights in a new run, pass --base CONFIG.yaml model.params.ckpt_path={ckpt_path}")
+        parser.error(f"{ckpt_path}: {weights_alone(ckpt_path)}")
     try:
         step = int(checkpoint.get("global_step") or 0)
     except (AttributeError, TypeError, ValueError) as e:
@@ -1249,6 +1252,7 @@ if __name__ == "__main__":
             except SIGTERMException:  # Lightning's SystemExit has no code: the run would exit 0, as if done
                 if stopped_by_sigterm(trainer, training_start, logdir):
                     raise SystemExit(128 + signal.SIGTERM)
+                # else complete: TrainingStart saved last.ckpt as the exception passed
             except Exception:
                 # Save what was trained, but only once a step was: a failure before it (a --resume
                 # whose checkpoint did not restore, or did only in part) would write an untrained
@@ -1256,9 +1260,10 @@ if __name__ == "__main__":
                 if training_start.trained(trainer):
                     save_last(trainer, ckptdir)
                 raise
-            # A run stopped by lightning.trainer.max_time ends between the every_n_train_steps
-            # checkpoints; without this its last steps would be lost.
-            save_last(trainer, ckptdir)
+            else:
+                # A run stopped by lightning.trainer.max_time ends between the every_n_train_steps
+                # checkpoints; without this its last steps would be lost.
+                save_last(trainer, ckptdir)
         has_test = "test" in data.dataset_configs and is_overridden("test_step", model)
         if not opt.no_test and not trainer.interrupted and has_test:
             trainer.test(model, data)
