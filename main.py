@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import signal
 import time
+import typing
 import warnings
 import torch
 import yaml
@@ -188,11 +189,11 @@ def check_overrides(parser, args):
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             name = arg.split("=", 1)[0]
-            key = name[2:]
-            if arg.startswith("--") and key in ("logger", "callbacks"):
+            key = name[2:] if name.startswith("--") else None
+            if key in ("logger", "callbacks"):
                 parser.error(f"unknown option {name}: main.py builds the trainer's {key} from the config's "
                              f"lightning.{key} section")
-            if arg.startswith("--") and key in trainer_options and key != "self":  # Lightning 1 took each as a flag
+            if key in trainer_options and key != "self":  # Lightning 1 took each as a flag
                 parser.error(f"unknown option {name}: pass it as a config override, lightning.trainer.{key}=VALUE "
                              "(main.py's flags are the trainer options of --help)")
             close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
@@ -365,16 +366,12 @@ def read_resumed(parser, ckpt_path):
         return None, 0
     try:
         checkpoint = read_checkpoint(ckpt_path, mapped=True)
-    except CheckpointError as e:
+        if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+            parser.error(f"{ckpt_path}: {weights_alone(ckpt_path)}")
+        step = int(checkpoint.get("global_step") or 0)
+    except (CheckpointError, AttributeError, TypeError, ValueError) as e:
         logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
         return None, 0
-    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-        parser.error(f"{ckpt_path}: {weights_alone(ckpt_path)}")
-    try:
-        step = int(checkpoint.get("global_step") or 0)
-    except (AttributeError, TypeError, ValueError) as e:
-        logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
-        step = 0
     try:
         return state_dict_of(checkpoint, ckpt_path), step
     except CheckpointError:
@@ -395,6 +392,44 @@ def check_resumable(parser, model, saved, ckpt_path, flag):
         told = "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in misfits.items() if keys)
         parser.error(f"{flag} {ckpt_path}: its weights do not fit the model the configs build: {told}; were the "
                      "configs or KEY=VALUE overrides changed since the run saved it?")
+
+
+def _admits(annotation, value):
+    """Whether a trainer option annotated `annotation` takes `value`, judged for the plain types a
+    YAML or KEY=VALUE override gives (bool, int, float, str, None); anything else is taken."""
+    if annotation is typing.Any or annotation is inspect.Parameter.empty:
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return value in typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        return any(_admits(a, value) for a in typing.get_args(annotation))
+    if annotation is float:
+        annotation = (int, float)
+    plain = (bool, int, float, str, type(None))
+    return isinstance(value, annotation) if isinstance(annotation, (type, tuple)) and \
+        all(t in plain for t in (annotation if isinstance(annotation, tuple) else (annotation,))) else True
+
+
+def _taken(annotation):
+    """Union[Literal[16, 32], Literal['bf16'], None] -> "16, 32, 'bf16' or None"."""
+    def flat(a):
+        if typing.get_origin(a) is typing.Union:
+            return [word for b in typing.get_args(a) for word in flat(b)]
+        if typing.get_origin(a) is typing.Literal:
+            return [repr(v) for v in typing.get_args(a)]
+        return ["None" if a is type(None) else getattr(a, "__name__", str(a))]
+    words = flat(annotation)
+    return " or ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def values_the_trainer_does_not_take(trainer_config):
+    """'max_steps=\'abc\' (takes int)' for each option whose value is of a type its Trainer
+    annotation rules out: Lightning's own error does not say which option it was ("'<' not
+    supported between instances of 'str' and 'int'"), and some come only once training starts."""
+    parameters = inspect.signature(Trainer.__init__).parameters
+    return [f"{key}={value!r} (takes {_taken(parameters[key].annotation)})"
+            for key, value in trainer_config.items()
+            if key in parameters and not _admits(parameters[key].annotation, value)]
 
 
 def trainer_config_from_args(trainer_config):
@@ -546,7 +581,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
                  shuffle_val_dataloader=False):
         super().__init__()
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if not (value is None and name == "num_workers") and (type(value) is not int or value < least):
+            whole = type(value) is int and value >= least  # True is no batch size
+            if not whole and not (name == "num_workers" and value is None):  # None: twice the batch size
                 # else a traceback from the loader, once the run's folder is written
                 raise ConfigError(f"data.params.{name} must be a whole number of at least {least}, got {value!r}")
         self.batch_size = batch_size
@@ -1040,6 +1076,9 @@ if __name__ == "__main__":
             parser.error(f"{'--resume' if opt.resume else '--resume_from_checkpoint'} {opt.resume or ckpt_path}: "
                          f"it is at step {resumed_step} and max_steps is {max_steps}, so no step would be trained; "
                          f"pass --max_steps N above {resumed_step} to train on")
+        misfits = values_the_trainer_does_not_take(trainer_config)
+        if misfits:  # else a traceback, some once the run's folder is written
+            parser.error(f"lightning.trainer: {'; '.join(misfits)}")
         if any(word in str(trainer_config.get("strategy", "")) for word in ("spawn", "fork", "notebook")):
             parser.error(f"--strategy {trainer_config['strategy']}: main.py saves last.ckpt from its own process, "
                          "which a strategy that trains in spawned or forked ones leaves untrained; use --strategy ddp")

@@ -320,6 +320,19 @@ def error_line(capsys, function, *args):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_trainer_value_of_the_wrong_type_is_named(main_module):
+    """Lightning said "'<' not supported between instances of 'str' and 'int'" for max_steps=abc."""
+    misfits = main_module.values_the_trainer_does_not_take
+    assert misfits({"max_steps": "abc", "max_epochs": None, "precision": "bf16-mixed", "devices": [0, 1],
+                    "gradient_clip_val": 1, "benchmark": True, "val_check_interval": "0:01:00",
+                    "accelerator": "cpu", "no_such_option": "x"}) == ["max_steps='abc' (takes int)"]
+    precision, *others = misfits({"precision": 8, "gradient_clip_val": "1.0", "benchmark": "yes"})
+    assert others == ["gradient_clip_val='1.0' (takes int, float or None)", "benchmark='yes' (takes bool or None)"]
+    # the values Lightning takes for precision grow with its versions
+    assert precision.startswith("precision=8 (takes 64, 32, 16, ") and "'bf16-mixed', " in precision
+    assert precision.endswith(" or None)")
+
+
 def test_image_logging_puts_every_submodule_back_in_its_mode(main_module):
     """A part kept in eval mode while the rest trains (an autoencoder's LPIPS) stays so: upstream's
     ImageLogger called train() after logging, and LPIPS's dropout made the perceptual loss random."""
@@ -826,6 +839,7 @@ def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing
         ([*new_run, "data.params.batch_size=0"], ["data.params.batch_size", "got 0"]),
         ([*new_run, "data.params.num_workers=-1"], ["data.params.num_workers must be a whole number of at least 0"]),
         ([*new_run, "lightning.trainer.max_time=abc"], ["lightning.trainer: ", "abc"]),
+        ([*new_run, "lightning.trainer.max_epochs=abc"], ["lightning.trainer: max_epochs='abc' (takes int or None)"]),
         ([*new_run, "--strategy", "ddp_spawn"], ["--strategy ddp_spawn: main.py saves last.ckpt from its own "
                                                  "process", "use --strategy ddp"]),
         ([*new_run, "--strategy", "ddp_fork"], ["--strategy ddp_fork: main.py saves last.ckpt from its own"]),
