@@ -513,15 +513,23 @@ def conditionings(model, prompts, scale, negative_prompt=""):
 
 def check_against_model(parser, opt, model):
     """After loading, before sampling, what only the loaded model can tell: a reference from
-    another model, or a --subject word missing from a prompt (checked again with the model's own
-    tokenizer: a text encoder other than the vendored CLIP has none before loading), ends the run
-    with one ``prog: error:`` line; a prompt longer than the text encoder reads is a warning."""
+    another model, --share-groups/--share-blocks naming no layer of its UNet, or a --subject word
+    missing from a prompt (checked again with the model's own tokenizer: a text encoder other
+    than the vendored CLIP has none before loading), ends the run with one ``prog: error:`` line;
+    a prompt longer than the text encoder reads is a warning."""
     reference = getattr(opt, "reference", None)
     if reference is not None:
         try:
             reference.check_model(model)
         except ValueError as err:  # ReferenceMismatch
             parser.error(str(err))
+    config = opt.consistency or (reference.config if reference is not None else None)
+    if config is not None:  # a config of the user's may have no attention at some resolution
+        from ldm.modules.consistency import selected_sites
+        try:
+            selected_sites(model, config)
+        except (ValueError, RuntimeError) as err:  # RuntimeError: a UNet layout the groups cannot place
+            parser.error(f"--share-groups/--share-blocks: {err}")
     from ldm.modules.consistency_subject import tokenizer_of
     check_subject_words(parser, opt, lambda: tokenizer_of(model))
     warn_truncated_prompts(opt, model)

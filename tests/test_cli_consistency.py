@@ -5,6 +5,7 @@ noise prediction would not depend on attention at all; the `tiny_ckpt` checkpoin
 gives every weight a value, so that sharing visibly changes images."""
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import TINY_CONFIG
@@ -170,6 +171,25 @@ def test_img2img_shares_too(tmp_path, tiny_ckpt):
 def test_bad_sharing_flags_are_one_error_line(tmp_path, tiny_ckpt, flags, fragment):
     assert_one_line_error(txt2img(*args(tiny_ckpt, tmp_path, *flags)), fragment)
     assert not (tmp_path / "samples").exists()
+
+
+@pytest.mark.parametrize("flags", [["--consistent-attn", "--share-groups", "outer"],
+                                   ["--consistent-attn", "--share-groups", "outer", "--share-blocks", "decoder",
+                                    "--share-mode", "sample"],
+                                   ["--write-reference", "{out}/ref.safetensors", "--share-groups", "outer"]])
+def test_groups_a_users_unet_has_no_attention_in_are_one_error_line(tmp_path, flags):
+    """A UNet without attention at full latent resolution (a config's attention_resolutions [4, 2])
+    has no outer group: selecting only it was a ValueError's traceback once the model had loaded."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.attention_resolutions = [4, 2]
+    OmegaConf.save(config, tmp_path / "no-outer.yaml")
+    flags = [str(f).format(out=tmp_path) for f in flags]
+    result = txt2img("--config", tmp_path / "no-outer.yaml", "--random-weights", "--n_samples", "2", "--n_iter", "1",
+                     "--ddim_steps", "2", "--outdir", tmp_path / "out", *flags)
+    assert_one_line_error(result, "--share-groups/--share-blocks: this UNet has no self-attention layer in groups",
+                          "its layers are in groups middle, inner")
+    assert result.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-outer.yaml"]
 
 
 # 4 DDIM steps call the model at 1 - t/1000 = 0.249, 0.499, 0.749, 0.999 of the trajectory

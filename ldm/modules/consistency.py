@@ -607,10 +607,13 @@ def self_attention_sites(model):
 
 def selected_sites(model, config: ConsistentAttentionConfig):
     """The [(AttentionSite, CrossAttention)] that `config` shares; none at all is an error."""
-    selected = [(site, attn) for site, attn in self_attention_sites(model) if site.selected_by(config)]
+    sites = self_attention_sites(model)
+    selected = [(site, attn) for site, attn in sites if site.selected_by(config)]
     if not selected:
-        raise ValueError(f"this UNet has no self-attention layer in groups "
-                         f"{sorted(g.value for g in config.groups)} / blocks {config.blocks.value}")
+        asked = sorted(g.value for g in config.groups)
+        held = sorted({site.group.value for site, _ in sites}, key=GROUP_CHOICES.index)
+        raise ValueError(f"this UNet has no self-attention layer in groups {', '.join(asked)} with blocks "
+                         f"{config.blocks.value}; its layers are in groups {', '.join(held) or '(none)'}")
     return selected
 
 
