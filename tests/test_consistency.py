@@ -393,6 +393,60 @@ def test_anchor_image_0_is_the_default_anchor(unet):
         SharedKV(config(anchor_images=(3,)), 3)
 
 
+def with_gradients(unet, x, t, c, cfg, n, **kw):
+    """(outputs, the gradient of their squares' sum by x) of one UNet call with `cfg` shared."""
+    x = x.clone().requires_grad_(True)
+    with consistent_attention(unet, cfg, n, **kw):
+        out = unet(x, t, context=c)
+        out.square().sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.fixture(scope="module")
+def unet_without_checkpointing(unet):
+    model = instantiate_from_config(OmegaConf.load(TINY).model.params.unet_config).eval()
+    model.load_state_dict(unet.state_dict())
+    assert any(m.checkpoint for m in unet.modules() if hasattr(m, "checkpoint"))  # the fixture recomputes
+    for module in model.modules():
+        if hasattr(module, "checkpoint"):
+            module.checkpoint = False
+    return model
+
+
+@pytest.mark.parametrize("settings", [dict(anchor_images=(1,)), dict(mode=ShareMode.ALL), dict()],
+                         ids=["anchor-image-1", "all", "anchor"])
+def test_gradients_through_sharing_are_the_same_with_gradient_checkpointing(unet, unet_without_checkpointing,
+                                                                             settings):
+    """A chosen anchor's reordering was an out= op, which autograd refuses; checkpointing recomputes
+    these modes exactly, so it changes no gradient."""
+    n = 3
+    x, t, c = inputs(2 * n)
+    out, grad = with_gradients(unet, x, t, c, config(**settings), n)
+    assert torch.equal(out, run(unet, x, t, c, config(**settings), n))
+    reference_out, reference_grad = with_gradients(unet_without_checkpointing, x, t, c, config(**settings), n)
+    assert torch.equal(out, reference_out)
+    assert torch.equal(grad, reference_grad)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("settings", [dict(mode=ShareMode.SAMPLE), dict(window=(0.0, 0.6)), dict(subjects=("a",))],
+                         ids=["sample", "window", "subjects"])
+def test_gradient_checkpointing_refuses_to_recompute_sharing_that_follows_the_unet_call(
+        unet, unet_without_checkpointing, settings):
+    """The recomputation runs after the call: sample mode drew other tokens there (gradients 1.4 %
+    off, silently) and subject masks had changed (torch's CheckpointError)."""
+    n = 3
+    x, t, c = inputs(2 * n)
+    tokens = torch.zeros(n, 77, dtype=torch.bool)
+    tokens[:, 2] = True
+    kw = dict(subject_tokens=tokens) if "subjects" in settings else {}
+    with pytest.raises(RuntimeError, match="take gradients through it with the UNet's use_checkpoint off"):
+        with_gradients(unet, x, t, c, config(**settings), n, **kw)
+    _, grad = with_gradients(unet_without_checkpointing, x, t, c, config(**settings), n, **kw)
+    assert grad.abs().sum() > 0
+    assert all(m.kv_sharing is None for m in unet.modules() if isinstance(m, CrossAttention))
+
+
 def test_step_window(unet):
     cfg = config(window=(0.0, 0.5))  # only the noisier half of the trajectory
     x, t_early, c = inputs(3, t=900)  # progress 0.1: inside

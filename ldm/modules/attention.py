@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn, einsum
 from einops import rearrange
 
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import checkpoint, recomputing, zero_module
 from ldm.util import default, exists
 
 
@@ -106,6 +106,14 @@ def set_attention_backend(model, backend):
     return len(layers)
 
 
+# Sampling takes no gradients, so its blocks are never recomputed; this is for gradients taken
+# through a policy (training, guidance) with the UNet's use_checkpoint on.
+NOT_RECOMPUTABLE = ("gradient checkpointing recomputes this self-attention layer in the backward pass, after the "
+                    "UNet call it ran in, and its sharing follows that call (a step window, sample mode's token "
+                    "draws, subject masks or a reference's step): take gradients through it with the UNet's "
+                    "use_checkpoint off")
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of SD's transformer blocks.
 
@@ -154,6 +162,8 @@ class CrossAttention(nn.Module):
         if is_self_attention and self.kv_sharing is not None:
             # Consistent batches: let each image's queries also read other images' keys/values.
             # Only here, where an image looks at itself; the text pathway (attn2) stays exact.
+            if not self.kv_sharing.recomputable and recomputing():
+                raise RuntimeError(NOT_RECOMPUTABLE)
             out = self.kv_sharing(q, k, v, self.attend, mask)
         else:
             out = self.attend(q, k, v, mask)

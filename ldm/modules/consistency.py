@@ -32,7 +32,10 @@ image attends to. One policy instance is set on the chosen self-attention layers
 `consistent_attention` context manager, which restores the model in `finally`). No globals,
 nothing is threaded through `forward` signatures (gradient checkpointing forwards positional
 arguments only, a keyword mode would get lost), and the model with no policy set is exactly
-the plain model.
+the plain model. Gradients through a policy (training, guidance) are exact under gradient
+checkpointing where it reads the same in every call (modes all and anchor over the whole
+trajectory); a step window, sample mode or subject masks follow the UNet call, which the
+recomputation in the backward pass comes after, so there it is an error (attention.NOT_RECOMPUTABLE).
 """
 from __future__ import annotations
 
@@ -220,6 +223,13 @@ class SharedKV:
     def __post_init__(self):
         self.order = anchors_first(self.config, self.images_per_group)
 
+    @property
+    def recomputable(self) -> bool:
+        """Whether gradient checkpointing may recompute a layer with this policy in the backward
+        pass: not where what it reads depends on the UNet call (attention.NOT_RECOMPUTABLE)."""
+        config = self.config
+        return config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE and self.subject is None
+
     def __call__(self, q, k, v, attend, mask=None):
         """q, k, v: (B, nh, T, hs), B = groups · images_per_group. Returns (B, nh, T, hs)."""
         n = self.images_per_group
@@ -300,8 +310,10 @@ class AnchorsFirst:
     def _gather(self, t, dim, inverse):
         # in t's own memory layout: reductions over a reordered copy (AdaIN's statistics, the
         # kernels) then add up in the same order as over the batch itself, to the last bit
-        out = torch.empty_like(t)
-        return torch.index_select(t, dim, self._index(t.device, inverse), out=out)
+        out, index = torch.empty_like(t), self._index(t.device, inverse)
+        if t.requires_grad and torch.is_grad_enabled():  # autograd takes no out=: one copy more
+            return out.copy_(torch.index_select(t, dim, index))
+        return torch.index_select(t, dim, index, out=out)
 
 
 def anchors_first(config: ConsistentAttentionConfig, n: int) -> AnchorsFirst | None:

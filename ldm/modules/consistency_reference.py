@@ -213,6 +213,7 @@ class ReferenceKV:
     """Set on `CrossAttention.kv_sharing` of one layer: records or reads that layer's K/V."""
     state: _Pass
     site: str
+    recomputable = False  # it records or reads the step of the UNet call (attention.NOT_RECOMPUTABLE)
 
     @property
     def hook(self):

@@ -8,9 +8,11 @@
 # thanks!
 
 
+import contextvars
 import functools
 import logging
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.utils.checkpoint
@@ -106,8 +108,30 @@ def checkpoint(func, inputs, params, flag):
     :param flag: if False, disable gradient checkpointing.
     """
     if flag and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+        # marks the recomputation (`recomputing`); torch.compile traces only its own context functions
+        marked = {} if torch.compiler.is_compiling() else {"context_fn": lambda: (nullcontext(), _recomputation())}
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False, **marked)
     return func(*inputs)
+
+
+_RECOMPUTING = contextvars.ContextVar("recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """Whether this runs in `checkpoint`'s recomputation of a function, in the backward pass: after
+    the forward pass has gone on, so state that one model call sets for the layers it runs (a
+    step window, a draw of tokens) may belong to a later call by then. Never under torch.compile,
+    which neither marks it nor traces a context variable."""
+    return not torch.compiler.is_compiling() and _RECOMPUTING.get()
+
+
+@contextmanager
+def _recomputation():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
