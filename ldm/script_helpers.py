@@ -80,7 +80,7 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--skip_grid", action="store_true",
         help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
     add("--skip_save", action="store_true", help="do not save individual samples. For speed measurements.")
-    add("--ddim_steps", "--steps", type=int, default=None, metavar="N",
+    add("--ddim_steps", "--steps", type=positive_int, default=None, metavar="N",
         help="number of sampling steps, for every --sampler (--steps: the same, named as in inpaint.py and the "
              f"benchmarks; default: from the config's `sampling` block, else {DEFAULT_STEPS})")
     add("--sampler", choices=sorted(samplers), default=None, help="sampling method (default: ddim)")
@@ -92,10 +92,10 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--ddim_eta", type=float, default=None,
         help="ddim eta: 0 = deterministic, 1 = DDPM-like, fresh noise at every step (default: from the "
              "config's `sampling` block, else 0)")
-    add("--n_iter", type=int, default=n_iter, help="sample this often")
-    add("--C", type=int, default=None, help="latent channels (default: read from --config)")
-    add("--f", type=int, default=None, help="first-stage downsampling factor (default: read from --config)")
-    add("--n_samples", type=int, default=n_samples,
+    add("--n_iter", type=positive_int, default=n_iter, help="sample this often")
+    add("--C", type=positive_int, default=None, help="latent channels (default: read from --config)")
+    add("--f", type=positive_int, default=None, help="first-stage downsampling factor (default: read from --config)")
+    add("--n_samples", type=positive_int, default=n_samples,
         help="how many samples to produce for each given prompt. A.k.a. batch size")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=None,
@@ -132,7 +132,7 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
              "Hugging Face cache or hub")
     add("--watermark", action="store_true",
         help="embed an invisible watermark (needs invisible-watermark and opencv-python-headless)")
-    add("--display-scale", type=int, default=None, metavar="K",
+    add("--display-scale", type=positive_int, default=None, metavar="K",
         help="nearest-neighbour upscale saved PNGs by K, for the tiny images small models make; img2img "
              "reads --init-img shrunk by K, so those PNGs go back in at the model's size (default: from the "
              "config's `sampling` block, else 1)")
@@ -198,11 +198,6 @@ def check_scale(parser, scale):
 def validate_common(parser, opt, samplers, aliases):
     """Check the shared options; resolves opt.sampler. Exits via parser.error on bad input."""
     resolve_sampler(parser, opt, samplers, aliases)
-    for flag, value in (("--n_samples", opt.n_samples), ("--n_iter", opt.n_iter),
-                        ("--ddim_steps", opt.ddim_steps), ("--C", opt.C), ("--f", opt.f),
-                        ("--display-scale", opt.display_scale)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
     sampler = samplers[opt.sampler]
     check_eta(parser, opt.ddim_eta, None if sampler.stochastic else f"--sampler {opt.sampler}")
     check_seed(parser, "--seed", opt.seed)

@@ -109,8 +109,9 @@ def test_img2img_runs_on_a_generated_png(tmp_path):
 @pytest.mark.parametrize("args, fragments", [
     (["--H", "100"], ["--H must be a positive multiple of 64", "nearest valid size: 128"]),
     (["--W", "0"], ["--W must be a positive multiple of 64"]),
-    (["--n_samples", "0"], ["--n_samples must be at least 1"]),
-    (["--ddim_steps", "0"], ["--ddim_steps must be at least 1"]),
+    (["--n_samples", "0"], ["argument --n_samples: must be at least 1, got 0"]),
+    (["--ddim_steps", "0"], ["argument --ddim_steps/--steps: must be at least 1, got 0"]),
+    (["--n_samples", "0", "--consistent-attn"], ["argument --n_samples: must be at least 1"]),  # named --share-anchors
     (["--plms", "--sampler", "dpm"], ["--plms contradicts --sampler dpm"]),
     (["--plms", "--dpm_solver"], ["contradict"]),
     (["--sampler", "dpm", "--ddim_steps", "1"], ["--sampler dpm needs --ddim_steps 2 or more"]),
