@@ -364,14 +364,19 @@ def read_resumed(parser, ckpt_path):
     was written."""
     if ckpt_path is None:
         return None, 0
+    no_step = "no global step read from %s (%s): seeding with --seed alone"
     try:
         checkpoint = read_checkpoint(ckpt_path, mapped=True)
-        if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-            parser.error(f"{ckpt_path}: {weights_alone(ckpt_path)}")
-        step = int(checkpoint.get("global_step") or 0)
-    except (CheckpointError, AttributeError, TypeError, ValueError) as e:
-        logger.warning("no global step read from %s (%s): seeding with --seed alone", ckpt_path, e)
+    except CheckpointError as e:
+        logger.warning(no_step, ckpt_path, e)
         return None, 0
+    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        parser.error(f"{ckpt_path}: {weights_alone(ckpt_path)}")
+    try:
+        step = int(checkpoint.get("global_step") or 0)
+    except (AttributeError, TypeError, ValueError) as e:  # its weights are still checked against the model
+        logger.warning(no_step, ckpt_path, e)
+        step = 0
     try:
         return state_dict_of(checkpoint, ckpt_path), step
     except CheckpointError:
@@ -437,7 +442,7 @@ def trainer_config_from_args(trainer_config):
 
     gpus=N / "0,1," -> accelerator="gpu", devices=N / [0, 1] (gpus=0: the CPU); resume_from_checkpoint is returned
     (it is an argument of Trainer.fit in 2.x). Float limits that are whole numbers become
-    batch counts (int), as in 1.x.
+    batch counts (int), as in 1.x, and so do whole floats of options that take an int (YAML's 1e6).
     """
     gpus = trainer_config.pop("gpus", None)
     if gpus is not None:
@@ -454,6 +459,12 @@ def trainer_config_from_args(trainer_config):
         value = trainer_config.get(key)
         if isinstance(value, float) and value.is_integer() and value > 1:
             trainer_config[key] = int(value)
+    parameters = inspect.signature(Trainer.__init__).parameters
+    for key, value in trainer_config.items():  # YAML reads 1e6 as a float: a count Lightning takes
+        if isinstance(value, float) and value.is_integer() and key in parameters:
+            annotation = parameters[key].annotation
+            if not _admits(annotation, value) and _admits(annotation, int(value)):
+                trainer_config[key] = int(value)
     return trainer_config.pop("resume_from_checkpoint", None)
 
 

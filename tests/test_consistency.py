@@ -288,6 +288,8 @@ def test_only_self_attention_consults_the_policy():
     attn.kv_sharing = SharedKV(config(), images_per_group=4)
     assert torch.equal(attn(x, context=c), plain_cross)  # a context is given: cross-attention, exact
     assert not torch.equal(attn(x), plain_self)          # context is None: self-attention shares
+    attn.kv_sharing = lambda q, k, v, attend, mask=None: attend(q, k, v, mask)  # a policy of one's own
+    assert torch.equal(attn(x), plain_self)
 
 
 @pytest.mark.parametrize("settings", [dict(mode=m) for m in MODES] + [dict(anchor_images=(2,))],

@@ -366,6 +366,21 @@ def test_devices_from_the_command_line_or_a_config(main_module, devices, expecte
     assert trainer_config == {"devices": expected}
 
 
+def test_whole_numbers_that_yaml_reads_as_floats_are_the_counts_lightning_takes(main_module):
+    """`max_steps: 1e6` in a config (or lightning.trainer.max_steps=2e0) is a float to OmegaConf;
+    Lightning trains with it, and the type check must not refuse it."""
+    trainer_config = {"max_steps": 2.0, "accumulate_grad_batches": 2.0, "max_epochs": 1e2, "gradient_clip_val": 1.0,
+                      "limit_val_batches": 1.0, "val_check_interval": 0.25}
+    main_module.trainer_config_from_args(trainer_config)
+    assert trainer_config == {"max_steps": 2, "accumulate_grad_batches": 2, "max_epochs": 100,
+                              "gradient_clip_val": 1.0, "limit_val_batches": 1.0, "val_check_interval": 0.25}
+    assert all(type(trainer_config[k]) is int for k in ("max_steps", "accumulate_grad_batches", "max_epochs"))
+    assert main_module.values_the_trainer_does_not_take(trainer_config) == []
+    fraction = {"max_steps": 2.5}
+    main_module.trainer_config_from_args(fraction)
+    assert main_module.values_the_trainer_does_not_take(fraction) == ["max_steps=2.5 (takes int)"]
+
+
 @pytest.mark.parametrize("overrides, key, name", [
     ([], "jpg", "first_stage_key"),  # SD's keys against the procedural scenes' image/caption
     (["model.params.first_stage_key=image"], "txt", "cond_stage_key"),

@@ -162,7 +162,7 @@ class CrossAttention(nn.Module):
         if is_self_attention and self.kv_sharing is not None:
             # Consistent batches: let each image's queries also read other images' keys/values.
             # Only here, where an image looks at itself; the text pathway (attn2) stays exact.
-            if not self.kv_sharing.recomputable and recomputing():
+            if recomputing() and not getattr(self.kv_sharing, "recomputable", False):
                 raise RuntimeError(NOT_RECOMPUTABLE)
             out = self.kv_sharing(q, k, v, self.attend, mask)
         else:
