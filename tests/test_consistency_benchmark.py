@@ -161,9 +161,19 @@ def test_non_procedural_prompt_explains_that_an_embedder_is_needed(tmp_path):
     assert "--embedder" in result.stderr.strip().splitlines()[-1]
 
 
+def tiny_sd_config(folder):
+    """v1-tiny.yaml (SD v1's classes and CLIP tokenizer, for the subject words) sampled at 64 px, not
+    SD's 512: at 512 the run spent minutes decoding and reading back pixels."""
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml")
+    config.sampling = {"height": 64, "width": 64}
+    OmegaConf.save(config, folder / "v1-tiny-64px.yaml")
+    return folder / "v1-tiny-64px.yaml"
+
+
 def test_subject_and_adain_rows_on_the_tiny_sd_config(tmp_path):
     settings = ["none", "subject:all", "subject:anchor", "adain:all", "subject+adain:all"]
-    result = run("--config", REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml", "--random-weights",
+    result = run("--config", tiny_sd_config(tmp_path), "--random-weights",
                  "--n", "2", "--steps", "2", "--seeds", "0", "--prompts", "a red chair", "a large table",
                  "--settings", *settings, "--outdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -294,7 +304,7 @@ def test_reference_rows_are_two_runs_and_equal_anchor_mode_with_the_last_image_f
 
 def test_reference_rows_in_a_cli_run(tmp_path):
     settings = ["none", "reference:all", "reference+subject:all"]
-    result = run("--config", REPO / "configs" / "stable-diffusion" / "v1-tiny.yaml", "--random-weights",
+    result = run("--config", tiny_sd_config(tmp_path), "--random-weights",
                  "--n", "3", "--steps", "2", "--seeds", "0", "--prompts", "a red chair",
                  "--settings", *settings, "--outdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
