@@ -408,11 +408,10 @@ def _admits(annotation, value):
         return value in typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union:
         return any(_admits(a, value) for a in typing.get_args(annotation))
-    if annotation is float:
-        annotation = (int, float)
-    plain = (bool, int, float, str, type(None))
-    return isinstance(value, annotation) if isinstance(annotation, (type, tuple)) and \
-        all(t in plain for t in (annotation if isinstance(annotation, tuple) else (annotation,))) else True
+    kinds = (int, float) if annotation is float else (annotation,)  # an int is a float (PEP 484)
+    if not all(kind in (bool, int, float, str, type(None)) for kind in kinds):
+        return True  # a class, list[int], a timedelta ...: not judged here
+    return isinstance(value, kinds)
 
 
 def _taken(annotation):
