@@ -177,6 +177,7 @@ def nondefault_trainer_args(opt):
     return sorted(k for k in TRAINER_ARGS if getattr(opt, k) is not None)
 
 
+TRAINER_PARAMETERS = inspect.signature(Trainer.__init__).parameters  # what a lightning.trainer key may name
 EXAMPLE_CONFIG = "configs/embedded/procedural-t2i.yaml"
 OVERRIDE_HINT = "config overrides are written KEY=VALUE, e.g. data.params.batch_size=4"
 
@@ -185,7 +186,6 @@ def check_overrides(parser, args):
     """The arguments the parser does not know must be config overrides KEY=VALUE (merged over
     the --base configs); anything else is a mistyped flag or a stray word: one error line."""
     options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
-    trainer_options = inspect.signature(Trainer.__init__).parameters
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             name = arg.split("=", 1)[0]
@@ -193,7 +193,7 @@ def check_overrides(parser, args):
             if key in ("logger", "callbacks"):
                 parser.error(f"unknown option {name}: main.py builds the trainer's {key} from the config's "
                              f"lightning.{key} section")
-            if key in trainer_options and key != "self":  # Lightning 1 took each as a flag
+            if key in TRAINER_PARAMETERS and key != "self":  # Lightning 1 took each as a flag
                 parser.error(f"unknown option {name}: pass it as a config override, lightning.trainer.{key}=VALUE "
                              "(main.py's flags are the trainer options of --help)")
             close = difflib.get_close_matches(name if name.startswith("-") else "--" + name, options, n=1)
@@ -430,10 +430,9 @@ def values_the_trainer_does_not_take(trainer_config):
     """'max_steps=\'abc\' (takes int)' for each option whose value is of a type its Trainer
     annotation rules out: Lightning's own error does not say which option it was ("'<' not
     supported between instances of 'str' and 'int'"), and some come only once training starts."""
-    parameters = inspect.signature(Trainer.__init__).parameters
-    return [f"{key}={value!r} (takes {_taken(parameters[key].annotation)})"
+    return [f"{key}={value!r} (takes {_taken(TRAINER_PARAMETERS[key].annotation)})"
             for key, value in trainer_config.items()
-            if key in parameters and not _admits(parameters[key].annotation, value)]
+            if key in TRAINER_PARAMETERS and not _admits(TRAINER_PARAMETERS[key].annotation, value)]
 
 
 def trainer_config_from_args(trainer_config):
@@ -458,10 +457,9 @@ def trainer_config_from_args(trainer_config):
         value = trainer_config.get(key)
         if isinstance(value, float) and value.is_integer() and value > 1:
             trainer_config[key] = int(value)
-    parameters = inspect.signature(Trainer.__init__).parameters
     for key, value in trainer_config.items():  # YAML reads 1e6 as a float: a count Lightning takes
-        if isinstance(value, float) and value.is_integer() and key in parameters:
-            annotation = parameters[key].annotation
+        if isinstance(value, float) and value.is_integer() and key in TRAINER_PARAMETERS:
+            annotation = TRAINER_PARAMETERS[key].annotation
             if not _admits(annotation, value) and _admits(annotation, int(value)):
                 trainer_config[key] = int(value)
     return trainer_config.pop("resume_from_checkpoint", None)

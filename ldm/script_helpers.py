@@ -518,7 +518,7 @@ def check_against_model(parser, opt, model):
             reference.check_model(model)
         except ValueError as err:  # ReferenceMismatch
             parser.error(str(err))
-    config = opt.consistency or (reference.config if reference is not None else None)
+    config = sharing_config(opt)
     if config is not None:  # a config of the user's may have no attention at some resolution
         from ldm.modules.consistency import selected_sites
         try:
@@ -564,6 +564,13 @@ def _shortened(text, length=40):
     return repr(text if len(text) <= length else text[:length - 1] + "…")
 
 
+def sharing_config(opt):
+    """The ConsistentAttentionConfig the run shares with: --consistent-attn's, else the one of the
+    reference it writes or reads, else None."""
+    reference = getattr(opt, "reference", None)
+    return opt.consistency or (reference.config if reference is not None else None)
+
+
 def check_step_windows(parser, opt, sampler, timesteps=None):
     """A --share-window or --cond-tau holding none of the steps at which this run calls the model
     would share (or record as a reference) nothing, or apply the adapter at no step: one error line
@@ -571,8 +578,7 @@ def check_step_windows(parser, opt, sampler, timesteps=None):
     `timesteps`: the calls of a run that samples part of the schedule (img2img, from --strength);
     default a whole run of --ddim_steps (a dry run, no model call)."""
     from ldm.modules.consistency import in_window
-    reference = getattr(opt, "reference", None)
-    config = opt.consistency or (reference.config if reference is not None else None)
+    config = sharing_config(opt)
     adapters = getattr(opt, "adapters", None)
     cond_tau = adapters.cond_tau if adapters is not None else 1.0
     if (config is None or config.window == (0.0, 1.0)) and cond_tau == 1.0:

@@ -168,6 +168,12 @@ class ConsistentAttentionConfig:
                 "window": list(self.window), "cfg": self.cfg.value, "seed": self.seed,
                 "subjects": list(self.subjects), "adain": self.adain}
 
+    @property
+    def reads_the_timestep(self) -> bool:
+        """Whether what a layer reads depends on the UNet call's timestep: a step window narrower
+        than the whole trajectory, or sample mode (its draws are seeded by the timestep)."""
+        return self.window != (0.0, 1.0) or self.mode is ShareMode.SAMPLE
+
     def anchor_positions(self, n: int) -> list:
         """Where the anchors stand in a group of `n` images: the chosen ones, else the first
         n_anchors (all n images when the group is smaller, as `anchor_attention` takes them)."""
@@ -227,8 +233,7 @@ class SharedKV:
     def recomputable(self) -> bool:
         """Whether gradient checkpointing may recompute a layer with this policy in the backward
         pass: not where what it reads depends on the UNet call (attention.NOT_RECOMPUTABLE)."""
-        config = self.config
-        return config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE and self.subject is None
+        return not self.config.reads_the_timestep and self.subject is None
 
     def __call__(self, q, k, v, attend, mask=None):
         """q, k, v: (B, nh, T, hs), B = groups · images_per_group. Returns (B, nh, T, hs)."""
@@ -696,7 +701,7 @@ def _start_unet_call(policy: SharedKV, args, kwargs, num_timesteps):
     config = policy.config
     if policy.subject is not None:
         policy.subject.start_call()
-    if config.window == (0.0, 1.0) and config.mode is not ShareMode.SAMPLE:
+    if not config.reads_the_timestep:
         policy.active = True  # every t in [0, num_timesteps] is inside the whole trajectory
     else:
         t = timestep_of_call(args, kwargs)
