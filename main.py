@@ -1103,6 +1103,13 @@ if __name__ == "__main__":
         if saved is not None:
             check_resumable(parser, model, saved, ckpt_path, "--resume" if opt.resume else "--resume_from_checkpoint")
             del saved  # views of the mapped file, not kept through training
+        # the data is checked before the trainer is built, so that a mistake in it is the one line
+        # after the model's, not after Lightning's account of the machine
+        data = build_data(parser, config.data)
+        check_data(parser, model, data.datasets)
+        logger.info("#### Data #####")
+        for k in data.datasets:
+            logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")
         accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         if not model.automatic_optimization:
             # Lightning 2 accumulates and clips only for automatic optimization (and refuses the
@@ -1164,7 +1171,6 @@ if __name__ == "__main__":
             }
         }
         if hasattr(model, "monitor"):
-            logger.info(f"Monitoring {model.monitor} as checkpoint metric.")
             default_modelckpt_cfg["params"]["monitor"] = model.monitor
             default_modelckpt_cfg["params"]["save_top_k"] = 3
 
@@ -1173,7 +1179,6 @@ if __name__ == "__main__":
         else:
             modelckpt_cfg = OmegaConf.create()
         modelckpt_cfg = OmegaConf.merge(default_modelckpt_cfg, modelckpt_cfg)
-        logger.info(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
 
         # add callback which sets up log directory
         default_callbacks_cfg = {
@@ -1245,6 +1250,9 @@ if __name__ == "__main__":
             problem = callback.check_arguments(model) if hasattr(callback, "check_arguments") else None
             if problem:
                 parser.error(problem)
+        if hasattr(model, "monitor"):
+            logger.info(f"Monitoring {model.monitor} as checkpoint metric.")
+        logger.info(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
 
         # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -1258,13 +1266,6 @@ if __name__ == "__main__":
         except (TypeError, ValueError, MisconfigurationException, ModuleNotFoundError) as e:
             parser.error(f"lightning.trainer: {first_line(e)}")
         trainer.logdir = logdir  ###
-
-        # data
-        data = build_data(parser, config.data)
-        check_data(parser, model, data.datasets)
-        logger.info("#### Data #####")
-        for k in data.datasets:
-            logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")
 
         # configure learning rate
         bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate

@@ -239,11 +239,13 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
     # not be swallowed by **kwargs or raise a TypeError hours later
     result = subprocess.run(
         [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "--accelerator", "cpu",
-         "--logdir", str(tmp_path), "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
+         "--logdir", str(tmp_path), "model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+         "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
         cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "log_images_kwargs" in last and "'ddim_step'" in last and "ddim_steps" in last, last
+    assert "Merged modelckpt-cfg" not in result.stderr and "GPU available" not in result.stderr, result.stderr
     assert not any(tmp_path.glob("*/checkpoints/*.ckpt"))
 
 
@@ -389,6 +391,7 @@ def test_data_without_the_keys_the_model_reads_is_one_error_line(tmp_path, overr
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path, *overrides)
     assert_one_error_line(result, f"the train data has no '{key}', which the model reads (model.params.{name}); "
                                   f"its samples have 'image', 'caption'", f"pass model.params.{name}=<one of them>")
+    assert "GPU available" not in result.stderr, "the data is checked before Lightning's trainer says anything"
     assert not any(tmp_path.iterdir())
 
 
