@@ -22,6 +22,8 @@ from ldm.image_io import read_parameters
 from ldm.util import instantiate_from_config
 
 DATA_CONFIG = REPO / "tests" / "configs" / "tiny-train-data.yaml"
+# the tiny SD config reads SD's keys (jpg, txt); the procedural scenes are image, caption
+SCENE_KEYS = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption"]
 
 
 def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
@@ -239,8 +241,7 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
     # not be swallowed by **kwargs or raise a TypeError hours later
     result = subprocess.run(
         [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "--accelerator", "cpu",
-         "--logdir", str(tmp_path), "model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
-         "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
+         "--logdir", str(tmp_path), *SCENE_KEYS, "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
         cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -840,7 +841,8 @@ def test_upstreams_run_and_trainer_mistakes_are_one_error_line_and_write_nothing
     (run / "checkpoints" / "trainstep_checkpoints").mkdir(parents=True)
     every_n = run / "checkpoints" / "trainstep_checkpoints" / "epoch=000000-step=000000003.ckpt"
     every_n.write_bytes(b"PK\x03\x04 not read")
-    new_run = ["--base", TINY_CONFIG, DATA_CONFIG, *ON_CPU, "--max_steps", "2", "--logdir", tmp_path / "new"]
+    new_run = ["--base", TINY_CONFIG, DATA_CONFIG, *ON_CPU, "--max_steps", "2", "--logdir", tmp_path / "new",
+               *SCENE_KEYS]
     weights = tmp_path / "export.ckpt"  # a checkpoint of weights alone: Lightning's KeyError, a run folder written
     torch.save({"state_dict": {}, "global_step": 3}, weights)
     for args, words in [
