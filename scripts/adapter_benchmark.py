@@ -37,10 +37,10 @@ Metrics, read from the pixels without a classifier (ldm.data.procedural):
                adapter+image reads; for the other settings, how often they match it by chance)
 * s/image      sampling wall time per image
 
-    python scripts/adapter_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
+    python3 scripts/adapter_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
         --adapter models/embedded/procedural-outline-adapter.safetensors
     # smoke run (numbers meaningless)
-    python scripts/adapter_benchmark.py --random-weights --adapter A.safetensors --n 2 --steps 2 --seeds 0 \
+    python3 scripts/adapter_benchmark.py --random-weights --adapter A.safetensors --n 2 --steps 2 --seeds 0 \
         --prompts "a chair" --scale 1
 
 Writes OUTDIR/run-NNN/{table.md, results.csv, figure.png} (figure: the conditions, then one

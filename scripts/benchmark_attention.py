@@ -6,11 +6,11 @@ The models are built from a config with random weights (no checkpoint needed): s
 do not depend on the weights. All ratios in one table come from one run on one device.
 
     # the GPU table (full SD v1 UNet, 512², fp16); scripts/gpu_benchmarks.sh runs all variants
-    python scripts/benchmark_attention.py --device cuda --dtype fp16 --n 1 2 4 8 16 32
+    python3 scripts/benchmark_attention.py --device cuda --dtype fp16 --n 1 2 4 8 16 32
     # end to end: text encoder + 50 DDIM steps of the UNet + VAE decoder, N=8 with CFG
-    python scripts/benchmark_attention.py --device cuda --dtype fp16 --end-to-end --n 8
+    python3 scripts/benchmark_attention.py --device cuda --dtype fp16 --end-to-end --n 8
     # a reduced run that any CPU finishes in seconds
-    python scripts/benchmark_attention.py --config configs/stable-diffusion/v1-tiny.yaml \\
+    python3 scripts/benchmark_attention.py --config configs/stable-diffusion/v1-tiny.yaml \\
         --size 64 --n 1 2 --repeats 2 --device cpu --dtype fp32
 
 Columns: ms per UNet call and per image (median of --repeats calls after a warm-up), the ratio to

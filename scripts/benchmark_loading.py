@@ -13,9 +13,9 @@ memory pressure); held is the memory the process itself holds with the model loa
 memory, which the kernel can only swap out).
 
     # SD v1, 1.07 G weights: UNet, text encoder, autoencoder (writes two 2.1 GB files and a 4.3 GB one)
-    python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-inference.yaml
+    python3 scripts/benchmark_loading.py --config configs/stable-diffusion/v1-inference.yaml
     # what the tests run
-    python scripts/benchmark_loading.py --config configs/stable-diffusion/v1-tiny.yaml --repeats 1
+    python3 scripts/benchmark_loading.py --config configs/stable-diffusion/v1-tiny.yaml --repeats 1
 """
 import argparse
 import datetime

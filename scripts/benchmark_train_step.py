@@ -7,15 +7,15 @@ so that the columns, and the FLOP count, differ in the transformer blocks alone.
 both columns alike; the table gives medians and their ratio from one run.
 
     # the embedded model's training step on a CPU (batch 16 keeps a step to seconds)
-    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 16
+    python3 scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 16
     # its FLOPs (counted, not timed; linear in the batch: x32 for the GPU recipe's 256, docs/gpu-session.md;
     # the einsum attention keeps every score matrix, so large batches do not fit a CPU machine's memory)
-    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 8 --flops
+    python3 scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 8 --flops
     # on a GPU, as main.py trains it (bf16 autocast)
-    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\
+    python3 scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 \\
         --device cuda --autocast bf16
     # whether the data keeps up: one loader process rendering the config's training data
-    python scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 --data
+    python3 scripts/benchmark_train_step.py --config configs/embedded/procedural-t2i.yaml --batch 256 --data
 """
 import datetime
 import itertools

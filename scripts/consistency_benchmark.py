@@ -53,18 +53,18 @@ batch's anchor, consistency_reference.RunAnchors); n_iter2:own-anchors gives eac
 anchor. Their spreads are over all N images: does the run agree, not only each batch?
 
     # the model trained on the procedural scenes (models/embedded/README.md)
-    python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
+    python3 scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors
     # a smoke run with random weights (the numbers mean nothing)
-    python scripts/consistency_benchmark.py --random-weights --n 2 --steps 2 --seeds 0 --settings none all:all
+    python3 scripts/consistency_benchmark.py --random-weights --n 2 --steps 2 --seeds 0 --settings none all:all
     # real SD 1.x weights and any prompt, judged by a local DINOv2 (transformers folder)
-    python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
+    python3 scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/
     # ... and how close a photo of your own as the anchor brings the batch (ref. sim)
-    python scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
+    python3 scripts/consistency_benchmark.py --config configs/stable-diffusion/v1-inference.yaml \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts "a photo of a chair" --embedder dinov2-small/ \
         --reference-image my-chair.jpg --settings none anchor:middle+inner image:middle+inner
     # subject masks and AdaIN against plain sharing, and a reference read by a separate run
-    python scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
+    python3 scripts/consistency_benchmark.py --ckpt models/embedded/procedural-t2i.safetensors \
         --settings none all:all subject:all adain:all subject+adain:all subject:anchor reference:all \
         reference+subject:all
 

@@ -1,6 +1,6 @@
 """Export a Lightning training checkpoint (last.ckpt) as a .safetensors file for txt2img.
 
-    python scripts/export_checkpoint.py logs/RUN/checkpoints/last.ckpt procedural-t2i.safetensors
+    python3 scripts/export_checkpoint.py logs/RUN/checkpoints/last.ckpt procedural-t2i.safetensors
 
 * The checkpoint is read with torch.load(weights_only=True) (ldm.checkpoints.read_checkpoint); only
   its state dict's tensors are kept (no optimizer state, no pickled objects).

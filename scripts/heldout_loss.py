@@ -1,7 +1,7 @@
 """Held-out denoising loss of several weight files of one model, paired: every file sees the same
 scenes, timesteps and noise, so their differences are measured, not two noisy estimates.
 
-    python scripts/heldout_loss.py --config configs/embedded/procedural-t2i-16px.yaml \
+    python3 scripts/heldout_loss.py --config configs/embedded/procedural-t2i-16px.yaml \
       --ckpt before.safetensors after.safetensors
 
 The training log's `val/loss_simple_ema` is one batch of 64 scenes and moved between 0.014 and

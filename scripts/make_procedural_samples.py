@@ -1,6 +1,6 @@
 """Write a preview grid of procedural scenes with their captions (PIL only).
 
-    python scripts/make_procedural_samples.py out.png --n 24 --size 32 --scale 8 --seed 0
+    python3 scripts/make_procedural_samples.py out.png --n 24 --size 32 --scale 8 --seed 0
 
 Each tile is one ProceduralScenes item upscaled (nearest neighbour) with its caption
 (wrapped) underneath, and the attributes read back from its pixels marked ok/BAD.

@@ -1,10 +1,10 @@
 """Train a T2I-Adapter for a frozen text-to-image model on the procedural scenes' layout maps.
 
     # on a GPU, for the embedded model (models/embedded/README.md; about 330k adapter weights)
-    python scripts/train_adapter.py --ckpt models/embedded/procedural-t2i.safetensors \
+    python3 scripts/train_adapter.py --ckpt models/embedded/procedural-t2i.safetensors \
         --out models/embedded/procedural-outline-adapter.safetensors --steps 2000 --batch-size 256
     # a CPU smoke run (random model, numbers meaningless)
-    python scripts/train_adapter.py --random-weights --out /tmp/a.safetensors --steps 3 --batch-size 4 \
+    python3 scripts/train_adapter.py --random-weights --out /tmp/a.safetensors --steps 3 --batch-size 4 \
         --num-workers 0
 
 What it does (ldm/modules/adapter_training.py has the pieces and the reasons):

@@ -1,7 +1,7 @@
 """Print the invisible watermark decoded from an image: "StableDiffusionV1" in the files
 txt2img.py and img2img.py write with --watermark, "null" where the bits decode to no text.
 
-    python scripts/tests/test_watermark.py outputs/txt2img-samples/grid-0000.png
+    python3 scripts/tests/test_watermark.py outputs/txt2img-samples/grid-0000.png
 
 The library's DWT-DCT mark is fragile: small or flat images may come back with a few wrong bytes.
 """
