@@ -92,11 +92,13 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
     add("--ddim_eta", type=float, default=None,
         help="ddim eta: 0 = deterministic, 1 = DDPM-like, fresh noise at every step (default: from the "
              "config's `sampling` block, else 0)")
-    add("--n_iter", type=positive_int, default=n_iter, help="sample this often")
+    add("--n_iter", type=positive_int, default=n_iter,
+        help=f"how many batches to sample, one after another, each of --n_samples images (default: {n_iter}, "
+             "as upstream)")
     add("--C", type=positive_int, default=None, help="latent channels (default: read from --config)")
     add("--f", type=positive_int, default=None, help="first-stage downsampling factor (default: read from --config)")
     add("--n_samples", type=positive_int, default=n_samples,
-        help="how many samples to produce for each given prompt. A.k.a. batch size")
+        help=f"how many samples to produce for each given prompt. A.k.a. batch size (default: {n_samples})")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=None,
         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) "
