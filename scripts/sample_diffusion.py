@@ -5,6 +5,7 @@ import numpy as np
 from tqdm import trange
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from pathlib import Path
 
@@ -12,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm
 from ldm.checkpoints import build_with_weights
 from ldm.model_choice import non_text_conditioning, run_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.script_helpers import ArgumentParser, check_steps, configure_logging, positive_int
-from ldm.util import ModelError
+from ldm.script_helpers import ArgumentParser, check_output_dir, check_steps, configure_logging, positive_int
+from ldm.util import ModelError, first_line
 
 logger = logging.getLogger("sample_diffusion")
 
@@ -208,10 +209,12 @@ if __name__ == "__main__":
         parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs
 
-    configs = [OmegaConf.load(cfg) for cfg in opt.base]
-    cli = OmegaConf.from_dotlist(unknown)
-    config = OmegaConf.merge(*configs, cli)
-    params = config.model.get("params", {})
+    try:  # a hand-edited config.yaml, or an override that does not fit it
+        config = OmegaConf.merge(*(OmegaConf.load(cfg) for cfg in opt.base), OmegaConf.from_dotlist(unknown))
+        params = config.model.get("params", {})
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        parser.error(f"cannot read the model config {opt.base[0]}{' with ' + ' '.join(unknown) if unknown else ''}: "
+                     f"{first_line(e)}")
     if params.get("cond_stage_config") not in (None, "__is_unconditional__"):  # upstream: NotImplementedError later
         text = non_text_conditioning(params) is None
         parser.error(f"{ckpt} is a conditional model (conditioned on its {params.get('cond_stage_key')!r}); this "
@@ -225,6 +228,7 @@ if __name__ == "__main__":
         check_steps(parser, "-c/--custom_steps", opt.custom_steps, params.get("timesteps", 1000))
 
     if opt.logdir != "none":
+        check_output_dir(parser, "-l/--logdir", opt.logdir)
         locallog = os.path.basename(os.path.abspath(logdir))  # logdir "" (a checkpoint in the current folder)
         logger.info("switching logdir from %s to %s", logdir, os.path.join(opt.logdir, locallog))
         logdir = os.path.join(opt.logdir, locallog)

@@ -90,6 +90,25 @@ def test_sample_diffusion_with_an_unreadable_checkpoint_is_one_error_line(tmp_pa
     assert f"Cannot read checkpoint {ckpt}" in last, last
 
 
+def test_sample_diffusion_run_config_and_logdir_mistakes_are_one_error_line(tmp_path):
+    """Each was a traceback: a hand-edited config.yaml that is no YAML or has no model, and a -l that
+    is a file (after the model had loaded)."""
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_text("never read\n")
+    (tmp_path / "config.yaml").write_text("model: [\n")
+    assert f"cannot read the model config {tmp_path / 'config.yaml'}: " in error_line(run("sample_diffusion.py",
+                                                                                        "-r", tmp_path))
+    (tmp_path / "config.yaml").write_text("data: {}\n")
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "data.params.batch_size=1"))
+    assert "with data.params.batch_size=1: Missing key model" in last, last
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(TINY_CONFIG), OmegaConf.from_dotlist(UNCONDITIONAL)),
+                   tmp_path / "config.yaml")
+    (tmp_path / "a-file").write_text("kept")
+    last = error_line(run("sample_diffusion.py", "-r", tmp_path, "-l", tmp_path / "a-file"))
+    assert last.endswith(f"-l/--logdir {tmp_path / 'a-file'} is a file, not a folder; pass a folder"), last
+    assert (tmp_path / "a-file").read_text() == "kept" and not (tmp_path / "samples").exists()
+
+
 def test_sample_diffusion_samples_an_x0_model_with_its_full_chain_only(tmp_path):
     """DDIM reads the output as noise: upstream sampled noise, the refusing sampler was a traceback
     after the sample folders were made."""
