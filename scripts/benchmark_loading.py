@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.model_choice import in_repo, load_config, read_model_geometry  # noqa: E402
-from ldm.script_helpers import ArgumentParser, positive_int  # noqa: E402
+from ldm.script_helpers import ArgumentParser, check_output_dir, positive_int  # noqa: E402
+from ldm.util import ConfigError  # noqa: E402
 
 WAYS = ("built then loaded", "into placeholders")
 FORMATS = ("fp16 .safetensors", "fp32 .ckpt", "fp16 .ckpt")  # diffusers', CompVis' and pruned files
@@ -114,14 +115,17 @@ def main(argv=None):
         print(json.dumps(measure(opt.config, *opt.measure)))
         return
     read_model_geometry(parser, "--config", opt.config)  # a missing or non-model config is one error line
-    if opt.workdir is not None and not os.path.isdir(opt.workdir):
-        parser.error(f"--workdir {opt.workdir} is not a folder")
+    if opt.workdir is not None:
+        check_output_dir(parser, "--workdir", opt.workdir)
     # `kill` (SIGTERM) ends the run as Ctrl-C does, through the `with` below: its checkpoints (8.5 GB
     # for SD v1) are deleted, not left in the temporary folder
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         with tempfile.TemporaryDirectory(dir=opt.workdir) as folder:
-            paths = write_checkpoints(load_config(opt.config), folder)
+            try:
+                paths = write_checkpoints(load_config(opt.config), folder)
+            except ConfigError as e:  # a misspelt or missing target: the geometry check reads no targets
+                parser.error(f"--config {opt.config}: {e}")
             runs = {(f, w): [] for f in FORMATS for w in WAYS}
             for f in FORMATS:
                 for _ in range(opt.repeats):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.model_choice import in_repo, read_model_geometry  # noqa: E402
 from ldm.modules.attention import BasicTransformerBlock, set_attention_backend  # noqa: E402
 from ldm.script_helpers import ArgumentParser, positive_int  # noqa: E402
-from ldm.util import first_line, instantiate_from_config  # noqa: E402
+from ldm.util import ConfigError, first_line, instantiate_from_config  # noqa: E402
 from scripts.benchmark_attention import device_name, time_calls  # noqa: E402
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,7 +118,10 @@ def main(argv=None):
     device = torch.device(opt.device)
 
     torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(opt.config).model).to(device).train()
+    try:
+        model = instantiate_from_config(OmegaConf.load(opt.config).model).to(device).train()
+    except ConfigError as e:  # a misspelt or missing target: the geometry check reads no targets
+        parser.error(f"--config {opt.config}: {e}")
     for module in model.modules():  # the ResBlocks' checkpointing (a config's use_checkpoint) stays off:
         if hasattr(module, "use_checkpoint"):  # the columns differ in the transformer blocks' alone
             module.use_checkpoint = False

@@ -48,7 +48,8 @@ def test_a_run_ended_by_kill_deletes_the_checkpoints_it_wrote(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--repeats", "0"], "--repeats: must be at least 1"),
     (["--config", "missing.yaml"], "config not found: missing.yaml"),
-    (["--workdir", "README.md"], "--workdir README.md is not a folder"),
+    (["--workdir", "README.md"], "--workdir README.md is a file, not a folder"),
+    (["--workdir", "/proc"], "--workdir /proc: cannot create files in this folder"),  # was mkdtemp's traceback
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -56,6 +57,18 @@ def test_bad_input_is_one_error_line(argv, message, capsys, monkeypatch):
         bench.main(["--config", str(TINY_CONFIG), *argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_misspelt_model_target_is_one_error_line_and_leaves_nothing(capsys, tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(TINY_CONFIG.read_text().replace("ddpm.LatentDiffusion\n", "ddpm.LatentDifusion\n", 1))
+    (tmp_path / "work").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--config", str(typo), "--workdir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--config {typo}: " in err and "(did you mean LatentDiffusion?)" in err, err
+    assert not any((tmp_path / "work").iterdir())
 
 
 def test_a_load_that_fails_in_its_process_is_one_error_line_with_its_reason(tmp_path):

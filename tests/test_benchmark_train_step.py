@@ -61,6 +61,18 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
 
 
+def test_a_misspelt_model_target_is_one_error_line(capsys, tmp_path):
+    """The geometry check reads no targets: the ConfigError's good message came as a traceback."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO / "configs/embedded/procedural-t2i-16px.yaml").read_text()
+                    .replace("ddpm.LatentDiffusion\n", "ddpm.LatentDifusion\n", 1))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(SMALL + ["--config", str(typo)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--config {typo}: " in err and "(did you mean LatentDiffusion?)" in err, err
+
+
 def test_the_resblocks_are_never_checkpointed_so_the_flops_count_no_recompute(capsys, tmp_path):
     """SD's config (and v1-tiny) checkpoint the ResBlocks too: the plain column and the FLOP count
     included their recomputed forward (12 % of v1-tiny's count)."""
