@@ -109,10 +109,12 @@ def loss_summary(metrics_path):
     try:
         with open(metrics_path, newline="") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
+            fields, rows = reader.fieldnames, list(reader)  # the header is read lazily: while the file is open
     except (ValueError, csv.Error) as e:  # undecodable bytes, a broken CSV
         raise ValueError(f"{metrics_path} is not a readable metrics.csv ({e})") from e
-    if not set(LOSS_COLUMNS) & set(reader.fieldnames or ()):
+    if not fields:
+        raise ValueError(f"{metrics_path} is empty (a run that stopped before its logger wrote)")
+    if not set(LOSS_COLUMNS) & set(fields):
         raise ValueError(f"{metrics_path} has none of the loss columns {', '.join(LOSS_COLUMNS)}, which "
                          f"main.py's CSV logger writes")
     summary = {"metrics_csv": os.path.abspath(metrics_path)}

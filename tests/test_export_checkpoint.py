@@ -154,14 +154,17 @@ def test_cli_missing_checkpoint_is_one_error_line(tmp_path):
     (["{ckpt}", "{out}", "--metrics", "{binary}"], "--metrics {binary} is not a readable metrics.csv"),
     (["{ckpt}", "{out}", "--metrics", "{text}"], "has none of the loss columns train/loss_simple_step, "),
     (["{ckpt}", "{out}", "--metrics", "{no_step}"], "has losses but no 'step' column"),
+    (["{ckpt}", "{out}", "--metrics", "{empty}"], "--metrics {empty} is empty"),  # "I/O operation on closed file"
 ])
 def test_cli_bad_output_and_metrics_are_one_error_line_before_reading_the_checkpoint(tmp_path, capsys, args,
                                                                                       message):
     files = {"ckpt": fake_run(tmp_path, small_state_dict()), "out": tmp_path / "m.safetensors",
-             "text": tmp_path / "text.txt", "binary": tmp_path / "bin.txt", "no_step": tmp_path / "nostep.csv"}
+             "text": tmp_path / "text.txt", "binary": tmp_path / "bin.txt", "no_step": tmp_path / "nostep.csv",
+             "empty": tmp_path / "empty.csv"}
     files["text"].write_text("hello\n")
     files["binary"].write_bytes(bytes(range(256)) * 2)
     files["no_step"].write_text("epoch,val/loss_simple\n0,0.5\n")
+    files["empty"].write_text("")
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
         export_checkpoint.main([a.format(**files) for a in args])
