@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
 from ldm import script_helpers as helpers
-from ldm.model_choice import in_repo, read_model_geometry
+from ldm.model_choice import check_checkpoint_type, in_repo, read_model_geometry
 from ldm.outputs import ctrl_c_deferred
 from ldm.image_io import read_user_image, save_png
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -108,11 +108,14 @@ def check_inpainting_model(parser, opt, geometry):
     helpers.check_steps(parser, "--steps", opt.steps, geometry.timesteps)
 
 
-def load_model(parser, opt, device):
+def check_checkpoint(parser, opt):
+    """--ckpt is a checkpoint file, before any output folder is made or the model is built."""
+    if os.path.isdir(opt.ckpt):
+        parser.error(f"--ckpt {opt.ckpt} is a folder; pass the inpainting model's checkpoint file, e.g. {CKPT}")
     if not os.path.isfile(opt.ckpt):
         hint = " (scripts/download_models.sh downloads the inpainting model)" if opt.ckpt == CKPT else ""
         parser.error(f"{opt.ckpt} not found{hint}")
-    return helpers.build_model(opt.config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
+    check_checkpoint_type(parser, "--ckpt", opt.ckpt)
 
 
 @torch.no_grad()
@@ -144,11 +147,12 @@ def main():
     geometry = read_model_geometry(parser, "--config", opt.config, example=CONFIG)
     check_inpainting_model(parser, opt, geometry)
     pairs = find_pairs(parser, opt, geometry.multiple)
+    check_checkpoint(parser, opt)
     helpers.check_output_dir(parser, "--outdir", opt.outdir)
     logger.info("Found %d inputs.", len(pairs))
 
     device = helpers.resolve_device("auto")
-    model = load_model(parser, opt, device)
+    model = helpers.build_model(opt.config, opt.ckpt, device, unsafe_pickle=opt.unsafe_pickle)
     sampler = DDIMSampler(model)
     helpers.seed_everything(opt.seed)
     with model.ema_scope():

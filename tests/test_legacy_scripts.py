@@ -221,6 +221,21 @@ def test_inpaint_mask_that_is_no_image_is_one_error_line(tiny_inpainting_model, 
     assert not (tmp_path / "out").exists()
 
 
+def test_inpaint_weights_that_are_no_checkpoint_file_are_one_error_line_before_loading(tiny_inpainting_model,
+                                                                                       tmp_path):
+    """A folder was "not found"; a text file was refused only once the model was built."""
+    config, _ = tiny_inpainting_model
+    inpainting_inputs(tmp_path / "in")
+    (tmp_path / "notes.txt").write_text("not weights")
+    for ckpt, expected in [(tmp_path / "in", f"--ckpt {tmp_path / 'in'} is a folder; pass the inpainting model's "
+                                             "checkpoint file"),
+                           (tmp_path / "notes.txt", "--ckpt: Unsupported checkpoint type '.txt'")]:
+        last = error_line(run("inpaint.py", "--indir", tmp_path / "in", "--outdir", tmp_path / "out",
+                              "--config", config, "--ckpt", ckpt))
+        assert expected in last, last
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_diffusion_refuses_a_conditional_model_and_bare_flags_in_one_line(tmp_path):
     # upstream built the model, made the sample folders, then raised NotImplementedError
     (tmp_path / "config.yaml").write_text(TINY_CONFIG.read_text())  # text-conditioned
