@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ldm.model_choice import check_checkpoint_type, config_of_weights, in_repo, load_config  # noqa: E402
-from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, configure_logging,  # noqa: E402
-                                positive_int, set_cpu_threads)
+from ldm.script_helpers import (ArgumentParser, add_threads_argument, build_model, check_seed,  # noqa: E402
+                                configure_logging, positive_int, set_cpu_threads)
 from ldm.util import ModelError  # noqa: E402
 
 logger = logging.getLogger("heldout_loss")
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise")
     add_threads_argument(parser)
     opt = parser.parse_args(argv)
+    check_seed(parser, "--seed", opt.seed)  # 2**64 was numpy's traceback once the first model was built
     for path in opt.ckpt:
         if not os.path.isfile(path):
             parser.error(f"--ckpt {path}: no such file")

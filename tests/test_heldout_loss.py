@@ -1,4 +1,5 @@
 """scripts/heldout_loss.py: paired held-out loss of weight files, on the shipped 16 px model."""
+import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO
@@ -48,6 +49,12 @@ def test_a_checkpoint_with_an_ema_copy_is_scored_on_it_as_txt2img_samples_with_i
 def test_a_missing_weight_file_is_one_error_line(tmp_path):
     assert_one_line_error(run("heldout_loss.py", "--config", CONFIG, "--ckpt", tmp_path / "none.safetensors"),
                           "none.safetensors", "no such file")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_out_of_range_is_one_error_line(seed):
+    assert_one_line_error(run("heldout_loss.py", "--ckpt", REPO_WEIGHTS, "--n", "8", "--seed", seed),
+                          f"--seed must be between 0 and 4294967295, got {seed}")
 
 
 def test_without_config_the_weights_choose_it(tmp_path):
