@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import consistency_benchmark as cb  # noqa: E402  (run-folder, table and figure helpers)
 from ldm.checkpoints import CheckpointError  # noqa: E402
 from ldm.data import procedural  # noqa: E402
-from ldm.model_choice import in_repo  # noqa: E402
+from ldm.model_choice import check_checkpoint_type, in_repo  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.adapters import (adapter_conditioning, behind_plain_images, check_adapter_fits,  # noqa: E402
                                   first_stage_factor, injection_sites, load_adapter, unet_of)
@@ -137,6 +137,7 @@ def validate(parser, opt):
         parser.error(f"--adapter-weight must be a finite number, got {opt.adapter_weight}")
     if not os.path.exists(opt.adapter):  # a file, or a diffusers adapter folder (as txt2img's --adapter)
         parser.error(f"adapter not found: {opt.adapter}")
+    check_checkpoint_type(parser, "--adapter", opt.adapter)  # before the model is built, not after
     check_output_dir(parser, "--outdir", opt.outdir)  # last: created only when the input is good
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import REPO, load_script
 from ldm.data.procedural import condition_map, sample_scene
@@ -181,13 +182,16 @@ def test_benchmark_refuses_face_prompts_in_one_line(trained, capsys):
     (["--config", "{text}"], "is not a diffusion model config (Missing key model"),
     (["--steps", "5000"], "--steps must be below the model's 1000 training timesteps"),
     (["--adapter-weight", "nan"], "--adapter-weight must be a finite number, got nan"),
+    (["--adapter", "{text}"], "--adapter: Unsupported checkpoint type '.txt'"),  # was refused once the model was built
 ])
 def test_benchmark_bad_outdir_config_and_steps_are_one_error_line(tmp_path, capsys, args, message):
-    files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out"}
+    files = {"afile": tmp_path / "afile", "text": tmp_path / "text.txt", "out": tmp_path / "out",
+             "adapter": tmp_path / "adapter.safetensors"}
     files["afile"].write_text("keep me")
     files["text"].write_text("hello\n")
+    save_file({"body.0.weight": torch.zeros(1)}, files["adapter"])  # read only once the input is good
     script = load_script("adapter_benchmark")
-    argv = ["--config", str(CONFIG), "--random-weights", "--adapter", str(files["afile"]), "--outdir",
+    argv = ["--config", str(CONFIG), "--random-weights", "--adapter", str(files["adapter"]), "--outdir",
             str(files["out"]), *[a.format(**files) for a in args]]
     with pytest.raises(SystemExit) as exit_info:
         script.main(argv)
