@@ -5,7 +5,7 @@ import importlib.util
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's ldm, installed (pip install -e .) or not
-from ldm.script_helpers import ArgumentParser, configure_logging, positive_int
+from ldm.script_helpers import ArgumentParser, check_output_dir, configure_logging, positive_int
 from ldm.util import first_line, load_retrieval_database
 
 logger = logging.getLogger("train_searcher")
@@ -112,6 +112,7 @@ if __name__ == '__main__':
     if os.path.isdir(opt.target_path) and os.listdir(opt.target_path):  # an earlier searcher: kept, not mixed with
         parser.error(f"--target_path {opt.target_path} is not empty: give a new folder, or remove that one to "
                      f"rebuild its searcher")
+    check_output_dir(parser, "--target_path", opt.target_path)  # a bad one was found only after the training
     if importlib.util.find_spec("scann") is None:
         raise SystemExit("error: this script needs the optional package scann (pip install scann)")
     import scann

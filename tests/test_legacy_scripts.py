@@ -70,6 +70,16 @@ def test_sample_diffusion_refuses_ddim_settings_with_the_ddpm_chain(tmp_path, dd
     assert "-v/--vanilla_sample runs the model's full DDPM chain: -c/--custom_steps and -e/--eta are" in last, last
 
 
+def test_train_searcher_checks_its_target_before_training(tmp_path):
+    """A file or an unwritable place as --target_path was found only once the searcher had trained."""
+    (tmp_path / "afile").write_text("kept")
+    last = error_line(run("train_searcher.py", "--target_path", tmp_path / "afile"))
+    assert f"--target_path {tmp_path / 'afile'} is a file, not a folder" in last, last
+    assert (tmp_path / "afile").read_text() == "kept"
+    last = error_line(run("train_searcher.py", "--target_path", "/proc/searcher"))
+    assert "--target_path /proc/searcher: cannot create files in this folder" in last, last
+
+
 # the tiny SD config made unconditional: what sample_diffusion samples
 UNCONDITIONAL = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
                  "model.params.conditioning_key=null", "model.params.cond_stage_config=__is_unconditional__",
