@@ -6,6 +6,7 @@ import re
 import difflib
 import glob
 import os
+import zipfile
 from collections import abc
 
 import torch
@@ -145,6 +146,8 @@ def load_retrieval_database(folder):
         raise FileNotFoundError(f"no .npz files in {folder}")
     parts = []
     for path in paths:
+        if not zipfile.is_zipfile(path):  # else np.load reads it as a pickle, and refuses it as one
+            raise ValueError(f"{path} is not an .npz archive (numpy.savez writes them), or is cut off")
         with np.load(path) as part:  # no pickles: allow_pickle stays False
             parts.append({key: part[key] for key in part.files})
     for path, part in zip(paths, parts):

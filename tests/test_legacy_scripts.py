@@ -446,6 +446,9 @@ def test_a_retrieval_database_in_more_files_than_cpu_cores_loses_nothing(tmp_pat
     np.savez(tmp_path / "db" / "e.npz", img_id=np.arange(2))
     with pytest.raises(ValueError, match=r"e.npz holds the arrays \['img_id'\]; every file of a database"):
         load_retrieval_database(tmp_path / "db")
+    (tmp_path / "db" / "e.npz").write_bytes((tmp_path / "db" / "a.npz").read_bytes()[:-30])  # said "pickled data"
+    with pytest.raises(ValueError, match=r"e.npz is not an .npz archive \(numpy.savez writes them\), or is cut off"):
+        load_retrieval_database(tmp_path / "db")
 
 
 def test_train_searcher_indexes_every_file_of_a_database(tmp_path):
