@@ -1103,13 +1103,6 @@ if __name__ == "__main__":
         if saved is not None:
             check_resumable(parser, model, saved, ckpt_path, "--resume" if opt.resume else "--resume_from_checkpoint")
             del saved  # views of the mapped file, not kept through training
-        # the data is checked before the trainer is built, so that a mistake in it is the one line
-        # after the model's, not after Lightning's account of the machine
-        data = build_data(parser, config.data)
-        check_data(parser, model, data.datasets)
-        logger.info("#### Data #####")
-        for k in data.datasets:
-            logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")
         accumulate_grad_batches = trainer_config.get("accumulate_grad_batches", 1)
         if not model.automatic_optimization:
             # Lightning 2 accumulates and clips only for automatic optimization (and refuses the
@@ -1250,9 +1243,14 @@ if __name__ == "__main__":
             problem = callback.check_arguments(model) if hasattr(callback, "check_arguments") else None
             if problem:
                 parser.error(problem)
-        if hasattr(model, "monitor"):
-            logger.info(f"Monitoring {model.monitor} as checkpoint metric.")
-        logger.info(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
+
+        # data: built (which may read file lists, or download) once the cheaper checks above passed, and
+        # before the trainer, so that a mistake in it is not reported after Lightning's account of the machine
+        data = build_data(parser, config.data)
+        check_data(parser, model, data.datasets)
+        logger.info("#### Data #####")
+        for k in data.datasets:
+            logger.info(f"{k}, {data.datasets[k].__class__.__name__}, {len(data.datasets[k])}")
 
         # LatentDiffusion freezes its first stage (and a fixed text encoder) in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -1266,6 +1264,9 @@ if __name__ == "__main__":
         except (TypeError, ValueError, MisconfigurationException, ModuleNotFoundError) as e:
             parser.error(f"lightning.trainer: {first_line(e)}")
         trainer.logdir = logdir  ###
+        if hasattr(model, "monitor"):  # logged once everything is checked: a mistake is the line after the model's
+            logger.info(f"Monitoring {model.monitor} as checkpoint metric.")
+        logger.info(f"Merged modelckpt-cfg: \n{modelckpt_cfg}")
 
         # configure learning rate
         bs, base_lr = config.data.params.batch_size, config.model.base_learning_rate
@@ -1319,7 +1320,7 @@ if __name__ == "__main__":
             logger.warning("nothing was run: without -t (--train) main.py only tests, and %s has no test_step",
                            type(model).__name__)
     except Exception:
-        if opt.debug and trainer is not None and trainer.global_rank == 0:
+        if opt.debug and rank_zero_only.rank == 0:  # also for a crash before the trainer exists (model, data)
             interactive_debugger().post_mortem()
         raise
     finally:

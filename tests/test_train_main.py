@@ -182,6 +182,23 @@ def test_debug_opens_a_post_mortem_and_moves_the_run_to_debug_runs(tmp_path):
     assert not (run / "checkpoints" / "last.ckpt").exists()  # it failed before its first step: nothing to save
 
 
+def test_debug_opens_a_post_mortem_for_a_bug_before_the_trainer_exists(tmp_path):
+    """A dataset's bug, met when main.py checks the data, before the trainer is built: -d opened no
+    debugger (it asked the trainer for its rank)."""
+    (tmp_path / "buggy_data.py").write_text("from ldm.data.procedural import ProceduralScenes\n\n\n"
+                                            "class Buggy(ProceduralScenes):\n"
+                                            "    def __getitem__(self, i):\n"
+                                            "        raise RuntimeError('a bug in the dataset')\n")
+    result = subprocess.run([sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "-d",
+                             "--accelerator", "cpu", "--logdir", str(tmp_path / "logs"), *SCENE_KEYS,
+                             "data.params.train.target=buggy_data.Buggy"],
+                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tmp_path)),
+                            input="", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "RuntimeError: a bug in the dataset" in result.stderr, result.stderr[-3000:]
+    assert "(Pdb)" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+
 def test_main_missing_config_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "main.py", "--base", str(tmp_path / "nope.yaml"), "-t"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -241,7 +258,8 @@ def test_a_misspelt_log_images_argument_is_one_error_line_before_training(tmp_pa
     # not be swallowed by **kwargs or raise a TypeError hours later
     result = subprocess.run(
         [sys.executable, "main.py", "--base", str(TINY_CONFIG), str(DATA_CONFIG), "-t", "--accelerator", "cpu",
-         "--logdir", str(tmp_path), *SCENE_KEYS, "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
+         "--logdir", str(tmp_path), *SCENE_KEYS,
+         "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_step=2"],
         cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -276,6 +294,7 @@ def run_main(*args, timeout=120):
 
 def assert_one_error_line(result, *words):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Merged modelckpt-cfg" not in result.stderr, "the run's setup is logged once everything is checked"
     last = result.stderr.strip().splitlines()[-1]
     assert all(w in last for w in words), last
 
