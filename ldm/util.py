@@ -79,7 +79,10 @@ def instantiate_from_config(config):
             return None
         held = ", ".join(map(str, config)) if isinstance(config, abc.Mapping) else repr(config)
         raise ConfigError(f"a config section has no `target:` to build (it holds {held or 'nothing'})")
-    return construct(get_obj_from_str(config["target"]), config.get("params", dict()), config["target"])
+    params = config.get("params") or {}  # `params:` left empty reads as null: no parameters
+    if not isinstance(params, abc.Mapping):
+        raise ConfigError(f"the params of {config['target']} are {params!r}; give them as a mapping of names to values")
+    return construct(get_obj_from_str(config["target"]), params, config["target"])
 
 
 # Python's own words when a call's arguments do not fit the signature (3.10+: "Cls.__init__() ...")

@@ -4,7 +4,7 @@ import time
 import numpy as np
 from tqdm import trange
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from pathlib import Path
@@ -158,6 +158,21 @@ def get_parser():
     return parser
 
 
+def read_run_config(parser, path, overrides):
+    """(config, its model's params) of a run's config.yaml with the KEY=VALUE overrides; a file
+    edited by hand into something else, or overrides that do not fit it, are one error line."""
+    where = f"the model config {path}{' with ' + ' '.join(overrides) if overrides else ''}"
+    try:
+        config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        model = config.model
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, TypeError) as e:  # the last:
+        parser.error(f"cannot read {where}: {first_line(e)}")  # a file that is a list, not a mapping
+    params = (model.get("params") or {}) if isinstance(model, DictConfig) else None
+    if not isinstance(params, (DictConfig, dict)):
+        parser.error(f"{where} is not a model config: its model needs a target and a mapping of params")
+    return config, params
+
+
 def load_model(config, ckpt, unsafe_pickle=False):
     """The model of `config` with the weights of `ckpt` (a main.py checkpoint, safetensors or a bare
     state dict), on CUDA where there is one (upstream forced it), and the checkpoint's global step
@@ -209,12 +224,7 @@ if __name__ == "__main__":
         parser.error(f"no config.yaml in {logdir or '.'}: the model config must be next to the checkpoint")
     opt.base = base_configs
 
-    try:  # a hand-edited config.yaml, or an override that does not fit it
-        config = OmegaConf.merge(*(OmegaConf.load(cfg) for cfg in opt.base), OmegaConf.from_dotlist(unknown))
-        params = config.model.get("params", {})
-    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
-        parser.error(f"cannot read the model config {opt.base[0]}{' with ' + ' '.join(unknown) if unknown else ''}: "
-                     f"{first_line(e)}")
+    config, params = read_run_config(parser, opt.base[0], unknown)
     if params.get("cond_stage_config") not in (None, "__is_unconditional__"):  # upstream: NotImplementedError later
         text = non_text_conditioning(params) is None
         parser.error(f"{ckpt} is a conditional model (conditioned on its {params.get('cond_stage_key')!r}); this "

@@ -86,6 +86,16 @@ def test_the_identity_first_stage_takes_no_settings():
         instantiate_from_config({"target": "ldm.models.autoencoder.IdentityFirstStage", "params": {"embed_dim": 4}})
 
 
+def test_params_left_empty_are_none_and_params_that_are_no_mapping_are_named():
+    # `params:` with nothing after it is YAML's null: TypeError "argument after ** must be a mapping"
+    from omegaconf import OmegaConf
+    empty = OmegaConf.create("target: ldm.models.autoencoder.IdentityFirstStage\nparams:\n")
+    assert type(instantiate_from_config(empty)).__name__ == "IdentityFirstStage"
+    with pytest.raises(ConfigError, match=r"the params of ldm.models.autoencoder.IdentityFirstStage are \[1, 2\]; "
+                                          "give them as a mapping of names to values"):
+        instantiate_from_config({"target": "ldm.models.autoencoder.IdentityFirstStage", "params": [1, 2]})
+
+
 def test_a_misspelt_target_names_the_nearest_name_and_a_missing_package_how_to_install_it():
     from ldm.util import get_obj_from_str
     with pytest.raises(ConfigError, match=r"ldm.data.lsun has no LSUNBas \(did you mean LSUNBase\?\)"):

@@ -111,6 +111,12 @@ def test_sample_diffusion_run_config_and_logdir_mistakes_are_one_error_line(tmp_
     (tmp_path / "config.yaml").write_text("data: {}\n")
     last = error_line(run("sample_diffusion.py", "-r", tmp_path, "data.params.batch_size=1"))
     assert "with data.params.batch_size=1: Missing key model" in last, last
+    for text, words in [("model: foo\n", "is not a model config: its model needs a target and a mapping of params"),
+                        ("- model\n", "cannot read the model config"),
+                        ("model: {params: 3}\n", "is not a model config")]:
+        (tmp_path / "config.yaml").write_text(text)
+        last = error_line(run("sample_diffusion.py", "-r", tmp_path))
+        assert words in last, last
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(TINY_CONFIG), OmegaConf.from_dotlist(UNCONDITIONAL)),
                    tmp_path / "config.yaml")
     (tmp_path / "a-file").write_text("kept")
