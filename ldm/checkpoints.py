@@ -372,7 +372,7 @@ def _what_else(sd):
     elif has(*CONTROLNET_PREFIXES):
         kind = "a ControlNet alone, which this repository does not run (T2I-Adapters steer the same conditions)"
     elif has("body.0.", "adapter.body.0.") and not has("model.diffusion_model."):
-        kind = "a T2I-Adapter (txt2img and img2img take it as --adapter, with a --cond)"
+        kind = "a T2I-Adapter, not a model (txt2img, img2img and adapter_benchmark take it as --adapter)"
     elif has("down_blocks.", "mid_block.", "up_blocks."):
         kind = "one part of a diffusers pipeline (pass the pipeline folder itself)"
     else:

@@ -38,7 +38,8 @@ VAE_ATTENTION_RENAMES = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "
 
 
 # a diffusers folder holding one module says which in its config.json; the ones passed as --ckpt most often
-SINGLE_MODULES = {"T2IAdapter": "a T2I-Adapter: txt2img and img2img take it as --adapter",
+SINGLE_MODULES = {"T2IAdapter": "a T2I-Adapter, not a model: txt2img, img2img and adapter_benchmark take it as "
+                                "--adapter",
                   "ControlNetModel": "a ControlNet, which this repository does not run",
                   "UNet2DConditionModel": "one part of a pipeline: pass the pipeline folder itself",
                   "AutoencoderKL": "one part of a pipeline: pass the pipeline folder itself"}

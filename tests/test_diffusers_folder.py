@@ -154,7 +154,7 @@ def test_a_hugging_face_cache_folder_reads_the_snapshot_refs_main_names(pipeline
 
 
 @pytest.mark.parametrize("class_name, kind", [
-    ("T2IAdapter", "(a T2I-Adapter: txt2img and img2img take it as --adapter)"),
+    ("T2IAdapter", "(a T2I-Adapter, not a model: txt2img, img2img and adapter_benchmark take it as --adapter)"),
     ("ControlNetModel", "(a ControlNet, which this repository does not run)"),
     ("UNet2DConditionModel", "(one part of a pipeline: pass the pipeline folder itself)"),
 ])

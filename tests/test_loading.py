@@ -463,8 +463,8 @@ def _first_conv_with(channels):
     (lambda sd: {"controlnet_cond_embedding.conv_in.weight": torch.zeros(1), "down_blocks.0.x": torch.zeros(1)},
      "a ControlNet alone"),  # diffusers', which has down_blocks too
     (lambda sd: {"conv_in.weight": torch.zeros(1), "body.0.block1.weight": torch.zeros(1)},
-     "a T2I-Adapter (txt2img and img2img take it as --adapter"),
-    (lambda sd: {"adapter.body.0.in_conv.weight": torch.zeros(1)}, "a T2I-Adapter (txt2img and img2img take it as --adapter"),
+     "a T2I-Adapter, not a model (txt2img, img2img and adapter_benchmark take it as --adapter)"),
+    (lambda sd: {"adapter.body.0.in_conv.weight": torch.zeros(1)}, "a T2I-Adapter, not a model (txt2img"),
     (lambda sd: {k: v for k, v in sd.items() if "out.2" not in k}, "is it a checkpoint for this config?"),
 ])
 def test_a_file_of_another_kind_is_named_in_the_error(tiny_model, edit, kind):
