@@ -93,12 +93,13 @@ def add_common_arguments(parser, *, samplers, aliases, outdir, n_iter, n_samples
         help="ddim eta: 0 = deterministic, 1 = DDPM-like, fresh noise at every step (default: from the "
              "config's `sampling` block, else 0)")
     add("--n_iter", type=positive_int, default=n_iter,
-        help=f"how many batches to sample, one after another, each of --n_samples images (default: {n_iter}, "
-             "as upstream)")
+        help=f"how many times the prompts are sampled, one batch after another (default: {n_iter}, as upstream); "
+             "with --from-file each time takes every line, --n_samples lines a batch")
     add("--C", type=positive_int, default=None, help="latent channels (default: read from --config)")
     add("--f", type=positive_int, default=None, help="first-stage downsampling factor (default: read from --config)")
     add("--n_samples", type=positive_int, default=n_samples,
-        help=f"how many samples to produce for each given prompt. A.k.a. batch size (default: {n_samples})")
+        help=f"images per batch, a.k.a. batch size: samples of the --prompt, or lines of --from-file a batch "
+             f"(default: {n_samples})")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=None,
         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) "
