@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise")
     add_threads_argument(parser)
     opt = parser.parse_args(argv)
-    check_seed(parser, "--seed", opt.seed)  # 2**64 was numpy's traceback once the first model was built
+    check_seed(parser, "--seed", opt.seed)  # as every script; 2**64 was a traceback after a model was built
     for path in opt.ckpt:
         if not os.path.isfile(path):
             parser.error(f"--ckpt {path}: no such file")

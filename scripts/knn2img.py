@@ -72,7 +72,7 @@ class Searcher(object):
             if entries < ON_THE_FLY_ENTRIES:
                 return None
             raise FileNotFoundError(f"no searcher in {self.searcher_savedir} for this database of {entries} entries: "
-                                    f"build it with python scripts/train_searcher.py -d {self.database_path} "
+                                    f"build it with python3 scripts/train_searcher.py -d {self.database_path} "
                                     f"-t {self.searcher_savedir}")
         import scann
         logger.info(f'load searcher for database {self.database_name} from {self.searcher_savedir}')

@@ -494,7 +494,7 @@ def test_knn2img_retrieves_from_a_small_database_without_a_searcher(tiny_retriev
     last = error_line(run_knn2img_with_neighbours(tiny_retrieval_model, tmp_path, "--database", "artbench-baroque"),
                       returncode=1)
     assert last == ("error: --database artbench-baroque: no searcher in data/rdm/searchers/artbench-baroque for "
-                    "this database of 20000 entries: build it with python scripts/train_searcher.py -d "
+                    "this database of 20000 entries: build it with python3 scripts/train_searcher.py -d "
                     "data/rdm/retrieval_databases/artbench-baroque -t data/rdm/searchers/artbench-baroque"), last
 
 
