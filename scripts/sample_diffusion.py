@@ -162,11 +162,11 @@ def read_run_config(parser, path, overrides):
     """(config, its model's params) of a run's config.yaml with the KEY=VALUE overrides; a file
     edited by hand into something else, or overrides that do not fit it, are one error line."""
     where = f"the model config {path}{' with ' + ' '.join(overrides) if overrides else ''}"
-    try:
+    try:  # TypeError: a file that is a list, which does not merge with the overrides' mapping
         config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
         model = config.model
-    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, TypeError) as e:  # the last:
-        parser.error(f"cannot read {where}: {first_line(e)}")  # a file that is a list, not a mapping
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, TypeError) as e:
+        parser.error(f"cannot read {where}: {first_line(e)}")
     params = (model.get("params") or {}) if isinstance(model, DictConfig) else None
     if not isinstance(params, (DictConfig, dict)):
         parser.error(f"{where} is not a model config: its model needs a target and a mapping of params")
