@@ -31,7 +31,7 @@ def test_main_trains_three_steps_with_checkpoint_and_csv_log(tmp_path):
     # (no monitor, last.ckpt every N steps), a periodic one at step 2 and the run ends at step 3,
     # between two of them, as a run stopped by max_time does: last.ckpt must hold the final
     # weights (Lightning's save_last alone keeps step 2's)
-    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+    overrides = [*SCENE_KEYS,
                  "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0",
                  "lightning.modelcheckpoint.params.every_n_train_steps=2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -142,7 +142,7 @@ def test_signals_save_a_checkpoint_and_open_a_debugger_during_training(tmp_path)
     """Upstream's hooks for cluster jobs: SIGUSR1 saves last.ckpt at the current step, SIGUSR2
     opens a debugger (pdb where pudb is not installed: it raised ImportError into the training
     step), and the run goes on to its last step after `c`."""
-    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+    overrides = [*SCENE_KEYS,
                  "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0",
                  "lightning.callbacks.image_logger.params.batch_frequency=1000"]
     process = subprocess.Popen(
@@ -272,7 +272,7 @@ def test_resuming_a_run_that_max_time_stopped_trains_on_for_max_time_again(tmp_p
     """lightning.trainer.max_time caps one command (scripts/gpu_train_embedded.sh sets it for every
     run), and the run's saved config keeps it: Lightning's Timer counted the time spent before the
     --resume too, so the resumed run stopped at once, no step trained, exit status 0."""
-    overrides = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+    overrides = [*SCENE_KEYS,
                  "lightning.trainer.max_time=00:00:00:01"]
     common = ["-t", "--no-test", "--accelerator", "cpu", "--devices", "1", "--max_steps", "1000"]
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, *common, "--logdir", tmp_path, *overrides, timeout=300)
@@ -431,7 +431,7 @@ def test_images_the_model_cannot_halve_evenly_are_one_error_line(tmp_path):
     # v1-tiny's KL first stage and UNet halve 3 + 3 times: 72 px came back 8 px short at the first
     # step (RuntimeError: Sizes of tensors must match, in the UNet's skip connection)
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path,
-                      "model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+                      *SCENE_KEYS,
                       "data.params.train.params.size=72")
     assert_one_error_line(result, "the train data's images ('image') are 72x72 pixels", "multiples of 64",
                           "sides such as 64", "data.params.train.params.size")
@@ -605,7 +605,7 @@ def test_data_that_cannot_be_built_is_one_error_line(main_module, capsys, tmp_pa
 ])
 def test_a_misspelt_target_parameter_or_trainer_option_is_one_error_line(tmp_path, override, words):
     result = run_main("--base", TINY_CONFIG, DATA_CONFIG, "-t", "--accelerator", "cpu", "--logdir", tmp_path,
-                      "model.params.first_stage_key=image", "model.params.cond_stage_key=caption", override)
+                      *SCENE_KEYS, override)
     assert_one_error_line(result, words)
     assert not any(tmp_path.iterdir())
 
@@ -770,7 +770,7 @@ def test_loader_workers_share_every_record_of_an_iterable_dataset(main_module, v
     assert sorted(int(i) for i in loader) == [0, 1, 2, 3, 4]
 
 
-TRAIN_TINY = ["model.params.first_stage_key=image", "model.params.cond_stage_key=caption",
+TRAIN_TINY = [*SCENE_KEYS,
               "lightning.modelcheckpoint.params.monitor=null", "lightning.modelcheckpoint.params.save_top_k=0"]
 ON_CPU = ["-t", "--no-test", "--accelerator", "cpu", "--devices", "1"]
 
